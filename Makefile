@@ -1,0 +1,35 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+DATA ?= data
+
+.PHONY: run test lint install install-dev clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	$(VENV)/bin/consult --data-dir $(DATA) certs --dir certs
+	$(VENV)/bin/consult --data-dir $(DATA) init
+	$(VENV)/bin/consult --data-dir $(DATA) demo
+	$(VENV)/bin/consult --data-dir $(DATA) serve --cert certs/dev-cert.pem --key certs/dev-key.pem --port 8443
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+
+test: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf $(VENV) $(DATA) certs/*.pem

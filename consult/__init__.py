@@ -1,0 +1,3 @@
+"""Consult: a self-hosted video follow-up clinic."""
+
+__version__ = "0.1.0"

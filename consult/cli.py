@@ -1,0 +1,289 @@
+"""The ``consult`` command: serve | init | demo | user add | certs | config | backup | audit."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import secrets
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+from consult import __version__
+
+
+class CLIError(Exception):
+    """A mistake by the person at the keyboard: printed without a traceback."""
+
+
+def _settings(args: argparse.Namespace, **overrides: Any):
+    from consult.config import load_settings
+
+    return load_settings(
+        Path(args.config) if args.config else None,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        **overrides,
+    )
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from consult.config import ensure_secrets
+    from consult.migrations import migrate
+
+    settings = ensure_secrets(_settings(args))
+    for sub in ("uploads", "recordings", "keys"):
+        (settings.data_dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+    applied = migrate(settings.data_dir / "consult.db")
+    print(
+        f"Database {settings.data_dir / 'consult.db'}: "
+        + (f"applied {', '.join(applied)}" if applied else "up to date")
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from consult import demo
+    from consult.db import Database
+    from consult.migrations import migrate
+    from consult.passwords import Passwords
+
+    settings = _settings(args)
+    migrate(settings.data_dir / "consult.db")
+    accounts = demo.seed(
+        Database(settings.data_dir / "consult.db"),
+        Passwords(settings.argon2_time_cost, settings.argon2_memory_kib),
+    )
+    if not accounts:
+        print(
+            "Demo data already present (passwords were printed when it was created;"
+            " reset them with 'consult user passwd')."
+        )
+        return 0
+    print("Demo accounts (passwords are shown only this once):")
+    for a in accounts:
+        print(f"  {a.role:8} {a.login:14} {a.password}   {a.name}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from consult.app import create_app
+    from consult.logs import RedactingAccessLogger, setup_logging
+
+    overrides: dict[str, Any] = {"host": args.host, "port": args.port}
+    if args.no_tls:
+        overrides["tls"] = False
+    if args.cert:
+        overrides["tls_cert"] = args.cert
+    if args.key:
+        overrides["tls_key"] = args.key
+    settings = _settings(args, **overrides)
+    setup_logging(settings.log_json)
+    ssl_context = None
+    scheme = "http"
+    if settings.tls:
+        cert, key = Path(settings.tls_cert), Path(settings.tls_key)
+        if not cert.exists() or not key.exists():
+            raise CLIError(
+                f"TLS certificate {cert} or key {key} not found: run 'consult certs' "
+                "or pass --no-tls behind a TLS-terminating proxy"
+            )
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(cert, key)
+        scheme = "https"
+    app = create_app(settings)
+    from consult.certs import lan_addresses
+
+    hosts = ["localhost"] + [a for a in lan_addresses() if ":" not in a and a != "127.0.0.1"]
+    if settings.host not in ("0.0.0.0", "::"):  # noqa: S104
+        hosts = [settings.host]
+    print("Consult is running. Open:", flush=True)
+    for h in hosts:
+        print(f"  {scheme}://{h}:{settings.port}/", flush=True)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ssl_context=ssl_context,
+        print=None,
+        access_log_class=RedactingAccessLogger,
+        handle_signals=True,
+        shutdown_timeout=5,
+    )
+    return 0
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    from consult import accounts
+    from consult.config import ensure_secrets
+    from consult.db import Database
+    from consult.errors import ConsultError
+    from consult.migrations import migrate
+    from consult.passwords import Passwords, check_strength
+
+    settings = ensure_secrets(_settings(args))
+    migrate(settings.data_dir / "consult.db")
+    try:
+        username = phone = None
+        if args.role == "patient":
+            if not args.phone:
+                raise CLIError("a patient needs --phone")
+            phone = accounts.normalize_phone(args.phone)
+        else:
+            if not args.username:
+                raise CLIError(f"a {args.role} needs --username")
+            username = accounts.normalize_username(args.username)
+        password = args.password
+        generated = False
+        if password is None and sys.stdin.isatty():
+            password = getpass.getpass("Password: ")
+        if not password:
+            password = secrets.token_urlsafe(9)
+            generated = True
+        problem = check_strength(password)
+        if problem:
+            raise CLIError(problem)
+        pw_hash = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib).hash(password)
+        user_id = Database(settings.data_dir / "consult.db").write_sync(
+            lambda db: accounts.create_user_sync(
+                db,
+                role=args.role,
+                display_name=args.name,
+                password_hash=pw_hash,
+                username=username,
+                phone=phone,
+            )
+        )
+    except ConsultError as exc:
+        raise CLIError(exc.message) from None
+    print(
+        f"Created {args.role} #{user_id} ({username or phone})"
+        + (f" with password {password}" if generated else "")
+    )
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from consult.certs import generate
+
+    cert, key, created = generate(Path(args.dir), args.host or [], force=args.force)
+    print(("Created" if created else "Kept existing") + f" development certificate {cert} (key {key})")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from consult.config import describe, ensure_secrets
+
+    settings = _settings(args)
+    if (settings.data_dir / "secrets.json").exists():
+        settings = ensure_secrets(settings)
+    values = settings.masked()
+    if args.json:
+        print(json.dumps(values, indent=2, ensure_ascii=False))
+        return 0
+    for name, _default, help_text in describe():
+        print(f"{name} = {values[name]!r}\n    {help_text}  (env CONSULT_{name.upper()})")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from consult.backup import backup
+
+    settings = _settings(args)
+    try:
+        result = backup(settings.data_dir, Path(args.path))
+    except (FileNotFoundError, FileExistsError) as exc:
+        raise CLIError(str(exc)) from None
+    print(
+        f"Backup written to {args.path}: database {result['database_bytes']} bytes, {result['files']} files"
+    )
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from consult import audit
+    from consult.db import Database
+
+    settings = _settings(args)
+    path = settings.data_dir / "consult.db"
+    if not path.exists():
+        raise CLIError(f"no database at {path}")
+    ok, message = Database(path).read_sync(audit.verify)
+    print(("OK: " if ok else "FAILED: ") + message)
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="consult", description="Consult: self-hosted video follow-up clinic.")
+    p.add_argument("--version", action="version", version=f"consult {__version__}")
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("CONSULT_DATA_DIR"),
+        help="data directory (database, uploads, recordings, secrets); default ./data",
+    )
+    p.add_argument("--config", help="TOML settings file (default <data-dir>/consult.toml if present)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("serve", help="run the web and signaling server")
+    s.add_argument("--host", help="listen address (default 0.0.0.0)")
+    s.add_argument("--port", type=int, help="listen port (default 8443)")
+    s.add_argument("--cert", help="TLS certificate (PEM)")
+    s.add_argument("--key", help="TLS private key (PEM)")
+    s.add_argument("--no-tls", action="store_true", help="serve plain HTTP (behind a TLS proxy, or tests)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("init", help="create the data directory and migrate the database")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("demo", help="add demo departments, doctors, schedules and accounts (idempotent)")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("user", help="manage accounts")
+    usub = s.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    a = usub.add_parser("add", help="create an account")
+    a.add_argument("--role", choices=["patient", "doctor", "admin"], required=True)
+    a.add_argument("--username", help="staff sign-in name")
+    a.add_argument("--phone", help="patient mobile number")
+    a.add_argument("--name", required=True, help="full name as shown to others")
+    a.add_argument("--password", help="password (prompted for, or generated when omitted)")
+    a.set_defaults(func=cmd_user_add)
+
+    s = sub.add_parser("certs", help="generate a self-signed development TLS certificate")
+    s.add_argument("--dir", default="certs", help="directory for dev-cert.pem and dev-key.pem")
+    s.add_argument("--host", action="append", help="extra host name or address (repeatable)")
+    s.add_argument("--force", action="store_true", help="replace an existing valid certificate")
+    s.set_defaults(func=cmd_certs)
+
+    s = sub.add_parser("config", help="print the effective settings, secrets masked")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("backup", help="consistent online copy of the database and files")
+    s.add_argument("path", help="new, empty directory to write the backup into")
+    s.set_defaults(func=cmd_backup)
+
+    s = sub.add_parser("audit", help="audit trail tools")
+    asub = s.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    v = asub.add_parser("verify", help="check the hash chain of the audit trail")
+    v.set_defaults(func=cmd_audit_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from consult.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (CLIError, ConfigError) as exc:
+        print(f"consult: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

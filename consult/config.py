@@ -1,0 +1,176 @@
+"""Settings: declared once, each with a default and a help text.
+
+Sources, later ones winning: defaults, a TOML file (``--config`` or ``<data_dir>/consult.toml``),
+``CONSULT_<NAME>`` environment variables, then explicit overrides (CLI flags, tests).
+Secrets that are not given are generated once into ``<data_dir>/secrets.json`` (mode 0600).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SECRET_NAMES = ("session_key", "turn_secret", "payment_secret")
+
+
+def setting(default: Any, help: str, secret: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = setting(Path("data"), "Directory for the database, uploads, recordings, keys.")
+    host: str = setting("0.0.0.0", "Address the HTTP server listens on.")  # noqa: S104
+    port: int = setting(8443, "Port the HTTP server listens on.")
+    tls: bool = setting(
+        True, "Serve HTTPS (cameras need a secure context). Off only behind a proxy or in tests."
+    )
+    tls_cert: str = setting("certs/dev-cert.pem", "TLS certificate (PEM).")
+    tls_key: str = setting("certs/dev-key.pem", "TLS private key (PEM).")
+    public_url: str = setting("", "Base URL used in links sent to patients; empty: taken from the request.")
+    hospital_name: str = setting("Consult Hospital", "Hospital name shown on pages and documents.")
+    timezone: str = setting("Asia/Shanghai", "Time zone in which times are shown to people.")
+    default_locale: str = setting("zh_CN", "Language when the browser expresses no preference (zh_CN or en).")
+    session_key: str = setting("", "Key that signs CSRF tokens and call links.", secret=True)
+    session_idle_minutes: int = setting(60, "A session ends after this much inactivity.")
+    session_absolute_hours: int = setting(12, "A session ends this long after sign-in, however active.")
+    login_max_failures: int = setting(5, "Failed sign-ins allowed per account within the window.")
+    login_max_failures_per_address: int = setting(
+        20, "Failed sign-ins allowed per address within the window."
+    )
+    login_window_minutes: int = setting(15, "Window for counting failed sign-ins.")
+    argon2_time_cost: int = setting(3, "Argon2 time cost for password hashes.")
+    argon2_memory_kib: int = setting(65536, "Argon2 memory cost (KiB) for password hashes.")
+    currency: str = setting("CNY", "Currency of visit fees (ISO 4217).")
+    default_fee_minor: int = setting(5000, "Default visit fee in minor units (fen).")
+    visit_minutes: float = setting(15.0, "Default length of a visit in minutes.")
+    warning_minutes: float = setting(2.0, "Warn both parties this long before the visit ends.")
+    hold_minutes: float = setting(15.0, "How long an unpaid booking holds its slot.")
+    payment_provider: str = setting("simulator", "Payment provider: simulator or cashier.")
+    payment_secret: str = setting(
+        "", "Key shared with the payment gateway for signed callbacks.", secret=True
+    )
+    upload_max_mb: float = setting(20.0, "Largest accepted test-report file (MB).")
+    visit_upload_max_mb: float = setting(60.0, "Largest total of test reports per visit (MB).")
+    turn_urls: tuple[str, ...] = setting((), "TURN server URLs given to browsers (self-hosted coturn).")
+    stun_urls: tuple[str, ...] = setting((), "STUN server URLs given to browsers (self-hosted only).")
+    turn_secret: str = setting("", "Shared secret with coturn (use-auth-secret).", secret=True)
+    turn_realm: str = setting("consult", "TURN realm.")
+    ice_transport_policy: str = setting("all", "all, or relay to force every call through TURN.")
+    mask_addresses: bool = setting(False, "Store only the network part of client addresses in logs.")
+    log_json: bool = setting(False, "Write structured JSON log lines.")
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.tls
+
+    def masked(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value:
+                value = "********"
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    return [(f.name, f.default, f.metadata["help"]) for f in dataclasses.fields(Settings)]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(name: str, raw: Any, target: Any) -> Any:
+    kind = type(target)
+    try:
+        if isinstance(target, bool):
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if isinstance(target, Path):
+            return Path(raw)
+        if isinstance(target, tuple):
+            if isinstance(raw, list | tuple):
+                return tuple(str(x) for x in raw)
+            return tuple(x.strip() for x in str(raw).split(",") if x.strip())
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name!r}: cannot use {raw!r} as {kind.__name__}") from None
+
+
+def load_settings(
+    config_file: Path | None = None,
+    env: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    env = dict(os.environ if env is None else env)
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    values: dict[str, Any] = {}
+
+    def apply(source: dict[str, Any], where: str) -> None:
+        for key, raw in source.items():
+            if key not in fields:
+                raise ConfigError(f"unknown setting {key!r} in {where}")
+            values[key] = _coerce(key, raw, fields[key].default)
+
+    data_dir = Path(overrides.get("data_dir") or env.get("CONSULT_DATA_DIR") or "data")
+    if config_file is None and env.get("CONSULT_CONFIG"):
+        config_file = Path(env["CONSULT_CONFIG"])
+    if config_file is None and (data_dir / "consult.toml").exists():
+        config_file = data_dir / "consult.toml"
+    if config_file is not None:
+        try:
+            with open(config_file, "rb") as fh:
+                apply(tomllib.load(fh), str(config_file))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {config_file} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from None
+    apply(
+        {k[8:].lower(): v for k, v in env.items() if k.startswith("CONSULT_") and k[8:].lower() in fields},
+        "the environment",
+    )
+    apply({k: v for k, v in overrides.items() if v is not None}, "the command line")
+    settings = Settings(**values)
+    if settings.ice_transport_policy not in {"all", "relay"}:
+        raise ConfigError("ice_transport_policy must be 'all' or 'relay'")
+    if settings.payment_provider not in {"simulator", "cashier"}:
+        raise ConfigError("payment_provider must be 'simulator' or 'cashier'")
+    return settings
+
+
+def ensure_secrets(settings: Settings) -> Settings:
+    """Fill in missing secrets from <data_dir>/secrets.json, generating them on first run."""
+    missing = [n for n in SECRET_NAMES if not getattr(settings, n)]
+    if not missing:
+        return settings
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.data_dir / "secrets.json"
+    stored: dict[str, str] = {}
+    if path.exists():
+        stored = json.loads(path.read_text())
+    changed = False
+    for name in SECRET_NAMES:
+        if not stored.get(name):
+            stored[name] = secrets.token_urlsafe(32)
+            changed = True
+    if changed:
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(stored, fh)
+        os.replace(tmp, path)
+    return dataclasses.replace(settings, **{n: stored[n] for n in missing})

@@ -1,0 +1,254 @@
+"""Named schema migrations, applied in order at start; never edit one once applied.
+
+Each migration runs in its own ``BEGIN IMMEDIATE`` transaction together with the row that
+records it, so a failed migration leaves the database as it was.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlite_utils
+
+from consult.db import Database
+
+Migration = Callable[[sqlite_utils.Database], None]
+MIGRATIONS: list[tuple[str, Migration]] = []
+
+
+def migration(name: str) -> Callable[[Migration], Migration]:
+    def register(fn: Migration) -> Migration:
+        if any(n == name for n, _ in MIGRATIONS):
+            raise ValueError(f"duplicate migration {name}")
+        MIGRATIONS.append((name, fn))
+        return fn
+
+    return register
+
+
+def run_script(db: sqlite_utils.Database, script: str) -> None:
+    """Execute statements one by one: ``executescript`` would COMMIT our transaction."""
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            db.execute(buffer)
+            buffer = ""
+    if buffer.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {buffer.strip()[:60]}")
+
+
+@migration("0001_initial")
+def m0001_initial(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        CREATE TABLE users (
+            id INTEGER PRIMARY KEY,
+            role TEXT NOT NULL CHECK (role IN ('patient', 'doctor', 'admin')),
+            username TEXT UNIQUE,
+            phone TEXT UNIQUE,
+            display_name TEXT NOT NULL,
+            password_hash TEXT NOT NULL,
+            locale TEXT,
+            active INTEGER NOT NULL DEFAULT 1,
+            created REAL NOT NULL,
+            password_changed REAL NOT NULL,
+            CHECK (username IS NOT NULL OR phone IS NOT NULL)
+        );
+        CREATE TABLE sessions (
+            token_hash TEXT PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            created REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            remote TEXT,
+            user_agent TEXT
+        );
+        CREATE INDEX sessions_user ON sessions(user_id);
+        CREATE TABLE login_failures (
+            id INTEGER PRIMARY KEY,
+            key TEXT NOT NULL,
+            at REAL NOT NULL
+        );
+        CREATE INDEX login_failures_key ON login_failures(key, at);
+        CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,
+            channel TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            body TEXT NOT NULL,
+            created REAL NOT NULL
+        );
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY,
+            created REAL NOT NULL,
+            actor_id INTEGER,
+            actor_role TEXT,
+            remote TEXT,
+            action TEXT NOT NULL,
+            object_type TEXT NOT NULL,
+            object_id TEXT,
+            subject_user_id INTEGER,
+            detail TEXT NOT NULL DEFAULT '{}',
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        );
+        CREATE INDEX audit_subject ON audit_log(subject_user_id, id);
+        CREATE INDEX audit_actor ON audit_log(actor_id, id);
+        """,
+    )
+
+
+def _ensure_table(db: sqlite_utils.Database) -> None:
+    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+
+
+def applied(db: sqlite_utils.Database) -> list[str]:
+    _ensure_table(db)
+    return [r[0] for r in db.execute("SELECT name FROM _migrations ORDER BY rowid").fetchall()]
+
+
+def migrate(path: Path) -> list[str]:
+    """Apply pending migrations; return the names applied now."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    database = Database(path)
+    done = set(database.read_sync(applied))
+    now_applied: list[str] = []
+    for name, fn in MIGRATIONS:
+        if name in done:
+            continue
+
+        def step(db: sqlite_utils.Database, fn: Migration = fn, name: str = name) -> None:
+            fn(db)
+            db.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", [name, time.time()])
+
+        database.write_sync(step)
+        now_applied.append(name)
+    return now_applied
+
+
+@migration("0002_booking")
+def m0002_booking(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        CREATE TABLE departments (
+            id INTEGER PRIMARY KEY,
+            code TEXT NOT NULL UNIQUE,
+            name_zh TEXT NOT NULL,
+            name_en TEXT NOT NULL,
+            description_zh TEXT NOT NULL DEFAULT '',
+            description_en TEXT NOT NULL DEFAULT '',
+            active INTEGER NOT NULL DEFAULT 1,
+            sort INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE doctors (
+            user_id INTEGER PRIMARY KEY REFERENCES users(id),
+            title_zh TEXT NOT NULL DEFAULT '',
+            title_en TEXT NOT NULL DEFAULT '',
+            bio_zh TEXT NOT NULL DEFAULT '',
+            bio_en TEXT NOT NULL DEFAULT '',
+            fee_minor INTEGER NOT NULL DEFAULT 5000 CHECK (fee_minor >= 0),
+            currency TEXT NOT NULL DEFAULT 'CNY',
+            visit_minutes INTEGER NOT NULL DEFAULT 15 CHECK (visit_minutes BETWEEN 5 AND 120),
+            active INTEGER NOT NULL DEFAULT 1
+        );
+        CREATE TABLE doctor_departments (
+            doctor_id INTEGER NOT NULL REFERENCES doctors(user_id) ON DELETE CASCADE,
+            department_id INTEGER NOT NULL REFERENCES departments(id) ON DELETE CASCADE,
+            PRIMARY KEY (doctor_id, department_id)
+        );
+        -- Weekly template: weekday 0 = Monday; times are local to the hospital's time zone.
+        CREATE TABLE schedule_templates (
+            id INTEGER PRIMARY KEY,
+            doctor_id INTEGER NOT NULL REFERENCES doctors(user_id) ON DELETE CASCADE,
+            weekday INTEGER NOT NULL CHECK (weekday BETWEEN 0 AND 6),
+            start_local TEXT NOT NULL,
+            end_local TEXT NOT NULL,
+            valid_from TEXT,
+            valid_until TEXT,
+            CHECK (start_local < end_local)
+        );
+        CREATE INDEX schedule_templates_doctor ON schedule_templates(doctor_id);
+        -- kind 'leave' removes time (whole day when start/end are NULL); 'extra' adds a session.
+        CREATE TABLE schedule_exceptions (
+            id INTEGER PRIMARY KEY,
+            doctor_id INTEGER NOT NULL REFERENCES doctors(user_id) ON DELETE CASCADE,
+            day TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('leave', 'extra')),
+            start_local TEXT,
+            end_local TEXT,
+            note TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX schedule_exceptions_doctor ON schedule_exceptions(doctor_id, day);
+        -- A visit is a booking of one slot. Times in UTC unix seconds.
+        CREATE TABLE visits (
+            id INTEGER PRIMARY KEY,
+            public_id TEXT NOT NULL UNIQUE,
+            patient_id INTEGER NOT NULL REFERENCES users(id),
+            doctor_id INTEGER NOT NULL REFERENCES doctors(user_id),
+            department_id INTEGER NOT NULL REFERENCES departments(id),
+            starts_at INTEGER NOT NULL,
+            ends_at INTEGER NOT NULL,
+            status TEXT NOT NULL CHECK (status IN
+                ('held', 'confirmed', 'cancelled', 'expired', 'completed', 'no_show')),
+            hold_expires REAL,
+            fee_minor INTEGER NOT NULL,
+            currency TEXT NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            cancelled_by TEXT,
+            cancel_reason TEXT,
+            needs_reschedule INTEGER NOT NULL DEFAULT 0,
+            call_nonce TEXT NOT NULL,
+            reminder_sent INTEGER NOT NULL DEFAULT 0,
+            CHECK (ends_at > starts_at)
+        );
+        -- The database, not Python, guarantees a slot is never booked twice.
+        CREATE UNIQUE INDEX visits_one_per_slot ON visits(doctor_id, starts_at)
+            WHERE status IN ('held', 'confirmed', 'completed');
+        CREATE INDEX visits_patient ON visits(patient_id, starts_at);
+        CREATE INDEX visits_doctor_time ON visits(doctor_id, starts_at);
+        CREATE INDEX visits_hold ON visits(status, hold_expires);
+        CREATE TABLE reports (
+            id INTEGER PRIMARY KEY,
+            visit_id INTEGER NOT NULL REFERENCES visits(id),
+            owner_id INTEGER NOT NULL REFERENCES users(id),
+            display_name TEXT NOT NULL,
+            stored_name TEXT NOT NULL UNIQUE,
+            content_type TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            created REAL NOT NULL
+        );
+        CREATE INDEX reports_visit ON reports(visit_id);
+        CREATE TABLE payments (
+            id INTEGER PRIMARY KEY,
+            visit_id INTEGER NOT NULL REFERENCES visits(id),
+            order_id TEXT NOT NULL UNIQUE,
+            provider TEXT NOT NULL,
+            amount_minor INTEGER NOT NULL CHECK (amount_minor >= 0),
+            currency TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'paid', 'refunded', 'failed', 'cancelled')),
+            provider_ref TEXT,
+            created REAL NOT NULL,
+            paid_at REAL,
+            refunded_at REAL,
+            refund_minor INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX payments_visit ON payments(visit_id);
+        -- Every payment event, and the gateway's notification ids (replays change nothing).
+        CREATE TABLE payment_events (
+            id INTEGER PRIMARY KEY,
+            payment_id INTEGER REFERENCES payments(id),
+            kind TEXT NOT NULL,
+            notify_id TEXT UNIQUE,
+            detail TEXT NOT NULL DEFAULT '{}',
+            created REAL NOT NULL
+        );
+        CREATE INDEX payment_events_payment ON payment_events(payment_id);
+        """,
+    )

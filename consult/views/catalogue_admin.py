@@ -1,0 +1,9 @@
+"""Placeholder: routes are added by the catalogue_admin work."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+def setup(app: web.Application) -> None:
+    pass

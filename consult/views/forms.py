@@ -1,0 +1,37 @@
+"""Small helpers for reading form fields with clear errors."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from consult.errors import BadRequest
+from consult.i18n import _
+
+
+async def form(request: web.Request) -> dict[str, str]:
+    data = await request.post()
+    return {k: v for k, v in data.items() if isinstance(v, str)}
+
+
+def field(data: dict[str, Any], name: str, *, required: bool = True, max_len: int = 200) -> str:
+    value = (data.get(name) or "").strip()
+    if required and not value:
+        raise BadRequest(_("Please fill in every required field."))
+    if len(value) > max_len:
+        raise BadRequest(_("A field is too long."))
+    return value
+
+
+def safe_next(target: str | None, default: str) -> str:
+    """Only follow local paths after sign-in (no open redirect)."""
+    if not target:
+        return default
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+        return default
+    if "\\" in target:
+        return default
+    return target

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from consult import accounts
+from consult.app import create_app
+from consult.config import Settings, load_settings
+from consult.db import Database
+from consult.migrations import migrate
+from consult.passwords import Passwords
+from tests.netns import enter_private_netns
+
+
+def pytest_configure(config):
+    # Before any fixture starts a thread, server or browser: see tests/netns.py.
+    enter_private_netns()
+
+
+FAST_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_kib": 1024}
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def settings(data_dir: Path) -> Settings:
+    return load_settings(env={}, data_dir=data_dir, tls=False, **FAST_ARGON2)
+
+
+@pytest.fixture
+def make_settings(data_dir: Path) -> Callable[..., Settings]:
+    def make(**overrides) -> Settings:
+        values = {"data_dir": data_dir, "tls": False, **FAST_ARGON2, **overrides}
+        return load_settings(env={}, **values)
+
+    return make
+
+
+@pytest.fixture
+def database(settings: Settings) -> Database:
+    migrate(settings.data_dir / "consult.db")
+    db = Database(settings.data_dir / "consult.db")
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def make_user(settings: Settings) -> Callable[..., int]:
+    """Create an account directly in the database; returns its id."""
+    passwords = Passwords(1, 1024)
+
+    def make(role: str = "patient", login: str | None = None, password: str = "correct horse",
+             name: str = "Test Person") -> int:
+        migrate(settings.data_dir / "consult.db")
+        db = Database(settings.data_dir / "consult.db")
+        kwargs = {"phone": login or "13900000001"} if role == "patient" else {"username": login or role}
+        return db.write_sync(
+            lambda d: accounts.create_user_sync(
+                d, role=role, display_name=name, password_hash=passwords.hash(password), **kwargs
+            )
+        )
+
+    return make
+
+
+@pytest.fixture
+async def client(aiohttp_client, settings):
+    return await aiohttp_client(create_app(settings))
+
+
+CSRF_RE = re.compile(r'name="csrf_token" value="([0-9a-f]+)"')
+
+
+async def csrf_of(client, path: str = "/login") -> str:
+    resp = await client.get(path)
+    text = await resp.text()
+    m = CSRF_RE.search(text)
+    assert m, f"no CSRF token on {path}"
+    return m.group(1)
+
+
+async def login(client, identifier: str, password: str = "correct horse", expect: int = 303):
+    token = await csrf_of(client)
+    resp = await client.post(
+        "/login",
+        data={"identifier": identifier, "password": password, "csrf_token": token},
+        allow_redirects=False,
+    )
+    assert resp.status == expect, await resp.text()
+    return resp

@@ -1,0 +1,1 @@
+"""Templates, static files and translations, shipped as package data."""
