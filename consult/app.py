@@ -15,7 +15,7 @@ from consult import formatting, i18n, keys, security
 from consult.accounts import Sessions, Throttle
 from consult.config import Settings, ensure_secrets
 from consult.db import Database
-from consult.middleware import context_middleware, errors_middleware
+from consult.middleware import context_middleware, csrf_middleware, errors_middleware
 from consult.migrations import migrate
 from consult.notify import OutboxNotifier
 from consult.passwords import Passwords
@@ -28,6 +28,7 @@ MAX_REQUEST_BYTES = 2 * 1024 * 1024  # uploads stream through their own handler 
 def template_context(request: web.Request) -> dict:
     user = request.get(keys.USER)
     return {
+        "request": request,
         "user": user,
         "csrf_token": security.csrf_token(request),
         "locale": request.get(keys.LOCALE, "en"),
@@ -43,7 +44,8 @@ async def _template_processor(request: web.Request) -> dict:
 def create_app(settings: Settings) -> web.Application:
     settings = ensure_secrets(settings)
     app = web.Application(
-        middlewares=[errors_middleware, context_middleware], client_max_size=MAX_REQUEST_BYTES
+        middlewares=[context_middleware, errors_middleware, csrf_middleware],
+        client_max_size=MAX_REQUEST_BYTES,
     )
     app[keys.SETTINGS] = settings
     passwords = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib)
@@ -55,7 +57,6 @@ def create_app(settings: Settings) -> web.Application:
         autoescape=jinja2.select_autoescape(default=True),
         extensions=["jinja2.ext.i18n"],
         context_processors=[aiohttp_jinja2.request_processor, _template_processor],
-        undefined=jinja2.StrictUndefined,
     )
     env.install_gettext_callables(i18n.gettext, i18n.ngettext, newstyle=True)  # type: ignore[attr-defined]
     env.filters.update(formatting.filters(settings))

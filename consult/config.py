@@ -52,6 +52,13 @@ class Settings:
     visit_minutes: float = setting(15.0, "Default length of a visit in minutes.")
     warning_minutes: float = setting(2.0, "Warn both parties this long before the visit ends.")
     hold_minutes: float = setting(15.0, "How long an unpaid booking holds its slot.")
+    cancel_free_hours: float = setting(
+        24.0, "Patients may cancel or reschedule until this long before a visit; later only staff can."
+    )
+    booking_lead_minutes: float = setting(10.0, "Slots starting sooner than this are not offered.")
+    reaper_interval_seconds: float = setting(
+        30.0, "How often expired holds are released and visit reminders sent."
+    )
     payment_provider: str = setting("simulator", "Payment provider: simulator or cashier.")
     payment_secret: str = setting(
         "", "Key shared with the payment gateway for signed callbacks.", secret=True

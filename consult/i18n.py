@@ -82,7 +82,7 @@ def negotiate(accept_language: str | None, default: str) -> str:
     wanted.sort(key=lambda x: -x[0])
     found = Locale.negotiate([t.replace("-", "_") for _, t in wanted], list(LOCALES), sep="_")
     if found:
-        return str(found)
+        return "zh_CN" if found.language == "zh" else str(found)
     for _q, tag in wanted:
         try:
             lang = Locale.parse(tag.replace("-", "_")).language

@@ -22,10 +22,11 @@ THROTTLE = web.AppKey("throttle", Throttle)
 PASSWORDS = web.AppKey("passwords", Passwords)
 NOTIFIER = web.AppKey("notifier", Notifier)
 
-# Per-request values (request keys are plain strings in aiohttp).
-USER = "consult.user"
-CSRF_COOKIE_VALUE = "consult.csrf_cookie"
-LOCALE = "consult.locale"
+# Per-request values.
+USER = web.RequestKey("user", object)  # consult.accounts.User | None
+CSRF_COOKIE_VALUE = web.RequestKey("csrf_cookie", str)
+CSRF_NEW = web.RequestKey("csrf_new", bool)
+LOCALE = web.RequestKey("locale", str)
 
 
 def current_user(request: web.Request) -> User | None:

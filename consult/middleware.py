@@ -1,4 +1,7 @@
-"""Request pipeline: errors → locale and session → CSRF → handler."""
+"""Request pipeline: locale and session → errors → CSRF → handler.
+
+Context comes first so that error pages speak the request's language and know who is signed in.
+"""
 
 from __future__ import annotations
 
@@ -27,9 +30,10 @@ def error_response(request: web.Request, status: int, code: str, message: str) -
     if wants_json(request):
         return web.json_response({"error": code, "message": message}, status=status)
     try:
-        response = aiohttp_jinja2.render_template(
-            "error.html", request, {"status": status, "code": code, "message": message}, status=status
-        )
+        from consult.app import template_context
+
+        context = {**template_context(request), "status": status, "code": code, "message": message}
+        response = aiohttp_jinja2.render_template("error.html", request, context, status=status)
     except Exception:  # the error page itself must never fail
         log.exception("error page failed to render")
         response = web.Response(status=status, text=message, content_type="text/plain")
@@ -91,10 +95,15 @@ async def context_middleware(request: web.Request, handler):
     request[keys.LOCALE] = locale
     token = i18n.set_locale(locale)
     try:
-        if request.method in security.UNSAFE_METHODS and not request.path.startswith(CSRF_EXEMPT_PREFIXES):
-            await security.check_csrf(request)
         response = await handler(request)
         security.set_csrf_cookie(request, response)
         return response
     finally:
         i18n._current.reset(token)
+
+
+@web.middleware
+async def csrf_middleware(request: web.Request, handler):
+    if request.method in security.UNSAFE_METHODS and not request.path.startswith(CSRF_EXEMPT_PREFIXES):
+        await security.check_csrf(request)
+    return await handler(request)

@@ -62,12 +62,12 @@ def csrf_token(request: web.Request) -> str:
     if not value:
         value = secrets.token_urlsafe(24)
         request[keys.CSRF_COOKIE_VALUE] = value
-        request["consult.csrf_new"] = True
+        request[keys.CSRF_NEW] = True
     return _sign(request, value)
 
 
 def set_csrf_cookie(request: web.Request, response: web.StreamResponse) -> None:
-    if request.get("consult.csrf_new") and not response.prepared:
+    if request.get(keys.CSRF_NEW) and not response.prepared:
         response.set_cookie(
             CSRF_COOKIE,
             request[keys.CSRF_COOKIE_VALUE],

@@ -20,7 +20,8 @@ def pytest_configure(config):
     enter_private_netns()
 
 
-FAST_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_kib": 1024}
+# Tests read English messages unless they ask for Chinese (the product's default is zh_CN).
+FAST_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_kib": 1024, "default_locale": "en"}
 
 
 @pytest.fixture
@@ -57,8 +58,12 @@ def make_user(settings: Settings) -> Callable[..., int]:
     """Create an account directly in the database; returns its id."""
     passwords = Passwords(1, 1024)
 
-    def make(role: str = "patient", login: str | None = None, password: str = "correct horse",
-             name: str = "Test Person") -> int:
+    def make(
+        role: str = "patient",
+        login: str | None = None,
+        password: str = "correct horse",
+        name: str = "Test Person",
+    ) -> int:
         migrate(settings.data_dir / "consult.db")
         db = Database(settings.data_dir / "consult.db")
         kwargs = {"phone": login or "13900000001"} if role == "patient" else {"username": login or role}

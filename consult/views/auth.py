@@ -11,7 +11,7 @@ from consult.errors import BadRequest, ConsultError, TooManyRequests
 from consult.i18n import _
 from consult.middleware import LANG_COOKIE
 from consult.passwords import check_strength
-from consult.views.forms import field, form, safe_next
+from consult.views.forms import field, form, redirect, safe_next
 
 HOME_BY_ROLE = {"patient": "/patient", "doctor": "/doctor", "admin": "/admin"}
 
@@ -86,7 +86,7 @@ async def login_submit(request: web.Request) -> web.Response:
     await throttle.clear(key)
     user = User.from_row(row)
     token = await request.app[keys.SESSIONS].create(user.id, address, request.headers.get("User-Agent"))
-    response = web.HTTPSeeOther(safe_next(next_url, HOME_BY_ROLE[user.role]))
+    response = redirect(safe_next(next_url, HOME_BY_ROLE[user.role]))
     _set_session_cookie(request, response, token)
     return response
 
@@ -128,7 +128,7 @@ async def register_submit(request: web.Request) -> web.Response:
     token = await request.app[keys.SESSIONS].create(
         user_id, request.remote, request.headers.get("User-Agent")
     )
-    response = web.HTTPSeeOther("/patient")
+    response = redirect("/patient")
     _set_session_cookie(request, response, token)
     return response
 
@@ -137,7 +137,7 @@ async def logout(request: web.Request) -> web.Response:
     token = request.cookies.get(Sessions.COOKIE)
     if token:
         await request.app[keys.SESSIONS].revoke(token)
-    response = web.HTTPSeeOther("/login")
+    response = redirect("/login")
     response.del_cookie(Sessions.COOKIE, path="/")
     return response
 
@@ -145,7 +145,7 @@ async def logout(request: web.Request) -> web.Response:
 async def logout_all(request: web.Request) -> web.Response:
     user = security.require(request)
     await request.app[keys.SESSIONS].revoke_all(user.id)
-    response = web.HTTPSeeOther("/login")
+    response = redirect("/login")
     response.del_cookie(Sessions.COOKIE, path="/")
     return response
 
@@ -160,7 +160,7 @@ async def set_language(request: web.Request) -> web.Response:
         await request.app[keys.DB].execute_write_fn(
             lambda db: db.execute("UPDATE users SET locale = ? WHERE id = ?", [locale, user.id])
         )
-    response = web.HTTPSeeOther(safe_next(data.get("next"), "/"))
+    response = redirect(safe_next(data.get("next"), "/"))
     response.set_cookie(
         LANG_COOKIE,
         locale,

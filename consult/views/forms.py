@@ -35,3 +35,8 @@ def safe_next(target: str | None, default: str) -> str:
     if "\\" in target:
         return default
     return target
+
+
+def redirect(location: str, status: int = 303) -> web.Response:
+    """A redirect that can be returned (and carry cookies), unlike HTTPException objects."""
+    return web.Response(status=status, headers={"Location": location})
