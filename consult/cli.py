@@ -60,7 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not accounts:
         print(
             "Demo data already present (passwords were printed when it was created;"
-            " reset them with 'consult user passwd')."
+            " reset them with 'consult user passwd' or from the admin page)."
         )
         return 0
     print("Demo accounts (passwords are shown only this once):")
@@ -168,6 +168,60 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_user_passwd(args: argparse.Namespace) -> int:
+    from consult import accounts, audit
+    from consult.db import Database
+    from consult.errors import ConsultError
+    from consult.passwords import Passwords, check_strength
+
+    settings = _settings(args)
+    path = settings.data_dir / "consult.db"
+    if not path.exists():
+        raise CLIError(f"no database at {path}; run 'consult init' first")
+    try:
+        column, value = (
+            ("phone", accounts.normalize_phone(args.login))
+            if args.login.lstrip("+").isdigit()
+            else ("username", accounts.normalize_username(args.login))
+        )
+    except ConsultError as exc:
+        raise CLIError(exc.message) from None
+    password = args.password or secrets.token_urlsafe(9)
+    problem = check_strength(password)
+    if problem:
+        raise CLIError(problem)
+    pw_hash = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib).hash(password)
+
+    def write(db) -> int:
+        row = db.execute(f"SELECT id FROM users WHERE {column} = ?", [value]).fetchone()  # noqa: S608
+        if row is None:
+            raise CLIError(f"no account {args.login!r}")
+        db.execute(
+            "UPDATE users SET password_hash = ?, password_changed = strftime('%s','now') WHERE id = ?",
+            [pw_hash, row[0]],
+        )
+        db.execute("DELETE FROM sessions WHERE user_id = ?", [row[0]])
+        audit.append(
+            db,
+            audit.AuditEntry(
+                action="account.reset_password",
+                object_type="user",
+                object_id=str(row[0]),
+                actor_role="cli",
+                subject_user_id=row[0],
+            ),
+        )
+        return row[0]
+
+    Database(path).write_sync(write)
+    print(
+        f"New password for {args.login}: {password}"
+        if not args.password
+        else f"Password changed for {args.login}"
+    )
+    return 0
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from consult.certs import generate
 
@@ -252,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--name", required=True, help="full name as shown to others")
     a.add_argument("--password", help="password (prompted for, or generated when omitted)")
     a.set_defaults(func=cmd_user_add)
+    pw = usub.add_parser("passwd", help="set a new password (signs the account out everywhere)")
+    pw.add_argument("login", help="staff username or patient mobile number")
+    pw.add_argument("--password", help="new password (generated and printed when omitted)")
+    pw.set_defaults(func=cmd_user_passwd)
 
     s = sub.add_parser("certs", help="generate a self-signed development TLS certificate")
     s.add_argument("--dir", default="certs", help="directory for dev-cert.pem and dev-key.pem")
