@@ -12,6 +12,7 @@ from consult.config import Settings, load_settings
 from consult.db import Database
 from consult.migrations import migrate
 from consult.passwords import Passwords
+from tests.harness.fixtures import *  # noqa: F403
 from tests.netns import enter_private_netns
 
 

@@ -1,0 +1,11 @@
+"""Test harness: real server subprocesses, headless Chromium (Playwright) and coturn.
+
+- `tests.harness.server`: `ServerProcess` (any command + HTTP health URL) and `ConsultServer`.
+- `tests.harness.turn`: `TurnServer` (coturn with TURN REST credentials).
+- `tests.harness.browser`: Chromium launch, per-page request/console logs, failure artifacts.
+- `tests.harness.fixtures`: the pytest fixtures; `from tests.harness.fixtures import *` in
+  `tests/conftest.py` (this also imports the `pytest_runtest_makereport` hook).
+
+Everything assumes the test process already lives in the private network namespace set up by
+`tests/netns.py` (bridge address 10.99.0.1).
+"""
