@@ -1,0 +1,208 @@
+"""One client connection: a single writer with a deadline, and a rate limiter.
+
+Rooms never await a client's socket. They enqueue; this connection's writer task drains the
+queue. A client whose queue overflows or whose socket does not accept a message within
+`send_timeout_s` is dropped, so one slow phone cannot stall the other party or the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from signaling.policy import Admission
+    from signaling.room import Room
+
+log = logging.getLogger(__name__)
+
+# Close codes (documented in docs/protocol.md).
+CLOSE_NORMAL: Final = 1000
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_ENDED: Final = 4000
+CLOSE_REPLACED: Final = 4001
+CLOSE_PROTOCOL: Final = 4002
+CLOSE_REFUSED: Final = 4003
+
+_CLOSE: Final = object()  # queue sentinel: close after everything queued before it
+
+
+class RateLimiter:
+    """Token bucket: `burst` messages at once, refilled at `rate` per second."""
+
+    __slots__ = ("_stamp", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+class SendWatchdog:
+    """Enforces the send deadline of every connection with one periodic check.
+
+    A timeout per message (asyncio.timeout) would put a TimerHandle in the event loop's heap
+    for every relayed message; with thousands of sockets those linger there, get promoted to
+    the oldest GC generation and trigger full collections of several hundred milliseconds.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._writing: set[Connection] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def watch(self, conn: Connection) -> None:
+        self._writing.add(conn)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def unwatch(self, conn: Connection) -> None:
+        self._writing.discard(conn)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._writing:
+                await asyncio.sleep(self.interval_s)
+                now = loop.time()
+                for conn in list(self._writing):
+                    deadline = conn.send_deadline
+                    if deadline is not None and now > deadline:
+                        log.warning("dropping %s: send timed out", conn.remote)
+                        self._writing.discard(conn)
+                        conn.abort()
+        finally:
+            self._task = None
+
+    async def aclose(self) -> None:
+        task = self._task
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
+
+
+class Connection:
+    """A client socket plus what the room needs to know about it."""
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        request: web.BaseRequest,
+        *,
+        send_timeout_s: float,
+        queue_max: int,
+        rate_limiter: RateLimiter,
+        watchdog: SendWatchdog,
+    ) -> None:
+        self.ws = ws
+        self._watchdog = watchdog
+        # loop.time() by which the write in progress must have completed, else abort.
+        self.send_deadline: float | None = None
+        self._transport = request.transport
+        self.remote = request.remote
+        self.send_timeout_s = send_timeout_s
+        self.limiter = rate_limiter
+        # Set by the room on join; read by the server when the socket ends.
+        self.room: Room | None = None
+        self.admission: Admission | None = None
+        self.closing = False
+        self.close_code: int | None = None
+        self._close_reason = ""
+        self._queue_max = queue_max
+        self._queue: deque[object] = deque()
+        # The writer task exists only while there is something to write: an idle connection
+        # then costs no task, and with 10,000 sockets fewer live objects means shorter
+        # garbage-collector pauses.
+        self._writer: asyncio.Task[None] | None = None
+
+    @property
+    def role(self) -> str | None:
+        return self.admission.role if self.admission is not None else None
+
+    def send(self, message: dict[str, Any]) -> bool:
+        """Queue one message. Never blocks; drops the client if it is too far behind."""
+        if self.closing:
+            return False
+        if len(self._queue) >= self._queue_max:
+            log.warning("dropping %s: send queue full", self.remote)
+            self.abort()
+            return False
+        self._queue.append(json.dumps(message, separators=(",", ":")))
+        self._wake_writer()
+        return True
+
+    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        """Close after the messages already queued have been sent. Idempotent."""
+        if self.closing:
+            return
+        self.closing = True
+        self.close_code = code
+        self._close_reason = reason
+        self._queue.append(_CLOSE)
+        self._wake_writer()
+
+    def abort(self) -> None:
+        """Cut the TCP connection now; the reader loop then ends on its own."""
+        self.closing = True
+        self._queue.clear()
+        if self._transport is not None:
+            self._transport.abort()
+        if self._writer is not None:
+            self._writer.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait for the writer to finish (flush + close handshake, bounded by timeouts)."""
+        if not self.closing:
+            self.close(CLOSE_NORMAL)
+        if self._writer is not None:
+            await asyncio.wait({self._writer})
+
+    def _wake_writer(self) -> None:
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._watchdog.watch(self)
+        try:
+            while self._queue:
+                item = self._queue.popleft()
+                if item is _CLOSE:
+                    # close() also waits for the client's close frame, up to the response's
+                    # own timeout (send_timeout_s); the deadline covers sending ours.
+                    self.send_deadline = loop.time() + 2 * self.send_timeout_s
+                    await self.ws.close(
+                        code=self.close_code or CLOSE_NORMAL,
+                        message=self._close_reason.encode()[:120],
+                    )
+                    return
+                assert isinstance(item, str)
+                self.send_deadline = loop.time() + self.send_timeout_s
+                await self.ws.send_str(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the socket died under us; the reader will notice too
+            log.debug("writer for %s stopped: %r", self.remote, exc)
+            self.closing = True
+            self._queue.clear()
+        finally:
+            self.send_deadline = None
+            self._watchdog.unwatch(self)
+            if self._writer is asyncio.current_task():
+                self._writer = None

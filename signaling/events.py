@@ -1,0 +1,60 @@
+"""Delivery of room events to the policy, off the rooms' critical path.
+
+Rooms emit synchronously (after their state change); one task per server awaits
+`policy.on_event` in order. A slow or failing event sink therefore never delays a relay or a
+timer, and an exception in it is logged, never propagated into a room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final
+
+from signaling.policy import RoomEvent, RoomPolicy
+
+log = logging.getLogger(__name__)
+
+# Telemetry may be shed under pressure; state-changing events are never dropped on purpose.
+_SHEDDABLE: Final = frozenset({"stats", "ice_state"})
+
+
+class EventDispatcher:
+    def __init__(self, policy: RoomPolicy, *, max_pending: int = 10_000) -> None:
+        self._policy = policy
+        self._max_pending = max_pending
+        self._queue: asyncio.Queue[RoomEvent] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+
+    def emit(self, event: RoomEvent) -> None:
+        if event.name in _SHEDDABLE and self._queue.qsize() >= self._max_pending:
+            self.dropped += 1
+            return
+        self._queue.put_nowait(event)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def flush(self) -> None:
+        """Wait until every event emitted so far has been handed to the policy."""
+        await self._queue.join()
+
+    async def aclose(self, timeout_s: float = 5) -> None:
+        if self._task is not None and not self._task.done():
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self.flush()
+            except TimeoutError:
+                log.warning("%d room events not delivered at shutdown", self._queue.qsize())
+            self._task.cancel()
+            await asyncio.wait({self._task})
+
+    async def _run(self) -> None:
+        while True:
+            event = await self._queue.get()
+            try:
+                await self._policy.on_event(event)
+            except Exception:
+                log.exception("policy.on_event failed for %s in room %s", event.name, event.room_id)
+            finally:
+                self._queue.task_done()

@@ -1,0 +1,381 @@
+"""A timed two-party room: one host slot, one guest slot, a waiting room and a visit clock.
+
+The room owns its participants, its timer task and its state; every rule of docs/protocol.md
+about who sees whom and when the visit ends lives here. It never awaits a client socket
+(connections queue their own writes), so a room operation cannot be stalled by a slow peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+
+from signaling.config import SignalingConfig
+from signaling.connection import (
+    CLOSE_ENDED,
+    CLOSE_NORMAL,
+    CLOSE_REFUSED,
+    CLOSE_REPLACED,
+    Connection,
+)
+from signaling.ice import ice_servers
+from signaling.policy import Admission, Role, RoomEvent, RoomPolicy, RoomState
+from signaling.protocol import PROTOCOL_VERSION
+
+log = logging.getLogger(__name__)
+
+JoinResult = Literal["joined", "refused", "gone"]
+_OTHER: dict[str, Role] = {"host": "guest", "guest": "host"}
+
+
+class Room:
+    def __init__(
+        self,
+        room_id: str,
+        *,
+        policy: RoomPolicy,
+        config: SignalingConfig,
+        emit: Callable[[RoomEvent], None],
+        clock: Callable[[], float],
+        on_idle: Callable[[Room], None],
+    ) -> None:
+        self.room_id = room_id
+        self.policy = policy
+        self.config = config
+        self._emit_event = emit
+        self._clock = clock
+        self._on_idle = on_idle
+        self.state = RoomState(room_id=room_id)
+        self.slots: dict[Role, Connection | None] = {"host": None, "guest": None}
+        # Remembered for the room, so a guest whose phone reconnects skips the waiting room.
+        self.admitted = False
+        # The visit's terms come from the first admission, then the host's (the host's
+        # appointment is authoritative); they freeze once the clock starts.
+        self.duration_s: float | None = None
+        self.warning_s: float = 0
+        self._joined_roles: set[str] = set()
+        self._lock = asyncio.Lock()
+        self._timer: asyncio.Task[None] | None = None
+        self._warned = False
+        # True once the room has left the server's registry; a join then has to retry.
+        self.discarded = False
+
+    # ----- state -------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Restore persisted state, e.g. after a server restart."""
+        saved = await self.policy.load_state(self.room_id)
+        if saved is not None:
+            self.state = saved
+            # Only an admitted guest can have started the clock.
+            self.admitted = saved.started_at is not None
+
+    @property
+    def started(self) -> bool:
+        return self.state.started_at is not None
+
+    @property
+    def ended(self) -> bool:
+        return self.state.ended_at is not None
+
+    @property
+    def running(self) -> bool:
+        return self.started and not self.ended
+
+    @property
+    def ends_at(self) -> float | None:
+        if self.state.started_at is None or self.duration_s is None:
+            return None
+        return self.state.started_at + self.duration_s
+
+    @property
+    def empty(self) -> bool:
+        return self.slots["host"] is None and self.slots["guest"] is None
+
+    def _visible(self, viewer: Role) -> bool:
+        """Whether `viewer` may see (and signal) the other party right now."""
+        other = self.slots[_OTHER[viewer]]
+        if other is None:
+            return False
+        # The host sees a waiting guest; a guest sees the host only once admitted.
+        return viewer == "host" or self.admitted
+
+    def clock_message(self) -> dict[str, Any] | None:
+        if self.state.started_at is None or self.duration_s is None:
+            return None
+        return {
+            "type": "clock",
+            "started_at": self.state.started_at,
+            "ends_at": self.ends_at,
+            "now": self._clock(),
+            "duration_s": self.duration_s,
+        }
+
+    def _emit(self, name: str, role: str | None, **data: Any) -> None:
+        self._emit_event(RoomEvent(name, self.room_id, role, self._clock(), data))
+
+    def _error(self, conn: Connection, code: str, message: str) -> None:
+        conn.send({"type": "error", "code": code, "message": message})
+        self._emit("error", conn.role, code=code)
+
+    def _peer_info(self, role: Role) -> dict[str, Any] | None:
+        conn = self.slots[role]
+        if conn is None or conn.admission is None:
+            return None
+        return {"role": role, "participant": conn.admission.participant}
+
+    # ----- joining and leaving -------------------------------------------------------------
+
+    def _check_window(self, admission: Admission, now: float) -> tuple[str, str] | None:
+        if self.ended:
+            return "room_ended", "This visit has ended."
+        if now < admission.not_before:
+            return "too_early", "This visit is not open yet."
+        # A running visit can always be rejoined: a phone that drops out near the end of its
+        # slot must be able to come back.
+        if now > admission.not_after and not self.running:
+            return "too_late", "The time to join this visit has passed."
+        return None
+
+    async def join(self, conn: Connection, admission: Admission) -> JoinResult:
+        async with self._lock:
+            if self.discarded:
+                return "gone"
+            now = self._clock()
+            role = admission.role
+            if self.duration_s is None or (role == "host" and not self.started):
+                self.duration_s = admission.duration_s
+                self.warning_s = admission.warning_s
+            ends_at = self.ends_at
+            if self.running and ends_at is not None and now >= ends_at:
+                # Restarted after the visit's end time: it ended while nobody was watching.
+                await self._finish("time_limit", ended_at=ends_at)
+            refusal = self._check_window(admission, now)
+            if refusal is not None:
+                code, message = refusal
+                conn.send({"type": "error", "code": code, "message": message})
+                conn.close(CLOSE_ENDED if code == "room_ended" else CLOSE_REFUSED, code)
+                self._emit("error", admission.role, code=code)
+                self._discard_if_idle()
+                return "refused"
+
+            old = self.slots[role]
+            self.slots[role] = conn
+            conn.admission = admission
+            conn.room = self
+            if old is not None:
+                old.send({"type": "replaced"})
+                old.close(CLOSE_REPLACED, "replaced")
+                self._emit("replaced", role, remote=old.remote)
+            rejoin = old is not None or role in self._joined_roles
+            if old is None and rejoin:
+                self._emit("reconnect", role)
+            self._joined_roles.add(role)
+
+            peer_visible = self._visible(role)
+            conn.send(
+                {
+                    "type": "welcome",
+                    "version": PROTOCOL_VERSION,
+                    "role": role,
+                    "participant": admission.participant,
+                    "polite": role == "guest",
+                    "ice_servers": ice_servers(self.config, admission.user_id, now),
+                    "ice_transport_policy": self.config.ice_transport_policy,
+                    "recording": admission.recording,
+                    "peer_present": peer_visible,
+                    "peer": self._peer_info(_OTHER[role]) if peer_visible else None,
+                    "admitted": self.admitted,
+                    "clock": self.clock_message(),
+                }
+            )
+            self._emit("joined", role, participant=admission.participant, remote=conn.remote)
+            if role == "guest" and not self.admitted:
+                conn.send({"type": "waiting"})
+                self._emit("waiting", role)
+            other = self.slots[_OTHER[role]]
+            if other is not None and self._visible(_OTHER[role]):
+                # Also sent on a replacement: the other side must renegotiate with the new one.
+                other.send(
+                    {
+                        "type": "peer_joined",
+                        "role": role,
+                        "participant": admission.participant,
+                        "admitted": self.admitted,
+                        "reconnected": rejoin,
+                    }
+                )
+            if self.started:
+                clock = self.clock_message()
+                assert clock is not None
+                conn.send(clock)
+                self._ensure_timer()
+            else:
+                await self._maybe_start_clock()
+            return "joined"
+
+    async def leave(self, conn: Connection, reason: str) -> None:
+        """Remove `conn` if it still holds its slot; `reason` is "left" or "disconnected"."""
+        async with self._lock:
+            role = conn.role
+            if role is None or self.slots.get(role) is not conn:
+                return  # already replaced, or never joined
+            other_saw_it = self._visible(_OTHER[role])
+            self.slots[role] = None
+            self._emit("left", role, reason=reason)
+            other = self.slots[_OTHER[role]]
+            if other is not None and other_saw_it:
+                other.send({"type": "peer_left", "role": role, "reason": reason})
+            if reason == "left":
+                conn.close(CLOSE_NORMAL, "left")
+            self._discard_if_idle()
+
+    def _discard_if_idle(self) -> None:
+        # A running clock keeps the room (and its timer) alive with nobody in it, so that the
+        # visit still ends on time and the end is recorded.
+        idle = self.empty and (not self.started or self._timer is None)
+        if (self.ended or idle) and not self.discarded:
+            self.discarded = True
+            self._on_idle(self)
+
+    # ----- admission and the clock -----------------------------------------------------------
+
+    async def admit(self, conn: Connection) -> None:
+        async with self._lock:
+            guest = self.slots["guest"]
+            if guest is None:
+                self._error(conn, "peer_absent", "There is no patient in the waiting room.")
+                return
+            if self.admitted:
+                conn.send({"type": "admitted"})
+                return
+            self.admitted = True
+            self._emit("admitted", "guest")
+            for c in (guest, conn):
+                c.send({"type": "admitted"})
+            host_info = self._peer_info("host")
+            assert host_info is not None
+            guest.send({"type": "peer_joined", **host_info, "admitted": True, "reconnected": False})
+            await self._maybe_start_clock()
+
+    async def _maybe_start_clock(self) -> None:
+        host, guest = self.slots["host"], self.slots["guest"]
+        if self.started or host is None or guest is None or not self.admitted:
+            return
+        self.state.started_at = self._clock()
+        await self.policy.save_state(self.state)
+        self._emit("clock_started", None, started_at=self.state.started_at, ends_at=self.ends_at)
+        message = self.clock_message()
+        assert message is not None
+        host.send(message)
+        guest.send(message)
+        self._ensure_timer()
+
+    def _ensure_timer(self) -> None:
+        if self._timer is None and not self.ended:
+            self._timer = asyncio.get_running_loop().create_task(self._run_timer())
+
+    async def _run_timer(self) -> None:
+        ends_at = self.ends_at
+        assert ends_at is not None
+        warn_at = ends_at - self.warning_s
+        if self.warning_s > 0 and self._clock() < warn_at:
+            await asyncio.sleep(warn_at - self._clock())
+        if self.warning_s > 0 and not self._warned and self._clock() < ends_at:
+            self._warned = True
+            seconds_left = max(0, round(ends_at - self._clock()))
+            for conn in self.slots.values():
+                if conn is not None:
+                    conn.send({"type": "warning", "seconds_left": seconds_left})
+            self._emit("warning", None, seconds_left=seconds_left)
+        delay = ends_at - self._clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await self.close("time_limit")
+
+    # ----- messages ------------------------------------------------------------------------
+
+    async def handle(self, conn: Connection, message: dict[str, Any]) -> None:
+        """Act on one validated client message (see signaling.protocol)."""
+        kind = message["type"]
+        role = conn.role
+        assert role is not None
+        if self.slots.get(role) is not conn:
+            return  # replaced while this message was in flight
+        if kind == "signal":
+            other = self.slots[_OTHER[role]]
+            if other is None or not self.admitted:
+                self._error(conn, "peer_absent", "The other party is not in the visit.")
+                return
+            other.send({"type": "signal", "data": message["data"]})
+        elif kind == "ping":
+            conn.send({"type": "pong"})
+        elif kind == "chat":
+            other = self.slots[_OTHER[role]]
+            if other is None or not self.admitted:
+                self._error(conn, "peer_absent", "The other party is not in the visit.")
+                return
+            now = self._clock()
+            out = {"type": "chat", "from": role, "text": message["text"], "at": now}
+            other.send(out)
+            self._emit("chat", role, text=message["text"])
+        elif kind in ("admit", "end") and role != "host":
+            self._error(conn, "forbidden", f"Only the host may send '{kind}'.")
+        elif kind == "admit":
+            await self.admit(conn)
+        elif kind == "end":
+            await self.close("host_ended")
+        elif kind == "leave":
+            await self.leave(conn, "left")
+        elif kind == "ice_state":
+            self._emit(
+                "ice_state",
+                role,
+                state=message["state"],
+                pair_type=message.get("pair_type"),
+                rtt_ms=message.get("rtt_ms"),
+            )
+        elif kind == "ice_restart":
+            self._emit("ice_restart", role)
+        elif kind == "stats":
+            self._emit("stats", role, sample=message["sample"])
+        elif kind == "hello":
+            self._error(conn, "duplicate_hello", "hello was already received.")
+
+    # ----- ending ----------------------------------------------------------------------------
+
+    async def close(self, reason: str) -> None:
+        """End the visit for good: persist, tell both, close their sockets. Idempotent."""
+        await self._finish(reason, ended_at=self._clock())
+
+    async def _finish(self, reason: str, *, ended_at: float) -> None:
+        if self.ended:
+            return
+        self.state.ended_at = ended_at
+        self.state.end_reason = reason
+        timer, self._timer = self._timer, None
+        if timer is not None and timer is not asyncio.current_task():
+            timer.cancel()
+        try:
+            await self.policy.save_state(self.state)
+        except Exception:
+            # The sockets are closed regardless: a visit must not outlive its end because the
+            # database hiccupped. load_state would then reopen it, which is the safer failure.
+            log.exception("could not persist the end of room %s", self.room_id)
+        for role, conn in self.slots.items():
+            if conn is not None:
+                conn.send({"type": "ended", "reason": reason})
+                conn.close(CLOSE_ENDED, reason)
+                self.slots[role] = None
+        self._emit("ended", None, reason=reason)
+        self._discard_if_idle()
+
+    async def shutdown(self) -> None:
+        """Stop the timer without ending the visit (server shutdown; state is persisted)."""
+        self.discarded = True
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+            await asyncio.wait({timer})

@@ -1,0 +1,283 @@
+"""The aiohttp side: origin check, WebSocket upgrade, hello handshake, room registry.
+
+`SignalingServer.setup(app)` is the only thing an application calls; everything it needs to
+know about tokens and persistence comes from the `RoomPolicy` it passes in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import WSMsgType, web
+
+from signaling.config import SignalingConfig
+from signaling.connection import (
+    CLOSE_GOING_AWAY,
+    CLOSE_PROTOCOL,
+    CLOSE_REFUSED,
+    Connection,
+    RateLimiter,
+    SendWatchdog,
+)
+from signaling.events import EventDispatcher
+from signaling.policy import ROLES, PeerInfo, Refused, RoomEvent, RoomPolicy
+from signaling.protocol import PROTOCOL_VERSION, ProtocolError, parse, too_large
+from signaling.room import Room
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
+
+
+def _origin_key(scheme: str, netloc: str) -> str:
+    host, _, port = netloc.lower().rpartition(":") if ":" in netloc else (netloc.lower(), "", "")
+    if not port or port == _DEFAULT_PORTS.get(scheme):
+        return host
+    return f"{host}:{port}"
+
+
+class SignalingServer:
+    def __init__(
+        self,
+        policy: RoomPolicy,
+        config: SignalingConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.policy = policy
+        self.config = config or SignalingConfig()
+        self.clock = clock
+        self.rooms: dict[str, Room] = {}
+        self.connections: set[Connection] = set()
+        self.events = EventDispatcher(policy)
+        self.watchdog = SendWatchdog(interval_s=min(1.0, self.config.send_timeout_s / 4))
+        self._opening: dict[str, asyncio.Task[Room]] = {}
+        # aiohttp would close an over-long frame with 1009 itself; reading up to a larger
+        # limit lets us answer a merely too-long message with an error frame instead.
+        self._read_limit = max(4 * self.config.max_message_bytes, 64 * 1024)
+
+    # ----- wiring ----------------------------------------------------------------------------
+
+    def setup(self, app: web.Application, path: str = "/ws/rooms/{room_id}") -> None:
+        app.router.add_get(path, self.handle, name="signaling")
+        app.cleanup_ctx.append(self._lifecycle)
+        app.on_shutdown.append(self._on_shutdown)
+
+    async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        yield
+        await self.aclose()
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        # Sockets first (GOING_AWAY tells clients to reconnect later, not that the visit is
+        # over), then timers; the visit clock is persisted and resumes after a restart.
+        for conn in list(self.connections):
+            conn.close(CLOSE_GOING_AWAY, "server shutdown")
+        for room in list(self.rooms.values()):
+            await room.shutdown()
+        if self.connections:
+            await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in self.connections])
+
+    async def aclose(self) -> None:
+        """Stop everything this server started (idempotent)."""
+        await self._on_shutdown(web.Application())
+        for task in list(self._opening.values()):
+            task.cancel()
+        self.rooms.clear()
+        await self.watchdog.aclose()
+        await self.events.aclose()
+
+    def emit(self, event: RoomEvent) -> None:
+        self.events.emit(event)
+
+    # ----- origin ----------------------------------------------------------------------------
+
+    def origin_allowed(self, request: web.BaseRequest) -> bool:
+        origin = request.headers.get("Origin")
+        if origin is None:
+            # Browsers always send Origin on a WebSocket upgrade; its absence means a
+            # non-browser client, which cross-site request forgery cannot drive. The token
+            # still has to be valid.
+            return True
+        if self.config.allowed_origins:
+            return origin in self.config.allowed_origins
+        parts = urlsplit(origin)
+        if not parts.scheme or not parts.netloc:
+            return False  # includes the literal "null" of sandboxed frames
+        return _origin_key(parts.scheme, parts.netloc) == _origin_key(request.scheme, request.host)
+
+    # ----- rooms -----------------------------------------------------------------------------
+
+    async def get_room(self, room_id: str) -> Room:
+        """The live room, or a new one loaded from the policy's persisted state.
+
+        Concurrent first joins share one load (one Room per id). An ended room is returned
+        but not registered, so that stale links cost a state lookup, not memory.
+        """
+        while True:
+            room = self.rooms.get(room_id)
+            if room is not None:
+                return room
+            task = self._opening.get(room_id)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._open_room(room_id))
+                self._opening[room_id] = task
+                task.add_done_callback(lambda _t: self._opening.pop(room_id, None))
+                return await asyncio.shield(task)
+            await asyncio.wait({task})
+            if not task.cancelled() and task.exception() is None:
+                return task.result()
+
+    async def _open_room(self, room_id: str) -> Room:
+        room = Room(
+            room_id,
+            policy=self.policy,
+            config=self.config,
+            emit=self.emit,
+            clock=self.clock,
+            on_idle=self._forget_room,
+        )
+        await room.load()
+        if not room.ended:
+            self.rooms[room_id] = room
+            self.emit(RoomEvent("room_opened", room_id, None, self.clock(), {}))
+        return room
+
+    def _forget_room(self, room: Room) -> None:
+        if self.rooms.get(room.room_id) is room:
+            del self.rooms[room.room_id]
+
+    # ----- one connection --------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if not self.origin_allowed(request):
+            raise web.HTTPForbidden(text="Origin not allowed")
+        room_id = request.match_info["room_id"]
+        config = self.config
+        ws = web.WebSocketResponse(
+            heartbeat=config.heartbeat_s,
+            max_msg_size=self._read_limit,
+            timeout=config.send_timeout_s,
+            # permessage-deflate keeps zlib state per socket (hundreds of KiB); signaling
+            # messages are small and rare, so memory matters more than bytes.
+            compress=False,
+        )
+        await ws.prepare(request)
+        conn = Connection(
+            ws,
+            request,
+            send_timeout_s=config.send_timeout_s,
+            queue_max=config.send_queue_max,
+            rate_limiter=RateLimiter(config.rate_limit_per_s, config.rate_limit_burst),
+            watchdog=self.watchdog,
+        )
+        self.connections.add(conn)
+        try:
+            room = await self._handshake(request, room_id, conn)
+            if room is not None:
+                await self._read_loop(conn, room)
+        finally:
+            self.connections.discard(conn)
+            if conn.room is not None:
+                await conn.room.leave(conn, "disconnected")
+            await conn.wait_closed()
+        return ws
+
+    def _reject(self, conn: Connection, code: str, message: str, close_code: int) -> None:
+        conn.send({"type": "error", "code": code, "message": message})
+        conn.close(close_code, code)
+
+    async def _handshake(self, request: web.Request, room_id: str, conn: Connection) -> Room | None:
+        try:
+            async with asyncio.timeout(self.config.hello_timeout_s):
+                hello = await self._read_hello(conn)
+        except TimeoutError:
+            self._reject(conn, "hello_timeout", "No hello received in time.", CLOSE_PROTOCOL)
+            return None
+        if hello is None:
+            return None
+        peer = PeerInfo(remote=request.remote, user_agent=request.headers.get("User-Agent"))
+        try:
+            admission = await self.policy.admit(room_id, hello["token"], peer)
+        except Refused as refused:
+            self._reject(conn, refused.code, refused.message, CLOSE_REFUSED)
+            self.emit(RoomEvent("error", room_id, None, self.clock(), {"code": refused.code}))
+            return None
+        if admission.room_id != room_id or admission.role not in ROLES:
+            # A policy bug must not let a token into another room or invent a third role.
+            self._reject(conn, "invalid_role", "This link cannot join this room.", CLOSE_REFUSED)
+            return None
+        while True:
+            room = await self.get_room(room_id)
+            result = await room.join(conn, admission)
+            if result == "joined":
+                return room
+            if result == "refused":
+                return None
+            # "gone": the room emptied and left the registry between lookup and join.
+
+    async def _read_hello(self, conn: Connection) -> dict[str, Any] | None:
+        """Read until a valid hello; answer recoverable errors, give up on fatal ones."""
+        while True:
+            msg = await conn.ws.receive()
+            if msg.type is not WSMsgType.TEXT:
+                if msg.type is WSMsgType.BINARY:
+                    self._reject(conn, "binary", "Binary frames are not supported.", CLOSE_PROTOCOL)
+                return None
+            try:
+                if too_large(msg.data, self.config.max_message_bytes):
+                    raise ProtocolError("too_large", "The message is too large.")
+                message = parse(msg.data)
+            except ProtocolError as exc:
+                self._reject(conn, exc.code, exc.message, CLOSE_PROTOCOL)
+                return None
+            if message["type"] != "hello":
+                self._reject(conn, "hello_required", "The first message must be hello.", CLOSE_PROTOCOL)
+                return None
+            if message["version"] != PROTOCOL_VERSION:
+                self._reject(
+                    conn,
+                    "unsupported_version",
+                    f"This server speaks protocol version {PROTOCOL_VERSION}.",
+                    CLOSE_PROTOCOL,
+                )
+                return None
+            return message
+
+    async def _read_loop(self, conn: Connection, room: Room) -> None:
+        max_bytes = self.config.max_message_bytes
+        limited = False  # one rate_limited error per burst, not one per dropped message
+        async for msg in conn.ws:
+            if conn.closing:
+                continue  # replaced, ended or left: drain until the close completes
+            if not conn.limiter.allow():
+                if not limited:
+                    self._send_error(conn, room, "rate_limited", "Too many messages; slow down.")
+                limited = True
+                continue
+            limited = False
+            if msg.type is WSMsgType.BINARY:
+                self._send_error(conn, room, "binary", "Binary frames are not supported.")
+                continue
+            if msg.type is not WSMsgType.TEXT:
+                continue
+            try:
+                if too_large(msg.data, max_bytes):
+                    raise ProtocolError("too_large", f"Messages are limited to {max_bytes} bytes.")
+                message = parse(msg.data)
+            except ProtocolError as exc:
+                self._send_error(conn, room, exc.code, exc.message)
+                continue
+            try:
+                await room.handle(conn, message)
+            except Exception:
+                # A bug handling one message must not take the room (or the peer) down.
+                log.exception("room %s failed to handle %s", room.room_id, message["type"])
+                self._send_error(conn, room, "internal", "The server could not handle that.")
+
+    def _send_error(self, conn: Connection, room: Room, code: str, message: str) -> None:
+        conn.send({"type": "error", "code": code, "message": message})
+        self.emit(RoomEvent("error", room.room_id, conn.role, self.clock(), {"code": code}))
