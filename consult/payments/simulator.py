@@ -1,0 +1,146 @@
+"""A local stand-in for an online gateway, behaving like one.
+
+The payer is redirected to the gateway's page; pressing Pay there makes the gateway notify the
+hospital server-to-server, asynchronously, with a JSON body signed by HMAC-SHA256 over its
+canonical form (the key is ``payment_secret``), retrying until it gets a 2xx. The hospital side
+(``SimulatorProvider.verify_callback``) trusts nothing it cannot check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import math
+import secrets
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from consult import keys
+from consult.payments import PAYMENTS, CallbackRejected, Notice, Payment
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Signature"
+MAX_BODY = 16 * 1024
+RETRY_DELAYS = (0.0, 0.5, 2.0, 5.0, 15.0)
+CALLBACK_PATH = "/api/payments/callback/simulator"
+
+
+def canonical(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sign(secret: str, payload: dict[str, Any]) -> str:
+    return hmac.new(secret.encode(), canonical(payload), hashlib.sha256).hexdigest()
+
+
+def notice_payload(payment: Payment, status: str = "SUCCESS", now: float | None = None) -> dict[str, Any]:
+    return {
+        "order_id": payment.order_id,
+        "amount_minor": payment.amount_minor,
+        "currency": payment.currency,
+        "status": status,
+        "notify_id": "N" + secrets.token_hex(12),
+        "timestamp": int(now if now is not None else time.time()),
+    }
+
+
+class SimulatorProvider:
+    name = "simulator"
+    callbacks = True
+
+    async def start(self, app: web.Application, payment: Payment) -> URL:
+        return app.router["simulator_pay"].url_for(order_id=payment.order_id)
+
+    async def verify_callback(self, app: web.Application, request: web.Request) -> Notice:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise CallbackRejected("body too large")
+        body = await request.content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise CallbackRejected("body too large")
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise CallbackRejected("malformed body") from None
+        if not isinstance(payload, dict):
+            raise CallbackRejected("malformed body")
+        order_id = payload.get("order_id") if isinstance(payload.get("order_id"), str) else None
+        sent = request.headers.get(SIGNATURE_HEADER, "")
+        expected = sign(app[keys.SETTINGS].payment_secret, payload)
+        # Constant time; bytes so a non-ASCII header cannot raise instead of failing the check.
+        if not hmac.compare_digest(expected.encode(), sent.strip().lower().encode("utf-8", "replace")):
+            raise CallbackRejected("bad signature", order_id=order_id, detail={"claimed": payload})
+        return parse_notice(payload)
+
+    async def refund(self, app: web.Application, payment: Payment, amount_minor: int) -> str:
+        # The simulated gateway refunds synchronously and always succeeds.
+        return "R" + secrets.token_hex(10)
+
+
+def parse_notice(payload: dict[str, Any]) -> Notice:
+    def text(name: str, limit: int) -> str:
+        value = payload.get(name)
+        if not isinstance(value, str) or not value or len(value) > limit:
+            raise CallbackRejected(f"invalid {name}", order_id=payload.get("order_id"))
+        return value
+
+    amount = payload.get("amount_minor")
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount < 0:
+        raise CallbackRejected("invalid amount_minor", order_id=payload.get("order_id"))
+    stamp = payload.get("timestamp")
+    if not isinstance(stamp, int | float) or isinstance(stamp, bool) or not math.isfinite(stamp):
+        raise CallbackRejected("invalid timestamp", order_id=payload.get("order_id"))
+    return Notice(
+        order_id=text("order_id", 64),
+        amount_minor=amount,
+        currency=text("currency", 3),
+        status=text("status", 32),
+        notify_id=text("notify_id", 128),
+        timestamp=float(stamp),
+    )
+
+
+def callback_url(request: web.Request) -> tuple[URL, str]:
+    """The address this very connection arrived on (loopback in practice), and the Host to send."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    scheme = "https" if request.app[keys.SETTINGS].tls else "http"
+    if not sockname:
+        return URL(f"{scheme}://{request.host}{CALLBACK_PATH}"), request.host
+    host, port = sockname[0], sockname[1]
+    if ":" in host:
+        host = f"[{host}]"
+    return URL(f"{scheme}://{host}:{port}{CALLBACK_PATH}"), request.host
+
+
+async def deliver(app: web.Application, url: URL, host: str, payload: dict[str, Any]) -> bool:
+    """POST the signed notification until the hospital answers 2xx (or refuses it with a 4xx)."""
+    state = app[PAYMENTS]
+    if state.session is None or state.session.closed:
+        state.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+    body = canonical(payload)
+    headers = {
+        "Content-Type": "application/json",
+        SIGNATURE_HEADER: sign(app[keys.SETTINGS].payment_secret, payload),
+        "Host": host,
+    }
+    for delay in RETRY_DELAYS:
+        await asyncio.sleep(delay)
+        try:
+            # ssl=False: the gateway calls back into its own host over loopback, where the
+            # hospital's certificate is often self-signed. A real gateway verifies it.
+            async with state.session.post(url, data=body, headers=headers, ssl=False) as resp:
+                if 200 <= resp.status < 300:
+                    return True
+                if 400 <= resp.status < 500:
+                    log.warning("simulator: callback for %s refused: %s", payload["order_id"], resp.status)
+                    return False
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("simulator: callback for %s failed: %s", payload["order_id"], exc)
+    return False
