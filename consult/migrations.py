@@ -252,3 +252,101 @@ def m0002_booking(db: sqlite_utils.Database) -> None:
         CREATE INDEX payment_events_payment ON payment_events(payment_id);
         """,
     )
+
+
+@migration("0003_booking_extra")
+def m0003_booking_extra(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- Reminders and the doctor's day look visits up by status and start time.
+        CREATE INDEX visits_status_start ON visits(status, starts_at);
+        """,
+    )
+
+
+@migration("0004_payments_extra")
+def m0004_payments_extra(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- At most one open payment per visit: pressing Pay twice reuses it, never charges twice.
+        CREATE UNIQUE INDEX payments_one_pending ON payments(visit_id) WHERE status = 'pending';
+        -- The cashier desk lists pending payments oldest first.
+        CREATE INDEX payments_status ON payments(status, created);
+        """,
+    )
+
+
+@migration("0007_session_logs")
+def m0007_session_logs(db: sqlite_utils.Database) -> None:
+    # Independent of 0005_rooms: summaries are keyed by visit, fed event by event.
+    run_script(
+        db,
+        """
+        -- One row per visit room: what the admin list shows and filters on.
+        CREATE TABLE session_summaries (
+            visit_id INTEGER PRIMARY KEY REFERENCES visits(id) ON DELETE CASCADE,
+            department_id INTEGER NOT NULL,
+            doctor_id INTEGER NOT NULL,
+            patient_id INTEGER NOT NULL,
+            day TEXT NOT NULL,                       -- local date of scheduled_start
+            scheduled_start INTEGER NOT NULL,
+            room_opened REAL,
+            first_joined_patient REAL,
+            first_joined_doctor REAL,
+            started_at REAL,
+            ended_at REAL,
+            end_reason TEXT CHECK (end_reason IS NULL OR end_reason IN
+                ('time_limit', 'host_ended', 'patient_left', 'connection_failed', 'no_show')),
+            outcome TEXT NOT NULL DEFAULT 'in_progress' CHECK (outcome IN
+                ('completed', 'no_show', 'failed', 'cancelled', 'in_progress')),
+            connected_seconds INTEGER NOT NULL DEFAULT 0,
+            used_turn INTEGER NOT NULL DEFAULT 0,
+            reconnects INTEGER NOT NULL DEFAULT 0,
+            ice_restarts INTEGER NOT NULL DEFAULT 0,
+            patient_device TEXT,
+            doctor_device TEXT,
+            recording INTEGER NOT NULL DEFAULT 0,
+            -- Running state while the room is live, so each event is applied in O(1).
+            patient_present INTEGER NOT NULL DEFAULT 0,
+            doctor_present INTEGER NOT NULL DEFAULT 0,
+            patient_left_reason TEXT,
+            doctor_left_reason TEXT,
+            both_since REAL,
+            ice_failed INTEGER NOT NULL DEFAULT 0,
+            samples INTEGER NOT NULL DEFAULT 0
+        );
+        -- Keyset pagination: ORDER BY scheduled_start DESC, visit_id DESC, with each filter.
+        CREATE INDEX session_summaries_start ON session_summaries(scheduled_start, visit_id);
+        CREATE INDEX session_summaries_doctor ON session_summaries(doctor_id, scheduled_start, visit_id);
+        CREATE INDEX session_summaries_department
+            ON session_summaries(department_id, scheduled_start, visit_id);
+        CREATE INDEX session_summaries_outcome ON session_summaries(outcome, scheduled_start, visit_id);
+        CREATE INDEX session_summaries_end_reason
+            ON session_summaries(end_reason, scheduled_start, visit_id);
+        CREATE INDEX session_summaries_patient ON session_summaries(patient_id, scheduled_start, visit_id);
+        -- The overview aggregates by day from the index alone.
+        CREATE INDEX session_summaries_day
+            ON session_summaries(day, outcome, end_reason, used_turn, connected_seconds);
+        -- Quality over time, one row per stats sample, compact integers.
+        CREATE TABLE quality_samples (
+            visit_id INTEGER NOT NULL REFERENCES visits(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('patient', 'doctor')),
+            t INTEGER NOT NULL,                      -- seconds since the room's start
+            bitrate_kbps INTEGER,
+            loss_pct INTEGER,                        -- whole percent
+            jitter_ms INTEGER,
+            fps INTEGER,
+            width INTEGER,
+            height INTEGER,
+            freezes INTEGER,
+            rtt_ms INTEGER
+        );
+        CREATE INDEX quality_samples_visit ON quality_samples(visit_id, role, t);
+        -- The audit search filters by action, object and time.
+        CREATE INDEX audit_action ON audit_log(action, id);
+        CREATE INDEX audit_object ON audit_log(object_type, object_id, id);
+        CREATE INDEX audit_created ON audit_log(created);
+        """,
+    )

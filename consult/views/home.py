@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timedelta
+
 import aiohttp_jinja2
 from aiohttp import web
 
-from consult import keys, security
+from consult import booking, keys, schedules, security
 from consult.views.auth import HOME_BY_ROLE
 
 
@@ -29,11 +32,53 @@ async def index(request: web.Request) -> web.Response:
     return aiohttp_jinja2.render_template("index.html", request, {})
 
 
+def _effective(visit: dict, now: float) -> dict:
+    """A hold past its time shows as expired even before the reaper has run."""
+    if visit["status"] == "held" and visit["hold_expires"] is not None and visit["hold_expires"] < now:
+        visit["status"] = "expired"
+    return visit
+
+
 async def patient_home(request: web.Request) -> web.Response:
     user = security.require(request, "patient")
-    return aiohttp_jinja2.render_template("patient_home.html", request, {"me": user})
+    now = time.time()
+    locale = request[keys.LOCALE]
+    rows = await request.app[keys.DB].execute_fn(
+        lambda db: db.execute(
+            booking.VISIT_SELECT + " WHERE v.patient_id = ? ORDER BY v.starts_at DESC LIMIT 200", [user.id]
+        ).fetchall()
+    )
+    visits = [_effective(booking.visit_view(dict(r), locale), now) for r in rows]
+    upcoming = [v for v in visits if v["status"] in booking.OPEN_STATUSES and v["ends_at"] > now]
+    upcoming.reverse()  # soonest first
+    past = [v for v in visits if v not in upcoming]
+    return aiohttp_jinja2.render_template(
+        "patient_home.html", request, {"me": user, "upcoming": upcoming, "past": past}
+    )
 
 
 async def doctor_home(request: web.Request) -> web.Response:
     user = security.require(request, "doctor")
-    return aiohttp_jinja2.render_template("doctor_home.html", request, {"me": user})
+    settings = request.app[keys.SETTINGS]
+    now = time.time()
+    today = schedules.local_date(now, settings.timezone)
+    tz = schedules.zone(settings.timezone)
+    day_start = datetime(today.year, today.month, today.day, tzinfo=tz).timestamp()
+    tomorrow = today + timedelta(days=1)
+    day_end = datetime(tomorrow.year, tomorrow.month, tomorrow.day, tzinfo=tz).timestamp()
+    rows = await request.app[keys.DB].query(
+        "SELECT v.id, v.public_id, v.starts_at, v.ends_at, v.status, v.needs_reschedule,"
+        " u.display_name AS patient_name,"
+        " (SELECT count(*) FROM reports r WHERE r.visit_id = v.id) AS reports,"
+        " (SELECT p.status FROM payments p WHERE p.visit_id = v.id ORDER BY p.id DESC LIMIT 1) AS payment"
+        " FROM visits v JOIN users u ON u.id = v.patient_id"
+        " WHERE v.doctor_id = ? AND v.status IN ('confirmed', 'completed') AND v.ends_at > ?"
+        " AND v.starts_at < ? ORDER BY v.starts_at LIMIT 300",
+        [user.id, day_start, now + 30 * 86400],
+    )
+    visits = [dict(r) for r in rows]
+    today_visits = [v for v in visits if v["starts_at"] < day_end]
+    later = [v for v in visits if v["starts_at"] >= day_end]
+    return aiohttp_jinja2.render_template(
+        "doctor_home.html", request, {"me": user, "today": today_visits, "later": later}
+    )
