@@ -80,8 +80,12 @@ def set_csrf_cookie(request: web.Request, response: web.StreamResponse) -> None:
 
 def same_origin(request: web.Request) -> bool:
     origin = request.headers.get("Origin")
-    if origin is None or origin == "null":
-        return origin is None
+    if origin is None:
+        return True
+    if origin == "null":
+        # Under `Referrer-Policy: no-referrer` browsers send `Origin: null` even on the site's own
+        # form posts; Sec-Fetch-Site, which no page can set, says whether it really is ours.
+        return request.headers.get("Sec-Fetch-Site") == "same-origin"
     return urlsplit(origin).netloc == request.host
 
 
