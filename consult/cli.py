@@ -272,6 +272,76 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from consult import signing
+
+    settings = _settings(args)
+    try:
+        public = (
+            signing.PublicKey.from_pem(Path(args.key).read_bytes())
+            if args.key
+            else signing.load_public(settings.data_dir)
+        )
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"cannot read the hospital's public key: {exc}") from None
+    try:
+        data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CLIError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    verdict = signing.verify(data, public)
+    if not verdict.valid:
+        print(f"INVALID: {verdict.reason}")
+        return 1
+    doc = verdict.document or {}
+    print(f"VALID: {verdict.reason}")
+    print(f"  number  {doc.get('number')}")
+    print(f"  issued  {doc.get('issued_at')}")
+    print(f"  doctor  {(doc.get('doctor') or {}).get('name')}")
+    print(f"  patient {(doc.get('patient') or {}).get('name')}")
+    print(f"  key     {verdict.key_id}")
+    return 0
+
+
+def cmd_turn_config(args: argparse.Namespace) -> int:
+    from consult import turn
+    from consult.config import ensure_secrets
+
+    settings = ensure_secrets(_settings(args))
+    port = args.listening_port or turn.port_from_urls(settings.turn_urls) or turn.DEFAULT_PORT
+    options = turn.TurnOptions(
+        listening_port=port,
+        tls_listening_port=args.tls_listening_port,
+        min_port=args.min_port,
+        max_port=args.max_port,
+        external_ip=args.external_ip,
+        listening_ips=tuple(args.listening_ip or ()),
+        relay_ip=args.relay_ip,
+        allow_peers=tuple(args.allow_peer or ()),
+        cert=args.cert,
+        pkey=args.pkey,
+        server_name=args.server_name,
+    )
+    try:
+        text = turn.render(settings, options)
+    except turn.TurnConfigError as exc:
+        raise CLIError(str(exc)) from None
+    if args.output == "-":
+        sys.stdout.write(text)
+        return 0
+    output = Path(args.output) if args.output else settings.data_dir / "turnserver.conf"
+    turn.write(output, text)
+    print(f"Wrote {output} (mode 0600: it holds the TURN secret); realm {settings.turn_realm!r}.")
+    print(
+        f"Open {port}/udp and {port}/tcp"
+        + (f", {options.tls_listening_port}/tcp" if options.cert else "")
+        + f" and relay ports {options.min_port}-{options.max_port}/udp; then run:"
+    )
+    print(f"  turnserver -c {output}")
+    if not settings.turn_urls:
+        print("Set turn_urls (e.g. turn:turn.example.org:3478?transport=udp) so browsers use it.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="consult", description="Consult: self-hosted video follow-up clinic.")
     p.add_argument("--version", action="version", version=f"consult {__version__}")
@@ -329,6 +399,28 @@ def build_parser() -> argparse.ArgumentParser:
     asub = s.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     v = asub.add_parser("verify", help="check the hash chain of the audit trail")
     v.set_defaults(func=cmd_audit_verify)
+
+    s = sub.add_parser("verify", help="check a downloaded prescription file's signature (exit 1 if invalid)")
+    s.add_argument("file", help="the signed prescription file (RX-....json), or - for standard input")
+    s.add_argument("--key", help="public key PEM to check against (default: this data directory's key)")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("turn-config", help="write a coturn turnserver.conf matching TURN secret and realm")
+    s.add_argument("--output", help="file to write (default <data-dir>/turnserver.conf; - for stdout)")
+    s.add_argument("--external-ip", help="public address behind NAT: PUBLIC or PUBLIC/PRIVATE")
+    s.add_argument("--listening-port", type=int, help="STUN/TURN port (default: from turn_urls, else 3478)")
+    s.add_argument("--tls-listening-port", type=int, default=5349, help="TURN over TLS port (default 5349)")
+    s.add_argument("--min-port", type=int, default=49152, help="relay port range start (default 49152)")
+    s.add_argument("--max-port", type=int, default=49999, help="relay port range end (default 49999)")
+    s.add_argument("--listening-ip", action="append", help="address to listen on (repeatable; default all)")
+    s.add_argument("--relay-ip", help="address relays are opened on")
+    s.add_argument(
+        "--allow-peer", action="append", help="CIDR the relay may reach despite the private-range ban"
+    )
+    s.add_argument("--cert", help="TLS certificate (PEM) for turns: URLs")
+    s.add_argument("--pkey", help="TLS private key (PEM)")
+    s.add_argument("--server-name", help="server name coturn reports")
+    s.set_defaults(func=cmd_turn_config)
     return p
 
 

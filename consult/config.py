@@ -51,6 +51,9 @@ class Settings:
     default_fee_minor: int = setting(5000, "Default visit fee in minor units (fen).")
     visit_minutes: float = setting(15.0, "Default length of a visit in minutes.")
     warning_minutes: float = setting(2.0, "Warn both parties this long before the visit ends.")
+    visit_seconds_override: float = setting(
+        0.0, "If above 0, every visit lasts this many seconds, whatever the doctor's length (tests)."
+    )
     hold_minutes: float = setting(15.0, "How long an unpaid booking holds its slot.")
     cancel_free_hours: float = setting(
         24.0, "Patients may cancel or reschedule until this long before a visit; later only staff can."
@@ -72,6 +75,9 @@ class Settings:
     ice_transport_policy: str = setting("all", "all, or relay to force every call through TURN.")
     mask_addresses: bool = setting(False, "Store only the network part of client addresses in logs.")
     log_json: bool = setting(False, "Write structured JSON log lines.")
+    metrics_allow: tuple[str, ...] = setting(
+        (), "Addresses or CIDR ranges that may read /metrics without signing in (Prometheus)."
+    )
 
     @property
     def secure_cookies(self) -> bool:

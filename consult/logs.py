@@ -20,15 +20,36 @@ def redact(path: str) -> str:
     return _TOKEN_QUERY.sub(r"\1\2…", path)
 
 
+def _remote(request: BaseRequest) -> str | None:
+    """The client address, masked to its network when the mask_addresses setting says so."""
+    from consult import keys, security
+
+    app = getattr(request, "app", None)
+    if app is not None and keys.SETTINGS in app:
+        return security.client_address(request)  # type: ignore[arg-type]
+    return request.remote
+
+
 class RedactingAccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time_taken: float) -> None:
+        remote = _remote(request)
         self.logger.info(
             '%s "%s %s" %s %.1fms',
-            request.remote,
+            remote,
             request.method,
             redact(request.path_qs),
             response.status,
             time_taken * 1000,
+            # JSON lines carry these as fields, so that a log pipeline need not parse the message.
+            extra={
+                "http": {
+                    "remote": remote,
+                    "method": request.method,
+                    "path": redact(request.path_qs),
+                    "status": response.status,
+                    "ms": round(time_taken * 1000, 1),
+                }
+            },
         )
 
 
@@ -41,6 +62,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        http = getattr(record, "http", None)
+        if isinstance(http, dict):
+            out["http"] = http
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)

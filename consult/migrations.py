@@ -350,3 +350,71 @@ def m0007_session_logs(db: sqlite_utils.Database) -> None:
         CREATE INDEX audit_created ON audit_log(created);
         """,
     )
+
+
+@migration("0006_prescriptions")
+def m0006_prescriptions(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- One clinical note per visit, written by its doctor; version drives optimistic concurrency.
+        CREATE TABLE visit_notes (
+            visit_id INTEGER PRIMARY KEY REFERENCES visits(id) ON DELETE CASCADE,
+            doctor_id INTEGER NOT NULL REFERENCES users(id),
+            text TEXT NOT NULL DEFAULT '',
+            advice TEXT NOT NULL DEFAULT '',           -- shown to the patient; text is not
+            version INTEGER NOT NULL CHECK (version >= 1),
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        );
+        -- Prescription numbers: one counter per year, bumped inside the issuing transaction.
+        CREATE TABLE prescription_counters (
+            year INTEGER PRIMARY KEY,
+            last INTEGER NOT NULL
+        );
+        CREATE TABLE prescriptions (
+            id INTEGER PRIMARY KEY,
+            number TEXT NOT NULL UNIQUE,
+            visit_id INTEGER NOT NULL REFERENCES visits(id),
+            doctor_id INTEGER NOT NULL REFERENCES users(id),
+            patient_id INTEGER NOT NULL REFERENCES users(id),
+            issued_at REAL NOT NULL,
+            document TEXT NOT NULL,                   -- canonical JSON, byte for byte as signed
+            signature TEXT NOT NULL,                  -- base64 Ed25519 signature of document
+            key_id TEXT NOT NULL,
+            client_ref TEXT                           -- the form's submission id: a retry is not a second Rx
+        );
+        CREATE INDEX prescriptions_visit ON prescriptions(visit_id, id);
+        CREATE INDEX prescriptions_patient ON prescriptions(patient_id, id);
+        CREATE UNIQUE INDEX prescriptions_client_ref ON prescriptions(visit_id, client_ref)
+            WHERE client_ref IS NOT NULL;
+        """,
+    )
+
+
+@migration("0005_rooms")
+def m0005_rooms(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- The visit clock of each call room: written by the signaling server through
+        -- consult.calls.ConsultPolicy, so that it survives reconnects and server restarts.
+        CREATE TABLE rooms (
+            visit_id INTEGER PRIMARY KEY REFERENCES visits(id) ON DELETE CASCADE,
+            started_at REAL,
+            ended_at REAL,
+            end_reason TEXT,
+            updated REAL NOT NULL
+        );
+        -- Every room event verbatim, in order: the raw timeline behind the session logs.
+        CREATE TABLE session_events (
+            id INTEGER PRIMARY KEY,
+            visit_id INTEGER NOT NULL REFERENCES visits(id) ON DELETE CASCADE,
+            created REAL NOT NULL,
+            name TEXT NOT NULL,
+            role TEXT,
+            data TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX session_events_visit ON session_events(visit_id, created);
+        """,
+    )

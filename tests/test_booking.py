@@ -9,7 +9,7 @@ import types
 import pytest
 
 import consult
-from consult import booking, schedules
+from consult import booking, metrics, schedules
 from consult.app import create_app
 from consult.errors import BadRequest, Conflict, Forbidden
 from tests.booking_helpers import free_slots, hold, make_clinic, post, read, signed_in, visit_row, write
@@ -108,6 +108,8 @@ async def test_fifty_concurrent_holds_on_one_slot_give_exactly_one_visit(
     assert count_active(settings, clinic.doctor_ids[0], slot.starts_at) == 1
     total = read(settings, lambda d: d.execute("SELECT count(*) FROM visits").fetchone()[0])
     assert total == 1
+    # Only the hold that succeeded is counted as a booking.
+    assert server.app[metrics.METRICS].registry.get_sample_value("consult_bookings_total") == 1
 
 
 async def test_the_database_refuses_a_second_active_visit_for_a_slot(settings, clinic, make_user):

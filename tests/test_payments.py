@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from consult import payments
+from consult import metrics, payments
 from consult.app import create_app
 from consult.payments import simulator
 from tests.test_reports import ADMIN, PATIENT, World, build_world, sign_in
@@ -50,6 +50,10 @@ async def start_payment(world: World) -> str:
     )
     assert resp.status == 303, await resp.text()
     return payment_rows(world)[-1]["order_id"]
+
+
+def payments_counted(world: World) -> float | None:
+    return world.client.server.app[metrics.METRICS].registry.get_sample_value("consult_payments_total")
 
 
 async def wait_for(predicate, within: float = 5.0) -> None:
@@ -149,6 +153,7 @@ async def test_valid_callback_then_replay_changes_nothing(world):
     assert resp.status == 200
     assert (await resp.json())["result"] == "already processed"
     assert (payment_rows(world), visit_row(world), len(events(world))) == before
+    assert payments_counted(world) == 1  # the replay is not a second payment
 
 
 async def test_duplicate_success_notification_records_one_paid_event(world):
@@ -356,5 +361,6 @@ async def test_cashier_mark_paid_needs_admin_and_csrf(aiohttp_client, make_setti
         )
         assert resp.status == 303
         assert len(events(world, "paid")) == 1
+        assert payments_counted(world) == 1
     finally:
         world.db.close()

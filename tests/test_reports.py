@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
+from consult import metrics
 from consult.db import Database
 from tests.conftest import csrf_of, login
 
@@ -90,6 +91,10 @@ async def sign_in(client, identifier: str) -> str:
     return await csrf_of(client, "/")
 
 
+def uploads_counted(world: World) -> float | None:
+    return world.client.server.app[metrics.METRICS].registry.get_sample_value("consult_uploads_total")
+
+
 def pdf_bytes() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (120, 160), "white").save(buf, "PDF")
@@ -147,6 +152,7 @@ async def test_pdf_and_png_are_stored_privately_with_matching_sha256(world):
         assert row["owner_id"] == world.patient_id
         assert "." not in path.name  # server-chosen name, no client extension
     assert (world.data_dir / "uploads" / rows[0]["stored_name"]).read_bytes() == pdf
+    assert uploads_counted(world) == 2
 
     resp = await client.get(f"/api/visits/{world.public_id}/reports")
     listing = await resp.json()
@@ -264,6 +270,7 @@ async def test_upload_needs_csrf_header(world):
     assert resp.status == 403
     assert report_rows(world) == []
     assert stored_files(world.data_dir) == []
+    assert uploads_counted(world) == 0
 
 
 async def test_visit_page_shows_both_panels(world):

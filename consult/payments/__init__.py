@@ -25,7 +25,7 @@ import sqlite_utils
 from aiohttp import web
 from yarl import URL
 
-from consult import audit, keys
+from consult import audit, keys, metrics
 from consult.accounts import User
 from consult.db import Database
 from consult.errors import BadRequest, Conflict, ConsultError, NotFound
@@ -404,6 +404,8 @@ async def after_commit(app: web.Application, outcome: Outcome) -> None:
     """What follows a committed payment: the confirmation message, or an automatic refund."""
     if outcome.payment is None:
         return
+    if outcome.result == "paid":  # paid in this transaction; "already" was counted the first time
+        metrics.count(app, "payments")
     if outcome.confirmed:
         from consult import booking
 

@@ -15,3 +15,15 @@ def setup_routes(app: web.Application) -> None:
     booking.setup(app)
     reports.setup(app)
     payments.setup(app)
+    from consult.views import call
+
+    call.setup(app)  # the call pages and the signaling WebSocket (consult.calls)
+    from consult import metrics
+    from consult.views import audit_views, sessions_admin
+
+    metrics.setup(app)
+    sessions_admin.setup(app)
+    audit_views.setup(app)
+    from consult.views import prescriptions
+
+    prescriptions.setup(app)

@@ -8,7 +8,8 @@ import time
 import aiohttp_jinja2
 from aiohttp import web
 
-from consult import booking, calllinks, catalogue, ics, keys, qr, schedules, security
+from consult import booking, calllinks, catalogue, ics, keys, metrics, qr, schedules, security
+from consult.auditing import audit_read
 from consult.errors import BadRequest, ConsultError, NotFound
 from consult.formatting import to_local
 from consult.i18n import _
@@ -31,7 +32,6 @@ def setup(app: web.Application) -> None:
     r.add_post("/visits/{public_id}/reschedule", reschedule_submit)
     r.add_get("/visits/{public_id}/qr.svg", visit_qr, name="visit_qr")
     r.add_get("/visits/{public_id}/visit.ics", visit_ics, name="visit_ics")
-    r.add_get("/call/{token}", call_page, name="call_page")
     app.cleanup_ctx.append(booking.hold_reaper)
 
 
@@ -171,6 +171,7 @@ async def hold_submit(request: web.Request) -> web.StreamResponse:
         ctx = await _slots_context(request, department_id, doctor_id)
         ctx["error"] = exc.message
         return aiohttp_jinja2.render_template("book_slots.html", request, ctx, status=exc.status)
+    metrics.count(request.app, "bookings")
     location = request.app.router["visit"].url_for(public_id=visit["public_id"])
     if wants_json(request):
         return web.json_response(
@@ -245,6 +246,7 @@ async def visit_page(request: web.Request) -> web.Response:
             " ORDER BY v.starts_at DESC LIMIT 20",
             [visit["patient_id"], visit["id"], visit["starts_at"]],
         )
+    await audit_read(request, "visit.view", "visit", visit["id"], visit["patient_id"])
     return aiohttp_jinja2.render_template("visit_detail.html", request, ctx)
 
 
@@ -342,34 +344,4 @@ async def visit_ics(request: web.Request) -> web.Response:
         content_type="text/calendar",
         charset="utf-8",
         headers={"Content-Disposition": 'attachment; filename="visit.ics"'},
-    )
-
-
-async def call_page(request: web.Request) -> web.Response:
-    """Placeholder until the call page exists: checks the link and says when the visit starts."""
-    settings = request.app[keys.SETTINGS]
-    now = time.time()
-    try:
-        token = calllinks.decode(settings, request.match_info["token"], now)
-    except calllinks.CallLinkNotYetValid as exc:
-        return aiohttp_jinja2.render_template(
-            "visit_call.html",
-            request,
-            {"visit": None, "opens_at": exc.opens_at, "message": exc.message},
-            status=exc.status,
-        )
-    visit = await request.app[keys.DB].execute_fn(
-        lambda db: booking.get_visit_sync(db, public_id=token.public_id)
-    )
-    if visit is None or visit["call_nonce"] != token.nonce:
-        raise calllinks.CallLinkInvalid(
-            _("This call link was replaced: the visit was moved. Open the new link from your visit page.")
-        )
-    if visit["status"] != "confirmed":
-        raise calllinks.CallLinkInvalid(_("This visit is not confirmed or was cancelled."))
-    view = booking.visit_view(visit, request[keys.LOCALE])
-    return aiohttp_jinja2.render_template(
-        "visit_call.html",
-        request,
-        {"visit": view, "role": token.role, "opens_at": None, "message": ""},
     )

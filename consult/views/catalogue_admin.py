@@ -9,6 +9,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from consult import booking, catalogue, keys, schedules, security
+from consult.auditing import audit_read
 from consult.errors import BadRequest, ConsultError, NotFound
 from consult.i18n import _
 from consult.views.booking import weekday_names
@@ -295,4 +296,5 @@ async def reschedule_list(request: web.Request) -> web.Response:
         ).fetchall()
     )
     visits = [booking.visit_view(dict(r), locale) for r in rows]
+    await audit_read(request, "visit.list", "visit", None, None, reschedule=True)
     return aiohttp_jinja2.render_template("catalogue_reschedule.html", request, {"visits": visits})

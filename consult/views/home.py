@@ -9,6 +9,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from consult import booking, keys, schedules, security
+from consult.auditing import audit_read
 from consult.views.auth import HOME_BY_ROLE
 
 
@@ -52,6 +53,7 @@ async def patient_home(request: web.Request) -> web.Response:
     upcoming = [v for v in visits if v["status"] in booking.OPEN_STATUSES and v["ends_at"] > now]
     upcoming.reverse()  # soonest first
     past = [v for v in visits if v not in upcoming]
+    await audit_read(request, "visit.list", "visit", None, user.id)
     return aiohttp_jinja2.render_template(
         "patient_home.html", request, {"me": user, "upcoming": upcoming, "past": past}
     )
@@ -79,6 +81,7 @@ async def doctor_home(request: web.Request) -> web.Response:
     visits = [dict(r) for r in rows]
     today_visits = [v for v in visits if v["starts_at"] < day_end]
     later = [v for v in visits if v["starts_at"] >= day_end]
+    await audit_read(request, "visit.list", "visit", None, None, doctor=user.id)
     return aiohttp_jinja2.render_template(
         "doctor_home.html", request, {"me": user, "today": today_visits, "later": later}
     )

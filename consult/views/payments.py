@@ -11,6 +11,7 @@ from aiohttp import web
 
 from consult import keys, payments, security
 from consult.accounts import User
+from consult.auditing import audit_read
 from consult.errors import Conflict, NotFound
 from consult.i18n import _
 from consult.payments import PAYMENTS, CallbackRejected, Payment
@@ -75,6 +76,10 @@ def _may_see(user: User, visit: dict[str, Any]) -> bool:
     return user.role == "admin" or (user.role == "patient" and user.id == visit["patient_id"])
 
 
+async def _audit_payment(request: web.Request, payment: Payment, visit: dict[str, Any]) -> None:
+    await audit_read(request, "payment.view", "payment", payment.order_id, visit["patient_id"])
+
+
 async def _owned(request: web.Request) -> tuple[User, Payment, dict[str, Any]]:
     user = security.require(request)
     payment, visit = await _payment_and_visit(request)
@@ -122,11 +127,14 @@ async def pay_start(request: web.Request) -> web.Response:
 @aiohttp_jinja2.template("pay_status.html")
 async def pay_status(request: web.Request) -> dict[str, Any]:
     _user, payment, visit = await _owned(request)
+    await _audit_payment(request, payment, visit)
     return {"payment": payment, "visit": visit, "visit_url": visit_url(request, visit["public_id"])}
 
 
 async def payment_json(request: web.Request) -> web.Response:
     _user, payment, visit = await _owned(request)
+    # One entry per request, polls included: the waiting page polls every 2 s or slower.
+    await _audit_payment(request, payment, visit)
     return web.json_response(_status_json(request, payment, visit))
 
 
@@ -145,6 +153,14 @@ async def visit_payment_json(request: web.Request) -> web.Response:
         body["payment"] = _status_json(request, payment, dict(visit))
         if user.role == "doctor":  # the doctor sees whether it is paid, not the links
             body["payment"] = {k: body["payment"][k] for k in ("status", "amount_minor", "currency")}
+    await audit_read(
+        request,
+        "payment.view",
+        "payment",
+        payment.order_id if payment is not None else None,
+        visit["patient_id"],
+        visit=visit["public_id"],
+    )
     return web.json_response(body)
 
 
@@ -158,6 +174,7 @@ async def pay_receipt(request: web.Request) -> dict[str, Any]:
         " WHERE p.id = ? AND d.id = ?",
         [visit["patient_id"], visit["doctor_id"]],
     )
+    await _audit_payment(request, payment, visit)
     return {
         "payment": payment,
         "visit": visit,
@@ -231,6 +248,7 @@ async def admin_payments(request: web.Request) -> dict[str, Any]:
         query
         + " WHERE p.status IN ('paid', 'refunded') ORDER BY coalesce(p.paid_at, p.created) DESC LIMIT 50"
     )
+    await audit_read(request, "payment.list", "payment", None, None)
     return {"pending": pending, "recent": recent, "message": request.query.get("done")}
 
 

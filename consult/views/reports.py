@@ -11,7 +11,8 @@ from urllib.parse import quote, unquote
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from consult import keys, reports, security, uploads
+from consult import keys, metrics, reports, security, uploads
+from consult.auditing import audit_read
 from consult.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 from consult.i18n import _
 
@@ -67,6 +68,7 @@ async def list_reports(request: web.Request) -> web.Response:
     editable = reports.can_edit(user, visit, time.time())
     items = await reports.list_for_visit(db, visit["id"])
     max_file, max_visit = _limits(request)
+    await audit_read(request, "report.list", "visit", visit["id"], visit["patient_id"])
     return web.json_response(
         {
             "reports": [_report_json(request, r, editable) for r in items],
@@ -122,6 +124,7 @@ async def upload_report(request: web.Request) -> web.Response:
         visit_max_bytes=max_visit,
         remote=security.client_address(request),
     )
+    metrics.count(request.app, "uploads")
     return web.json_response({"report": _report_json(request, report, True)}, status=201)
 
 

@@ -41,7 +41,10 @@
     if (box.dataset.ready) return;
     box.dataset.ready = "1";
     const error = box.querySelector("[data-payment-error]");
-    let delay = 1000;
+    // Each poll is a read of the payment and writes an audit entry: never faster than every 2 s.
+    const MIN_DELAY = 2000;
+    const MAX_DELAY = 5000;
+    let delay = MIN_DELAY;
     function poll() {
       getJSON(box.dataset.statusUrl).then((s) => {
         if (s.visit_status === "confirmed" && (s.status === "paid" || s.status === "refunded")) {
@@ -58,9 +61,9 @@
           error.hidden = false;
           return;
         }
-        delay = Math.min(delay * 1.3, 5000);
         setTimeout(poll, delay);
-      }).catch(() => setTimeout(poll, 5000));
+        delay = Math.min(delay * 1.3, MAX_DELAY);
+      }).catch(() => setTimeout(poll, MAX_DELAY));
     }
     poll();
   }

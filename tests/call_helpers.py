@@ -1,0 +1,107 @@
+"""Seeding for the call tests: a visit written straight into a data dir, and its call tokens."""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from consult import calllinks, calls
+from consult.config import Settings, ensure_secrets, load_settings
+
+
+@dataclass(frozen=True)
+class SeededVisit:
+    id: int
+    public_id: str
+    nonce: str
+    doctor_id: int
+    patient_id: int
+    starts_at: int
+    ends_at: int
+
+
+def seed_visit(
+    db_path: Path,
+    *,
+    doctor_id: int | None = None,
+    patient_id: int | None = None,
+    starts_in_s: float = -60,
+    minutes: int = 15,
+    status: str = "confirmed",
+) -> SeededVisit:
+    """A visit starting `starts_in_s` from now (default: a minute ago), written with sqlite3.
+
+    Without ids: the first doctor with a profile, the first patient and a department of that
+    doctor (what `consult demo` creates). Safe while a server runs (WAL, one short write).
+    """
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        if doctor_id is None:
+            doctor_id = conn.execute("SELECT user_id FROM doctors ORDER BY user_id LIMIT 1").fetchone()[0]
+        if patient_id is None:
+            patient_id = conn.execute(
+                "SELECT id FROM users WHERE role = 'patient' ORDER BY id LIMIT 1"
+            ).fetchone()[0]
+        row = conn.execute(
+            "SELECT department_id FROM doctor_departments WHERE doctor_id = ? LIMIT 1", [doctor_id]
+        ).fetchone()
+        department_id = row[0] if row else conn.execute("SELECT id FROM departments LIMIT 1").fetchone()[0]
+        now = time.time()
+        starts = int(now + starts_in_s)
+        ends = starts + minutes * 60
+        public_id = secrets.token_urlsafe(12)
+        nonce = secrets.token_urlsafe(8)
+        cur = conn.execute(
+            "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at, status,"
+            " fee_minor, currency, created, updated, call_nonce) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            [
+                public_id,
+                patient_id,
+                doctor_id,
+                department_id,
+                starts,
+                ends,
+                status,
+                5000,
+                "CNY",
+                now,
+                now,
+                nonce,
+            ],
+        )
+        return SeededVisit(cur.lastrowid, public_id, nonce, doctor_id, patient_id, starts, ends)
+    finally:
+        conn.close()
+
+
+def keyed_settings(data_dir: Path) -> Settings:
+    """The settings a server on `data_dir` signs with (its generated secrets included)."""
+    return ensure_secrets(load_settings(env={}, data_dir=data_dir, tls=False))
+
+
+def patient_token(
+    settings: Settings, visit: SeededVisit, *, nonce: str | None = None, shift_s: int = 0
+) -> str:
+    return calllinks.make_token(
+        settings,
+        visit.public_id,
+        "patient",
+        nonce or visit.nonce,
+        visit.starts_at + shift_s,
+        visit.ends_at + shift_s,
+    )
+
+
+def host_token(
+    settings: Settings, visit: SeededVisit, *, user_id: int | None = None, now: float | None = None
+) -> str:
+    return calls.make_host_token(
+        settings,
+        visit.public_id,
+        visit.doctor_id if user_id is None else user_id,
+        time.time() if now is None else now,
+    )

@@ -1,0 +1,190 @@
+"""Admin session pages over HTTP: who may see them, the list, one session, the overview, CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from consult import sessionlog
+from consult.app import create_app
+from tests.conftest import login
+from tests.sessionlog_helpers import add_visit, full_call, make_world, read, record, write
+
+ADMIN_ONLY = [
+    "/admin/sessions",
+    "/admin/sessions/overview",
+    "/admin/sessions.csv",
+    "/admin/sessions/{public_id}",
+    "/admin/audit",
+    "/admin/audit/verify",
+    "/metrics",
+]
+
+
+@pytest.fixture
+def world(settings, make_user):
+    w = make_world(settings, make_user)
+    make_user("admin", login="boss", name="Admin")
+    return w
+
+
+@pytest.fixture
+def call(world):
+    t0 = time.time() - 7200
+    visit_id, public_id = write(world.path, lambda db: add_visit(db, world, int(t0)))
+    write(world.path, lambda db: record(db, visit_id, full_call(t0)))
+    return visit_id, public_id
+
+
+@pytest.mark.parametrize("path", ADMIN_ONLY)
+@pytest.mark.parametrize("who", [None, "patient", "doctor"])
+async def test_only_admins_reach_admin_pages(client, world, call, path, who):
+    if who == "patient":
+        await login(client, "13812345678")
+    elif who == "doctor":
+        await login(client, "drwang")
+    resp = await client.get(path.format(public_id=call[1]), allow_redirects=False)
+    if who is None:
+        assert resp.status == 303
+        assert resp.headers["Location"].startswith("/login?next=")
+    else:
+        assert resp.status == 403
+
+
+@pytest.mark.parametrize("path", ADMIN_ONLY)
+async def test_admin_reaches_them(client, world, call, path):
+    await login(client, "boss")
+    resp = await client.get(path.format(public_id=call[1]))
+    assert resp.status == 200, await resp.text()
+
+
+async def test_session_page_shows_timeline_in_order_and_charts(client, world, call):
+    await login(client, "boss")
+    resp = await client.get(f"/admin/sessions/{call[1]}")
+    html = await resp.text()
+    names = re.findall(r'<tr data-event="([a-z_]+)">', html)
+    assert names == [
+        "room_opened",
+        "joined",
+        "waiting",
+        "joined",
+        "admitted",
+        "clock_started",
+        "ice_state",
+        "ice_state",
+        "warning",
+        "ended",
+        "left",
+        "left",
+    ]
+    assert "203.0.113.7" in html  # unmasked by default
+    assert "mobile · iOS 17.2 · WeChat 8.0" in html
+    assert 'data-testid="end-reason">Time limit reached' in html
+    assert "6 quality samples" in html
+    svgs = re.findall(r"<svg.*?</svg>", html, flags=re.S)
+    assert len(svgs) == 4
+    for svg in svgs:
+        ET.fromstring(svg)  # noqa: S314 - our own output
+    assert svgs[0].count("<polyline") == 2  # bitrate from both sides
+
+
+async def test_addresses_masked_when_configured(aiohttp_client, make_settings, world, call):
+    client = await aiohttp_client(create_app(make_settings(mask_addresses=True)))
+    await login(client, "boss")
+    html = await (await client.get(f"/admin/sessions/{call[1]}")).text()
+    assert "203.0.113.7" not in html
+    assert "203.0.113.0/24" in html
+
+
+async def test_list_filters_and_paginates_through_older_links(client, world):
+    base = int(time.time()) - 40 * 86400
+
+    def seed(db):
+        for i in range(120):
+            visit_id, _ = add_visit(db, world, base + i * 3600)
+            sessionlog.apply_event_sync(db, visit_id, "room_opened", None, base + i * 3600, {})
+            reason = "host_ended" if i % 4 else "time_limit"
+            sessionlog.apply_event_sync(db, visit_id, "joined", "guest", base + i * 3600 + 1, {})
+            sessionlog.apply_event_sync(
+                db, visit_id, "clock_started", None, base + i * 3600 + 2, {"started_at": base + i * 3600 + 2}
+            )
+            sessionlog.apply_event_sync(
+                db, visit_id, "ended", None, base + i * 3600 + 600, {"reason": reason}
+            )
+
+    write(world.path, seed)
+    await login(client, "boss")
+    seen: list[str] = []
+    url = "/admin/sessions?end_reason=host_ended"
+    pages = 0
+    while url:
+        html = await (await client.get(url)).text()
+        seen += re.findall(r'<tr data-visit="([^"]+)">', html)
+        m = re.search(r'<a href="([^"]+)" data-testid="older">', html)
+        url = m.group(1).replace("&amp;", "&") if m else None
+        assert url is None or "end_reason=host_ended" in url
+        pages += 1
+    assert pages == 2
+    assert len(seen) == len(set(seen)) == 90
+
+
+async def test_csv_export_streams_all_rows_with_formula_cells_escaped(client, settings, make_user, world):
+    evil = make_user("patient", login="13700000000", name='=HYPERLINK("http://evil","x")')
+    now = int(time.time())
+
+    def seed(db):
+        for i in range(2500):
+            visit_id, _ = add_visit(db, world, now - 86400 * 3 - i * 60, status="no_show")
+            sessionlog.apply_event_sync(db, visit_id, "room_opened", None, now, {})
+        visit_id, _ = add_visit(db, world, now - 86400, patient_id=evil)
+        sessionlog.apply_event_sync(db, visit_id, "room_opened", None, now, {})
+
+    write(world.path, seed)
+    await login(client, "boss")
+    resp = await client.get("/admin/sessions.csv")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/csv")
+    assert "attachment" in resp.headers["Content-Disposition"]
+    body = (await resp.read()).decode("utf-8-sig")
+    rows = list(csv.reader(io.StringIO(body)))
+    assert rows[0][:3] == ["visit", "scheduled_start", "department"]
+    assert len(rows) == 1 + 2501
+    evil_rows = [r for r in rows if "HYPERLINK" in r[4]]
+    assert evil_rows[0][4] == '\'=HYPERLINK("http://evil","x")'
+    # Filtered export: the same filters as the list.
+    resp = await client.get("/admin/sessions.csv?q=13700000000")
+    assert len(list(csv.reader(io.StringIO((await resp.read()).decode("utf-8-sig"))))) == 2
+
+
+async def test_overview_has_charts_and_totals(client, world, call):
+    now = time.time()
+    write(world.path, lambda db: add_visit(db, world, int(now - 5 * 3600)))
+    write(world.path, lambda db: sessionlog.mark_no_shows_sync(db, now))
+    await login(client, "boss")
+    html = await (await client.get("/admin/sessions/overview")).text()
+    svgs = re.findall(r"<svg.*?</svg>", html, flags=re.S)
+    assert len(svgs) == 5
+    for svg in svgs:
+        assert len(ET.fromstring(svg).findall("{http://www.w3.org/2000/svg}rect")) >= 1  # noqa: S314
+    assert "Completed: 1" in html and "No-show: 1" in html
+
+
+async def test_reads_of_session_pages_are_audited(client, world, call):
+    await login(client, "boss")
+    before = read(world.path, "SELECT count(*) AS n FROM audit_log")[0]["n"]
+    await client.get(f"/admin/sessions/{call[1]}")
+    rows = read(world.path, "SELECT * FROM audit_log WHERE id > ?", [before])
+    assert [(r["action"], r["object_id"], r["subject_user_id"]) for r in rows] == [
+        ("session.view", str(call[0]), world.patient_id)
+    ]
+
+
+async def test_admin_home_links_to_sessions_and_audit(client, world):
+    await login(client, "boss")
+    html = await (await client.get("/admin")).text()
+    assert 'href="/admin/sessions"' in html and 'href="/admin/audit"' in html
