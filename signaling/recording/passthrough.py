@@ -1,0 +1,92 @@
+"""The seam through which the recorder takes encoded frames out of aiortc instead of decoding.
+
+`RTCRtpReceiver` reassembles each encoded frame in its jitter buffer (on the event loop) and
+puts `(codec, JitterFrame)` on its decoder input queue; a decoder thread per receiver takes it
+from there and calls `aiortc.rtcrtpreceiver.get_decoder`. Replacing `get_decoder` works, but
+then every frame still crosses to that thread: one GIL hand-off per frame, measured to stall
+the event loop for 100-360 ms and make the kernel drop datagrams from 15 visits up (see
+docs/recording.md). So the recorder taps one step earlier, per receiver instance:
+`attach()` swaps that receiver's decoder queue for a `FrameTap` whose `put()` hands the frame
+to the sink right there on the event loop. The receiver's decoder thread still starts but
+only ever waits for the stop signal, so no decoder is ever created, and nothing global is
+patched: other aiortc peers in the process decode as usual.
+"""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiortc import RTCRtpReceiver
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+
+# Name-mangled attribute of RTCRtpReceiver holding the decoder input queue (aiortc 1.x).
+_QUEUE_ATTR = "_RTCRtpReceiver__decoder_queue"
+
+
+class FrameSink(Protocol):
+    def on_frame(self, codec: RTCRtpCodecParameters, data: bytes, timestamp: int) -> None:
+        """One encoded frame, on the event loop. `timestamp` is in the codec's clock rate,
+        counted from this receiver's first frame (wrap-arounds already unwrapped)."""
+
+
+@dataclass
+class Counters:
+    """Process-wide counts, so that tests and benchmarks can prove the taps carried the media."""
+
+    taps: int = 0
+    frames: int = 0
+
+
+counters = Counters()
+
+
+class FrameTap:
+    """Stands in for the receiver's `queue.Queue`: frames go to the sink, `None` (stop) goes
+    to the idle decoder thread so that it exits when the receiver stops."""
+
+    def __init__(self, sink: FrameSink) -> None:
+        self.sink = sink
+        self._stop: queue.Queue[None] = queue.Queue()
+
+    def put(self, item: tuple[RTCRtpCodecParameters, Any] | None) -> None:
+        if item is None:
+            self._stop.put(None)
+            return
+        codec, frame = item
+        counters.frames += 1
+        self.sink.on_frame(codec, frame.data, frame.timestamp)
+
+    def get(self) -> None:
+        return self._stop.get()
+
+
+def attach(receiver: RTCRtpReceiver, sink: FrameSink) -> None:
+    """Send `receiver`'s encoded frames to `sink` instead of its decoder.
+
+    Must be called before the receiver starts (i.e. before the connection is established),
+    which is when aiortc hands the queue to the decoder thread.
+    """
+    current = getattr(receiver, _QUEUE_ATTR, None)
+    if not isinstance(current, queue.Queue):
+        # Fail loudly rather than silently decoding: aiortc's internals changed.
+        raise RuntimeError("unsupported aiortc version: no decoder queue on RTCRtpReceiver")
+    setattr(receiver, _QUEUE_ATTR, FrameTap(sink))
+    counters.taps += 1
+
+
+def on_first_packet(receiver: RTCRtpReceiver, callback: Any) -> None:
+    """Call `callback()` (on the event loop) when `receiver` gets its first RTP packet.
+
+    The arrival of the first packet anchors the track's RTP clock to the server's clock; the
+    wrapper removes itself so later packets pay nothing.
+    """
+    original = receiver._handle_rtp_packet
+
+    async def first(packet: Any, arrival_time_ms: int) -> None:
+        del receiver._handle_rtp_packet  # back to the class's method
+        callback()
+        await original(packet, arrival_time_ms)
+
+    receiver._handle_rtp_packet = first  # type: ignore[method-assign]

@@ -1,0 +1,336 @@
+"""A visit's recorder: one receive-only aiortc leg per participant, each written to its file.
+
+Each participant's browser opens a second, send-only RTCPeerConnection to the server (see
+docs/recording.md); the call itself stays peer to peer. The server answers with recvonly
+transceivers and never decodes: encoded frames go from aiortc's jitter buffer straight to
+the participant's `ParticipantWriter` (see passthrough.py), and a task of the session hands
+the queued frames to a worker thread for muxing every `DRAIN_S`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
+from aiortc.rtcconfiguration import RTCIceTransportPolicy
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.sdp import candidate_from_sdp
+
+from signaling.recording import passthrough
+from signaling.recording.writer import ParticipantWriter, RecordingFile
+
+log = logging.getLogger(__name__)
+
+ROLE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# VP8 first: every browser sends it and WebM holds it; H.264 only if VP8 is not offered.
+VIDEO_CODECS = ("video/VP8", "video/H264", "video/rtx")
+AUDIO_CODECS = ("audio/opus",)
+_CODEC_NAMES = {"vp8": "vp8", "h264": "h264"}
+# How often queued frames are muxed (in a worker thread): one hand-off per session per tick
+# instead of one per frame. Measured at 25 visits (docs/recording.md): every 0.1 s still
+# stalled the event loop enough for the kernel to drop datagrams; every 0.5 s did not.
+DRAIN_S = 0.5
+# Receive buffer asked for each leg's UDP sockets: ~3 s of a 1.5 Mbit/s leg, so that a pause
+# of the event loop (garbage collection, a burst of new legs) does not make the kernel drop
+# media. The kernel caps it at net.core.rmem_max (docs/recording.md).
+RCVBUF_BYTES = 1 << 20
+
+
+class RecordingError(Exception):
+    """A request the recorder refuses (bad role, closed session, unusable offer)."""
+
+
+def _ice_server(entry: RTCIceServer | Mapping[str, Any]) -> RTCIceServer:
+    if isinstance(entry, RTCIceServer):
+        return entry
+    return RTCIceServer(
+        urls=entry["urls"], username=entry.get("username"), credential=entry.get("credential")
+    )
+
+
+class _TrackSink:
+    def __init__(self, writer: ParticipantWriter, kind: str) -> None:
+        self.writer = writer
+        self.kind = kind
+
+    def on_frame(self, codec: RTCRtpCodecParameters, data: bytes, timestamp: int) -> None:
+        self.writer.write(self.kind, codec.clockRate, data, timestamp)
+
+
+@dataclass
+class _Leg:
+    role: str
+    pc: RTCPeerConnection
+    writer: ParticipantWriter
+    video: RTCRtpReceiver | None = None
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    finished: asyncio.Future[RecordingFile | None] | None = None
+    last_pli: float = 0.0
+    plis: int = 0
+
+
+def _preferences(kind: str, names: Iterable[str]) -> list[Any]:
+    capabilities = RTCRtpReceiver.getCapabilities(kind)
+    assert capabilities is not None
+    return [c for name in names for c in capabilities.codecs if c.mimeType.lower() == name.lower()]
+
+
+class RecordingSession:
+    """Records every participant of one visit room, each to their own file in `directory`.
+
+    `ice_servers` is required on purpose: aiortc's default configuration would contact a
+    public STUN server. Pass `[]` when the server's own addresses are reachable by clients.
+    """
+
+    def __init__(
+        self,
+        directory: Path | str,
+        *,
+        ice_servers: Iterable[RTCIceServer | Mapping[str, Any]],
+        relay_only: bool = False,
+        pli_interval_s: float = 5.0,
+        video_wait_s: float = 3.0,
+        label: str = "",
+    ) -> None:
+        self.directory = Path(directory)
+        self.ice_servers = [_ice_server(s) for s in ice_servers]
+        self.relay_only = relay_only
+        self.pli_interval_s = pli_interval_s
+        self.video_wait_s = video_wait_s
+        self.label = label
+        self.files: list[RecordingFile] = []
+        self._legs: dict[str, _Leg] = {}
+        # Legs that ended on their own (ICE failed) and are being finished in the background.
+        self._finishing: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self._lock = asyncio.Lock()
+        self._drainer: asyncio.Task[None] | None = None
+
+    # ----- public API ------------------------------------------------------------------------
+
+    async def add_participant_offer(self, role: str, sdp: str) -> str:
+        """Accept a participant's send-only offer; return the SDP answer.
+
+        A new offer for a role that already has a leg (the phone reconnected) finishes the old
+        leg's file first; the new leg writes a new file.
+        """
+        if not ROLE_RE.fullmatch(role):
+            raise RecordingError("invalid role")
+        if not isinstance(sdp, str) or not sdp.startswith("v=0"):
+            raise RecordingError("not an SDP offer")
+        async with self._lock:
+            if self._closed:
+                raise RecordingError("recording is closed")
+            old = self._legs.pop(role, None)
+            if old is not None:
+                await self._finish(old)
+            leg = self._new_leg(role)
+            self._legs[role] = leg
+            if self._drainer is None:
+                self._drainer = asyncio.get_running_loop().create_task(self._drain_forever())
+            try:
+                answer = await self._negotiate(leg, sdp)
+            except Exception as exc:
+                self._legs.pop(role, None)
+                await self._finish(leg)
+                raise RecordingError(f"unusable offer: {exc}") from exc
+            return answer
+
+    async def add_ice_candidate(self, role: str, candidate: Mapping[str, Any] | None) -> None:
+        """A trickled browser candidate (`RTCIceCandidate.toJSON()`), or None at the end."""
+        leg = self._legs.get(role)
+        if leg is None:
+            raise RecordingError("no recording leg for this role")
+        if candidate is None or not candidate.get("candidate"):
+            await leg.pc.addIceCandidate(None)
+            return
+        line = str(candidate["candidate"])
+        parsed = candidate_from_sdp(line.split(":", 1)[1] if line.startswith("candidate:") else line)
+        parsed.sdpMid = candidate.get("sdpMid")
+        parsed.sdpMLineIndex = candidate.get("sdpMLineIndex")
+        await leg.pc.addIceCandidate(parsed)
+
+    async def close(self) -> list[RecordingFile]:
+        """Finish every leg; return all files this session wrote (idempotent)."""
+        async with self._lock:
+            self._closed = True
+            legs = list(self._legs.values())
+            self._legs.clear()
+        for leg in legs:
+            await self._finish(leg)
+        if self._finishing:
+            await asyncio.gather(*self._finishing, return_exceptions=True)
+        if self._drainer is not None:
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer
+        return list(self.files)
+
+    def status(self) -> dict[str, Any]:
+        """Live counters per role (for logs and benchmarks)."""
+        return {
+            role: {
+                "connection": leg.pc.connectionState,
+                "plis": leg.plis,
+                "tracks": {k: s.as_dict() for k, s in leg.writer.stats.items()},
+            }
+            for role, leg in self._legs.items()
+        }
+
+    async def _drain_forever(self) -> None:
+        while True:
+            await asyncio.sleep(DRAIN_S)
+            writers = [leg.writer for leg in self._legs.values()]
+            if writers:
+                try:
+                    await asyncio.to_thread(self._drain, writers)
+                except Exception:
+                    log.exception("recording %s: muxing failed", self.label)
+
+    @staticmethod
+    def _drain(writers: list[ParticipantWriter]) -> None:
+        for writer in writers:
+            writer.drain()
+
+    # ----- legs ------------------------------------------------------------------------------
+
+    def _new_leg(self, role: str) -> _Leg:
+        config = RTCConfiguration(
+            iceServers=list(self.ice_servers),
+            iceTransportPolicy=RTCIceTransportPolicy.RELAY if self.relay_only else RTCIceTransportPolicy.ALL,
+        )
+        pc = RTCPeerConnection(configuration=config)
+        # The writer learns the negotiated video codec once the offer is applied.
+        writer = ParticipantWriter(
+            self.directory, role, audio=True, video_codec="vp8", video_wait_s=self.video_wait_s
+        )
+        return _Leg(role=role, pc=pc, writer=writer)
+
+    async def _negotiate(self, leg: _Leg, sdp: str) -> str:
+        pc = leg.pc
+        audio = pc.addTransceiver("audio", direction="recvonly")
+        audio.setCodecPreferences(_preferences("audio", AUDIO_CODECS))
+        video = pc.addTransceiver("video", direction="recvonly")
+        video.setCodecPreferences(_preferences("video", VIDEO_CODECS))
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+
+        leg.writer.expect_audio = self._receiving(audio)
+        video_codec = self._negotiated_codec(video) if self._receiving(video) else None
+        leg.writer.video_codec = video_codec
+        leg.writer.stats["video"].codec = video_codec
+        if not leg.writer.expect_audio and video_codec is None:
+            raise RecordingError("the offer sends neither audio nor video")
+        for transceiver, kind in ((audio, "audio"), (video, "video")):
+            if not self._receiving(transceiver):
+                continue
+            receiver = transceiver.receiver
+            passthrough.attach(receiver, _TrackSink(leg.writer, kind))
+            passthrough.on_first_packet(receiver, lambda k=kind: leg.writer.note_first_packet(k))
+        leg.video = video.receiver if video_codec else None
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            log.info("recording %s/%s: connection %s", self.label, leg.role, pc.connectionState)
+            if pc.connectionState == "failed" and self._legs.get(leg.role) is leg:
+                # No ICE restart in aiortc: the leg ends here; the browser may offer again.
+                self._legs.pop(leg.role, None)
+                task = asyncio.get_running_loop().create_task(self._finish(leg))
+                self._finishing.add(task)
+                task.add_done_callback(self._finishing.discard)
+
+        await pc.setLocalDescription(await pc.createAnswer())
+        self._enlarge_receive_buffers(pc)
+        if leg.video is not None:
+            self._spawn(leg, self._keyframes(leg))
+        return pc.localDescription.sdp
+
+    def _enlarge_receive_buffers(self, pc: RTCPeerConnection) -> None:
+        # Best effort through aioice internals: a smaller buffer is not an error.
+        for transceiver in pc.getTransceivers():
+            try:
+                connection = transceiver.receiver.transport.transport.iceGatherer._connection
+                for protocol in connection._protocols:
+                    sock = protocol.transport.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
+            except (AttributeError, OSError) as exc:
+                log.warning("recording %s: could not enlarge a receive buffer: %s", self.label, exc)
+
+    @staticmethod
+    def _receiving(transceiver: RTCRtpTransceiver) -> bool:
+        # The offer's direction for this m-line, seen from the server (private in aiortc).
+        offered = getattr(transceiver, "_offerDirection", None)
+        return transceiver.mid is not None and offered in ("recvonly", "sendrecv")
+
+    @staticmethod
+    def _negotiated_codec(transceiver: RTCRtpTransceiver) -> str | None:
+        for codec in getattr(transceiver, "_codecs", []):
+            name = _CODEC_NAMES.get(codec.name.lower())
+            if name:
+                return name
+        return None
+
+    def _spawn(self, leg: _Leg, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        leg.tasks.add(task)
+        task.add_done_callback(leg.tasks.discard)
+
+    async def _keyframes(self, leg: _Leg) -> None:
+        """Ask for keyframes: until the first one (the file starts there), then every
+        `pli_interval_s` so that a long recording stays seekable and recovers from damage."""
+        receiver = leg.video
+        assert receiver is not None
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            writer = leg.writer
+            if writer.video_started:
+                last = writer.last_keyframe_at or 0.0
+                due = now - last >= self.pli_interval_s and now - leg.last_pli >= self.pli_interval_s
+            else:
+                due = now - leg.last_pli >= 0.5
+            if not due:
+                continue
+            sources = receiver.getSynchronizationSources()
+            for source in sources:
+                await receiver._send_rtcp_pli(source.source)
+            if sources:
+                leg.last_pli = now
+                leg.plis += 1
+
+    async def _finish(self, leg: _Leg) -> RecordingFile | None:
+        """Close the leg's connection, then its file (idempotent; concurrent callers share it)."""
+        if leg.finished is not None:
+            return await asyncio.shield(leg.finished)
+        leg.finished = asyncio.get_running_loop().create_future()
+        for task in list(leg.tasks):
+            task.cancel()
+        try:
+            # Stops the receivers, which joins their decoder threads: no more writes after.
+            await leg.pc.close()
+        except Exception:
+            log.exception("recording %s/%s: error closing the connection", self.label, leg.role)
+        result: RecordingFile | None = None
+        try:
+            result = await asyncio.to_thread(leg.writer.close)
+        except Exception:
+            log.exception("recording %s/%s: error finishing the file", self.label, leg.role)
+        if result is not None:
+            self.files.append(result)
+        leg.finished.set_result(result)
+        return result
