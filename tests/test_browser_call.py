@@ -176,6 +176,25 @@ async def connect_both(call: Call, patient: Page, doctor: Page, origin: str) -> 
     await asyncio.gather(wait_frames(patient, 20), wait_frames(doctor, 20))
 
 
+async def wait_quality_samples(db, visit_id: int, timeout_s: float) -> list[tuple[str, int, int, int]]:
+    """The visit's quality_samples rows (role, fps, bitrate_kbps, width) once both sides have
+    one with frames per second, bitrate and resolution all above zero."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        conn = sqlite3.connect(db)
+        rows = conn.execute(
+            "SELECT role, coalesce(fps, 0), coalesce(bitrate_kbps, 0), coalesce(width, 0)"
+            " FROM quality_samples WHERE visit_id = ? ORDER BY t",
+            [visit_id],
+        ).fetchall()
+        conn.close()
+        good = {role for role, fps, kbps, width in rows if fps > 0 and kbps > 0 and width > 0}
+        if good >= {"patient", "doctor"}:
+            return rows
+        assert time.monotonic() < deadline, f"no quality sample with video from both sides: {rows}"
+        await asyncio.sleep(0.5)
+
+
 async def test_patient_waits_doctor_admits_both_decode_video(
     consult_server: ConsultServer, app_origin: str, patient_page: Page, doctor_page: Page, pages: PageRecorder
 ) -> None:
@@ -226,6 +245,10 @@ async def test_patient_waits_doctor_admits_both_decode_video(
         sample = json.loads(next(d for n, r, d in found if n == "stats" and r == "guest"))["sample"]
         assert sample["frameWidth"] > 0 and "framesPerSecond" in sample and "freezeCount" in sample, sample
         assert any(json.loads(d).get("pair_type") == "host" for n, _, d in found if n == "ice_state")
+        # ... which the server folds into quality_samples (issue 6): both sides, with video
+        # flowing. Pages sample every 5 s and a bitrate needs two readings: bounded poll.
+        samples = await wait_quality_samples(db, call.visit.id, timeout_s=15)
+        print("quality samples (role, fps, kbps, width):", samples)
         assert_only_local_requests(pages, app_origin)
 
         # The doctor ends the visit; the patient's page says so.

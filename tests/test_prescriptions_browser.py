@@ -17,15 +17,21 @@ from tests.harness.server import ConsultServer
 pytestmark = pytest.mark.browser
 WAIT_MS = 20_000
 DOCTOR, PASSWORD = "dr.wang", "Browser-rx-pass-2024"
+PATIENT_PASSWORD = "Browser-rx-patient-2024"
 
 
-def prepare(server: ConsultServer, tmp_dir) -> tuple[str, str]:
+def prepare(server: ConsultServer, tmp_dir) -> tuple[str, str, str]:
+    """A visit of dr.wang with the demo patient: (public id, room URL, the patient's phone)."""
     server.cli("user", "passwd", DOCTOR, "--password", PASSWORD)
     conn = sqlite3.connect(server.data_dir / "consult.db")
     doctor_id = conn.execute("SELECT id FROM users WHERE username = ?", [DOCTOR]).fetchone()[0]
     conn.close()
     visit = seed_visit(server.data_dir / "consult.db", doctor_id=doctor_id)
-    return visit.public_id, server.url(f"/doctor/visits/{visit.public_id}/room")
+    conn = sqlite3.connect(server.data_dir / "consult.db")
+    phone = conn.execute("SELECT phone FROM users WHERE id = ?", [visit.patient_id]).fetchone()[0]
+    conn.close()
+    server.cli("user", "passwd", phone, "--password", PATIENT_PASSWORD)
+    return visit.public_id, server.url(f"/doctor/visits/{visit.public_id}/room"), phone
 
 
 async def sign_in(page: Page, origin: str, login: str, password: str) -> None:
@@ -38,10 +44,15 @@ async def sign_in(page: Page, origin: str, login: str, password: str) -> None:
 
 
 async def test_doctor_writes_notes_and_issues_a_prescription_that_verifies(
-    consult_server: ConsultServer, app_origin: str, doctor_page: Page, pages: PageRecorder, tmp_path
+    consult_server: ConsultServer,
+    app_origin: str,
+    doctor_page: Page,
+    patient_page: Page,
+    pages: PageRecorder,
+    tmp_path,
 ) -> None:
     async with asyncio.timeout(120):
-        public_id, room_url = await asyncio.to_thread(prepare, consult_server, tmp_path)
+        public_id, room_url, patient_phone = await asyncio.to_thread(prepare, consult_server, tmp_path)
         page = doctor_page
         await sign_in(page, app_origin, DOCTOR, PASSWORD)
         await page.goto(room_url)
@@ -102,11 +113,30 @@ async def test_doctor_writes_notes_and_issues_a_prescription_that_verifies(
         resp = await page.request.get(app_origin + f"/api/visits/{public_id}/prescriptions")
         assert (await resp.json())["advice"] == "Rest and drink warm water."
 
-        # A pharmacy chooses the file on the verification page; rx.js reads it into the form.
+        # The patient, signed in on the phone, finds it on the visit page with the advice ...
+        phone = patient_page
+        await sign_in(phone, app_origin, patient_phone, PATIENT_PASSWORD)
+        await phone.goto(app_origin + f"/visits/{public_id}")
+        mine = phone.get_by_test_id("rx-list").get_by_test_id("rx-item")
+        await expect(mine).to_have_count(1, timeout=WAIT_MS)
+        assert await mine.get_attribute("data-number") == number
+        await expect(mine).to_contain_text("Amoxicillin · 500 mg · 1 capsule · 3 times a day")
+        await expect(mine).to_contain_text("布洛芬")
+        await expect(phone.get_by_test_id("rx-advice")).to_have_text("Rest and drink warm water.")
+        # ... downloads the signed file there, and it verifies with the hospital's key.
+        async with phone.expect_download() as download_info:
+            await mine.locator("a[download]").click()
+        download = await download_info.value
+        path = tmp_path / f"{number}.json"
+        await download.save_as(path)
+        assert path.read_bytes() == signed  # the same signed document the doctor printed
+        result = await asyncio.to_thread(consult_server.cli, "verify", str(path))
+        assert result.stdout.startswith("VALID"), result.stdout
+        assert number in result.stdout
+
+        # A pharmacy chooses that file on the verification page; rx.js reads it into the form.
         await page.context.clear_cookies()
         await page.goto(app_origin + "/verify")
-        path = tmp_path / f"{number}.json"
-        path.write_bytes(signed)
         await page.get_by_test_id("rx-verify-file").set_input_files(str(path))
         await expect(page.get_by_test_id("rx-verify-text")).not_to_have_value("", timeout=WAIT_MS)
         await page.get_by_test_id("rx-verify-submit").click()

@@ -1,0 +1,293 @@
+"""Benchmark: time from opening the patient's call link to the first decoded remote frame.
+
+Setup (once): a real Consult server process (`init` + `demo` in a temporary data dir) and
+headless Debian Chromium, everything inside a private network namespace that this script
+enters itself (as tests/netns.py does for the test run: loopback plus a bridge with 10.99.0.1;
+needs root). The doctor signs in through the login page.
+
+Each run seeds a fresh confirmed visit (as the browser tests do), the doctor opens its consult
+room and auto-admits (an init script clicks "Admit" as soon as it shows), then a fresh phone
+context (cold cache, no cookies) opens the signed patient link. The patient taps "Join" as soon
+as the page can take it (its signaling client exists); the rest is the product's own flow.
+
+In the patient's page, an init script records `performance.now()` (milliseconds since the
+navigation started) at:
+  - `frame`: the first `requestVideoFrameCallback` of the remote video element: the first
+    remote frame decoded and presented. This is the measured join time.
+  - `decoded`: the first `getStats()` reading (polled every 20 ms) with `framesDecoded > 0`
+    on the inbound video: a cross-check.
+  - `connected`: `RTCPeerConnection.connectionState == "connected"`.
+  - `tap`, `stage`, `seen`: the tap on "Join", the call screen shown, the first remote frame
+    presented while the call screen shows. The doctor admits as soon as the patient's socket
+    is in, so media usually flows while the patient is still on the pre-call check; `seen`
+    then mostly measures how soon the (automated) tap came, not the product.
+The breakdown of each run is printed on stderr.
+
+Warm-up runs (default 1) are not counted: the first run also pays for the server's template
+compilation and Chromium's first media pipeline. The last line of stdout is one JSON object:
+`join_ms_median`, `join_ms_p90`, `runs`, plus medians of the breakdown. Target: < 1500 ms.
+
+    .venv/bin/python bench/join.py                 # 10 runs
+    .venv/bin/python bench/join.py --runs 20 --warmup 2 --keep
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DOCTOR = "dr.wang"
+PASSWORD = "Bench-join-pass-2024"
+WAIT_MS = 20_000
+
+# Patient page: milestones in performance.now() (ms since the navigation started).
+PATIENT_PROBE_JS = """
+(() => {
+  const marks = (window.__joinMarks = {});
+  const mark = (name) => { if (marks[name] === undefined) marks[name] = performance.now(); };
+  document.addEventListener("click", (event) => {
+    if (event.target.closest && event.target.closest("[data-action=join]")) mark("tap");
+  }, true);
+  let hooked = null;
+  let statsBusy = false;
+  let lastStats = 0;
+  const tick = () => {
+    const video = document.querySelector("[data-remote-video]");
+    if (video && video !== hooked && "requestVideoFrameCallback" in video) {
+      hooked = video;
+      const onFrame = (now, meta) => {
+        mark("frame");
+        if (marks.frameSize === undefined) marks.frameSize = meta.width + "x" + meta.height;
+        const shown = document.querySelector("[data-screen=call]");
+        if (shown && !shown.hidden) mark("seen");
+        else video.requestVideoFrameCallback(onFrame);
+      };
+      video.requestVideoFrameCallback(onFrame);
+    }
+    const stage = document.querySelector("[data-screen=call]");
+    if (stage && !stage.hidden) mark("stage");
+    const pc = window.__consultPc;
+    if (pc) {
+      mark("pc");
+      if (pc.connectionState === "connected") mark("connected");
+      const now = performance.now();
+      if (marks.decoded === undefined && !statsBusy && now - lastStats >= 20) {
+        statsBusy = true;
+        lastStats = now;
+        pc.getStats().then((report) => {
+          report.forEach((s) => {
+            if (s.type === "inbound-rtp" && s.kind === "video" && s.framesDecoded > 0) mark("decoded");
+          });
+        }).catch(() => {}).finally(() => { statsBusy = false; });
+      }
+    }
+    if (marks.seen === undefined || marks.decoded === undefined) setTimeout(tick, 4);
+  };
+  tick();
+})();
+"""
+
+# Doctor page: admit the patient as soon as the button shows.
+AUTO_ADMIT_JS = """
+(() => {
+  const tick = () => {
+    const button = document.querySelector("[data-action=admit]");
+    if (button && !button.hidden) button.click();
+    setTimeout(tick, 5);
+  };
+  tick();
+})();
+"""
+
+
+def log(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def prepare_server(server: Any) -> int:
+    server.cli("user", "passwd", DOCTOR, "--password", PASSWORD)
+    conn = sqlite3.connect(server.data_dir / "consult.db")
+    try:
+        return conn.execute("SELECT id FROM users WHERE username = ?", [DOCTOR]).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def new_visit(server: Any, doctor_id: int) -> tuple[str, str]:
+    """A confirmed visit starting now: (patient link, consult room URL)."""
+    from tests.call_helpers import keyed_settings, patient_token, seed_visit
+
+    # One visit per doctor and start second (UNIQUE): runs can come faster than that.
+    for back in range(60, 120):
+        try:
+            visit = seed_visit(server.data_dir / "consult.db", doctor_id=doctor_id, starts_in_s=-back)
+            break
+        except sqlite3.IntegrityError:
+            continue
+    else:
+        raise RuntimeError("no free start second for a new visit")
+    token = patient_token(keyed_settings(server.data_dir), visit)
+    return server.url(f"/call/{token}"), server.url(f"/doctor/visits/{visit.public_id}/room")
+
+
+async def sign_in_doctor(page: Any, origin: str) -> None:
+    await page.goto(origin + "/login")
+    form = page.locator("main form[action='/login']")
+    await form.locator("input[name=identifier]").fill(DOCTOR)
+    await form.locator("input[name=password]").fill(PASSWORD)
+    await form.locator("button[type=submit]").click()
+    await page.wait_for_url(origin + "/doctor", timeout=WAIT_MS)
+
+
+async def one_run(browser: Any, doctor: Any, server: Any, doctor_id: int, timeout_s: float) -> dict:
+    from tests.harness.browser import MEDIA_PERMISSIONS, PATIENT_CONTEXT
+
+    patient_url, room_url = await asyncio.to_thread(new_visit, server, doctor_id)
+    await doctor.goto(room_url)
+    # The doctor is in the room (signaling open, nobody there yet).
+    await doctor.locator("[data-testid=call-status][data-state=waiting_patient]").wait_for(timeout=WAIT_MS)
+
+    context = await browser.new_context(permissions=MEDIA_PERMISSIONS, **PATIENT_CONTEXT)
+    try:
+        context.set_default_timeout(WAIT_MS)
+        await context.add_init_script(PATIENT_PROBE_JS)
+        page = await context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        wall0 = time.monotonic()
+        await page.goto(patient_url, wait_until="commit")
+        # Tap "Join" (a real touch: it also unlocks playback) once the page can handle it.
+        await page.wait_for_function("() => !!window.__consultSignaling", polling=5, timeout=WAIT_MS)
+        await page.get_by_test_id("join").tap()
+        await page.wait_for_function(
+            "() => ['frame', 'decoded', 'seen'].every((k) => window.__joinMarks[k] !== undefined)",
+            polling=10,
+            timeout=timeout_s * 1000,
+        )
+        wall_ms = (time.monotonic() - wall0) * 1000
+        marks = await page.evaluate("window.__joinMarks")
+        if errors:
+            log("patient page errors:", errors)
+        marks["wall"] = wall_ms
+        return marks
+    finally:
+        await context.close()
+
+
+async def bench(args: argparse.Namespace, work: Path) -> dict:
+    from playwright.async_api import async_playwright
+
+    from tests.harness.browser import DOCTOR_CONTEXT, MEDIA_PERMISSIONS, launch_chromium
+    from tests.harness.server import ConsultServer
+
+    server = ConsultServer(work / "data", log_dir=work, env={"CONSULT_DEFAULT_LOCALE": "en"})
+    await asyncio.to_thread(server.init, demo=True)
+    await server.astart()
+    try:
+        doctor_id = await asyncio.to_thread(prepare_server, server)
+        async with async_playwright() as pw:
+            browser = await launch_chromium(pw, [server.origin])
+            try:
+                doctor_context = await browser.new_context(permissions=MEDIA_PERMISSIONS, **DOCTOR_CONTEXT)
+                doctor_context.set_default_timeout(WAIT_MS)
+                await doctor_context.add_init_script(AUTO_ADMIT_JS)
+                doctor = await doctor_context.new_page()
+                await sign_in_doctor(doctor, server.origin)
+                results: list[dict] = []
+                for i in range(args.warmup + args.runs):
+                    marks = await one_run(browser, doctor, server, doctor_id, args.timeout)
+                    counted = i >= args.warmup
+                    if counted:
+                        results.append(marks)
+                    log(
+                        f"{'run' if counted else 'warm-up'} {i + 1 - (args.warmup if counted else 0)}: "
+                        + ", ".join(
+                            f"{k} {marks[k]:.0f}"
+                            for k in ("pc", "connected", "decoded", "frame", "tap", "stage", "seen", "wall")
+                            if isinstance(marks.get(k), int | float)
+                        )
+                        + f" ms ({marks.get('frameSize')})"
+                    )
+            finally:
+                await browser.close()
+    finally:
+        server.stop()
+
+    frames = [r["frame"] for r in results]
+    out: dict[str, Any] = {
+        "join_ms_median": round(statistics.median(frames), 1),
+        "join_ms_p90": round(percentile(frames, 90), 1),
+        "join_ms_min": round(min(frames), 1),
+        "join_ms_max": round(max(frames), 1),
+        "runs": len(results),
+    }
+    for key in ("connected", "decoded", "tap", "stage", "seen", "wall"):
+        values = [r[key] for r in results if isinstance(r.get(key), int | float)]
+        if values:
+            out[f"{key}_ms_median"] = round(statistics.median(values), 1)
+    out["target_ms"] = 1500
+    out["meets_target"] = out["join_ms_median"] < 1500
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=10, help="measured runs (default 10)")
+    parser.add_argument("--warmup", type=int, default=1, help="uncounted runs first (default 1)")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds one run may take to its first frame (default 30)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (server logs, data dir)")
+    args = parser.parse_args()
+    if args.runs < 1 or args.warmup < 0:
+        parser.error("--runs must be >= 1 and --warmup >= 0")
+
+    from tests.netns import enter_private_netns
+
+    try:
+        enter_private_netns()  # before any thread: the server and Chromium inherit the namespace
+    except RuntimeError as e:
+        parser.exit(2, f"{parser.prog}: {e}\n")
+
+    work = Path(tempfile.mkdtemp(prefix="consult-bench-join-"))
+    try:
+        result = asyncio.run(bench(args, work))
+    except BaseException:
+        log(f"server logs: {work}")
+        args.keep = True
+        raise
+    finally:
+        if args.keep:
+            log(f"work dir kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
