@@ -50,6 +50,9 @@ async def patient_home(request: web.Request) -> web.Response:
         ).fetchall()
     )
     visits = [_effective(booking.visit_view(dict(r), locale), now) for r in rows]
+    extras = await _patient_extras(request, user.id)
+    for v in visits:
+        v.update(extras.get(v["id"], {"reports": 0, "receipt": None, "prescriptions": []}))
     upcoming = [v for v in visits if v["status"] in booking.OPEN_STATUSES and v["ends_at"] > now]
     upcoming.reverse()  # soonest first
     past = [v for v in visits if v not in upcoming]
@@ -57,6 +60,36 @@ async def patient_home(request: web.Request) -> web.Response:
     return aiohttp_jinja2.render_template(
         "patient_home.html", request, {"me": user, "upcoming": upcoming, "past": past}
     )
+
+
+async def _patient_extras(request: web.Request, patient_id: int) -> dict[int, dict]:
+    """Per visit: how many reports, the paid order (for its receipt), the prescriptions."""
+
+    def read(db) -> dict[int, dict]:
+        out: dict[int, dict] = {}
+
+        def slot(visit_id: int) -> dict:
+            return out.setdefault(visit_id, {"reports": 0, "receipt": None, "prescriptions": []})
+
+        for r in db.execute(
+            "SELECT r.visit_id, count(*) FROM reports r JOIN visits v ON v.id = r.visit_id"
+            " WHERE v.patient_id = ? GROUP BY r.visit_id",
+            [patient_id],
+        ):
+            slot(r[0])["reports"] = r[1]
+        for r in db.execute(
+            "SELECT p.visit_id, p.order_id, p.status FROM payments p JOIN visits v ON v.id = p.visit_id"
+            " WHERE v.patient_id = ? AND p.status IN ('paid', 'refunded') ORDER BY p.id",
+            [patient_id],
+        ):
+            slot(r[0])["receipt"] = {"order_id": r[1], "status": r[2]}
+        for r in db.execute(
+            "SELECT visit_id, number FROM prescriptions WHERE patient_id = ? ORDER BY id", [patient_id]
+        ):
+            slot(r[0])["prescriptions"].append(r[1])
+        return out
+
+    return await request.app[keys.DB].execute_fn(read)
 
 
 async def doctor_home(request: web.Request) -> web.Response:
