@@ -17,12 +17,13 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 from aiohttp import web
 
-from consult import calllinks, keys, sessionlog
+from consult import calllinks, keys, metrics, recordings, sessionlog
 from consult.config import Settings
 from consult.db import Database
 from consult.i18n import _
@@ -107,6 +108,7 @@ class ConsultPolicy:
         self.settings = settings
         self.clock = clock
         self.db: Database | None = None  # set when the app's database opens
+        self.app: web.Application | None = None  # for metrics; set by setup_calls
         self._visit_ids: dict[str, int] = {}
         # The last client seen per seat: `joined` events carry its user agent into the log.
         self._peers: dict[tuple[str, str], PeerInfo] = {}
@@ -151,6 +153,16 @@ class ConsultPolicy:
         self._visit_ids[room_id] = visit["id"]
         if len(self._visit_ids) > _VISIT_IDS_MAX:
             self._visit_ids.pop(next(iter(self._visit_ids)))
+        terms = await self._database().execute_fn(
+            lambda db: recordings.terms_sync(db, visit["id"], self.settings.recording_policy)
+        )
+        side = recordings.ROLE_OF_SEAT[role]
+        if not terms.may_join(side):
+            # The pages ask before connecting; this is the server's own check.
+            raise Refused(
+                "recording_consent",
+                _("This visit is recorded. It can take place only if you agree to the recording."),
+            )
         self._peers[(room_id, role)] = peer
         early = DOCTOR_EARLY_S if role == "host" else calllinks.EARLY_S
         return Admission(
@@ -161,7 +173,7 @@ class ConsultPolicy:
             not_after=visit["ends_at"] + calllinks.LATE_S,
             duration_s=visit_length_s(self.settings, visit["visit_minutes"]),
             warning_s=self.settings.warning_minutes * 60,
-            recording=False,
+            recording=terms.records(side),
             # Only an opaque id reaches coturn's logs (TURN REST username), never a name.
             user_id=f"d{visit['doctor_id']}" if role == "host" else f"p{visit['patient_id']}",
         )
@@ -231,6 +243,15 @@ class ConsultPolicy:
         if visit_id is None:
             return
         data = self._event_data(event)
+        files: list[dict[str, Any]] = []
+        data_dir = self.settings.data_dir
+        if event.name == "recording_stopped":
+            files = list(data.get("files") or [])
+            # The log keeps file names, not the server's absolute paths.
+            data["files"] = [
+                {k: v for k, v in f.items() if k != "path"} | {"name": Path(str(f.get("path"))).name}
+                for f in files
+            ]
         encoded = json.dumps(data, ensure_ascii=False, default=str)
         tz = self.settings.timezone
         if event.name == "ended":
@@ -242,6 +263,8 @@ class ConsultPolicy:
                 "INSERT INTO session_events (visit_id, created, name, role, data) VALUES (?, ?, ?, ?, ?)",
                 [visit_id, event.created, event.name, event.role, encoded],
             )
+            if files:
+                stored_bytes.append(recordings.store_files_sync(db, data_dir, visit_id, files, event.created))
             if event.name == "ended":
                 db.execute(
                     "UPDATE visits SET status = 'completed', updated = ?"
@@ -257,7 +280,10 @@ class ConsultPolicy:
                 db.execute("ROLLBACK TO summary")
             db.execute("RELEASE summary")
 
+        stored_bytes: list[int] = []
         await self._database().execute_write_fn(write)
+        if stored_bytes and self.app is not None:
+            metrics.count(self.app, "recording_bytes", sum(stored_bytes))
 
 
 # -- wiring -----------------------------------------------------------------------------------
@@ -279,12 +305,26 @@ def setup_calls(app: web.Application) -> None:
     """Mount `/ws/rooms/{room_id}` with our policy; call after the database context is set up."""
     settings = app[keys.SETTINGS]
     policy = ConsultPolicy(settings)
-    server = SignalingServer(policy, signaling_config(settings))
+    policy.app = app
+    data_dir = settings.data_dir
+    server = SignalingServer(
+        policy,
+        signaling_config(settings),
+        recording_dir=lambda room_id: recordings.room_dir(data_dir, room_id),
+    )
     app[POLICY] = policy
     app[SIGNALING] = server
 
     async def attach_database(app: web.Application) -> AsyncIterator[None]:
         policy.db = app[keys.DB]
+        # Files of visits recorded when the server died: rows (complete = 0) before any room
+        # opens, with size, hash and duration read from the partial files.
+        try:
+            found = await policy.db.execute_write_fn(lambda db: recordings.recover_sync(db, data_dir))
+            if found:
+                log.warning("recordings interrupted by a crash, recovered: %s", ", ".join(found))
+        except Exception:
+            log.exception("could not recover interrupted recordings")
         yield
 
     # Before the server's own context: its teardown flushes events into the still-open database.

@@ -272,6 +272,31 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_recordings_purge(args: argparse.Namespace) -> int:
+    import time
+
+    from consult import recordings
+    from consult.db import Database
+
+    settings = _settings(args)
+    path = settings.data_dir / "consult.db"
+    if not path.exists():
+        raise CLIError(f"no database at {path}")
+    days = settings.recording_retention_days if args.older_than_days is None else args.older_than_days
+    if days < 0:
+        raise CLIError("--older-than-days must be 0 or more")
+    if days == 0 and args.older_than_days is None:
+        print("recording_retention_days is 0: recordings are kept forever; nothing deleted.")
+        return 0
+    found = recordings.purge(Database(path), settings.data_dir, days, dry_run=args.dry_run, now=time.time())
+    verb = "Would delete" if args.dry_run else "Deleted"
+    for item in found:
+        print(f"{verb} recording {item['id']} (visit {item['visit_id']}, {item['role']}): {item['path']}")
+    total = sum(item["size"] or 0 for item in found)
+    print(f"{verb} {len(found)} recordings older than {days:g} days, {total} bytes.")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from consult import signing
 
@@ -399,6 +424,17 @@ def build_parser() -> argparse.ArgumentParser:
     asub = s.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     v = asub.add_parser("verify", help="check the hash chain of the audit trail")
     v.set_defaults(func=cmd_audit_verify)
+
+    s = sub.add_parser("recordings", help="visit recordings")
+    rsub = s.add_subparsers(dest="recordings_command", metavar="ACTION", required=True)
+    rp = rsub.add_parser("purge", help="delete recordings older than the retention (each deletion audited)")
+    rp.add_argument(
+        "--older-than-days",
+        type=float,
+        help="delete recordings created more than this many days ago (default: recording_retention_days)",
+    )
+    rp.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    rp.set_defaults(func=cmd_recordings_purge)
 
     s = sub.add_parser("verify", help="check a downloaded prescription file's signature (exit 1 if invalid)")
     s.add_argument("file", help="the signed prescription file (RX-....json), or - for standard input")

@@ -73,6 +73,14 @@ class Settings:
     turn_secret: str = setting("", "Shared secret with coturn (use-auth-secret).", secret=True)
     turn_realm: str = setting("consult", "TURN realm.")
     ice_transport_policy: str = setting("all", "all, or relay to force every call through TURN.")
+    recording_policy: str = setting(
+        "off",
+        "Record visits: off, on_request (if both consent) or always (a visit is held only if both"
+        " consent). Departments and doctors may override it.",
+    )
+    recording_retention_days: int = setting(
+        3650, "`consult recordings purge` deletes recordings older than this many days (0: never)."
+    )
     mask_addresses: bool = setting(False, "Store only the network part of client addresses in logs.")
     log_json: bool = setting(False, "Write structured JSON log lines.")
     metrics_allow: tuple[str, ...] = setting(
@@ -160,6 +168,8 @@ def load_settings(
     settings = Settings(**values)
     if settings.ice_transport_policy not in {"all", "relay"}:
         raise ConfigError("ice_transport_policy must be 'all' or 'relay'")
+    if settings.recording_policy not in {"off", "on_request", "always"}:
+        raise ConfigError("recording_policy must be 'off', 'on_request' or 'always'")
     if settings.payment_provider not in {"simulator", "cashier"}:
         raise ConfigError("payment_provider must be 'simulator' or 'cashier'")
     return settings

@@ -418,3 +418,42 @@ def m0005_rooms(db: sqlite_utils.Database) -> None:
         CREATE INDEX session_events_visit ON session_events(visit_id, created);
         """,
     )
+
+
+@migration("0008_recordings")
+def m0008_recordings(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- Recording policy overrides (NULL: inherit; see consult.recordings.effective_policy).
+        ALTER TABLE departments ADD COLUMN recording_policy TEXT
+            CHECK (recording_policy IS NULL OR recording_policy IN ('off', 'on_request', 'always'));
+        ALTER TABLE doctors ADD COLUMN recording_policy TEXT
+            CHECK (recording_policy IS NULL OR recording_policy IN ('off', 'on_request', 'always'));
+        -- The visit's policy, fixed when the first consent answer is stored (later changes of
+        -- the settings do not flip a visit in progress), and each side's answer: 1 yes, 0 no.
+        ALTER TABLE visits ADD COLUMN recording TEXT
+            CHECK (recording IS NULL OR recording IN ('off', 'on_request', 'always'));
+        ALTER TABLE visits ADD COLUMN recording_consent_patient INTEGER
+            CHECK (recording_consent_patient IS NULL OR recording_consent_patient IN (0, 1));
+        ALTER TABLE visits ADD COLUMN recording_consent_doctor INTEGER
+            CHECK (recording_consent_doctor IS NULL OR recording_consent_doctor IN (0, 1));
+        -- One row per recorded file (one per participant leg). complete = 0: found on disk after
+        -- a crash (size, hash and duration computed from the partial file at start-up).
+        CREATE TABLE recordings (
+            id INTEGER PRIMARY KEY,
+            visit_id INTEGER NOT NULL REFERENCES visits(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('patient', 'doctor')),
+            path TEXT NOT NULL UNIQUE,                -- relative to the data directory
+            tracks TEXT NOT NULL DEFAULT '[]',        -- JSON, signaling.recording's track stats
+            started_at REAL,
+            duration_s REAL,
+            size INTEGER,
+            sha256 TEXT,
+            created REAL NOT NULL,
+            complete INTEGER NOT NULL DEFAULT 0 CHECK (complete IN (0, 1))
+        );
+        CREATE INDEX recordings_visit ON recordings(visit_id, id);
+        CREATE INDEX recordings_created ON recordings(created);
+        """,
+    )

@@ -31,6 +31,8 @@ EVENT_NAMES: frozenset[str] = frozenset(
         "stats",
         "chat",
         "error",
+        "recording_started",
+        "recording_stopped",
     }
 )
 
@@ -54,6 +56,9 @@ class Admission:
     not_after: float  # ... until (a running visit may still be rejoined after it)
     duration_s: float  # visit length, counted from when both are first present
     warning_s: float  # warn this many seconds before the end
+    # True when this participant's side of the visit is to be recorded (the application has
+    # this participant's consent and the other side has not declined). The room records only
+    # while both seated participants' admissions say so (docs/protocol.md, "Recording").
     recording: bool = False
     user_id: str = ""  # stable id used in the TURN REST username
 

@@ -33,6 +33,9 @@ _SCHEMA: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     },
     "ice_restart": {},
     "stats": {"sample": ((dict,), True)},
+    # The recording leg (docs/recording.md): a send-only connection to the server.
+    "record_offer": {"sdp": ((str,), True)},
+    "record_candidate": {"candidate": ((dict, type(None)), True)},
 }
 CLIENT_TYPES: Final = frozenset(_SCHEMA)
 
@@ -58,6 +61,9 @@ ERROR_CODES: Final = frozenset(
         "peer_absent",
         "forbidden",
         "internal",
+        "recording_off",
+        "not_admitted",
+        "recording_failed",
     }
 )
 
@@ -107,4 +113,6 @@ def parse(text: str) -> dict[str, Any]:
         pair_type = message.get("pair_type")
         if pair_type is not None and pair_type not in PAIR_TYPES:
             raise ProtocolError("bad_field", "pair_type must be host, srflx, prflx or relay.")
+    if kind == "record_offer" and not message["sdp"].startswith("v=0"):
+        raise ProtocolError("bad_field", "record_offer needs an SDP offer.")
     return message

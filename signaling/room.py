@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from signaling.config import SignalingConfig
 from signaling.connection import (
@@ -24,7 +25,13 @@ from signaling.ice import ice_servers
 from signaling.policy import Admission, Role, RoomEvent, RoomPolicy, RoomState
 from signaling.protocol import PROTOCOL_VERSION
 
+if TYPE_CHECKING:
+    from signaling.recording import RecordingSession
+
 log = logging.getLogger(__name__)
+
+# Where a room's recordings go; None: this server does not record (record_offer is refused).
+RecordingDir = Callable[[str], Path]
 
 JoinResult = Literal["joined", "refused", "gone"]
 _OTHER: dict[str, Role] = {"host": "guest", "guest": "host"}
@@ -40,8 +47,10 @@ class Room:
         emit: Callable[[RoomEvent], None],
         clock: Callable[[], float],
         on_idle: Callable[[Room], None],
+        recording_dir: RecordingDir | None = None,
     ) -> None:
         self.room_id = room_id
+        self.recording_dir = recording_dir
         self.policy = policy
         self.config = config
         self._emit_event = emit
@@ -61,6 +70,10 @@ class Room:
         self._warned = False
         # True once the room has left the server's registry; a join then has to retry.
         self.discarded = False
+        # The visit's recorder (signaling.recording), created on the first record_offer.
+        self._recorder: RecordingSession | None = None
+        self._recording_announced = False
+        self._recorded_roles: set[str] = set()
 
     # ----- state -------------------------------------------------------------------------
 
@@ -214,6 +227,7 @@ class Room:
                 self._ensure_timer()
             else:
                 await self._maybe_start_clock()
+            self._announce_recording(conn)
             return "joined"
 
     async def leave(self, conn: Connection, reason: str) -> None:
@@ -259,6 +273,7 @@ class Room:
             assert host_info is not None
             guest.send({"type": "peer_joined", **host_info, "admitted": True, "reconnected": False})
             await self._maybe_start_clock()
+            self._announce_recording()
 
     async def _maybe_start_clock(self) -> None:
         host, guest = self.slots["host"], self.slots["guest"]
@@ -341,8 +356,88 @@ class Room:
             self._emit("ice_restart", role)
         elif kind == "stats":
             self._emit("stats", role, sample=message["sample"])
+        elif kind == "record_offer":
+            await self._record_offer(conn, role, message["sdp"])
+        elif kind == "record_candidate":
+            await self._record_candidate(conn, role, message["candidate"])
         elif kind == "hello":
             self._error(conn, "duplicate_hello", "hello was already received.")
+
+    # ----- recording -------------------------------------------------------------------------
+
+    @property
+    def recording_active(self) -> bool:
+        """Both participants are seated, admitted, and both admissions allow recording.
+
+        Each admission says whether the application has that participant's consent (and no
+        refusal from the other side); the room records only when both say so, so that one
+        side's consent never records a visit the other side declined.
+        """
+        if self.recording_dir is None or self.ended or not self.admitted:
+            return False
+        host, guest = self.slots["host"], self.slots["guest"]
+        return all(c is not None and c.admission is not None and c.admission.recording for c in (host, guest))
+
+    def _announce_recording(self, conn: Connection | None = None) -> None:
+        """Tell clients to open their recording legs: both when recording becomes possible,
+        then each (re)joining client. Recording never switches off mid-visit on its own."""
+        if not self.recording_active:
+            return
+        if not self._recording_announced:
+            self._recording_announced = True
+            targets = [c for c in self.slots.values() if c is not None]
+        else:
+            targets = [conn] if conn is not None else []
+        for c in targets:
+            c.send({"type": "recording", "active": True})
+
+    async def _record_offer(self, conn: Connection, role: Role, sdp: str) -> None:
+        from signaling.recording import RecordingError, RecordingSession
+
+        if role == "guest" and not self.admitted:
+            self._error(conn, "not_admitted", "Recording starts once the patient is admitted.")
+            return
+        if not self._recording_announced or conn.admission is None or not conn.admission.recording:
+            self._error(conn, "recording_off", "This visit is not recorded.")
+            return
+        if self._recorder is None:
+            assert self.recording_dir is not None
+            directory = self.recording_dir(self.room_id)
+            # The server's side uses its own addresses only (never a default public STUN).
+            self._recorder = RecordingSession(directory, ice_servers=[], label=self.room_id)
+        recorder = self._recorder
+        try:
+            answer = await recorder.add_participant_offer(role, sdp)
+        except RecordingError as exc:
+            self._error(conn, "recording_failed", f"The recording could not start: {exc}")
+            return
+        if self.slots.get(role) is not conn:
+            return  # replaced meanwhile: the new connection will offer again
+        conn.send({"type": "record_answer", "sdp": answer})
+        self._emit("recording_started", role, restart=role in self._recorded_roles)
+        self._recorded_roles.add(role)
+
+    async def _record_candidate(self, conn: Connection, role: Role, candidate: dict[str, Any] | None) -> None:
+        from signaling.recording import RecordingError
+
+        if self._recorder is None:
+            self._error(conn, "recording_off", "This visit is not recorded.")
+            return
+        try:
+            await self._recorder.add_ice_candidate(role, candidate)
+        except (RecordingError, ValueError, KeyError, IndexError) as exc:
+            log.info("room %s: recording candidate of %s refused: %s", self.room_id, role, exc)
+
+    async def _stop_recording(self) -> None:
+        recorder, self._recorder = self._recorder, None
+        if recorder is None:
+            return
+        try:
+            files = await recorder.close()
+        except Exception:
+            log.exception("room %s: closing the recorder failed", self.room_id)
+            files = list(recorder.files)
+        self._emit("recording_stopped", None, files=[f.as_dict() for f in files])
 
     # ----- ending ----------------------------------------------------------------------------
 
@@ -369,6 +464,8 @@ class Room:
                 conn.send({"type": "ended", "reason": reason})
                 conn.close(CLOSE_ENDED, reason)
                 self.slots[role] = None
+        # Before "ended": the application stores the files while the visit is still open.
+        await self._stop_recording()
         self._emit("ended", None, reason=reason)
         self._discard_if_idle()
 
@@ -379,3 +476,5 @@ class Room:
         if timer is not None:
             timer.cancel()
             await asyncio.wait({timer})
+        # The files are finished cleanly; after a restart the clients offer new legs.
+        await self._stop_recording()

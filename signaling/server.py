@@ -27,7 +27,7 @@ from signaling.connection import (
 from signaling.events import EventDispatcher
 from signaling.policy import ROLES, PeerInfo, Refused, RoomEvent, RoomPolicy
 from signaling.protocol import PROTOCOL_VERSION, ProtocolError, parse, too_large
-from signaling.room import Room
+from signaling.room import RecordingDir, Room
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,13 @@ class SignalingServer:
         policy: RoomPolicy,
         config: SignalingConfig | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        recording_dir: RecordingDir | None = None,
     ) -> None:
+        """`recording_dir(room_id)` gives the directory of a room's recordings (the application
+        creates it, private); without it, this server refuses every record_offer."""
         self.policy = policy
+        self.recording_dir = recording_dir
         self.config = config or SignalingConfig()
         self.clock = clock
         self.rooms: dict[str, Room] = {}
@@ -139,6 +144,7 @@ class SignalingServer:
             emit=self.emit,
             clock=self.clock,
             on_idle=self._forget_room,
+            recording_dir=self.recording_dir,
         )
         await room.load()
         if not room.ended:

@@ -39,6 +39,7 @@ PATIENT_DATA = {
     "rx_view",
     "rx_download",
     "consult_room",
+    "recording",
 }
 # The account page shows a person their own sign-in details, not a medical record.
 EXEMPT = {("account", "patient")}
@@ -82,6 +83,14 @@ def seed(settings, make_user) -> dict[str, str]:
             [visit_id, ORDER_ID, now, now],
         )
         db.execute("UPDATE visits SET needs_reschedule = 1 WHERE id = ?", [visit_id])
+        recording_dir = settings.data_dir / "recordings" / public_id
+        recording_dir.mkdir(parents=True)
+        (recording_dir / "host-20240101T000000Z-0123456789ab.webm").write_bytes(b"\x1aE\xdf\xa3" * 64)
+        recording_id = db.execute(
+            "INSERT INTO recordings (visit_id, role, path, size, created, complete)"
+            " VALUES (?, 'doctor', ?, 256, ?, 1)",
+            [visit_id, f"recordings/{public_id}/host-20240101T000000Z-0123456789ab.webm", now],
+        ).lastrowid
         nonce, starts, ends = db.execute(
             "SELECT call_nonce, starts_at, ends_at FROM visits WHERE id = ?", [visit_id]
         ).fetchone()
@@ -89,6 +98,7 @@ def seed(settings, make_user) -> dict[str, str]:
             "public_id": public_id,
             "past_public_id": past_public,
             "report_id": str(report_id),
+            "recording_id": str(recording_id),
             "order_id": ORDER_ID,
             "department_id": str(world.department_id),
             "doctor_id": str(world.doctor_id),

@@ -27,3 +27,6 @@ def setup_routes(app: web.Application) -> None:
     from consult.views import prescriptions
 
     prescriptions.setup(app)
+    from consult.views import recordings
+
+    recordings.setup(app)

@@ -13,7 +13,7 @@ from consult.auditing import audit_read
 from consult.errors import BadRequest, ConsultError, NotFound
 from consult.formatting import to_local
 from consult.i18n import _
-from consult.views.forms import form
+from consult.views.forms import form, small_int
 
 PUBLIC_ID = re.compile(r"^[A-Za-z0-9_-]{10,64}$")
 BOOKING_DAYS = 14
@@ -23,8 +23,10 @@ NEXT_SLOTS = 4
 def setup(app: web.Application) -> None:
     r = app.router
     r.add_get("/book", departments_page, name="book")
-    r.add_get("/book/{department_id:\\d+}", doctors_page, name="book_department")
-    r.add_get("/book/{department_id:\\d+}/doctors/{doctor_id:\\d+}", slots_page, name="book_doctor")
+    r.add_get("/book/{department_id:[0-9]{1,18}}", doctors_page, name="book_department")
+    r.add_get(
+        "/book/{department_id:[0-9]{1,18}}/doctors/{doctor_id:[0-9]{1,18}}", slots_page, name="book_doctor"
+    )
     r.add_post("/book/hold", hold_submit, name="book_hold")
     r.add_get("/visits/{public_id}", visit_page, name="visit")
     r.add_post("/visits/{public_id}/cancel", cancel_submit, name="visit_cancel")
@@ -52,12 +54,10 @@ def group_by_day(slots: list[schedules.Slot], tz: str) -> list[dict]:
 
 
 def _int(value: str | None, what: str) -> int:
-    try:
-        return int(value or "")
-    except ValueError:
-        raise BadRequest(
-            _("Please pick a time from the list.") if what == "time" else _("Bad request.")
-        ) from None
+    found = small_int(value, signed=True)  # ASCII digits that fit SQLite: no OverflowError later
+    if found is None:
+        raise BadRequest(_("Please pick a time from the list.") if what == "time" else _("Bad request."))
+    return found
 
 
 def wants_json(request: web.Request) -> bool:
@@ -245,6 +245,13 @@ async def visit_page(request: web.Request) -> web.Response:
             " AND v.status IN ('confirmed', 'completed', 'no_show') AND v.starts_at < ?"
             " ORDER BY v.starts_at DESC LIMIT 20",
             [visit["patient_id"], visit["id"], visit["starts_at"]],
+        )
+    ctx["recordings"] = []
+    if user.role in ("doctor", "admin"):  # _visit_for: a doctor sees only their own visits
+        from consult import recordings
+
+        ctx["recordings"] = await request.app[keys.DB].execute_fn(
+            lambda db: recordings.for_visit_sync(db, visit["id"])
         )
     await audit_read(request, "visit.view", "visit", visit["id"], visit["patient_id"])
     return aiohttp_jinja2.render_template("visit_detail.html", request, ctx)

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from consult import booking, calllinks, calls, keys, security
+from consult import booking, calllinks, calls, keys, recordings, security
 from consult.errors import Forbidden, NotFound
 from consult.i18n import _
 from consult.views.booking import PUBLIC_ID
@@ -23,6 +23,10 @@ def setup(app: web.Application) -> None:
     r.add_get("/call/{token}", call_page, name="call_page")
     r.add_get("/doctor/visits/{public_id}/room", consult_room, name="consult_room")
     r.add_get("/doctor/visits/{public_id}/room/token", host_token, name="consult_room_token")
+    r.add_post("/call/{token}/recording-consent", patient_consent, name="call_recording_consent")
+    r.add_post(
+        "/doctor/visits/{public_id}/room/recording-consent", doctor_consent, name="room_recording_consent"
+    )
     calls.setup_calls(app)
 
 
@@ -63,6 +67,8 @@ def call_strings() -> dict[str, str]:
         "quality_fair": _("Unstable connection"),
         "quality_poor": _("Poor connection"),
         "admitted": _("The patient was admitted."),
+        "recording": _("Recording"),
+        "consent_failed": _("Your answer could not be saved. Try again."),
     }
 
 
@@ -110,8 +116,76 @@ async def call_page(request: web.Request) -> web.Response:
             "ws_path": _ws_path(request, visit["public_id"]),
             "hello_token": raw,
             "strings": call_strings(),
+            **await _recording_context(request, visit, "patient"),
+            "consent_url": str(request.app.router["call_recording_consent"].url_for(token=raw)),
+            "reschedule_url": str(
+                request.app.router["visit_reschedule"].url_for(public_id=visit["public_id"])
+            ),
         },
     )
+
+
+async def _recording_context(request: web.Request, visit: dict[str, Any], role: str) -> dict[str, Any]:
+    settings = request.app[keys.SETTINGS]
+    terms = await request.app[keys.DB].execute_fn(
+        lambda db: recordings.terms_sync(db, visit["id"], settings.recording_policy)
+    )
+    own = terms.consent(role)
+    return {
+        "recording": terms,
+        "recording_answer": "" if own is None else ("yes" if own else "no"),
+        "retention_days": settings.recording_retention_days,
+    }
+
+
+async def _store_consent(
+    request: web.Request, visit: dict[str, Any], role: str, actor_id: int | None
+) -> web.Response:
+    try:
+        body = await request.json()
+    except (ValueError, RecursionError):  # not JSON, or nested beyond the parser's recursion limit
+        body = None
+    consent = body.get("consent") if isinstance(body, dict) else None
+    if not isinstance(consent, bool):
+        return web.json_response({"error": "consent must be true or false"}, status=400)
+    if visit["status"] != "confirmed":
+        return web.json_response({"error": "this visit is not open"}, status=409)
+    settings = request.app[keys.SETTINGS]
+    remote = security.client_address(request)
+    terms = await request.app[keys.DB].execute_write_fn(
+        lambda db: recordings.set_consent_sync(
+            db,
+            visit["id"],
+            role,
+            consent,
+            settings.recording_policy,
+            actor_id=actor_id,
+            remote=remote,
+            subject_user_id=visit["patient_id"],
+        )
+    )
+    return web.json_response(
+        {**terms.as_dict(), "may_join": terms.may_join(role), "records": terms.records(role)},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def patient_consent(request: web.Request) -> web.Response:
+    """The patient's answer to "this visit will be recorded" (the signed link is the credential)."""
+    settings = request.app[keys.SETTINGS]
+    try:
+        token = calllinks.decode(settings, request.match_info["token"], time.time())
+    except (calllinks.CallLinkInvalid, calllinks.CallLinkExpired, calllinks.CallLinkNotYetValid):
+        raise NotFound(_("No such visit.")) from None
+    visit = await _visit(request, token.public_id)
+    if visit is None or visit["call_nonce"] != token.nonce or token.role != "patient":
+        raise NotFound(_("No such visit."))
+    return await _store_consent(request, visit, "patient", visit["patient_id"])
+
+
+async def doctor_consent(request: web.Request) -> web.Response:
+    user, visit = await _own_visit(request)
+    return await _store_consent(request, visit, "doctor", user.id)
 
 
 async def _own_visit(request: web.Request) -> tuple[Any, dict[str, Any]]:
@@ -161,6 +235,10 @@ async def consult_room(request: web.Request) -> web.Response:
             "token_url": str(request.app.router["consult_room_token"].url_for(public_id=visit["public_id"])),
             "earlier": await _earlier_visits(request, visit),
             "strings": call_strings(),
+            **await _recording_context(request, visit, "doctor"),
+            "consent_url": str(
+                request.app.router["room_recording_consent"].url_for(public_id=visit["public_id"])
+            ),
         },
     )
 

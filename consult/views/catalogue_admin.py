@@ -8,12 +8,12 @@ from decimal import Decimal, InvalidOperation
 import aiohttp_jinja2
 from aiohttp import web
 
-from consult import booking, catalogue, keys, schedules, security
+from consult import booking, catalogue, keys, recordings, schedules, security
 from consult.auditing import audit_read
 from consult.errors import BadRequest, ConsultError, NotFound
 from consult.i18n import _
 from consult.views.booking import weekday_names
-from consult.views.forms import field, form
+from consult.views.forms import field, form, small_int
 
 
 def setup(app: web.Application) -> None:
@@ -21,24 +21,30 @@ def setup(app: web.Application) -> None:
     r.add_get("/admin/catalogue", catalogue_page, name="catalogue_admin")
     r.add_post("/admin/catalogue/departments", department_create, name="catalogue_department_create")
     r.add_get(
-        "/admin/catalogue/departments/{department_id:\\d+}", department_page, name="catalogue_department"
+        "/admin/catalogue/departments/{department_id:[0-9]{1,18}}",
+        department_page,
+        name="catalogue_department",
     )
-    r.add_post("/admin/catalogue/departments/{department_id:\\d+}", department_update)
-    r.add_get("/admin/catalogue/doctors/{doctor_id:\\d+}", doctor_page, name="catalogue_doctor")
-    r.add_post("/admin/catalogue/doctors/{doctor_id:\\d+}", doctor_update)
+    r.add_post("/admin/catalogue/departments/{department_id:[0-9]{1,18}}", department_update)
+    r.add_get("/admin/catalogue/doctors/{doctor_id:[0-9]{1,18}}", doctor_page, name="catalogue_doctor")
+    r.add_post("/admin/catalogue/doctors/{doctor_id:[0-9]{1,18}}", doctor_update)
     r.add_post(
-        "/admin/catalogue/doctors/{doctor_id:\\d+}/templates", template_add, name="catalogue_template_add"
+        "/admin/catalogue/doctors/{doctor_id:[0-9]{1,18}}/templates",
+        template_add,
+        name="catalogue_template_add",
     )
     r.add_post(
-        "/admin/catalogue/doctors/{doctor_id:\\d+}/templates/{item_id:\\d+}/delete",
+        "/admin/catalogue/doctors/{doctor_id:[0-9]{1,18}}/templates/{item_id:[0-9]{1,18}}/delete",
         template_delete,
         name="catalogue_template_delete",
     )
     r.add_post(
-        "/admin/catalogue/doctors/{doctor_id:\\d+}/exceptions", exception_add, name="catalogue_exception_add"
+        "/admin/catalogue/doctors/{doctor_id:[0-9]{1,18}}/exceptions",
+        exception_add,
+        name="catalogue_exception_add",
     )
     r.add_post(
-        "/admin/catalogue/doctors/{doctor_id:\\d+}/exceptions/{item_id:\\d+}/delete",
+        "/admin/catalogue/doctors/{doctor_id:[0-9]{1,18}}/exceptions/{item_id:[0-9]{1,18}}/delete",
         exception_delete,
         name="catalogue_exception_delete",
     )
@@ -53,7 +59,7 @@ def _department_values(data: dict) -> dict:
         "description_zh": field(data, "description_zh", required=False, max_len=1000),
         "description_en": field(data, "description_en", required=False, max_len=1000),
         "active": data.get("active") == "1",
-        "sort": int(data.get("sort") or 0) if (data.get("sort") or "0").lstrip("-").isdigit() else 0,
+        "sort": small_int(data.get("sort"), signed=True, max_digits=9) or 0,
     }
 
 
@@ -109,9 +115,13 @@ async def department_update(request: web.Request) -> web.Response:
     data = await form(request)
     try:
         values = _department_values(data)
-        await request.app[keys.DB].execute_write_fn(
-            lambda db: catalogue.save_department_sync(db, department_id=dep_id, actor=admin, **values)
-        )
+
+        def write(db) -> None:
+            catalogue.save_department_sync(db, department_id=dep_id, actor=admin, **values)
+            if "recording_policy" in data:
+                recordings.set_override_sync(db, "department", dep_id, data["recording_policy"], admin)
+
+        await request.app[keys.DB].execute_write_fn(write)
     except ConsultError as exc:
         dep = {**data, "id": dep_id, "active": data.get("active") == "1"}
         return aiohttp_jinja2.render_template(
@@ -163,9 +173,7 @@ async def _doctor_context(request: web.Request, doctor_id: int, error: str | Non
         weekdays=weekday_names(),
         default_fee=settings.default_fee_minor,
         default_minutes=int(settings.visit_minutes),
-        flagged=int(request.query.get("flagged", "0") or 0)
-        if request.query.get("flagged", "").isdigit()
-        else 0,
+        flagged=small_int(request.query.get("flagged"), max_digits=6) or 0,
     )
     return ctx
 
@@ -194,15 +202,17 @@ async def doctor_update(request: web.Request) -> web.Response:
     admin = security.require(request, "admin")
     settings = request.app[keys.SETTINGS]
     doctor_id = int(request.match_info["doctor_id"])
-    post = await request.post()
+    post = await security.read_form(request)
     data = {k: v for k, v in post.items() if isinstance(v, str)}
-    dep_ids = [int(v) for v in post.getall("departments", []) if isinstance(v, str) and v.isdigit()]
+    dep_ids = [
+        n for v in post.getall("departments", []) if isinstance(v, str) and (n := small_int(v)) is not None
+    ]
 
     def write(db) -> list[int]:
-        minutes_raw = data.get("visit_minutes") or ""
-        if not minutes_raw.isdigit():
+        minutes = small_int(data.get("visit_minutes"), max_digits=4)
+        if minutes is None:
             raise BadRequest(_("A visit lasts between 5 and 120 minutes."))
-        return catalogue.save_doctor_sync(
+        flagged = catalogue.save_doctor_sync(
             db,
             doctor_id,
             title_zh=data.get("title_zh", ""),
@@ -211,12 +221,15 @@ async def doctor_update(request: web.Request) -> web.Response:
             bio_en=data.get("bio_en", ""),
             fee_minor=parse_fee(data.get("fee", "")),
             currency=settings.currency,
-            visit_minutes=int(minutes_raw),
+            visit_minutes=minutes,
             active=data.get("active") == "1",
             department_ids=dep_ids,
             tz=settings.timezone,
             actor=admin,
         )
+        if "recording_policy" in data:
+            recordings.set_override_sync(db, "doctor", doctor_id, data["recording_policy"], admin)
+        return flagged
 
     return await _doctor_write(request, doctor_id, write)
 
@@ -226,7 +239,8 @@ async def template_add(request: web.Request) -> web.Response:
     tz = request.app[keys.SETTINGS].timezone
     doctor_id = int(request.match_info["doctor_id"])
     data = await form(request)
-    weekday = int(data["weekday"]) if (data.get("weekday") or "").isdigit() else -1
+    weekday = small_int(data.get("weekday"), max_digits=2)
+    weekday = -1 if weekday is None else weekday
     return await _doctor_write(
         request,
         doctor_id,

@@ -6,6 +6,11 @@
 // are trickled (with end-of-candidates). When ICE fails, or stays disconnected for 3 s, the
 // page restarts ICE; when the signaling socket had to reconnect, the other side throws its
 // connection away (protocol), so this side starts a fresh one too.
+//
+// Recording (docs/recording.md): when the visit is recorded, both pages ask for consent before
+// connecting, and once the server says `recording`, each page opens a second, send-only
+// connection to the server carrying its own camera and microphone (the call stays peer to
+// peer). The red indicator shows while that connection is up.
 (function () {
   "use strict";
 
@@ -26,6 +31,8 @@
   const admitButton = $("[data-action=admit]");
   const chatBox = $("[data-chat]");
   const chatLog = $("[data-chat-log]");
+  const consentBox = $("[data-recording-consent]");
+  const joinButton = $("[data-action=join]");
 
   const RESTART_AFTER_DISCONNECTED_MS = 3000;
   const RESTART_RETRY_MS = 6000;
@@ -60,6 +67,9 @@
   let facing = "user";
   let lastChatSent = 0;
   let queue = Promise.resolve();
+  let rec = null; // the recording connection to the server
+  let recordingWanted = false;
+  let recRetryTimer = null;
 
   // -- small helpers ----------------------------------------------------------------------
 
@@ -334,6 +344,155 @@
     }
   }
 
+  // -- recording ------------------------------------------------------------------------------
+
+  function showRecording(on) {
+    root.dataset.recording = on ? "1" : "0";
+    for (const el of $$("[data-recording-indicator]")) el.hidden = !on;
+  }
+
+  function stopRecording() {
+    clearTimeout(recRetryTimer);
+    recRetryTimer = null;
+    showRecording(false);
+    if (!rec) return;
+    const old = rec;
+    rec = null;
+    window.__consultRecPc = null;
+    for (const tr of old.getTransceivers()) {
+      try {
+        tr.stop();
+      } catch (err) {
+        /* already stopped */
+      }
+    }
+    old.close();
+  }
+
+  async function startRecording() {
+    stopRecording();
+    if (ended || !recordingWanted || !localStream || !localStream.getTracks().length) return;
+    const welcome = sig.welcome;
+    const conn = new RTCPeerConnection({
+      iceServers: welcome.ice_servers || [],
+      iceTransportPolicy: welcome.ice_transport_policy === "relay" ? "relay" : "all",
+    });
+    rec = conn;
+    window.__consultRecPc = conn;
+    for (const track of localStream.getTracks()) {
+      const transceiver = conn.addTransceiver(track, { direction: "sendonly", streams: [localStream] });
+      if (track.kind === "video") capRecordingBitrate(transceiver.sender);
+    }
+    let offered = false;
+    const early = [];
+    conn.onicecandidate = (event) => {
+      if (conn !== rec) return;
+      const message = { type: "record_candidate", candidate: event.candidate ? event.candidate.toJSON() : null };
+      if (offered) sig.send(message);
+      else early.push(message);
+    };
+    conn.onconnectionstatechange = () => {
+      if (conn !== rec) return;
+      const state = conn.connectionState;
+      showRecording(state === "connected");
+      if (state === "failed") retryRecording(2000); // a new offer replaces the leg (new file)
+    };
+    try {
+      await conn.setLocalDescription(await conn.createOffer());
+    } catch (err) {
+      console.warn("recording offer failed", err);
+      return;
+    }
+    if (conn !== rec) return;
+    sig.send({ type: "record_offer", sdp: conn.localDescription.sdp });
+    offered = true;
+    for (const message of early) sig.send(message);
+  }
+
+  function capRecordingBitrate(sender) {
+    // The record is a record: keep the phone's second upload modest (docs/recording.md).
+    try {
+      const params = sender.getParameters();
+      if (!params.encodings || !params.encodings.length) params.encodings = [{}];
+      params.encodings[0].maxBitrate = 600000;
+      sender.setParameters(params).catch(() => {});
+    } catch (err) {
+      /* not supported: the browser's default applies */
+    }
+  }
+
+  function retryRecording(delay) {
+    clearTimeout(recRetryTimer);
+    recRetryTimer = setTimeout(() => {
+      recRetryTimer = null;
+      if (recordingWanted && !ended && sig.state === "open") startRecording();
+    }, delay);
+  }
+
+  async function onRecordAnswer(message) {
+    if (!rec || rec.signalingState !== "have-local-offer") return;
+    try {
+      await rec.setRemoteDescription({ type: "answer", sdp: message.sdp });
+    } catch (err) {
+      console.warn("recording answer refused", err);
+      retryRecording(3000);
+    }
+  }
+
+  // -- consent -------------------------------------------------------------------------------
+
+  function consentAnswer() {
+    return consentBox ? consentBox.dataset.answer : "yes";
+  }
+
+  function consentAllowsJoining() {
+    if (!consentBox) return true;
+    const answer = consentBox.dataset.answer;
+    return answer === "yes" || (answer === "no" && consentBox.dataset.policy !== "always");
+  }
+
+  function showConsent() {
+    if (!consentBox) return;
+    const answer = consentBox.dataset.answer;
+    for (const el of consentBox.querySelectorAll("[data-consent-state]")) el.hidden = el.dataset.consentState !== answer;
+    if (joinButton) joinButton.hidden = !consentAllowsJoining();
+  }
+
+  async function answerConsent(consent) {
+    const error = consentBox.querySelector("[data-consent-error]");
+    if (error) error.hidden = true;
+    let response;
+    try {
+      response = await fetch(consentBox.dataset.consentUrl, {
+        method: "POST",
+        credentials: "same-origin",
+        headers: {
+          "Content-Type": "application/json",
+          Accept: "application/json",
+          "X-CSRF-Token": consentBox.dataset.csrf,
+        },
+        body: JSON.stringify({ consent: consent }),
+      });
+    } catch (err) {
+      response = null;
+    }
+    if (!response || !response.ok) {
+      if (error) {
+        error.textContent = t("consent_failed");
+        error.hidden = false;
+      }
+      return;
+    }
+    consentBox.dataset.answer = consent ? "yes" : "no";
+    showConsent();
+    connectIfAllowed();
+  }
+
+  function connectIfAllowed() {
+    if (!sig || sig.state !== "idle" || !consentAllowsJoining()) return;
+    sig.connect();
+  }
+
   // -- statistics and quality ------------------------------------------------------------
 
   async function sendStats() {
@@ -449,6 +608,9 @@
   }
 
   function onWelcome(welcome, reconnected) {
+    // A new socket: the server says `recording` again if this visit records.
+    recordingWanted = false;
+    stopRecording();
     admitted = welcome.admitted;
     if (welcome.clock) onClock(welcome.clock);
     setCheck("connect", "ok", "can_connect");
@@ -506,6 +668,13 @@
         break;
       case "signal":
         return onSignal(message.data || {});
+      case "recording":
+        recordingWanted = !!message.active && consentAnswer() === "yes";
+        if (recordingWanted) return startRecording();
+        stopRecording();
+        break;
+      case "record_answer":
+        return onRecordAnswer(message);
       case "clock":
         onClock(message);
         break;
@@ -525,6 +694,7 @@
         if (message.code === "peer_absent" && Date.now() - lastChatSent < 3000) {
           addChat("", t("chat_failed"), true);
         }
+        if (message.code === "recording_failed") retryRecording(5000);
         break;
       default:
         break;
@@ -536,6 +706,8 @@
     ended = true;
     clearInterval(statsTimer);
     clearInterval(countdownTimer);
+    recordingWanted = false;
+    stopRecording();
     closePc();
     if (localStream) for (const track of localStream.getTracks()) track.stop();
     if (audioContext) audioContext.close().catch(() => {});
@@ -641,8 +813,9 @@
     const track = fresh.getVideoTracks()[0];
     const old = localStream.getVideoTracks()[0];
     if (old) track.enabled = old.enabled;
-    if (pc) {
-      for (const sender of pc.getSenders()) {
+    for (const conn of [pc, rec]) {
+      if (!conn) continue;
+      for (const sender of conn.getSenders()) {
         if (sender.track && sender.track.kind === "video") await sender.replaceTrack(track);
       }
     }
@@ -694,6 +867,12 @@
           break;
         case "rejoin":
           window.location.reload();
+          break;
+        case "consent-yes":
+          answerConsent(true);
+          break;
+        case "consent-no":
+          answerConsent(false);
           break;
         case "close-report":
           closeReport();
@@ -789,7 +968,9 @@
       if (!sig.everOpened) setCheck("connect", "failed", "cannot_connect");
     });
     sig.addEventListener("closed", (event) => serial(() => onClosed(event.detail)));
-    sig.connect();
+    // A recorded visit: connect only once this side has answered (and may join).
+    showConsent();
+    connectIfAllowed();
     statsTimer = setInterval(sendStats, STATS_EVERY_MS);
     setInterval(watchTransport, SILENCE_CHECK_MS);
   }
