@@ -16,7 +16,7 @@ import sqlite_utils
 from aiohttp import web
 
 from consult import audit, keys, security
-from consult.sessionlog import DEFAULT_TZ, day_start
+from consult.sessionlog import DEFAULT_TZ, MAX_FILTER_DAY, MIN_FILTER_DAY, day_start
 
 # Actions that only read. A patient's access log shows these; changes have their own pages.
 READ_SUFFIXES = (".view", ".list", ".export", ".play", ".download", ".search")
@@ -74,11 +74,17 @@ class AuditFilters:
 
         def day(name: str) -> date | None:
             raw = (query.get(name) or "").strip()
+            if not raw:
+                return None
             try:
-                return date.fromisoformat(raw) if raw else None
+                found = date.fromisoformat(raw)
             except ValueError:
+                found = None
+            # Far-off years overflow the day arithmetic and timestamps further on.
+            if found is None or not MIN_FILTER_DAY <= found <= MAX_FILTER_DAY:
                 errors.append(name)
                 return None
+            return found
 
         def text(name: str) -> str:
             return (query.get(name) or "").strip()[:100]
@@ -108,7 +114,7 @@ class AuditFilters:
 
 
 def _users_matching(db: sqlite_utils.Database, text: str, patients_only: bool) -> list[int]:
-    if text.isdigit() and len(text) < 7:
+    if text.isascii() and text.isdigit() and len(text) < 7:
         return [int(text)]
     like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     role = " AND role = 'patient'" if patients_only else ""
@@ -206,4 +212,4 @@ def access_log_sync(
 
 
 def parse_before(raw: str | None) -> int | None:
-    return int(raw) if raw and raw.isdigit() and len(raw) < 16 else None
+    return int(raw) if raw and raw.isascii() and raw.isdigit() and len(raw) < 16 else None

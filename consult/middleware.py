@@ -66,14 +66,23 @@ async def errors_middleware(request: web.Request, handler):
         reason = exc.reason
         message = HTTP_MESSAGES[exc.status]() if exc.status in HTTP_MESSAGES else reason
         return error_response(request, exc.status, reason.lower().replace(" ", "_"), message)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(
-            request,
-            500,
-            "internal_error",
-            _("Something went wrong on our side. Nothing you entered was lost; please try again."),
-        )
+    except OSError as exc:
+        if not isinstance(request.match_info.route.resource, web.StaticResource):
+            return _internal_error(request, exc)
+        # A static file name the OS refuses (too long, bad bytes) is simply not one of ours.
+        return error_response(request, 404, "not_found", HTTP_MESSAGES[404]())
+    except Exception as exc:
+        return _internal_error(request, exc)
+
+
+def _internal_error(request: web.Request, exc: BaseException) -> web.Response:
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(
+        request,
+        500,
+        "internal_error",
+        _("Something went wrong on our side. Nothing you entered was lost; please try again."),
+    )
 
 
 @web.middleware

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from consult import keys
 from consult.accounts import User
-from consult.errors import Forbidden, Unauthorized
+from consult.errors import BadRequest, Forbidden, Unauthorized
 from consult.i18n import _
 
 CSRF_COOKIE = "consult_csrf"
@@ -89,6 +89,17 @@ def same_origin(request: web.Request) -> bool:
     return urlsplit(origin).netloc == request.host
 
 
+async def read_form(request: web.Request):
+    """``request.post()``, with a body that does not parse (bad UTF-8 or percent-encoding, a broken
+    multipart) refused as a 400 rather than raised as a ValueError. The result is cached."""
+    try:
+        return await request.post()
+    except ValueError:  # UnicodeDecodeError included
+        raise BadRequest(
+            _("The form could not be read. Reload the page and try again."), code="bad_form"
+        ) from None
+
+
 async def check_csrf(request: web.Request) -> None:
     """Signed double-submit: a random cookie and an HMAC of it in the form or a header."""
     if not same_origin(request):
@@ -97,10 +108,11 @@ async def check_csrf(request: web.Request) -> None:
     sent = request.headers.get(CSRF_HEADER)
     if sent is None and request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
         if request.content_type == "application/x-www-form-urlencoded":
-            form = await request.post()
+            form = await read_form(request)
             value = form.get(CSRF_FIELD)
             sent = value if isinstance(value, str) else None
-    if not cookie or not sent or not hmac.compare_digest(sent, _sign(request, cookie)):
+    # compare_digest refuses non-ASCII text with a TypeError: such a token is simply wrong.
+    if not cookie or not sent or not sent.isascii() or not hmac.compare_digest(sent, _sign(request, cookie)):
         raise Forbidden(
             _("Your form expired or came from elsewhere. Reload the page and try again."),
             code="csrf",

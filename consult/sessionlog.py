@@ -296,6 +296,7 @@ def mark_no_shows_sync(
 # -- the admin list ---------------------------------------------------------------------------
 
 PAGE_SIZE = 50
+MIN_FILTER_DAY, MAX_FILTER_DAY = date(1900, 1, 1), date(9000, 12, 31)
 _CURSOR = re.compile(r"^(-?\d{1,12})\.(\d{1,12})$")
 
 
@@ -320,16 +321,20 @@ class Filters:
             if not raw:
                 return None
             try:
-                return date.fromisoformat(raw)
+                found = date.fromisoformat(raw)
             except ValueError:
+                found = None
+            # Far-off years overflow the day arithmetic and timestamps further on.
+            if found is None or not MIN_FILTER_DAY <= found <= MAX_FILTER_DAY:
                 errors.append(name)
                 return None
+            return found
 
         def integer(name: str) -> int | None:
             raw = (query.get(name) or "").strip()
             if not raw:
                 return None
-            if raw.isdigit() and len(raw) < 12:
+            if raw.isascii() and raw.isdigit() and len(raw) < 12:
                 return int(raw)
             errors.append(name)
             return None
@@ -377,7 +382,7 @@ def _search_targets(db: sqlite_utils.Database, q: str) -> tuple[list[int], list[
     """(patient ids, visit ids) that a search box text can mean: name, phone, or visit id."""
     visit_ids = [r[0] for r in db.execute("SELECT id FROM visits WHERE public_id = ?", [q]).fetchall()]
     digits = re.sub(r"[\s()+-]", "", q)
-    if digits.isdigit() and len(digits) < 12:
+    if digits.isascii() and digits.isdigit() and len(digits) < 12:
         visit_ids.append(int(digits))
     like = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     params: list[Any] = [like]

@@ -19,8 +19,10 @@ def setup(app: web.Application) -> None:
     r.add_get("/admin", admin_home, name="admin_home")
     r.add_get("/admin/users", users_page, name="admin_users")
     r.add_post("/admin/users", create_staff)
-    r.add_post("/admin/users/{user_id:\\d+}/reset-password", reset_password, name="admin_reset_password")
-    r.add_post("/admin/users/{user_id:\\d+}/active", set_active, name="admin_set_active")
+    r.add_post(
+        "/admin/users/{user_id:[0-9]{1,18}}/reset-password", reset_password, name="admin_reset_password"
+    )
+    r.add_post("/admin/users/{user_id:[0-9]{1,18}}/active", set_active, name="admin_set_active")
     r.add_get("/admin/outbox", outbox_page, name="admin_outbox")
 
 

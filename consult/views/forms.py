@@ -7,12 +7,13 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from consult import security
 from consult.errors import BadRequest
 from consult.i18n import _
 
 
 async def form(request: web.Request) -> dict[str, str]:
-    data = await request.post()
+    data = await security.read_form(request)
     return {k: v for k, v in data.items() if isinstance(v, str)}
 
 
@@ -25,6 +26,15 @@ def field(data: dict[str, Any], name: str, *, required: bool = True, max_len: in
     return value
 
 
+def small_int(raw: str | None, *, signed: bool = False, max_digits: int = 18) -> int | None:
+    """ASCII digits that fit SQLite's 64-bit integers, or None (``"²".isdigit()`` is True)."""
+    text = (raw or "").strip()
+    digits = text[1:] if signed and text.startswith("-") else text
+    if not digits or len(digits) > max_digits or not (digits.isascii() and digits.isdigit()):
+        return None
+    return int(text)
+
+
 def safe_next(target: str | None, default: str) -> str:
     """Only follow local paths after sign-in (no open redirect)."""
     if not target:
@@ -33,6 +43,10 @@ def safe_next(target: str | None, default: str) -> str:
     if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
         return default
     if "\\" in target:
+        return default
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in target):
+        # CR/LF would inject headers (aiohttp refuses them with a ValueError, a 500); browsers
+        # drop tabs and newlines, so "/\t/evil" is "//evil" to them.
         return default
     return target
 

@@ -217,7 +217,7 @@ async def simulator_submit(request: web.Request) -> web.Response:
     payment, visit = await _payment_and_visit(request)
     if payment.provider != "simulator":
         raise NotFound(_("This payment does not exist."))
-    form = await request.post()
+    form = await security.read_form(request)
     back = str(request.app.router["pay_status"].url_for(order_id=payment.order_id))
     if form.get("action") != "pay":
         raise web.HTTPSeeOther(visit_url(request, visit["public_id"]))

@@ -66,7 +66,7 @@ async def _json_body(request: web.Request) -> Any:
         raise UnsupportedMediaType(_("Send JSON."), code="not_json")
     try:
         return await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[…" nested past Python's stack
         raise BadRequest(_("The request was not valid JSON."), code="bad_json") from None
 
 
@@ -285,7 +285,7 @@ async def verify_page(request: web.Request) -> dict[str, Any]:
 
 async def verify_submit(request: web.Request) -> web.Response:
     ctx = await _verify_context(request)
-    form = await request.post()
+    form = await security.read_form(request)
     pasted = form.get("document")
     text = pasted if isinstance(pasted, str) else ""
     if not text.strip():

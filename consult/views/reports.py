@@ -25,9 +25,9 @@ def setup(app: web.Application) -> None:
     r = app.router
     r.add_get("/api/visits/{public_id}/reports", list_reports, name="report_list")
     r.add_post("/api/visits/{public_id}/reports", upload_report, name="report_upload")
-    r.add_delete("/api/reports/{report_id:\\d+}", delete_report, name="report_delete")
-    r.add_get("/reports/{report_id:\\d+}", view_report, name="report_view")
-    r.add_get("/reports/{report_id:\\d+}/download", download_report, name="report_download")
+    r.add_delete("/api/reports/{report_id:[0-9]{1,18}}", delete_report, name="report_delete")
+    r.add_get("/reports/{report_id:[0-9]{1,18}}", view_report, name="report_view")
+    r.add_get("/reports/{report_id:[0-9]{1,18}}/download", download_report, name="report_download")
     app.cleanup_ctx.append(_uploads_ctx)
 
 

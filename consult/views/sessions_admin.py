@@ -352,6 +352,10 @@ async def sessions_csv(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
+    if request.method == "HEAD":
+        # The headers only: a body after a HEAD answer corrupts the client's next response.
+        await response.write_eof()
+        return response
     # A BOM so that Excel opens UTF-8 names correctly.
     header = io.StringIO()
     csv.writer(header).writerow(CSV_HEADER)
