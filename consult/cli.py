@@ -231,8 +231,11 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from consult.config import describe, ensure_secrets
+    from consult.config import describe, ensure_secrets, settings_markdown
 
+    if args.markdown:
+        sys.stdout.write(settings_markdown())
+        return 0
     settings = _settings(args)
     if (settings.data_dir / "secrets.json").exists():
         settings = ensure_secrets(settings)
@@ -414,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("config", help="print the effective settings, secrets masked")
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--markdown", action="store_true", help="print the settings reference (docs/settings.md)")
     s.set_defaults(func=cmd_config)
 
     s = sub.add_parser("backup", help="consistent online copy of the database and files")

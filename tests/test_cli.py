@@ -175,3 +175,20 @@ def test_audit_verify_command(tmp_path):
     conn.commit()
     proc = consult(tmp_path, "audit", "verify", check=False)
     assert proc.returncode == 1 and "row 1" in proc.stdout
+
+
+def test_every_setting_is_documented():
+    from consult.config import settings_markdown
+
+    documented = (ROOT / "docs" / "settings.md").read_text()
+    assert documented == settings_markdown(), "run: consult config --markdown > docs/settings.md"
+
+
+def test_every_command_is_in_the_readme():
+    from consult.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name in commands:
+        assert name in readme, f"command {name!r} is not mentioned in README.md"
