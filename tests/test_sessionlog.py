@@ -240,7 +240,7 @@ def test_list_uses_an_index_for_order_and_filters(world):
             sessionlog.Filters(outcome="failed"),
             sessionlog.Filters(date_from=date(2024, 1, 1), date_to=date(2024, 1, 31)),
         ):
-            where, params = sessionlog._where(db, f, sessionlog.DEFAULT_TZ)
+            where, params = sessionlog.queries._where(db, f, sessionlog.DEFAULT_TZ)
             where.append("(s.scheduled_start, s.visit_id) < (?, ?)")
             sql = (
                 "EXPLAIN QUERY PLAN SELECT s.visit_id FROM session_summaries s"  # noqa: S608

@@ -31,7 +31,7 @@ def setup(app: web.Application) -> None:
 
 
 def call_strings() -> dict[str, str]:
-    """Everything call.js says, in the request's language (rendered into a JSON block)."""
+    """Everything call.js and its parts (call-*.js) say, in the request's language (as a JSON block)."""
     return {
         "connecting": _("Connecting…"),
         "checking": _("Checking…"),
