@@ -232,7 +232,9 @@ async def test_two_participants_recorded_without_decoding(
         # Duration within 0.5 s of the sending time (connection set-up is part of neither).
         assert abs(info["end"] - sent) < 0.5, (info["end"], sent)
         assert abs(f.duration_s - sent) < 0.5
-        assert abs(info["start"]["video"] - info["start"]["audio"]) < 0.1, info["start"]
+        # Where each track starts depends on when the first keyframe arrives (later on a loaded
+        # machine); synchronisation itself is what the flash below measures.
+        assert abs(info["start"]["video"] - info["start"]["audio"]) < 0.5, info["start"]
         # Lip sync: the white flash and the tone were captured at the same instant.
         assert abs(info["flash"]["video"] - info["flash"]["audio"]) < 0.1, info["flash"]
         assert f.size == f.path.stat().st_size and re.fullmatch(r"[0-9a-f]{64}", f.sha256)
