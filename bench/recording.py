@@ -1,21 +1,40 @@
-"""Benchmark: N concurrent recorded visits through a real recording server process.
+"""Benchmark: N concurrent recorded visits through the real Consult server, against aiortc's
+MediaRecorder.
 
-Each visit has two participants; each sends a pre-encoded 640x480 VP8 clip and Opus audio
-(encoded once at start and looped, so the load generator stays cheap) over its own send-only
-aiortc leg. The server under test runs in a subprocess (`--serve ours`) hosting one
-`signaling.recording.RecordingSession` per visit; offers and answers go over HTTP on 127.0.0.1.
-Its CPU is read from /proc/PID/stat (utime + stime) over a measurement window. Then the same
-input goes through aiortc's `MediaRecorder` in another subprocess (`--serve baseline`).
+Default mode (through Consult): `python -m consult --data-dir D serve --no-tls` runs as a
+subprocess (after `init` and `demo`, with `CONSULT_RECORDING_POLICY=always`). For each step the
+bench writes N confirmed visits with both consents already stored (`visits.recording`,
+`recording_consent_patient`, `recording_consent_doctor`) into its database, and for each visit
+two lightweight participants join over the WebSocket with the documented protocol
+(docs/protocol.md): the doctor with a host token minted by `consult.calls.make_host_token`, the
+patient with a signed call link token (`consult.calllinks.make_token`), both signed with the
+data directory's secrets.json. The host admits the patient; on the server's `recording`
+message each participant opens its recording leg (`record_offer` / `record_answer` /
+`record_candidate null`) from an aiortc peer that sends a pre-encoded 640x480 VP8 clip and
+Opus audio (encoded once at start and looped, so the load generator stays cheap). The P2P
+call leg between the two participants is not run: it does not touch the server's media path
+(the recorder is a separate send-only leg per participant), so it adds nothing to the load
+under test. At the end the host sends `end`; the room finishes the files and the application
+stores a `recordings` row per file. Frames written are counted by demuxing every file with
+PyAV (and checked against the rows' tracks JSON). The server's CPU is read from
+/proc/PID/stat (utime + stime, all its threads) over a measurement window.
 
-Frame loss: frames each client sent against frames the server wrote, allowing for the frames
+`--direct`: the older mode, a tiny server subprocess hosting one
+`signaling.recording.RecordingSession` per visit directly, offers over plain HTTP.
+
+Baseline (both modes, same run): the same input through aiortc's `MediaRecorder` in another
+subprocess (`--serve baseline`), which decodes and re-encodes.
+
+Frame loss: frames each client sent against frames in the files, allowing for the frames
 aiortc's jitter buffers still hold when a leg closes (1 video, 4 audio per participant).
 
 The whole run happens in a private network namespace (re-entered at start, needs root): aioice
 skips 127.0.0.1, so the bridge address 10.99.0.1 of tests/netns.py carries the media, and no
 packet can leave the machine. The last line of stdout is one JSON object.
 
-    .venv/bin/python bench/recording.py                      # steps 5..30, baseline 1 visit
+    .venv/bin/python bench/recording.py                       # steps 10,20,25,30 via Consult
     .venv/bin/python bench/recording.py --steps 25 --duration 10
+    .venv/bin/python bench/recording.py --direct              # RecordingSession without the app
 """
 
 from __future__ import annotations
@@ -285,8 +304,15 @@ class PacketTrack(MediaStreamTrack):
 
 
 class Participant:
-    def __init__(self, clip: dict[str, list[bytes]], fps: int, go: asyncio.Event, rng: random.Random) -> None:
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    def __init__(
+        self,
+        clip: dict[str, list[bytes]],
+        fps: int,
+        go: asyncio.Event,
+        rng: random.Random,
+        config: RTCConfiguration | None = None,
+    ) -> None:
+        self.pc = RTCPeerConnection(config or RTCConfiguration(iceServers=[]))
         self.connected = asyncio.Event()
         self.pc.on("connectionstatechange", self._on_state)
         # Start at a random second of the clip (always a keyframe) so visits are not in step.
@@ -398,7 +424,19 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
         proc.wait()
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
+async def run_baseline(
+    args: argparse.Namespace, workdir: Path, clip: dict[str, list[bytes]]
+) -> dict[str, Any]:
+    proc, base = await asyncio.to_thread(start_server, "baseline", workdir / "baseline")
+    try:
+        b = await run_step(base, proc.pid, args.baseline_visits, clip, args.fps, args.duration, "baseline")
+        log("baseline", json.dumps(b))
+    finally:
+        stop_server(proc)
+    return b
+
+
+async def bench_direct(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
     clip = await asyncio.to_thread(encode_clip, args.width, args.height, args.fps, args.kbps, 3)
     kbps = sum(map(len, clip["video"])) * 8 / 3 / 1000
@@ -429,14 +467,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 (workdir / "ours").mkdir()
         finally:
             stop_server(proc)
-        proc, base = await asyncio.to_thread(start_server, "baseline", workdir / "baseline")
-        try:
-            b = await run_step(
-                base, proc.pid, args.baseline_visits, clip, args.fps, args.duration, "baseline"
-            )
-            log("baseline", json.dumps(b))
-        finally:
-            stop_server(proc)
+        b = await run_baseline(args, workdir, clip)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     ours = main["server_cpu_pct_per_visit"] if main else float("nan")
@@ -450,6 +481,396 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "frames_lost_at_visits": main["frames_lost"] if main else None,
         "video": f"{args.width}x{args.height}@{args.fps} VP8 ~{kbps:.0f} kbit/s + Opus 20 ms",
         "cores": os.cpu_count(),
+        "mode": "direct",
+    }
+
+
+# ----- through the real Consult server ----------------------------------------------------------
+
+CONSULT_VISIT_S = 3 * 3600  # longer than any run: visits end only when the host says so
+
+
+def consult_env() -> dict[str, str]:
+    return {
+        "CONSULT_RECORDING_POLICY": "always",
+        "CONSULT_ARGON2_TIME_COST": "1",
+        "CONSULT_ARGON2_MEMORY_KIB": "1024",
+        "CONSULT_VISIT_SECONDS_OVERRIDE": str(CONSULT_VISIT_S),
+    }
+
+
+def seed_recorded_visits(db_path: Path, count: int, first_slot: int, anchor: int) -> list[dict[str, Any]]:
+    """`count` confirmed visits that started a minute ago, policy `always` with both consents
+    stored (what the consent POSTs of both pages leave), spread over the demo doctors."""
+    import secrets
+    import sqlite3
+
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        doctors = conn.execute(
+            "SELECT d.user_id, MIN(dd.department_id) FROM doctors d JOIN users u ON u.id = d.user_id"
+            " JOIN doctor_departments dd ON dd.doctor_id = d.user_id WHERE u.active = 1"
+            " GROUP BY d.user_id ORDER BY d.user_id"
+        ).fetchall()
+        patient_id = conn.execute(
+            "SELECT id FROM users WHERE role = 'patient' ORDER BY id LIMIT 1"
+        ).fetchone()[0]
+        if not doctors:
+            raise RuntimeError("no active doctor with a department: did `consult demo` run?")
+        now = time.time()
+        visits: list[dict[str, Any]] = []
+        conn.execute("BEGIN")
+        for i in range(count):
+            doctor_id, department_id = doctors[i % len(doctors)]
+            # One slot per (doctor, start): distinct start seconds keep the unique index happy.
+            starts = anchor - 60 - (first_slot + i)
+            ends = starts + 3600
+            public_id, nonce = secrets.token_urlsafe(12), secrets.token_urlsafe(8)
+            cur = conn.execute(
+                "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at,"
+                " status, fee_minor, currency, created, updated, call_nonce, recording,"
+                " recording_consent_patient, recording_consent_doctor)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'confirmed', 5000, 'CNY', ?, ?, ?, 'always', 1, 1)",
+                [public_id, patient_id, doctor_id, department_id, starts, ends, now, now, nonce],
+            )
+            visits.append(
+                {
+                    "id": cur.lastrowid,
+                    "public_id": public_id,
+                    "nonce": nonce,
+                    "doctor_id": doctor_id,
+                    "starts_at": starts,
+                    "ends_at": ends,
+                }
+            )
+        conn.execute("COMMIT")
+        return visits
+    finally:
+        conn.close()
+
+
+def recording_rows(db_path: Path, visit_ids: list[int]) -> list[dict[str, Any]]:
+    import sqlite3
+
+    conn = sqlite3.connect(db_path)
+    conn.row_factory = sqlite3.Row
+    try:
+        marks = ",".join("?" * len(visit_ids))
+        return [
+            dict(r)
+            for r in conn.execute(
+                "SELECT visit_id, role, path, tracks, duration_s, size, complete FROM recordings"  # noqa: S608
+                f" WHERE visit_id IN ({marks}) ORDER BY id",
+                visit_ids,
+            )
+        ]
+    finally:
+        conn.close()
+
+
+class Seat:
+    """One participant's signaling socket, read continuously (so heartbeats are answered and
+    nothing the server sends waits in the socket)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.welcome: dict[str, Any] = client.welcome
+        self.messages: list[dict[str, Any]] = []
+        self.changed = asyncio.Event()
+        self.closed: int | None = None
+        self.task = asyncio.get_running_loop().create_task(self._pump())
+
+    @classmethod
+    async def join(cls, http: aiohttp.ClientSession, url: str, token: str) -> Seat:
+        from signaling.client import SignalingClient
+
+        client = await SignalingClient.connect(http, url)
+        await client.hello(token, timeout_s=30)
+        return cls(client)
+
+    async def _pump(self) -> None:
+        from signaling.client import ConnectionClosed
+
+        try:
+            while True:
+                self.messages.append(await self.client.next_message(timeout=24 * 3600))
+                self.changed.set()
+        except ConnectionClosed as exc:
+            self.closed = exc.code if exc.code is not None else -1
+            self.changed.set()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.client.send(message)
+
+    async def expect(self, kind: str, timeout: float = 60) -> dict[str, Any]:  # noqa: ASYNC109
+        from signaling.client import ErrorReply
+
+        async with asyncio.timeout(timeout):
+            while True:
+                for i, message in enumerate(self.messages):
+                    if message["type"] == kind:
+                        return self.messages.pop(i)
+                    if message["type"] == "error":
+                        raise ErrorReply(self.messages.pop(i))
+                if self.closed is not None:
+                    raise RuntimeError(f"signaling socket closed ({self.closed}) waiting for {kind}")
+                self.changed.clear()
+                await self.changed.wait()
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await self.client.close()
+
+
+def count_written(path: Path) -> tuple[dict[str, int], list[list[float]]]:
+    """Frames per kind in a recorded file, counted by demuxing it with PyAV; and where the
+    audio has holes (`[at_s, missing_ms]`, for a diagnosis of lost frames)."""
+    counts = {"audio": 0, "video": 0}
+    holes: list[list[float]] = []
+    last_audio: float | None = None
+    with av.open(str(path)) as container:
+        for packet in container.demux():
+            if packet.size == 0 or packet.pts is None:
+                continue
+            counts[packet.stream.type] = counts.get(packet.stream.type, 0) + 1
+            if packet.stream.type == "audio":
+                t = float(packet.pts * packet.time_base)
+                if last_audio is not None and t - last_audio > 0.030:
+                    holes.append([round(last_audio, 2), round((t - last_audio) * 1000 - 20)])
+                last_audio = t
+    if last_audio is not None:
+        holes.append([round(last_audio, 2), -1])  # the end of the audio, for reference
+    return counts, holes
+
+
+def decode_check(path: Path) -> dict[str, int]:
+    """Decode one file completely (a sample per step): every frame must decode."""
+    counts = {"audio": 0, "video": 0}
+    with av.open(str(path)) as container:
+        for frame in container.decode(*container.streams):
+            counts["video" if isinstance(frame, av.VideoFrame) else "audio"] += 1
+    return counts
+
+
+async def run_consult_step(
+    server: Any,
+    settings: Any,
+    visits: int,
+    clip: dict[str, list[bytes]],
+    fps: int,
+    duration: float,
+    slot: tuple[int, int],
+) -> dict[str, Any]:
+    from consult import calllinks, calls
+    from signaling.client import rtc_configuration
+
+    data_dir: Path = server.data_dir
+    db_path = data_dir / "consult.db"
+    seeded = await asyncio.to_thread(seed_recorded_visits, db_path, visits, *slot)
+    go = asyncio.Event()
+    rng = random.Random(visits)
+    seats: dict[tuple[int, str], Seat] = {}
+    people: dict[tuple[int, str], Participant] = {}
+    result: dict[str, Any] = {"visits": visits}
+    ws_base = f"ws://{server.host}:{server.port}"
+    async with aiohttp.ClientSession() as http:
+
+        async def record_leg(v: int, role: str) -> None:
+            seat = seats[(v, role)]
+            p = Participant(clip, fps, go, rng, rtc_configuration(seat.welcome))
+            people[(v, role)] = p
+            await p.pc.setLocalDescription(await p.pc.createOffer())
+            await seat.send({"type": "record_offer", "sdp": p.pc.localDescription.sdp})
+            answer = await seat.expect("record_answer")
+            await p.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+            # aiortc put all its candidates in the offer; end-of-candidates as a browser sends it.
+            await seat.send({"type": "record_candidate", "candidate": None})
+
+        async def open_visit(v: int) -> None:
+            visit = seeded[v]
+            url = f"{ws_base}{calls.WS_PATH.format(room_id=visit['public_id'])}"
+            host_token = calls.make_host_token(settings, visit["public_id"], visit["doctor_id"], time.time())
+            patient_token = calllinks.make_token(
+                settings, visit["public_id"], "patient", visit["nonce"], visit["starts_at"], visit["ends_at"]
+            )
+            seats[(v, "host")] = host = await Seat.join(http, url, host_token)
+            seats[(v, "guest")] = guest = await Seat.join(http, url, patient_token)
+            await guest.expect("waiting")
+            await host.expect("peer_joined")
+            await host.send({"type": "admit"})
+            await asyncio.gather(host.expect("recording"), guest.expect("recording"))
+            await asyncio.gather(record_leg(v, "host"), record_leg(v, "guest"))
+
+        sem = asyncio.Semaphore(8)
+
+        async def open_limited(v: int) -> None:
+            async with sem:
+                await open_visit(v)
+
+        t = time.monotonic()
+        try:
+            await asyncio.gather(*(open_limited(v) for v in range(visits)))
+            async with asyncio.timeout(60):
+                await asyncio.gather(*(p.connected.wait() for p in people.values()))
+            result["connect_s"] = round(time.monotonic() - t, 2)
+            await asyncio.sleep(0.5)  # let the server's receivers start before the first keyframe
+            go.set()
+            await asyncio.sleep(2.0)  # warm-up
+            cpu0, t0, self0 = cpu_seconds(server.pid), time.monotonic(), time.process_time()
+            drops0 = udp_errors()
+            await asyncio.sleep(duration)
+            cpu1, t1, self1 = cpu_seconds(server.pid), time.monotonic(), time.process_time()
+            result["server_cpu_pct"] = round(100 * (cpu1 - cpu0) / (t1 - t0), 1)
+            result["server_cpu_pct_per_visit"] = round(result["server_cpu_pct"] / visits, 2)
+            result["clients_cpu_pct"] = round(100 * (self1 - self0) / (t1 - t0), 1)
+            result["server_rss_mib"] = round(rss_mib(server.pid), 1)
+            result["udp_rcvbuf_drops"] = udp_errors() - drops0
+            for p in people.values():
+                for track in p.tracks.values():
+                    track.stopped = True
+            await asyncio.sleep(1.0)  # in-flight packets land
+            # The host ends each visit: the room finishes the files (recording_stopped), the
+            # application stores their rows, then both sockets get `ended`.
+            for v in range(visits):
+                await seats[(v, "host")].send({"type": "end"})
+            await asyncio.gather(*(s.expect("ended", timeout=60) for s in seats.values()))
+            ids = [visit["id"] for visit in seeded]
+            deadline = time.monotonic() + 60
+            while True:
+                rows = await asyncio.to_thread(recording_rows, db_path, ids)
+                if len(rows) >= 2 * visits and all(r["complete"] for r in rows):
+                    break
+                if time.monotonic() > deadline:
+                    log(f"only {len(rows)} recording rows of {2 * visits} after 60 s")
+                    break
+                await asyncio.sleep(0.25)
+        finally:
+            await asyncio.gather(*(p.pc.close() for p in people.values()), return_exceptions=True)
+            await asyncio.gather(*(s.close() for s in seats.values()), return_exceptions=True)
+    sent = {k: sum(p.tracks[k].sent for p in people.values()) for k in ("audio", "video")}
+    result["frames_sent"] = sent
+    # Which participant each row belongs to: the visit, and the seat of its role.
+    index = {visit["id"]: v for v, visit in enumerate(seeded)}
+    seat_of = {"doctor": "host", "patient": "guest"}
+    written: dict[tuple[int, str], dict[str, int]] = {}
+    reports: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    holes: dict[tuple[int, str], list[list[float]]] = {}
+    mismatches = 0
+    for row in rows:
+        key = (index[row["visit_id"]], seat_of[row["role"]])
+        counted, found = await asyncio.to_thread(count_written, data_dir / row["path"])
+        holes.setdefault(key, []).extend(found)
+        tracks = json.loads(row["tracks"])
+        reports.setdefault(key, []).extend(tracks)
+        reported = {t["kind"]: t["frames"] for t in tracks}
+        mismatches += any(counted.get(k, 0) != reported.get(k, 0) for k in ("audio", "video"))
+        previous = written.setdefault(key, {"audio": 0, "video": 0})  # a restarted leg: two files
+        for kind in ("audio", "video"):
+            previous[kind] += counted.get(kind, 0)
+    lost = {"audio": 0, "video": 0}
+    lossy: list[dict[str, Any]] = []
+    for key, p in people.items():
+        missing = {}
+        for kind in ("audio", "video"):
+            got = written.get(key, {}).get(kind, 0)
+            missing[kind] = max(0, p.tracks[kind].sent - got - HOLDBACK[kind])
+            lost[kind] += missing[kind]
+        if any(missing.values()):
+            keep = ("kind", "frames", "keyframes", "dropped_before_keyframe", "resyncs", "mux_errors")
+            lossy.append(
+                {
+                    "visit": key[0],
+                    "role": key[1],
+                    "sent": {k: t.sent for k, t in p.tracks.items()},
+                    "missing": missing,
+                    "tracks": [{k: t.get(k) for k in keep} for t in reports.get(key, [])],
+                    "audio_holes_and_end": holes.get(key, []),
+                }
+            )
+    if lossy:
+        log(f"{len(lossy)} participants lost frames:", json.dumps(lossy[:10]))
+    result["participants_with_loss"] = len(lossy)
+    result["frames_written"] = {k: sum(w[k] for w in written.values()) for k in ("audio", "video")}
+    result["frames_lost"] = lost
+    result["files"] = len(rows)
+    result["rows_vs_demux_mismatches"] = mismatches
+    if rows:
+        result["sample_decoded"] = await asyncio.to_thread(decode_check, data_dir / rows[0]["path"])
+    for visit in seeded:  # keep the data dir small across steps
+        shutil.rmtree(data_dir / "recordings" / visit["public_id"], ignore_errors=True)
+    return result
+
+
+async def bench_consult(args: argparse.Namespace) -> dict[str, Any]:
+    from consult.config import ensure_secrets, load_settings
+    from tests.harness.server import BRIDGE_ADDR, ConsultServer, ServerStartError
+
+    t_start = time.monotonic()
+    clip = await asyncio.to_thread(encode_clip, args.width, args.height, args.fps, args.kbps, 3)
+    kbps = sum(map(len, clip["video"])) * 8 / 3 / 1000
+    log(f"clip: {len(clip['video'])} VP8 frames ({kbps:.0f} kbit/s), {len(clip['audio'])} Opus packets")
+    workdir = Path(tempfile.mkdtemp(prefix="recbench-"))
+    steps = sorted({*args.steps, args.visits})
+    summary: dict[str, Any] = {"steps": []}
+    server = ConsultServer(
+        workdir / "data", log_dir=workdir / "logs", host=BRIDGE_ADDR, env=consult_env(), startup_timeout=60
+    )
+    try:
+        await asyncio.to_thread(server.init, demo=True)
+        # The keys the server signs with: its data dir's secrets.json (generated by init).
+        settings = ensure_secrets(load_settings(env={}, data_dir=server.data_dir, tls=False))
+        try:
+            await server.astart()
+        except ServerStartError as exc:
+            raise SystemExit(str(exc)) from None
+        log(f"consult server pid {server.pid} on {server.origin}")
+        max_ok = 0
+        main: dict[str, Any] | None = None
+        slot = 0
+        anchor = int(time.time())  # visit start times: distinct per (doctor, start) across steps
+        try:
+            for n in steps:
+                if time.monotonic() - t_start > args.budget_s and main is not None:
+                    log(f"time budget spent; not trying {n} visits")
+                    break
+                r = await run_consult_step(server, settings, n, clip, args.fps, args.duration, (slot, anchor))
+                slot += n
+                log(json.dumps(r))
+                summary["steps"].append(r)
+                lossless = sum(r["frames_lost"].values()) == 0 and r["files"] == 2 * n
+                if n == args.visits:
+                    main = r
+                if lossless:
+                    max_ok = max(max_ok, n)
+                elif n >= args.visits:
+                    break
+                if not server.running:
+                    raise RuntimeError(f"the Consult server died\n{server.logs()}")
+            errors = server.stderr_path.read_text(errors="replace").count("Traceback")
+            if errors:
+                log(f"server log has {errors} tracebacks:\n{server.logs()}")
+        finally:
+            await server.astop()
+        b = await run_baseline(args, workdir, clip)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    ours = main["server_cpu_pct_per_visit"] if main else float("nan")
+    theirs = b["server_cpu_pct_per_visit"]
+    return {
+        "visits": main["visits"] if main else None,
+        "server_cpu_pct_per_visit": ours,
+        "baseline_cpu_pct_per_visit": theirs,
+        "ratio": round(theirs / ours, 1) if ours else None,
+        "max_visits_without_loss": max_ok,
+        "frames_lost_at_visits": main["frames_lost"] if main else None,
+        "video": f"{args.width}x{args.height}@{args.fps} VP8 ~{kbps:.0f} kbit/s + Opus 20 ms",
+        "cores": os.cpu_count(),
+        "mode": "consult",
+        "server_tracebacks": errors,
+        "call_leg": "not run: only the recording legs load the server",
     }
 
 
@@ -461,8 +882,13 @@ def main() -> None:
     parser.add_argument(
         "--steps",
         type=lambda s: [int(x) for x in s.split(",")],
-        default=[5, 10, 15, 20, 25, 30],
-        help="visit counts tried in order, stopping at the first loss at or above --visits",
+        help="visit counts tried in order, stopping at the first loss at or above --visits"
+        " (default 10,20,25,30; with --direct 5,10,15,20,25,30)",
+    )
+    parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="host RecordingSession in a bare server process instead of going through Consult",
     )
     parser.add_argument("--duration", type=float, default=12, help="seconds of measurement per step")
     parser.add_argument("--baseline-visits", type=int, default=1, help="visits through MediaRecorder")
@@ -482,7 +908,9 @@ def main() -> None:
     from tests.netns import enter_private_netns
 
     enter_private_netns()  # before any thread: every child inherits the namespace
-    result = asyncio.run(bench(args))
+    if args.steps is None:
+        args.steps = [5, 10, 15, 20, 25, 30] if args.direct else [10, 20, 25, 30]
+    result = asyncio.run(bench_direct(args) if args.direct else bench_consult(args))
     print(json.dumps(result))
 
 
