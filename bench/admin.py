@@ -34,6 +34,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import aiohttp
+from common import wait_ready  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 TZ = "Asia/Shanghai"
@@ -175,22 +176,6 @@ def build(db_path: Path, sessions: int, doctors: int, departments: int, patients
     conn.execute("ANALYZE")
     conn.close()
     return {"doctor_ids": doctor_ids, "patient_ids": patient_ids, "oldest": min(v[5] for v in visits)}
-
-
-async def wait_ready(base: str, proc: subprocess.Popen, within: float = 60) -> None:
-    deadline = time.monotonic() + within
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited with {proc.returncode}")
-            try:
-                async with s.get(base + "/healthz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise SystemExit("server did not start in time")
 
 
 async def sign_in(session: aiohttp.ClientSession, base: str) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import aiohttp
+from common import wait_ready  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 TZ = "Asia/Shanghai"
@@ -100,22 +101,6 @@ def plan(doctor_ids: list[int], first_day: date, visits: int, clients: int) -> l
                 n += 1
         day += timedelta(days=1)
     return work
-
-
-async def wait_ready(base: str, proc: subprocess.Popen, within: float = 30) -> None:
-    deadline = time.monotonic() + within
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with status {proc.returncode}")
-            try:
-                async with s.get(base + "/healthz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError("server did not become ready")
 
 
 async def register(session: aiohttp.ClientSession, base: str, phone: str) -> str:

@@ -16,7 +16,8 @@ import sqlite_utils
 from aiohttp import web
 
 from consult import audit, keys, security
-from consult.sessionlog import DEFAULT_TZ, MAX_FILTER_DAY, MIN_FILTER_DAY, day_start
+from consult.sessionlog import DEFAULT_TZ, day_start
+from consult.sessionlog.queries import filter_day
 
 # Actions that only read. A patient's access log shows these; changes have their own pages.
 READ_SUFFIXES = (".view", ".list", ".export", ".play", ".download", ".search")
@@ -73,18 +74,7 @@ class AuditFilters:
         errors: list[str] = []
 
         def day(name: str) -> date | None:
-            raw = (query.get(name) or "").strip()
-            if not raw:
-                return None
-            try:
-                found = date.fromisoformat(raw)
-            except ValueError:
-                found = None
-            # Far-off years overflow the day arithmetic and timestamps further on.
-            if found is None or not MIN_FILTER_DAY <= found <= MAX_FILTER_DAY:
-                errors.append(name)
-                return None
-            return found
+            return filter_day(query, name, errors)
 
         def text(name: str) -> str:
             return (query.get(name) or "").strip()[:100]
