@@ -320,7 +320,12 @@ def setup_calls(app: web.Application) -> None:
         # Files of visits recorded when the server died: rows (complete = 0) before any room
         # opens, with size, hash and duration read from the partial files.
         try:
-            found = await policy.db.execute_write_fn(lambda db: recordings.recover_sync(db, data_dir))
+            interrupted = await policy.db.execute_fn(
+                lambda db: recordings.find_interrupted_sync(db, data_dir)
+            )
+            found = await policy.db.execute_write_fn(
+                lambda db: recordings.store_interrupted_sync(db, interrupted)
+            )
             if found:
                 log.warning("recordings interrupted by a crash, recovered: %s", ", ".join(found))
         except Exception:

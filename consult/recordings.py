@@ -278,15 +278,15 @@ def store_files_sync(
     return total
 
 
-def recover_sync(db: sqlite_utils.Database, data_dir: Path) -> list[str]:
-    """At start-up: a row (complete = 0) for every file on disk that has none (the server died
-    while recording), with size, SHA-256 and duration read from the file; incomplete rows are
-    refreshed the same way. Returns the relative paths touched."""
+def find_interrupted_sync(db: sqlite_utils.Database, data_dir: Path) -> list[dict[str, Any]]:
+    """At start-up, on a reader: every file on disk without a complete row (the server died while
+    recording), with size, SHA-256 and duration read from the file. Hashing and probing happen
+    here, outside the writer, so a large partial file never holds up other writes."""
     root = root_dir(data_dir)
     if not root.is_dir():
         return []
     known = {r[0]: r[1] for r in db.execute("SELECT path, complete FROM recordings").fetchall()}
-    touched: list[str] = []
+    found: list[dict[str, Any]] = []
     for room in sorted(p for p in root.iterdir() if p.is_dir() and _ROOM_DIR_RE.fullmatch(p.name)):
         visit = db.execute("SELECT id FROM visits WHERE public_id = ?", [room.name]).fetchone()
         if visit is None:
@@ -300,25 +300,39 @@ def recover_sync(db: sqlite_utils.Database, data_dir: Path) -> list[str]:
                 continue
             size, digest = sha256_file(path)
             duration, tracks = probe(path)
-            stat = path.stat()
-            db.execute(
-                "INSERT INTO recordings (visit_id, role, path, tracks, started_at, duration_s, size, sha256,"
-                " created, complete) VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, 0) ON CONFLICT(path) DO UPDATE SET"
-                " tracks = excluded.tracks, duration_s = excluded.duration_s, size = excluded.size,"
-                " sha256 = excluded.sha256",
-                [
-                    visit[0],
-                    ROLE_OF_SEAT[match.group(1)],
-                    relative,
-                    json.dumps(tracks),
-                    duration,
-                    size,
-                    digest,
-                    stat.st_mtime,
-                ],
+            found.append(
+                {
+                    "visit_id": visit[0],
+                    "role": ROLE_OF_SEAT[match.group(1)],
+                    "path": relative,
+                    "tracks": json.dumps(tracks),
+                    "duration_s": duration,
+                    "size": size,
+                    "sha256": digest,
+                    "created": path.stat().st_mtime,
+                }
             )
-            touched.append(relative)
-    return touched
+    return found
+
+
+def store_interrupted_sync(db: sqlite_utils.Database, found: list[dict[str, Any]]) -> list[str]:
+    """In the writer: a row (complete = 0) for each file ``find_interrupted_sync`` returned;
+    incomplete rows are refreshed. Returns the relative paths touched."""
+    for item in found:
+        db.execute(
+            "INSERT INTO recordings (visit_id, role, path, tracks, started_at, duration_s, size, sha256,"
+            " created, complete) VALUES (:visit_id, :role, :path, :tracks, NULL, :duration_s, :size,"
+            " :sha256, :created, 0) ON CONFLICT(path) DO UPDATE SET tracks = excluded.tracks,"
+            " duration_s = excluded.duration_s, size = excluded.size, sha256 = excluded.sha256"
+            " WHERE complete = 0",
+            item,
+        )
+    return [item["path"] for item in found]
+
+
+def recover_sync(db: sqlite_utils.Database, data_dir: Path) -> list[str]:
+    """Both steps in one connection, for the CLI and tests."""
+    return store_interrupted_sync(db, find_interrupted_sync(db, data_dir))
 
 
 def for_visit_sync(db: sqlite_utils.Database, visit_id: int) -> list[dict[str, Any]]:
