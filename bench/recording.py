@@ -664,7 +664,8 @@ async def run_consult_step(
     duration: float,
     slot: tuple[int, int],
 ) -> dict[str, Any]:
-    from consult import calllinks, calls
+    from consult.calls import links as calllinks
+    from consult.calls import policy as calls
     from signaling.client import rtc_configuration
 
     data_dir: Path = server.data_dir
@@ -805,7 +806,7 @@ async def run_consult_step(
 
 
 async def bench_consult(args: argparse.Namespace) -> dict[str, Any]:
-    from consult.config import ensure_secrets, load_settings
+    from consult.core.config import ensure_secrets, load_settings
     from tests.harness.server import BRIDGE_ADDR, ConsultServer, ServerStartError
 
     t_start = time.monotonic()

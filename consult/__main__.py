@@ -1,3 +1,3 @@
-from consult.cli import main
+from consult.ops.cli import main
 
 raise SystemExit(main())

@@ -11,14 +11,24 @@ import jinja2
 from aiohttp import web
 
 import web as web_assets
-from consult import formatting, i18n, keys, security
-from consult.accounts import Sessions, Throttle
-from consult.config import Settings, ensure_secrets
-from consult.db import Database
-from consult.middleware import context_middleware, csrf_middleware, errors_middleware
-from consult.migrations import migrate
-from consult.notify import OutboxNotifier
-from consult.passwords import Passwords
+from consult.accounts import admin_views
+from consult.accounts import views as accounts_views
+from consult.accounts.passwords import Passwords
+from consult.accounts.users import Sessions, Throttle
+from consult.audit import views as audit_views
+from consult.booking import catalogue_views, home_views
+from consult.booking import views as booking_views
+from consult.calls import recording_views
+from consult.calls import views as call_views
+from consult.clinical import prescription_views, report_views
+from consult.core import formatting, i18n, keys, metrics, security
+from consult.core.config import Settings, ensure_secrets
+from consult.core.db import Database
+from consult.core.middleware import context_middleware, csrf_middleware, errors_middleware
+from consult.core.migrations import migrate
+from consult.core.outbox import OutboxNotifier
+from consult.payments import views as payment_views
+from consult.sessionlog import views as session_views
 
 log = logging.getLogger(__name__)
 WEB_DIR = Path(web_assets.__file__).parent
@@ -65,11 +75,29 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_database_ctx)
     app.on_response_prepare.append(security.add_security_headers)
 
-    from consult.views import setup_routes
-
     setup_routes(app)
     app.router.add_static("/static", WEB_DIR / "static", name="static", append_version=True)
     return app
+
+
+def setup_routes(app: web.Application) -> None:
+    """Every package's views add their own routes; this is the one place that knows them all."""
+    for views in (
+        accounts_views,
+        home_views,
+        admin_views,
+        catalogue_views,
+        booking_views,
+        report_views,
+        payment_views,
+        call_views,  # the call pages and the signaling WebSocket (consult.calls.policy)
+        metrics,
+        session_views,
+        audit_views,
+        prescription_views,
+        recording_views,
+    ):
+        views.setup(app)
 
 
 async def _database_ctx(app: web.Application) -> AsyncIterator[None]:

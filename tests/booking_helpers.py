@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from consult import catalogue, schedules
-from consult.config import Settings
-from consult.db import Database
+from consult.booking import catalogue, schedules
+from consult.core.config import Settings
+from consult.core.db import Database
 from tests.conftest import csrf_of, login
 
 # Every day, 00:00-23:45 local: a slot is always a few minutes away, whatever the clock says.

@@ -8,8 +8,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from consult import calllinks, calls
-from consult.config import Settings, ensure_secrets, load_settings
+from consult.calls import links as calllinks
+from consult.calls import policy as calls
+from consult.core.config import Settings, ensure_secrets, load_settings
 
 
 @dataclass(frozen=True)

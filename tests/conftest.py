@@ -6,19 +6,47 @@ from pathlib import Path
 
 import pytest
 
-from consult import accounts
+from consult.accounts import users as accounts
+from consult.accounts.passwords import Passwords
 from consult.app import create_app
-from consult.config import Settings, load_settings
-from consult.db import Database
-from consult.migrations import migrate
-from consult.passwords import Passwords
+from consult.core.config import Settings, load_settings
+from consult.core.db import Database
+from consult.core.migrations import migrate
 from tests.harness.fixtures import *  # noqa: F403
 from tests.netns import enter_private_netns
 
+# Tests that need the private network namespace (tests/netns.py): browsers, coturn, WebRTC media,
+# or the real server on the bridge address. Everything else runs as an ordinary user, outside it.
+NETNS_FIXTURES = {
+    "browser",
+    "consult_server",
+    "consult_server_factory",
+    "coturn",
+    "doctor_page",
+    "patient_page",
+    "playwright",
+}
+
 
 def pytest_configure(config):
-    # Before any fixture starts a thread, server or browser: see tests/netns.py.
-    enter_private_netns()
+    config.addinivalue_line(
+        "markers",
+        "netns: needs the test run's private network namespace (root): WebRTC media, coturn, "
+        "the server on the bridge address",
+    )
+
+
+def needs_private_network(item: pytest.Item) -> bool:
+    if item.get_closest_marker("netns") or item.get_closest_marker("browser"):
+        return True
+    return bool(NETNS_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    # Collection starts no threads; the namespace must be entered before any fixture does.
+    if any(needs_private_network(item) for item in items):
+        enter_private_netns()
 
 
 # Tests read English messages unless they ask for Chinese (the product's default is zh_CN).

@@ -13,8 +13,8 @@ from typing import Any
 import sqlite_utils
 
 from consult import sessionlog
-from consult.db import connect
-from consult.migrations import migrate
+from consult.core.db import connect
+from consult.core.migrations import migrate
 
 # Until the call engineer's 0005_rooms lands, tests create the table it is specified to have.
 SESSION_EVENTS_DDL = (

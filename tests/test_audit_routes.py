@@ -15,8 +15,9 @@ import re
 import time
 from urllib.parse import quote
 
-from consult import calllinks, sessionlog
+from consult import sessionlog
 from consult.app import create_app
+from consult.calls import links as calllinks
 from tests.conftest import login
 from tests.sessionlog_helpers import add_visit, full_call, make_world, read, record, write
 
@@ -115,8 +116,8 @@ def seed(settings, make_user) -> dict[str, str]:
 def seed_clinical(settings, world, public_id: str) -> dict[str, str]:
     """A prescription and a note on the upcoming visit, through their own module's functions."""
     try:
-        from consult import notes, prescriptions, signing
-        from consult.accounts import User
+        from consult.accounts.users import User
+        from consult.clinical import notes, prescriptions, signing
     except ImportError:  # not merged yet: their routes are not registered either
         return {}
     key = signing.load_or_create(settings.data_dir)

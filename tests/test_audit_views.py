@@ -8,8 +8,9 @@ import time
 import pytest
 from aiohttp import web
 
-from consult import audit, auditing
 from consult.app import create_app
+from consult.audit import chain as audit
+from consult.audit import reads as auditing
 from tests.conftest import login
 from tests.sessionlog_helpers import make_world, read, write
 

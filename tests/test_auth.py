@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from consult import keys
 from consult.app import create_app
+from consult.core import keys
 from tests.conftest import csrf_of, login
 
 

@@ -9,9 +9,11 @@ import types
 import pytest
 
 import consult
-from consult import booking, metrics, schedules
+from consult import booking
 from consult.app import create_app
-from consult.errors import BadRequest, Conflict, Forbidden
+from consult.booking import schedules
+from consult.core import metrics
+from consult.core.errors import BadRequest, Conflict, Forbidden
 from tests.booking_helpers import free_slots, hold, make_clinic, post, read, signed_in, visit_row, write
 
 
@@ -158,7 +160,7 @@ async def test_hold_expiry_frees_the_slot(aiohttp_server, aiohttp_client, make_s
 
 
 async def test_late_payment_confirms_an_expired_hold_while_the_slot_is_free(settings, clinic, make_user):
-    from consult.accounts import User
+    from consult.accounts.users import User
 
     pid = make_user("patient", login="13900000001")
     patient = User(pid, "patient", "P", None, "13900000001", None)
@@ -375,7 +377,7 @@ async def test_a_patient_may_cancel_an_unpaid_hold_without_refund(
 
 
 async def test_cancel_in_the_domain_uses_the_clock_it_is_given(server, clinic, settings, make_user):
-    from consult.accounts import User
+    from consult.accounts.users import User
 
     pid = make_user("patient", login="13900000001")
     patient = User(pid, "patient", "P", None, "13900000001", None)
@@ -441,7 +443,7 @@ async def test_patient_reschedules_a_confirmed_visit(aiohttp_client, server, cli
 
 
 async def test_patient_cannot_reschedule_within_24_hours(server, clinic, settings, make_user):
-    from consult.accounts import User
+    from consult.accounts.users import User
 
     pid = make_user("patient", login="13900000001")
     patient = User(pid, "patient", "P", None, "13900000001", None)
@@ -576,7 +578,7 @@ def parse_ics(text: str) -> dict[str, str]:
 
 
 async def test_ics_escapes_and_folds_long_text():
-    from consult import ics
+    from consult.booking import ics
 
     text = ics.event(uid="x@y", starts_at=0, ends_at=900, summary="医生, 张; 复诊 " * 10, now=0)
     event = parse_ics(text)
@@ -585,14 +587,14 @@ async def test_ics_escapes_and_folds_long_text():
 
 
 async def test_after_confirmed_sends_an_sms_with_the_visit_page(server, clinic, settings, make_user):
-    from consult import keys
+    from consult.core import keys
 
     make_user("patient", login="13900000001")
     app = server.app
     pid = read(
         settings, lambda d: d.execute("SELECT id FROM users WHERE phone = '13900000001'").fetchone()[0]
     )
-    from consult.accounts import User
+    from consult.accounts.users import User
 
     patient = User(pid, "patient", "P", None, "13900000001", "zh_CN")
     slot = free_slots(settings, clinic.doctor_ids[0], 2 * 86400)[0]

@@ -21,6 +21,7 @@ from playwright.async_api import Page, expect
 
 from tests.call_helpers import SeededVisit, keyed_settings, patient_token, seed_visit
 from tests.harness.browser import PageRecorder, assert_only_local_requests
+from tests.harness.programs import require_program
 from tests.harness.server import ConsultServer
 
 TEST_TIMEOUT = 120
@@ -330,7 +331,7 @@ async def said_reconnecting(watched: tuple[Page, ...], timeout_s: float) -> None
 
 
 def iptables(*args: str) -> None:
-    subprocess.run(["iptables", "-w", *args], check=True, capture_output=True)
+    subprocess.run([require_program("iptables"), "-w", *args], check=True, capture_output=True)
 
 
 async def test_network_switch_recovers_by_itself(

@@ -5,10 +5,12 @@ import time
 
 import pytest
 
-from consult import booking, calllinks, keys
+from consult import booking
 from consult.app import create_app
-from consult.config import ensure_secrets
-from consult.logs import redact
+from consult.calls import links as calllinks
+from consult.core import keys
+from consult.core.config import ensure_secrets
+from consult.core.logs import redact
 from tests.booking_helpers import free_slots, make_clinic, read, signed_in, visit_row, write
 
 START, END = 1_900_000_000, 1_900_000_900

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from consult.app import create_app
-from consult.calls import HOST_TOKEN_TTL_S
+from consult.calls.policy import HOST_TOKEN_TTL_S
 from signaling.client import ErrorReply, SignalingClient
 from tests.booking_helpers import make_clinic, signed_in
 from tests.call_helpers import host_token, keyed_settings, patient_token, seed_visit
@@ -59,7 +59,7 @@ async def refused(client, room_id: str, token: str) -> tuple[str, int | None]:
 
 
 async def flush_events(client) -> None:
-    from consult.calls import SIGNALING
+    from consult.calls.policy import SIGNALING
 
     await client.app[SIGNALING].events.flush()
 
@@ -141,7 +141,7 @@ async def test_refusals(aiohttp_client, settings, clinic):
     for name, (room, token, code) in cases.items():
         assert await refused(client, room, token) == (code, 4003), name
     # A doctor's own call link does not open the patient's seat.
-    from consult import calllinks
+    from consult.calls import links as calllinks
 
     doctor_link = calllinks.make_token(
         keyed, visit.public_id, "doctor", visit.nonce, visit.starts_at, visit.ends_at
@@ -252,7 +252,7 @@ async def test_pages_and_who_may_open_them(aiohttp_server, aiohttp_client, setti
     resp = await anon.get(room, allow_redirects=False)
     assert resp.status == 303 and resp.headers["Location"].startswith("/login")
     # The doctor's own call link leads to the consult room.
-    from consult import calllinks
+    from consult.calls import links as calllinks
 
     doctor_link = calllinks.make_token(
         keyed, visit.public_id, "doctor", visit.nonce, visit.starts_at, visit.ends_at
@@ -280,6 +280,7 @@ async def test_pages_and_who_may_open_them(aiohttp_server, aiohttp_client, setti
     assert (await patient.get(room)).status == 403
 
 
+@pytest.mark.netns  # real aiortc media over the bridge address
 async def test_two_aiortc_peers_exchange_media_through_the_app(aiohttp_client, settings, clinic):
     """The same path the browsers take, with the protocol's Python client (aiortc)."""
     from signaling.client import PeerSession

@@ -3,11 +3,12 @@ from __future__ import annotations
 import time
 from datetime import date, timedelta
 
-from consult import catalogue, demo, schedules
+from consult.accounts.passwords import Passwords
 from consult.app import create_app
-from consult.db import Database
-from consult.migrations import migrate
-from consult.passwords import Passwords
+from consult.booking import catalogue, schedules
+from consult.core.db import Database
+from consult.core.migrations import migrate
+from consult.ops import demo
 from tests.booking_helpers import make_clinic, post, read, signed_in, write
 
 TZ = "Asia/Shanghai"
@@ -84,7 +85,7 @@ def test_bad_schedule_input_is_refused(settings, make_user):
     doc = _doctor(settings, make_user, [])
     import pytest
 
-    from consult.errors import BadRequest
+    from consult.core.errors import BadRequest
 
     for args in [(7, "09:00", "10:00"), (1, "9am", "10:00"), (1, "10:00", "09:00"), (1, "25:00", "26:00")]:
         with pytest.raises(BadRequest):

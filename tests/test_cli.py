@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from consult.config import ConfigError, ensure_secrets, load_settings
+from consult.core.config import ConfigError, ensure_secrets, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"CONSULT_ARGON2_TIME_COST": "1", "CONSULT_ARGON2_MEMORY_KIB": "1024"}
@@ -178,14 +178,14 @@ def test_audit_verify_command(tmp_path):
 
 
 def test_every_setting_is_documented():
-    from consult.config import settings_markdown
+    from consult.core.config import settings_markdown
 
     documented = (ROOT / "docs" / "settings.md").read_text()
     assert documented == settings_markdown(), "run: consult config --markdown > docs/settings.md"
 
 
 def test_every_command_is_in_the_readme():
-    from consult.cli import build_parser
+    from consult.ops.cli import build_parser
 
     readme = (ROOT / "README.md").read_text()
     parser = build_parser()

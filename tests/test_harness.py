@@ -30,6 +30,9 @@ from tests.harness.server import (
 )
 from tests.harness.turn import TurnServer, stun_binding_ok, turn_rest_credentials
 
+pytestmark = pytest.mark.netns  # real WebRTC media, coturn or the server on the bridge
+
+
 # The harness fixtures and makereport hook come from tests/conftest.py
 # (`from tests.harness.fixtures import *`).
 

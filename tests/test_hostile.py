@@ -23,7 +23,7 @@ from PIL import Image
 from yarl import URL
 
 from consult.app import create_app
-from consult.db import Database
+from consult.core.db import Database
 from tests.booking_helpers import make_clinic
 from tests.conftest import csrf_of, login
 

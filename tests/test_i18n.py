@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from consult.i18n import negotiate
-from consult.i18n_tools import missing
+from consult.core.i18n import negotiate
+from consult.core.i18n_tools import missing
 from tests.conftest import csrf_of
 
 

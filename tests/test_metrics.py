@@ -10,10 +10,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from consult import metrics
 from consult.app import create_app
-from consult.config import ConfigError
-from consult.logs import JsonFormatter, RedactingAccessLogger
+from consult.core import metrics
+from consult.core.config import ConfigError
+from consult.core.logs import JsonFormatter, RedactingAccessLogger
 from signaling.policy import InMemoryPolicy
 from signaling.server import SignalingServer
 from tests.conftest import login

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from consult import notes
+from consult.clinical import notes
 from tests.test_prescriptions import ADMIN, DOCTOR, ITEM, OTHER_DOCTOR, OTHER_PATIENT, PATIENT, issue, sign_in
 
 
@@ -143,9 +143,9 @@ async def test_partials_render_for_the_doctor_only(clinic, role, shown):
     import aiohttp_jinja2
     from aiohttp.test_utils import make_mocked_request
 
-    from consult import keys
-    from consult.accounts import User
+    from consult.accounts.users import User
     from consult.app import template_context
+    from consult.core import keys
 
     app = clinic.client.app
     user_id = clinic.doctor_id if role == "doctor" else clinic.patient_id

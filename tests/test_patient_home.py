@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import time
 
-from consult.db import Database
+from consult.core.db import Database
 from tests.booking_helpers import make_clinic
 from tests.conftest import login
 

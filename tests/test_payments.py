@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from consult import metrics, payments
+from consult import payments
 from consult.app import create_app
+from consult.core import metrics
 from consult.payments import simulator
 from tests.test_reports import ADMIN, PATIENT, World, build_world, sign_in
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from consult import signing
-from consult.db import Database
-from consult.views.prescriptions import SIGNING_KEY
+from consult.clinical import signing
+from consult.clinical.prescription_views import SIGNING_KEY
+from consult.core.db import Database
 from tests.conftest import csrf_of, login
 
 PATIENT, OTHER_PATIENT = "13900000001", "13900000002"
@@ -446,7 +446,7 @@ async def test_visit_list_shows_prescriptions_and_advice_to_the_patient(clinic):
 
 
 async def test_list_helpers(clinic):
-    from consult import prescriptions
+    from consult.clinical import prescriptions
 
     first = await issued_number(clinic)
     second_visit = clinic.add_visit(status="completed", starts_in=-86400)

@@ -28,6 +28,9 @@ from aiortc.mediastreams import MediaStreamTrack
 from signaling.recording import RecordingError, RecordingFile, RecordingSession, counters
 from signaling.recording.bitstream import opus_duration_samples, vp8_keyframe
 
+pytestmark = pytest.mark.netns  # real WebRTC media, coturn or the server on the bridge
+
+
 FPS = 20
 FLASH = (2.0, 2.5)  # seconds after the clients' shared start: white video and a 1 kHz tone
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import av
 import pytest
 
-from consult import audit, cli, recordings
+from consult.audit import chain as audit
+from consult.calls import recordings
+from consult.ops import cli
 from tests.test_reports import ADMIN, DOCTOR, OTHER_DOCTOR, PATIENT, World, build_world, sign_in
 
 DATA = bytes(range(256)) * 40  # 10 KiB; the content does not matter to serving

@@ -7,6 +7,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from aiortc import RTCSessionDescription
 
@@ -14,6 +15,9 @@ from signaling import InMemoryPolicy, SignalingConfig, SignalingServer
 from signaling.policy import make_admission
 from tests.signaling_helpers import join, pair
 from tests.test_recording import Client
+
+pytestmark = pytest.mark.netns  # real WebRTC media, coturn or the server on the bridge
+
 
 
 def recording_app(tmp_path: Path, *, host: bool = True, guest: bool = True, enabled: bool = True):

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from consult import metrics
-from consult.db import Database
+from consult.core import metrics
+from consult.core.db import Database
 from tests.conftest import csrf_of, login
 
 PATIENT, OTHER_PATIENT = "13900000001", "13900000002"

@@ -8,7 +8,8 @@ from datetime import date
 
 import pytest
 
-from consult import sessionlog, useragent
+from consult import sessionlog
+from consult.sessionlog import useragent
 from tests.sessionlog_helpers import (
     CHROME_ANDROID,
     FIREFOX_WINDOWS,

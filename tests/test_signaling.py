@@ -486,6 +486,7 @@ async def test_shutdown_cancels_room_timers(aiohttp_client):
     assert timer.done() and server.connections == set()
 
 
+@pytest.mark.netns  # real aiortc media over the bridge address
 async def test_media_flows_between_two_aiortc_peers(aiohttp_client):
     app, _ = make_app(make_policy())
     client = await aiohttp_client(app)

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from consult import audit
-from consult.db import Database
-from consult.migrations import MIGRATIONS, applied, migrate
+from consult.audit import chain as audit
+from consult.core.db import Database
+from consult.core.migrations import MIGRATIONS, applied, migrate
 
 
 def test_migrate_fresh_then_again(tmp_path):
@@ -49,7 +49,7 @@ def test_failed_migration_leaves_database_unchanged(tmp_path, monkeypatch):
         d.execute("CREATE TABLE half_done (x)")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("consult.migrations.MIGRATIONS", [*MIGRATIONS, ("9999_broken", broken)])
+    monkeypatch.setattr("consult.core.migrations.MIGRATIONS", [*MIGRATIONS, ("9999_broken", broken)])
     with pytest.raises(RuntimeError):
         migrate(path)
     conn = sqlite3.connect(path)

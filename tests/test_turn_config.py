@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from consult import turn
-from consult.config import ensure_secrets, load_settings
+from consult.calls import turn
+from consult.core.config import ensure_secrets, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,7 +132,7 @@ def test_stdout_output(data_dir):
 def test_every_option_is_documented_for_the_admin():
     import argparse
 
-    from consult.cli import build_parser
+    from consult.ops.cli import build_parser
 
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     text = (ROOT / "docs" / "install.md").read_text()

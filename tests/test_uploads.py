@@ -10,8 +10,8 @@ import time
 import pytest
 from PIL import Image
 
-from consult import uploads
 from consult.app import create_app
+from consult.clinical import uploads
 from tests.conftest import csrf_of
 from tests.test_reports import (
     PATIENT,

@@ -25,11 +25,12 @@ import sqlite_utils
 from aiohttp import web
 from yarl import URL
 
-from consult import audit, keys, metrics
-from consult.accounts import User
-from consult.db import Database
-from consult.errors import BadRequest, Conflict, ConsultError, NotFound
-from consult.i18n import _
+from consult.accounts.users import User
+from consult.audit import chain as audit
+from consult.core import keys, metrics
+from consult.core.db import Database
+from consult.core.errors import BadRequest, Conflict, ConsultError, NotFound
+from consult.core.i18n import _
 
 log = logging.getLogger(__name__)
 

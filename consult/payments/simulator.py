@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from consult import keys
+from consult.core import keys
 from consult.payments import PAYMENTS, CallbackRejected, Notice, Payment
 
 log = logging.getLogger(__name__)

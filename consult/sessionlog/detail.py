@@ -8,7 +8,7 @@ from typing import Any
 
 import sqlite_utils
 
-from consult import useragent
+from consult.sessionlog import useragent
 from consult.sessionlog.common import SAMPLE_FIELDS, mask_address, number, side
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlite_utils
 
-from consult import useragent
+from consult.sessionlog import useragent
 from consult.sessionlog.common import DEFAULT_TZ, END_REASONS, SAMPLE_FIELDS, local_day, number, side
 
 # Upper bounds keep one hostile client from storing absurd numbers; all fit SQLite's small ints.

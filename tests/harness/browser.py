@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, Playwright
 
+from tests.harness.programs import require_program
 from tests.harness.server import BRIDGE_ADDR
 
 CHROMIUM = "/usr/bin/chromium"
@@ -56,7 +57,7 @@ def chromium_args(secure_origins: Iterable[str] = ()) -> list[str]:
 async def launch_chromium(playwright: Playwright, secure_origins: Iterable[str] = (), **kwargs) -> Browser:
     """Debian's Chromium, headless; Playwright gives each launch a fresh temporary profile."""
     return await playwright.chromium.launch(
-        executable_path=CHROMIUM,
+        executable_path=require_program("chromium"),
         headless=True,
         args=chromium_args(secure_origins),
         **kwargs,

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.harness.programs import require_program
 from tests.harness.server import BRIDGE_ADDR, free_port, tail
 
 STUN_MAGIC = 0x2112A442
@@ -112,7 +113,7 @@ class TurnServer:
         }
 
     def argv(self) -> list[str]:
-        argv = ["turnserver", "-n"]
+        argv = [require_program("turnserver"), "-n"]
         argv += [f"--listening-ip={ip}" for ip in self.listen_ips]
         argv += [
             f"--relay-ip={self.relay_ip}",

@@ -1,0 +1,206 @@
+"""Accounts, server-side sessions and sign-in throttling."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+
+import sqlite_utils
+
+from consult.audit import chain as audit
+from consult.core.db import Database
+from consult.core.errors import BadRequest, Conflict, TooManyRequests
+from consult.core.i18n import _
+
+ROLES = ("patient", "doctor", "admin")
+PHONE_RE = re.compile(r"^\+?[0-9]{6,15}$")
+USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{2,31}$")
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    role: str
+    display_name: str
+    username: str | None
+    phone: str | None
+    locale: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> User:
+        return cls(
+            id=row["id"],
+            role=row["role"],
+            display_name=row["display_name"],
+            username=row["username"],
+            phone=row["phone"],
+            locale=row["locale"],
+        )
+
+
+def normalize_phone(raw: str) -> str:
+    phone = re.sub(r"[\s()-]", "", raw or "")
+    if not PHONE_RE.match(phone):
+        raise BadRequest(_("Enter a valid mobile number (digits only, 6 to 15 of them)."))
+    return phone
+
+
+def normalize_username(raw: str) -> str:
+    name = (raw or "").strip().lower()
+    if not USERNAME_RE.match(name):
+        raise BadRequest(_("A username has 3 to 32 characters: lowercase letters, digits, '.', '_' or '-'."))
+    return name
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_user_sync(
+    db: sqlite_utils.Database,
+    *,
+    role: str,
+    display_name: str,
+    password_hash: str,
+    username: str | None = None,
+    phone: str | None = None,
+    locale: str | None = None,
+    actor: User | None = None,
+    remote: str | None = None,
+) -> int:
+    if role not in ROLES:
+        raise BadRequest(f"unknown role {role!r}")
+    if not display_name.strip() or len(display_name) > 100:
+        raise BadRequest(_("Enter a name (up to 100 characters)."))
+    now = time.time()
+    try:
+        cur = db.execute(
+            "INSERT INTO users (role, username, phone, display_name, password_hash, locale, created,"
+            " password_changed) VALUES (?,?,?,?,?,?,?,?)",
+            [role, username, phone, display_name.strip(), password_hash, locale, now, now],
+        )
+    except sqlite3.IntegrityError:
+        if phone:
+            raise Conflict(_("An account with this mobile number already exists.")) from None
+        raise Conflict(_("This username is taken.")) from None
+    user_id = cur.lastrowid
+    assert user_id is not None
+    audit.append(
+        db,
+        audit.AuditEntry(
+            action="account.create",
+            object_type="user",
+            object_id=str(user_id),
+            actor_id=actor.id if actor else user_id,
+            actor_role=actor.role if actor else role,
+            remote=remote,
+            subject_user_id=user_id,
+            detail={"role": role},
+        ),
+    )
+    return user_id
+
+
+class Sessions:
+    COOKIE = "consult_session"
+
+    def __init__(self, db: Database, idle_s: float, absolute_s: float) -> None:
+        self.db = db
+        self.idle_s = idle_s
+        self.absolute_s = absolute_s
+
+    async def create(self, user_id: int, remote: str | None, user_agent: str | None) -> str:
+        token = secrets.token_urlsafe(32)
+        now = time.time()
+
+        def write(db: sqlite_utils.Database) -> None:
+            db.execute(
+                "INSERT INTO sessions (token_hash, user_id, created, last_seen, remote, user_agent)"
+                " VALUES (?,?,?,?,?,?)",
+                [token_hash(token), user_id, now, now, remote, (user_agent or "")[:300]],
+            )
+
+        await self.db.execute_write_fn(write)
+        return token
+
+    async def lookup(self, token: str | None) -> User | None:
+        if not token or len(token) > 100:
+            return None
+        h = token_hash(token)
+        row = await self.db.query_one(
+            "SELECT s.created AS s_created, s.last_seen, u.* FROM sessions s"
+            " JOIN users u ON u.id = s.user_id WHERE s.token_hash = ? AND u.active = 1",
+            [h],
+        )
+        if row is None:
+            return None
+        now = time.time()
+        if now - row["last_seen"] > self.idle_s or now - row["s_created"] > self.absolute_s:
+            await self.revoke(token)
+            return None
+        if now - row["last_seen"] > 30:  # bound the write rate; idle expiry stays accurate to 30 s
+
+            def touch(db: sqlite_utils.Database) -> None:
+                db.execute("UPDATE sessions SET last_seen = ? WHERE token_hash = ?", [now, h])
+
+            await self.db.execute_write_fn(touch)
+        return User.from_row(row)
+
+    async def revoke(self, token: str) -> None:
+        h = token_hash(token)
+        await self.db.execute_write_fn(
+            lambda db: db.execute("DELETE FROM sessions WHERE token_hash = ?", [h])
+        )
+
+    async def revoke_all(self, user_id: int) -> None:
+        await self.db.execute_write_fn(
+            lambda db: db.execute("DELETE FROM sessions WHERE user_id = ?", [user_id])
+        )
+
+
+class Throttle:
+    """Counts failed sign-ins per account and per address over a sliding window."""
+
+    def __init__(self, db: Database, per_account: int, per_address: int, window_s: float) -> None:
+        self.db = db
+        self.per_account = per_account
+        self.per_address = per_address
+        self.window_s = window_s
+
+    async def check(self, account: str, address: str | None) -> None:
+        since = time.time() - self.window_s
+        keys = [(f"acct:{account}", self.per_account)]
+        if address:
+            keys.append((f"addr:{address}", self.per_address))
+        for key, limit in keys:
+            row = await self.db.query_one(
+                "SELECT count(*) AS n, min(at) AS first FROM login_failures WHERE key = ? AND at > ?",
+                [key, since],
+            )
+            if row and row["n"] >= limit:
+                wait = max(1, int(row["first"] + self.window_s - time.time()) // 60 + 1)
+                raise TooManyRequests(
+                    _("Too many failed sign-in attempts. Try again in %(minutes)d minutes.")
+                    % {"minutes": wait},
+                    retry_after=wait * 60,
+                )
+
+    async def fail(self, account: str, address: str | None) -> None:
+        now = time.time()
+
+        def write(db: sqlite_utils.Database) -> None:
+            db.execute("DELETE FROM login_failures WHERE at < ?", [now - self.window_s])
+            db.execute("INSERT INTO login_failures (key, at) VALUES (?, ?)", [f"acct:{account}", now])
+            if address:
+                db.execute("INSERT INTO login_failures (key, at) VALUES (?, ?)", [f"addr:{address}", now])
+
+        await self.db.execute_write_fn(write)
+
+    async def clear(self, account: str) -> None:
+        await self.db.execute_write_fn(
+            lambda db: db.execute("DELETE FROM login_failures WHERE key = ?", [f"acct:{account}"])
+        )

@@ -1,0 +1,215 @@
+"""Sign-in, registration, sign-out and language choice."""
+
+from __future__ import annotations
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from consult.accounts import users as accounts
+from consult.accounts.passwords import check_strength
+from consult.accounts.users import Sessions, User
+from consult.core import i18n, keys, security
+from consult.core.errors import BadRequest, ConsultError, TooManyRequests
+from consult.core.forms import field, form, redirect, safe_next
+from consult.core.i18n import _
+from consult.core.middleware import LANG_COOKIE
+
+HOME_BY_ROLE = {"patient": "/patient", "doctor": "/doctor", "admin": "/admin"}
+
+
+def setup(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/login", login_page, name="login")
+    r.add_post("/login", login_submit)
+    r.add_get("/register", register_page, name="register")
+    r.add_post("/register", register_submit)
+    r.add_post("/logout", logout, name="logout")
+    r.add_post("/logout-all", logout_all, name="logout_all")
+    r.add_post("/lang", set_language, name="lang")
+    r.add_get("/account", account_page, name="account")
+    r.add_post("/account/password", change_password, name="change_password")
+
+
+def _set_session_cookie(request: web.Request, response: web.StreamResponse, token: str) -> None:
+    settings = request.app[keys.SETTINGS]
+    response.set_cookie(
+        Sessions.COOKIE,
+        token,
+        httponly=True,
+        secure=settings.secure_cookies,
+        samesite="Lax",
+        path="/",
+        max_age=settings.session_absolute_hours * 3600,
+    )
+
+
+async def login_page(request: web.Request) -> web.Response:
+    if request.get(keys.USER):
+        raise web.HTTPSeeOther(HOME_BY_ROLE[request[keys.USER].role])
+    return aiohttp_jinja2.render_template(
+        "login.html", request, {"error": None, "identifier": "", "next": request.query.get("next", "")}
+    )
+
+
+async def login_submit(request: web.Request) -> web.Response:
+    data = await form(request)
+    identifier = (data.get("identifier") or "").strip()[:64]
+    password = data.get("password") or ""
+    next_url = data.get("next", "")
+    throttle = request.app[keys.THROTTLE]
+    address = request.remote
+
+    def fail(message: str, status: int = 400) -> web.Response:
+        return aiohttp_jinja2.render_template(
+            "login.html",
+            request,
+            {"error": message, "identifier": identifier, "next": next_url},
+            status=status,
+        )
+
+    if not identifier or not password:
+        return fail(_("Enter your mobile number or username, and your password."))
+    key = identifier.lower()
+    try:
+        await throttle.check(key, address)
+    except TooManyRequests as exc:
+        response = fail(exc.message, 429)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    db = request.app[keys.DB]
+    column = "phone" if identifier.lstrip("+").isdigit() else "username"
+    lookup = identifier if column == "phone" else key
+    row = await db.query_one(f"SELECT * FROM users WHERE {column} = ? AND active = 1", [lookup])  # noqa: S608
+    ok = await request.app[keys.PASSWORDS].verify_async(row["password_hash"] if row else None, password)
+    if not ok or row is None:
+        await throttle.fail(key, address)
+        return fail(_("The mobile number, username or password is wrong."), 401)
+    await throttle.clear(key)
+    user = User.from_row(row)
+    token = await request.app[keys.SESSIONS].create(user.id, address, request.headers.get("User-Agent"))
+    response = redirect(safe_next(next_url, HOME_BY_ROLE[user.role]))
+    _set_session_cookie(request, response, token)
+    return response
+
+
+async def register_page(request: web.Request) -> web.Response:
+    return aiohttp_jinja2.render_template("register.html", request, {"error": None, "values": {}})
+
+
+async def register_submit(request: web.Request) -> web.Response:
+    data = await form(request)
+    values = {"name": data.get("name", ""), "phone": data.get("phone", "")}
+    try:
+        name = field(data, "name", max_len=100)
+        phone = accounts.normalize_phone(data.get("phone", ""))
+        password = data.get("password") or ""
+        if password != data.get("password2"):
+            raise BadRequest(_("The two passwords do not match."))
+        problem = check_strength(password)
+        if problem:
+            raise BadRequest(problem)
+        password_hash = await request.app[keys.PASSWORDS].hash_async(password)
+        locale = request.get(keys.LOCALE)
+        remote = request.remote
+        user_id = await request.app[keys.DB].execute_write_fn(
+            lambda db: accounts.create_user_sync(
+                db,
+                role="patient",
+                display_name=name,
+                password_hash=password_hash,
+                phone=phone,
+                locale=locale,
+                remote=remote,
+            )
+        )
+    except ConsultError as exc:
+        return aiohttp_jinja2.render_template(
+            "register.html", request, {"error": exc.message, "values": values}, status=exc.status
+        )
+    token = await request.app[keys.SESSIONS].create(
+        user_id, request.remote, request.headers.get("User-Agent")
+    )
+    response = redirect("/patient")
+    _set_session_cookie(request, response, token)
+    return response
+
+
+async def logout(request: web.Request) -> web.Response:
+    token = request.cookies.get(Sessions.COOKIE)
+    if token:
+        await request.app[keys.SESSIONS].revoke(token)
+    response = redirect("/login")
+    response.del_cookie(Sessions.COOKIE, path="/")
+    return response
+
+
+async def logout_all(request: web.Request) -> web.Response:
+    user = security.require(request)
+    await request.app[keys.SESSIONS].revoke_all(user.id)
+    response = redirect("/login")
+    response.del_cookie(Sessions.COOKIE, path="/")
+    return response
+
+
+async def set_language(request: web.Request) -> web.Response:
+    data = await form(request)
+    locale = data.get("locale", "")
+    if locale not in i18n.LOCALES:
+        raise BadRequest(_("Unknown language."))
+    user = request.get(keys.USER)
+    if user is not None:
+        await request.app[keys.DB].execute_write_fn(
+            lambda db: db.execute("UPDATE users SET locale = ? WHERE id = ?", [locale, user.id])
+        )
+    response = redirect(safe_next(data.get("next"), "/"))
+    response.set_cookie(
+        LANG_COOKIE,
+        locale,
+        max_age=365 * 86400,
+        samesite="Lax",
+        httponly=True,
+        secure=request.app[keys.SETTINGS].secure_cookies,
+        path="/",
+    )
+    return response
+
+
+async def account_page(request: web.Request) -> web.Response:
+    user = security.require(request)
+    return aiohttp_jinja2.render_template("account.html", request, {"error": None, "done": False, "me": user})
+
+
+async def change_password(request: web.Request) -> web.Response:
+    user = security.require(request)
+    data = await form(request)
+    db = request.app[keys.DB]
+    passwords = request.app[keys.PASSWORDS]
+    row = await db.query_one("SELECT password_hash FROM users WHERE id = ?", [user.id])
+    error = None
+    if not await passwords.verify_async(row["password_hash"] if row else None, data.get("current", "")):
+        error = _("The current password is wrong.")
+    elif data.get("new") != data.get("new2"):
+        error = _("The two passwords do not match.")
+    else:
+        error = check_strength(data.get("new", ""))
+    if error:
+        return aiohttp_jinja2.render_template(
+            "account.html", request, {"error": error, "done": False, "me": user}, status=400
+        )
+    new_hash = await passwords.hash_async(data["new"])
+    await db.execute_write_fn(
+        lambda d: d.execute(
+            "UPDATE users SET password_hash = ?, password_changed = strftime('%s','now') WHERE id = ?",
+            [new_hash, user.id],
+        )
+    )
+    # Other devices must sign in again with the new password.
+    await request.app[keys.SESSIONS].revoke_all(user.id)
+    token = await request.app[keys.SESSIONS].create(
+        user.id, request.remote, request.headers.get("User-Agent")
+    )
+    response = aiohttp_jinja2.render_template(
+        "account.html", request, {"error": None, "done": True, "me": user}
+    )
+    _set_session_cookie(request, response, token)
+    return response

@@ -1,0 +1,74 @@
+"""Booking a visit: hold a slot, confirm it once paid, cancel, reschedule, remind.
+
+This module is booking's public face; the work lives in focused modules, re-exported here:
+
+- ``consult.visits``: reading a visit, and who may see, cancel or move it;
+- ``consult.holds``: holding a slot, confirming it once paid, expiring holds, the background
+  reaper, and the slot checks every booking write shares;
+- ``consult.visit_changes``: cancelling (with the refund) and rescheduling;
+- ``consult.visit_notices``: what the patient is told (confirmations, reminders) and links' origin.
+
+Every change runs inside the one writer's ``BEGIN IMMEDIATE`` transaction (the ``*_sync``
+functions take the writer's handle). The partial UNIQUE index ``visits_one_per_slot`` is what
+guarantees a slot is never booked twice: an insert or move onto a taken slot raises
+``IntegrityError``, which becomes a ``Conflict`` with a message a patient understands.
+"""
+
+from __future__ import annotations
+
+from consult.booking.changes import cancel, cancel_sync, reschedule, reschedule_sync
+from consult.booking.holds import (
+    confirm_paid_sync,
+    expire_holds_sync,
+    hold,
+    hold_reaper,
+    hold_sync,
+    housekeeping,
+    lost_slot_message,
+    taken_message,
+)
+from consult.booking.notices import (
+    REMINDER_DAY,
+    REMINDER_HOUR,
+    after_confirmed,
+    base_url,
+    reminders_due_sync,
+    speaking,
+)
+from consult.booking.visits import (
+    OPEN_STATUSES,
+    VISIT_SELECT,
+    can_cancel,
+    can_reschedule,
+    get_visit_sync,
+    visit_access,
+    visit_view,
+)
+
+__all__ = [
+    "OPEN_STATUSES",
+    "REMINDER_DAY",
+    "REMINDER_HOUR",
+    "VISIT_SELECT",
+    "after_confirmed",
+    "base_url",
+    "can_cancel",
+    "can_reschedule",
+    "cancel",
+    "cancel_sync",
+    "confirm_paid_sync",
+    "expire_holds_sync",
+    "get_visit_sync",
+    "hold",
+    "hold_reaper",
+    "hold_sync",
+    "housekeeping",
+    "lost_slot_message",
+    "reminders_due_sync",
+    "reschedule",
+    "reschedule_sync",
+    "speaking",
+    "taken_message",
+    "visit_access",
+    "visit_view",
+]

@@ -1,0 +1,270 @@
+"""Holding a slot and confirming it once paid; holds expiring; the background reaper.
+
+Every change runs inside the one writer's ``BEGIN IMMEDIATE`` transaction (the ``*_sync``
+functions take the writer's handle). The partial UNIQUE index ``visits_one_per_slot`` is what
+guarantees a slot is never booked twice: an insert or move onto a taken slot raises
+``IntegrityError``, which becomes a ``Conflict`` with a message a patient understands. The slot
+checks here are shared with ``visit_changes`` (cancel, reschedule).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import sqlite_utils
+from aiohttp import web
+
+from consult.audit import chain as audit
+from consult.booking import schedules
+from consult.booking.notices import REMINDER_DAY, base_url, reminders_due_sync, visit_message
+from consult.core import keys
+from consult.core.errors import BadRequest, Conflict, NotFound
+from consult.core.i18n import _
+
+log = logging.getLogger("consult.booking")  # the JSON logs' "logger" field, as before the split
+
+
+def taken_message() -> str:
+    return _("This time was just taken; please pick another.")
+
+
+def lost_slot_message() -> str:
+    return _(
+        "This time was taken by someone else while the payment was pending; the payment will be refunded."
+    )
+
+
+def expire_holds_sync(db: sqlite_utils.Database, now: float) -> int:
+    """Unpaid holds past their time become ``expired``, which frees their slots."""
+    cur = db.execute(
+        "UPDATE visits SET status = 'expired', updated = ? WHERE status = 'held' AND hold_expires < ?",
+        [now, now],
+    )
+    return cur.rowcount
+
+
+def patient_busy(db: sqlite_utils.Database, patient_id: int, starts: int, ends: int, exclude: int) -> bool:
+    return (
+        db.execute(
+            "SELECT 1 FROM visits WHERE patient_id = ? AND status IN ('held', 'confirmed')"
+            " AND starts_at < ? AND starts_at > ? AND ends_at > ? AND id != ? LIMIT 1",
+            [patient_id, ends, starts - schedules.MAX_VISIT_S, starts, exclude],
+        ).fetchone()
+        is not None
+    )
+
+
+def doctor_busy(db: sqlite_utils.Database, doctor_id: int, starts: int, ends: int, exclude: int) -> bool:
+    """An active visit overlapping [starts, ends) with another start (left from an older schedule)."""
+    return (
+        db.execute(
+            "SELECT 1 FROM visits WHERE doctor_id = ? AND status IN ('held', 'confirmed', 'completed')"
+            " AND starts_at < ? AND starts_at > ? AND ends_at > ? AND id != ? LIMIT 1",
+            [doctor_id, ends, starts - schedules.MAX_VISIT_S, starts, exclude],
+        ).fetchone()
+        is not None
+    )
+
+
+def check_slot(
+    db: sqlite_utils.Database, doctor_id: int, starts_at: int, tz: str, now: float, lead_s: float
+) -> schedules.Slot:
+    if starts_at < now + lead_s:
+        raise BadRequest(_("This time has already passed or starts too soon; please pick a later time."))
+    slot = schedules.find_slot(db, doctor_id, starts_at, tz)
+    if slot is None:
+        raise BadRequest(
+            _("This is not one of the doctor's bookable times; please pick a time from the list.")
+        )
+    return slot
+
+
+def audit_visit(
+    db: sqlite_utils.Database, actor: Any, action: str, visit: Any, remote: str | None, **detail
+) -> None:
+    audit.append(
+        db,
+        audit.AuditEntry(
+            action=action,
+            object_type="visit",
+            object_id=str(visit["id"]),
+            actor_id=getattr(actor, "id", None),
+            actor_role=getattr(actor, "role", None) or "system",
+            remote=remote,
+            subject_user_id=visit["patient_id"],
+            detail=detail,
+        ),
+    )
+
+
+def hold_sync(
+    db: sqlite_utils.Database,
+    *,
+    patient: Any,
+    doctor_id: int,
+    department_id: int | None,
+    starts_at: int,
+    tz: str,
+    hold_s: float,
+    lead_s: float,
+    now: float,
+    remote: str | None = None,
+) -> dict:
+    """Hold one slot for a patient while they upload reports and pay; returns the new visit."""
+    doc = db.execute(
+        "SELECT d.fee_minor, d.currency, d.active, u.active AS user_active FROM doctors d"
+        " JOIN users u ON u.id = d.user_id WHERE d.user_id = ?",
+        [doctor_id],
+    ).fetchone()
+    if doc is None or not (doc["active"] and doc["user_active"]):
+        raise NotFound(_("This doctor is not taking bookings."))
+    deps = [
+        r[0]
+        for r in db.execute(
+            "SELECT dd.department_id FROM doctor_departments dd JOIN departments dep"
+            " ON dep.id = dd.department_id WHERE dd.doctor_id = ? AND dep.active = 1"
+            " ORDER BY dep.sort, dep.id",
+            [doctor_id],
+        )
+    ]
+    if department_id is None and deps:
+        department_id = deps[0]
+    if department_id not in deps:
+        raise BadRequest(_("This doctor does not work in that department."))
+    slot = check_slot(db, doctor_id, starts_at, tz, now, lead_s)
+    expire_holds_sync(db, now)
+    if patient_busy(db, patient.id, slot.starts_at, slot.ends_at, exclude=0):
+        raise Conflict(
+            _("You already have a visit at this time. Pick another time or cancel that visit first.")
+        )
+    visit = {
+        "public_id": secrets.token_urlsafe(16),
+        "patient_id": patient.id,
+        "doctor_id": doctor_id,
+        "department_id": department_id,
+        "starts_at": slot.starts_at,
+        "ends_at": slot.ends_at,
+        "status": "held",
+        "hold_expires": now + hold_s,
+        "fee_minor": doc["fee_minor"],
+        "currency": doc["currency"],
+        "created": now,
+        "updated": now,
+        "call_nonce": secrets.token_urlsafe(16),
+    }
+    try:
+        cur = db.execute(
+            "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at, status,"
+            " hold_expires, fee_minor, currency, created, updated, call_nonce) VALUES (:public_id,"
+            " :patient_id, :doctor_id, :department_id, :starts_at, :ends_at, :status, :hold_expires,"
+            " :fee_minor, :currency, :created, :updated, :call_nonce)",
+            visit,
+        )
+    except sqlite3.IntegrityError:
+        raise Conflict(taken_message(), code="slot_taken") from None
+    visit["id"] = cur.lastrowid
+    if doctor_busy(db, doctor_id, slot.starts_at, slot.ends_at, exclude=visit["id"]):
+        raise Conflict(taken_message(), code="slot_taken")  # rolls the insert back
+    audit_visit(db, patient, "visit.hold", visit, remote, starts_at=slot.starts_at, doctor_id=doctor_id)
+    return visit
+
+
+def confirm_paid_sync(db: sqlite_utils.Database, visit_id: int, now: float) -> None:
+    """Called inside the payment's write transaction once the money is in: held → confirmed.
+
+    A hold that expired still confirms while its slot is free (the UNIQUE index re-checks); if
+    someone else has taken the slot meanwhile, or the visit was cancelled, raises ``Conflict`` and
+    the caller refunds. Confirming a confirmed visit again changes nothing.
+    """
+    expire_holds_sync(db, now)
+    v = db.execute("SELECT * FROM visits WHERE id = ?", [visit_id]).fetchone()
+    if v is None:
+        raise NotFound(_("No such visit."))
+    if v["status"] in ("confirmed", "completed"):
+        return
+    if v["status"] not in ("held", "expired"):
+        raise Conflict(_("This visit was cancelled and cannot be confirmed."), code="visit_cancelled")
+    if patient_busy(db, v["patient_id"], v["starts_at"], v["ends_at"], exclude=visit_id):
+        raise Conflict(_("You already have another visit at this time."), code="patient_busy")
+    try:
+        db.execute(
+            "UPDATE visits SET status = 'confirmed', hold_expires = NULL, updated = ?,"
+            " reminder_sent = CASE WHEN starts_at - ? <= 86400 THEN ? ELSE 0 END WHERE id = ?",
+            [now, now, REMINDER_DAY, visit_id],
+        )
+    except sqlite3.IntegrityError:
+        raise Conflict(lost_slot_message(), code="slot_taken") from None
+    if doctor_busy(db, v["doctor_id"], v["starts_at"], v["ends_at"], exclude=visit_id):
+        raise Conflict(lost_slot_message(), code="slot_taken")
+    audit_visit(db, None, "visit.confirm", v, None, was=v["status"])
+
+
+async def hold(
+    app: web.Application,
+    patient: Any,
+    *,
+    doctor_id: int,
+    department_id: int | None,
+    starts_at: int,
+    remote: str | None = None,
+    now: float | None = None,
+) -> dict:
+    settings = app[keys.SETTINGS]
+    now = time.time() if now is None else now
+    return await app[keys.DB].execute_write_fn(
+        lambda db: hold_sync(
+            db,
+            patient=patient,
+            doctor_id=doctor_id,
+            department_id=department_id,
+            starts_at=starts_at,
+            tz=settings.timezone,
+            hold_s=settings.hold_minutes * 60,
+            lead_s=settings.booking_lead_minutes * 60,
+            now=now,
+            remote=remote,
+        )
+    )
+
+
+async def housekeeping(app: web.Application, now: float | None = None) -> dict[str, int]:
+    """Release expired holds and send due reminders; the background loop calls this."""
+    now = time.time() if now is None else now
+    db = app[keys.DB]
+    expired = await db.execute_write_fn(lambda d: expire_holds_sync(d, now))
+    due = await db.execute_write_fn(lambda d: reminders_due_sync(d, now))
+    settings = app[keys.SETTINGS]
+    for visit in due:
+        if visit["patient_phone"]:
+            await app[keys.NOTIFIER].send(visit_message(settings, visit, "reminder", base_url(settings)))
+    return {"expired": expired, "reminders": len(due)}
+
+
+async def hold_reaper(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``: a background loop that expires holds and sends reminders; cancelled on exit."""
+
+    async def loop() -> None:
+        interval = max(0.05, float(app[keys.SETTINGS].reaper_interval_seconds))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await housekeeping(app)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("booking housekeeping failed")
+
+    task = asyncio.create_task(loop(), name="booking-housekeeping")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

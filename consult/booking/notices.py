@@ -1,0 +1,107 @@
+"""What booking tells the patient: confirmations, cancellations, moves and reminders (SMS)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import sqlite_utils
+from aiohttp import web
+
+from consult.booking import catalogue
+from consult.booking.visits import VISIT_SELECT, get_visit_sync
+from consult.core import i18n, keys
+from consult.core.formatting import to_local
+from consult.core.i18n import _
+from consult.core.outbox import Message
+
+REMINDER_DAY, REMINDER_HOUR = 1, 2  # values of visits.reminder_sent
+
+
+def reminders_due_sync(db: sqlite_utils.Database, now: float) -> list[dict]:
+    """Mark and return confirmed visits due a reminder (a day before, then an hour before)."""
+    due: list[dict] = []
+    rows = db.execute(
+        VISIT_SELECT + " WHERE v.status = 'confirmed' AND v.starts_at > ? AND v.starts_at <= ?"
+        " AND v.reminder_sent < ?",
+        [now, now + 86400, REMINDER_HOUR],
+    ).fetchall()
+    for r in rows:
+        level = REMINDER_HOUR if r["starts_at"] - now <= 3600 else REMINDER_DAY
+        if r["reminder_sent"] >= level:
+            continue
+        db.execute("UPDATE visits SET reminder_sent = ? WHERE id = ?", [level, r["id"]])
+        due.append({**dict(r), "level": level})
+    return due
+
+
+def base_url(settings: Any, request: web.Request | None = None) -> str:
+    """Absolute origin for links sent to people: the configured one, else the request's own."""
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    if request is not None:
+        return str(request.url.origin())
+    return f"{'https' if settings.tls else 'http'}://localhost:{settings.port}"
+
+
+@contextlib.contextmanager
+def speaking(locale: str | None) -> Iterator[None]:
+    token = i18n.set_locale(locale or "en")
+    try:
+        yield
+    finally:
+        i18n._current.reset(token)
+
+
+def visit_message(settings: Any, visit: dict, kind: str, origin: str) -> Message:
+    locale = visit.get("patient_locale") or settings.default_locale
+    with speaking(locale):
+        when = to_local(visit["starts_at"], settings.timezone).strftime("%Y-%m-%d %H:%M")
+        dep = catalogue.localized(
+            {"name_zh": visit["department_name_zh"], "name_en": visit["department_name_en"]}, "name", locale
+        )
+        params = {
+            "hospital": settings.hospital_name,
+            "when": when,
+            "doctor": visit["doctor_name"],
+            "department": dep,
+            "url": f"{origin}/visits/{visit['public_id']}",
+        }
+        if kind == "confirmed":
+            subject = _("Visit confirmed")
+            body = _(
+                "%(hospital)s: your online visit with %(doctor)s (%(department)s) is confirmed for"
+                " %(when)s. Details and the call link: %(url)s"
+            )
+        elif kind == "cancelled":
+            subject = _("Visit cancelled")
+            body = _(
+                "%(hospital)s: your online visit with %(doctor)s on %(when)s was cancelled."
+                " Any payment is refunded. Details: %(url)s"
+            )
+        elif kind == "moved":
+            subject = _("Visit moved")
+            body = _(
+                "%(hospital)s: your online visit with %(doctor)s now starts at %(when)s. Details: %(url)s"
+            )
+        else:
+            subject = _("Visit reminder")
+            body = _(
+                "%(hospital)s: reminder, your online visit with %(doctor)s starts at %(when)s."
+                " Open the call link from: %(url)s"
+            )
+        return Message("sms", visit["patient_phone"] or "", subject, body % params)
+
+
+async def notify_visit(app: web.Application, visit_id: int, kind: str, origin: str | None = None) -> None:
+    settings = app[keys.SETTINGS]
+    visit = await app[keys.DB].execute_fn(lambda db: get_visit_sync(db, visit_id=visit_id))
+    if visit is None or not visit["patient_phone"]:
+        return
+    await app[keys.NOTIFIER].send(visit_message(settings, visit, kind, origin or base_url(settings)))
+
+
+async def after_confirmed(app: web.Application, visit_id: int, base_url: str | None = None) -> None:
+    """After the payment's transaction committed: tell the patient (SMS with time and page link)."""
+    await notify_visit(app, visit_id, "confirmed", base_url)

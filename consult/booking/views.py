@@ -1,0 +1,357 @@
+"""Booking pages: department → doctor → slot → held visit; the visit page, its QR code and .ics."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from consult import booking
+from consult.audit.reads import audit_read
+from consult.booking import catalogue, ics, schedules
+from consult.calls import links as calllinks
+from consult.core import keys, metrics, qr, security
+from consult.core.errors import BadRequest, ConsultError, NotFound
+from consult.core.formatting import to_local
+from consult.core.forms import form, small_int
+from consult.core.i18n import _
+
+PUBLIC_ID = re.compile(r"^[A-Za-z0-9_-]{10,64}$")
+BOOKING_DAYS = 14
+NEXT_SLOTS = 4
+
+
+def setup(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/book", departments_page, name="book")
+    r.add_get("/book/{department_id:[0-9]{1,18}}", doctors_page, name="book_department")
+    r.add_get(
+        "/book/{department_id:[0-9]{1,18}}/doctors/{doctor_id:[0-9]{1,18}}", slots_page, name="book_doctor"
+    )
+    r.add_post("/book/hold", hold_submit, name="book_hold")
+    r.add_get("/visits/{public_id}", visit_page, name="visit")
+    r.add_post("/visits/{public_id}/cancel", cancel_submit, name="visit_cancel")
+    r.add_get("/visits/{public_id}/reschedule", reschedule_page, name="visit_reschedule")
+    r.add_post("/visits/{public_id}/reschedule", reschedule_submit)
+    r.add_get("/visits/{public_id}/qr.svg", visit_qr, name="visit_qr")
+    r.add_get("/visits/{public_id}/visit.ics", visit_ics, name="visit_ics")
+    app.cleanup_ctx.append(booking.hold_reaper)
+
+
+def weekday_names() -> list[str]:
+    return [_("Mon"), _("Tue"), _("Wed"), _("Thu"), _("Fri"), _("Sat"), _("Sun")]
+
+
+def group_by_day(slots: list[schedules.Slot], tz: str) -> list[dict]:
+    names = weekday_names()
+    days: list[dict] = []
+    for s in slots:
+        local = to_local(s.starts_at, tz)
+        label = f"{local:%m-%d} {names[local.weekday()]}"
+        if not days or days[-1]["label"] != label:
+            days.append({"label": label, "date": local.date().isoformat(), "slots": []})
+        days[-1]["slots"].append({"starts_at": s.starts_at, "ends_at": s.ends_at, "taken": s.taken})
+    return days
+
+
+def _int(value: str | None, what: str) -> int:
+    found = small_int(value, signed=True)  # ASCII digits that fit SQLite: no OverflowError later
+    if found is None:
+        raise BadRequest(_("Please pick a time from the list.") if what == "time" else _("Bad request."))
+    return found
+
+
+def wants_json(request: web.Request) -> bool:
+    return "application/json" in request.headers.get("Accept", "")
+
+
+# -- choosing -------------------------------------------------------------------------
+
+
+async def departments_page(request: web.Request) -> web.Response:
+    security.require(request, "patient")
+    locale = request[keys.LOCALE]
+    rows = await request.app[keys.DB].execute_fn(lambda db: catalogue.departments(db))
+    deps = [catalogue.department_view(r, locale) for r in rows]
+    return aiohttp_jinja2.render_template("book_departments.html", request, {"departments": deps})
+
+
+async def doctors_page(request: web.Request) -> web.Response:
+    security.require(request, "patient")
+    settings = request.app[keys.SETTINGS]
+    locale = request[keys.LOCALE]
+    department_id = int(request.match_info["department_id"])
+    now = time.time()
+    horizon = now + BOOKING_DAYS * 86400
+
+    def read(db) -> tuple[dict, list[dict]]:
+        dep = catalogue.department(db, department_id)
+        doctors = []
+        for d in catalogue.doctors_in_department(db, department_id):
+            free = schedules.slots(
+                db,
+                d["user_id"],
+                now,
+                horizon,
+                settings.timezone,
+                now=now,
+                lead_s=settings.booking_lead_minutes * 60,
+                free_only=True,
+            )
+            view = catalogue.doctor_view(d, locale)
+            view["next_slots"] = free[:NEXT_SLOTS]
+            view["free_count"] = len(free)
+            doctors.append(view)
+        return dep, doctors
+
+    dep, doctors = await request.app[keys.DB].execute_fn(read)
+    return aiohttp_jinja2.render_template(
+        "book_doctors.html",
+        request,
+        {"department": catalogue.department_view(dep, locale), "doctors": doctors},
+    )
+
+
+async def _slots_context(request: web.Request, department_id: int, doctor_id: int) -> dict:
+    settings = request.app[keys.SETTINGS]
+    locale = request[keys.LOCALE]
+    now = time.time()
+
+    def read(db) -> dict:
+        dep = catalogue.department(db, department_id)
+        doc = catalogue.doctor(db, doctor_id)
+        if department_id not in doc["department_ids"]:
+            raise NotFound(_("No such doctor."))
+        slots = schedules.slots(
+            db,
+            doctor_id,
+            now,
+            now + BOOKING_DAYS * 86400,
+            settings.timezone,
+            now=now,
+            lead_s=settings.booking_lead_minutes * 60,
+        )
+        return {"dep": dep, "doc": doc, "slots": slots}
+
+    found = await request.app[keys.DB].execute_fn(read)
+    return {
+        "department": catalogue.department_view(found["dep"], locale),
+        "doctor": catalogue.doctor_view(found["doc"], locale),
+        "days": group_by_day(found["slots"], settings.timezone),
+        "hold_minutes": settings.hold_minutes,
+        "error": None,
+    }
+
+
+async def slots_page(request: web.Request) -> web.Response:
+    security.require(request, "patient")
+    ctx = await _slots_context(
+        request, int(request.match_info["department_id"]), int(request.match_info["doctor_id"])
+    )
+    return aiohttp_jinja2.render_template("book_slots.html", request, ctx)
+
+
+async def hold_submit(request: web.Request) -> web.StreamResponse:
+    patient = security.require(request, "patient")
+    data = await form(request)
+    doctor_id = _int(data.get("doctor_id"), "doctor")
+    department_id = _int(data.get("department_id"), "department")
+    try:
+        starts_at = _int(data.get("starts_at"), "time")
+        visit = await booking.hold(
+            request.app,
+            patient,
+            doctor_id=doctor_id,
+            department_id=department_id,
+            starts_at=starts_at,
+            remote=security.client_address(request),
+        )
+    except ConsultError as exc:
+        if wants_json(request):
+            return web.json_response({"error": exc.code, "message": exc.message}, status=exc.status)
+        ctx = await _slots_context(request, department_id, doctor_id)
+        ctx["error"] = exc.message
+        return aiohttp_jinja2.render_template("book_slots.html", request, ctx, status=exc.status)
+    metrics.count(request.app, "bookings")
+    location = request.app.router["visit"].url_for(public_id=visit["public_id"])
+    if wants_json(request):
+        return web.json_response(
+            {"public_id": visit["public_id"], "url": str(location), "hold_expires": visit["hold_expires"]},
+            status=201,
+        )
+    raise web.HTTPSeeOther(location)
+
+
+# -- a visit --------------------------------------------------------------------------
+
+
+async def _visit_for(request: web.Request, user) -> dict:
+    """The visit named in the URL, if this user may see it; 404 otherwise (no existence oracle)."""
+    public_id = request.match_info["public_id"]
+    if not PUBLIC_ID.match(public_id):
+        raise NotFound(_("No such visit."))
+    visit = await request.app[keys.DB].execute_fn(lambda db: booking.get_visit_sync(db, public_id=public_id))
+    if visit is None or not booking.visit_access(user, visit):
+        raise NotFound(_("No such visit."))
+    return booking.visit_view(visit, request[keys.LOCALE])
+
+
+def _call_token(request: web.Request, visit: dict, role: str) -> str:
+    return calllinks.make_token(
+        request.app[keys.SETTINGS],
+        visit["public_id"],
+        role,
+        visit["call_nonce"],
+        visit["starts_at"],
+        visit["ends_at"],
+    )
+
+
+def _call_url(request: web.Request, visit: dict, role: str) -> str:
+    settings = request.app[keys.SETTINGS]
+    return booking.base_url(settings, request) + calllinks.call_path(_call_token(request, visit, role))
+
+
+async def visit_page(request: web.Request) -> web.Response:
+    user = security.require(request)
+    visit = await _visit_for(request, user)
+    settings = request.app[keys.SETTINGS]
+    now = time.time()
+    free_s = settings.cancel_free_hours * 3600
+    status = visit["status"]
+    if status == "held" and visit["hold_expires"] is not None and visit["hold_expires"] < now:
+        status = visit["status"] = "expired"  # the reaper has not run yet; show the truth
+    is_owner = user.role == "patient" and visit["patient_id"] == user.id
+    ctx: dict = {
+        "visit": visit,
+        "status": status,
+        "can_edit": is_owner and status in booking.OPEN_STATUSES and visit["starts_at"] > now,
+        "is_owner": is_owner,
+        "can_cancel": booking.can_cancel(user, visit, now, free_s),
+        "can_reschedule": booking.can_reschedule(user, visit, now, free_s) and visit["starts_at"] > now,
+        "cancel_free_hours": round(settings.cancel_free_hours),
+        "hold_seconds": max(0, int((visit["hold_expires"] or 0) - now)) if status == "held" else 0,
+        "call_url": None,
+        "earlier_visits": [],
+        "message": request.query.get("m", ""),
+    }
+    if status == "confirmed" and user.role in ("patient", "doctor"):
+        ctx["call_url"] = _call_url(request, visit, user.role)
+    ctx["visit"] = {k: v for k, v in visit.items() if k != "call_nonce"}  # templates never need it
+    if user.role in ("doctor", "admin"):
+        ctx["earlier_visits"] = await request.app[keys.DB].query(
+            "SELECT v.public_id, v.starts_at, v.status, u.display_name AS doctor_name,"
+            " (SELECT count(*) FROM reports r WHERE r.visit_id = v.id) AS reports"
+            " FROM visits v JOIN users u ON u.id = v.doctor_id WHERE v.patient_id = ? AND v.id != ?"
+            " AND v.status IN ('confirmed', 'completed', 'no_show') AND v.starts_at < ?"
+            " ORDER BY v.starts_at DESC LIMIT 20",
+            [visit["patient_id"], visit["id"], visit["starts_at"]],
+        )
+    ctx["recordings"] = []
+    if user.role in ("doctor", "admin"):  # _visit_for: a doctor sees only their own visits
+        from consult.calls import recordings
+
+        ctx["recordings"] = await request.app[keys.DB].execute_fn(
+            lambda db: recordings.for_visit_sync(db, visit["id"])
+        )
+    await audit_read(request, "visit.view", "visit", visit["id"], visit["patient_id"])
+    return aiohttp_jinja2.render_template("visit_detail.html", request, ctx)
+
+
+async def cancel_submit(request: web.Request) -> web.Response:
+    user = security.require(request)
+    visit = await _visit_for(request, user)
+    data = await form(request)
+    result = await booking.cancel(
+        request.app,
+        visit["id"],
+        user,
+        reason=(data.get("reason") or "").strip()[:500],
+        remote=security.client_address(request),
+    )
+    note = "cancelled_refunded" if result["refunded"] else "cancelled"
+    raise web.HTTPSeeOther(f"{request.app.router['visit'].url_for(public_id=visit['public_id'])}?m={note}")
+
+
+async def _reschedule_context(request: web.Request, user, visit: dict, error: str | None) -> dict:
+    settings = request.app[keys.SETTINGS]
+    now = time.time()
+    horizon = max(now, visit["starts_at"]) + BOOKING_DAYS * 86400
+    free = await request.app[keys.DB].execute_fn(
+        lambda db: schedules.slots(
+            db,
+            visit["doctor_id"],
+            now,
+            horizon,
+            settings.timezone,
+            now=now,
+            lead_s=settings.booking_lead_minutes * 60,
+            free_only=True,
+        )
+    )
+    return {"visit": visit, "days": group_by_day(free, settings.timezone), "error": error}
+
+
+async def reschedule_page(request: web.Request) -> web.Response:
+    user = security.require(request)
+    visit = await _visit_for(request, user)
+    ctx = await _reschedule_context(request, user, visit, None)
+    return aiohttp_jinja2.render_template("visit_reschedule.html", request, ctx)
+
+
+async def reschedule_submit(request: web.Request) -> web.Response:
+    user = security.require(request)
+    visit = await _visit_for(request, user)
+    data = await form(request)
+    try:
+        await booking.reschedule(
+            request.app,
+            visit["id"],
+            user,
+            _int(data.get("starts_at"), "time"),
+            remote=security.client_address(request),
+        )
+    except ConsultError as exc:
+        ctx = await _reschedule_context(request, user, visit, exc.message)
+        return aiohttp_jinja2.render_template("visit_reschedule.html", request, ctx, status=exc.status)
+    raise web.HTTPSeeOther(f"{request.app.router['visit'].url_for(public_id=visit['public_id'])}?m=moved")
+
+
+async def visit_qr(request: web.Request) -> web.Response:
+    user = security.require(request)
+    visit = await _visit_for(request, user)
+    if visit["status"] != "confirmed" or user.role not in ("patient", "doctor"):
+        raise NotFound(_("There is no call link for this visit yet."))
+    body = qr.svg(_call_url(request, visit, user.role))
+    return web.Response(body=body, content_type="image/svg+xml", headers={"Cache-Control": "no-store"})
+
+
+async def visit_ics(request: web.Request) -> web.Response:
+    user = security.require(request)
+    visit = await _visit_for(request, user)
+    settings = request.app[keys.SETTINGS]
+    page = booking.base_url(settings, request) + str(
+        request.app.router["visit"].url_for(public_id=visit["public_id"])
+    )
+    summary = _("Online visit with %(doctor)s (%(hospital)s)") % {
+        "doctor": visit["doctor_name"],
+        "hospital": settings.hospital_name,
+    }
+    body = ics.event(
+        uid=f"{visit['public_id']}@consult",
+        starts_at=visit["starts_at"],
+        ends_at=visit["ends_at"],
+        summary=summary,
+        description=_("Open your visit page for the call link: %(url)s") % {"url": page},
+        url=page,
+        cancelled=visit["status"] not in (*booking.OPEN_STATUSES, "completed"),
+        sequence=max(0, int(visit["updated"] - visit["created"])),  # grows with every change
+    )
+    return web.Response(
+        text=body,
+        content_type="text/calendar",
+        charset="utf-8",
+        headers={"Content-Disposition": 'attachment; filename="visit.ics"'},
+    )

@@ -1,0 +1,340 @@
+"""The consultation call: who may join which visit room, and where the room's clock and events go.
+
+The `signaling` package runs the rooms and knows nothing about hospitals; this module is its
+`RoomPolicy` over our database. A room's id is the visit's public id. The patient's hello token
+is the signed call link (`consult.calllinks`); the doctor's is a short-lived host token that the
+consult-room page mints for the signed-in doctor (`make_host_token`). Every room event is
+appended to `session_events` (and folded into the admin session summary) in one write.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+from aiohttp import web
+
+from consult import sessionlog
+from consult.calls import links as calllinks
+from consult.calls import recordings
+from consult.core import keys, metrics
+from consult.core.config import Settings
+from consult.core.db import Database
+from consult.core.i18n import _
+from signaling import Admission, PeerInfo, Refused, RoomEvent, RoomState, SignalingConfig, SignalingServer
+
+log = logging.getLogger(__name__)
+
+HOST_TOKEN_TTL_S = 600
+HOST_PREFIX = "host."
+# The doctor may open the room before the patient's link opens, to read the reports.
+DOCTOR_EARLY_S = 30 * 60
+WS_PATH = "/ws/rooms/{room_id}"
+_VISIT_IDS_MAX = 4096
+
+
+# -- host tokens ------------------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _host_mac(settings: Settings, payload: bytes) -> bytes:
+    return hmac.new(settings.session_key.encode(), b"room-host:" + payload, hashlib.sha256).digest()
+
+
+def make_host_token(settings: Settings, public_id: str, user_id: int, now: float) -> str:
+    """A token for the room page of a signed-in doctor: this visit, this user, ten minutes."""
+    payload = f"{public_id}|{int(user_id)}|{int(now) + HOST_TOKEN_TTL_S}".encode()
+    return f"{HOST_PREFIX}{_b64(payload)}.{_b64(_host_mac(settings, payload))}"
+
+
+def verify_host_token(settings: Settings, token: str, now: float) -> tuple[str, int]:
+    """`(public_id, user_id)` of a valid host token; `Refused` otherwise."""
+    invalid = Refused("invalid_token", _("This page has expired. Reload the consult room."))
+    body = token[len(HOST_PREFIX) :]
+    if len(body) > 400 or body.count(".") != 1:
+        raise invalid
+    encoded, sig = body.split(".")
+    try:
+        payload, mac = _unb64(encoded), _unb64(sig)
+        public_id, user_id, expires = payload.decode().split("|")
+        uid, exp = int(user_id), int(expires)
+    except (ValueError, TypeError):
+        raise invalid from None
+    if not hmac.compare_digest(mac, _host_mac(settings, payload)):
+        raise invalid
+    if now > exp:
+        raise invalid
+    return public_id, uid
+
+
+# -- the policy -------------------------------------------------------------------------------
+
+
+def visit_length_s(settings: Settings, doctor_minutes: int | None) -> float:
+    if settings.visit_seconds_override > 0:
+        return settings.visit_seconds_override
+    if doctor_minutes:
+        return float(doctor_minutes) * 60
+    return settings.visit_minutes * 60
+
+
+_VISIT_FOR_ROOM = (
+    "SELECT v.id, v.public_id, v.status, v.starts_at, v.ends_at, v.call_nonce, v.patient_id,"
+    " v.doctor_id, d.visit_minutes, pu.display_name AS patient_name, du.display_name AS doctor_name,"
+    " du.active AS doctor_active"
+    " FROM visits v JOIN doctors d ON d.user_id = v.doctor_id"
+    " JOIN users pu ON pu.id = v.patient_id JOIN users du ON du.id = v.doctor_id"
+    " WHERE v.public_id = ?"
+)
+
+
+class ConsultPolicy:
+    """`signaling.RoomPolicy` over the Consult database."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.db: Database | None = None  # set when the app's database opens
+        self.app: web.Application | None = None  # for metrics; set by setup_calls
+        self._visit_ids: dict[str, int] = {}
+        # The last client seen per seat: `joined` events carry its user agent into the log.
+        self._peers: dict[tuple[str, str], PeerInfo] = {}
+
+    def _database(self) -> Database:
+        if self.db is None:
+            raise RuntimeError("ConsultPolicy used before the database opened")
+        return self.db
+
+    async def _visit(self, public_id: str) -> dict[str, Any] | None:
+        row = await self._database().query_one(_VISIT_FOR_ROOM, [public_id])
+        return None if row is None else dict(row)
+
+    async def admit(self, room_id: str, token: str, peer: PeerInfo) -> Admission:
+        now = self.clock()
+        if token.startswith(HOST_PREFIX):
+            public_id, user_id = verify_host_token(self.settings, token, now)
+            role = "host"
+        else:
+            public_id, nonce = self._patient_token(token, now)
+            user_id = None
+            role = "guest"
+        if public_id != room_id:
+            raise Refused("invalid_token", _("This link is for another visit."))
+        visit = await self._visit(room_id)
+        if visit is None:
+            raise Refused("invalid_token", _("This visit does not exist."))
+        if role == "guest" and not hmac.compare_digest(visit["call_nonce"], nonce):
+            raise Refused(
+                "invalid_token",
+                _(
+                    "This call link was replaced: the visit was moved."
+                    " Open the new link from your visit page."
+                ),
+            )
+        if role == "host" and (visit["doctor_id"] != user_id or not visit["doctor_active"]):
+            raise Refused("forbidden", _("Only this visit's doctor can open its consult room."))
+        if visit["status"] == "completed":
+            raise Refused("room_ended", _("This visit has ended."))
+        if visit["status"] != "confirmed":
+            raise Refused("visit_not_confirmed", _("This visit is not confirmed or was cancelled."))
+        self._visit_ids[room_id] = visit["id"]
+        if len(self._visit_ids) > _VISIT_IDS_MAX:
+            self._visit_ids.pop(next(iter(self._visit_ids)))
+        terms = await self._database().execute_fn(
+            lambda db: recordings.terms_sync(db, visit["id"], self.settings.recording_policy)
+        )
+        side = recordings.ROLE_OF_SEAT[role]
+        if not terms.may_join(side):
+            # The pages ask before connecting; this is the server's own check.
+            raise Refused(
+                "recording_consent",
+                _("This visit is recorded. It can take place only if you agree to the recording."),
+            )
+        self._peers[(room_id, role)] = peer
+        early = DOCTOR_EARLY_S if role == "host" else calllinks.EARLY_S
+        return Admission(
+            room_id=room_id,
+            role=role,
+            participant=visit["doctor_name"] if role == "host" else visit["patient_name"],
+            not_before=visit["starts_at"] - early,
+            not_after=visit["ends_at"] + calllinks.LATE_S,
+            duration_s=visit_length_s(self.settings, visit["visit_minutes"]),
+            warning_s=self.settings.warning_minutes * 60,
+            recording=terms.records(side),
+            # Only an opaque id reaches coturn's logs (TURN REST username), never a name.
+            user_id=f"d{visit['doctor_id']}" if role == "host" else f"p{visit['patient_id']}",
+        )
+
+    def _patient_token(self, token: str, now: float) -> tuple[str, str]:
+        try:
+            parsed = calllinks.decode(self.settings, token, now)
+        except calllinks.CallLinkNotYetValid as exc:
+            raise Refused("too_early", exc.message) from None
+        except calllinks.CallLinkExpired as exc:
+            raise Refused("too_late", exc.message) from None
+        except calllinks.CallLinkInvalid as exc:
+            raise Refused("invalid_token", exc.message) from None
+        if parsed.role != "patient":
+            # The doctor's own call link leads to the consult room, which mints a host token.
+            raise Refused("invalid_token", _("Open the consult room from your clinic page."))
+        return parsed.public_id, parsed.nonce
+
+    async def _visit_id(self, room_id: str) -> int | None:
+        found = self._visit_ids.get(room_id)
+        if found is None:
+            row = await self._database().query_one("SELECT id FROM visits WHERE public_id = ?", [room_id])
+            if row is None:
+                return None
+            found = self._visit_ids[room_id] = row[0]
+        return found
+
+    async def load_state(self, room_id: str) -> RoomState | None:
+        row = await self._database().query_one(
+            "SELECT r.started_at, r.ended_at, r.end_reason FROM rooms r"
+            " JOIN visits v ON v.id = r.visit_id WHERE v.public_id = ?",
+            [room_id],
+        )
+        if row is None:
+            return None
+        return RoomState(room_id, row["started_at"], row["ended_at"], row["end_reason"])
+
+    async def save_state(self, state: RoomState) -> None:
+        visit_id = await self._visit_id(state.room_id)
+        if visit_id is None:
+            return
+        now = self.clock()
+
+        def write(db: sqlite_utils.Database) -> None:
+            db.execute(
+                "INSERT INTO rooms (visit_id, started_at, ended_at, end_reason, updated)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(visit_id) DO UPDATE SET"
+                " started_at = excluded.started_at, ended_at = excluded.ended_at,"
+                " end_reason = excluded.end_reason, updated = excluded.updated",
+                [visit_id, state.started_at, state.ended_at, state.end_reason, now],
+            )
+
+        await self._database().execute_write_fn(write)
+
+    def _event_data(self, event: RoomEvent) -> dict[str, Any]:
+        data = dict(event.data)
+        if event.name == "joined" and event.role is not None:
+            peer = self._peers.get((event.room_id, event.role))
+            if peer is not None and peer.user_agent:
+                data["user_agent"] = peer.user_agent[:400]
+        if self.settings.mask_addresses and data.get("remote"):
+            data["remote"] = sessionlog.mask_address(str(data["remote"]))
+        return data
+
+    async def on_event(self, event: RoomEvent) -> None:
+        visit_id = await self._visit_id(event.room_id)
+        if visit_id is None:
+            return
+        data = self._event_data(event)
+        files: list[dict[str, Any]] = []
+        data_dir = self.settings.data_dir
+        if event.name == "recording_stopped":
+            files = list(data.get("files") or [])
+            # The log keeps file names, not the server's absolute paths.
+            data["files"] = [
+                {k: v for k, v in f.items() if k != "path"} | {"name": Path(str(f.get("path"))).name}
+                for f in files
+            ]
+        encoded = json.dumps(data, ensure_ascii=False, default=str)
+        tz = self.settings.timezone
+        if event.name == "ended":
+            self._peers.pop((event.room_id, "host"), None)
+            self._peers.pop((event.room_id, "guest"), None)
+
+        def write(db: sqlite_utils.Database) -> None:
+            db.execute(
+                "INSERT INTO session_events (visit_id, created, name, role, data) VALUES (?, ?, ?, ?, ?)",
+                [visit_id, event.created, event.name, event.role, encoded],
+            )
+            if files:
+                stored_bytes.append(recordings.store_files_sync(db, data_dir, visit_id, files, event.created))
+            if event.name == "ended":
+                db.execute(
+                    "UPDATE visits SET status = 'completed', updated = ?"
+                    " WHERE id = ? AND status = 'confirmed'",
+                    [event.created, visit_id],
+                )
+            # The summary is a derived view: a bug there must not lose the event itself.
+            db.execute("SAVEPOINT summary")
+            try:
+                sessionlog.apply_event_sync(db, visit_id, event.name, event.role, event.created, data, tz=tz)
+            except (sqlite3.Error, ValueError, TypeError, KeyError):
+                log.exception("session summary failed for %s in visit %s", event.name, visit_id)
+                db.execute("ROLLBACK TO summary")
+            db.execute("RELEASE summary")
+
+        stored_bytes: list[int] = []
+        await self._database().execute_write_fn(write)
+        if stored_bytes and self.app is not None:
+            metrics.count(self.app, "recording_bytes", sum(stored_bytes))
+
+
+# -- wiring -----------------------------------------------------------------------------------
+
+SIGNALING = web.AppKey("signaling", SignalingServer)
+POLICY = web.AppKey("call_policy", ConsultPolicy)
+
+
+def signaling_config(settings: Settings) -> SignalingConfig:
+    return SignalingConfig(
+        turn_urls=tuple(settings.turn_urls),
+        stun_urls=tuple(settings.stun_urls),
+        turn_secret=settings.turn_secret if settings.turn_urls else "",
+        ice_transport_policy=settings.ice_transport_policy,
+    )
+
+
+def setup_calls(app: web.Application) -> None:
+    """Mount `/ws/rooms/{room_id}` with our policy; call after the database context is set up."""
+    settings = app[keys.SETTINGS]
+    policy = ConsultPolicy(settings)
+    policy.app = app
+    data_dir = settings.data_dir
+    server = SignalingServer(
+        policy,
+        signaling_config(settings),
+        recording_dir=lambda room_id: recordings.room_dir(data_dir, room_id),
+    )
+    app[POLICY] = policy
+    app[SIGNALING] = server
+
+    async def attach_database(app: web.Application) -> AsyncIterator[None]:
+        policy.db = app[keys.DB]
+        # Files of visits recorded when the server died: rows (complete = 0) before any room
+        # opens, with size, hash and duration read from the partial files.
+        try:
+            interrupted = await policy.db.execute_fn(
+                lambda db: recordings.find_interrupted_sync(db, data_dir)
+            )
+            found = await policy.db.execute_write_fn(
+                lambda db: recordings.store_interrupted_sync(db, interrupted)
+            )
+            if found:
+                log.warning("recordings interrupted by a crash, recovered: %s", ", ".join(found))
+        except Exception:
+            log.exception("could not recover interrupted recordings")
+        yield
+
+    # Before the server's own context: its teardown flushes events into the still-open database.
+    app.cleanup_ctx.append(attach_database)
+    server.setup(app, WS_PATH)

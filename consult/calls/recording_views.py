@@ -1,0 +1,48 @@
+"""Serving visit recordings: only to the visit's doctor and to admins, with HTTP Range."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from consult.audit.reads import audit_read
+from consult.calls import recordings
+from consult.core import keys, security
+from consult.core.errors import NotFound
+from consult.core.i18n import _
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/recordings/{recording_id:[0-9]{1,12}}", play_recording, name="recording")
+
+
+async def play_recording(request: web.Request) -> web.StreamResponse:
+    user = security.require(request)
+    recording_id = int(request.match_info["recording_id"])
+    row = await request.app[keys.DB].query_one(
+        "SELECT r.id, r.visit_id, r.role, r.path, r.size, v.doctor_id, v.patient_id"
+        " FROM recordings r JOIN visits v ON v.id = r.visit_id WHERE r.id = ?",
+        [recording_id],
+    )
+    # Everyone else (the patient included) learns nothing, not even that it exists.
+    if row is None or not (user.role == "admin" or (user.role == "doctor" and row["doctor_id"] == user.id)):
+        raise NotFound(_("No such recording."))
+    try:
+        path = recordings.stored_path(request.app[keys.SETTINGS].data_dir, row["path"])
+    except ValueError:
+        raise NotFound(_("No such recording.")) from None
+    if not path.is_file():
+        raise NotFound(_("This recording's file is missing."))
+    range_header = request.headers.get("Range", "")
+    if not range_header or range_header.replace(" ", "").startswith("bytes=0-"):
+        # One entry per playing: the player's follow-up range requests are the same viewing.
+        await audit_read(
+            request, "recording.play", "recording", row["id"], row["patient_id"], visit_id=row["visit_id"]
+        )
+    headers = {
+        "Content-Type": "video/x-matroska" if path.suffix == ".mkv" else "video/webm",
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "private, no-store",
+        "Content-Disposition": f'inline; filename="{path.name}"',
+        "Content-Security-Policy": "sandbox; default-src 'none'",
+    }
+    return web.FileResponse(path, headers=headers)

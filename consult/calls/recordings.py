@@ -1,0 +1,418 @@
+"""Visit recordings: policy and consent, the file rows, crash recovery and retention.
+
+The media side is `signaling.recording` (docs/recording.md): it writes one WebM file per
+participant leg into the directory this module chooses (`<data_dir>/recordings/<public id>/`)
+and reports the files in a `recording_stopped` room event, which `consult.calls` stores here.
+
+Policy: `recording_policy` setting, overridden by the department, then by the doctor; fixed on
+the visit (`visits.recording`) when the first consent answer is stored. Under `on_request`
+a visit is recorded only when both sides said yes; under `always` a side that has not said
+yes cannot join (the patient is offered to reschedule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from consult.audit import chain as audit
+from consult.core.db import Database
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("off", "on_request", "always")
+# Signaling seats to the application's roles (and back: file names start with the seat).
+ROLE_OF_SEAT = {"host": "doctor", "guest": "patient"}
+SEAT_OF_ROLE = {v: k for k, v in ROLE_OF_SEAT.items()}
+SUBDIR = "recordings"
+_ROOM_DIR_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_FILE_RE = re.compile(r"^(host|guest)-[0-9TZ]+-[0-9a-f]{12}\.(webm|mkv)$")
+
+
+# -- policy and consent -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VisitRecording:
+    """A visit's recording terms: its policy and each side's answer (None: not asked yet)."""
+
+    policy: str
+    patient: bool | None
+    doctor: bool | None
+
+    @property
+    def asks(self) -> bool:
+        return self.policy != "off"
+
+    def consent(self, role: str) -> bool | None:
+        return self.patient if role == "patient" else self.doctor
+
+    def records(self, role: str) -> bool:
+        """Whether `role`'s admission allows recording: they said yes and the other side has
+        not said no (the room records only when both admissions allow it)."""
+        other = self.doctor if role == "patient" else self.patient
+        return self.asks and self.consent(role) is True and other is not False
+
+    def may_join(self, role: str) -> bool:
+        """Under `always`, a visit is held only with this side's consent."""
+        return self.policy != "always" or self.consent(role) is True
+
+    @property
+    def recorded(self) -> bool:
+        return self.asks and self.patient is True and self.doctor is True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "patient": self.patient, "doctor": self.doctor}
+
+
+_TERMS_SQL = (
+    "SELECT v.recording, v.recording_consent_patient, v.recording_consent_doctor,"
+    " d.recording_policy AS doctor_policy, dep.recording_policy AS department_policy"
+    " FROM visits v LEFT JOIN doctors d ON d.user_id = v.doctor_id"
+    " LEFT JOIN departments dep ON dep.id = v.department_id WHERE v.id = ?"
+)
+
+
+def _bool(value: Any) -> bool | None:
+    return None if value is None else bool(value)
+
+
+def effective_policy(default: str, department: str | None, doctor: str | None) -> str:
+    for value in (doctor, department, default):
+        if value in POLICIES:
+            return value
+    return "off"
+
+
+def terms_sync(db: sqlite_utils.Database, visit_id: int, default_policy: str) -> VisitRecording:
+    row = db.execute(_TERMS_SQL, [visit_id]).fetchone()
+    if row is None:
+        return VisitRecording("off", None, None)
+    fixed, patient, doctor, doctor_policy, department_policy = row
+    policy = fixed if fixed in POLICIES else None
+    policy = policy or effective_policy(default_policy, department_policy, doctor_policy)
+    return VisitRecording(policy, _bool(patient), _bool(doctor))
+
+
+def set_consent_sync(
+    db: sqlite_utils.Database,
+    visit_id: int,
+    role: str,
+    consent: bool,
+    default_policy: str,
+    *,
+    actor_id: int | None,
+    remote: str | None,
+    subject_user_id: int | None,
+) -> VisitRecording:
+    """Store one side's answer (writer thread), fixing the visit's policy; audited."""
+    if role not in ("patient", "doctor"):
+        raise ValueError(role)
+    terms = terms_sync(db, visit_id, default_policy)
+    column = f"recording_consent_{role}"
+    db.execute(
+        f"UPDATE visits SET recording = ?, {column} = ?, updated = ? WHERE id = ?",  # noqa: S608
+        [terms.policy, int(consent), time.time(), visit_id],
+    )
+    audit.append(
+        db,
+        audit.AuditEntry(
+            action="visit.recording_consent",
+            object_type="visit",
+            object_id=str(visit_id),
+            actor_id=actor_id,
+            actor_role=role,
+            remote=remote,
+            subject_user_id=subject_user_id,
+            detail={"role": role, "consent": consent, "policy": terms.policy},
+        ),
+    )
+    return terms_sync(db, visit_id, default_policy)
+
+
+def set_override_sync(db: sqlite_utils.Database, kind: str, object_id: int, raw: str, actor: Any) -> None:
+    """An admin's recording policy for a department or doctor ("" = inherit); audited if changed."""
+    from consult.core.errors import BadRequest
+    from consult.core.i18n import _
+
+    value = (raw or "").strip() or None
+    if value is not None and value not in POLICIES:
+        raise BadRequest(_("Unknown recording policy."))
+    table, key = {"department": ("departments", "id"), "doctor": ("doctors", "user_id")}[kind]
+    row = db.execute(f"SELECT recording_policy FROM {table} WHERE {key} = ?", [object_id]).fetchone()  # noqa: S608
+    if row is None or row[0] == value:
+        return
+    db.execute(f"UPDATE {table} SET recording_policy = ? WHERE {key} = ?", [value, object_id])  # noqa: S608
+    audit.append(
+        db,
+        audit.AuditEntry(
+            action=f"{kind}.recording_policy",
+            object_type=kind,
+            object_id=str(object_id),
+            actor_id=getattr(actor, "id", None),
+            actor_role=getattr(actor, "role", None),
+            detail={"from": row[0], "to": value},
+        ),
+    )
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def root_dir(data_dir: Path) -> Path:
+    return data_dir / SUBDIR
+
+
+def room_dir(data_dir: Path, public_id: str) -> Path:
+    """`<data_dir>/recordings/<public id>/`, created private (the recorder's callable)."""
+    if not _ROOM_DIR_RE.fullmatch(public_id):
+        raise ValueError("invalid room id")
+    root = root_dir(data_dir)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = root / public_id
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def stored_path(data_dir: Path, relative: str) -> Path:
+    """The absolute path of a row's file; refuses anything outside recordings/."""
+    root = root_dir(data_dir).resolve()
+    path = (data_dir / relative).resolve()
+    if root not in path.parents:
+        raise ValueError("not a recording path")
+    return path
+
+
+def _relative(data_dir: Path, path: Path | str) -> str:
+    return str(Path(path).resolve().relative_to(data_dir.resolve()))
+
+
+def sha256_file(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def probe(path: Path) -> tuple[float | None, list[dict[str, Any]]]:
+    """Duration and tracks of a (possibly partial) file, read by demuxing it completely:
+    a file cut by a crash has no duration in its header."""
+    import av
+
+    tracks: dict[int, dict[str, Any]] = {}
+    first: float | None = None
+    last: float | None = None
+    try:
+        with av.open(str(path)) as container:
+            for stream in container.streams:
+                tracks[stream.index] = {
+                    "kind": stream.type,
+                    "codec": stream.codec_context.name if stream.codec_context else None,
+                    "frames": 0,
+                    "bytes": 0,
+                }
+            for packet in container.demux():
+                if packet.pts is None or packet.size == 0:
+                    continue
+                t = float(packet.pts * packet.time_base)
+                end = t + float((packet.duration or 0) * packet.time_base)
+                first = t if first is None else min(first, t)
+                last = end if last is None else max(last, end)
+                track = tracks.get(packet.stream.index)
+                if track is not None:
+                    track["frames"] += 1
+                    track["bytes"] += packet.size
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        log.warning("recording %s: could not read it completely: %s", path, exc)
+    duration = None if last is None else round(last - min(first or 0.0, 0.0), 3)
+    return duration, list(tracks.values())
+
+
+def store_files_sync(
+    db: sqlite_utils.Database, data_dir: Path, visit_id: int, files: list[dict[str, Any]], now: float
+) -> int:
+    """Rows for the files a `recording_stopped` event reports (complete); returns bytes."""
+    total = 0
+    for f in files:
+        seat = str(f.get("role"))
+        role = ROLE_OF_SEAT.get(seat)
+        if role is None:
+            continue
+        try:
+            relative = _relative(data_dir, f["path"])
+        except (KeyError, ValueError):
+            log.error("recording outside the data directory ignored: %r", f.get("path"))
+            continue
+        size = int(f.get("size") or 0)
+        total += size
+        db.execute(
+            "INSERT INTO recordings (visit_id, role, path, tracks, started_at, duration_s, size, sha256,"
+            " created, complete) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT(path) DO UPDATE SET"
+            " tracks = excluded.tracks, started_at = excluded.started_at, duration_s = excluded.duration_s,"
+            " size = excluded.size, sha256 = excluded.sha256, complete = 1",
+            [
+                visit_id,
+                role,
+                relative,
+                json.dumps(f.get("tracks") or [], default=str),
+                f.get("started_at"),
+                f.get("duration_s"),
+                size,
+                f.get("sha256"),
+                now,
+            ],
+        )
+    return total
+
+
+def find_interrupted_sync(db: sqlite_utils.Database, data_dir: Path) -> list[dict[str, Any]]:
+    """At start-up, on a reader: every file on disk without a complete row (the server died while
+    recording), with size, SHA-256 and duration read from the file. Hashing and probing happen
+    here, outside the writer, so a large partial file never holds up other writes."""
+    root = root_dir(data_dir)
+    if not root.is_dir():
+        return []
+    known = {r[0]: r[1] for r in db.execute("SELECT path, complete FROM recordings").fetchall()}
+    found: list[dict[str, Any]] = []
+    for room in sorted(p for p in root.iterdir() if p.is_dir() and _ROOM_DIR_RE.fullmatch(p.name)):
+        visit = db.execute("SELECT id FROM visits WHERE public_id = ?", [room.name]).fetchone()
+        if visit is None:
+            continue
+        for path in sorted(room.iterdir()):
+            match = _FILE_RE.fullmatch(path.name)
+            if match is None or not path.is_file() or path.is_symlink():
+                continue
+            relative = _relative(data_dir, path)
+            if known.get(relative) == 1:
+                continue
+            size, digest = sha256_file(path)
+            duration, tracks = probe(path)
+            found.append(
+                {
+                    "visit_id": visit[0],
+                    "role": ROLE_OF_SEAT[match.group(1)],
+                    "path": relative,
+                    "tracks": json.dumps(tracks),
+                    "duration_s": duration,
+                    "size": size,
+                    "sha256": digest,
+                    "created": path.stat().st_mtime,
+                }
+            )
+    return found
+
+
+def store_interrupted_sync(db: sqlite_utils.Database, found: list[dict[str, Any]]) -> list[str]:
+    """In the writer: a row (complete = 0) for each file ``find_interrupted_sync`` returned;
+    incomplete rows are refreshed. Returns the relative paths touched."""
+    for item in found:
+        db.execute(
+            "INSERT INTO recordings (visit_id, role, path, tracks, started_at, duration_s, size, sha256,"
+            " created, complete) VALUES (:visit_id, :role, :path, :tracks, NULL, :duration_s, :size,"
+            " :sha256, :created, 0) ON CONFLICT(path) DO UPDATE SET tracks = excluded.tracks,"
+            " duration_s = excluded.duration_s, size = excluded.size, sha256 = excluded.sha256"
+            " WHERE complete = 0",
+            item,
+        )
+    return [item["path"] for item in found]
+
+
+def recover_sync(db: sqlite_utils.Database, data_dir: Path) -> list[str]:
+    """Both steps in one connection, for the CLI and tests."""
+    return store_interrupted_sync(db, find_interrupted_sync(db, data_dir))
+
+
+def for_visit_sync(db: sqlite_utils.Database, visit_id: int) -> list[dict[str, Any]]:
+    rows = db.execute(
+        "SELECT id, role, path, tracks, started_at, duration_s, size, sha256, created, complete"
+        " FROM recordings WHERE visit_id = ? ORDER BY id",
+        [visit_id],
+    ).fetchall()
+    keys = ("id", "role", "path", "tracks", "started_at", "duration_s", "size", "sha256", "created")
+    keys += ("complete",)
+    out = []
+    for row in rows:
+        item = dict(zip(keys, row, strict=True))
+        item["tracks"] = json.loads(item["tracks"] or "[]")
+        out.append(item)
+    return out
+
+
+# -- retention --------------------------------------------------------------------------------
+
+
+def purge(
+    database: Database,
+    data_dir: Path,
+    older_than_days: float,
+    *,
+    dry_run: bool,
+    now: float,
+    actor: str = "cli",
+) -> list[dict[str, Any]]:
+    """Delete recordings created more than `older_than_days` ago: the file, then its row with
+    an audit entry (`recording.delete`) in the same transaction, one recording at a time."""
+    cutoff = now - older_than_days * 86400
+    keys = ("id", "visit_id", "role", "path", "size", "sha256", "created", "patient_id")
+
+    def find(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+        rows = db.execute(
+            "SELECT r.id, r.visit_id, r.role, r.path, r.size, r.sha256, r.created, v.patient_id"
+            " FROM recordings r JOIN visits v ON v.id = r.visit_id WHERE r.created < ? ORDER BY r.id",
+            [cutoff],
+        ).fetchall()
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    found = database.read_sync(find)
+    if dry_run:
+        return found
+    for item in found:
+        try:
+            path = stored_path(data_dir, item["path"])
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # the visit's directory, once empty
+        except ValueError:
+            log.error("recording %s: path outside recordings/, only the row is removed", item["id"])
+
+        def delete(db: sqlite_utils.Database, item: dict[str, Any] = item) -> None:
+            db.execute("DELETE FROM recordings WHERE id = ?", [item["id"]])
+            audit.append(
+                db,
+                audit.AuditEntry(
+                    action="recording.delete",
+                    object_type="recording",
+                    object_id=str(item["id"]),
+                    actor_role=actor,
+                    subject_user_id=item["patient_id"],
+                    detail={
+                        "visit_id": item["visit_id"],
+                        "role": item["role"],
+                        "path": item["path"],
+                        "size": item["size"],
+                        "sha256": item["sha256"],
+                        "reason": "retention",
+                        "older_than_days": older_than_days,
+                    },
+                ),
+            )
+
+        database.write_sync(delete)
+    return found
+
+
+def file_mode_ok(path: Path) -> bool:
+    return (os.stat(path).st_mode & 0o077) == 0

@@ -1,0 +1,254 @@
+"""The call pages: the patient's phone page (the link is the credential) and the doctor's room."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from consult import booking
+from consult.booking.views import PUBLIC_ID
+from consult.calls import links as calllinks
+from consult.calls import policy as calls
+from consult.calls import recordings
+from consult.core import keys, security
+from consult.core.errors import Forbidden, NotFound
+from consult.core.i18n import _
+
+log = logging.getLogger(__name__)
+
+
+def setup(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/call/{token}", call_page, name="call_page")
+    r.add_get("/doctor/visits/{public_id}/room", consult_room, name="consult_room")
+    r.add_get("/doctor/visits/{public_id}/room/token", host_token, name="consult_room_token")
+    r.add_post("/call/{token}/recording-consent", patient_consent, name="call_recording_consent")
+    r.add_post(
+        "/doctor/visits/{public_id}/room/recording-consent", doctor_consent, name="room_recording_consent"
+    )
+    calls.setup_calls(app)
+
+
+def call_strings() -> dict[str, str]:
+    """Everything call.js and its parts (call-*.js) say, in the request's language (as a JSON block)."""
+    return {
+        "connecting": _("Connecting…"),
+        "checking": _("Checking…"),
+        "can_connect": _("Connection to the hospital works."),
+        "cannot_connect": _("Cannot reach the hospital's server. Check your network."),
+        "camera_ok": _("Camera works."),
+        "camera_failed": _("No camera or microphone: allow access in your browser's settings."),
+        "waiting_doctor": _("Waiting for the doctor. The doctor will admit you shortly."),
+        "waiting_patient": _("Waiting for the patient to join."),
+        "patient_waiting": _("The patient is in the waiting room."),
+        "peer_connecting": _("Connecting the video…"),
+        "in_call": _("Connected."),
+        "reconnecting": _("Reconnecting…"),
+        "restored": _("Connection restored."),
+        "peer_left": _("The other side lost the connection. Waiting for them to come back…"),
+        "warning": _("The visit ends in %(seconds)s seconds."),
+        "ended": _("The visit has ended."),
+        "ended_time_limit": _("The visit time is over."),
+        "ended_host_ended": _("The doctor ended the visit."),
+        "ended_room_ended": _("This visit is already over."),
+        "left": _("You left the visit. You can rejoin while it lasts."),
+        "replaced": _("This visit was opened on another device or tab."),
+        "refused": _("You cannot join this visit."),
+        "mute": _("Mute"),
+        "unmute": _("Unmute"),
+        "camera_off": _("Camera off"),
+        "camera_on": _("Camera on"),
+        "confirm_end": _("End the visit for both of you?"),
+        "confirm_leave": _("Leave the visit?"),
+        "chat_failed": _("The message could not be sent."),
+        "you": _("You"),
+        "quality_good": _("Good connection"),
+        "quality_fair": _("Unstable connection"),
+        "quality_poor": _("Poor connection"),
+        "admitted": _("The patient was admitted."),
+        "recording": _("Recording"),
+        "consent_failed": _("Your answer could not be saved. Try again."),
+    }
+
+
+async def _visit(request: web.Request, public_id: str) -> dict[str, Any] | None:
+    if not PUBLIC_ID.match(public_id):
+        return None
+    return await request.app[keys.DB].execute_fn(lambda db: booking.get_visit_sync(db, public_id=public_id))
+
+
+def _ws_path(request: web.Request, public_id: str) -> str:
+    return str(request.app.router["signaling"].url_for(room_id=public_id))
+
+
+async def call_page(request: web.Request) -> web.Response:
+    """The patient's call page. The signed link is the credential: no sign-in."""
+    settings = request.app[keys.SETTINGS]
+    raw = request.match_info["token"]
+    try:
+        token = calllinks.decode(settings, raw, time.time())
+    except calllinks.CallLinkNotYetValid as exc:
+        return aiohttp_jinja2.render_template(
+            "call_patient.html",
+            request,
+            {"state": "early", "visit": None, "opens_at": exc.opens_at, "message": exc.message},
+            status=exc.status,
+        )
+    visit = await _visit(request, token.public_id)
+    if visit is None or visit["call_nonce"] != token.nonce:
+        raise calllinks.CallLinkInvalid(
+            _("This call link was replaced: the visit was moved. Open the new link from your visit page.")
+        )
+    if token.role == "doctor":
+        raise web.HTTPSeeOther(str(request.app.router["consult_room"].url_for(public_id=token.public_id)))
+    if visit["status"] not in ("confirmed", "completed"):
+        raise calllinks.CallLinkInvalid(_("This visit is not confirmed or was cancelled."))
+    view = booking.visit_view(visit, request[keys.LOCALE])
+    view.pop("call_nonce", None)
+    return aiohttp_jinja2.render_template(
+        "call_patient.html",
+        request,
+        {
+            "state": "ended" if visit["status"] == "completed" else "call",
+            "host_view": False,
+            "visit": view,
+            "ws_path": _ws_path(request, visit["public_id"]),
+            "hello_token": raw,
+            "strings": call_strings(),
+            **await _recording_context(request, visit, "patient"),
+            "consent_url": str(request.app.router["call_recording_consent"].url_for(token=raw)),
+            "reschedule_url": str(
+                request.app.router["visit_reschedule"].url_for(public_id=visit["public_id"])
+            ),
+        },
+    )
+
+
+async def _recording_context(request: web.Request, visit: dict[str, Any], role: str) -> dict[str, Any]:
+    settings = request.app[keys.SETTINGS]
+    terms = await request.app[keys.DB].execute_fn(
+        lambda db: recordings.terms_sync(db, visit["id"], settings.recording_policy)
+    )
+    own = terms.consent(role)
+    return {
+        "recording": terms,
+        "recording_answer": "" if own is None else ("yes" if own else "no"),
+        "retention_days": settings.recording_retention_days,
+    }
+
+
+async def _store_consent(
+    request: web.Request, visit: dict[str, Any], role: str, actor_id: int | None
+) -> web.Response:
+    try:
+        body = await request.json()
+    except (ValueError, RecursionError):  # not JSON, or nested beyond the parser's recursion limit
+        body = None
+    consent = body.get("consent") if isinstance(body, dict) else None
+    if not isinstance(consent, bool):
+        return web.json_response({"error": "consent must be true or false"}, status=400)
+    if visit["status"] != "confirmed":
+        return web.json_response({"error": "this visit is not open"}, status=409)
+    settings = request.app[keys.SETTINGS]
+    remote = security.client_address(request)
+    terms = await request.app[keys.DB].execute_write_fn(
+        lambda db: recordings.set_consent_sync(
+            db,
+            visit["id"],
+            role,
+            consent,
+            settings.recording_policy,
+            actor_id=actor_id,
+            remote=remote,
+            subject_user_id=visit["patient_id"],
+        )
+    )
+    return web.json_response(
+        {**terms.as_dict(), "may_join": terms.may_join(role), "records": terms.records(role)},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def patient_consent(request: web.Request) -> web.Response:
+    """The patient's answer to "this visit will be recorded" (the signed link is the credential)."""
+    settings = request.app[keys.SETTINGS]
+    try:
+        token = calllinks.decode(settings, request.match_info["token"], time.time())
+    except (calllinks.CallLinkInvalid, calllinks.CallLinkExpired, calllinks.CallLinkNotYetValid):
+        raise NotFound(_("No such visit.")) from None
+    visit = await _visit(request, token.public_id)
+    if visit is None or visit["call_nonce"] != token.nonce or token.role != "patient":
+        raise NotFound(_("No such visit."))
+    return await _store_consent(request, visit, "patient", visit["patient_id"])
+
+
+async def doctor_consent(request: web.Request) -> web.Response:
+    user, visit = await _own_visit(request)
+    return await _store_consent(request, visit, "doctor", user.id)
+
+
+async def _own_visit(request: web.Request) -> tuple[Any, dict[str, Any]]:
+    user = security.require(request, "doctor")
+    visit = await _visit(request, request.match_info["public_id"])
+    if visit is None:
+        raise NotFound(_("No such visit."))
+    if visit["doctor_id"] != user.id:
+        raise Forbidden(_("Only this visit's doctor can open its consult room."))
+    return user, visit
+
+
+async def _earlier_visits(request: web.Request, visit: dict[str, Any]) -> list[dict[str, Any]]:
+    """The patient's earlier visits, with notes and prescriptions where those exist."""
+    db = request.app[keys.DB]
+    try:
+        from consult.clinical import notes
+
+        return await notes.earlier_for_patient(db, visit)
+    except (ImportError, AttributeError, sqlite3.OperationalError):
+        log.debug("visit notes unavailable; listing earlier visits alone", exc_info=True)
+    rows = await db.query(
+        "SELECT v.public_id, v.starts_at, v.status, u.display_name AS doctor_name"
+        " FROM visits v JOIN users u ON u.id = v.doctor_id"
+        " WHERE v.patient_id = ? AND v.id != ? AND v.starts_at < ?"
+        " AND v.status IN ('confirmed', 'completed', 'no_show') ORDER BY v.starts_at DESC LIMIT 20",
+        [visit["patient_id"], visit["id"], visit["starts_at"]],
+    )
+    return [{**dict(r), "text": "", "advice": "", "prescriptions": []} for r in rows]
+
+
+async def consult_room(request: web.Request) -> web.Response:
+    user, visit = await _own_visit(request)
+    settings = request.app[keys.SETTINGS]
+    view = booking.visit_view(visit, request[keys.LOCALE])
+    view.pop("call_nonce", None)
+    return aiohttp_jinja2.render_template(
+        "consult_room.html",
+        request,
+        {
+            "visit": view,
+            "ended": visit["status"] == "completed",
+            "host_view": True,
+            "can_edit": False,
+            "ws_path": _ws_path(request, visit["public_id"]),
+            "hello_token": calls.make_host_token(settings, visit["public_id"], user.id, time.time()),
+            "token_url": str(request.app.router["consult_room_token"].url_for(public_id=visit["public_id"])),
+            "earlier": await _earlier_visits(request, visit),
+            "strings": call_strings(),
+            **await _recording_context(request, visit, "doctor"),
+            "consent_url": str(
+                request.app.router["room_recording_consent"].url_for(public_id=visit["public_id"])
+            ),
+        },
+    )
+
+
+async def host_token(request: web.Request) -> web.Response:
+    """A fresh host token: the room page asks for one before reconnecting after the first expired."""
+    user, visit = await _own_visit(request)
+    token = calls.make_host_token(request.app[keys.SETTINGS], visit["public_id"], user.id, time.time())
+    return web.json_response({"token": token}, headers={"Cache-Control": "no-store"})

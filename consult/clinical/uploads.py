@@ -1,0 +1,325 @@
+"""Receiving untrusted files: streamed to private temp files, typed by content, cleaned, stored.
+
+Nothing the client says about a file is trusted: not its name, not its declared type. The type
+comes from the bytes (magic numbers, then a real parse); photos are decoded and re-encoded so no
+EXIF (GPS, camera serial, time) survives; files live under server-chosen names with mode 0600
+inside one confined root. Every function that creates a file removes it again when anything
+after it fails, so an aborted or refused upload leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from consult.core.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from consult.core.i18n import _
+
+CHUNK = 256 * 1024
+FLUSH_AT = 1024 * 1024  # write to disk in ~1 MiB batches, off the event loop
+MAX_PIXELS = 60_000_000  # a phone photo is ~12-50 MP; more is a decompression bomb
+MAX_DISPLAY_NAME = 120
+STORED_NAME_RE = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{64}$")
+
+PDF = "application/pdf"
+JPEG = "image/jpeg"
+PNG = "image/png"
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif"}
+
+
+class ChunkSource(Protocol):
+    async def read_chunk(self, size: int = ...) -> bytes: ...
+
+
+@dataclass
+class Received:
+    path: Path
+    size: int
+
+
+@dataclass
+class Stored:
+    stored_name: str  # "ab/<64 hex>", relative to the uploads root
+    path: Path
+    content_type: str
+    size: int
+    sha256: str
+
+
+def uploads_root(data_dir: Path) -> Path:
+    return data_dir / "uploads"
+
+
+def tmp_dir(data_dir: Path) -> Path:
+    return uploads_root(data_dir) / "tmp"
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def _create_exclusive(directory: Path, name: str) -> tuple[int, Path]:
+    path = directory / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    return fd, path
+
+
+def remove_quietly(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def sanitize_display_name(raw: str | None, fallback: str = "report") -> str:
+    """Basename only; no control characters or path separators; at most 120 characters."""
+    name = unicodedata.normalize("NFC", raw or "")
+    name = re.split(r"[/\\]", name)[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
+    name = name.strip().strip(".").strip()
+    if not name:
+        name = fallback
+    if len(name) > MAX_DISPLAY_NAME:
+        stem, dot, ext = name.rpartition(".")
+        if dot and 0 < len(ext) <= 8:
+            name = stem[: MAX_DISPLAY_NAME - len(ext) - 1] + "." + ext
+        else:
+            name = name[:MAX_DISPLAY_NAME]
+    return name
+
+
+def display_name_for(raw: str | None, content_type: str) -> str:
+    """The client's name, sanitised, with an extension that matches what we actually stored."""
+    name = sanitize_display_name(raw)
+    wanted = {PDF: (".pdf",), JPEG: (".jpg", ".jpeg"), PNG: (".png",)}[content_type]
+    if name.lower().endswith(wanted):
+        return name
+    stem, dot, ext = name.rpartition(".")
+    if dot and stem and ("." + ext.lower()) in (".pdf", ".jpg", ".jpeg", ".png", ".heic", ".heif"):
+        name = stem  # a photo's .HEIC became a .jpg; a misnamed .pdf shows what it really is
+    return sanitize_display_name(name[: MAX_DISPLAY_NAME - len(wanted[0])] + wanted[0])
+
+
+async def receive(
+    source: ChunkSource,
+    data_dir: Path,
+    *,
+    max_bytes: int,
+    budget_bytes: int,
+    too_large: str,
+    over_budget: str,
+) -> Received:
+    """Stream one part into a private temp file, refusing it as soon as it passes a limit.
+
+    ``max_bytes`` is the per-file limit and ``budget_bytes`` what is left of the visit's total;
+    the messages are the human explanations for each. On any failure (including the client
+    going away and the task being cancelled) the temp file is removed before re-raising.
+    """
+    directory = await asyncio.to_thread(_private_dir, tmp_dir(data_dir))
+    fd, path = await asyncio.to_thread(_create_exclusive, directory, secrets.token_hex(16) + ".part")
+    size = 0
+    buffer = bytearray()
+    ok = False
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            while True:
+                chunk = await source.read_chunk(CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLarge(too_large, code="file_too_large")
+                if size > budget_bytes:
+                    raise PayloadTooLarge(over_budget, code="visit_quota")
+                buffer += chunk
+                if len(buffer) >= FLUSH_AT:
+                    data, buffer = bytes(buffer), bytearray()
+                    await asyncio.to_thread(fh.write, data)
+            if buffer:
+                await asyncio.to_thread(fh.write, bytes(buffer))
+        if size == 0:
+            raise BadRequest(_("The file is empty. Choose the file again."), code="empty_file")
+        ok = True
+        return Received(path, size)
+    finally:
+        if not ok:
+            # Synchronous on purpose: a cancelled task must not leave the file behind.
+            remove_quietly(path)
+
+
+# -- content sniffing ----------------------------------------------------------------------
+
+
+def sniff(head: bytes) -> str | None:
+    """What the first bytes say the file is (to be confirmed by a parse)."""
+    if head.startswith(b"%PDF-"):
+        return PDF
+    if head.startswith(b"\xff\xd8\xff"):
+        return JPEG
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return PNG
+    if len(head) >= 12 and head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        return "image/heic"
+    return None
+
+
+def _unsupported() -> UnsupportedMediaType:
+    return UnsupportedMediaType(
+        _("This file is not a PDF, JPEG, PNG or HEIC photo. Upload a PDF or a photo of the report."),
+        code="unsupported_type",
+    )
+
+
+def _damaged() -> UnsupportedMediaType:
+    return UnsupportedMediaType(
+        _("This file looks damaged and cannot be opened. Please export or photograph it again."),
+        code="damaged_file",
+    )
+
+
+def _check_pdf(path: Path, size: int) -> None:
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - 2048))
+        tail = fh.read()
+    # A PDF ends with "startxref <offset> %%EOF" (incremental updates append more of them).
+    if b"%%EOF" not in tail or b"startxref" not in tail:
+        raise _damaged()
+
+
+_heif_registered = False
+
+
+def _register_heif() -> bool:
+    global _heif_registered  # one-time registration of a decoder plugin, not application state
+    if _heif_registered:
+        return True
+    try:
+        import pillow_heif  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    _heif_registered = True
+    return True
+
+
+def _clean_image(src: Path, kind: str, directory: Path) -> tuple[Path, str]:
+    """Decode, verify, apply EXIF orientation, re-encode without metadata into a new temp file."""
+    from PIL import Image, ImageOps
+
+    if kind == "image/heic" and not _register_heif():
+        raise _unsupported()
+    try:
+        with Image.open(src) as probe:
+            if probe.width * probe.height > MAX_PIXELS:
+                raise UnsupportedMediaType(
+                    _("This image is too large (too many pixels). Take the photo at a lower resolution."),
+                    code="too_many_pixels",
+                )
+            probe.verify()  # structure and checksums; the image must be reopened afterwards
+        with Image.open(src) as im:
+            im.load()
+            fmt = im.format
+            oriented = ImageOps.exif_transpose(im)
+    except UnsupportedMediaType:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError):
+        raise _damaged() from None
+    expected = {JPEG: "JPEG", PNG: "PNG", "image/heic": ("HEIF", "AVIF")}[kind]
+    if fmt not in (expected if isinstance(expected, tuple) else (expected,)):
+        raise _damaged()
+    icc = im.info.get("icc_profile")
+    transparency = oriented.info.get("transparency")
+    oriented.info = {}  # drop EXIF, XMP, text chunks, comments: only the pixels go on
+    if transparency is not None and kind == PNG:
+        oriented.info["transparency"] = transparency
+    out_type = PNG if kind == PNG else JPEG
+    fd, out = _create_exclusive(directory, secrets.token_hex(16) + ".clean")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if out_type == PNG:
+                oriented.save(fh, format="PNG", optimize=False, icc_profile=icc)
+            else:
+                if oriented.mode not in ("RGB", "L", "CMYK"):
+                    oriented = oriented.convert("RGB")
+                oriented.save(fh, format="JPEG", quality=90, icc_profile=icc)
+    except BaseException:
+        remove_quietly(out)
+        raise
+    return out, out_type
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(CHUNK):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def store_sync(received: Received, data_dir: Path) -> Stored:
+    """Type the temp file by content, clean it, move it into place. Blocking: run in a thread.
+
+    The temp file is consumed (moved or removed) whatever happens.
+    """
+    cleaned: Path | None = None
+    try:
+        with open(received.path, "rb") as fh:
+            head = fh.read(64)
+        kind = sniff(head)
+        if kind is None:
+            raise _unsupported()
+        if kind == PDF:
+            _check_pdf(received.path, received.size)
+            final_src, content_type = received.path, PDF
+        else:
+            cleaned, content_type = _clean_image(received.path, kind, received.path.parent)
+            final_src = cleaned
+        sha, size = _sha256(final_src)
+        name = secrets.token_hex(32)
+        stored_name = f"{name[:2]}/{name}"
+        target_dir = _private_dir(uploads_root(data_dir) / name[:2])
+        target = target_dir / name
+        # link() fails if the name exists, unlike rename(): never overwrite another report.
+        os.link(final_src, target)
+        os.chmod(target, 0o600)
+        return Stored(stored_name, target, content_type, size, sha)
+    finally:
+        remove_quietly(received.path)
+        remove_quietly(cleaned)
+
+
+def sweep_tmp(data_dir: Path, older_than: float = 3600.0) -> int:
+    """Remove temp files a crash left behind (a live upload's file is younger than this)."""
+    directory = tmp_dir(data_dir)
+    if not directory.exists():
+        return 0
+    cutoff = time.time() - older_than
+    removed = 0
+    for path in directory.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def stored_path(data_dir: Path, stored_name: str) -> Path:
+    """The file for a row's stored name, confined to the uploads root."""
+    if not STORED_NAME_RE.match(stored_name):
+        raise ValueError("invalid stored name")
+    root = uploads_root(data_dir).resolve()
+    path = (root / stored_name).resolve()
+    if root not in path.parents:
+        raise ValueError("stored name escapes the uploads root")
+    return path

@@ -1,0 +1,33 @@
+"""Typed keys for everything the application shares (never module globals)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from consult.accounts.passwords import Passwords
+from consult.accounts.users import Sessions, Throttle
+from consult.core.config import Settings
+from consult.core.db import Database
+from consult.core.outbox import Notifier
+
+if TYPE_CHECKING:
+    from consult.accounts.users import User
+
+SETTINGS = web.AppKey("settings", Settings)
+DB = web.AppKey("db", Database)
+SESSIONS = web.AppKey("sessions", Sessions)
+THROTTLE = web.AppKey("throttle", Throttle)
+PASSWORDS = web.AppKey("passwords", Passwords)
+NOTIFIER = web.AppKey("notifier", Notifier)
+
+# Per-request values.
+USER = web.RequestKey("user", object)  # consult.accounts.User | None
+CSRF_COOKIE_VALUE = web.RequestKey("csrf_cookie", str)
+CSRF_NEW = web.RequestKey("csrf_new", bool)
+LOCALE = web.RequestKey("locale", str)
+
+
+def current_user(request: web.Request) -> User | None:
+    return request.get(USER)

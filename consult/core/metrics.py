@@ -1,0 +1,177 @@
+"""Prometheus metrics: request latency by route, live call gauges, and domain counters.
+
+One registry per application (never the process-global one), so that every test app starts at
+zero. Gauges of live state are read when Prometheus scrapes; counters are fed by
+``count(app, name, n)`` from the code where the thing happens.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from consult.core import keys, security
+from consult.core.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# name given to count() -> (metric name, help)
+COUNTERS: dict[str, tuple[str, str]] = {
+    "bookings": ("consult_bookings", "Visits booked (slot held)."),
+    "payments": ("consult_payments", "Payments completed."),
+    "uploads": ("consult_uploads", "Test-report files uploaded."),
+    "recording_bytes": ("consult_recording_bytes", "Bytes of visit recordings written."),
+}
+LIVE = {
+    "active_rooms": "Visit rooms open on this server.",
+    "connected_participants": "People connected to a visit room (at most two per room).",
+    "websocket_connections": "Open signaling WebSocket connections, joined or not.",
+}
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _LiveCollector(Collector):
+    def __init__(self, app: web.Application, metrics: Metrics) -> None:
+        self._app = app
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        values = self._metrics.live_values(self._app)
+        for name, help_text in LIVE.items():
+            yield GaugeMetricFamily(f"consult_{name}", help_text, value=values.get(name, 0))
+
+
+class Metrics:
+    def __init__(self, app: web.Application, allow: Iterable[str] = ()) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.latency = Histogram(
+            "consult_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route name.",
+            ["route", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.counters = {
+            key: Counter(name, help_text, registry=self.registry)
+            for key, (name, help_text) in COUNTERS.items()
+        }
+        self.providers: dict[str, Callable[[], float]] = {}
+        self.registry.register(_LiveCollector(app, self))
+        try:
+            self.allow = tuple(ipaddress.ip_network(a, strict=False) for a in allow)
+        except ValueError as exc:
+            raise ConfigError(f"setting 'metrics_allow': {exc}") from None
+
+    def live_values(self, app: web.Application) -> dict[str, float]:
+        values: dict[str, float] = {}
+        server = _find_signaling(app)
+        if server is not None:
+            values["active_rooms"] = len(server.rooms)
+            values["connected_participants"] = sum(
+                1 for room in list(server.rooms.values()) for c in room.slots.values() if c is not None
+            )
+            values["websocket_connections"] = len(server.connections)
+        for name, provider in self.providers.items():
+            try:
+                values[name] = float(provider())
+            except Exception:  # a broken gauge must not break the scrape
+                log.exception("metrics provider %s failed", name)
+        return values
+
+    def allowed_address(self, remote: str | None) -> bool:
+        if not remote or not self.allow:
+            return False
+        try:
+            address = ipaddress.ip_address(remote)
+        except ValueError:
+            return False
+        return any(address in net for net in self.allow)
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def _find_signaling(app: web.Application):  # -> signaling.server.SignalingServer | None
+    """The signaling server, wherever the call module keeps it (consult never imports it by key)."""
+    from signaling.server import SignalingServer
+
+    for key in list(app):
+        value = app[key]
+        if isinstance(value, SignalingServer):
+            return value
+    return None
+
+
+def count(app: web.Application, name: str, n: float = 1) -> None:
+    """Add ``n`` to one of ``COUNTERS`` (bookings, payments, uploads, recording_bytes).
+
+    A no-op in an app built without metrics; an unknown name is a bug and raises KeyError.
+    """
+    metrics = app.get(METRICS)
+    if metrics is None:
+        if name not in COUNTERS:
+            raise KeyError(name)
+        return
+    metrics.counters[name].inc(n)
+
+
+def provide(app: web.Application, name: str, fn: Callable[[], float]) -> None:
+    """Override a live gauge (``LIVE``) with a function read at scrape time."""
+    if name not in LIVE:
+        raise KeyError(name)
+    app[METRICS].providers[name] = fn
+
+
+def _route_name(request: web.Request) -> str:
+    route = request.match_info.route
+    if route.name:
+        return route.name
+    resource = route.resource
+    if resource is None:
+        return "unmatched"  # never the raw path: it would make one series per URL
+    return getattr(resource, "canonical", None) or "unnamed"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler):
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        # A WebSocket "request" lasts as long as the call: it is not a latency.
+        if status != 101:
+            request.app[METRICS].latency.labels(_route_name(request), request.method, str(status)).observe(
+                time.perf_counter() - start
+            )
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    if not metrics.allowed_address(request.remote):
+        security.require(request, "admin")
+    body = generate_latest(metrics.registry)
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+def setup(app: web.Application) -> None:
+    settings = app[keys.SETTINGS]
+    app[METRICS] = Metrics(app, settings.metrics_allow)
+    # Outermost, so that the time includes sessions, error pages and CSRF checks.
+    app.middlewares.insert(0, metrics_middleware)
+    app.router.add_get("/metrics", metrics_view, name="metrics")

@@ -1,0 +1,118 @@
+"""Request pipeline: locale and session → errors → CSRF → handler.
+
+Context comes first so that error pages speak the request's language and know who is signed in.
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import quote
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from consult.accounts.users import Sessions
+from consult.core import i18n, keys, security
+from consult.core.errors import ConsultError, TooManyRequests, Unauthorized
+from consult.core.i18n import _
+
+log = logging.getLogger(__name__)
+
+LANG_COOKIE = "consult_lang"
+CSRF_EXEMPT_PREFIXES = ("/api/payments/callback", "/ws/")
+
+
+def wants_json(request: web.Request) -> bool:
+    return request.path.startswith("/api/") or request.path.startswith("/ws/")
+
+
+def error_response(request: web.Request, status: int, code: str, message: str) -> web.Response:
+    if wants_json(request):
+        return web.json_response({"error": code, "message": message}, status=status)
+    try:
+        from consult.app import template_context
+
+        context = {**template_context(request), "status": status, "code": code, "message": message}
+        response = aiohttp_jinja2.render_template("error.html", request, context, status=status)
+    except Exception:  # the error page itself must never fail
+        log.exception("error page failed to render")
+        response = web.Response(status=status, text=message, content_type="text/plain")
+    return response
+
+
+HTTP_MESSAGES = {
+    404: lambda: _("This page does not exist."),
+    405: lambda: _("This action is not allowed here."),
+    413: lambda: _("What you sent is too large."),
+}
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except Unauthorized as exc:
+        if wants_json(request) or request.method != "GET":
+            return error_response(request, exc.status, exc.code, exc.message)
+        raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs, safe='')}") from None
+    except ConsultError as exc:
+        response = error_response(request, exc.status, exc.code, exc.message)
+        if isinstance(exc, TooManyRequests):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.status in (101,):
+            raise
+        reason = exc.reason
+        message = HTTP_MESSAGES[exc.status]() if exc.status in HTTP_MESSAGES else reason
+        return error_response(request, exc.status, reason.lower().replace(" ", "_"), message)
+    except OSError as exc:
+        if not isinstance(request.match_info.route.resource, web.StaticResource):
+            return _internal_error(request, exc)
+        # A static file name the OS refuses (too long, bad bytes) is simply not one of ours.
+        return error_response(request, 404, "not_found", HTTP_MESSAGES[404]())
+    except Exception as exc:
+        return _internal_error(request, exc)
+
+
+def _internal_error(request: web.Request, exc: BaseException) -> web.Response:
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(
+        request,
+        500,
+        "internal_error",
+        _("Something went wrong on our side. Nothing you entered was lost; please try again."),
+    )
+
+
+@web.middleware
+async def context_middleware(request: web.Request, handler):
+    app = request.app
+    settings = app[keys.SETTINGS]
+    csrf_cookie = request.cookies.get(security.CSRF_COOKIE)
+    if csrf_cookie:
+        request[keys.CSRF_COOKIE_VALUE] = csrf_cookie
+    user = None
+    if not request.path.startswith("/static/"):
+        user = await app[keys.SESSIONS].lookup(request.cookies.get(Sessions.COOKIE))
+    request[keys.USER] = user
+    locale = i18n.choose(
+        [request.cookies.get(LANG_COOKIE), user.locale if user else None],
+        request.headers.get("Accept-Language"),
+        settings.default_locale,
+    )
+    request[keys.LOCALE] = locale
+    token = i18n.set_locale(locale)
+    try:
+        response = await handler(request)
+        security.set_csrf_cookie(request, response)
+        return response
+    finally:
+        i18n._current.reset(token)
+
+
+@web.middleware
+async def csrf_middleware(request: web.Request, handler):
+    if request.method in security.UNSAFE_METHODS and not request.path.startswith(CSRF_EXEMPT_PREFIXES):
+        await security.check_csrf(request)
+    return await handler(request)

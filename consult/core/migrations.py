@@ -1,0 +1,459 @@
+"""Named schema migrations, applied in order at start; never edit one once applied.
+
+Each migration runs in its own ``BEGIN IMMEDIATE`` transaction together with the row that
+records it, so a failed migration leaves the database as it was.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlite_utils
+
+from consult.core.db import Database
+
+Migration = Callable[[sqlite_utils.Database], None]
+MIGRATIONS: list[tuple[str, Migration]] = []
+
+
+def migration(name: str) -> Callable[[Migration], Migration]:
+    def register(fn: Migration) -> Migration:
+        if any(n == name for n, _ in MIGRATIONS):
+            raise ValueError(f"duplicate migration {name}")
+        MIGRATIONS.append((name, fn))
+        return fn
+
+    return register
+
+
+def run_script(db: sqlite_utils.Database, script: str) -> None:
+    """Execute statements one by one: ``executescript`` would COMMIT our transaction."""
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            db.execute(buffer)
+            buffer = ""
+    if buffer.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {buffer.strip()[:60]}")
+
+
+@migration("0001_initial")
+def m0001_initial(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        CREATE TABLE users (
+            id INTEGER PRIMARY KEY,
+            role TEXT NOT NULL CHECK (role IN ('patient', 'doctor', 'admin')),
+            username TEXT UNIQUE,
+            phone TEXT UNIQUE,
+            display_name TEXT NOT NULL,
+            password_hash TEXT NOT NULL,
+            locale TEXT,
+            active INTEGER NOT NULL DEFAULT 1,
+            created REAL NOT NULL,
+            password_changed REAL NOT NULL,
+            CHECK (username IS NOT NULL OR phone IS NOT NULL)
+        );
+        CREATE TABLE sessions (
+            token_hash TEXT PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            created REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            remote TEXT,
+            user_agent TEXT
+        );
+        CREATE INDEX sessions_user ON sessions(user_id);
+        CREATE TABLE login_failures (
+            id INTEGER PRIMARY KEY,
+            key TEXT NOT NULL,
+            at REAL NOT NULL
+        );
+        CREATE INDEX login_failures_key ON login_failures(key, at);
+        CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,
+            channel TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            body TEXT NOT NULL,
+            created REAL NOT NULL
+        );
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY,
+            created REAL NOT NULL,
+            actor_id INTEGER,
+            actor_role TEXT,
+            remote TEXT,
+            action TEXT NOT NULL,
+            object_type TEXT NOT NULL,
+            object_id TEXT,
+            subject_user_id INTEGER,
+            detail TEXT NOT NULL DEFAULT '{}',
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        );
+        CREATE INDEX audit_subject ON audit_log(subject_user_id, id);
+        CREATE INDEX audit_actor ON audit_log(actor_id, id);
+        """,
+    )
+
+
+def _ensure_table(db: sqlite_utils.Database) -> None:
+    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+
+
+def applied(db: sqlite_utils.Database) -> list[str]:
+    _ensure_table(db)
+    return [r[0] for r in db.execute("SELECT name FROM _migrations ORDER BY rowid").fetchall()]
+
+
+def migrate(path: Path) -> list[str]:
+    """Apply pending migrations; return the names applied now."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    database = Database(path)
+    done = set(database.read_sync(applied))
+    now_applied: list[str] = []
+    for name, fn in MIGRATIONS:
+        if name in done:
+            continue
+
+        def step(db: sqlite_utils.Database, fn: Migration = fn, name: str = name) -> None:
+            fn(db)
+            db.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", [name, time.time()])
+
+        database.write_sync(step)
+        now_applied.append(name)
+    return now_applied
+
+
+@migration("0002_booking")
+def m0002_booking(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        CREATE TABLE departments (
+            id INTEGER PRIMARY KEY,
+            code TEXT NOT NULL UNIQUE,
+            name_zh TEXT NOT NULL,
+            name_en TEXT NOT NULL,
+            description_zh TEXT NOT NULL DEFAULT '',
+            description_en TEXT NOT NULL DEFAULT '',
+            active INTEGER NOT NULL DEFAULT 1,
+            sort INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE doctors (
+            user_id INTEGER PRIMARY KEY REFERENCES users(id),
+            title_zh TEXT NOT NULL DEFAULT '',
+            title_en TEXT NOT NULL DEFAULT '',
+            bio_zh TEXT NOT NULL DEFAULT '',
+            bio_en TEXT NOT NULL DEFAULT '',
+            fee_minor INTEGER NOT NULL DEFAULT 5000 CHECK (fee_minor >= 0),
+            currency TEXT NOT NULL DEFAULT 'CNY',
+            visit_minutes INTEGER NOT NULL DEFAULT 15 CHECK (visit_minutes BETWEEN 5 AND 120),
+            active INTEGER NOT NULL DEFAULT 1
+        );
+        CREATE TABLE doctor_departments (
+            doctor_id INTEGER NOT NULL REFERENCES doctors(user_id) ON DELETE CASCADE,
+            department_id INTEGER NOT NULL REFERENCES departments(id) ON DELETE CASCADE,
+            PRIMARY KEY (doctor_id, department_id)
+        );
+        -- Weekly template: weekday 0 = Monday; times are local to the hospital's time zone.
+        CREATE TABLE schedule_templates (
+            id INTEGER PRIMARY KEY,
+            doctor_id INTEGER NOT NULL REFERENCES doctors(user_id) ON DELETE CASCADE,
+            weekday INTEGER NOT NULL CHECK (weekday BETWEEN 0 AND 6),
+            start_local TEXT NOT NULL,
+            end_local TEXT NOT NULL,
+            valid_from TEXT,
+            valid_until TEXT,
+            CHECK (start_local < end_local)
+        );
+        CREATE INDEX schedule_templates_doctor ON schedule_templates(doctor_id);
+        -- kind 'leave' removes time (whole day when start/end are NULL); 'extra' adds a session.
+        CREATE TABLE schedule_exceptions (
+            id INTEGER PRIMARY KEY,
+            doctor_id INTEGER NOT NULL REFERENCES doctors(user_id) ON DELETE CASCADE,
+            day TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('leave', 'extra')),
+            start_local TEXT,
+            end_local TEXT,
+            note TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX schedule_exceptions_doctor ON schedule_exceptions(doctor_id, day);
+        -- A visit is a booking of one slot. Times in UTC unix seconds.
+        CREATE TABLE visits (
+            id INTEGER PRIMARY KEY,
+            public_id TEXT NOT NULL UNIQUE,
+            patient_id INTEGER NOT NULL REFERENCES users(id),
+            doctor_id INTEGER NOT NULL REFERENCES doctors(user_id),
+            department_id INTEGER NOT NULL REFERENCES departments(id),
+            starts_at INTEGER NOT NULL,
+            ends_at INTEGER NOT NULL,
+            status TEXT NOT NULL CHECK (status IN
+                ('held', 'confirmed', 'cancelled', 'expired', 'completed', 'no_show')),
+            hold_expires REAL,
+            fee_minor INTEGER NOT NULL,
+            currency TEXT NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            cancelled_by TEXT,
+            cancel_reason TEXT,
+            needs_reschedule INTEGER NOT NULL DEFAULT 0,
+            call_nonce TEXT NOT NULL,
+            reminder_sent INTEGER NOT NULL DEFAULT 0,
+            CHECK (ends_at > starts_at)
+        );
+        -- The database, not Python, guarantees a slot is never booked twice.
+        CREATE UNIQUE INDEX visits_one_per_slot ON visits(doctor_id, starts_at)
+            WHERE status IN ('held', 'confirmed', 'completed');
+        CREATE INDEX visits_patient ON visits(patient_id, starts_at);
+        CREATE INDEX visits_doctor_time ON visits(doctor_id, starts_at);
+        CREATE INDEX visits_hold ON visits(status, hold_expires);
+        CREATE TABLE reports (
+            id INTEGER PRIMARY KEY,
+            visit_id INTEGER NOT NULL REFERENCES visits(id),
+            owner_id INTEGER NOT NULL REFERENCES users(id),
+            display_name TEXT NOT NULL,
+            stored_name TEXT NOT NULL UNIQUE,
+            content_type TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            created REAL NOT NULL
+        );
+        CREATE INDEX reports_visit ON reports(visit_id);
+        CREATE TABLE payments (
+            id INTEGER PRIMARY KEY,
+            visit_id INTEGER NOT NULL REFERENCES visits(id),
+            order_id TEXT NOT NULL UNIQUE,
+            provider TEXT NOT NULL,
+            amount_minor INTEGER NOT NULL CHECK (amount_minor >= 0),
+            currency TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'paid', 'refunded', 'failed', 'cancelled')),
+            provider_ref TEXT,
+            created REAL NOT NULL,
+            paid_at REAL,
+            refunded_at REAL,
+            refund_minor INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX payments_visit ON payments(visit_id);
+        -- Every payment event, and the gateway's notification ids (replays change nothing).
+        CREATE TABLE payment_events (
+            id INTEGER PRIMARY KEY,
+            payment_id INTEGER REFERENCES payments(id),
+            kind TEXT NOT NULL,
+            notify_id TEXT UNIQUE,
+            detail TEXT NOT NULL DEFAULT '{}',
+            created REAL NOT NULL
+        );
+        CREATE INDEX payment_events_payment ON payment_events(payment_id);
+        """,
+    )
+
+
+@migration("0003_booking_extra")
+def m0003_booking_extra(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- Reminders and the doctor's day look visits up by status and start time.
+        CREATE INDEX visits_status_start ON visits(status, starts_at);
+        """,
+    )
+
+
+@migration("0004_payments_extra")
+def m0004_payments_extra(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- At most one open payment per visit: pressing Pay twice reuses it, never charges twice.
+        CREATE UNIQUE INDEX payments_one_pending ON payments(visit_id) WHERE status = 'pending';
+        -- The cashier desk lists pending payments oldest first.
+        CREATE INDEX payments_status ON payments(status, created);
+        """,
+    )
+
+
+@migration("0007_session_logs")
+def m0007_session_logs(db: sqlite_utils.Database) -> None:
+    # Independent of 0005_rooms: summaries are keyed by visit, fed event by event.
+    run_script(
+        db,
+        """
+        -- One row per visit room: what the admin list shows and filters on.
+        CREATE TABLE session_summaries (
+            visit_id INTEGER PRIMARY KEY REFERENCES visits(id) ON DELETE CASCADE,
+            department_id INTEGER NOT NULL,
+            doctor_id INTEGER NOT NULL,
+            patient_id INTEGER NOT NULL,
+            day TEXT NOT NULL,                       -- local date of scheduled_start
+            scheduled_start INTEGER NOT NULL,
+            room_opened REAL,
+            first_joined_patient REAL,
+            first_joined_doctor REAL,
+            started_at REAL,
+            ended_at REAL,
+            end_reason TEXT CHECK (end_reason IS NULL OR end_reason IN
+                ('time_limit', 'host_ended', 'patient_left', 'connection_failed', 'no_show')),
+            outcome TEXT NOT NULL DEFAULT 'in_progress' CHECK (outcome IN
+                ('completed', 'no_show', 'failed', 'cancelled', 'in_progress')),
+            connected_seconds INTEGER NOT NULL DEFAULT 0,
+            used_turn INTEGER NOT NULL DEFAULT 0,
+            reconnects INTEGER NOT NULL DEFAULT 0,
+            ice_restarts INTEGER NOT NULL DEFAULT 0,
+            patient_device TEXT,
+            doctor_device TEXT,
+            recording INTEGER NOT NULL DEFAULT 0,
+            -- Running state while the room is live, so each event is applied in O(1).
+            patient_present INTEGER NOT NULL DEFAULT 0,
+            doctor_present INTEGER NOT NULL DEFAULT 0,
+            patient_left_reason TEXT,
+            doctor_left_reason TEXT,
+            both_since REAL,
+            ice_failed INTEGER NOT NULL DEFAULT 0,
+            samples INTEGER NOT NULL DEFAULT 0
+        );
+        -- Keyset pagination: ORDER BY scheduled_start DESC, visit_id DESC, with each filter.
+        CREATE INDEX session_summaries_start ON session_summaries(scheduled_start, visit_id);
+        CREATE INDEX session_summaries_doctor ON session_summaries(doctor_id, scheduled_start, visit_id);
+        CREATE INDEX session_summaries_department
+            ON session_summaries(department_id, scheduled_start, visit_id);
+        CREATE INDEX session_summaries_outcome ON session_summaries(outcome, scheduled_start, visit_id);
+        CREATE INDEX session_summaries_end_reason
+            ON session_summaries(end_reason, scheduled_start, visit_id);
+        CREATE INDEX session_summaries_patient ON session_summaries(patient_id, scheduled_start, visit_id);
+        -- The overview aggregates by day from the index alone.
+        CREATE INDEX session_summaries_day
+            ON session_summaries(day, outcome, end_reason, used_turn, connected_seconds);
+        -- Quality over time, one row per stats sample, compact integers.
+        CREATE TABLE quality_samples (
+            visit_id INTEGER NOT NULL REFERENCES visits(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('patient', 'doctor')),
+            t INTEGER NOT NULL,                      -- seconds since the room's start
+            bitrate_kbps INTEGER,
+            loss_pct INTEGER,                        -- whole percent
+            jitter_ms INTEGER,
+            fps INTEGER,
+            width INTEGER,
+            height INTEGER,
+            freezes INTEGER,
+            rtt_ms INTEGER
+        );
+        CREATE INDEX quality_samples_visit ON quality_samples(visit_id, role, t);
+        -- The audit search filters by action, object and time.
+        CREATE INDEX audit_action ON audit_log(action, id);
+        CREATE INDEX audit_object ON audit_log(object_type, object_id, id);
+        CREATE INDEX audit_created ON audit_log(created);
+        """,
+    )
+
+
+@migration("0006_prescriptions")
+def m0006_prescriptions(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- One clinical note per visit, written by its doctor; version drives optimistic concurrency.
+        CREATE TABLE visit_notes (
+            visit_id INTEGER PRIMARY KEY REFERENCES visits(id) ON DELETE CASCADE,
+            doctor_id INTEGER NOT NULL REFERENCES users(id),
+            text TEXT NOT NULL DEFAULT '',
+            advice TEXT NOT NULL DEFAULT '',           -- shown to the patient; text is not
+            version INTEGER NOT NULL CHECK (version >= 1),
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        );
+        -- Prescription numbers: one counter per year, bumped inside the issuing transaction.
+        CREATE TABLE prescription_counters (
+            year INTEGER PRIMARY KEY,
+            last INTEGER NOT NULL
+        );
+        CREATE TABLE prescriptions (
+            id INTEGER PRIMARY KEY,
+            number TEXT NOT NULL UNIQUE,
+            visit_id INTEGER NOT NULL REFERENCES visits(id),
+            doctor_id INTEGER NOT NULL REFERENCES users(id),
+            patient_id INTEGER NOT NULL REFERENCES users(id),
+            issued_at REAL NOT NULL,
+            document TEXT NOT NULL,                   -- canonical JSON, byte for byte as signed
+            signature TEXT NOT NULL,                  -- base64 Ed25519 signature of document
+            key_id TEXT NOT NULL,
+            client_ref TEXT                           -- the form's submission id: a retry is not a second Rx
+        );
+        CREATE INDEX prescriptions_visit ON prescriptions(visit_id, id);
+        CREATE INDEX prescriptions_patient ON prescriptions(patient_id, id);
+        CREATE UNIQUE INDEX prescriptions_client_ref ON prescriptions(visit_id, client_ref)
+            WHERE client_ref IS NOT NULL;
+        """,
+    )
+
+
+@migration("0005_rooms")
+def m0005_rooms(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- The visit clock of each call room: written by the signaling server through
+        -- consult.calls.ConsultPolicy, so that it survives reconnects and server restarts.
+        CREATE TABLE rooms (
+            visit_id INTEGER PRIMARY KEY REFERENCES visits(id) ON DELETE CASCADE,
+            started_at REAL,
+            ended_at REAL,
+            end_reason TEXT,
+            updated REAL NOT NULL
+        );
+        -- Every room event verbatim, in order: the raw timeline behind the session logs.
+        CREATE TABLE session_events (
+            id INTEGER PRIMARY KEY,
+            visit_id INTEGER NOT NULL REFERENCES visits(id) ON DELETE CASCADE,
+            created REAL NOT NULL,
+            name TEXT NOT NULL,
+            role TEXT,
+            data TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX session_events_visit ON session_events(visit_id, created);
+        """,
+    )
+
+
+@migration("0008_recordings")
+def m0008_recordings(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- Recording policy overrides (NULL: inherit; see consult.recordings.effective_policy).
+        ALTER TABLE departments ADD COLUMN recording_policy TEXT
+            CHECK (recording_policy IS NULL OR recording_policy IN ('off', 'on_request', 'always'));
+        ALTER TABLE doctors ADD COLUMN recording_policy TEXT
+            CHECK (recording_policy IS NULL OR recording_policy IN ('off', 'on_request', 'always'));
+        -- The visit's policy, fixed when the first consent answer is stored (later changes of
+        -- the settings do not flip a visit in progress), and each side's answer: 1 yes, 0 no.
+        ALTER TABLE visits ADD COLUMN recording TEXT
+            CHECK (recording IS NULL OR recording IN ('off', 'on_request', 'always'));
+        ALTER TABLE visits ADD COLUMN recording_consent_patient INTEGER
+            CHECK (recording_consent_patient IS NULL OR recording_consent_patient IN (0, 1));
+        ALTER TABLE visits ADD COLUMN recording_consent_doctor INTEGER
+            CHECK (recording_consent_doctor IS NULL OR recording_consent_doctor IN (0, 1));
+        -- One row per recorded file (one per participant leg). complete = 0: found on disk after
+        -- a crash (size, hash and duration computed from the partial file at start-up).
+        CREATE TABLE recordings (
+            id INTEGER PRIMARY KEY,
+            visit_id INTEGER NOT NULL REFERENCES visits(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('patient', 'doctor')),
+            path TEXT NOT NULL UNIQUE,                -- relative to the data directory
+            tracks TEXT NOT NULL DEFAULT '[]',        -- JSON, signaling.recording's track stats
+            started_at REAL,
+            duration_s REAL,
+            size INTEGER,
+            sha256 TEXT,
+            created REAL NOT NULL,
+            complete INTEGER NOT NULL DEFAULT 0 CHECK (complete IN (0, 1))
+        );
+        CREATE INDEX recordings_visit ON recordings(visit_id, id);
+        CREATE INDEX recordings_created ON recordings(created);
+        """,
+    )

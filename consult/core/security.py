@@ -1,0 +1,138 @@
+"""Response headers, CSRF tokens and the one authorization helper every view uses."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from consult.accounts.users import User
+from consult.core import keys
+from consult.core.errors import BadRequest, Forbidden, Unauthorized
+from consult.core.i18n import _
+
+CSRF_COOKIE = "consult_csrf"
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+
+CSP = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data: blob:",
+        "media-src 'self' blob:",
+        "connect-src 'self'",
+        "font-src 'self'",
+        "frame-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ]
+)
+
+
+async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response, static files and errors included."""
+    h = response.headers
+    h.setdefault("Content-Security-Policy", CSP)
+    h["X-Content-Type-Options"] = "nosniff"
+    h["Referrer-Policy"] = "no-referrer"
+    h.setdefault("X-Frame-Options", "DENY")
+    h["Cross-Origin-Opener-Policy"] = "same-origin"
+    h["Permissions-Policy"] = "camera=(self), microphone=(self), geolocation=(), payment=()"
+    if request.app[keys.SETTINGS].tls:
+        h["Strict-Transport-Security"] = "max-age=31536000"
+    if "Cache-Control" not in h and not request.path.startswith("/static/"):
+        h["Cache-Control"] = "no-store"
+
+
+def _sign(request: web.Request, value: str) -> str:
+    key = request.app[keys.SETTINGS].session_key.encode()
+    return hmac.new(key, b"csrf:" + value.encode(), hashlib.sha256).hexdigest()
+
+
+def csrf_token(request: web.Request) -> str:
+    value = request.get(keys.CSRF_COOKIE_VALUE)
+    if not value:
+        value = secrets.token_urlsafe(24)
+        request[keys.CSRF_COOKIE_VALUE] = value
+        request[keys.CSRF_NEW] = True
+    return _sign(request, value)
+
+
+def set_csrf_cookie(request: web.Request, response: web.StreamResponse) -> None:
+    if request.get(keys.CSRF_NEW) and not response.prepared:
+        response.set_cookie(
+            CSRF_COOKIE,
+            request[keys.CSRF_COOKIE_VALUE],
+            httponly=True,
+            samesite="Lax",
+            secure=request.app[keys.SETTINGS].secure_cookies,
+            path="/",
+        )
+
+
+def same_origin(request: web.Request) -> bool:
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    if origin == "null":
+        # Under `Referrer-Policy: no-referrer` browsers send `Origin: null` even on the site's own
+        # form posts; Sec-Fetch-Site, which no page can set, says whether it really is ours.
+        return request.headers.get("Sec-Fetch-Site") == "same-origin"
+    return urlsplit(origin).netloc == request.host
+
+
+async def read_form(request: web.Request):
+    """``request.post()``, with a body that does not parse (bad UTF-8 or percent-encoding, a broken
+    multipart) refused as a 400 rather than raised as a ValueError. The result is cached."""
+    try:
+        return await request.post()
+    except ValueError:  # UnicodeDecodeError included
+        raise BadRequest(
+            _("The form could not be read. Reload the page and try again."), code="bad_form"
+        ) from None
+
+
+async def check_csrf(request: web.Request) -> None:
+    """Signed double-submit: a random cookie and an HMAC of it in the form or a header."""
+    if not same_origin(request):
+        raise Forbidden(_("This request came from another site and was refused."), code="bad_origin")
+    cookie = request.cookies.get(CSRF_COOKIE, "")
+    sent = request.headers.get(CSRF_HEADER)
+    if sent is None and request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        if request.content_type == "application/x-www-form-urlencoded":
+            form = await read_form(request)
+            value = form.get(CSRF_FIELD)
+            sent = value if isinstance(value, str) else None
+    # compare_digest refuses non-ASCII text with a TypeError: such a token is simply wrong.
+    if not cookie or not sent or not sent.isascii() or not hmac.compare_digest(sent, _sign(request, cookie)):
+        raise Forbidden(
+            _("Your form expired or came from elsewhere. Reload the page and try again."),
+            code="csrf",
+        )
+
+
+def require(request: web.Request, *roles: str) -> User:
+    """The authorization helper: signed in, and in one of ``roles`` (any role when empty)."""
+    user = request.get(keys.USER)
+    if user is None:
+        raise Unauthorized(_("Please sign in to continue."))
+    if roles and user.role not in roles:
+        raise Forbidden(_("You do not have permission to open this page."))
+    return user
+
+
+def client_address(request: web.Request) -> str | None:
+    remote = request.remote
+    if remote and request.app[keys.SETTINGS].mask_addresses:
+        if ":" in remote:
+            return ":".join(remote.split(":")[:3]) + "::/48"
+        return ".".join(remote.split(".")[:3]) + ".0/24"
+    return remote

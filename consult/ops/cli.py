@@ -1,0 +1,480 @@
+"""The ``consult`` command: serve | init | demo | user add | certs | config | backup | audit."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import secrets
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+from consult import __version__
+
+
+class CLIError(Exception):
+    """A mistake by the person at the keyboard: printed without a traceback."""
+
+
+def _settings(args: argparse.Namespace, **overrides: Any):
+    from consult.core.config import load_settings
+
+    return load_settings(
+        Path(args.config) if args.config else None,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        **overrides,
+    )
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from consult.core.config import ensure_secrets
+    from consult.core.migrations import migrate
+
+    settings = ensure_secrets(_settings(args))
+    for sub in ("uploads", "recordings", "keys"):
+        (settings.data_dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+    applied = migrate(settings.data_dir / "consult.db")
+    print(
+        f"Database {settings.data_dir / 'consult.db'}: "
+        + (f"applied {', '.join(applied)}" if applied else "up to date")
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from consult.accounts.passwords import Passwords
+    from consult.core.db import Database
+    from consult.core.migrations import migrate
+    from consult.ops import demo
+
+    settings = _settings(args)
+    migrate(settings.data_dir / "consult.db")
+    accounts = demo.seed(
+        Database(settings.data_dir / "consult.db"),
+        Passwords(settings.argon2_time_cost, settings.argon2_memory_kib),
+    )
+    if not accounts:
+        print(
+            "Demo data already present (passwords were printed when it was created;"
+            " reset them with 'consult user passwd' or from the admin page)."
+        )
+        return 0
+    print("Demo accounts (passwords are shown only this once):")
+    for a in accounts:
+        print(f"  {a.role:8} {a.login:14} {a.password}   {a.name}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from consult.app import create_app
+    from consult.core.logs import RedactingAccessLogger, setup_logging
+
+    overrides: dict[str, Any] = {"host": args.host, "port": args.port}
+    if args.no_tls:
+        overrides["tls"] = False
+    if args.cert:
+        overrides["tls_cert"] = args.cert
+    if args.key:
+        overrides["tls_key"] = args.key
+    settings = _settings(args, **overrides)
+    setup_logging(settings.log_json)
+    ssl_context = None
+    scheme = "http"
+    if settings.tls:
+        cert, key = Path(settings.tls_cert), Path(settings.tls_key)
+        if not cert.exists() or not key.exists():
+            raise CLIError(
+                f"TLS certificate {cert} or key {key} not found: run 'consult certs' "
+                "or pass --no-tls behind a TLS-terminating proxy"
+            )
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(cert, key)
+        scheme = "https"
+    app = create_app(settings)
+    from consult.ops.certs import lan_addresses
+
+    hosts = ["localhost"] + [a for a in lan_addresses() if ":" not in a and a != "127.0.0.1"]
+    if settings.host not in ("0.0.0.0", "::"):  # noqa: S104
+        hosts = [settings.host]
+    print("Consult is running. Open:", flush=True)
+    for h in hosts:
+        print(f"  {scheme}://{h}:{settings.port}/", flush=True)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ssl_context=ssl_context,
+        print=None,
+        access_log_class=RedactingAccessLogger,
+        handle_signals=True,
+        shutdown_timeout=5,
+    )
+    return 0
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    from consult.accounts import users as accounts
+    from consult.accounts.passwords import Passwords, check_strength
+    from consult.core.config import ensure_secrets
+    from consult.core.db import Database
+    from consult.core.errors import ConsultError
+    from consult.core.migrations import migrate
+
+    settings = ensure_secrets(_settings(args))
+    migrate(settings.data_dir / "consult.db")
+    try:
+        username = phone = None
+        if args.role == "patient":
+            if not args.phone:
+                raise CLIError("a patient needs --phone")
+            phone = accounts.normalize_phone(args.phone)
+        else:
+            if not args.username:
+                raise CLIError(f"a {args.role} needs --username")
+            username = accounts.normalize_username(args.username)
+        password = args.password
+        generated = False
+        if password is None and sys.stdin.isatty():
+            password = getpass.getpass("Password: ")
+        if not password:
+            password = secrets.token_urlsafe(9)
+            generated = True
+        problem = check_strength(password)
+        if problem:
+            raise CLIError(problem)
+        pw_hash = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib).hash(password)
+        user_id = Database(settings.data_dir / "consult.db").write_sync(
+            lambda db: accounts.create_user_sync(
+                db,
+                role=args.role,
+                display_name=args.name,
+                password_hash=pw_hash,
+                username=username,
+                phone=phone,
+            )
+        )
+    except ConsultError as exc:
+        raise CLIError(exc.message) from None
+    print(
+        f"Created {args.role} #{user_id} ({username or phone})"
+        + (f" with password {password}" if generated else "")
+    )
+    return 0
+
+
+def cmd_user_passwd(args: argparse.Namespace) -> int:
+    from consult.accounts import users as accounts
+    from consult.accounts.passwords import Passwords, check_strength
+    from consult.audit import chain as audit
+    from consult.core.db import Database
+    from consult.core.errors import ConsultError
+
+    settings = _settings(args)
+    path = settings.data_dir / "consult.db"
+    if not path.exists():
+        raise CLIError(f"no database at {path}; run 'consult init' first")
+    try:
+        column, value = (
+            ("phone", accounts.normalize_phone(args.login))
+            if args.login.lstrip("+").isdigit()
+            else ("username", accounts.normalize_username(args.login))
+        )
+    except ConsultError as exc:
+        raise CLIError(exc.message) from None
+    password = args.password or secrets.token_urlsafe(9)
+    problem = check_strength(password)
+    if problem:
+        raise CLIError(problem)
+    pw_hash = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib).hash(password)
+
+    def write(db) -> int:
+        row = db.execute(f"SELECT id FROM users WHERE {column} = ?", [value]).fetchone()  # noqa: S608
+        if row is None:
+            raise CLIError(f"no account {args.login!r}")
+        db.execute(
+            "UPDATE users SET password_hash = ?, password_changed = strftime('%s','now') WHERE id = ?",
+            [pw_hash, row[0]],
+        )
+        db.execute("DELETE FROM sessions WHERE user_id = ?", [row[0]])
+        audit.append(
+            db,
+            audit.AuditEntry(
+                action="account.reset_password",
+                object_type="user",
+                object_id=str(row[0]),
+                actor_role="cli",
+                subject_user_id=row[0],
+            ),
+        )
+        return row[0]
+
+    Database(path).write_sync(write)
+    print(
+        f"New password for {args.login}: {password}"
+        if not args.password
+        else f"Password changed for {args.login}"
+    )
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from consult.ops.certs import generate
+
+    cert, key, created = generate(Path(args.dir), args.host or [], force=args.force)
+    print(("Created" if created else "Kept existing") + f" development certificate {cert} (key {key})")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from consult.core.config import describe, ensure_secrets, settings_markdown
+
+    if args.markdown:
+        sys.stdout.write(settings_markdown())
+        return 0
+    settings = _settings(args)
+    if (settings.data_dir / "secrets.json").exists():
+        settings = ensure_secrets(settings)
+    values = settings.masked()
+    if args.json:
+        print(json.dumps(values, indent=2, ensure_ascii=False))
+        return 0
+    for name, _default, help_text in describe():
+        print(f"{name} = {values[name]!r}\n    {help_text}  (env CONSULT_{name.upper()})")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from consult.ops.backup import backup
+
+    settings = _settings(args)
+    try:
+        result = backup(settings.data_dir, Path(args.path))
+    except (FileNotFoundError, FileExistsError) as exc:
+        raise CLIError(str(exc)) from None
+    print(
+        f"Backup written to {args.path}: database {result['database_bytes']} bytes, {result['files']} files"
+    )
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from consult.audit import chain as audit
+    from consult.core.db import Database
+
+    settings = _settings(args)
+    path = settings.data_dir / "consult.db"
+    if not path.exists():
+        raise CLIError(f"no database at {path}")
+    ok, message = Database(path).read_sync(audit.verify)
+    print(("OK: " if ok else "FAILED: ") + message)
+    return 0 if ok else 1
+
+
+def cmd_recordings_purge(args: argparse.Namespace) -> int:
+    import time
+
+    from consult.calls import recordings
+    from consult.core.db import Database
+
+    settings = _settings(args)
+    path = settings.data_dir / "consult.db"
+    if not path.exists():
+        raise CLIError(f"no database at {path}")
+    days = settings.recording_retention_days if args.older_than_days is None else args.older_than_days
+    if days < 0:
+        raise CLIError("--older-than-days must be 0 or more")
+    if days == 0 and args.older_than_days is None:
+        print("recording_retention_days is 0: recordings are kept forever; nothing deleted.")
+        return 0
+    found = recordings.purge(Database(path), settings.data_dir, days, dry_run=args.dry_run, now=time.time())
+    verb = "Would delete" if args.dry_run else "Deleted"
+    for item in found:
+        print(f"{verb} recording {item['id']} (visit {item['visit_id']}, {item['role']}): {item['path']}")
+    total = sum(item["size"] or 0 for item in found)
+    print(f"{verb} {len(found)} recordings older than {days:g} days, {total} bytes.")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from consult.clinical import signing
+
+    settings = _settings(args)
+    try:
+        public = (
+            signing.PublicKey.from_pem(Path(args.key).read_bytes())
+            if args.key
+            else signing.load_public(settings.data_dir)
+        )
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"cannot read the hospital's public key: {exc}") from None
+    try:
+        data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CLIError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    verdict = signing.verify(data, public)
+    if not verdict.valid:
+        print(f"INVALID: {verdict.reason}")
+        return 1
+    doc = verdict.document or {}
+    print(f"VALID: {verdict.reason}")
+    print(f"  number  {doc.get('number')}")
+    print(f"  issued  {doc.get('issued_at')}")
+    print(f"  doctor  {(doc.get('doctor') or {}).get('name')}")
+    print(f"  patient {(doc.get('patient') or {}).get('name')}")
+    print(f"  key     {verdict.key_id}")
+    return 0
+
+
+def cmd_turn_config(args: argparse.Namespace) -> int:
+    from consult.calls import turn
+    from consult.core.config import ensure_secrets
+
+    settings = ensure_secrets(_settings(args))
+    port = args.listening_port or turn.port_from_urls(settings.turn_urls) or turn.DEFAULT_PORT
+    options = turn.TurnOptions(
+        listening_port=port,
+        tls_listening_port=args.tls_listening_port,
+        min_port=args.min_port,
+        max_port=args.max_port,
+        external_ip=args.external_ip,
+        listening_ips=tuple(args.listening_ip or ()),
+        relay_ip=args.relay_ip,
+        allow_peers=tuple(args.allow_peer or ()),
+        cert=args.cert,
+        pkey=args.pkey,
+        server_name=args.server_name,
+    )
+    try:
+        text = turn.render(settings, options)
+    except turn.TurnConfigError as exc:
+        raise CLIError(str(exc)) from None
+    if args.output == "-":
+        sys.stdout.write(text)
+        return 0
+    output = Path(args.output) if args.output else settings.data_dir / "turnserver.conf"
+    turn.write(output, text)
+    print(f"Wrote {output} (mode 0600: it holds the TURN secret); realm {settings.turn_realm!r}.")
+    print(
+        f"Open {port}/udp and {port}/tcp"
+        + (f", {options.tls_listening_port}/tcp" if options.cert else "")
+        + f" and relay ports {options.min_port}-{options.max_port}/udp; then run:"
+    )
+    print(f"  turnserver -c {output}")
+    if not settings.turn_urls:
+        print("Set turn_urls (e.g. turn:turn.example.org:3478?transport=udp) so browsers use it.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="consult", description="Consult: self-hosted video follow-up clinic.")
+    p.add_argument("--version", action="version", version=f"consult {__version__}")
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("CONSULT_DATA_DIR"),
+        help="data directory (database, uploads, recordings, secrets); default ./data",
+    )
+    p.add_argument("--config", help="TOML settings file (default <data-dir>/consult.toml if present)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("serve", help="run the web and signaling server")
+    s.add_argument("--host", help="listen address (default 0.0.0.0)")
+    s.add_argument("--port", type=int, help="listen port (default 8443)")
+    s.add_argument("--cert", help="TLS certificate (PEM)")
+    s.add_argument("--key", help="TLS private key (PEM)")
+    s.add_argument("--no-tls", action="store_true", help="serve plain HTTP (behind a TLS proxy, or tests)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("init", help="create the data directory and migrate the database")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("demo", help="add demo departments, doctors, schedules and accounts (idempotent)")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("user", help="manage accounts")
+    usub = s.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    a = usub.add_parser("add", help="create an account")
+    a.add_argument("--role", choices=["patient", "doctor", "admin"], required=True)
+    a.add_argument("--username", help="staff sign-in name")
+    a.add_argument("--phone", help="patient mobile number")
+    a.add_argument("--name", required=True, help="full name as shown to others")
+    a.add_argument("--password", help="password (prompted for, or generated when omitted)")
+    a.set_defaults(func=cmd_user_add)
+    pw = usub.add_parser("passwd", help="set a new password (signs the account out everywhere)")
+    pw.add_argument("login", help="staff username or patient mobile number")
+    pw.add_argument("--password", help="new password (generated and printed when omitted)")
+    pw.set_defaults(func=cmd_user_passwd)
+
+    s = sub.add_parser("certs", help="generate a self-signed development TLS certificate")
+    s.add_argument("--dir", default="certs", help="directory for dev-cert.pem and dev-key.pem")
+    s.add_argument("--host", action="append", help="extra host name or address (repeatable)")
+    s.add_argument("--force", action="store_true", help="replace an existing valid certificate")
+    s.set_defaults(func=cmd_certs)
+
+    s = sub.add_parser("config", help="print the effective settings, secrets masked")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--markdown", action="store_true", help="print the settings reference (docs/settings.md)")
+    s.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("backup", help="consistent online copy of the database and files")
+    s.add_argument("path", help="new, empty directory to write the backup into")
+    s.set_defaults(func=cmd_backup)
+
+    s = sub.add_parser("audit", help="audit trail tools")
+    asub = s.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    v = asub.add_parser("verify", help="check the hash chain of the audit trail")
+    v.set_defaults(func=cmd_audit_verify)
+
+    s = sub.add_parser("recordings", help="visit recordings")
+    rsub = s.add_subparsers(dest="recordings_command", metavar="ACTION", required=True)
+    rp = rsub.add_parser("purge", help="delete recordings older than the retention (each deletion audited)")
+    rp.add_argument(
+        "--older-than-days",
+        type=float,
+        help="delete recordings created more than this many days ago (default: recording_retention_days)",
+    )
+    rp.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    rp.set_defaults(func=cmd_recordings_purge)
+
+    s = sub.add_parser("verify", help="check a downloaded prescription file's signature (exit 1 if invalid)")
+    s.add_argument("file", help="the signed prescription file (RX-....json), or - for standard input")
+    s.add_argument("--key", help="public key PEM to check against (default: this data directory's key)")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("turn-config", help="write a coturn turnserver.conf matching TURN secret and realm")
+    s.add_argument("--output", help="file to write (default <data-dir>/turnserver.conf; - for stdout)")
+    s.add_argument("--external-ip", help="public address behind NAT: PUBLIC or PUBLIC/PRIVATE")
+    s.add_argument("--listening-port", type=int, help="STUN/TURN port (default: from turn_urls, else 3478)")
+    s.add_argument("--tls-listening-port", type=int, default=5349, help="TURN over TLS port (default 5349)")
+    s.add_argument("--min-port", type=int, default=49152, help="relay port range start (default 49152)")
+    s.add_argument("--max-port", type=int, default=49999, help="relay port range end (default 49999)")
+    s.add_argument("--listening-ip", action="append", help="address to listen on (repeatable; default all)")
+    s.add_argument("--relay-ip", help="address relays are opened on")
+    s.add_argument(
+        "--allow-peer", action="append", help="CIDR the relay may reach despite the private-range ban"
+    )
+    s.add_argument("--cert", help="TLS certificate (PEM) for turns: URLs")
+    s.add_argument("--pkey", help="TLS private key (PEM)")
+    s.add_argument("--server-name", help="server name coturn reports")
+    s.set_defaults(func=cmd_turn_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from consult.core.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (CLIError, ConfigError) as exc:
+        print(f"consult: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,376 @@
+"""Admin session logs: the list with filters, one session's timeline and charts, the overview, CSV."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from datetime import date, timedelta
+from urllib.parse import urlencode
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from consult import sessionlog
+from consult.audit.reads import audit_read
+from consult.core import keys, security
+from consult.core.errors import NotFound
+from consult.core.formatting import to_local
+from consult.core.i18n import _
+from consult.sessionlog import charts
+
+log = logging.getLogger(__name__)
+PUBLIC_ID = r"[A-Za-z0-9_-]{10,64}"
+OVERVIEW_DAYS = 30
+CSV_CHUNK = 2000
+
+
+def setup(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/admin/sessions", sessions_list, name="sessions_admin")
+    r.add_get("/admin/sessions.csv", sessions_csv, name="sessions_csv")
+    r.add_get("/admin/sessions/overview", sessions_overview, name="sessions_overview")
+    r.add_get("/admin/sessions/{public_id:" + PUBLIC_ID + "}", session_page, name="session_admin")
+    app.cleanup_ctx.append(_no_show_marker)
+
+
+async def _no_show_marker(app: web.Application) -> AsyncIterator[None]:
+    """Close visits nobody joined, every reaper interval, until the app stops."""
+    settings = app[keys.SETTINGS]
+
+    async def run() -> None:
+        while True:
+            try:
+                await app[keys.DB].execute_write_fn(
+                    lambda db: sessionlog.mark_no_shows_sync(db, time.time(), tz=settings.timezone)
+                )
+            except Exception:
+                log.exception("marking no-shows failed")
+            await asyncio.sleep(settings.reaper_interval_seconds)
+
+    task = asyncio.get_running_loop().create_task(run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _outcome_labels() -> dict[str, str]:
+    return {
+        "completed": _("Completed"),
+        "no_show": _("No-show"),
+        "failed": _("Failed"),
+        "cancelled": _("Cancelled"),
+        "in_progress": _("In progress"),
+    }
+
+
+def _end_reason_labels() -> dict[str, str]:
+    return {
+        "time_limit": _("Time limit reached"),
+        "host_ended": _("Doctor ended"),
+        "patient_left": _("Patient left"),
+        "connection_failed": _("Connection failed"),
+        "no_show": _("Patient did not join"),
+    }
+
+
+def _filters(request: web.Request) -> sessionlog.Filters:
+    return sessionlog.Filters.from_query(request.query)
+
+
+async def sessions_list(request: web.Request) -> web.Response:
+    security.require(request, "admin")
+    settings = request.app[keys.SETTINGS]
+    db = request.app[keys.DB]
+    f = _filters(request)
+    cursor = sessionlog.decode_cursor(request.query.get("cursor"))
+    rows, next_cursor = await db.execute_fn(
+        lambda d: sessionlog.list_sessions_sync(d, f, cursor, tz=settings.timezone)
+    )
+    choices = await db.execute_fn(sessionlog.filter_choices_sync)
+    # The list shows patients' names: one read entry per page, naming the search that was made.
+    await audit_read(request, "session.list", "session", None, None, filters=f.to_query(), page=bool(cursor))
+    base = f.to_query()
+    return aiohttp_jinja2.render_template(
+        "sessions_list.html",
+        request,
+        {
+            "rows": rows,
+            "filters": f,
+            "query": base,
+            "choices": choices,
+            "outcomes": _outcome_labels(),
+            "end_reasons": _end_reason_labels(),
+            "next_url": (
+                str(request.app.router["sessions_admin"].url_for())
+                + "?"
+                + urlencode({**base, "cursor": sessionlog.encode_cursor(*next_cursor)})
+            )
+            if next_cursor
+            else None,
+            "first_url": str(request.app.router["sessions_admin"].url_for())
+            + ("?" + urlencode(base) if base else "")
+            if cursor
+            else None,
+            "csv_url": str(request.app.router["sessions_csv"].url_for())
+            + ("?" + urlencode(base) if base else ""),
+        },
+    )
+
+
+def _minutes_label(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def _quality_charts(samples: dict[str, list[dict]]) -> list:
+    sides = (("patient", _("Patient")), ("doctor", _("Doctor")))
+    out = []
+    for field, title, unit in (
+        ("bitrate_kbps", _("Bitrate received"), "kbit/s"),
+        ("loss_pct", _("Packet loss"), "%"),
+        ("fps", _("Frames per second"), "fps"),
+        ("rtt_ms", _("Round-trip time"), "ms"),
+    ):
+        series = [
+            charts.Series(label, [(s["t"], s[field]) for s in samples[key]])
+            for key, label in sides
+            if samples[key]
+        ]
+        out.append(
+            charts.line_chart(
+                series,
+                title=title,
+                unit=unit,
+                x_label=_minutes_label,
+                y_max=100.0 if field == "loss_pct" and not series else None,
+                empty_text=_("No quality samples"),
+            )
+        )
+    return out
+
+
+async def session_page(request: web.Request) -> web.Response:
+    security.require(request, "admin")
+    settings = request.app[keys.SETTINGS]
+    detail = await request.app[keys.DB].execute_fn(
+        lambda d: sessionlog.session_detail_sync(d, request.match_info["public_id"])
+    )
+    if detail is None:
+        raise NotFound(_("No such visit."))
+    visit = detail["visit"]
+    await audit_read(request, "session.view", "visit", visit["id"], visit["patient_id"])
+    start = (detail["summary"] or {}).get("room_opened") or visit["starts_at"]
+    timeline = [
+        {
+            **e,
+            "offset": _minutes_label(max(0.0, e["created"] - start)),
+            "info": sessionlog.describe_event(e, mask=settings.mask_addresses),
+        }
+        for e in detail["events"]
+    ]
+    return aiohttp_jinja2.render_template(
+        "sessions_detail.html",
+        request,
+        {
+            **detail,
+            "timeline": timeline,
+            "charts": _quality_charts(detail["samples"]),
+            "outcomes": _outcome_labels(),
+            "end_reasons": _end_reason_labels(),
+            "event_labels": _event_labels(),
+        },
+    )
+
+
+def _event_labels() -> dict[str, str]:
+    return {
+        "room_opened": _("Room opened"),
+        "joined": _("Joined"),
+        "left": _("Left"),
+        "replaced": _("Connection replaced"),
+        "waiting": _("Waiting room"),
+        "admitted": _("Admitted"),
+        "clock_started": _("Visit clock started"),
+        "warning": _("End warning"),
+        "ended": _("Ended"),
+        "ice_state": _("Connection state"),
+        "reconnect": _("Reconnected"),
+        "ice_restart": _("ICE restart"),
+        "chat": _("Chat message"),
+        "error": _("Error"),
+        "recording_started": _("Recording started"),
+        "recording_stopped": _("Recording stopped"),
+    }
+
+
+def _overview_range(request: web.Request, tz: str) -> tuple[date, date]:
+    today = sessionlog.local_day(time.time(), tz)
+    last = date.fromisoformat(today)
+    first = last - timedelta(days=OVERVIEW_DAYS - 1)
+    f = _filters(request)
+    if f.date_to:
+        last = f.date_to
+    if f.date_from:
+        first = f.date_from
+    if first > last or (last - first).days > 366:
+        first = last - timedelta(days=OVERVIEW_DAYS - 1)
+    return first, last
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else value * 100
+
+
+async def sessions_overview(request: web.Request) -> web.Response:
+    security.require(request, "admin")
+    tz = request.app[keys.SETTINGS].timezone
+    first, last = _overview_range(request, tz)
+    days = await request.app[keys.DB].execute_fn(lambda d: sessionlog.overview_sync(d, first, last))
+    labels = [d.day[5:] for d in days]  # MM-DD
+
+    def bars(values: list[float | None]) -> list[tuple[str, float | None]]:
+        return list(zip(labels, values, strict=True))
+
+    def pct_label(v: float) -> str:
+        return f"{v:.0f}%"
+
+    chart_list = [
+        charts.bar_chart(bars([d.visits for d in days]), title=_("Visits per day")),
+        charts.bar_chart(
+            bars([_pct(d.completion_rate) for d in days]),
+            title=_("Completion rate"),
+            unit="%",
+            y_max=100,
+            value_format=pct_label,
+            color=charts.PALETTE[2],
+        ),
+        charts.bar_chart(
+            bars([d.avg_connected_minutes for d in days]),
+            title=_("Average connected minutes"),
+            unit="min",
+            color=charts.PALETTE[3],
+        ),
+        charts.bar_chart(
+            bars([_pct(d.turn_share) for d in days]),
+            title=_("Share of calls needing TURN"),
+            unit="%",
+            y_max=100,
+            value_format=pct_label,
+            color=charts.PALETTE[4],
+        ),
+        charts.bar_chart(
+            bars([_pct(d.no_show_rate) for d in days]),
+            title=_("No-show rate"),
+            unit="%",
+            y_max=100,
+            value_format=pct_label,
+            color=charts.PALETTE[1],
+        ),
+    ]
+    return aiohttp_jinja2.render_template(
+        "sessions_overview.html",
+        request,
+        {"first": first, "last": last, "charts": chart_list, "total": sessionlog.totals(days)},
+    )
+
+
+CSV_HEADER = (
+    "visit",
+    "scheduled_start",
+    "department",
+    "doctor",
+    "patient",
+    "outcome",
+    "end_reason",
+    "room_opened",
+    "started_at",
+    "ended_at",
+    "connected_minutes",
+    "used_turn",
+    "reconnects",
+    "ice_restarts",
+    "patient_device",
+    "doctor_device",
+    "recording",
+)
+
+
+def csv_rows(rows: list[dict], tz: str) -> str:
+    def ts(value: float | None) -> str:
+        return "" if value is None else to_local(float(value), tz).strftime("%Y-%m-%d %H:%M:%S")
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    for r in rows:
+        writer.writerow(
+            [
+                sessionlog.csv_safe(v)
+                for v in (
+                    r["public_id"],
+                    ts(r["scheduled_start"]),
+                    r["department_name_en"],
+                    r["doctor_name"],
+                    r["patient_name"],
+                    r["outcome"],
+                    r["end_reason"] or "",
+                    ts(r["room_opened"]),
+                    ts(r["started_at"]),
+                    ts(r["ended_at"]),
+                    f"{r['connected_seconds'] / 60:.1f}",
+                    int(r["used_turn"]),
+                    r["reconnects"],
+                    r["ice_restarts"],
+                    r["patient_device"] or "",
+                    r["doctor_device"] or "",
+                    int(r["recording"]),
+                )
+            ]
+        )
+    return buffer.getvalue()
+
+
+_FILENAME_SAFE = re.compile(r"[^0-9A-Za-z_.-]")
+
+
+async def sessions_csv(request: web.Request) -> web.StreamResponse:
+    security.require(request, "admin")
+    tz = request.app[keys.SETTINGS].timezone
+    db = request.app[keys.DB]
+    f = _filters(request)
+    await audit_read(request, "session.export", "session", None, None, filters=f.to_query())
+    stamp = _FILENAME_SAFE.sub("", sessionlog.local_day(time.time(), tz))
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/csv; charset=utf-8",
+            "Content-Disposition": f'attachment; filename="sessions-{stamp}.csv"',
+        }
+    )
+    await response.prepare(request)
+    if request.method == "HEAD":
+        # The headers only: a body after a HEAD answer corrupts the client's next response.
+        await response.write_eof()
+        return response
+    # A BOM so that Excel opens UTF-8 names correctly.
+    header = io.StringIO()
+    csv.writer(header).writerow(CSV_HEADER)
+    await response.write(("\ufeff" + header.getvalue()).encode())
+    cursor = None
+    while True:
+        # One keyset page per read: the database is never held while the client reads slowly.
+        rows, cursor = await db.execute_fn(
+            lambda d, c=cursor: sessionlog.list_sessions_sync(d, f, c, limit=CSV_CHUNK, tz=tz)
+        )
+        if rows:
+            await response.write(csv_rows(rows, tz).encode())
+        if cursor is None:
+            break
+    await response.write_eof()
+    return response
