@@ -1,16 +1,19 @@
-"""The application factory: the CLI and every test build the app through ``create_app``."""
+"""The composition root: the one module that knows every package.
+
+``create_app`` builds the application for the CLI and for every test: middleware, templates,
+the database and the objects shared under typed keys, every package's routes, and every
+background job (each a ``cleanup_ctx`` owned by its domain package, started here and nowhere
+else). Nothing happens at import time.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
-import aiohttp_jinja2
-import jinja2
 from aiohttp import web
 
-import web as web_assets
+from consult import booking, payments
 from consult.accounts import admin_views
 from consult.accounts import views as accounts_views
 from consult.accounts.passwords import Passwords
@@ -20,35 +23,39 @@ from consult.booking import catalogue_views, home_views
 from consult.booking import views as booking_views
 from consult.calls import recording_views
 from consult.calls import views as call_views
-from consult.clinical import prescription_views, report_views
-from consult.core import formatting, i18n, keys, metrics, security
+from consult.calls.policy import setup_calls
+from consult.clinical import prescription_views, report_views, uploads
+from consult.clinical.signing import SIGNING_KEY, KeyHolder
+from consult.core import keys, metrics, security
 from consult.core.config import Settings, ensure_secrets
 from consult.core.db import Database
 from consult.core.middleware import context_middleware, csrf_middleware, errors_middleware
 from consult.core.migrations import migrate
 from consult.core.outbox import OutboxNotifier
+from consult.core.templates import setup_static, setup_templates
 from consult.payments import views as payment_views
 from consult.sessionlog import views as session_views
+from consult.sessionlog.jobs import no_show_marker
 
 log = logging.getLogger(__name__)
-WEB_DIR = Path(web_assets.__file__).parent
 MAX_REQUEST_BYTES = 2 * 1024 * 1024  # uploads stream through their own handler with their own limit
 
-
-def template_context(request: web.Request) -> dict:
-    user = request.get(keys.USER)
-    return {
-        "request": request,
-        "user": user,
-        "csrf_token": security.csrf_token(request),
-        "locale": request.get(keys.LOCALE, "en"),
-        "locale_names": i18n.LOCALE_NAMES,
-        "settings": request.app[keys.SETTINGS],
-    }
-
-
-async def _template_processor(request: web.Request) -> dict:
-    return template_context(request)
+# Every package's views, in the order their routes are added.
+VIEWS = (
+    accounts_views,
+    home_views,
+    admin_views,
+    catalogue_views,
+    booking_views,
+    report_views,
+    payment_views,
+    call_views,
+    metrics,
+    session_views,
+    audit_views,
+    prescription_views,
+    recording_views,
+)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -58,46 +65,24 @@ def create_app(settings: Settings) -> web.Application:
         client_max_size=MAX_REQUEST_BYTES,
     )
     app[keys.SETTINGS] = settings
-    passwords = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib)
-    app[keys.PASSWORDS] = passwords
-
-    env = aiohttp_jinja2.setup(
-        app,
-        loader=jinja2.FileSystemLoader(str(WEB_DIR / "templates")),
-        autoescape=jinja2.select_autoescape(default=True),
-        extensions=["jinja2.ext.i18n"],
-        context_processors=[aiohttp_jinja2.request_processor, _template_processor],
-    )
-    env.install_gettext_callables(i18n.gettext, i18n.ngettext, newstyle=True)  # type: ignore[attr-defined]
-    env.filters.update(formatting.filters(settings))
-    app[aiohttp_jinja2.static_root_key] = "/static"
-
-    app.cleanup_ctx.append(_database_ctx)
+    app[keys.PASSWORDS] = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib)
+    app[SIGNING_KEY] = KeyHolder(settings.data_dir)
+    app[payments.FULFILMENT] = booking.VisitFulfilment()
+    setup_templates(app, settings)
     app.on_response_prepare.append(security.add_security_headers)
 
-    setup_routes(app)
-    app.router.add_static("/static", WEB_DIR / "static", name="static", append_version=True)
-    return app
+    # Resources and background jobs, started in this order and stopped in reverse.
+    app.cleanup_ctx.append(_database_ctx)
+    app.cleanup_ctx.append(booking.hold_reaper)  # expires holds, sends reminders
+    app.cleanup_ctx.append(uploads.sweep_ctx)  # upload temp files abandoned by a crash
+    app.cleanup_ctx.append(payments.payments_ctx)  # providers and payment tasks
+    setup_calls(app)  # the signaling server on /ws/rooms/{id}, and its database hook-up
+    app.cleanup_ctx.append(no_show_marker)  # closes visits nobody joined
 
-
-def setup_routes(app: web.Application) -> None:
-    """Every package's views add their own routes; this is the one place that knows them all."""
-    for views in (
-        accounts_views,
-        home_views,
-        admin_views,
-        catalogue_views,
-        booking_views,
-        report_views,
-        payment_views,
-        call_views,  # the call pages and the signaling WebSocket (consult.calls.policy)
-        metrics,
-        session_views,
-        audit_views,
-        prescription_views,
-        recording_views,
-    ):
+    for views in VIEWS:
         views.setup(app)
+    setup_static(app)
+    return app
 
 
 async def _database_ctx(app: web.Application) -> AsyncIterator[None]:

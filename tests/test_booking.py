@@ -2,14 +2,11 @@ from __future__ import annotations
 
 import asyncio
 import html
-import sys
 import time
-import types
 
 import pytest
 
-import consult
-from consult import booking
+from consult import booking, payments
 from consult.app import create_app
 from consult.booking import schedules
 from consult.core import metrics
@@ -313,10 +310,7 @@ def refunds(monkeypatch):
         calls.append((visit_id, reason, actor.role if actor else None))
         return True
 
-    fake = types.ModuleType("consult.payments")
-    fake.refund_visit = refund_visit
-    monkeypatch.setitem(sys.modules, "consult.payments", fake)
-    monkeypatch.setattr(consult, "payments", fake, raising=False)
+    monkeypatch.setattr(payments, "refund_visit", refund_visit)
     return calls
 
 

@@ -144,8 +144,8 @@ async def test_partials_render_for_the_doctor_only(clinic, role, shown):
     from aiohttp.test_utils import make_mocked_request
 
     from consult.accounts.users import User
-    from consult.app import template_context
     from consult.core import keys
+    from consult.core.templates import template_context
 
     app = clinic.client.app
     user_id = clinic.doctor_id if role == "doctor" else clinic.patient_id

@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consult.clinical import signing
-from consult.clinical.prescription_views import SIGNING_KEY
+from consult.clinical.signing import SIGNING_KEY
 from consult.core.db import Database
 from tests.conftest import csrf_of, login
 

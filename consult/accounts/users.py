@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import sqlite_utils
 
 from consult.audit import chain as audit
+from consult.core import security
 from consult.core.db import Database
 from consult.core.errors import BadRequest, Conflict, TooManyRequests
 from consult.core.i18n import _
@@ -106,7 +107,7 @@ def create_user_sync(
 
 
 class Sessions:
-    COOKIE = "consult_session"
+    COOKIE = security.SESSION_COOKIE
 
     def __init__(self, db: Database, idle_s: float, absolute_s: float) -> None:
         self.db = db

@@ -80,6 +80,40 @@ def append(db: sqlite_utils.Database, entry: AuditEntry) -> int:
     return row["id"]
 
 
+def record(
+    db: sqlite_utils.Database,
+    action: str,
+    object_type: str,
+    object_id: str | int | None = None,
+    *,
+    actor: Any = None,
+    role: str | None = None,
+    subject_user_id: int | None = None,
+    remote: str | None = None,
+    detail: dict[str, Any] | None = None,
+    created: float | None = None,
+) -> int:
+    """The one way to write an audit entry, inside the caller's write transaction.
+
+    ``actor`` is whoever acted (anything with ``id`` and ``role``, e.g. a signed-in ``User``), or
+    None for the system itself; ``role`` overrides the actor's role (``"cli"``, a call seat).
+    """
+    return append(
+        db,
+        AuditEntry(
+            action=action,
+            object_type=object_type,
+            object_id=None if object_id is None else str(object_id),
+            actor_id=getattr(actor, "id", None),
+            actor_role=role or getattr(actor, "role", None) or "system",
+            remote=remote,
+            subject_user_id=subject_user_id,
+            detail=detail or {},
+            created=time.time() if created is None else created,
+        ),
+    )
+
+
 def verify(db: sqlite_utils.Database) -> tuple[bool, str]:
     """Walk the chain; return (ok, message naming the first bad row)."""
     prev = GENESIS

@@ -17,8 +17,7 @@ from aiohttp import web
 
 from consult.audit import chain as audit
 from consult.core import keys, security
-from consult.sessionlog import DEFAULT_TZ, day_start
-from consult.sessionlog.queries import filter_day
+from consult.core.dates import DEFAULT_TZ, day_start, filter_day
 
 # Actions that only read. A patient's access log shows these; changes have their own pages.
 READ_SUFFIXES = (".view", ".list", ".export", ".play", ".download", ".search")

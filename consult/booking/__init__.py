@@ -45,11 +45,20 @@ from consult.booking.visits import (
     visit_view,
 )
 
+
+class VisitFulfilment:
+    """A paid payment confirms its visit (``consult.payments.Fulfilment``)."""
+
+    confirm_sync = staticmethod(confirm_paid_sync)
+    after_confirmed = staticmethod(after_confirmed)
+
+
 __all__ = [
     "OPEN_STATUSES",
     "REMINDER_DAY",
     "REMINDER_HOUR",
     "VISIT_SELECT",
+    "VisitFulfilment",
     "after_confirmed",
     "base_url",
     "can_cancel",

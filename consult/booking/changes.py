@@ -11,6 +11,7 @@ from typing import Any
 import sqlite_utils
 from aiohttp import web
 
+from consult import payments
 from consult.booking.holds import (
     audit_visit,
     check_slot,
@@ -121,15 +122,7 @@ def reschedule_sync(
 
 
 async def _refund(app: web.Application, visit_id: int, reason: str, actor: Any) -> bool:
-    try:
-        from consult import payments  # written by the payments work; may not exist yet
-    except ImportError:
-        payments = None
-    refund_visit = getattr(payments, "refund_visit", None)
-    if refund_visit is None:
-        log.warning("visit %s needs a refund but no refund function is available", visit_id)
-        return False
-    await refund_visit(app, visit_id, reason=reason, actor=actor)
+    await payments.refund_visit(app, visit_id, reason=reason, actor=actor)
     return True
 
 

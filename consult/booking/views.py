@@ -37,7 +37,6 @@ def setup(app: web.Application) -> None:
     r.add_post("/visits/{public_id}/reschedule", reschedule_submit)
     r.add_get("/visits/{public_id}/qr.svg", visit_qr, name="visit_qr")
     r.add_get("/visits/{public_id}/visit.ics", visit_ics, name="visit_ics")
-    app.cleanup_ctx.append(booking.hold_reaper)
 
 
 def weekday_names() -> list[str]:

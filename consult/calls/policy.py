@@ -30,6 +30,8 @@ from consult.core import keys, metrics
 from consult.core.config import Settings
 from consult.core.db import Database
 from consult.core.i18n import _
+from consult.core.seats import ROLE_OF_SEAT
+from consult.core.security import mask_address
 from signaling import Admission, PeerInfo, Refused, RoomEvent, RoomState, SignalingConfig, SignalingServer
 
 log = logging.getLogger(__name__)
@@ -159,7 +161,7 @@ class ConsultPolicy:
         terms = await self._database().execute_fn(
             lambda db: recordings.terms_sync(db, visit["id"], self.settings.recording_policy)
         )
-        side = recordings.ROLE_OF_SEAT[role]
+        side = ROLE_OF_SEAT[role]
         if not terms.may_join(side):
             # The pages ask before connecting; this is the server's own check.
             raise Refused(
@@ -238,7 +240,7 @@ class ConsultPolicy:
             if peer is not None and peer.user_agent:
                 data["user_agent"] = peer.user_agent[:400]
         if self.settings.mask_addresses and data.get("remote"):
-            data["remote"] = sessionlog.mask_address(str(data["remote"]))
+            data["remote"] = mask_address(str(data["remote"]))
         return data
 
     async def on_event(self, event: RoomEvent) -> None:

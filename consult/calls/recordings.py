@@ -27,13 +27,12 @@ import sqlite_utils
 
 from consult.audit import chain as audit
 from consult.core.db import Database
+from consult.core.seats import ROLE_OF_SEAT
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("off", "on_request", "always")
 # Signaling seats to the application's roles (and back: file names start with the seat).
-ROLE_OF_SEAT = {"host": "doctor", "guest": "patient"}
-SEAT_OF_ROLE = {v: k for k, v in ROLE_OF_SEAT.items()}
 SUBDIR = "recordings"
 _ROOM_DIR_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _FILE_RE = re.compile(r"^(host|guest)-[0-9TZ]+-[0-9a-f]{12}\.(webm|mkv)$")

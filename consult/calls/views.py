@@ -31,7 +31,6 @@ def setup(app: web.Application) -> None:
     r.add_post(
         "/doctor/visits/{public_id}/room/recording-consent", doctor_consent, name="room_recording_consent"
     )
-    calls.setup_calls(app)
 
 
 def call_strings() -> dict[str, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -15,6 +14,7 @@ from consult.audit import chain as audit
 from consult.booking import base_url
 from consult.clinical import notes, prescriptions, signing
 from consult.clinical.reports import visit_by_public_id
+from consult.clinical.signing import SIGNING_KEY
 from consult.core import keys, qr, security
 from consult.core.errors import BadRequest, NotFound, UnsupportedMediaType
 from consult.core.i18n import _
@@ -22,27 +22,7 @@ from consult.core.i18n import _
 NUMBER = r"{number:RX-[0-9]{4}-[0-9]{6,}}"
 
 
-class KeyHolder:
-    """The hospital key, loaded (or generated) off the event loop on first use, then kept."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self._key: signing.HospitalKey | None = None
-        self._lock = asyncio.Lock()
-
-    async def get(self) -> signing.HospitalKey:
-        if self._key is None:
-            async with self._lock:
-                if self._key is None:
-                    self._key = await asyncio.to_thread(signing.load_or_create, self.data_dir)
-        return self._key
-
-
-SIGNING_KEY = web.AppKey("prescription_signing_key", KeyHolder)
-
-
 def setup(app: web.Application) -> None:
-    app[SIGNING_KEY] = KeyHolder(app[keys.SETTINGS].data_dir)
     r = app.router
     r.add_get("/api/visits/{public_id}/notes", notes_get, name="visit_notes")
     r.add_put("/api/visits/{public_id}/notes", notes_put)

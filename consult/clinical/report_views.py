@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from urllib.parse import quote, unquote
 
 from aiohttp import BodyPartReader, web
@@ -29,14 +27,6 @@ def setup(app: web.Application) -> None:
     r.add_delete("/api/reports/{report_id:[0-9]{1,18}}", delete_report, name="report_delete")
     r.add_get("/reports/{report_id:[0-9]{1,18}}", view_report, name="report_view")
     r.add_get("/reports/{report_id:[0-9]{1,18}}/download", download_report, name="report_download")
-    app.cleanup_ctx.append(_uploads_ctx)
-
-
-async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
-    removed = await asyncio.to_thread(uploads.sweep_tmp, app[keys.SETTINGS].data_dir)
-    if removed:
-        log.warning("removed %d abandoned upload temp files", removed)
-    yield
 
 
 def _limits(request: web.Request) -> tuple[int, int]:

@@ -12,6 +12,7 @@ but this module's rules and the public key.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -251,3 +253,22 @@ def verify(data: bytes | str | dict[str, Any], public: PublicKey) -> Verdict:
     return Verdict(
         True, "signature valid: issued by this hospital and unchanged", "valid", document, public.key_id
     )
+
+
+class KeyHolder:
+    """The hospital key, loaded (or generated) off the event loop on first use, then kept."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._key: HospitalKey | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> HospitalKey:
+        if self._key is None:
+            async with self._lock:
+                if self._key is None:
+                    self._key = await asyncio.to_thread(load_or_create, self.data_dir)
+        return self._key
+
+
+SIGNING_KEY = web.AppKey("prescription_signing_key", KeyHolder)

@@ -12,17 +12,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import secrets
 import time
 import unicodedata
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from aiohttp import web
+
+from consult.core import keys
 from consult.core.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from consult.core.i18n import _
+
+log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
 FLUSH_AT = 1024 * 1024  # write to disk in ~1 MiB batches, off the event loop
@@ -323,3 +330,11 @@ def stored_path(data_dir: Path, stored_name: str) -> Path:
     if root not in path.parents:
         raise ValueError("stored name escapes the uploads root")
     return path
+
+
+async def sweep_ctx(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``: at start-up, remove temp files that uploads abandoned."""
+    removed = await asyncio.to_thread(sweep_tmp, app[keys.SETTINGS].data_dir)
+    if removed:
+        log.warning("removed %d abandoned upload temp files", removed)
+    yield

@@ -1,4 +1,7 @@
-"""Typed keys for everything the application shares (never module globals)."""
+"""Typed keys for everything the application shares (never module globals).
+
+The account types are named for type checkers only: core sits below every domain package.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +9,19 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from consult.accounts.passwords import Passwords
-from consult.accounts.users import Sessions, Throttle
 from consult.core.config import Settings
 from consult.core.db import Database
 from consult.core.outbox import Notifier
 
 if TYPE_CHECKING:
-    from consult.accounts.users import User
+    from consult.accounts.passwords import Passwords
+    from consult.accounts.users import Sessions, Throttle, User
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", Database)
-SESSIONS = web.AppKey("sessions", Sessions)
-THROTTLE = web.AppKey("throttle", Throttle)
-PASSWORDS = web.AppKey("passwords", Passwords)
+SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions")
+THROTTLE: web.AppKey[Throttle] = web.AppKey("throttle")
+PASSWORDS: web.AppKey[Passwords] = web.AppKey("passwords")
 NOTIFIER = web.AppKey("notifier", Notifier)
 
 # Per-request values.

@@ -11,10 +11,10 @@ from urllib.parse import quote
 import aiohttp_jinja2
 from aiohttp import web
 
-from consult.accounts.users import Sessions
 from consult.core import i18n, keys, security
 from consult.core.errors import ConsultError, TooManyRequests, Unauthorized
 from consult.core.i18n import _
+from consult.core.templates import template_context
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,6 @@ def error_response(request: web.Request, status: int, code: str, message: str) -
     if wants_json(request):
         return web.json_response({"error": code, "message": message}, status=status)
     try:
-        from consult.app import template_context
-
         context = {**template_context(request), "status": status, "code": code, "message": message}
         response = aiohttp_jinja2.render_template("error.html", request, context, status=status)
     except Exception:  # the error page itself must never fail
@@ -94,7 +92,7 @@ async def context_middleware(request: web.Request, handler):
         request[keys.CSRF_COOKIE_VALUE] = csrf_cookie
     user = None
     if not request.path.startswith("/static/"):
-        user = await app[keys.SESSIONS].lookup(request.cookies.get(Sessions.COOKIE))
+        user = await app[keys.SESSIONS].lookup(request.cookies.get(security.SESSION_COOKIE))
     request[keys.USER] = user
     locale = i18n.choose(
         [request.cookies.get(LANG_COOKIE), user.locale if user else None],

@@ -5,16 +5,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from consult.accounts.users import User
+if TYPE_CHECKING:
+    from consult.accounts.users import User
+
 from consult.core import keys
 from consult.core.errors import BadRequest, Forbidden, Unauthorized
 from consult.core.i18n import _
 
 CSRF_COOKIE = "consult_csrf"
+SESSION_COOKIE = "consult_session"  # consult.accounts.users.Sessions issues it
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -132,7 +136,14 @@ def require(request: web.Request, *roles: str) -> User:
 def client_address(request: web.Request) -> str | None:
     remote = request.remote
     if remote and request.app[keys.SETTINGS].mask_addresses:
-        if ":" in remote:
-            return ":".join(remote.split(":")[:3]) + "::/48"
-        return ".".join(remote.split(".")[:3]) + ".0/24"
+        return mask_address(remote)
     return remote
+
+
+def mask_address(remote: str | None) -> str | None:
+    """The network part only (/24 or /48): what is stored and shown when masking is on."""
+    if not remote:
+        return remote
+    if ":" in remote:
+        return ":".join(remote.split(":")[:3]) + "::/48"
+    return ".".join(remote.split(".")[:3]) + ".0/24"

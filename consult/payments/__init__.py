@@ -16,7 +16,7 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -108,9 +108,27 @@ class PaymentProvider(Protocol):
         """Give ``amount_minor`` back; return the provider's refund reference, raise on failure."""
 
 
+class Fulfilment(Protocol):
+    """What a paid payment does to what it paid for (booking confirms the visit).
+
+    Payments sit below booking: booking hands its fulfilment in (``FULFILMENT``, set by the app
+    factory), so that payments never import booking.
+    """
+
+    def confirm_sync(self, db: sqlite_utils.Database, visit_id: int, now: float) -> None:
+        """Confirm inside the payment's transaction; raise ``Conflict`` when the slot was lost."""
+
+    async def after_confirmed(self, app: web.Application, visit_id: int) -> None:
+        """After the commit: tell the patient."""
+
+
+FULFILMENT = web.AppKey("payment_fulfilment", Fulfilment)
+
+
 @dataclass
 class PaymentsState:
     providers: dict[str, PaymentProvider]
+    fulfilment: Fulfilment
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     session: aiohttp.ClientSession | None = None
     refund_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -140,11 +158,22 @@ class PaymentsState:
 PAYMENTS = web.AppKey("payments", PaymentsState)
 
 
-def make_state() -> PaymentsState:
+def make_state(fulfilment: Fulfilment) -> PaymentsState:
     from consult.payments.cashier import CashierProvider
     from consult.payments.simulator import SimulatorProvider
 
-    return PaymentsState(providers={"simulator": SimulatorProvider(), "cashier": CashierProvider()})
+    return PaymentsState(
+        providers={"simulator": SimulatorProvider(), "cashier": CashierProvider()}, fulfilment=fulfilment
+    )
+
+
+async def payments_ctx(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``: the providers, and the payment tasks cancelled and awaited at shutdown."""
+    app[PAYMENTS] = make_state(app[FULFILMENT])
+    try:
+        yield
+    finally:
+        await app[PAYMENTS].close()
 
 
 def provider_for(app: web.Application, name: str | None = None) -> PaymentProvider:
@@ -274,6 +303,7 @@ def mark_paid_sync(
     payment_id: int,
     *,
     now: float,
+    fulfilment: Fulfilment,
     notify_id: str | None = None,
     provider_ref: str | None = None,
     detail: dict[str, Any] | None = None,
@@ -303,11 +333,9 @@ def mark_paid_sync(
         return outcome
     if visit is not None and visit["status"] == "confirmed":
         return outcome
-    from consult import booking  # lazily: booking imports payments for refunds
-
     db.execute("SAVEPOINT confirm_visit")
     try:
-        booking.confirm_paid_sync(db, payment.visit_id, now)
+        fulfilment.confirm_sync(db, payment.visit_id, now)
     except Conflict as exc:
         db.execute("ROLLBACK TO confirm_visit")
         db.execute("RELEASE confirm_visit")
@@ -320,7 +348,13 @@ def mark_paid_sync(
 
 
 def process_notice_sync(
-    db: sqlite_utils.Database, provider: str, notice: Notice, *, now: float, freshness: float
+    db: sqlite_utils.Database,
+    provider: str,
+    notice: Notice,
+    *,
+    now: float,
+    freshness: float,
+    fulfilment: Fulfilment,
 ) -> Outcome:
     """Apply one verified notification: a replay or a mismatch changes no payment or visit."""
     if db.execute("SELECT 1 FROM payment_events WHERE notify_id = ?", [notice.notify_id]).fetchone():
@@ -367,6 +401,7 @@ def process_notice_sync(
         db,
         payment.id,
         now=now,
+        fulfilment=fulfilment,
         notify_id=notice.notify_id,
         provider_ref=notice.notify_id,
         detail={"via": provider, "timestamp": notice.timestamp},
@@ -395,7 +430,9 @@ async def record_rejection(
 async def handle_notice(app: web.Application, provider: str, notice: Notice) -> Outcome:
     now = time.time()
     outcome = await app[keys.DB].execute_write_fn(
-        lambda db: process_notice_sync(db, provider, notice, now=now, freshness=FRESHNESS_SECONDS)
+        lambda db: process_notice_sync(
+            db, provider, notice, now=now, freshness=FRESHNESS_SECONDS, fulfilment=app[PAYMENTS].fulfilment
+        )
     )
     await after_commit(app, outcome)
     return outcome
@@ -408,10 +445,8 @@ async def after_commit(app: web.Application, outcome: Outcome) -> None:
     if outcome.result == "paid":  # paid in this transaction; "already" was counted the first time
         metrics.count(app, "payments")
     if outcome.confirmed:
-        from consult import booking
-
         try:
-            await booking.after_confirmed(app, outcome.payment.visit_id)
+            await app[PAYMENTS].fulfilment.after_confirmed(app, outcome.payment.visit_id)
         except Exception:  # the payment stands; a lost message must not turn it into an error
             log.exception("confirmation after payment %s failed", outcome.payment.order_id)
     if outcome.refund_reason:
@@ -432,7 +467,13 @@ async def mark_paid_by_staff(app: web.Application, order_id: str, actor: User, r
             raise BadRequest(_("Only counter payments can be marked paid by staff."), code="not_cashier")
         if row["status"] not in ("pending", "paid"):
             raise Conflict(_("This payment can no longer be marked paid."), code="not_pending")
-        outcome = mark_paid_sync(db, row["id"], now=now, detail={"via": "cashier", "staff": actor.id})
+        outcome = mark_paid_sync(
+            db,
+            row["id"],
+            now=now,
+            fulfilment=app[PAYMENTS].fulfilment,
+            detail={"via": "cashier", "staff": actor.id},
+        )
         if outcome.result == "paid":
             patient = db.execute(
                 "SELECT v.patient_id FROM visits v JOIN payments p ON p.visit_id = v.id WHERE p.id = ?",

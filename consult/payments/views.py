@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp_jinja2
@@ -36,15 +35,6 @@ def setup(app: web.Application) -> None:
         # The stand-in gateway exists only while it is the configured provider.
         r.add_get("/simulator/pay/{order_id}", simulator_page, name="simulator_pay")
         r.add_post("/simulator/pay/{order_id}", simulator_submit, name="simulator_submit")
-    app.cleanup_ctx.append(_payments_ctx)
-
-
-async def _payments_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[PAYMENTS] = payments.make_state()
-    try:
-        yield
-    finally:
-        await app[PAYMENTS].close()
 
 
 # -- helpers ----------------------------------------------------------------------------------

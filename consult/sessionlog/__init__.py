@@ -14,6 +14,7 @@ the writer transaction that stores the event, and is O(1) per event.
 
 from __future__ import annotations
 
+from consult.core.dates import MAX_FILTER_DAY, MIN_FILTER_DAY
 from consult.sessionlog.common import (
     DEFAULT_TZ,
     END_REASONS,
@@ -34,8 +35,6 @@ from consult.sessionlog.events import (
 from consult.sessionlog.overview import DayStats, overview_sync, totals
 from consult.sessionlog.queries import (
     LIST_COLUMNS,
-    MAX_FILTER_DAY,
-    MIN_FILTER_DAY,
     PAGE_SIZE,
     Filters,
     csv_safe,

@@ -10,26 +10,10 @@ from typing import Any
 
 import sqlite_utils
 
+from consult.core.dates import filter_day
 from consult.sessionlog.common import DEFAULT_TZ, END_REASONS, OUTCOMES, day_start
 
 PAGE_SIZE = 50
-MIN_FILTER_DAY, MAX_FILTER_DAY = date(1900, 1, 1), date(9000, 12, 31)
-
-
-def filter_day(query: Mapping[str, str], name: str, errors: list[str]) -> date | None:
-    """A date filter from a query string; a bad or far-off one is dropped and named in ``errors``."""
-    raw = (query.get(name) or "").strip()
-    if not raw:
-        return None
-    try:
-        found = date.fromisoformat(raw)
-    except ValueError:
-        found = None
-    # Far-off years overflow the day arithmetic and timestamps further on.
-    if found is None or not MIN_FILTER_DAY <= found <= MAX_FILTER_DAY:
-        errors.append(name)
-        return None
-    return found
 
 
 _CURSOR = re.compile(r"^(-?\d{1,12})\.(\d{1,12})$")

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import csv
 import io
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
 from datetime import date, timedelta
 from urllib.parse import urlencode
 
@@ -36,30 +33,6 @@ def setup(app: web.Application) -> None:
     r.add_get("/admin/sessions.csv", sessions_csv, name="sessions_csv")
     r.add_get("/admin/sessions/overview", sessions_overview, name="sessions_overview")
     r.add_get("/admin/sessions/{public_id:" + PUBLIC_ID + "}", session_page, name="session_admin")
-    app.cleanup_ctx.append(_no_show_marker)
-
-
-async def _no_show_marker(app: web.Application) -> AsyncIterator[None]:
-    """Close visits nobody joined, every reaper interval, until the app stops."""
-    settings = app[keys.SETTINGS]
-
-    async def run() -> None:
-        while True:
-            try:
-                await app[keys.DB].execute_write_fn(
-                    lambda db: sessionlog.mark_no_shows_sync(db, time.time(), tz=settings.timezone)
-                )
-            except Exception:
-                log.exception("marking no-shows failed")
-            await asyncio.sleep(settings.reaper_interval_seconds)
-
-    task = asyncio.get_running_loop().create_task(run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def _outcome_labels() -> dict[str, str]:
