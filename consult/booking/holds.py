@@ -27,6 +27,7 @@ from consult.booking.notices import REMINDER_DAY, base_url, reminders_due_sync, 
 from consult.core import keys
 from consult.core.errors import BadRequest, Conflict, NotFound
 from consult.core.i18n import _
+from consult.core.ids import new_public_id
 
 log = logging.getLogger("consult.booking")  # the JSON logs' "logger" field, as before the split
 
@@ -145,7 +146,7 @@ def hold_sync(
             _("You already have a visit at this time. Pick another time or cancel that visit first.")
         )
     visit = {
-        "public_id": secrets.token_urlsafe(16),
+        "public_id": new_public_id(),
         "patient_id": patient.id,
         "doctor_id": doctor_id,
         "department_id": department_id,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 
 import aiohttp_jinja2
@@ -17,8 +16,8 @@ from consult.core.errors import BadRequest, ConsultError, NotFound
 from consult.core.formatting import to_local
 from consult.core.forms import form, small_int
 from consult.core.i18n import _
+from consult.core.ids import is_public_id
 
-PUBLIC_ID = re.compile(r"^[A-Za-z0-9_-]{10,64}$")
 BOOKING_DAYS = 14
 NEXT_SLOTS = 4
 
@@ -189,7 +188,7 @@ async def hold_submit(request: web.Request) -> web.StreamResponse:
 async def _visit_for(request: web.Request, user) -> dict:
     """The visit named in the URL, if this user may see it; 404 otherwise (no existence oracle)."""
     public_id = request.match_info["public_id"]
-    if not PUBLIC_ID.match(public_id):
+    if not is_public_id(public_id):
         raise NotFound(_("No such visit."))
     visit = await request.app[keys.DB].execute_fn(lambda db: booking.get_visit_sync(db, public_id=public_id))
     if visit is None or not booking.visit_access(user, visit):

@@ -11,13 +11,13 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from consult import booking
-from consult.booking.views import PUBLIC_ID
 from consult.calls import links as calllinks
 from consult.calls import policy as calls
 from consult.calls import recordings
 from consult.core import keys, security
 from consult.core.errors import Forbidden, NotFound
 from consult.core.i18n import _
+from consult.core.ids import is_public_id
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def call_strings() -> dict[str, str]:
 
 
 async def _visit(request: web.Request, public_id: str) -> dict[str, Any] | None:
-    if not PUBLIC_ID.match(public_id):
+    if not is_public_id(public_id):
         return None
     return await request.app[keys.DB].execute_fn(lambda db: booking.get_visit_sync(db, public_id=public_id))
 

@@ -19,10 +19,10 @@ from consult.core import keys, security
 from consult.core.errors import NotFound
 from consult.core.formatting import to_local
 from consult.core.i18n import _
+from consult.core.ids import PUBLIC_ID_PATTERN
 from consult.sessionlog import charts
 
 log = logging.getLogger(__name__)
-PUBLIC_ID = r"[A-Za-z0-9_-]{10,64}"
 OVERVIEW_DAYS = 30
 CSV_CHUNK = 2000
 
@@ -32,7 +32,7 @@ def setup(app: web.Application) -> None:
     r.add_get("/admin/sessions", sessions_list, name="sessions_admin")
     r.add_get("/admin/sessions.csv", sessions_csv, name="sessions_csv")
     r.add_get("/admin/sessions/overview", sessions_overview, name="sessions_overview")
-    r.add_get("/admin/sessions/{public_id:" + PUBLIC_ID + "}", session_page, name="session_admin")
+    r.add_get("/admin/sessions/{public_id:" + PUBLIC_ID_PATTERN + "}", session_page, name="session_admin")
 
 
 def _outcome_labels() -> dict[str, str]:
