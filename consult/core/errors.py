@@ -1,4 +1,4 @@
-"""One error hierarchy; translated into a response in one place (consult.web.errors)."""
+"""One error hierarchy; translated into a response in one place (``consult.core.middleware``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Find user-facing strings that lack a Chinese translation.
 
-    python -m consult.i18n_tools missing        # msgids with no zh_CN translation
-    python -m consult.i18n_tools stub FILE.po   # append empty entries for them to FILE.po
+    python -m consult.core.i18n_tools missing        # msgids with no zh_CN translation
+    python -m consult.core.i18n_tools stub FILE.po   # append empty entries for them to FILE.po
 
 Strings are extracted from Python (``_()``, ``gettext``, ``ngettext``) and Jinja2 templates.
 """

@@ -25,7 +25,7 @@ PASSWORDS: web.AppKey[Passwords] = web.AppKey("passwords")
 NOTIFIER = web.AppKey("notifier", Notifier)
 
 # Per-request values.
-USER = web.RequestKey("user", object)  # consult.accounts.User | None
+USER = web.RequestKey("user", object)  # consult.accounts.users.User | None
 CSRF_COOKIE_VALUE = web.RequestKey("csrf_cookie", str)
 CSRF_NEW = web.RequestKey("csrf_new", bool)
 LOCALE = web.RequestKey("locale", str)
