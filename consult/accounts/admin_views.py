@@ -7,10 +7,10 @@ import secrets
 import aiohttp_jinja2
 from aiohttp import web
 
+from consult.accounts import staff
 from consult.accounts import users as accounts
 from consult.accounts.passwords import check_strength
-from consult.audit import chain as audit
-from consult.core import keys, security
+from consult.core import keys, outbox, security
 from consult.core.errors import BadRequest, ConsultError, NotFound
 from consult.core.forms import field, form
 from consult.core.i18n import _
@@ -30,18 +30,12 @@ def setup(app: web.Application) -> None:
 
 async def admin_home(request: web.Request) -> web.Response:
     user = security.require(request, "admin")
-    db = request.app[keys.DB]
-    counts = {
-        r["role"]: r["n"] for r in await db.query("SELECT role, count(*) AS n FROM users GROUP BY role")
-    }
+    counts = await request.app[keys.DB].execute_fn(staff.count_by_role)
     return aiohttp_jinja2.render_template("admin_home.html", request, {"me": user, "counts": counts})
 
 
 async def _users_context(request: web.Request) -> dict:
-    rows = await request.app[keys.DB].query(
-        "SELECT id, role, username, phone, display_name, active, created FROM users"
-        " WHERE role IN ('doctor', 'admin') ORDER BY role, display_name"
-    )
+    rows = await request.app[keys.DB].execute_fn(staff.list_staff)
     return {"staff": rows, "error": None, "message": None, "values": {}}
 
 
@@ -88,33 +82,17 @@ async def reset_password(request: web.Request) -> web.Response:
     admin = security.require(request, "admin")
     user_id = int(request.match_info["user_id"])
     db = request.app[keys.DB]
-    row = await db.query_one("SELECT id, role, display_name FROM users WHERE id = ?", [user_id])
+    row = await db.execute_fn(lambda d: staff.get_account(d, user_id))
     if row is None:
         raise NotFound(_("No such account."))
     new_password = secrets.token_urlsafe(9)
     password_hash = await request.app[keys.PASSWORDS].hash_async(new_password)
     remote = security.client_address(request)
-
-    def write(d) -> None:
-        d.execute(
-            "UPDATE users SET password_hash = ?, password_changed = strftime('%s','now') WHERE id = ?",
-            [password_hash, user_id],
+    await db.execute_write_fn(
+        lambda d: accounts.set_password_sync(
+            d, user_id, password_hash, action="account.reset_password", actor=admin, remote=remote
         )
-        d.execute("DELETE FROM sessions WHERE user_id = ?", [user_id])
-        audit.append(
-            d,
-            audit.AuditEntry(
-                action="account.reset_password",
-                object_type="user",
-                object_id=str(user_id),
-                actor_id=admin.id,
-                actor_role=admin.role,
-                remote=remote,
-                subject_user_id=user_id,
-            ),
-        )
-
-    await db.execute_write_fn(write)
+    )
     ctx = await _users_context(request)
     ctx["message"] = _("New password for %(name)s: %(password)s (shown once; give it to them in person).") % {
         "name": row["display_name"],
@@ -127,37 +105,17 @@ async def set_active(request: web.Request) -> web.Response:
     admin = security.require(request, "admin")
     user_id = int(request.match_info["user_id"])
     data = await form(request)
-    active = 1 if data.get("active") == "1" else 0
+    active = data.get("active") == "1"
     if user_id == admin.id and not active:
         raise BadRequest(_("You cannot deactivate your own account."))
     remote = security.client_address(request)
-
-    def write(d) -> None:
-        cur = d.execute("UPDATE users SET active = ? WHERE id = ?", [active, user_id])
-        if cur.rowcount == 0:
-            raise NotFound(_("No such account."))
-        if not active:
-            d.execute("DELETE FROM sessions WHERE user_id = ?", [user_id])
-        audit.append(
-            d,
-            audit.AuditEntry(
-                action="account.activate" if active else "account.deactivate",
-                object_type="user",
-                object_id=str(user_id),
-                actor_id=admin.id,
-                actor_role=admin.role,
-                remote=remote,
-                subject_user_id=user_id,
-            ),
-        )
-
-    await request.app[keys.DB].execute_write_fn(write)
+    await request.app[keys.DB].execute_write_fn(
+        lambda d: staff.set_active_sync(d, user_id, active, actor=admin, remote=remote)
+    )
     raise web.HTTPSeeOther("/admin/users")
 
 
 async def outbox_page(request: web.Request) -> web.Response:
     security.require(request, "admin")
-    rows = await request.app[keys.DB].query(
-        "SELECT id, channel, recipient, subject, body, created FROM outbox ORDER BY id DESC LIMIT 200"
-    )
+    rows = await request.app[keys.DB].execute_fn(outbox.recent_messages)
     return aiohttp_jinja2.render_template("admin_outbox.html", request, {"messages": rows})

@@ -8,6 +8,8 @@ import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 import sqlite_utils
 
@@ -18,6 +20,7 @@ from consult.core.errors import BadRequest, Conflict, TooManyRequests
 from consult.core.i18n import _
 
 ROLES = ("patient", "doctor", "admin")
+HOME_BY_ROLE = {"patient": "/patient", "doctor": "/doctor", "admin": "/admin"}
 PHONE_RE = re.compile(r"^\+?[0-9]{6,15}$")
 USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{2,31}$")
 
@@ -90,20 +93,67 @@ def create_user_sync(
         raise Conflict(_("This username is taken.")) from None
     user_id = cur.lastrowid
     assert user_id is not None
-    audit.append(
+    audit.record(
         db,
-        audit.AuditEntry(
-            action="account.create",
-            object_type="user",
-            object_id=str(user_id),
-            actor_id=actor.id if actor else user_id,
-            actor_role=actor.role if actor else role,
-            remote=remote,
-            subject_user_id=user_id,
-            detail={"role": role},
-        ),
+        "account.create",
+        "user",
+        user_id,
+        # Without an actor the new user is registering themselves: they act for themselves.
+        actor=actor or SimpleNamespace(id=user_id, role=role),
+        remote=remote,
+        subject_user_id=user_id,
+        detail={"role": role},
     )
     return user_id
+
+
+def find_active_by_login(db: sqlite_utils.Database, identifier: str) -> sqlite3.Row | None:
+    """The active account a sign-in names: digits (with an optional '+') are a mobile number,
+    anything else a username (compared in lowercase)."""
+    if identifier.lstrip("+").isdigit():
+        column, value = "phone", identifier
+    else:
+        column, value = "username", identifier.lower()
+    return db.execute(
+        f"SELECT * FROM users WHERE {column} = ? AND active = 1",  # noqa: S608
+        [value],
+    ).fetchone()
+
+
+def password_hash_of(db: sqlite_utils.Database, user_id: int) -> str | None:
+    row = db.execute("SELECT password_hash FROM users WHERE id = ?", [user_id]).fetchone()
+    return row["password_hash"] if row else None
+
+
+def set_locale_sync(db: sqlite_utils.Database, user_id: int, locale: str) -> None:
+    db.execute("UPDATE users SET locale = ? WHERE id = ?", [locale, user_id])
+
+
+def set_password_sync(
+    db: sqlite_utils.Database,
+    user_id: int,
+    password_hash: str,
+    *,
+    action: str | None = None,
+    actor: Any = None,
+    role: str | None = None,
+    remote: str | None = None,
+) -> None:
+    """The one rule for a new password, inside the caller's write transaction.
+
+    Store the hash and when it changed, then end every session of the account: each device signs
+    in again with the new password. ``action`` (e.g. ``"account.reset_password"``) writes an audit
+    entry by ``actor`` (``role`` overrides, e.g. ``"cli"``); without it nothing is audited.
+    """
+    db.execute(
+        "UPDATE users SET password_hash = ?, password_changed = strftime('%s','now') WHERE id = ?",
+        [password_hash, user_id],
+    )
+    db.execute("DELETE FROM sessions WHERE user_id = ?", [user_id])
+    if action is not None:
+        audit.record(
+            db, action, "user", user_id, actor=actor, role=role, subject_user_id=user_id, remote=remote
+        )
 
 
 class Sessions:

@@ -7,14 +7,12 @@ from aiohttp import web
 
 from consult.accounts import users as accounts
 from consult.accounts.passwords import check_strength
-from consult.accounts.users import Sessions, User
+from consult.accounts.users import HOME_BY_ROLE, Sessions, User
 from consult.core import i18n, keys, security
 from consult.core.errors import BadRequest, ConsultError, TooManyRequests
 from consult.core.forms import field, form, redirect, safe_next
 from consult.core.i18n import _
 from consult.core.middleware import LANG_COOKIE
-
-HOME_BY_ROLE = {"patient": "/patient", "doctor": "/doctor", "admin": "/admin"}
 
 
 def setup(app: web.Application) -> None:
@@ -76,10 +74,7 @@ async def login_submit(request: web.Request) -> web.Response:
         response = fail(exc.message, 429)
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
-    db = request.app[keys.DB]
-    column = "phone" if identifier.lstrip("+").isdigit() else "username"
-    lookup = identifier if column == "phone" else key
-    row = await db.query_one(f"SELECT * FROM users WHERE {column} = ? AND active = 1", [lookup])  # noqa: S608
+    row = await request.app[keys.DB].execute_fn(lambda db: accounts.find_active_by_login(db, identifier))
     ok = await request.app[keys.PASSWORDS].verify_async(row["password_hash"] if row else None, password)
     if not ok or row is None:
         await throttle.fail(key, address)
@@ -158,9 +153,7 @@ async def set_language(request: web.Request) -> web.Response:
         raise BadRequest(_("Unknown language."))
     user = request.get(keys.USER)
     if user is not None:
-        await request.app[keys.DB].execute_write_fn(
-            lambda db: db.execute("UPDATE users SET locale = ? WHERE id = ?", [locale, user.id])
-        )
+        await request.app[keys.DB].execute_write_fn(lambda db: accounts.set_locale_sync(db, user.id, locale))
     response = redirect(safe_next(data.get("next"), "/"))
     response.set_cookie(
         LANG_COOKIE,
@@ -184,9 +177,9 @@ async def change_password(request: web.Request) -> web.Response:
     data = await form(request)
     db = request.app[keys.DB]
     passwords = request.app[keys.PASSWORDS]
-    row = await db.query_one("SELECT password_hash FROM users WHERE id = ?", [user.id])
+    stored = await db.execute_fn(lambda d: accounts.password_hash_of(d, user.id))
     error = None
-    if not await passwords.verify_async(row["password_hash"] if row else None, data.get("current", "")):
+    if not await passwords.verify_async(stored, data.get("current", "")):
         error = _("The current password is wrong.")
     elif data.get("new") != data.get("new2"):
         error = _("The two passwords do not match.")
@@ -197,14 +190,8 @@ async def change_password(request: web.Request) -> web.Response:
             "account.html", request, {"error": error, "done": False, "me": user}, status=400
         )
     new_hash = await passwords.hash_async(data["new"])
-    await db.execute_write_fn(
-        lambda d: d.execute(
-            "UPDATE users SET password_hash = ?, password_changed = strftime('%s','now') WHERE id = ?",
-            [new_hash, user.id],
-        )
-    )
-    # Other devices must sign in again with the new password.
-    await request.app[keys.SESSIONS].revoke_all(user.id)
+    # Ends every session (other devices sign in again); this one gets a fresh session below.
+    await db.execute_write_fn(lambda d: accounts.set_password_sync(d, user.id, new_hash))
     token = await request.app[keys.SESSIONS].create(
         user.id, request.remote, request.headers.get("User-Agent")
     )

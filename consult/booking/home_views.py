@@ -9,7 +9,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from consult import booking
-from consult.accounts.views import HOME_BY_ROLE
+from consult.accounts.users import HOME_BY_ROLE
 from consult.audit.reads import audit_read
 from consult.booking import schedules
 from consult.core import keys, security

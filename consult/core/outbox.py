@@ -6,9 +6,12 @@ one-time codes, confirmations and reminders all go through ``Notifier.send``.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Protocol
+
+import sqlite_utils
 
 from consult.core.db import Database
 
@@ -39,3 +42,10 @@ class OutboxNotifier:
             )
 
         await self.db.execute_write_fn(write)
+
+
+def recent_messages(db: sqlite_utils.Database) -> list[sqlite3.Row]:
+    """The newest 200 messages, newest first, for the admin's outbox page (pass to ``execute_fn``)."""
+    return db.execute(
+        "SELECT id, channel, recipient, subject, body, created FROM outbox ORDER BY id DESC LIMIT 200"
+    ).fetchall()

@@ -171,7 +171,6 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 def cmd_user_passwd(args: argparse.Namespace) -> int:
     from consult.accounts import users as accounts
     from consult.accounts.passwords import Passwords, check_strength
-    from consult.audit import chain as audit
     from consult.core.db import Database
     from consult.core.errors import ConsultError
 
@@ -197,21 +196,7 @@ def cmd_user_passwd(args: argparse.Namespace) -> int:
         row = db.execute(f"SELECT id FROM users WHERE {column} = ?", [value]).fetchone()  # noqa: S608
         if row is None:
             raise CLIError(f"no account {args.login!r}")
-        db.execute(
-            "UPDATE users SET password_hash = ?, password_changed = strftime('%s','now') WHERE id = ?",
-            [pw_hash, row[0]],
-        )
-        db.execute("DELETE FROM sessions WHERE user_id = ?", [row[0]])
-        audit.append(
-            db,
-            audit.AuditEntry(
-                action="account.reset_password",
-                object_type="user",
-                object_id=str(row[0]),
-                actor_role="cli",
-                subject_user_id=row[0],
-            ),
-        )
+        accounts.set_password_sync(db, row[0], pw_hash, action="account.reset_password", role="cli")
         return row[0]
 
     Database(path).write_sync(write)
