@@ -202,16 +202,7 @@ def cmd_user_passwd(args: argparse.Namespace) -> int:
             [pw_hash, row[0]],
         )
         db.execute("DELETE FROM sessions WHERE user_id = ?", [row[0]])
-        audit.append(
-            db,
-            audit.AuditEntry(
-                action="account.reset_password",
-                object_type="user",
-                object_id=str(row[0]),
-                actor_role="cli",
-                subject_user_id=row[0],
-            ),
-        )
+        audit.record(db, "account.reset_password", "user", row[0], role="cli", subject_user_id=row[0])
         return row[0]
 
     Database(path).write_sync(write)
