@@ -2,8 +2,8 @@
 
 Setup (once): a real Consult server process (`init` + `demo` in a temporary data dir) and
 headless Debian Chromium, everything inside a private network namespace that this script
-enters itself (as tests/netns.py does for the test run: loopback plus a bridge with 10.99.0.1;
-needs root). The doctor signs in through the login page.
+enters itself (bench/common.py; the same as tests/netns.py sets up for the test run: loopback
+plus a bridge with 10.99.0.1; needs root). The doctor signs in through the login page.
 
 Each run seeds a fresh confirmed visit (as the browser tests do), the doctor opens its consult
 room and auto-admits (an init script clicks "Admit" as soon as it shows), then a fresh phone
@@ -38,6 +38,7 @@ import asyncio
 import json
 import math
 import os
+import secrets
 import shutil
 import sqlite3
 import statistics
@@ -47,12 +48,30 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import BRIDGE_ADDR, ConsultServer, enter_private_netns  # bench/ is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 DOCTOR = "dr.wang"
 PASSWORD = "Bench-join-pass-2024"
 WAIT_MS = 20_000
+
+# The browsers of the browser tests (tests/harness/browser.py): a phone and a desktop.
+MOBILE_CHROME_UA = (
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Chrome/126.0.0.0 Mobile Safari/537.36"
+)
+PATIENT_CONTEXT = {
+    "viewport": {"width": 390, "height": 844},
+    "screen": {"width": 390, "height": 844},
+    "is_mobile": True,
+    "has_touch": True,
+    "device_scale_factor": 3,
+    "user_agent": MOBILE_CHROME_UA,
+}
+DOCTOR_CONTEXT = {"viewport": {"width": 1366, "height": 800}}
+MEDIA_PERMISSIONS = ["camera", "microphone"]
 
 # Patient page: milestones in performance.now() (ms since the navigation started).
 PATIENT_PROBE_JS = """
@@ -134,21 +153,76 @@ def prepare_server(server: Any) -> int:
         conn.close()
 
 
+def seed_visit(db_path: Path, doctor_id: int, starts_in_s: float, minutes: int = 15) -> dict[str, Any]:
+    """A confirmed visit of `doctor_id` with the first patient, written with sqlite3 (as the
+    browser tests seed theirs). Safe while the server runs (WAL, one short write)."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        patient = conn.execute("SELECT id FROM users WHERE role = 'patient' ORDER BY id LIMIT 1").fetchone()
+        row = conn.execute(
+            "SELECT department_id FROM doctor_departments WHERE doctor_id = ? LIMIT 1", [doctor_id]
+        ).fetchone()
+        department_id = row[0] if row else conn.execute("SELECT id FROM departments LIMIT 1").fetchone()[0]
+        now = time.time()
+        starts = int(now + starts_in_s)
+        ends = starts + minutes * 60
+        public_id, nonce = secrets.token_urlsafe(12), secrets.token_urlsafe(8)
+        row = [public_id, patient[0], doctor_id, department_id, starts, ends, "confirmed", 5000, "CNY"]
+        conn.execute(
+            "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at, status,"
+            " fee_minor, currency, created, updated, call_nonce) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            [*row, now, now, nonce],
+        )
+        return {"public_id": public_id, "nonce": nonce, "starts_at": starts, "ends_at": ends}
+    finally:
+        conn.close()
+
+
 def new_visit(server: Any, doctor_id: int) -> tuple[str, str]:
     """A confirmed visit starting now: (patient link, consult room URL)."""
-    from tests.call_helpers import keyed_settings, patient_token, seed_visit
+    from consult.calls import links as calllinks
+    from consult.core.config import ensure_secrets, load_settings
 
     # One visit per doctor and start second (UNIQUE): runs can come faster than that.
     for back in range(60, 120):
         try:
-            visit = seed_visit(server.data_dir / "consult.db", doctor_id=doctor_id, starts_in_s=-back)
+            visit = seed_visit(server.data_dir / "consult.db", doctor_id, starts_in_s=-back)
             break
         except sqlite3.IntegrityError:
             continue
     else:
         raise RuntimeError("no free start second for a new visit")
-    token = patient_token(keyed_settings(server.data_dir), visit)
-    return server.url(f"/call/{token}"), server.url(f"/doctor/visits/{visit.public_id}/room")
+    # Signed with the keys the server signs with: its data dir's secrets.json.
+    settings = ensure_secrets(load_settings(env={}, data_dir=server.data_dir, tls=False))
+    token = calllinks.make_token(
+        settings, visit["public_id"], "patient", visit["nonce"], visit["starts_at"], visit["ends_at"]
+    )
+    return server.url(f"/call/{token}"), server.url(f"/doctor/visits/{visit['public_id']}/room")
+
+
+async def launch_chromium(playwright: Any, secure_origins: list[str]) -> Any:
+    """Debian's Chromium, headless, with fake media devices and no way to the outside."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        raise SystemExit("`chromium` is not installed: `apt-get install chromium`")
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--use-fake-device-for-media-stream",
+        "--use-fake-ui-for-media-stream",
+        # Belt and braces: the namespace has no route out anyway.
+        f"--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE {BRIDGE_ADDR}, EXCLUDE localhost, EXCLUDE 127.0.0.1",
+        # A proxy from the environment would swallow requests to the bridge address.
+        "--no-proxy-server",
+        "--unsafely-treat-insecure-origin-as-secure=" + ",".join(o.rstrip("/") for o in secure_origins),
+    ]
+    return await playwright.chromium.launch(executable_path=chromium, headless=True, args=args)
 
 
 async def sign_in_doctor(page: Any, origin: str) -> None:
@@ -161,8 +235,6 @@ async def sign_in_doctor(page: Any, origin: str) -> None:
 
 
 async def one_run(browser: Any, doctor: Any, server: Any, doctor_id: int, timeout_s: float) -> dict:
-    from tests.harness.browser import MEDIA_PERMISSIONS, PATIENT_CONTEXT
-
     patient_url, room_url = await asyncio.to_thread(new_visit, server, doctor_id)
     await doctor.goto(room_url)
     # The doctor is in the room (signaling open, nobody there yet).
@@ -198,8 +270,6 @@ async def one_run(browser: Any, doctor: Any, server: Any, doctor_id: int, timeou
 async def bench(args: argparse.Namespace, work: Path) -> dict:
     from playwright.async_api import async_playwright
 
-    from tests.harness.browser import DOCTOR_CONTEXT, MEDIA_PERMISSIONS, launch_chromium
-    from tests.harness.server import ConsultServer
 
     server = ConsultServer(work / "data", log_dir=work, env={"CONSULT_DEFAULT_LOCALE": "en"})
     await asyncio.to_thread(server.init, demo=True)
@@ -264,8 +334,6 @@ def main() -> int:
     args = parser.parse_args()
     if args.runs < 1 or args.warmup < 0:
         parser.error("--runs must be >= 1 and --warmup >= 0")
-
-    from tests.netns import enter_private_netns
 
     try:
         enter_private_netns()  # before any thread: the server and Chromium inherit the namespace

@@ -29,7 +29,7 @@ Frame loss: frames each client sent against frames in the files, allowing for th
 aiortc's jitter buffers still hold when a leg closes (1 video, 4 audio per participant).
 
 The whole run happens in a private network namespace (re-entered at start, needs root): aioice
-skips 127.0.0.1, so the bridge address 10.99.0.1 of tests/netns.py carries the media, and no
+skips 127.0.0.1, so the bridge address 10.99.0.1 (bench/common.py) carries the media, and no
 packet can leave the machine. The last line of stdout is one JSON object.
 
     .venv/bin/python bench/recording.py                       # steps 10,20,25,30 via Consult
@@ -60,6 +60,7 @@ import av
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from common import BRIDGE_ADDR, ConsultServer, ServerStartError, enter_private_netns  # bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -807,7 +808,6 @@ async def run_consult_step(
 
 async def bench_consult(args: argparse.Namespace) -> dict[str, Any]:
     from consult.core.config import ensure_secrets, load_settings
-    from tests.harness.server import BRIDGE_ADDR, ConsultServer, ServerStartError
 
     t_start = time.monotonic()
     clip = await asyncio.to_thread(encode_clip, args.width, args.height, args.fps, args.kbps, 3)
@@ -906,8 +906,6 @@ def main() -> None:
         args.dir.mkdir(parents=True, exist_ok=True)
         asyncio.run(serve(args.serve, args.port, args.dir))
         return
-    from tests.netns import enter_private_netns
-
     enter_private_netns()  # before any thread: every child inherits the namespace
     if args.steps is None:
         args.steps = [5, 10, 15, 20, 25, 30] if args.direct else [10, 20, 25, 30]

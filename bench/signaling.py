@@ -30,8 +30,8 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from signaling import InMemoryPolicy, SignalingConfig, SignalingServer
-from signaling.policy import make_admission
+from signaling import SignalingConfig, SignalingServer
+from signaling.testing import InMemoryPolicy, make_admission
 
 HOST = "127.0.0.1"
 

@@ -10,7 +10,6 @@ from signaling.ice import ice_servers, turn_credentials
 from signaling.policy import (
     EVENT_NAMES,
     Admission,
-    InMemoryPolicy,
     PeerInfo,
     Refused,
     RoomEvent,
@@ -23,7 +22,6 @@ from signaling.server import SignalingServer
 __all__ = [
     "EVENT_NAMES",
     "Admission",
-    "InMemoryPolicy",
     "PeerInfo",
     "Refused",
     "Room",

@@ -12,13 +12,12 @@ import json
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import web
 
 if TYPE_CHECKING:
     from signaling.policy import Admission
-    from signaling.room import Room
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +96,16 @@ class SendWatchdog:
             await asyncio.wait({task})
 
 
+class Seat(Protocol):
+    """The room a connection was seated in, as far as the connection needs to know it.
+
+    `signaling.room.Room` implements it; typing `Connection.room` with this protocol keeps this
+    module below the room (the room imports the connection, never the other way round).
+    """
+
+    async def leave(self, conn: Connection, reason: str) -> None: ...
+
+
 class Connection:
     """A client socket plus what the room needs to know about it."""
 
@@ -119,7 +128,7 @@ class Connection:
         self.send_timeout_s = send_timeout_s
         self.limiter = rate_limiter
         # Set by the room on join; read by the server when the socket ends.
-        self.room: Room | None = None
+        self.room: Seat | None = None
         self.admission: Admission | None = None
         self.closing = False
         self.close_code: int | None = None

@@ -7,9 +7,9 @@ from typing import Any
 
 from aiohttp import web
 
-from signaling import InMemoryPolicy, SignalingConfig, SignalingServer
+from signaling import SignalingConfig, SignalingServer
 from signaling.client import SignalingClient
-from signaling.policy import make_admission
+from signaling.testing import InMemoryPolicy, make_admission
 
 PATH = "/ws/rooms/{}"
 

@@ -14,8 +14,8 @@ from consult.app import create_app
 from consult.core import metrics
 from consult.core.config import ConfigError
 from consult.core.logs import JsonFormatter, RedactingAccessLogger
-from signaling.policy import InMemoryPolicy
 from signaling.server import SignalingServer
+from signaling.testing import InMemoryPolicy
 from tests.conftest import login
 
 SERVER = web.AppKey("test_signaling", SignalingServer)

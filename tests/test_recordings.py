@@ -13,6 +13,7 @@ import pytest
 
 from consult.audit import chain as audit
 from consult.calls import recordings
+from consult.core.seats import SEAT_OF_ROLE
 from consult.ops import cli
 from tests.test_reports import ADMIN, DOCTOR, OTHER_DOCTOR, PATIENT, World, build_world, sign_in
 
@@ -29,7 +30,7 @@ def world(client, settings, make_user) -> World:
 
 def add_recording(world: World, *, role: str = "doctor", data: bytes = DATA, age_days: float = 0) -> int:
     directory = recordings.room_dir(world.data_dir, world.public_id)
-    seat = recordings.SEAT_OF_ROLE[role]
+    seat = SEAT_OF_ROLE[role]
     path = directory / f"{seat}-20240101T000000Z-{time.time_ns() % 16**12:012x}.webm"
     path.write_bytes(data)
     path.chmod(0o600)

@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 from aiortc import RTCSessionDescription
 
-from signaling import InMemoryPolicy, SignalingConfig, SignalingServer
-from signaling.policy import make_admission
+from signaling import SignalingConfig, SignalingServer
+from signaling.testing import InMemoryPolicy, make_admission
 from tests.signaling_helpers import join, pair
 from tests.test_recording import Client
 

@@ -13,7 +13,6 @@ import pytest
 from signaling import (
     EVENT_NAMES,
     Admission,
-    InMemoryPolicy,
     RoomEvent,
     RoomState,
     SignalingConfig,
@@ -22,8 +21,8 @@ from signaling import (
 )
 from signaling.client import PeerSession
 from signaling.connection import Connection, RateLimiter, SendWatchdog
-from signaling.policy import make_admission
 from signaling.protocol import CLIENT_TYPES, ERROR_CODES
+from signaling.testing import InMemoryPolicy, make_admission
 from tests.signaling_helpers import connect, join, make_app, make_policy, pair
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"

@@ -41,6 +41,8 @@ async def audit_read(
     if not action.endswith(READ_SUFFIXES):
         raise ValueError(f"read action {action!r} must end with one of {READ_SUFFIXES}")
     user = request.get(keys.USER)
+    # Built by hand, not with audit.record: an anonymous reader is stored with actor_role NULL,
+    # where audit.record would store "system" (the server itself), which it is not.
     entry = audit.AuditEntry(
         action=action,
         object_type=object_type,

@@ -21,6 +21,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import sqlite_utils
@@ -123,18 +124,16 @@ def set_consent_sync(
         f"UPDATE visits SET recording = ?, {column} = ?, updated = ? WHERE id = ?",  # noqa: S608
         [terms.policy, int(consent), time.time(), visit_id],
     )
-    audit.append(
+    audit.record(
         db,
-        audit.AuditEntry(
-            action="visit.recording_consent",
-            object_type="visit",
-            object_id=str(visit_id),
-            actor_id=actor_id,
-            actor_role=role,
-            remote=remote,
-            subject_user_id=subject_user_id,
-            detail={"role": role, "consent": consent, "policy": terms.policy},
-        ),
+        "visit.recording_consent",
+        "visit",
+        visit_id,
+        actor=SimpleNamespace(id=actor_id),  # the caller knows the actor's id only
+        role=role,  # the call seat ("patient" or "doctor") that answered
+        remote=remote,
+        subject_user_id=subject_user_id,
+        detail={"role": role, "consent": consent, "policy": terms.policy},
     )
     return terms_sync(db, visit_id, default_policy)
 
@@ -152,17 +151,8 @@ def set_override_sync(db: sqlite_utils.Database, kind: str, object_id: int, raw:
     if row is None or row[0] == value:
         return
     db.execute(f"UPDATE {table} SET recording_policy = ? WHERE {key} = ?", [value, object_id])  # noqa: S608
-    audit.append(
-        db,
-        audit.AuditEntry(
-            action=f"{kind}.recording_policy",
-            object_type=kind,
-            object_id=str(object_id),
-            actor_id=getattr(actor, "id", None),
-            actor_role=getattr(actor, "role", None),
-            detail={"from": row[0], "to": value},
-        ),
-    )
+    detail = {"from": row[0], "to": value}
+    audit.record(db, f"{kind}.recording_policy", kind, object_id, actor=actor, detail=detail)
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -389,24 +379,22 @@ def purge(
 
         def delete(db: sqlite_utils.Database, item: dict[str, Any] = item) -> None:
             db.execute("DELETE FROM recordings WHERE id = ?", [item["id"]])
-            audit.append(
+            audit.record(
                 db,
-                audit.AuditEntry(
-                    action="recording.delete",
-                    object_type="recording",
-                    object_id=str(item["id"]),
-                    actor_role=actor,
-                    subject_user_id=item["patient_id"],
-                    detail={
-                        "visit_id": item["visit_id"],
-                        "role": item["role"],
-                        "path": item["path"],
-                        "size": item["size"],
-                        "sha256": item["sha256"],
-                        "reason": "retention",
-                        "older_than_days": older_than_days,
-                    },
-                ),
+                "recording.delete",
+                "recording",
+                item["id"],
+                role=actor,
+                subject_user_id=item["patient_id"],
+                detail={
+                    "visit_id": item["visit_id"],
+                    "role": item["role"],
+                    "path": item["path"],
+                    "size": item["size"],
+                    "sha256": item["sha256"],
+                    "reason": "retention",
+                    "older_than_days": older_than_days,
+                },
             )
 
         database.write_sync(delete)

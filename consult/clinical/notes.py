@@ -139,20 +139,17 @@ def save_sync(
         " updated = excluded.updated",
         [visit_id, doctor.id, text, advice, new_version, now, now],
     )
-    audit.append(
+    audit.record(
         db,
-        audit.AuditEntry(
-            action="note.update",
-            object_type="visit",
-            object_id=str(visit_id),
-            actor_id=doctor.id,
-            actor_role=doctor.role,
-            remote=remote,
-            subject_user_id=visit["patient_id"],
-            # Lengths only: the audit trail must not become a second copy of clinical text.
-            detail={"version": new_version, "chars": len(text), "advice_chars": len(advice)},
-            created=now,
-        ),
+        "note.update",
+        "visit",
+        visit_id,
+        actor=doctor,
+        remote=remote,
+        subject_user_id=visit["patient_id"],
+        # Lengths only: the audit trail must not become a second copy of clinical text.
+        detail={"version": new_version, "chars": len(text), "advice_chars": len(advice)},
+        created=now,
     )
     return Note(visit_id, text, advice, new_version, now)
 
@@ -217,17 +214,14 @@ async def record_read(
     db: Database, visit: dict[str, Any], user: User, remote: str | None, earlier: int
 ) -> None:
     await db.execute_write_fn(
-        lambda d: audit.append(
+        lambda d: audit.record(
             d,
-            audit.AuditEntry(
-                action="note.view",
-                object_type="visit",
-                object_id=str(visit["id"]),
-                actor_id=user.id,
-                actor_role=user.role,
-                remote=remote,
-                subject_user_id=visit["patient_id"],
-                detail={"earlier_visits": earlier},
-            ),
+            "note.view",
+            "visit",
+            visit["id"],
+            actor=user,
+            remote=remote,
+            subject_user_id=visit["patient_id"],
+            detail={"earlier_visits": earlier},
         )
     )

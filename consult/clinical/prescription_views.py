@@ -248,7 +248,9 @@ async def verify_page(request: web.Request) -> dict[str, Any]:
                 reason=result.reason,
                 doc=result.document if result.valid else None,
             )
-            # Someone holding the paper looked it up: the patient may ask who did.
+            # Someone holding the paper looked it up: the patient may ask who did. The entry is
+            # built by hand because the reader is anonymous and is stored with actor_role NULL;
+            # audit.record would store "system" (the server itself), which it is not.
             await db.execute_write_fn(
                 lambda d: audit.append(
                     d,

@@ -350,19 +350,16 @@ def issue_sync(
             client_ref,
         ],
     )
-    audit.append(
+    audit.record(
         db,
-        audit.AuditEntry(
-            action="prescription.issue",
-            object_type="prescription",
-            object_id=number,
-            actor_id=doctor.id,
-            actor_role=doctor.role,
-            remote=remote,
-            subject_user_id=visit["patient_id"],
-            detail={"visit": visit["public_id"], "items": len(items), "key_id": signed["key_id"]},
-            created=now,
-        ),
+        "prescription.issue",
+        "prescription",
+        number,
+        actor=doctor,
+        remote=remote,
+        subject_user_id=visit["patient_id"],
+        detail={"visit": visit["public_id"], "items": len(items), "key_id": signed["key_id"]},
+        created=now,
     )
     prescription = Prescription(
         id=int(cur.lastrowid),
@@ -415,16 +412,13 @@ async def record_access(
     db: Database, prescription: Prescription, user: User, remote: str | None, action: str
 ) -> None:
     await db.execute_write_fn(
-        lambda d: audit.append(
+        lambda d: audit.record(
             d,
-            audit.AuditEntry(
-                action=action,
-                object_type="prescription",
-                object_id=prescription.number,
-                actor_id=user.id,
-                actor_role=user.role,
-                remote=remote,
-                subject_user_id=prescription.patient_id,
-            ),
+            action,
+            "prescription",
+            prescription.number,
+            actor=user,
+            remote=remote,
+            subject_user_id=prescription.patient_id,
         )
     )

@@ -209,19 +209,16 @@ async def add_report(
                 ],
             )
             report_id = int(cur.lastrowid or 0)
-            audit.append(
+            audit.record(
                 d,
-                audit.AuditEntry(
-                    action="report.upload",
-                    object_type="report",
-                    object_id=str(report_id),
-                    actor_id=user.id,
-                    actor_role=user.role,
-                    remote=remote,
-                    subject_user_id=visit["patient_id"],
-                    detail={"visit": visit["public_id"], "size": final.size, "type": final.content_type},
-                    created=now,
-                ),
+                "report.upload",
+                "report",
+                report_id,
+                actor=user,
+                remote=remote,
+                subject_user_id=visit["patient_id"],
+                detail={"visit": visit["public_id"], "size": final.size, "type": final.content_type},
+                created=now,
             )
             return report_id
 
@@ -259,18 +256,15 @@ async def delete_report(
         cur = d.execute("DELETE FROM reports WHERE id = ?", [report.id])
         if cur.rowcount != 1:
             raise NotFound(_("This report does not exist."))
-        audit.append(
+        audit.record(
             d,
-            audit.AuditEntry(
-                action="report.delete",
-                object_type="report",
-                object_id=str(report.id),
-                actor_id=user.id,
-                actor_role=user.role,
-                remote=remote,
-                subject_user_id=visit["patient_id"],
-                detail={"visit": visit["public_id"], "sha256": report.sha256},
-            ),
+            "report.delete",
+            "report",
+            report.id,
+            actor=user,
+            remote=remote,
+            subject_user_id=visit["patient_id"],
+            detail={"visit": visit["public_id"], "sha256": report.sha256},
         )
 
     await db.execute_write_fn(write)
@@ -281,17 +275,20 @@ async def delete_report(
 async def record_view(
     db: Database, report: Report, visit: dict[str, Any], user: User, remote: str | None, download: bool
 ) -> None:
-    entry = audit.AuditEntry(
-        action="report.view",
-        object_type="report",
-        object_id=str(report.id),
-        actor_id=user.id,
-        actor_role=user.role,
-        remote=remote,
-        subject_user_id=visit["patient_id"],
-        detail={"visit": visit["public_id"], "download": download},
+    created = time.time()  # when the report was viewed, not when the write queue got to it
+    await db.execute_write_fn(
+        lambda d: audit.record(
+            d,
+            "report.view",
+            "report",
+            report.id,
+            actor=user,
+            remote=remote,
+            subject_user_id=visit["patient_id"],
+            detail={"visit": visit["public_id"], "download": download},
+            created=created,
+        )
     )
-    await db.execute_write_fn(lambda d: audit.append(d, entry))
 
 
 async def _succeeded(task: asyncio.Future[Any]) -> bool:
