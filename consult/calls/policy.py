@@ -2,7 +2,7 @@
 
 The `signaling` package runs the rooms and knows nothing about hospitals; this module is its
 `RoomPolicy` over our database. A room's id is the visit's public id. The patient's hello token
-is the signed call link (`consult.calllinks`); the doctor's is a short-lived host token that the
+is the signed call link (`consult.calls.links`); the doctor's is a short-lived host token that the
 consult-room page mints for the signed-in doctor (`make_host_token`). Every room event is
 appended to `session_events` (and folded into the admin session summary) in one write.
 """

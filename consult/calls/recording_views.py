@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from consult.audit.reads import audit_read
-from consult.calls import recordings
+from consult.calls import playback, recordings
 from consult.core import keys, security
 from consult.core.errors import NotFound
 from consult.core.i18n import _
@@ -18,13 +18,8 @@ def setup(app: web.Application) -> None:
 async def play_recording(request: web.Request) -> web.StreamResponse:
     user = security.require(request)
     recording_id = int(request.match_info["recording_id"])
-    row = await request.app[keys.DB].query_one(
-        "SELECT r.id, r.visit_id, r.role, r.path, r.size, v.doctor_id, v.patient_id"
-        " FROM recordings r JOIN visits v ON v.id = r.visit_id WHERE r.id = ?",
-        [recording_id],
-    )
-    # Everyone else (the patient included) learns nothing, not even that it exists.
-    if row is None or not (user.role == "admin" or (user.role == "doctor" and row["doctor_id"] == user.id)):
+    row = await request.app[keys.DB].execute_fn(lambda db: playback.playable_sync(db, recording_id, user))
+    if row is None:  # missing, or not this user's to play: the same answer either way
         raise NotFound(_("No such recording."))
     try:
         path = recordings.stored_path(request.app[keys.SETTINGS].data_dir, row["path"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import sqlite3
 import time
 from typing import Any
 
@@ -13,13 +11,11 @@ from aiohttp import web
 from consult import booking
 from consult.calls import links as calllinks
 from consult.calls import policy as calls
-from consult.calls import recordings
+from consult.calls import recordings, room
 from consult.core import keys, security
 from consult.core.errors import Forbidden, NotFound
 from consult.core.i18n import _
 from consult.core.ids import is_public_id
-
-log = logging.getLogger(__name__)
 
 
 def setup(app: web.Application) -> None:
@@ -201,25 +197,6 @@ async def _own_visit(request: web.Request) -> tuple[Any, dict[str, Any]]:
     return user, visit
 
 
-async def _earlier_visits(request: web.Request, visit: dict[str, Any]) -> list[dict[str, Any]]:
-    """The patient's earlier visits, with notes and prescriptions where those exist."""
-    db = request.app[keys.DB]
-    try:
-        from consult.clinical import notes
-
-        return await notes.earlier_for_patient(db, visit)
-    except (ImportError, AttributeError, sqlite3.OperationalError):
-        log.debug("visit notes unavailable; listing earlier visits alone", exc_info=True)
-    rows = await db.query(
-        "SELECT v.public_id, v.starts_at, v.status, u.display_name AS doctor_name"
-        " FROM visits v JOIN users u ON u.id = v.doctor_id"
-        " WHERE v.patient_id = ? AND v.id != ? AND v.starts_at < ?"
-        " AND v.status IN ('confirmed', 'completed', 'no_show') ORDER BY v.starts_at DESC LIMIT 20",
-        [visit["patient_id"], visit["id"], visit["starts_at"]],
-    )
-    return [{**dict(r), "text": "", "advice": "", "prescriptions": []} for r in rows]
-
-
 async def consult_room(request: web.Request) -> web.Response:
     user, visit = await _own_visit(request)
     settings = request.app[keys.SETTINGS]
@@ -236,7 +213,7 @@ async def consult_room(request: web.Request) -> web.Response:
             "ws_path": _ws_path(request, visit["public_id"]),
             "hello_token": calls.make_host_token(settings, visit["public_id"], user.id, time.time()),
             "token_url": str(request.app.router["consult_room_token"].url_for(public_id=visit["public_id"])),
-            "earlier": await _earlier_visits(request, visit),
+            "earlier": await room.earlier_visits(request.app[keys.DB], visit),
             "strings": call_strings(),
             **await _recording_context(request, visit, "doctor"),
             "consent_url": str(

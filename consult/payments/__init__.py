@@ -1,4 +1,8 @@
-"""Payments: the provider interface a hospital's gateway plugs into, and the domain around it.
+"""Payments: the service around the provider interface a hospital's gateway plugs into.
+
+The interface itself (``Payment``, ``Notice``, ``Outcome``, ``PaymentProvider``, ``Fulfilment``,
+``CallbackRejected``, the app state) lives in ``consult.payments.gateway``, which the providers
+import; it is re-exported here, so ``payments.Payment`` and friends keep working.
 
 A payment belongs to one visit, in integer minor units. Every change to it is recorded in
 ``payment_events``; a gateway notification's id is UNIQUE there, so a replayed or duplicated
@@ -9,28 +13,36 @@ payment stays paid and is refunded automatically, with an event saying why.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import AsyncIterator
+from typing import Any
 
-import aiohttp
 import sqlite_utils
 from aiohttp import web
-from yarl import URL
 
 from consult.accounts.users import User
 from consult.audit import chain as audit
 from consult.core import keys, metrics
 from consult.core.db import Database
-from consult.core.errors import BadRequest, Conflict, ConsultError, NotFound
+from consult.core.errors import BadRequest, Conflict, NotFound
 from consult.core.i18n import _
+from consult.payments.cashier import CashierProvider
+from consult.payments.gateway import (
+    FULFILMENT,
+    PAYMENTS,
+    CallbackRejected,
+    Fulfilment,
+    Notice,
+    Outcome,
+    Payment,
+    PaymentProvider,
+    PaymentsState,
+)
+from consult.payments.simulator import SimulatorProvider
 
 log = logging.getLogger(__name__)
 
@@ -39,129 +51,7 @@ FRESHNESS_SECONDS = 300
 ORDER_PREFIX = "C"
 
 
-class CallbackRejected(ConsultError):
-    """A gateway notification we refuse; ``reason`` goes into the ``rejected_callback`` event."""
-
-    status = 400
-    code = "callback_rejected"
-
-    def __init__(self, reason: str, *, order_id: str | None = None, detail: dict | None = None) -> None:
-        super().__init__(f"callback rejected: {reason}", code="callback_rejected")
-        self.reason = reason
-        self.order_id = order_id
-        self.detail = detail or {}
-
-
-@dataclass(frozen=True)
-class Payment:
-    id: int
-    visit_id: int
-    order_id: str
-    provider: str
-    amount_minor: int
-    currency: str
-    status: str
-    provider_ref: str | None
-    created: float
-    paid_at: float | None
-    refunded_at: float | None
-    refund_minor: int
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row | dict[str, Any]) -> Payment:
-        return cls(**{k: row[k] for k in cls.__dataclass_fields__})
-
-
-@dataclass(frozen=True)
-class Notice:
-    """A verified gateway notification about one order."""
-
-    order_id: str
-    amount_minor: int
-    currency: str
-    status: str  # "SUCCESS" or a failure status
-    notify_id: str
-    timestamp: float
-
-
-@dataclass
-class Outcome:
-    """What processing a notification or a mark-paid did; drives the after-commit steps."""
-
-    result: str  # "paid", "already", "rejected", "failed"
-    payment: Payment | None = None
-    confirmed: bool = False
-    refund_reason: str | None = None
-    reason: str | None = None
-
-
-class PaymentProvider(Protocol):
-    name: str
-
-    async def start(self, app: web.Application, payment: Payment) -> URL:
-        """Where to send the payer to pay (the gateway's page, or our counter instructions)."""
-
-    async def verify_callback(self, app: web.Application, request: web.Request) -> Notice:
-        """Authenticate and parse a server-to-server notification; raise CallbackRejected."""
-
-    async def refund(self, app: web.Application, payment: Payment, amount_minor: int) -> str:
-        """Give ``amount_minor`` back; return the provider's refund reference, raise on failure."""
-
-
-class Fulfilment(Protocol):
-    """What a paid payment does to what it paid for (booking confirms the visit).
-
-    Payments sit below booking: booking hands its fulfilment in (``FULFILMENT``, set by the app
-    factory), so that payments never import booking.
-    """
-
-    def confirm_sync(self, db: sqlite_utils.Database, visit_id: int, now: float) -> None:
-        """Confirm inside the payment's transaction; raise ``Conflict`` when the slot was lost."""
-
-    async def after_confirmed(self, app: web.Application, visit_id: int) -> None:
-        """After the commit: tell the patient."""
-
-
-FULFILMENT = web.AppKey("payment_fulfilment", Fulfilment)
-
-
-@dataclass
-class PaymentsState:
-    providers: dict[str, PaymentProvider]
-    fulfilment: Fulfilment
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    session: aiohttp.ClientSession | None = None
-    refund_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """A background task owned by the app: cancelled and awaited at shutdown."""
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("payment task %s failed", task.get_name(), exc_info=task.exception())
-
-    async def close(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        for task in list(self.tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self.session is not None:
-            await self.session.close()
-
-
-PAYMENTS = web.AppKey("payments", PaymentsState)
-
-
 def make_state(fulfilment: Fulfilment) -> PaymentsState:
-    from consult.payments.cashier import CashierProvider
-    from consult.payments.simulator import SimulatorProvider
-
     return PaymentsState(
         providers={"simulator": SimulatorProvider(), "cashier": CashierProvider()}, fulfilment=fulfilment
     )
@@ -215,6 +105,24 @@ async def events_for(db: Database, payment_id: int) -> list[dict[str, Any]]:
         [payment_id],
     )
     return [dict(r) for r in rows]
+
+
+DESK_SELECT = (
+    "SELECT p.*, v.public_id, v.starts_at, v.status AS visit_status,"
+    " pu.display_name AS patient, pu.phone AS patient_phone, du.display_name AS doctor"
+    " FROM payments p JOIN visits v ON v.id = p.visit_id"
+    " JOIN users pu ON pu.id = v.patient_id JOIN users du ON du.id = v.doctor_id"
+)
+
+
+def desk_sync(db: sqlite_utils.Database) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
+    """The cashier desk: pending payments, oldest first, and the latest paid or refunded ones."""
+    pending = db.execute(DESK_SELECT + " WHERE p.status = 'pending' ORDER BY p.created LIMIT 200").fetchall()
+    recent = db.execute(
+        DESK_SELECT
+        + " WHERE p.status IN ('paid', 'refunded') ORDER BY coalesce(p.paid_at, p.created) DESC LIMIT 50"
+    ).fetchall()
+    return pending, recent
 
 
 def _payment_sync(db: sqlite_utils.Database, payment_id: int) -> Payment:
@@ -479,19 +387,16 @@ async def mark_paid_by_staff(app: web.Application, order_id: str, actor: User, r
                 "SELECT v.patient_id FROM visits v JOIN payments p ON p.visit_id = v.id WHERE p.id = ?",
                 [row["id"]],
             ).fetchone()
-            audit.append(
+            audit.record(
                 db,
-                audit.AuditEntry(
-                    action="payment.mark_paid",
-                    object_type="payment",
-                    object_id=order_id,
-                    actor_id=actor.id,
-                    actor_role=actor.role,
-                    remote=remote,
-                    subject_user_id=patient[0] if patient else None,
-                    detail={"confirmed": outcome.confirmed},
-                    created=now,
-                ),
+                "payment.mark_paid",
+                "payment",
+                order_id,
+                actor=actor,
+                subject_user_id=patient[0] if patient else None,
+                remote=remote,
+                detail={"confirmed": outcome.confirmed},
+                created=now,
             )
         return outcome
 
@@ -546,19 +451,16 @@ async def refund_payment(
                 return False
             record_event_sync(d, payment.id, "refunded", now=done, detail={**actor_detail, "ref": ref})
             patient = d.execute("SELECT patient_id FROM visits WHERE id = ?", [payment.visit_id]).fetchone()
-            audit.append(
+            audit.record(
                 d,
-                audit.AuditEntry(
-                    action="payment.refund",
-                    object_type="payment",
-                    object_id=payment.order_id,
-                    actor_id=actor.id if actor else None,
-                    actor_role=actor.role if actor else "system",
-                    remote=remote,
-                    subject_user_id=patient[0] if patient else None,
-                    detail={"reason": reason, "amount_minor": amount},
-                    created=done,
-                ),
+                "payment.refund",
+                "payment",
+                payment.order_id,
+                actor=actor,
+                subject_user_id=patient[0] if patient else None,
+                remote=remote,
+                detail={"reason": reason, "amount_minor": amount},
+                created=done,
             )
             return True
 

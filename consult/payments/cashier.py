@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from yarl import URL
 
-from consult.payments import CallbackRejected, Notice, Payment
+from consult.payments.gateway import CallbackRejected, Notice, Payment
 
 
 class CashierProvider:

@@ -23,7 +23,7 @@ from aiohttp import web
 from yarl import URL
 
 from consult.core import keys
-from consult.payments import PAYMENTS, CallbackRejected, Notice, Payment
+from consult.payments.gateway import PAYMENTS, CallbackRejected, Notice, Payment
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from aiohttp import web
 from consult import payments
 from consult.accounts.users import User
 from consult.audit.reads import audit_read
+from consult.booking.visits import get_visit_sync
 from consult.core import keys, security
 from consult.core.errors import Conflict, NotFound
 from consult.core.i18n import _
@@ -57,10 +58,10 @@ async def _payment_and_visit(request: web.Request) -> tuple[Payment, dict[str, A
     payment = await payments.by_order(db, request.match_info["order_id"])
     if payment is None:
         raise NotFound(_("This payment does not exist."))
-    visit = await db.query_one("SELECT * FROM visits WHERE id = ?", [payment.visit_id])
+    visit = await db.execute_fn(lambda d: get_visit_sync(d, visit_id=payment.visit_id))
     if visit is None:
         raise NotFound(_("This payment does not exist."))
-    return payment, dict(visit)
+    return payment, visit
 
 
 def _may_see(user: User, visit: dict[str, Any]) -> bool:
@@ -104,7 +105,8 @@ def _status_json(request: web.Request, payment: Payment, visit: dict[str, Any]) 
 async def pay_start(request: web.Request) -> web.Response:
     user = security.require(request, "patient")
     db = request.app[keys.DB]
-    visit = await db.query_one("SELECT * FROM visits WHERE public_id = ?", [request.match_info["public_id"]])
+    public_id = request.match_info["public_id"]
+    visit = await db.execute_fn(lambda d: get_visit_sync(d, public_id=public_id))
     if visit is None or visit["patient_id"] != user.id:
         raise NotFound(_("This visit does not exist."))
     latest = await payments.latest_for_visit(db, visit["id"])
@@ -132,16 +134,17 @@ async def payment_json(request: web.Request) -> web.Response:
 async def visit_payment_json(request: web.Request) -> web.Response:
     user = security.require(request)
     db = request.app[keys.DB]
-    visit = await db.query_one("SELECT * FROM visits WHERE public_id = ?", [request.match_info["public_id"]])
+    public_id = request.match_info["public_id"]
+    visit = await db.execute_fn(lambda d: get_visit_sync(d, public_id=public_id))
     readable = visit is not None and (
-        _may_see(user, dict(visit)) or (user.role == "doctor" and user.id == visit["doctor_id"])
+        _may_see(user, visit) or (user.role == "doctor" and user.id == visit["doctor_id"])
     )
     if not readable:
         raise NotFound(_("This visit does not exist."))
     payment = await payments.latest_for_visit(db, visit["id"])
     body: dict[str, Any] = {"visit_status": visit["status"], "payment": None}
     if payment is not None:
-        body["payment"] = _status_json(request, payment, dict(visit))
+        body["payment"] = _status_json(request, payment, visit)
         if user.role == "doctor":  # the doctor sees whether it is paid, not the links
             body["payment"] = {k: body["payment"][k] for k in ("status", "amount_minor", "currency")}
     await audit_read(
@@ -160,17 +163,12 @@ async def pay_receipt(request: web.Request) -> dict[str, Any]:
     _user, payment, visit = await _owned(request)
     if payment.status not in ("paid", "refunded"):
         raise NotFound(_("There is no receipt for an unpaid order."))
-    people = await request.app[keys.DB].query_one(
-        "SELECT p.display_name AS patient, d.display_name AS doctor FROM users p, users d"
-        " WHERE p.id = ? AND d.id = ?",
-        [visit["patient_id"], visit["doctor_id"]],
-    )
     await _audit_payment(request, payment, visit)
     return {
         "payment": payment,
         "visit": visit,
-        "patient_name": people["patient"] if people else "",
-        "doctor_name": people["doctor"] if people else "",
+        "patient_name": visit["patient_name"],
+        "doctor_name": visit["doctor_name"],
         "visit_url": visit_url(request, visit["public_id"]),
     }
 
@@ -227,18 +225,7 @@ async def simulator_submit(request: web.Request) -> web.Response:
 @aiohttp_jinja2.template("pay_admin.html")
 async def admin_payments(request: web.Request) -> dict[str, Any]:
     security.require(request, "admin")
-    db = request.app[keys.DB]
-    query = (
-        "SELECT p.*, v.public_id, v.starts_at, v.status AS visit_status,"
-        " pu.display_name AS patient, pu.phone AS patient_phone, du.display_name AS doctor"
-        " FROM payments p JOIN visits v ON v.id = p.visit_id"
-        " JOIN users pu ON pu.id = v.patient_id JOIN users du ON du.id = v.doctor_id"
-    )
-    pending = await db.query(query + " WHERE p.status = 'pending' ORDER BY p.created LIMIT 200")
-    recent = await db.query(
-        query
-        + " WHERE p.status IN ('paid', 'refunded') ORDER BY coalesce(p.paid_at, p.created) DESC LIMIT 50"
-    )
+    pending, recent = await request.app[keys.DB].execute_fn(payments.desk_sync)
     await audit_read(request, "payment.list", "payment", None, None)
     return {"pending": pending, "recent": recent, "message": request.query.get("done")}
 
