@@ -11,7 +11,7 @@ from aiohttp import web
 from consult import booking
 from consult.calls import links as calllinks
 from consult.calls import policy as calls
-from consult.calls import recordings, room
+from consult.calls import recordings, sidebar
 from consult.core import keys, security
 from consult.core.errors import Forbidden, NotFound
 from consult.core.i18n import _
@@ -213,7 +213,7 @@ async def consult_room(request: web.Request) -> web.Response:
             "ws_path": _ws_path(request, visit["public_id"]),
             "hello_token": calls.make_host_token(settings, visit["public_id"], user.id, time.time()),
             "token_url": str(request.app.router["consult_room_token"].url_for(public_id=visit["public_id"])),
-            "earlier": await room.earlier_visits(request.app[keys.DB], visit),
+            "earlier": await sidebar.earlier_visits(request.app[keys.DB], visit),
             "strings": call_strings(),
             **await _recording_context(request, visit, "doctor"),
             "consent_url": str(
