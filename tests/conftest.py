@@ -46,7 +46,11 @@ def needs_private_network(item: pytest.Item) -> bool:
 def pytest_collection_modifyitems(config, items):
     # Collection starts no threads; the namespace must be entered before any fixture does.
     if any(needs_private_network(item) for item in items):
-        enter_private_netns()
+        try:
+            enter_private_netns()
+        except RuntimeError as exc:
+            hint = "or select only unit tests, e.g. tests/test_booking.py"
+            raise pytest.UsageError(f"{exc} ({hint})") from None
 
 
 # Tests read English messages unless they ask for Chinese (the product's default is zh_CN).
