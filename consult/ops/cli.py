@@ -1,4 +1,5 @@
-"""The ``consult`` command: serve | init | demo | user add | certs | config | backup | audit."""
+"""The ``consult`` command: serve | init | demo | user add | user passwd | certs | config | backup |
+audit verify | verify | turn-config | recordings purge (each with --help)."""
 
 from __future__ import annotations
 
