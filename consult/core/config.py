@@ -62,6 +62,17 @@ class Settings:
     reaper_interval_seconds: float = setting(
         30.0, "How often expired holds are released and visit reminders sent."
     )
+    job_poll_seconds: float = setting(
+        1.0, "How often the job worker looks for due jobs (it is also woken when one is queued)."
+    )
+    job_concurrency: int = setting(4, "Jobs the worker runs at once (refunds, messages).")
+    job_timeout_seconds: float = setting(60.0, "A job attempt taking longer than this fails and is retried.")
+    job_max_attempts: int = setting(8, "Attempts before a job is marked dead (shown in logs and /metrics).")
+    job_retry_base_seconds: float = setting(
+        10.0, "Wait before a failed job's first retry; doubled after each failure."
+    )
+    job_retry_max_seconds: float = setting(3600.0, "Longest wait between two attempts of a job.")
+    job_retention_days: float = setting(14.0, "Finished jobs are deleted this many days after they finish.")
     payment_provider: str = setting("simulator", "Payment provider: simulator or cashier.")
     payment_secret: str = setting(
         "", "Key shared with the payment gateway for signed callbacks.", secret=True

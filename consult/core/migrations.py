@@ -457,3 +457,36 @@ def m0008_recordings(db: sqlite_utils.Database) -> None:
         CREATE INDEX recordings_created ON recordings(created);
         """,
     )
+
+
+@migration("0009_jobs")
+def m0009_jobs(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- Durable background work (consult.core.jobs): written in the same transaction as the fact
+        -- that causes it, claimed by the worker (queued -> running, with a lease), then done, or
+        -- queued again with backoff, or dead after max_attempts (kept for admins; done is pruned).
+        CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            key TEXT NOT NULL,                        -- the same (kind, key) is never queued twice
+            payload TEXT NOT NULL DEFAULT '{}',       -- JSON
+            status TEXT NOT NULL DEFAULT 'queued'
+                CHECK (status IN ('queued', 'running', 'done', 'dead')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER CHECK (max_attempts IS NULL OR max_attempts >= 1),  -- NULL: the setting
+            next_run_at REAL NOT NULL,
+            claim TEXT,                               -- token of the current claim: a late finisher
+            claimed_at REAL,                          -- whose lease was taken over records nothing
+            lease_until REAL,
+            last_error TEXT,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            finished_at REAL,
+            UNIQUE (kind, key)
+        );
+        CREATE INDEX jobs_due ON jobs(status, next_run_at);
+        CREATE INDEX jobs_finished ON jobs(status, finished_at);
+        """,
+    )
