@@ -26,7 +26,7 @@ from consult.calls import views as call_views
 from consult.calls.policy import setup_calls
 from consult.clinical import prescription_views, report_views, uploads
 from consult.clinical.signing import SIGNING_KEY, KeyHolder
-from consult.core import keys, metrics, security
+from consult.core import jobs, keys, metrics, security
 from consult.core.config import Settings, ensure_secrets
 from consult.core.db import Database
 from consult.core.middleware import context_middleware, csrf_middleware, errors_middleware
@@ -68,16 +68,22 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.PASSWORDS] = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib)
     app[SIGNING_KEY] = KeyHolder(settings.data_dir)
     app[payments.FULFILMENT] = booking.VisitFulfilment()
+    # Durable jobs: each package registers the kinds it owns; the worker runs them (below).
+    runner = jobs.setup(app)
+    payments.register_jobs(runner)  # "refund", and the sweep for paid payments left unrefunded
+    booking.register_jobs(runner)  # "notify": confirmations, cancellations, moves, reminders
     setup_templates(app, settings)
     app.on_response_prepare.append(security.add_security_headers)
 
     # Resources and background jobs, started in this order and stopped in reverse.
     app.cleanup_ctx.append(_database_ctx)
-    app.cleanup_ctx.append(booking.hold_reaper)  # expires holds, sends reminders
+    app.cleanup_ctx.append(booking.hold_reaper)  # expires holds, queues reminders
     app.cleanup_ctx.append(uploads.sweep_ctx)  # upload temp files abandoned by a crash
     app.cleanup_ctx.append(payments.payments_ctx)  # providers and payment tasks
     setup_calls(app)  # the signaling server on /ws/rooms/{id}, and its database hook-up
     app.cleanup_ctx.append(no_show_marker)  # closes visits nobody joined
+    # Last, so it stops first, while the database and the payment providers are still open.
+    app.cleanup_ctx.append(jobs.worker_ctx)  # runs due jobs; at start-up, finishes what a crash left
 
     for views in VIEWS:
         views.setup(app)
