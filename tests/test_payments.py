@@ -11,7 +11,7 @@ import pytest
 
 from consult import payments
 from consult.app import create_app
-from consult.core import metrics
+from consult.core import jobs, metrics
 from consult.payments import simulator
 from tests.test_reports import ADMIN, PATIENT, World, build_world, sign_in
 
@@ -290,6 +290,8 @@ async def test_slot_lost_while_paying_is_refunded_automatically(world):
     body, headers = signed(world, notice(order))
     resp = await world.client.post(CALLBACK, data=body, headers=headers)
     assert resp.status == 200
+    # The refund is a job queued with the payment; the worker runs it (drained here, not raced).
+    await jobs.drain(world.client.server.app)
     (payment,) = payment_rows(world)
     assert payment["status"] == "refunded"
     assert visit_row(world)["status"] == "expired"
