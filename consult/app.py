@@ -17,7 +17,8 @@ from consult import booking, payments
 from consult.accounts import admin_views
 from consult.accounts import views as accounts_views
 from consult.accounts.passwords import Passwords
-from consult.accounts.users import Sessions, Throttle
+from consult.accounts.throttle import Throttle
+from consult.accounts.users import Sessions
 from consult.audit import views as audit_views
 from consult.booking import catalogue_views, home_views
 from consult.booking import views as booking_views
@@ -97,9 +98,14 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[keys.THROTTLE] = Throttle(
         db,
-        settings.login_max_failures,
-        settings.login_max_failures_per_address,
-        settings.login_window_minutes * 60,
+        secret=settings.session_key,
+        per_account=settings.login_max_failures,
+        per_account_total=settings.login_max_failures_account_total,
+        per_address=settings.login_max_failures_per_address,
+        window_s=settings.login_window_minutes * 60,
+        max_delay_s=settings.login_max_delay_seconds,
+        register_burst=settings.register_max_per_address,
+        register_window_s=settings.register_window_minutes * 60,
     )
     app[keys.NOTIFIER] = OutboxNotifier(db)
     try:

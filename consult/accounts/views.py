@@ -7,6 +7,7 @@ from aiohttp import web
 
 from consult.accounts import users as accounts
 from consult.accounts.passwords import check_strength
+from consult.accounts.throttle import DEVICE_COOKIE, DEVICE_DAYS
 from consult.accounts.users import HOME_BY_ROLE, Sessions, User
 from consult.core import i18n, keys, security
 from consult.core.errors import BadRequest, ConsultError, TooManyRequests
@@ -55,7 +56,7 @@ async def login_submit(request: web.Request) -> web.Response:
     password = data.get("password") or ""
     next_url = data.get("next", "")
     throttle = request.app[keys.THROTTLE]
-    address = request.remote
+    address = security.client_address(request)
 
     def fail(message: str, status: int = 400) -> web.Response:
         return aiohttp_jinja2.render_template(
@@ -67,23 +68,35 @@ async def login_submit(request: web.Request) -> web.Response:
 
     if not identifier or not password:
         return fail(_("Enter your mobile number or username, and your password."))
-    key = identifier.lower()
+    # Reserved (counted as a failure) before the password is checked: parallel guesses cannot
+    # all slip under the limit.
+    device = throttle.device_of(request.cookies.get(DEVICE_COOKIE))
     try:
-        await throttle.check(key, address)
+        attempt = await throttle.reserve(identifier, address, device)
     except TooManyRequests as exc:
         response = fail(exc.message, 429)
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
-    row = await request.app[keys.DB].execute_fn(lambda db: accounts.find_active_by_login(db, identifier))
+    row = attempt.user
     ok = await request.app[keys.PASSWORDS].verify_async(row["password_hash"] if row else None, password)
     if not ok or row is None:
-        await throttle.fail(key, address)
         return fail(_("The mobile number, username or password is wrong."), 401)
-    await throttle.clear(key)
+    await throttle.succeeded(attempt)
     user = User.from_row(row)
     token = await request.app[keys.SESSIONS].create(user.id, address, request.headers.get("User-Agent"))
     response = redirect(safe_next(next_url, HOME_BY_ROLE[user.role]))
     _set_session_cookie(request, response, token)
+    if device is None or device[0] != user.id:
+        # This browser now knows the password: others' failures no longer slow it down.
+        response.set_cookie(
+            DEVICE_COOKIE,
+            throttle.device_token(user.id),
+            httponly=True,
+            secure=request.app[keys.SETTINGS].secure_cookies,
+            samesite="Lax",
+            path="/login",
+            max_age=DEVICE_DAYS * 86400,
+        )
     return response
 
 
@@ -103,9 +116,11 @@ async def register_submit(request: web.Request) -> web.Response:
         problem = check_strength(password)
         if problem:
             raise BadRequest(problem)
+        remote = security.client_address(request)
+        # Before the argon2 hash: a flood costs one small write per try, then a 429.
+        await request.app[keys.THROTTLE].reserve_registration(remote)
         password_hash = await request.app[keys.PASSWORDS].hash_async(password)
         locale = request.get(keys.LOCALE)
-        remote = request.remote
         user_id = await request.app[keys.DB].execute_write_fn(
             lambda db: accounts.create_user_sync(
                 db,
@@ -118,12 +133,13 @@ async def register_submit(request: web.Request) -> web.Response:
             )
         )
     except ConsultError as exc:
-        return aiohttp_jinja2.render_template(
+        response = aiohttp_jinja2.render_template(
             "register.html", request, {"error": exc.message, "values": values}, status=exc.status
         )
-    token = await request.app[keys.SESSIONS].create(
-        user_id, request.remote, request.headers.get("User-Agent")
-    )
+        if isinstance(exc, TooManyRequests):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    token = await request.app[keys.SESSIONS].create(user_id, remote, request.headers.get("User-Agent"))
     response = redirect("/patient")
     _set_session_cookie(request, response, token)
     return response

@@ -15,7 +15,8 @@ from consult.core.outbox import Notifier
 
 if TYPE_CHECKING:
     from consult.accounts.passwords import Passwords
-    from consult.accounts.users import Sessions, Throttle, User
+    from consult.accounts.throttle import Throttle
+    from consult.accounts.users import Sessions, User
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", Database)

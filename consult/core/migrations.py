@@ -457,3 +457,28 @@ def m0008_recordings(db: sqlite_utils.Database) -> None:
         CREATE INDEX recordings_created ON recordings(created);
         """,
     )
+
+
+@migration("0009_login_throttle")
+def m0009_login_throttle(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- One row per attempt grew without bound and was checked before it was written (a race).
+        -- Its rows only ever described the last 15 minutes: nothing worth carrying over.
+        DROP TABLE login_failures;
+        -- Keyed counters (see consult.accounts.throttle): one row per account, account-and-address,
+        -- trusted device or address, reserved in the same write that checks it and deleted once
+        -- `expires` has passed.
+        CREATE TABLE login_throttle (
+            key TEXT PRIMARY KEY,
+            failures INTEGER NOT NULL DEFAULT 0,  -- reserved tries (registrations for r: keys)
+            refused INTEGER NOT NULL DEFAULT 0,   -- tries turned away while waiting
+            tokens REAL,                          -- r: keys only, the registration bucket
+            last_at REAL NOT NULL,
+            next_at REAL NOT NULL DEFAULT 0,      -- no try before this time
+            expires REAL NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX login_throttle_expires ON login_throttle(expires);
+        """,
+    )
