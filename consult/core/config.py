@@ -104,6 +104,11 @@ class Settings:
     recording_retention_days: int = setting(
         3650, "`consult recordings purge` deletes recordings older than this many days (0: never)."
     )
+    disk_min_free_mb: float = setting(
+        200.0,
+        "/healthz answers 503 when the disk of the data directory has less free space than this"
+        " (MB); a full disk refuses every write.",
+    )
     mask_addresses: bool = setting(False, "Store only the network part of client addresses in logs.")
     log_json: bool = setting(False, "Write structured JSON log lines.")
     metrics_allow: tuple[str, ...] = setting(
