@@ -54,7 +54,7 @@ async def errors_middleware(request: web.Request, handler):
             return error_response(request, exc.status, exc.code, exc.message)
         raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs, safe='')}") from None
     except ConsultError as exc:
-        return consult_error_response(request, exc)
+        return response_for(request, exc)  # logged when it is ours (5xx): a full disk, no database
     except web.HTTPException as exc:
         if exc.status < 400 or exc.status in (101,):
             raise
