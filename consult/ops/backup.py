@@ -44,7 +44,7 @@ SECRETS = "secrets.json"
 CONFIG = "consult.toml"
 KEY_DIR = "keys"
 FILE_DIRS = ("uploads", "recordings")
-MAX_SNAPSHOTS = 3
+MAX_SNAPSHOTS = 5
 CHUNK = 1 << 20
 # Mirrors consult.clinical.uploads.STORED_NAME_RE and recordings' directory layout: a row that
 # names anything else is reported instead of followed out of the data directory.
@@ -206,10 +206,18 @@ def _references(conn: sqlite3.Connection) -> tuple[list[Ref], list[str]]:
 
 
 def _row_alive(source: Path, ref: Ref) -> bool:
-    table = "reports" if ref.kind == "report" else "recordings"
+    """Whether the live database still has this row *for this file*: ids are reused (a report
+    deleted as the newest row gives its id to the next upload), file names never are."""
+    if ref.kind == "report":
+        sql, name = (
+            "SELECT 1 FROM reports WHERE id = ? AND stored_name = ?",
+            ref.path.removeprefix("uploads/"),
+        )
+    else:
+        sql, name = "SELECT 1 FROM recordings WHERE id = ? AND path = ?", ref.path
     conn = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
     try:
-        return conn.execute(f"SELECT 1 FROM {table} WHERE id = ?", [ref.row]).fetchone() is not None  # noqa: S608
+        return conn.execute(sql, [ref.row, name]).fetchone() is not None
     finally:
         conn.close()
 
