@@ -233,7 +233,8 @@ def probe(path: Path) -> tuple[float | None, list[dict[str, Any]]]:
 def store_files_sync(
     db: sqlite_utils.Database, data_dir: Path, visit_id: int, files: list[dict[str, Any]], now: float
 ) -> int:
-    """Rows for the files a `recording_stopped` event reports (complete); returns bytes."""
+    """Rows for the files a `recording_stopped` event reports; returns bytes. A file whose write
+    failed (the recorder says `complete: false`, e.g. disk full) is stored as incomplete."""
     total = 0
     for f in files:
         seat = str(f.get("role"))
@@ -247,11 +248,16 @@ def store_files_sync(
             continue
         size = int(f.get("size") or 0)
         total += size
+        complete = 0 if f.get("complete") is False else 1
+        if not complete:
+            log.error(
+                "recording %s stored as incomplete: %s", relative, f.get("error") or "the recorder failed"
+            )
         db.execute(
             "INSERT INTO recordings (visit_id, role, path, tracks, started_at, duration_s, size, sha256,"
-            " created, complete) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT(path) DO UPDATE SET"
+            " created, complete) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET"
             " tracks = excluded.tracks, started_at = excluded.started_at, duration_s = excluded.duration_s,"
-            " size = excluded.size, sha256 = excluded.sha256, complete = 1",
+            " size = excluded.size, sha256 = excluded.sha256, complete = excluded.complete",
             [
                 visit_id,
                 role,
@@ -262,6 +268,7 @@ def store_files_sync(
                 size,
                 f.get("sha256"),
                 now,
+                complete,
             ],
         )
     return total
