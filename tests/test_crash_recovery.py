@@ -6,17 +6,27 @@ report ids never reused, and the periodic sweep of upload temp files and orphan 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import signal
 import sqlite3
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
+import av
 import pytest
 
+from consult.app import create_app
 from consult.calls import recordings
 from consult.core import migrations
 from consult.core.db import Database
 from signaling.recording.writer import ParticipantWriter
 from tests.test_recording_writer import OPUS
 from tests.test_reports import PATIENT, World, build_world, pdf_bytes, report_rows, sign_in, upload
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -135,3 +145,115 @@ def test_the_reports_rebuild_keeps_rows_indexes_and_foreign_keys(tmp_path, monke
     with pytest.raises(sqlite3.IntegrityError):  # and stored names stay unique
         db.write_sync(lambda d: d.execute("UPDATE reports SET stored_name = 'cd/new' WHERE id = 3"))
     db.close()
+
+
+# -- interrupted recordings are repaired once -----------------------------------------------
+
+CUES = b"\x1c\x53\xbb\x6b"  # the Matroska Cues element: the seek index a clean close writes
+
+
+# A recorder killed with SIGKILL after `seconds` of media, as a crashed server leaves its file.
+KILLED_RECORDER = """
+import os, signal, sys
+from fractions import Fraction
+from pathlib import Path
+import av
+from signaling.recording.writer import ParticipantWriter
+
+directory, seat, seconds = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+clock = [1000.0]
+writer = ParticipantWriter(directory, seat, audio=True, video_codec="vp8", monotonic=lambda: clock[0])
+video = av.CodecContext.create("libvpx", "w")
+video.width, video.height, video.pix_fmt = 160, 120, "yuv420p"
+video.time_base, video.gop_size = Fraction(1, 10), 10
+audio = av.CodecContext.create("libopus", "w")
+audio.sample_rate, audio.layout, audio.format = 48000, "mono", "s16"
+for tick in range(int(seconds * 50)):  # 20 ms of audio each, a video frame every 100 ms
+    frame = av.AudioFrame(format="s16", layout="mono", samples=960)
+    frame.planes[0].update(bytes(frame.planes[0].buffer_size))
+    frame.sample_rate, frame.pts, frame.time_base = 48000, tick * 960, Fraction(1, 48000)
+    for packet in audio.encode(frame):
+        writer.write("audio", 48000, bytes(packet), tick * 960)
+    if tick % 5 == 0:
+        n = tick // 5
+        frame = av.VideoFrame(160, 120, "yuv420p")
+        for plane in frame.planes:
+            plane.update(bytes([n * 10 % 255]) * plane.buffer_size)
+        frame.pts, frame.time_base = n, Fraction(1, 10)
+        for packet in video.encode(frame):
+            writer.write("video", 90000, bytes(packet), n * 9000)
+    clock[0] += 0.02
+    if tick % 25 == 24:
+        writer.drain()
+print(writer.path, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def killed_recording(world: World, seat: str, seconds: float = 4.0) -> Path:
+    directory = recordings.room_dir(world.data_dir, world.public_id)
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_RECORDER, str(directory), seat, str(seconds)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    return Path(done.stdout.strip())
+
+
+def playable(path: Path) -> float:
+    """Duration from the header; every packet decodes; seeking to the middle works."""
+    with av.open(str(path)) as container:
+        assert container.duration is not None, "no duration in the header"
+        for packet in container.demux():
+            for _frame in packet.decode():
+                pass
+        middle = container.duration // 2
+        container.seek(middle, any_frame=False)
+        assert next(container.decode(video=0)) is not None
+        return container.duration / av.time_base
+
+
+async def test_an_interrupted_recording_is_repaired_once_and_not_read_again(
+    world: World, aiohttp_client, settings, monkeypatch
+):
+    crashed = killed_recording(world, "guest")
+    mtime = crashed.stat().st_mtime - 600
+    os.utime(crashed, (mtime, mtime))
+    with av.open(str(crashed)) as container:
+        assert container.duration is None and CUES not in crashed.read_bytes()
+    # A file whose write failed has an incomplete row already, stored by the room's event.
+    failed = killed_recording(world, "host")
+    files = [{"role": "host", "path": str(failed), "size": failed.stat().st_size, "complete": False}]
+    world.db.write_sync(lambda d: recordings.store_files_sync(d, world.data_dir, world.visit_id, files, 1.0))
+
+    await aiohttp_client(create_app(settings))  # a start after the crash
+    by_role = {
+        r["role"]: r for r in world.db.read_sync(lambda d: recordings.for_visit_sync(d, world.visit_id))
+    }
+    for role, path in (("patient", crashed), ("doctor", failed)):
+        row = by_role[role]
+        assert row["complete"] == 0
+        assert CUES in path.read_bytes(), "no seek index"
+        duration = playable(path)
+        assert 2.0 <= duration <= 4.0 and row["duration_s"] == pytest.approx(duration, abs=0.1)
+        assert row["size"] == path.stat().st_size
+        assert row["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert {t["kind"] for t in row["tracks"]} == {"audio", "video"}
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert by_role["patient"]["created"] == pytest.approx(mtime)  # when it was recorded, not now
+    assert not list(crashed.parent.glob("*.repair"))
+    marked = rows(world, "SELECT count(*) AS n FROM recordings WHERE repaired_at IS NOT NULL")
+    assert marked == [{"n": 2}]
+
+    # The next start reads neither file again.
+    reads: list[Path] = []
+    for name in ("repair_file", "sha256_file", "probe"):
+        real = getattr(recordings, name)
+        monkeypatch.setattr(recordings, name, lambda path, real=real: reads.append(path) or real(path))
+    before = rows(world, "SELECT * FROM recordings ORDER BY id")
+    await aiohttp_client(create_app(settings))
+    assert reads == []
+    assert rows(world, "SELECT * FROM recordings ORDER BY id") == before

@@ -508,3 +508,15 @@ def m0009_reports_autoincrement(db: sqlite_utils.Database) -> None:
     broken = db.execute("PRAGMA foreign_key_check(reports)").fetchall()
     if broken:
         raise RuntimeError(f"reports rebuild: {len(broken)} rows break a foreign key")
+
+
+@migration("0010_recordings_repaired")
+def m0010_recordings_repaired(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- When start-up recovery repaired an interrupted file (finished it, with cues) and stored
+        -- its values: later starts leave it alone instead of re-reading and re-hashing it.
+        ALTER TABLE recordings ADD COLUMN repaired_at REAL;
+        """,
+    )
