@@ -6,6 +6,7 @@ report ids never reused, and the periodic sweep of upload temp files and orphan 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
@@ -13,6 +14,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import av
@@ -20,7 +22,8 @@ import pytest
 
 from consult.app import create_app
 from consult.calls import recordings
-from consult.core import migrations
+from consult.clinical import reports, uploads
+from consult.core import metrics, migrations
 from consult.core.db import Database
 from signaling.recording.writer import ParticipantWriter
 from tests.test_recording_writer import OPUS
@@ -257,3 +260,126 @@ async def test_an_interrupted_recording_is_repaired_once_and_not_read_again(
     await aiohttp_client(create_app(settings))
     assert reads == []
     assert rows(world, "SELECT * FROM recordings ORDER BY id") == before
+
+
+# -- upload files converge ------------------------------------------------------------------
+
+
+def old(path: Path, seconds: float = 600) -> None:
+    when = time.time() - seconds
+    os.utime(path, (when, when))
+
+
+async def wait_for(condition, what: str, within: float = 10) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_temp_files_of_crashed_uploads_are_swept_but_a_live_upload_keeps_its_own(
+    aiohttp_client, make_settings, make_user
+):
+    settings = make_settings(files_sweep_interval_seconds=0.1)
+    client = await aiohttp_client(create_app(settings))
+    world = build_world(client, settings, make_user)
+    token = await sign_in(client, PATIENT)
+    tmp = uploads.tmp_dir(world.data_dir)
+    tmp.mkdir(parents=True, exist_ok=True)
+
+    # A live upload, mid-body: its temp file exists and the rest of the body has not come yet.
+    host, port = client.server.host, client.server.port
+    cookies = "; ".join(f"{c.key}={c.value}" for c in client.session.cookie_jar)
+    boundary = "liveboundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="live.pdf"\r\n'
+            "Content-Type: application/pdf\r\n\r\n"
+        ).encode()
+        + pdf_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /api/visits/{world.public_id}/reports HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Cookie: {cookies}\r\nX-CSRF-Token: {token}\r\nConnection: close\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(head + body[: len(body) // 2])
+    await writer.drain()
+    await wait_for(lambda: any(tmp.glob("*.part")), "the upload never started")
+    (live,) = tmp.glob("*.part")
+    old(live)  # a slow client: not written to for longer than any grace, yet still in flight
+
+    # What two crashed uploads left: a received file, and a photo's cleaned copy.
+    crashed = [tmp / (uploads.new_token() + ".part"), tmp / (uploads.new_token() + ".clean")]
+    for path in crashed:
+        path.write_bytes(b"left by a crash")
+        old(path)
+    await wait_for(lambda: not any(p.exists() for p in crashed), "crashed temp files were not swept")
+    await asyncio.sleep(0.3)  # a few more sweeps
+    assert live.exists(), "the live upload's temp file was swept"
+
+    writer.write(body[len(body) // 2 :])
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 201"), response[:200]
+    assert [p.name for p in tmp.iterdir()] == []  # the finished upload consumed its own
+    (row,) = report_rows(world)
+    assert (uploads.uploads_root(world.data_dir) / row["stored_name"]).is_file()
+    world.db.close()
+
+
+async def test_an_orphan_file_is_quarantined_and_a_missing_file_reported(
+    aiohttp_client, make_settings, make_user, caplog
+):
+    settings = make_settings(files_sweep_interval_seconds=0.1)
+    client = await aiohttp_client(create_app(settings))
+    world = build_world(client, settings, make_user)
+    registry = client.server.app[metrics.METRICS].registry
+    token = await sign_in(client, PATIENT)
+    kept, lost = [
+        (await (await upload(client, world, token, pdf_bytes())).json())["report"]["id"] for _ in range(2)
+    ]
+    names = {r["id"]: r["stored_name"] for r in report_rows(world)}
+    root = uploads.uploads_root(world.data_dir)
+    # The server died between storing a file and writing its row: a file nobody knows.
+    orphan = uploads.new_stored_name()
+    (root / orphan).parent.mkdir(mode=0o700, exist_ok=True)
+    (root / orphan).write_bytes(b"%PDF-1.4 orphan")
+    old(root / orphan)
+    # A file stored a moment ago, whose row is on its way: too young to judge.
+    young = uploads.new_stored_name()
+    (root / young).parent.mkdir(mode=0o700, exist_ok=True)
+    (root / young).write_bytes(b"%PDF-1.4 young")
+    # A row whose file is gone.
+    (root / names[lost]).unlink()
+
+    quarantined = uploads.quarantine_dir(world.data_dir) / orphan.replace("/", "-")
+    await wait_for(quarantined.exists, "the orphan was not quarantined")
+    await asyncio.sleep(0.3)
+    assert quarantined.read_bytes() == b"%PDF-1.4 orphan" and not (root / orphan).exists()
+    assert (root / young).exists() and (root / names[kept]).exists()
+    assert registry.get_sample_value("consult_report_files_quarantined_total") == 1
+    assert registry.get_sample_value("consult_report_files_missing") == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(orphan in m and "has no row" in m for m in messages)
+    missing = [m for m in messages if f"report {lost}: its file" in m and "missing" in m]
+    assert len(missing) == 1, "reported once, not at every sweep"
+    assert [r["id"] for r in report_rows(world)] == [kept, lost]  # rows are never removed by the sweep
+    world.db.close()
+
+
+async def test_a_stored_file_held_by_a_request_is_not_an_orphan(world: World):
+    in_flight = uploads.InFlight()
+    name = uploads.new_stored_name()
+    path = uploads.uploads_root(world.data_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"linked, row not written yet")
+    old(path)
+    with in_flight.hold(name):
+        result = await reports.converge_files(world.db, world.data_dir, in_flight)
+        assert result.quarantined == [] and path.exists()
+    result = await reports.converge_files(world.db, world.data_dir, in_flight)
+    assert result.quarantined == [name] and not path.exists()
