@@ -25,7 +25,7 @@ from consult.booking import views as booking_views
 from consult.calls import recording_views
 from consult.calls import views as call_views
 from consult.calls.policy import setup_calls
-from consult.clinical import prescription_views, report_views, uploads
+from consult.clinical import prescription_views, report_views, reports, uploads
 from consult.clinical.signing import SIGNING_KEY, KeyHolder
 from consult.core import keys, metrics, security
 from consult.core.config import Settings, ensure_secrets
@@ -69,13 +69,14 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.PASSWORDS] = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib)
     app[SIGNING_KEY] = KeyHolder(settings.data_dir)
     app[payments.FULFILMENT] = booking.VisitFulfilment()
+    app[uploads.IN_FLIGHT] = uploads.InFlight()
     setup_templates(app, settings)
     app.on_response_prepare.append(security.add_security_headers)
 
     # Resources and background jobs, started in this order and stopped in reverse.
     app.cleanup_ctx.append(_database_ctx)
     app.cleanup_ctx.append(booking.hold_reaper)  # expires holds, sends reminders
-    app.cleanup_ctx.append(uploads.sweep_ctx)  # upload temp files abandoned by a crash
+    app.cleanup_ctx.append(reports.files_ctx)  # upload temp files and report files left by a crash
     app.cleanup_ctx.append(payments.payments_ctx)  # providers and payment tasks
     setup_calls(app)  # the signaling server on /ws/rooms/{id}, and its database hook-up
     app.cleanup_ctx.append(no_show_marker)  # closes visits nobody joined

@@ -185,9 +185,10 @@ def test_a_report_deleted_after_the_snapshot_retakes_it(filled, tmp_path):
     assert backups.verify(tmp_path / "b").ok
 
 
-def test_a_deleted_report_whose_id_was_reused_is_not_mistaken_for_a_lost_file(filled, tmp_path):
-    # Found under load: report ids are reused (no AUTOINCREMENT), so "does row 3 still exist?"
-    # is true for the next upload's row 3 although the snapshot's row 3 was deleted.
+def test_a_report_deleted_and_replaced_during_the_backup_is_not_mistaken_for_a_lost_file(filled, tmp_path):
+    # Found under load, when report ids were reused: "does row 3 still exist?" was true for the
+    # next upload's row 3 although the snapshot's row 3 was deleted. Ids are no longer reused
+    # (migration 0010), and the backup matches a row by its id and its file name either way.
     data_dir = filled["data_dir"]
     row, victim = filled["reports"][-1]
     replaced = []
@@ -200,7 +201,7 @@ def test_a_deleted_report_whose_id_was_reused_is_not_mistaken_for_a_lost_file(fi
 
     result = backups.backup(data_dir, tmp_path / "b", on_stage=delete_and_upload)
     new_row, new_path = replaced[0]
-    assert new_row == row  # the id came back
+    assert new_row > row  # a new id, never the deleted one
     assert result.problems == [] and result.snapshots == 2
     assert (tmp_path / "b" / new_path.relative_to(data_dir)).read_bytes() == PDF + b"new"
     assert backups.verify(tmp_path / "b").ok

@@ -9,6 +9,7 @@ appended to `session_events` (and folded into the admin session summary) in one 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -322,17 +323,18 @@ def setup_calls(app: web.Application) -> None:
 
     async def attach_database(app: web.Application) -> AsyncIterator[None]:
         policy.db = app[keys.DB]
-        # Files of visits recorded when the server died: rows (complete = 0) before any room
-        # opens, with size, hash and duration read from the partial files.
+        # Files of visits recorded when the server died (or whose write failed): each repaired
+        # once and given its row (complete = 0) before any room opens. Listing is a quick read;
+        # the remux and hashing run in a thread, off the database's threads.
         try:
-            interrupted = await policy.db.execute_fn(
-                lambda db: recordings.find_interrupted_sync(db, data_dir)
-            )
-            found = await policy.db.execute_write_fn(
-                lambda db: recordings.store_interrupted_sync(db, interrupted)
-            )
-            if found:
-                log.warning("recordings interrupted by a crash, recovered: %s", ", ".join(found))
+            interrupted = await policy.db.execute_fn(lambda db: recordings.interrupted_sync(db, data_dir))
+            if interrupted:
+                found = await asyncio.to_thread(recordings.recover_files, interrupted, time.time())
+                stored = await policy.db.execute_write_fn(
+                    lambda db: recordings.store_interrupted_sync(db, found)
+                )
+                if stored:
+                    log.warning("recordings interrupted by a crash, repaired: %s", ", ".join(stored))
         except Exception:
             log.exception("could not recover interrupted recordings")
         yield

@@ -114,6 +114,7 @@ async def upload_report(request: web.Request) -> web.Response:
         max_bytes=max_file,
         visit_max_bytes=max_visit,
         remote=security.client_address(request),
+        in_flight=request.app[uploads.IN_FLIGHT],
     )
     metrics.count(request.app, "uploads")
     return web.json_response({"report": _report_json(request, report, True)}, status=201)
@@ -149,6 +150,7 @@ async def delete_report(request: web.Request) -> web.Response:
         visit,
         user,
         security.client_address(request),
+        in_flight=request.app[uploads.IN_FLIGHT],
     )
     return web.json_response({"deleted": report.id})
 

@@ -5,6 +5,10 @@ comes from the bytes (magic numbers, then a real parse); photos are decoded and 
 EXIF (GPS, camera serial, time) survives; files live under server-chosen names with mode 0600
 inside one confined root. Every function that creates a file removes it again when anything
 after it fails, so an aborted or refused upload leaves nothing behind.
+
+A crash can still leave files behind: temp files of uploads cut short, and a stored file whose
+row was never written. ``InFlight`` names the files requests are working on right now, so that
+the periodic sweep (``consult.clinical.reports.files_ctx``) removes or quarantines only the rest.
 """
 
 from __future__ import annotations
@@ -16,16 +20,16 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from aiohttp import web
 
-from consult.core import keys
 from consult.core.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from consult.core.i18n import _
 
@@ -60,6 +64,43 @@ class Stored:
     content_type: str
     size: int
     sha256: str
+
+
+class InFlight:
+    """The names of upload files a request is working on right now (in memory, per process):
+    the token of an upload's temp files and the stored name it is given before its row exists,
+    or that a deletion is removing. The sweep leaves these alone, whatever their age."""
+
+    def __init__(self) -> None:
+        self._names: set[str] = set()
+        self._lock = threading.Lock()  # the sweep asks from a worker thread
+
+    @contextlib.contextmanager
+    def hold(self, *names: str) -> Iterator[None]:
+        with self._lock:
+            self._names.update(names)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._names.difference_update(names)
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._names
+
+
+IN_FLIGHT = web.AppKey("uploads_in_flight", InFlight)
+
+
+def new_token() -> str:
+    """An upload's token: its temp files are ``<token>.part`` and ``<token>.clean``."""
+    return secrets.token_hex(16)
+
+
+def new_stored_name() -> str:
+    name = secrets.token_hex(32)
+    return f"{name[:2]}/{name}"
 
 
 def uploads_root(data_dir: Path) -> Path:
@@ -124,15 +165,17 @@ async def receive(
     budget_bytes: int,
     too_large: str,
     over_budget: str,
+    token: str | None = None,
 ) -> Received:
     """Stream one part into a private temp file, refusing it as soon as it passes a limit.
 
     ``max_bytes`` is the per-file limit and ``budget_bytes`` what is left of the visit's total;
     the messages are the human explanations for each. On any failure (including the client
-    going away and the task being cancelled) the temp file is removed before re-raising.
+    going away and the task being cancelled) the temp file is removed before re-raising. The
+    file is ``<token>.part``; hold the token in ``InFlight`` while the upload runs.
     """
     directory = await asyncio.to_thread(_private_dir, tmp_dir(data_dir))
-    fd, path = await asyncio.to_thread(_create_exclusive, directory, secrets.token_hex(16) + ".part")
+    fd, path = await asyncio.to_thread(_create_exclusive, directory, (token or new_token()) + ".part")
     size = 0
     buffer = bytearray()
     ok = False
@@ -249,7 +292,7 @@ def _clean_image(src: Path, kind: str, directory: Path) -> tuple[Path, str]:
     if transparency is not None and kind == PNG:
         oriented.info["transparency"] = transparency
     out_type = PNG if kind == PNG else JPEG
-    fd, out = _create_exclusive(directory, secrets.token_hex(16) + ".clean")
+    fd, out = _create_exclusive(directory, src.stem + ".clean")  # the same upload token
     try:
         with os.fdopen(fd, "wb") as fh:
             if out_type == PNG:
@@ -274,10 +317,11 @@ def _sha256(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def store_sync(received: Received, data_dir: Path) -> Stored:
+def store_sync(received: Received, data_dir: Path, stored_name: str | None = None) -> Stored:
     """Type the temp file by content, clean it, move it into place. Blocking: run in a thread.
 
-    The temp file is consumed (moved or removed) whatever happens.
+    The temp file is consumed (moved or removed) whatever happens. ``stored_name`` (from
+    ``new_stored_name``) lets the caller hold the name in ``InFlight`` before the file exists.
     """
     cleaned: Path | None = None
     try:
@@ -293,9 +337,11 @@ def store_sync(received: Received, data_dir: Path) -> Stored:
             cleaned, content_type = _clean_image(received.path, kind, received.path.parent)
             final_src = cleaned
         sha, size = _sha256(final_src)
-        name = secrets.token_hex(32)
-        stored_name = f"{name[:2]}/{name}"
-        target_dir = _private_dir(uploads_root(data_dir) / name[:2])
+        stored_name = stored_name or new_stored_name()
+        if not STORED_NAME_RE.match(stored_name):
+            raise ValueError("invalid stored name")
+        prefix, name = stored_name.split("/")
+        target_dir = _private_dir(uploads_root(data_dir) / prefix)
         target = target_dir / name
         # link() fails if the name exists, unlike rename(): never overwrite another report.
         os.link(final_src, target)
@@ -306,19 +352,60 @@ def store_sync(received: Received, data_dir: Path) -> Stored:
         remove_quietly(cleaned)
 
 
-def sweep_tmp(data_dir: Path, older_than: float = 3600.0) -> int:
-    """Remove temp files a crash left behind (a live upload's file is younger than this)."""
+def sweep_tmp(data_dir: Path, older_than: float = 3600.0, in_flight: InFlight | None = None) -> int:
+    """Remove temp files no upload is using: not held in ``in_flight`` and not written to for
+    ``older_than`` seconds (the grace also covers an upload of another process). Blocking."""
     directory = tmp_dir(data_dir)
     if not directory.exists():
         return 0
     cutoff = time.time() - older_than
     removed = 0
     for path in directory.iterdir():
+        if in_flight is not None and path.name.partition(".")[0] in in_flight:
+            continue
         with contextlib.suppress(FileNotFoundError):
-            if path.is_file() and path.stat().st_mtime < cutoff:
+            if path.is_file() and not path.is_symlink() and path.stat().st_mtime < cutoff:
                 path.unlink()
                 removed += 1
     return removed
+
+
+def stored_files(data_dir: Path) -> dict[str, float]:
+    """Every stored report file on disk: stored name -> last modification time. Blocking."""
+    root = uploads_root(data_dir)
+    found: dict[str, float] = {}
+    if not root.is_dir():
+        return found
+    for sub in root.iterdir():
+        if len(sub.name) != 2 or not sub.is_dir() or sub.is_symlink():
+            continue
+        for path in sub.iterdir():
+            name = f"{sub.name}/{path.name}"
+            if STORED_NAME_RE.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    found[name] = path.lstat().st_mtime
+    return found
+
+
+def quarantine_dir(data_dir: Path) -> Path:
+    return data_dir / "quarantine" / "uploads"
+
+
+def quarantine(data_dir: Path, stored_name: str) -> Path | None:
+    """Move a stored file out of the uploads root into the quarantine folder (never deleted: a
+    person decides). None if it is gone already. Blocking."""
+    if not STORED_NAME_RE.match(stored_name):
+        raise ValueError("invalid stored name")
+    source = uploads_root(data_dir) / stored_name  # the entry itself, never what it points to
+    directory = _private_dir(quarantine_dir(data_dir))
+    target = directory / stored_name.replace("/", "-")
+    if target.exists():
+        target = directory / f"{target.name}-{secrets.token_hex(4)}"
+    try:
+        os.rename(source, target)
+    except FileNotFoundError:
+        return None
+    return target
 
 
 def stored_path(data_dir: Path, stored_name: str) -> Path:
@@ -330,11 +417,3 @@ def stored_path(data_dir: Path, stored_name: str) -> Path:
     if root not in path.parents:
         raise ValueError("stored name escapes the uploads root")
     return path
-
-
-async def sweep_ctx(app: web.Application) -> AsyncIterator[None]:
-    """``cleanup_ctx``: at start-up, remove temp files that uploads abandoned."""
-    removed = await asyncio.to_thread(sweep_tmp, app[keys.SETTINGS].data_dir)
-    if removed:
-        log.warning("removed %d abandoned upload temp files", removed)
-    yield

@@ -91,6 +91,11 @@ class Settings:
     )
     upload_max_mb: float = setting(20.0, "Largest accepted test-report file (MB).")
     visit_upload_max_mb: float = setting(60.0, "Largest total of test reports per visit (MB).")
+    files_sweep_interval_seconds: float = setting(
+        300.0,
+        "How often upload temp files no upload is using are removed and report files are checked"
+        " against their rows (files without a row are quarantined); 0: at start-up only.",
+    )
     turn_urls: tuple[str, ...] = setting((), "TURN server URLs given to browsers (self-hosted coturn).")
     stun_urls: tuple[str, ...] = setting((), "STUN server URLs given to browsers (self-hosted only).")
     turn_secret: str = setting("", "Shared secret with coturn (use-auth-secret).", secret=True)

@@ -482,3 +482,66 @@ def m0009_login_throttle(db: sqlite_utils.Database) -> None:
         CREATE INDEX login_throttle_expires ON login_throttle(expires);
         """,
     )
+
+
+@migration("0010_reports_autoincrement")
+def m0010_reports_autoincrement(db: sqlite_utils.Database) -> None:
+    """Report ids are never given again after a delete: the audit trail names reports by id.
+
+    SQLite cannot add AUTOINCREMENT to a table, so ``reports`` is rebuilt (create the new
+    table, copy, drop, rename, recreate its indexes and triggers) inside this migration's
+    transaction. The sequence starts above every id the table or the audit trail has ever
+    named, so an id deleted before this migration is not given again either.
+    """
+    extras = [
+        r[0]
+        for r in db.execute(
+            "SELECT sql FROM sqlite_master WHERE tbl_name = 'reports' AND type IN ('index', 'trigger')"
+            " AND sql IS NOT NULL ORDER BY type, name"
+        ).fetchall()
+    ]
+    run_script(
+        db,
+        """
+        CREATE TABLE reports_new (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            visit_id INTEGER NOT NULL REFERENCES visits(id),
+            owner_id INTEGER NOT NULL REFERENCES users(id),
+            display_name TEXT NOT NULL,
+            stored_name TEXT NOT NULL UNIQUE,
+            content_type TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            created REAL NOT NULL
+        );
+        INSERT INTO reports_new (id, visit_id, owner_id, display_name, stored_name, content_type, size,
+            sha256, created)
+            SELECT id, visit_id, owner_id, display_name, stored_name, content_type, size, sha256, created
+            FROM reports ORDER BY id;
+        DROP TABLE reports;
+        ALTER TABLE reports_new RENAME TO reports;
+        """,
+    )
+    for sql in extras:  # reports_visit, and whatever a later change may have added
+        db.execute(sql)
+    highest = db.execute(
+        "SELECT max(coalesce((SELECT max(id) FROM reports), 0), coalesce((SELECT max(CAST(object_id AS"
+        " INTEGER)) FROM audit_log WHERE object_type = 'report'), 0))"
+    ).fetchone()[0]
+    db.execute("DELETE FROM sqlite_sequence WHERE name = 'reports'")
+    db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('reports', ?)", [highest])
+    broken = db.execute("PRAGMA foreign_key_check(reports)").fetchall()
+    if broken:
+        raise RuntimeError(f"reports rebuild: {len(broken)} rows break a foreign key")
+
+
+@migration("0011_recordings_repaired")
+def m0011_recordings_repaired(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- When start-up recovery repaired an interrupted file (finished it, with cues) and stored
+        -- its values: later starts leave it alone instead of re-reading and re-hashing it.
+        ALTER TABLE recordings ADD COLUMN repaired_at REAL;
+        """,
+    )
