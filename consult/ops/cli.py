@@ -85,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.key:
         overrides["tls_key"] = args.key
     settings = _settings(args, **overrides)
-    setup_logging(settings.log_json)
+    setup_logging(settings.log_json, settings.mask_addresses)
     ssl_context = None
     scheme = "http"
     if settings.tls:
