@@ -61,12 +61,15 @@ async def sign_in(client, identifier, password="correct horse", address=None, la
     headers = {"Accept-Language": lang}
     if address:
         headers["X-Test-Address"] = address
-    return await client.post(
+    resp = await client.post(
         "/login",
         data={"identifier": identifier, "password": password, "csrf_token": client.csrf},
         headers=headers,
         allow_redirects=False,
     )
+    if resp.status == 303:  # signing in renews the CSRF token, as the next page would show
+        client.csrf = await csrf_of(client)
+    return resp
 
 
 async def throttle_row(client, key):
@@ -186,6 +189,7 @@ async def test_registration_flood_gets_429(aiohttp_client, make_settings, addres
     monkeypatch.setattr(passwords, "hash_async", counting_hash)
 
     async def register(phone, address="198.51.100.7", lang="en", browser=client):
+        browser.csrf = await csrf_of(browser)  # a registration signs in and renews the token
         return await browser.post(
             "/register",
             data={

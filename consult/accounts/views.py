@@ -8,7 +8,7 @@ from aiohttp import web
 from consult.accounts import users as accounts
 from consult.accounts.passwords import check_strength
 from consult.accounts.throttle import DEVICE_COOKIE, DEVICE_DAYS
-from consult.accounts.users import HOME_BY_ROLE, Sessions, User
+from consult.accounts.users import HOME_BY_ROLE, User
 from consult.core import i18n, keys, security
 from consult.core.errors import BadRequest, ConsultError, TooManyRequests
 from consult.core.forms import field, form, redirect, safe_next
@@ -30,16 +30,7 @@ def setup(app: web.Application) -> None:
 
 
 def _set_session_cookie(request: web.Request, response: web.StreamResponse, token: str) -> None:
-    settings = request.app[keys.SETTINGS]
-    response.set_cookie(
-        Sessions.COOKIE,
-        token,
-        httponly=True,
-        secure=settings.secure_cookies,
-        samesite="Lax",
-        path="/",
-        max_age=settings.session_absolute_hours * 3600,
-    )
+    security.set_session_cookie(request, response, token)
 
 
 async def login_page(request: web.Request) -> web.Response:
@@ -84,6 +75,7 @@ async def login_submit(request: web.Request) -> web.Response:
     await throttle.succeeded(attempt)
     user = User.from_row(row)
     token = await request.app[keys.SESSIONS].create(user.id, address, request.headers.get("User-Agent"))
+    security.renew_csrf(request, token)
     response = redirect(safe_next(next_url, HOME_BY_ROLE[user.role]))
     _set_session_cookie(request, response, token)
     if device is None or device[0] != user.id:
@@ -140,25 +132,28 @@ async def register_submit(request: web.Request) -> web.Response:
             response.headers["Retry-After"] = str(exc.retry_after)
         return response
     token = await request.app[keys.SESSIONS].create(user_id, remote, request.headers.get("User-Agent"))
+    security.renew_csrf(request, token)
     response = redirect("/patient")
     _set_session_cookie(request, response, token)
     return response
 
 
 async def logout(request: web.Request) -> web.Response:
-    token = request.cookies.get(Sessions.COOKIE)
+    token = request.cookies.get(security.session_cookie_name(request))
     if token:
         await request.app[keys.SESSIONS].revoke(token)
+    security.renew_csrf(request, None)
     response = redirect("/login")
-    response.del_cookie(Sessions.COOKIE, path="/")
+    security.delete_session_cookie(request, response)
     return response
 
 
 async def logout_all(request: web.Request) -> web.Response:
     user = security.require(request)
     await request.app[keys.SESSIONS].revoke_all(user.id)
+    security.renew_csrf(request, None)
     response = redirect("/login")
-    response.del_cookie(Sessions.COOKIE, path="/")
+    security.delete_session_cookie(request, response)
     return response
 
 
@@ -211,6 +206,7 @@ async def change_password(request: web.Request) -> web.Response:
     token = await request.app[keys.SESSIONS].create(
         user.id, request.remote, request.headers.get("User-Agent")
     )
+    security.renew_csrf(request, token)
     response = aiohttp_jinja2.render_template(
         "account.html", request, {"error": None, "done": True, "me": user}
     )

@@ -179,7 +179,7 @@ async def _serve(request: web.Request, download: bool) -> web.StreamResponse:
     headers = {
         "Content-Type": report.content_type,
         "Content-Disposition": content_disposition(
-            "attachment" if download else "inline", report.display_name
+            "inline" if _inline(request, user, download) else "attachment", report.display_name
         ),
         "X-Content-Type-Options": "nosniff",
         "Cache-Control": "private, no-store",
@@ -190,6 +190,16 @@ async def _serve(request: web.Request, download: bool) -> web.StreamResponse:
         "X-Frame-Options": "SAMEORIGIN",
     }
     return web.FileResponse(path, headers=headers)
+
+
+def _inline(request: web.Request, user, download: bool) -> bool:
+    """Staff open a patient's file inline only in the consult room's viewer (an iframe, which
+    Sec-Fetch-Dest names and no page can forge); a link opened in a tab downloads it, so a hostile
+    file is never rendered by the browser at the top of a doctor's window. A patient's own files
+    open as before."""
+    if download:
+        return False
+    return user.role == "patient" or request.headers.get("Sec-Fetch-Dest") == "iframe"
 
 
 async def view_report(request: web.Request) -> web.StreamResponse:

@@ -23,6 +23,7 @@ import secrets
 import threading
 import time
 import unicodedata
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,6 +246,133 @@ def _check_pdf(path: Path, size: int) -> None:
         raise _damaged()
 
 
+# -- active content in PDFs ----------------------------------------------------------------
+#
+# A report is a document to read. Names that make a PDF *do* something when opened (run a
+# script, launch a program, carry other files, play Flash, be an XFA form) are refused. Names
+# can be written with #xx escapes (/J#61vaScript), so every name is decoded before it is
+# compared. Dictionaries can hide inside compressed object streams (/ObjStm): those are inflated
+# (FlateDecode only, within a size budget) and searched too; an object stream we cannot inflate
+# (another filter, a predictor, encryption, a bomb) is refused rather than waved through, since
+# what it hides cannot be known. Other streams (page contents, images, fonts) hold no
+# dictionaries, so they are not inflated: that keeps the check fast and leaves pixel data alone.
+#
+# Stream bodies are binary: a two-letter name (/JS, /AA) turns up in random bytes about once in
+# 16 million positions, so those two are looked for outside stream bodies only; every longer
+# name is looked for everywhere. A JavaScript action also needs /S /JavaScript, so hiding its
+# /JS key does not hide it.
+PDF_ACTIVE_NAMES = frozenset(
+    {"JavaScript", "JS", "OpenAction", "AA", "Launch", "EmbeddedFile", "EmbeddedFiles", "RichMedia", "XFA"}
+)
+_SHORT_NAMES = frozenset(n for n in PDF_ACTIVE_NAMES if len(n) <= 2)
+PDF_INFLATE_BUDGET = 64 * 1024 * 1024  # bytes of object streams inflated per file
+_PDF_NAME = re.compile(rb"/([^\x00\t\n\x0c\r ()<>\[\]{}/%]*)")
+_PDF_STREAM = re.compile(rb">>\s*stream(?:\r\n|\n|\r)")
+_PDF_ENDSTREAM = re.compile(rb"(?:\r\n|\n|\r)?endstream")
+_PDF_HEX = re.compile(rb"#([0-9A-Fa-f]{2})")
+# An OpenAction that is an explicit destination array ("open at page 1, fit width"; Word and
+# Acrobat write it) does nothing active; anything else (an action dictionary, or a reference we
+# would have to resolve) is refused.
+_PDF_OPEN_AT_PAGE = re.compile(rb"\s*\[")
+_PDF_FILTERS = frozenset(
+    "FlateDecode Fl ASCIIHexDecode AHx ASCII85Decode A85 LZWDecode LZW RunLengthDecode RL Crypt"
+    " JBIG2Decode DCTDecode DCT JPXDecode CCITTFaxDecode CCF".split()
+)
+
+
+def _pdf_names(data: bytes) -> list[tuple[str, int]]:
+    """Every name token in ``data``, #xx escapes decoded, with the offset just after it."""
+    out = []
+    for m in _PDF_NAME.finditer(data):
+        raw = m.group(1)
+        if b"#" in raw:
+            raw = _PDF_HEX.sub(lambda h: bytes([int(h.group(1), 16)]), raw)
+        out.append((raw.decode("latin-1"), m.end()))
+    return out
+
+
+def _active_in(data: bytes, names: frozenset[str]) -> str | None:
+    for name, end in _pdf_names(data):
+        if name not in names:
+            continue
+        if name == "OpenAction" and _PDF_OPEN_AT_PAGE.match(data, end):
+            continue
+        return name
+    return None
+
+
+def _pdf_streams(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(body start, body end, the dictionary text before it) of every stream."""
+    out = []
+    for m in _PDF_STREAM.finditer(data):
+        start = m.end()
+        end_m = _PDF_ENDSTREAM.search(data, start)
+        end = end_m.start() if end_m else len(data)
+        head_from = data.rfind(b"obj", max(0, m.start() - 4096), m.start())
+        out.append((start, end, data[head_from if head_from >= 0 else max(0, m.start() - 4096) : m.end()]))
+    return out
+
+
+def _inflate_object_stream(body: bytes, head: bytes, budget: int) -> bytes:
+    names = {n for n, _end in _pdf_names(head)}
+    filters = names & _PDF_FILTERS
+    if not filters:
+        return body
+    if filters - {"FlateDecode", "Fl"} or "Predictor" in names:
+        raise _pdf_uninspectable()
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(body, budget + 1)
+    except zlib.error:
+        raise _pdf_uninspectable() from None
+    if len(text) > budget or inflater.unconsumed_tail:
+        raise _pdf_uninspectable()
+    return text
+
+
+def _pdf_active() -> UnsupportedMediaType:
+    return UnsupportedMediaType(
+        _(
+            "This PDF contains active content (scripts, automatic actions or attached files), which"
+            " is not accepted. Print it to a new PDF, or upload a photo of the report."
+        ),
+        code="pdf_active_content",
+    )
+
+
+def _pdf_uninspectable() -> UnsupportedMediaType:
+    return UnsupportedMediaType(
+        _(
+            "This PDF could not be checked for active content (it is encrypted or packed in an"
+            " unusual way). Print it to a new PDF, or upload a photo of the report."
+        ),
+        code="pdf_uninspectable",
+    )
+
+
+def check_pdf_active_content(data: bytes) -> None:
+    """Refuse a PDF that carries scripts, actions, attachments, RichMedia or XFA (see above)."""
+    found = _active_in(data, PDF_ACTIVE_NAMES - _SHORT_NAMES)
+    streams = _pdf_streams(data)
+    if found is None:
+        outside = bytearray(data)
+        for start, end, _head in streams:
+            outside[start:end] = b" " * (end - start)
+        found = _active_in(bytes(outside), _SHORT_NAMES)
+    budget = PDF_INFLATE_BUDGET
+    for start, end, head in streams:
+        if found is not None:
+            break
+        if "ObjStm" not in {n for n, _end in _pdf_names(head)}:
+            continue
+        text = _inflate_object_stream(data[start:end], head, budget)
+        budget -= len(text)
+        found = _active_in(text, PDF_ACTIVE_NAMES)
+    if found is not None:
+        log.info("refused a PDF upload: active content (/%s)", found)
+        raise _pdf_active()
+
+
 _heif_registered = False
 
 
@@ -332,6 +460,7 @@ def store_sync(received: Received, data_dir: Path, stored_name: str | None = Non
             raise _unsupported()
         if kind == PDF:
             _check_pdf(received.path, received.size)
+            check_pdf_active_content(received.path.read_bytes())
             final_src, content_type = received.path, PDF
         else:
             cleaned, content_type = _clean_image(received.path, kind, received.path.parent)

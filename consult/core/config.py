@@ -114,6 +114,20 @@ class Settings:
         "/healthz answers 503 when the disk of the data directory has less free space than this"
         " (MB); a full disk refuses every write.",
     )
+    header_timeout_seconds: float = setting(
+        15.0,
+        "A client must send a request's complete headers within this many seconds of connecting"
+        " (or of its previous response; idle keep-alive connections close then too). With TLS, the"
+        " handshake too.",
+    )
+    max_connections_per_address: int = setting(
+        100,
+        "Open connections allowed from one client address (an IPv6 client: its /64); more are"
+        " closed at once. 0: no limit (set 0 behind a reverse proxy, which all connections come from).",
+    )
+    accept_error_log_interval_seconds: float = setting(
+        60.0, "When the server runs out of file descriptors, log that at most once per this many seconds."
+    )
     mask_addresses: bool = setting(False, "Store only the network part of client addresses in logs.")
     log_json: bool = setting(False, "Write structured JSON log lines.")
     metrics_allow: tuple[str, ...] = setting(

@@ -29,6 +29,7 @@ NOTIFIER = web.AppKey("notifier", Notifier)
 USER = web.RequestKey("user", object)  # consult.accounts.users.User | None
 CSRF_COOKIE_VALUE = web.RequestKey("csrf_cookie", str)
 CSRF_NEW = web.RequestKey("csrf_new", bool)
+SESSION_TOKEN = web.RequestKey("session_token", str)  # the session cookie in effect; CSRF binds to it
 LOCALE = web.RequestKey("locale", str)
 
 

@@ -111,14 +111,17 @@ async def context_middleware(request: web.Request, handler):
     """
     app = request.app
     settings = app[keys.SETTINGS]
-    csrf_cookie = request.cookies.get(security.CSRF_COOKIE)
+    csrf_cookie = request.cookies.get(security.csrf_cookie_name(request))
     if csrf_cookie:
         request[keys.CSRF_COOKIE_VALUE] = csrf_cookie
+    session_token = request.cookies.get(security.session_cookie_name(request))
+    if session_token:
+        request[keys.SESSION_TOKEN] = session_token
     user = None
     failure: Exception | None = None
     if not request.path.startswith("/static/"):
         try:
-            user = await app[keys.SESSIONS].lookup(request.cookies.get(security.SESSION_COOKIE))
+            user = await app[keys.SESSIONS].lookup(session_token)
         except Exception as exc:
             failure = exc
     request[keys.USER] = user

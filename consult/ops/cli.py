@@ -71,10 +71,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
+    import asyncio
 
     from consult.app import create_app
     from consult.core.logs import RedactingAccessLogger, setup_logging
+    from consult.ops import edge
 
     overrides: dict[str, Any] = {"host": args.host, "port": args.port}
     if args.no_tls:
@@ -84,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.key:
         overrides["tls_key"] = args.key
     settings = _settings(args, **overrides)
-    setup_logging(settings.log_json)
+    setup_logging(settings.log_json, settings.mask_addresses)
     ssl_context = None
     scheme = "http"
     if settings.tls:
@@ -106,16 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print("Consult is running. Open:", flush=True)
     for h in hosts:
         print(f"  {scheme}://{h}:{settings.port}/", flush=True)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        ssl_context=ssl_context,
-        print=None,
-        access_log_class=RedactingAccessLogger,
-        handle_signals=True,
-        shutdown_timeout=5,
-    )
+    asyncio.run(edge.serve(app, settings, ssl_context=ssl_context, access_log_class=RedactingAccessLogger))
     return 0
 
 
