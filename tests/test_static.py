@@ -1,14 +1,19 @@
 """Static files as the browser gets them: versioned URLs cached for a year, gzipped copies from a
-cache dir that follows the sources, and the icon inline (bench/pageweight.py weighs the result)."""
+cache dir that follows the sources, the icon inline, and the recording code only on the call
+pages of a visit that may be recorded (bench/pageweight.py weighs the result)."""
 
 from __future__ import annotations
 
 import gzip
 import re
+import sqlite3
 
 import pytest
 
+from consult.app import create_app
 from consult.core.templates import IMMUTABLE, REVALIDATE, STATIC_DIR, StaticFiles
+from tests.booking_helpers import make_clinic, signed_in
+from tests.call_helpers import keyed_settings, patient_token, seed_visit
 
 STATIC_URL_RE = re.compile(r'(?:src|href)="(/static/[^"?]+)\?v=([0-9a-f]{16})"')
 
@@ -105,3 +110,42 @@ def test_the_cache_follows_the_sources(tmp_path):
     with pytest.raises(LookupError):
         files.url("missing.js")
     assert files.data_uri("tiny.css") == "data:text/css;base64,YXt9"
+
+
+async def test_the_call_pages_load_the_recording_code_only_when_the_visit_may_be_recorded(
+    aiohttp_server, aiohttp_client, settings, make_user
+):
+    clinic = make_clinic(settings, make_user)
+    patient_id = make_user("patient", login="13900000001", name="Pat Ient")
+    doctor = clinic.doctor_ids[0]
+    server = await aiohttp_server(create_app(settings))
+    anon = await aiohttp_client(server)
+    doc = await signed_in(aiohttp_client, server, "doc0")
+    keyed = keyed_settings(settings.data_dir)
+    visit = seed_visit(settings.data_dir / "consult.db", doctor_id=doctor, patient_id=patient_id)
+    call = f"/call/{patient_token(keyed, visit)}"
+    room = f"/doctor/visits/{visit.public_id}/room"
+
+    def set_policy(policy: str) -> None:
+        conn = sqlite3.connect(settings.data_dir / "consult.db", isolation_level=None)
+        try:
+            conn.execute("UPDATE doctors SET recording_policy = ? WHERE user_id = ?", [policy, doctor])
+        finally:
+            conn.close()
+
+    async def scripts(client, path: str) -> set[str]:
+        resp = await client.get(path)
+        assert resp.status == 200, path
+        page = await resp.text()
+        return {p.rsplit("/", 1)[1] for p in static_urls(page) if p.endswith(".js")}
+
+    # Recording off (the default): the call works without call-recording.js (call.js knows).
+    for client, path in ((anon, call), (doc, room)):
+        loaded = await scripts(client, path)
+        assert "call.js" in loaded and "call-peer.js" in loaded, path
+        assert "call-recording.js" not in loaded, path
+    for policy in ("on_request", "always"):
+        set_policy(policy)
+        for client, path in ((anon, call), (doc, room)):
+            loaded = await scripts(client, path)
+            assert {"call.js", "call-recording.js"} <= loaded, (policy, path)
