@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from consult.accounts.passwords import Passwords
     from consult.accounts.throttle import Throttle
     from consult.accounts.users import Sessions, User
+    from consult.core.templates import StaticFiles
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", Database)
@@ -24,6 +25,7 @@ SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions")
 THROTTLE: web.AppKey[Throttle] = web.AppKey("throttle")
 PASSWORDS: web.AppKey[Passwords] = web.AppKey("passwords")
 NOTIFIER = web.AppKey("notifier", Notifier)
+STATIC: web.AppKey[StaticFiles] = web.AppKey("static")
 
 # Per-request values.
 USER = web.RequestKey("user", object)  # consult.accounts.users.User | None
