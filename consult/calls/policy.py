@@ -156,6 +156,15 @@ class ConsultPolicy:
             raise Refused("room_ended", _("This visit has ended."))
         if visit["status"] != "confirmed":
             raise Refused("visit_not_confirmed", _("This visit is not confirmed or was cancelled."))
+        early = DOCTOR_EARLY_S if role == "host" else calllinks.EARLY_S
+        if now < visit["starts_at"] - early:
+            # Refused here, before the room is opened, so that an early doctor leaves no
+            # session behind (a patient's link is refused above, by its own window).
+            raise Refused(
+                "too_early",
+                _("The consult room opens %(minutes)d minutes before the visit starts.")
+                % {"minutes": DOCTOR_EARLY_S // 60},
+            )
         self._visit_ids[room_id] = visit["id"]
         if len(self._visit_ids) > _VISIT_IDS_MAX:
             self._visit_ids.pop(next(iter(self._visit_ids)))
@@ -170,7 +179,6 @@ class ConsultPolicy:
                 _("This visit is recorded. It can take place only if you agree to the recording."),
             )
         self._peers[(room_id, role)] = peer
-        early = DOCTOR_EARLY_S if role == "host" else calllinks.EARLY_S
         return Admission(
             room_id=room_id,
             role=role,
