@@ -163,8 +163,11 @@ class Room:
                 self.warning_s = admission.warning_s
             ends_at = self.ends_at
             if self.running and ends_at is not None and now >= ends_at:
-                # Restarted after the visit's end time: it ended while nobody was watching.
-                await self._finish("time_limit", ended_at=ends_at)
+                # Without a timer the clock was restored from storage: the server that ran it
+                # stopped, and it ran out while nobody was watching. With one, the timer is
+                # about to end it.
+                reason = "time_limit" if self._timer is not None else "server_restart"
+                await self._finish(reason, ended_at=ends_at)
             refusal = self._check_window(admission, now)
             if refusal is not None:
                 code, message = refusal

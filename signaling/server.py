@@ -152,6 +152,10 @@ class SignalingServer:
             self.emit(RoomEvent("room_opened", room_id, None, self.clock(), {}))
         return room
 
+    def live_rooms(self) -> frozenset[str]:
+        """Ids of the rooms this process holds or is opening: their own timers end them."""
+        return frozenset(self.rooms) | frozenset(self._opening)
+
     def _forget_room(self, room: Room) -> None:
         if self.rooms.get(room.room_id) is room:
             del self.rooms[room.room_id]

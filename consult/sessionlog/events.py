@@ -136,7 +136,8 @@ def _finish(s: dict[str, Any], reason: str | None, at: float) -> None:
     s["end_reason"] = end_reason
     if end_reason == "no_show":
         s["outcome"] = "no_show"
-    elif end_reason == "connection_failed" or s["started_at"] is None:
+    elif end_reason in ("connection_failed", "server_restart") or s["started_at"] is None:
+        # server_restart: the server died mid-visit and nobody came back; a failure of ours.
         s["outcome"] = "failed"
     else:
         s["outcome"] = "completed"
