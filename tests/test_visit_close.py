@@ -7,11 +7,13 @@ the protocol's Python client; `test_kill9_*` runs the real server process and SI
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from consult import booking
@@ -22,6 +24,7 @@ from consult.core.db import Database
 from signaling.client import ErrorReply, SignalingClient
 from tests.booking_helpers import make_clinic
 from tests.call_helpers import host_token, keyed_settings, patient_token, seed_visit
+from tests.harness.server import ConsultServer, free_port
 from tests.sessionlog_helpers import add_visit, make_world, record, write
 
 
@@ -345,3 +348,105 @@ async def test_the_session_log_shows_the_new_reason(aiohttp_client, settings, cl
     assert "Pat Ient" in listed
     others = await (await client.get("/admin/sessions?end_reason=host_ended")).text()
     assert "Pat Ient" not in others
+
+
+# -- the real server, killed ----------------------------------------------------------------
+
+VISIT_S = 12.0  # every visit's clock, so that "past its end" is seconds away
+
+
+def ws_url(server, visit) -> str:
+    return server.url(f"/ws/rooms/{visit.public_id}").replace("http", "ws", 1)
+
+
+SOCKETS: list[SignalingClient] = []
+
+
+async def connect(session: aiohttp.ClientSession, server, visit) -> SignalingClient:
+    sig = await SignalingClient.connect(session, ws_url(server, visit))
+    SOCKETS.append(sig)  # a killed server does not close them: the test does
+    return sig
+
+
+async def open_room(session: aiohttp.ClientSession, server, keyed, visit) -> tuple[SignalingClient, ...]:
+    """Patient and doctor join, the doctor admits: the clock runs."""
+    guest = await connect(session, server, visit)
+    await guest.hello(patient_token(keyed, visit))
+    host = await connect(session, server, visit)
+    await host.hello(host_token(keyed, visit))
+    if not guest.welcome["admitted"]:
+        await host.send({"type": "admit"})
+    clock = await guest.next_message("clock")
+    return guest, host, clock
+
+
+async def test_kill9_at_any_point_leaves_every_visit_closed_or_continuing(tmp_path):
+    server = ConsultServer(
+        tmp_path / "data",
+        log_dir=tmp_path,
+        host="127.0.0.1",
+        port=free_port("127.0.0.1"),
+        env={"CONSULT_VISIT_SECONDS_OVERRIDE": str(VISIT_S), "CONSULT_REAPER_INTERVAL_SECONDS": "0.5"},
+    )
+    await asyncio.to_thread(server.init, demo=True)
+    await server.astart()
+    path = server.data_dir / "consult.db"
+    keyed = keyed_settings(server.data_dir)
+    abandoned, resumed, ending, told = (seed_visit(path, starts_in_s=-60 - i) for i in range(4))
+    async with aiohttp.ClientSession() as session:
+        try:
+            # Four rooms running. The doctor ends one and the server dies as the patient hears
+            # it (the old crash window: room ended, visit not yet); the doctor ends another
+            # and the server dies at that instant.
+            await open_room(session, server, keyed, abandoned)
+            _, _, first_clock = await open_room(session, server, keyed, resumed)
+            _, ending_host, _ = await open_room(session, server, keyed, ending)
+            told_guest, told_host, _ = await open_room(session, server, keyed, told)
+            await told_host.send({"type": "end"})
+            await told_guest.next_message("ended")
+            await ending_host.send({"type": "end"})
+            await server.akill9()
+            for visit in (abandoned, resumed, ending, told):
+                assert_consistent(path, visit.id)  # whatever the instant, nothing half-written
+            assert state(path, told.id)["ended_events"] == ["host_ended"]
+            await server.astart()
+
+            # Both come back while the clock runs: the visit continues where it was.
+            guest, _host, clock = await open_room(session, server, keyed, resumed)
+            assert guest.welcome["admitted"] is True
+            assert clock["ends_at"] == pytest.approx(first_clock["ends_at"])
+            assert (await guest.next_message("ended", timeout=VISIT_S + 5))["reason"] == "time_limit"
+
+            # Nobody came back to the other two: closed by the periodic sweep once over.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                states = [state(path, v.id) for v in (abandoned, ending)]
+                if all(s["status"] == "completed" for s in states):
+                    break
+                await asyncio.sleep(0.2)
+            closed = {v.id: assert_consistent(path, v.id) for v in (abandoned, resumed, ending)}
+            assert closed[abandoned.id]["ended_events"] == ["server_restart"]
+            assert closed[abandoned.id]["summary"]["outcome"] == "failed"
+            assert closed[resumed.id]["ended_events"] == ["time_limit"]
+            # Ended before the kill, or open at it and then swept: either way whole.
+            assert closed[ending.id]["ended_events"] in (["host_ended"], ["server_restart"])
+            print("ended by the doctor, killed at once:", closed[ending.id]["ended_events"])
+
+            # Killed mid-visit and down past its end: closed before the server answers anyone.
+            late = seed_visit(path, starts_in_s=-70)
+            await open_room(session, server, keyed, late)
+            await server.akill9()
+            assert assert_consistent(path, late.id)["status"] == "confirmed"
+            await asyncio.sleep(VISIT_S + 1)
+            await server.astart()
+            s = assert_consistent(path, late.id)
+            assert s["ended_events"] == ["server_restart"] and s["status"] == "completed"
+            sig = await connect(session, server, late)
+            with pytest.raises(ErrorReply) as exc:
+                await sig.hello(host_token(keyed, late))
+            assert exc.value.code == "room_ended"
+        finally:
+            for sig in SOCKETS:
+                await sig.close()
+            SOCKETS.clear()
+            await server.astop()
