@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -48,8 +48,11 @@ class Room:
         clock: Callable[[], float],
         on_idle: Callable[[Room], None],
         recording_dir: RecordingDir | None = None,
+        delivered: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.room_id = room_id
+        # Waits until the events emitted so far have reached the policy (EventDispatcher).
+        self._delivered = delivered
         self.recording_dir = recording_dir
         self.policy = policy
         self.config = config
@@ -457,6 +460,9 @@ class Room:
         if timer is not None and timer is not asyncio.current_task():
             timer.cancel()
         try:
+            # The policy records the end after everything that led to it (joins, the clock).
+            if self._delivered is not None:
+                await self._delivered()
             await self.policy.save_state(self.state)
         except Exception:
             # The sockets are closed regardless: a visit must not outlive its end because the

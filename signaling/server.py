@@ -145,6 +145,7 @@ class SignalingServer:
             clock=self.clock,
             on_idle=self._forget_room,
             recording_dir=self.recording_dir,
+            delivered=self.events.delivered,
         )
         await room.load()
         if not room.ended:
