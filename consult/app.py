@@ -24,7 +24,7 @@ from consult.booking import catalogue_views, home_views
 from consult.booking import views as booking_views
 from consult.calls import recording_views
 from consult.calls import views as call_views
-from consult.calls.policy import setup_calls
+from consult.calls.policy import room_sweeper, setup_calls
 from consult.clinical import prescription_views, report_views, reports, uploads
 from consult.clinical.signing import SIGNING_KEY, KeyHolder
 from consult.core import keys, metrics, security
@@ -79,6 +79,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(reports.files_ctx)  # upload temp files and report files left by a crash
     app.cleanup_ctx.append(payments.payments_ctx)  # providers and payment tasks
     setup_calls(app)  # the signaling server on /ws/rooms/{id}, and its database hook-up
+    app.cleanup_ctx.append(room_sweeper)  # closes rooms a dead server left open, before listening
     app.cleanup_ctx.append(no_show_marker)  # closes visits nobody joined
 
     for views in VIEWS:

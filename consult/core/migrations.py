@@ -545,3 +545,43 @@ def m0011_recordings_repaired(db: sqlite_utils.Database) -> None:
         ALTER TABLE recordings ADD COLUMN repaired_at REAL;
         """,
     )
+
+
+@migration("0012_session_end_server_restart")
+def m0012_session_end_server_restart(db: sqlite_utils.Database) -> None:
+    """A visit whose room a dead server left open is closed by the sweep with end reason
+    ``server_restart`` (consult.calls.closing); the summaries' CHECK has to allow it.
+
+    SQLite cannot change a CHECK in place: ``session_summaries`` is rebuilt from its own stored
+    definition with the one list extended, its rows copied and its indexes recreated, inside
+    this migration's transaction. Nothing references the table, so the foreign keys hold.
+    """
+    table_sql, *_ = db.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'session_summaries'"
+    ).fetchone()
+    old = "'connection_failed', 'no_show')"
+    if table_sql.count(old) != 1 or not table_sql.startswith("CREATE TABLE session_summaries ("):
+        raise ValueError("session_summaries is not as 0007_session_logs created it")
+    new_sql = table_sql.replace(old, "'connection_failed', 'no_show', 'server_restart')").replace(
+        "CREATE TABLE session_summaries (", "CREATE TABLE session_summaries_new (", 1
+    )
+    indexes = [
+        r[0]
+        for r in db.execute(
+            "SELECT sql FROM sqlite_master WHERE tbl_name = 'session_summaries' AND type = 'index'"
+            " AND sql IS NOT NULL ORDER BY name"
+        ).fetchall()
+    ]
+    db.execute(new_sql)
+    db.execute("INSERT INTO session_summaries_new SELECT * FROM session_summaries")
+    db.execute("DROP TABLE session_summaries")
+    db.execute("ALTER TABLE session_summaries_new RENAME TO session_summaries")
+    for sql in indexes:
+        db.execute(sql)
+    run_script(
+        db,
+        """
+        -- The sweep looks for rooms still open (started, never ended) without scanning them all.
+        CREATE INDEX rooms_open ON rooms(visit_id) WHERE ended_at IS NULL;
+        """,
+    )
