@@ -12,7 +12,7 @@ from consult import booking
 from consult.accounts.users import HOME_BY_ROLE
 from consult.audit.reads import audit_read
 from consult.booking import pages, schedules
-from consult.core import keys, security
+from consult.core import health, keys, security
 
 
 def setup(app: web.Application) -> None:
@@ -24,8 +24,9 @@ def setup(app: web.Application) -> None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    await request.app[keys.DB].execute_fn(pages.ping)
-    return web.json_response({"ok": True})
+    settings = request.app[keys.SETTINGS]
+    healthy, report = await health.check(request.app[keys.DB], settings.data_dir, settings.disk_min_free_mb)
+    return web.json_response(report, status=200 if healthy else 503)
 
 
 async def index(request: web.Request) -> web.Response:

@@ -1,4 +1,4 @@
-"""Reading a visit, and who may see, cancel or move it."""
+"""Reading a visit, completing it when its call ends, and who may see, cancel or move it."""
 
 from __future__ import annotations
 
@@ -35,6 +35,19 @@ def for_patient_sync(db: sqlite_utils.Database, patient_id: int) -> list[dict]:
         VISIT_SELECT + " WHERE v.patient_id = ? ORDER BY v.starts_at DESC LIMIT 200", [patient_id]
     ).fetchall()
     return [dict(r) for r in rows]
+
+
+def complete_sync(db: sqlite_utils.Database, visit_id: int, at: float) -> bool:
+    """The visit's call is over: a confirmed visit becomes completed. Writer thread only.
+
+    Called in the transaction that ends the visit's room (``consult.calls.closing``), so the
+    status and the room's end are one fact. Idempotent; True when it changed the status.
+    """
+    cur = db.execute(
+        "UPDATE visits SET status = 'completed', updated = ? WHERE id = ? AND status = 'confirmed'",
+        [at, visit_id],
+    )
+    return cur.rowcount > 0
 
 
 def needing_reschedule_sync(db: sqlite_utils.Database) -> list[dict]:

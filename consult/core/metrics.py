@@ -29,6 +29,10 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "payments": ("consult_payments", "Payments completed."),
     "uploads": ("consult_uploads", "Test-report files uploaded."),
     "recording_bytes": ("consult_recording_bytes", "Bytes of visit recordings written."),
+    "report_files_quarantined": (
+        "consult_report_files_quarantined",
+        "Stored report files without a row, moved to the quarantine folder.",
+    ),
     "jobs_done": ("consult_jobs_done", "Background jobs (refunds, messages) completed."),
     "jobs_failed": ("consult_jobs_failed", "Background job attempts that failed (retried or dead)."),
     "jobs_died": ("consult_jobs_died", "Background jobs given up after their last attempt."),
@@ -37,6 +41,7 @@ LIVE = {
     "active_rooms": "Visit rooms open on this server.",
     "connected_participants": "People connected to a visit room (at most two per room).",
     "websocket_connections": "Open signaling WebSocket connections, joined or not.",
+    "report_files_missing": "Test-report rows whose file is missing (at the last files sweep).",
     "jobs_queued": "Background jobs waiting or running (as of the worker's last sweep).",
     "jobs_dead": "Background jobs given up on, waiting for an admin (as of the last sweep).",
 }
@@ -116,7 +121,7 @@ def _find_signaling(app: web.Application):  # -> signaling.server.SignalingServe
 
 
 def count(app: web.Application, name: str, n: float = 1) -> None:
-    """Add ``n`` to one of ``COUNTERS`` (bookings, payments, uploads, recording_bytes, jobs_*).
+    """Add ``n`` to one of ``COUNTERS`` (bookings, payments, uploads, recording_bytes, jobs_*, ...).
 
     A no-op in an app built without metrics; an unknown name is a bug and raises KeyError.
     """
