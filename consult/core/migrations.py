@@ -585,3 +585,23 @@ def m0012_session_end_server_restart(db: sqlite_utils.Database) -> None:
         CREATE INDEX rooms_open ON rooms(visit_id) WHERE ended_at IS NULL;
         """,
     )
+
+
+@migration("0013_session_budgets")
+def m0013_session_budgets(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- What each seat of a visit's call has stored in session_events and quality_samples, so
+        -- that a client cannot grow them without bound (consult.calls.policy, "budget"). seat:
+        -- 'host', 'guest', or '' for events of no seat (refused joins, the room opening).
+        CREATE TABLE session_budgets (
+            visit_id INTEGER NOT NULL REFERENCES visits(id) ON DELETE CASCADE,
+            seat TEXT NOT NULL,
+            rows INTEGER NOT NULL DEFAULT 0,
+            bytes INTEGER NOT NULL DEFAULT 0,
+            dropped INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (visit_id, seat)
+        ) WITHOUT ROWID;
+        """,
+    )
