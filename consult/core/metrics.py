@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -29,6 +29,10 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "payments": ("consult_payments", "Payments completed."),
     "uploads": ("consult_uploads", "Test-report files uploaded."),
     "recording_bytes": ("consult_recording_bytes", "Bytes of visit recordings written."),
+    "room_events_dropped": (
+        "consult_room_events_dropped",
+        "Room events not stored: their seat's storage budget for the visit was used up.",
+    ),
     "report_files_quarantined": (
         "consult_report_files_quarantined",
         "Stored report files without a row, moved to the quarantine folder.",
@@ -53,10 +57,21 @@ class _LiveCollector(Collector):
         self._app = app
         self._metrics = metrics
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         values = self._metrics.live_values(self._app)
         for name, help_text in LIVE.items():
             yield GaugeMetricFamily(f"consult_{name}", help_text, value=values.get(name, 0))
+        server = _find_signaling(self._app)
+        dropped = CounterMetricFamily(
+            "consult_signaling_messages_dropped",
+            "Client messages the signaling server did not record, by reason (over_budget,"
+            " throttled, repeated_error, waiting_room).",
+            labels=["reason"],
+        )
+        if server is not None:
+            for reason, n in sorted(server.seats.dropped.items()):
+                dropped.add_metric([reason], n)
+        yield dropped
 
 
 class Metrics:

@@ -618,3 +618,23 @@ def m0013_jobs(db: sqlite_utils.Database) -> None:
         CREATE INDEX jobs_finished ON jobs(status, finished_at);
         """,
     )
+
+
+@migration("0014_session_budgets")
+def m0014_session_budgets(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- What each seat of a visit's call has stored in session_events and quality_samples, so
+        -- that a client cannot grow them without bound (consult.calls.policy, "budget"). seat:
+        -- 'host', 'guest', or '' for events of no seat (refused joins, the room opening).
+        CREATE TABLE session_budgets (
+            visit_id INTEGER NOT NULL REFERENCES visits(id) ON DELETE CASCADE,
+            seat TEXT NOT NULL,
+            rows INTEGER NOT NULL DEFAULT 0,
+            bytes INTEGER NOT NULL DEFAULT 0,
+            dropped INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (visit_id, seat)
+        ) WITHOUT ROWID;
+        """,
+    )
