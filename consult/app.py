@@ -27,7 +27,7 @@ from consult.calls import views as call_views
 from consult.calls.policy import room_sweeper, setup_calls
 from consult.clinical import prescription_views, report_views, reports, uploads
 from consult.clinical.signing import SIGNING_KEY, KeyHolder
-from consult.core import jobs, keys, metrics, security
+from consult.core import jobs, keys, metrics, proxy, security
 from consult.core.config import Settings, ensure_secrets
 from consult.core.db import Database
 from consult.core.middleware import context_middleware, csrf_middleware, errors_middleware
@@ -62,10 +62,13 @@ VIEWS = (
 def create_app(settings: Settings) -> web.Application:
     settings = ensure_secrets(settings)
     app = web.Application(
-        middlewares=[context_middleware, errors_middleware, csrf_middleware],
+        # proxy first: behind a trusted reverse proxy every later step sees the client's address,
+        # scheme and host (core/proxy.py).
+        middlewares=[proxy.proxy_middleware, context_middleware, errors_middleware, csrf_middleware],
         client_max_size=MAX_REQUEST_BYTES,
     )
     app[keys.SETTINGS] = settings
+    proxy.setup(app, settings.trusted_proxies)
     app[keys.PASSWORDS] = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib)
     app[SIGNING_KEY] = KeyHolder(settings.data_dir)
     app[payments.FULFILMENT] = booking.VisitFulfilment()

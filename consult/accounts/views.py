@@ -84,7 +84,7 @@ async def login_submit(request: web.Request) -> web.Response:
             DEVICE_COOKIE,
             throttle.device_token(user.id),
             httponly=True,
-            secure=request.app[keys.SETTINGS].secure_cookies,
+            secure=security.is_https(request),
             samesite="Lax",
             path="/login",
             max_age=DEVICE_DAYS * 86400,
@@ -172,7 +172,7 @@ async def set_language(request: web.Request) -> web.Response:
         max_age=365 * 86400,
         samesite="Lax",
         httponly=True,
-        secure=request.app[keys.SETTINGS].secure_cookies,
+        secure=security.is_https(request),
         path="/",
     )
     return response
@@ -204,7 +204,7 @@ async def change_password(request: web.Request) -> web.Response:
     # Ends every session (other devices sign in again); this one gets a fresh session below.
     await db.execute_write_fn(lambda d: accounts.set_password_sync(d, user.id, new_hash))
     token = await request.app[keys.SESSIONS].create(
-        user.id, request.remote, request.headers.get("User-Agent")
+        user.id, security.client_address(request), request.headers.get("User-Agent")
     )
     security.renew_csrf(request, token)
     response = aiohttp_jinja2.render_template(

@@ -8,6 +8,7 @@ Secrets that are not given are generated once into ``<data_dir>/secrets.json`` (
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import secrets
@@ -134,20 +135,22 @@ class Settings:
     max_connections_per_address: int = setting(
         100,
         "Open connections allowed from one client address (an IPv6 client: its /64); more are"
-        " closed at once. 0: no limit (set 0 behind a reverse proxy, which all connections come from).",
+        " closed at once. 0: no limit. Connections from trusted_proxies are never counted.",
     )
     accept_error_log_interval_seconds: float = setting(
         60.0, "When the server runs out of file descriptors, log that at most once per this many seconds."
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        (),
+        "Addresses or CIDR ranges of reverse proxies in front of Consult (e.g. 127.0.0.1). Only"
+        " from these are Forwarded and X-Forwarded-For/-Proto/-Host believed: the client is the"
+        " right-most address in the chain that is not a trusted proxy. Empty: trust nobody.",
     )
     mask_addresses: bool = setting(False, "Store only the network part of client addresses in logs.")
     log_json: bool = setting(False, "Write structured JSON log lines.")
     metrics_allow: tuple[str, ...] = setting(
         (), "Addresses or CIDR ranges that may read /metrics without signing in (Prometheus)."
     )
-
-    @property
-    def secure_cookies(self) -> bool:
-        return self.tls
 
     def masked(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -230,6 +233,11 @@ def load_settings(
         raise ConfigError("recording_policy must be 'off', 'on_request' or 'always'")
     if settings.payment_provider not in {"simulator", "cashier"}:
         raise ConfigError("payment_provider must be 'simulator' or 'cashier'")
+    for value in settings.trusted_proxies:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ConfigError(f"trusted_proxies: {value!r} is not an IP address or network") from None
     for name in (
         "login_max_delay_seconds",
         "login_window_minutes",
