@@ -16,6 +16,7 @@ from aiohttp import web
 from consult import booking, payments
 from consult.accounts import admin_views
 from consult.accounts import views as accounts_views
+from consult.accounts.codes import CODES, PhoneCodes
 from consult.accounts.passwords import Passwords
 from consult.accounts.throttle import Throttle
 from consult.accounts.users import Sessions
@@ -32,7 +33,7 @@ from consult.core.config import Settings, ensure_secrets
 from consult.core.db import Database
 from consult.core.middleware import context_middleware, csrf_middleware, errors_middleware
 from consult.core.migrations import migrate
-from consult.core.outbox import OutboxNotifier
+from consult.core.outbox import OutboxNotifier, OutboxSms
 from consult.core.templates import setup_static, setup_templates
 from consult.payments import views as payment_views
 from consult.sessionlog import views as session_views
@@ -119,6 +120,21 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
         register_window_s=settings.register_window_minutes * 60,
     )
     app[keys.NOTIFIER] = OutboxNotifier(db)
+    # One-time codes by SMS. sms_provider "outbox" (the only one so far): codes go to the outbox.
+    app[CODES] = PhoneCodes(
+        db,
+        app[keys.THROTTLE],
+        OutboxSms(app[keys.NOTIFIER]),
+        secret=settings.session_key,
+        hospital_name=settings.hospital_name,
+        minutes=settings.sms_code_minutes,
+        attempts=settings.sms_code_attempts,
+        resend_s=settings.sms_code_resend_seconds,
+        per_number=settings.sms_code_max_per_number,
+        per_address=settings.sms_code_max_per_address,
+        window_s=settings.sms_code_window_minutes * 60,
+        max_pending=settings.sms_code_max_pending,
+    )
     try:
         yield
     finally:

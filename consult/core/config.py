@@ -69,6 +69,43 @@ class Settings:
         " register_window_minutes (then 429 with Retry-After).",
     )
     register_window_minutes: int = setting(60, "Time over which the registration allowance refills.")
+    phone_region: str = setting(
+        "CN",
+        "Mobile numbers new patients may register with: CN (mainland China, 11 digits starting 13"
+        " to 19; a +86 or 0086 in front, spaces and dashes are accepted and dropped) or"
+        " international (an optional + and 6 to 15 digits). Numbers already stored are not checked"
+        " again: those accounts still sign in.",
+    )
+    sms_provider: str = setting(
+        "outbox",
+        "Where text messages (one-time codes, visit notices) go: outbox keeps them in the database,"
+        " readable on the admin's outbox page. A gateway implements consult.core.outbox.SmsProvider.",
+    )
+    sms_code_minutes: int = setting(
+        10,
+        "A one-time code sent by SMS (confirming a new patient's number, resetting a patient's"
+        " password) works for this many minutes.",
+    )
+    sms_code_attempts: int = setting(
+        5, "Wrong entries of one code before it stops working (a new code must be asked for)."
+    )
+    sms_code_resend_seconds: int = setting(60, "Shortest time between two codes sent to one number.")
+    sms_code_max_per_number: int = setting(
+        5, "Codes sent to one number within sms_code_window_minutes; then it waits for the window."
+    )
+    sms_code_max_per_address: int = setting(
+        20,
+        "Codes one address (an IPv6 /64) may have sent at once; the allowance refills evenly over"
+        " sms_code_window_minutes (then 429 with Retry-After).",
+    )
+    sms_code_window_minutes: int = setting(
+        60, "Time over which the per-number and per-address code limits count."
+    )
+    sms_code_max_pending: int = setting(
+        10000,
+        "Numbers with a code outstanding at once (one stored row each, removed when it expires);"
+        " beyond it new codes are refused until some expire, so a flood cannot grow the database.",
+    )
     argon2_time_cost: int = setting(3, "Argon2 time cost for password hashes.")
     argon2_memory_kib: int = setting(65536, "Argon2 memory cost (KiB) for password hashes.")
     currency: str = setting("CNY", "Currency of visit fees (ISO 4217).")
@@ -238,11 +275,21 @@ def load_settings(
             ipaddress.ip_network(value, strict=False)
         except ValueError:
             raise ConfigError(f"trusted_proxies: {value!r} is not an IP address or network") from None
+    if settings.phone_region not in {"CN", "international"}:
+        raise ConfigError("phone_region must be 'CN' or 'international'")
+    if settings.sms_provider not in {"outbox"}:
+        raise ConfigError("sms_provider must be 'outbox'")
     for name in (
         "login_max_delay_seconds",
         "login_window_minutes",
         "register_max_per_address",
         "register_window_minutes",
+        "sms_code_minutes",
+        "sms_code_attempts",
+        "sms_code_max_per_number",
+        "sms_code_max_per_address",
+        "sms_code_window_minutes",
+        "sms_code_max_pending",
     ):
         if getattr(settings, name) < 1:
             raise ConfigError(f"{name} must be at least 1")

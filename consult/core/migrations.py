@@ -638,3 +638,31 @@ def m0014_session_budgets(db: sqlite_utils.Database) -> None:
         ) WITHOUT ROWID;
         """,
     )
+
+
+@migration("0015_phone_codes")
+def m0015_phone_codes(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- One-time codes sent by SMS (consult.accounts.codes): one row per number with a code
+        -- outstanding, replaced by the next code to it and deleted once `keep_until` has passed,
+        -- so a flood of numbers cannot grow the table beyond the sms_code_max_pending setting.
+        CREATE TABLE phone_codes (
+            phone TEXT PRIMARY KEY,
+            purpose TEXT NOT NULL CHECK (purpose IN ('register', 'reset')),
+            flow_hash TEXT NOT NULL,      -- the browser that asked (a cookie's hash): only it may answer
+            code_hash TEXT,               -- HMAC of the code; NULL once it was used up by wrong tries
+            expires REAL NOT NULL,        -- the code works until then
+            attempts INTEGER NOT NULL DEFAULT 0,
+            sends INTEGER NOT NULL,       -- codes sent to the number since window_start
+            window_start REAL NOT NULL,
+            last_sent REAL NOT NULL,
+            keep_until REAL NOT NULL,     -- the row (and its send counters) is forgotten after this
+            display_name TEXT,            -- register only: the account made once the code is right
+            password_hash TEXT,
+            locale TEXT
+        ) WITHOUT ROWID;
+        CREATE INDEX phone_codes_keep_until ON phone_codes(keep_until);
+        """,
+    )
