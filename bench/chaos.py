@@ -40,6 +40,7 @@ been swept (or a time limit passes), these invariants are checked from the datab
   past_rooms_closed        every room whose clock ran out is ended whole: visit completed, one
                            "ended" event, a finished session summary
   audit_chain              the hash-chained audit trail verifies
+  server_errors            no request was answered with a 5xx (a killed server answers nothing)
 
 The last stdout line is one JSON object: {"seed", "kills", "invariant_violations" (a count),
 "violations" (by invariant name, only when there are some), "acknowledged" (what the clients
@@ -228,6 +229,7 @@ class Acknowledged:
     rooms: set[str] = field(default_factory=set)  # public ids whose clock was seen to start
     refused: dict[str, int] = field(default_factory=dict)  # 4xx answers by what was asked (expected)
     unanswered: int = 0  # requests cut off by a kill (no answer: not acknowledged)
+    server_errors: list[str] = field(default_factory=list)  # 5xx answers: never expected
 
     def summary(self) -> dict[str, int]:
         return {
@@ -240,6 +242,7 @@ class Acknowledged:
             "rooms": len(self.rooms),
             "refused": sum(self.refused.values()),
             "unanswered": self.unanswered,
+            "server_errors": len(self.server_errors),
         }
 
 
@@ -292,7 +295,10 @@ class Load:
     ) -> tuple[int, dict[str, str], bytes]:
         try:
             async with session.request(method, self.origin + path, allow_redirects=False, **kwargs) as r:
-                return r.status, dict(r.headers), await r.read()
+                body = await r.read()
+                if r.status >= 500:
+                    self.acked.server_errors.append(f"{method} {path}: {r.status} {body[:120]!r}")
+                return r.status, dict(r.headers), body
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self.acked.unanswered += 1
             raise Unanswered(repr(exc)) from None
@@ -860,6 +866,9 @@ def check(
     finally:
         conn.close()
 
+    for error in acked.server_errors:
+        bad("server_errors", error)
+
     # audit_chain
     adb = sqlite_utils.Database(sqlite3.connect(f"file:{path}?mode=ro", uri=True))
     try:
@@ -883,7 +892,7 @@ class Options:
     doctors: int = 3
     min_up_s: float = 1.5  # load between a restart and the next kill
     max_up_s: float = 4.0
-    call_chance: float = 0.6  # a room is opened after a (re)start with this chance
+    call_chance: float = 0.6  # a room is opened after a (re)start with this chance (always the first)
     visit_s: float = VISIT_S
     settle_timeout_s: float = JOB_TIMEOUT_S + corejobs.LEASE_MARGIN_S + 30
     days: int = 30
@@ -941,10 +950,13 @@ async def run(server: Server, opts: Options, *, say: Callable[[str], None] = lam
     sockets: list[SignalingClient] = []
     calls = aiohttp.ClientSession()
     try:
-        for delay in schedule:
-            if call_rng.random() < opts.call_chance:
-                with contextlib.suppress(Exception):
+        for round_, delay in enumerate(schedule):
+            if call_rng.random() < opts.call_chance or round_ == 0:  # at least one room
+                try:
                     await asyncio.wait_for(open_room(load, calls, sockets), 5)
+                except Exception as exc:  # a slow machine: counted, the run goes on
+                    load.refused("room")
+                    note(f"no room this round: {exc!r}")
             await asyncio.sleep(delay)
             for task in clients:
                 if task.done() and not task.cancelled() and task.exception() is not None:
