@@ -367,3 +367,19 @@ async def test_cashier_mark_paid_needs_admin_and_csrf(aiohttp_client, make_setti
         assert payments_counted(world) == 1
     finally:
         world.db.close()
+
+
+async def test_a_flood_of_refused_callbacks_is_counted_but_stored_only_up_to_a_limit(world):
+    """Anyone can reach the callback URL: refusals must not grow the database without bound."""
+    from consult.core.metrics import METRICS
+
+    order = await start_payment(world)
+    body, headers = signed(world, notice(order), secret="not-the-secret")
+    flood = payments.REJECTIONS_STORED_PER_HOUR + 25
+    for _ in range(flood):
+        resp = await world.client.post(CALLBACK, data=body, headers=headers)
+        assert resp.status == 400 and (await resp.json())["reason"] == "bad signature"
+    assert len(events(world, "rejected_callback")) == payments.REJECTIONS_STORED_PER_HOUR
+    counted = world.client.app[METRICS].counters["payment_callbacks_rejected"]._value.get()
+    assert counted == flood
+    assert payment_rows(world)[0]["status"] == "pending"

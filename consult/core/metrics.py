@@ -37,6 +37,10 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "consult_report_files_quarantined",
         "Stored report files without a row, moved to the quarantine folder.",
     ),
+    "payment_callbacks_rejected": (
+        "consult_payment_callbacks_rejected",
+        "Payment gateway notifications refused (bad signature, malformed body), stored or not.",
+    ),
     "jobs_done": ("consult_jobs_done", "Background jobs (refunds, messages) completed."),
     "jobs_failed": ("consult_jobs_failed", "Background job attempts that failed (retried or dead)."),
     "jobs_died": ("consult_jobs_died", "Background jobs given up after their last attempt."),

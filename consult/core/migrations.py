@@ -666,3 +666,15 @@ def m0015_phone_codes(db: sqlite_utils.Database) -> None:
         CREATE INDEX phone_codes_keep_until ON phone_codes(keep_until);
         """,
     )
+
+
+@migration("0016_payment_events_kind")
+def m0016_payment_events_kind(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- Refused gateway notifications are stored at most a few an hour and pruned by age
+        -- (consult.payments.record_rejection): both questions are asked by kind and time.
+        CREATE INDEX payment_events_kind ON payment_events(kind, created);
+        """,
+    )

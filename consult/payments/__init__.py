@@ -331,23 +331,45 @@ def process_notice_sync(
     )
 
 
+# Refused notifications come from anyone who can reach the callback URL: every one is counted
+# (metrics), but only the first few an hour are stored, and stored ones are kept for a while only.
+REJECTIONS_STORED_PER_HOUR = 50
+REJECTIONS_KEPT_DAYS = 30
+
+
 async def record_rejection(
     app: web.Application, provider: str, exc: CallbackRejected, remote: str | None
-) -> None:
-    """A notification refused before it could be applied (bad signature, malformed body)."""
+) -> bool:
+    """A notification refused before it could be applied (bad signature, malformed body).
+
+    Counted always; stored (as a ``rejected_callback`` payment event) only while fewer than
+    ``REJECTIONS_STORED_PER_HOUR`` were stored in the last hour. Whether it was stored.
+    """
+    metrics.count(app, "payment_callbacks_rejected")
     now = time.time()
     order_id = exc.order_id if isinstance(exc.order_id, str) else None
 
-    def write(db: sqlite_utils.Database) -> None:
+    def write(db: sqlite_utils.Database) -> bool:
+        db.execute(
+            "DELETE FROM payment_events WHERE kind = 'rejected_callback' AND created < ?",
+            [now - REJECTIONS_KEPT_DAYS * 86400],
+        )
+        recent = db.execute(
+            "SELECT count(*) FROM payment_events WHERE kind = 'rejected_callback' AND created >= ?",
+            [now - 3600],
+        ).fetchone()[0]
+        if recent >= REJECTIONS_STORED_PER_HOUR:
+            return False
         payment_id = None
         if order_id:
             row = db.execute("SELECT id FROM payments WHERE order_id = ?", [order_id[:64]]).fetchone()
             payment_id = row[0] if row else None
         detail = {"reason": exc.reason, "provider": provider, "remote": remote}
-        detail.update({k: str(v)[:128] for k, v in exc.detail.items()})
+        detail.update({k: str(v)[:128] for k, v in list(exc.detail.items())[:8]})
         record_event_sync(db, payment_id, "rejected_callback", now=now, detail=detail)
+        return True
 
-    await app[keys.DB].execute_write_fn(write)
+    return await app[keys.DB].execute_write_fn(write)
 
 
 async def handle_notice(app: web.Application, provider: str, notice: Notice) -> Outcome:
