@@ -35,3 +35,28 @@ async def test_language_switch_is_remembered(client):
     assert "Sign in" in text
     resp = await client.post("/lang", data={"locale": "xx", "csrf_token": token})
     assert resp.status == 400
+
+
+async def test_database_work_speaks_the_callers_language(database):
+    """Reads run on a reader thread and writes on the writer thread; both keep the request's
+    language, so an error raised there reaches the user translated."""
+    import asyncio
+
+    from consult.core import i18n
+    from consult.core.errors import Conflict
+
+    def refuse(_db):
+        raise Conflict(i18n._("This time was just taken; please pick another."))
+
+    async def as_user(locale: str):
+        i18n.set_locale(locale)  # each task has its own copy of the context
+        read = await database.execute_fn(lambda _db: i18n.get_locale())
+        try:
+            await database.execute_write_fn(refuse)
+        except Conflict as exc:
+            return read, exc.message
+        raise AssertionError("the write did not raise")
+
+    zh, en = await asyncio.gather(as_user("zh_CN"), as_user("en"))
+    assert zh == ("zh_CN", "该时间刚刚被约走了，请选择其他时间。")
+    assert en == ("en", "This time was just taken; please pick another.")
