@@ -14,7 +14,7 @@ from consult.calls import policy as calls
 from consult.calls import recordings, sidebar
 from consult.core import keys, security
 from consult.core.errors import Forbidden, NotFound
-from consult.core.i18n import _
+from consult.core.i18n import _, pgettext
 from consult.core.ids import is_public_id
 
 
@@ -66,7 +66,7 @@ def call_strings() -> dict[str, str]:
         "quality_fair": _("Unstable connection"),
         "quality_poor": _("Poor connection"),
         "admitted": _("The patient was admitted."),
-        "recording": _("Recording"),
+        "recording": pgettext("call state", "Recording"),
         "consent_failed": _("Your answer could not be saved. Try again."),
     }
 
