@@ -197,6 +197,7 @@ class Room:
     # ----- joining and leaving -------------------------------------------------------------
 
     def _check_window(self, admission: Admission, now: float) -> tuple[str, str] | None:
+        # (code, English note for developers): clients show their own words for the code.
         if self.ended:
             return "room_ended", "This visit has ended."
         if now < admission.not_before:

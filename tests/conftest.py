@@ -5,6 +5,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from consult.accounts import users as accounts
 from consult.accounts.passwords import Passwords
@@ -14,6 +15,7 @@ from consult.core.db import Database
 from consult.core.migrations import migrate
 from tests.harness.fixtures import *  # noqa: F403
 from tests.harness.programs import missing_packages
+from tests.language_check import Found, make_middleware
 from tests.netns import enter_private_netns
 
 # Tests that need the private network namespace (tests/netns.py): browsers, coturn, WebRTC media,
@@ -35,6 +37,11 @@ def pytest_configure(config):
         "markers",
         "netns: needs the test run's private network namespace (root): WebRTC media, coturn, "
         "the server on the bridge address",
+    )
+    config.addinivalue_line(
+        "markers",
+        "locale(name): the language the test's app speaks to a request that names none "
+        "(default zh_CN: what users get); tests that read English texts ask for 'en'",
     )
 
 
@@ -61,8 +68,67 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(f"{exc} ({hint})") from None
 
 
-# Tests read English messages unless they ask for Chinese (the product's default is zh_CN).
-FAST_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_kib": 1024, "default_locale": "en"}
+FAST_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_kib": 1024}
+# Tests get what users get: Chinese. A test that reads English texts asks for them, with
+# @pytest.mark.locale("en") (or an Accept-Language: en header on its requests).
+TEST_LOCALE = "zh_CN"
+
+
+def locale_for(request: pytest.FixtureRequest) -> str:
+    marker = request.node.get_closest_marker("locale")
+    return marker.args[0] if marker else TEST_LOCALE
+
+
+# -- no English sentence reaches a zh_CN page or JSON message (tests/language_check.py) -------
+
+_FOUND = pytest.StashKey[Found]()
+
+
+@pytest.fixture(autouse=True)
+def english_on_zh_pages(request: pytest.FixtureRequest) -> Found:
+    """What the language check found in this test (a test of the check itself may clear it)."""
+    found = Found()
+    request.node.stash[_FOUND] = found
+    yield found
+    if found.items and not found.reported:  # served during set-up or teardown
+        pytest.fail(found.report(), pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    result = yield
+    found = item.stash.get(_FOUND, None)
+    if found is not None and found.items:
+        found.reported = True
+        pytest.fail(found.report(), pytrace=False)
+    return result
+
+
+def _checked(app_or_server, found: Found):
+    app = app_or_server if isinstance(app_or_server, web.Application) else getattr(app_or_server, "app", None)
+    if isinstance(app, web.Application) and not app.frozen:
+        app.middlewares.insert(0, make_middleware(found))
+    return app_or_server
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client, english_on_zh_pages: Found):
+    """pytest-aiohttp's, with the language check on the app it serves."""
+
+    async def make(app_or_server, *args, **kwargs):
+        return await aiohttp_client(_checked(app_or_server, english_on_zh_pages), *args, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def aiohttp_server(aiohttp_server, english_on_zh_pages: Found):
+    """pytest-aiohttp's, with the language check on the app it serves."""
+
+    async def make(app, *args, **kwargs):
+        return await aiohttp_server(_checked(app, english_on_zh_pages), *args, **kwargs)
+
+    return make
 
 
 @pytest.fixture
@@ -73,14 +139,18 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def settings(data_dir: Path) -> Settings:
-    return load_settings(env={}, data_dir=data_dir, tls=False, **FAST_ARGON2)
+def settings(data_dir: Path, request: pytest.FixtureRequest) -> Settings:
+    return load_settings(
+        env={}, data_dir=data_dir, tls=False, default_locale=locale_for(request), **FAST_ARGON2
+    )
 
 
 @pytest.fixture
-def make_settings(data_dir: Path) -> Callable[..., Settings]:
+def make_settings(data_dir: Path, request: pytest.FixtureRequest) -> Callable[..., Settings]:
+    locale = locale_for(request)
+
     def make(**overrides) -> Settings:
-        values = {"data_dir": data_dir, "tls": False, **FAST_ARGON2, **overrides}
+        values = {"data_dir": data_dir, "tls": False, "default_locale": locale, **FAST_ARGON2, **overrides}
         return load_settings(env={}, **values)
 
     return make

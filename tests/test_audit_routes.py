@@ -15,6 +15,8 @@ import re
 import time
 from urllib.parse import quote
 
+import pytest
+
 from consult import sessionlog
 from consult.app import create_app
 from consult.calls import links as calllinks
@@ -159,6 +161,7 @@ def fill(path: str, values: dict[str, str]) -> str | None:
     return None if missing else out
 
 
+@pytest.mark.locale("en")  # its prescription is written in English
 async def test_every_patient_data_route_writes_exactly_one_audit_entry(aiohttp_client, settings, make_user):
     values = seed(settings, make_user)
     app = create_app(settings)

@@ -104,6 +104,7 @@ async def test_audit_read_appends_exactly_one_entry(aiohttp_client, settings, wo
     assert r["detail"] == '{"page": 1}'
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_patient_access_log_shows_only_others_reads_of_own_records(client, world):
     ids = seed(world)
     await login(client, "13812345678")
@@ -188,6 +189,7 @@ async def test_admin_search_pages_by_keyset(client, world):
     assert searches[0]["n"] == 3
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_verify_page_reports_intact_then_names_the_edited_row(client, world):
     seed(world)
     await login(client, "boss")
@@ -198,6 +200,7 @@ async def test_verify_page_reports_intact_then_names_the_edited_row(client, worl
     assert 'data-ok="0"' in html and "row 2 was altered" in html
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_verify_page_names_a_deleted_row(client, world):
     seed(world)
     write(world.path, lambda db: db.execute("DELETE FROM audit_log WHERE id = 3"))

@@ -28,6 +28,7 @@ async def test_register_then_land_on_patient_home(client):
     assert "李雷" in await home.text()
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_register_refuses_weak_password_and_duplicates(client, make_user):
     make_user("patient", "13900000003")
     token = await csrf_of(client, "/register")
@@ -60,6 +61,7 @@ async def test_each_role_lands_on_its_home(client, make_user, role, login_name, 
 
 
 @pytest.mark.parametrize("path", ["/doctor", "/admin", "/admin/users", "/admin/outbox"])
+@pytest.mark.locale("en")  # asserts English texts
 async def test_patient_cannot_open_staff_pages(client, make_user, path):
     make_user("patient", "13900000001")
     await login(client, "13900000001")
@@ -74,6 +76,7 @@ async def test_anonymous_is_sent_to_login(client):
     assert resp.headers["Location"].startswith("/login?next=")
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_wrong_password_is_throttled_per_account(aiohttp_client, make_settings, make_user):
     client = await aiohttp_client(create_app(make_settings(login_max_failures=3)))
     make_user("doctor", "dr.y")
@@ -101,6 +104,7 @@ async def test_unknown_account_and_wrong_password_look_the_same(client, make_use
     assert (await a.text()).count("wrong") == (await b.text()).count("wrong")
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_csrf_token_is_required(client, make_user):
     make_user("doctor", "dr.c")
     resp = await client.post("/login", data={"identifier": "dr.c", "password": "correct horse"})
@@ -164,6 +168,7 @@ async def test_session_idle_and_absolute_expiry(client, make_user):
     assert (await client.get("/doctor", allow_redirects=False)).status == 303
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_admin_creates_doctor_and_resets_password(client, make_user):
     make_user("admin", "boss")
     await login(client, "boss")

@@ -47,6 +47,7 @@ def confirm(settings, public_id: str) -> None:
     write(settings, lambda d: booking.confirm_paid_sync(d, vid, time.time()))
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_booking_journey_pages(aiohttp_client, server, clinic, settings, make_user):
     make_user("patient", login="13900000001", name="Zhang Wei")
     c = await signed_in(aiohttp_client, server, "13900000001")
@@ -89,6 +90,7 @@ async def test_chinese_pages_show_chinese_names(aiohttp_client, server, clinic, 
     assert "医师" in text and "下一个可约时间" in text
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_fifty_concurrent_holds_on_one_slot_give_exactly_one_visit(
     aiohttp_client, server, clinic, settings, make_user
 ):
@@ -131,6 +133,7 @@ async def test_the_database_refuses_a_second_active_visit_for_a_slot(settings, c
         write(settings, lambda d: insert(d, "bbbbbbbbbbbb"))
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_hold_expiry_frees_the_slot(aiohttp_server, aiohttp_client, make_settings, make_user):
     settings = make_settings(hold_minutes=0.002)  # 0.12 s
     clinic = make_clinic(settings, make_user)
@@ -187,6 +190,7 @@ async def test_late_payment_confirms_an_expired_hold_while_the_slot_is_free(sett
     write(settings, lambda d: booking.confirm_paid_sync(d, visit["id"], later))  # idempotent
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_background_housekeeping_expires_holds_and_sends_reminders(
     aiohttp_server, aiohttp_client, make_settings, make_user
 ):
@@ -209,6 +213,7 @@ async def test_background_housekeeping_expires_holds_and_sends_reminders(
     assert visit_row(settings, other["public_id"])["reminder_sent"] == booking.REMINDER_HOUR
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_one_patient_cannot_hold_overlapping_visits(
     aiohttp_client, server, clinic, settings, make_user
 ):
@@ -233,6 +238,7 @@ async def test_one_patient_cannot_hold_overlapping_visits(
         (None, "already passed"),  # a real slot, but within the lead time
     ],
 )
+@pytest.mark.locale("en")  # asserts English texts
 async def test_invalid_slots_are_refused_with_a_clear_message(
     aiohttp_client, server, clinic, settings, make_user, shift, message
 ):
@@ -262,6 +268,7 @@ async def test_doctors_and_admins_cannot_book(aiohttp_client, server, clinic, se
     assert (await c.get("/book")).status == 403
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_schedule_change_flags_a_booked_visit_instead_of_dropping_it(
     aiohttp_client, server, clinic, settings, make_user
 ):
@@ -334,6 +341,7 @@ def refund_jobs(settings) -> list[tuple[str, str]]:
     return read(settings, lambda d: [tuple(r) for r in d.execute(sql)])
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_cancel_rules_and_refunds(aiohttp_client, server, clinic, settings, make_user):
     make_user("patient", login="13900000001")
     c = await signed_in(aiohttp_client, server, "13900000001")
@@ -426,6 +434,7 @@ async def test_cancel_in_the_domain_uses_the_clock_it_is_given(server, clinic, s
     assert out["refund"] is True
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_patient_reschedules_a_confirmed_visit(aiohttp_client, server, clinic, settings, make_user):
     make_user("patient", login="13900000001")
     make_user("patient", login="13900000002")
@@ -625,6 +634,7 @@ async def test_after_confirmed_sends_an_sms_with_the_visit_page(server, clinic, 
     assert "已确认" in row["body"]  # the patient's language
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_homes_list_visits(aiohttp_client, server, clinic, settings, make_user):
     make_user("patient", login="13900000001", name="Li Lei")
     c = await signed_in(aiohttp_client, server, "13900000001")

@@ -71,6 +71,7 @@ def test_tokens_are_redacted_from_access_logs(keyed):
     assert token[10:] not in redact(calllinks.call_path(token))
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_call_route(aiohttp_server, aiohttp_client, make_settings, make_user):
     # 5-minute visits and no lead time: the next slot starts within the link's early window.
     settings = make_settings(booking_lead_minutes=0)

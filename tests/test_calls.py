@@ -227,6 +227,7 @@ async def test_ice_servers_from_settings_and_masked_addresses(aiohttp_client, ma
     assert remote.endswith(".0/24") or remote.endswith("::/48"), remote
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_pages_and_who_may_open_them(aiohttp_server, aiohttp_client, settings, clinic):
     server = await aiohttp_server(create_app(settings))
     anon = await aiohttp_client(server)

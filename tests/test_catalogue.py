@@ -3,6 +3,8 @@ from __future__ import annotations
 import time
 from datetime import date, timedelta
 
+import pytest
+
 from consult.accounts.passwords import Passwords
 from consult.app import create_app
 from consult.booking import catalogue, schedules
@@ -136,6 +138,7 @@ def test_demo_seed_is_idempotent_and_has_slots_for_two_weeks(settings):
         db.close()
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_admin_manages_departments_doctors_and_schedules(
     aiohttp_server, aiohttp_client, settings, make_user
 ):

@@ -102,6 +102,7 @@ async def test_a_failing_csrf_cookie_does_not_escape(client, monkeypatch):
     assert resp.status == 200
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_enospc_from_a_handler_is_507_and_never_claims_nothing_was_lost(client, monkeypatch):
     from consult.core import health as health_module
 

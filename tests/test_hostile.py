@@ -472,6 +472,7 @@ def unsafe_routes(w: World) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("role", ROLES)
+@pytest.mark.locale("en")  # asserts English texts
 async def test_unsafe_routes_survive_hostile_bodies(world, role):
     w = world
     client = w.clients[role]
@@ -725,6 +726,7 @@ BIG = 3 * 1024 * 1024
 
 @pytest.mark.parametrize("path", ["/login", "/register", "/lang", "/verify", "/admin/users", "/book/hold"])
 @pytest.mark.parametrize("how", ["form token", "header token", "multipart"])
+@pytest.mark.locale("en")  # asserts English texts
 async def test_a_body_over_two_megabytes_is_a_413_with_a_message(world, path, how):
     w = world
     role = "admin" if path.startswith("/admin") else "patient" if path == "/book/hold" else "anonymous"

@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from consult.core.db import Database
 from tests.booking_helpers import make_clinic
 from tests.conftest import login
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_patient_home_lists_reports_receipts_and_prescriptions(client, settings, make_user):
     clinic = make_clinic(settings, make_user)
     patient = make_user("patient", "13900000077", name="Home Patient")

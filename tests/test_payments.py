@@ -86,6 +86,7 @@ def notice(order_id: str, **changes) -> dict:
     return body
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_simulator_happy_path(world):
     client = world.client
     token = await sign_in(client, PATIENT)
@@ -320,6 +321,7 @@ async def test_callback_for_cashier_is_not_found(world):
     assert events(world) == []
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_cashier_mark_paid_needs_admin_and_csrf(aiohttp_client, make_settings, make_user):
     settings = make_settings(payment_provider="cashier")
     client = await aiohttp_client(create_app(settings))

@@ -143,6 +143,7 @@ def world(client, settings, make_user):
     w.db.close()
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_upload_of_a_scripted_pdf_is_refused_in_chinese_and_leaves_nothing(world: World) -> None:
     token = await sign_in(world.client, PATIENT)
     form = aiohttp.FormData()

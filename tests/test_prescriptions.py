@@ -150,6 +150,7 @@ def run_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
 # -- issue and verify ----------------------------------------------------------------------------
 
 
+@pytest.mark.locale("en")  # its prescription is written in English
 async def test_issue_download_and_verify_everywhere(clinic, tmp_path):
     client = clinic.client
     token = await sign_in(client, DOCTOR)
@@ -251,6 +252,7 @@ def other_key_claiming_ours(signed: dict) -> dict:
         (lambda s: {"document": s["document"]}, "bad_format", "not a signed prescription"),
     ],
 )
+@pytest.mark.locale("en")  # asserts English texts
 async def test_tampered_files_are_invalid_with_a_reason(clinic, tmp_path, tamper, code, reason):
     number = await issued_number(clinic)
     resp = await clinic.client.get(f"/prescriptions/{number}.json")
@@ -273,6 +275,7 @@ async def test_tampered_files_are_invalid_with_a_reason(clinic, tmp_path, tamper
     assert result.stdout.startswith("INVALID:") and reason in result.stdout
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_verify_rejects_garbage_and_cli_reports_missing_key(clinic, tmp_path):
     token = await csrf_of(clinic.client, "/verify")
     page = await (await clinic.client.post("/verify", data={"document": "{oops", "csrf_token": token})).text()
@@ -353,6 +356,7 @@ async def test_issue_needs_sign_in_csrf_and_an_open_visit(clinic):
         ([{**ITEM, "drug": "Aspirin\x07"}], "drug", "cannot be printed"),
     ],
 )
+@pytest.mark.locale("en")  # asserts English texts
 async def test_invalid_items_are_refused_with_clear_messages(clinic, items, field, fragment):
     token = await sign_in(clinic.client, DOCTOR)
     resp = await issue(clinic.client, clinic.public_id, token, items=items)
@@ -378,6 +382,7 @@ async def test_empty_or_oversized_prescriptions_are_refused(clinic, items):
     ("who", "status"),
     [(PATIENT, 200), (DOCTOR, 200), (ADMIN, 200), (OTHER_PATIENT, 404), (OTHER_DOCTOR, 404)],
 )
+@pytest.mark.locale("en")  # its prescription is written in English
 async def test_printable_page_and_file_access(clinic, who, status):
     number = await issued_number(clinic)
     await sign_in(clinic.client, who)
@@ -392,6 +397,7 @@ async def test_printable_page_and_file_access(clinic, who, status):
         assert clinic.audit("prescription.view") == []
 
 
+@pytest.mark.locale("en")  # its prescription is written in English
 async def test_printable_page_shows_signature_and_verification_link(clinic):
     number = await issued_number(clinic)
     await sign_in(clinic.client, PATIENT)

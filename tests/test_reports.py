@@ -243,6 +243,7 @@ async def test_patient_removes_report_before_the_visit(world):
     assert actions.count("report.delete") == 1
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_reports_are_locked_once_the_visit_starts(world):
     client = world.client
     token = await sign_in(client, PATIENT)

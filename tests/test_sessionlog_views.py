@@ -63,6 +63,7 @@ async def test_admin_reaches_them(client, world, call, path):
     assert resp.status == 200, await resp.text()
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_session_page_shows_timeline_in_order_and_charts(client, world, call):
     await login(client, "boss")
     resp = await client.get(f"/admin/sessions/{call[1]}")
@@ -133,6 +134,7 @@ async def test_list_filters_and_paginates_through_older_links(client, world):
     assert len(seen) == len(set(seen)) == 90
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_csv_export_streams_all_rows_with_formula_cells_escaped(client, settings, make_user, world):
     evil = make_user("patient", login="13700000000", name='=HYPERLINK("http://evil","x")')
     now = int(time.time())
@@ -161,6 +163,7 @@ async def test_csv_export_streams_all_rows_with_formula_cells_escaped(client, se
     assert len(list(csv.reader(io.StringIO((await resp.read()).decode("utf-8-sig"))))) == 2
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_overview_has_charts_and_totals(client, world, call):
     now = time.time()
     write(world.path, lambda db: add_visit(db, world, int(now - 5 * 3600)))

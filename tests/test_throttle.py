@@ -270,6 +270,7 @@ async def test_throttle_rows_stay_bounded(database):
     assert await rows() == 1
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_throttled_patient_call_link_still_opens(
     aiohttp_server, aiohttp_client, make_settings, make_user
 ):

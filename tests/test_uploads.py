@@ -38,6 +38,7 @@ def assert_nothing_left(world: World) -> None:
     assert stored_files(world.data_dir) == []
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_exe_renamed_pdf_is_refused_by_content(world):
     token = await sign_in(world.client, PATIENT)
     exe = b"MZ\x90\x00\x03\x00\x00\x00\x04\x00\x00\x00\xff\xff" + os.urandom(4096)
@@ -64,6 +65,7 @@ async def test_truncated_png_is_refused(world):
     assert_nothing_left(world)
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_empty_file_is_refused(world):
     token = await sign_in(world.client, PATIENT)
     resp = await upload(world.client, world, token, b"", "empty.pdf")
@@ -74,6 +76,7 @@ async def test_empty_file_is_refused(world):
     assert_nothing_left(world)
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_oversize_file_is_refused(aiohttp_client, make_settings, make_user):
     settings = make_settings(upload_max_mb=0.05)
     client = await aiohttp_client(create_app(settings))
@@ -117,6 +120,7 @@ async def test_oversize_file_is_refused_while_streaming(aiohttp_client, make_set
     world.db.close()
 
 
+@pytest.mark.locale("en")  # asserts English texts
 async def test_visit_total_is_limited(aiohttp_client, make_settings, make_user):
     settings = make_settings(visit_upload_max_mb=0.004)  # ~4 KB: one small PNG fits, two do not
     client = await aiohttp_client(create_app(settings))

@@ -15,6 +15,8 @@ from typing import Any
 
 import sqlite_utils
 
+from consult.core.i18n import _, ngettext
+
 GENESIS = "0" * 64
 
 
@@ -144,12 +146,19 @@ def verify(db: sqlite_utils.Database) -> tuple[bool, str]:
             )
         )
         if row["id"] != expected_id:
-            return False, f"row {expected_id} is missing (next row is {row['id']})"
+            return False, _("row %(n)d is missing (next row is %(next)d)") % {
+                "n": expected_id,
+                "next": row["id"],
+            }
         if row["prev_hash"] != prev:
-            return False, f"row {row['id']} does not follow row {row['id'] - 1} (chain broken)"
+            return False, _("row %(n)d does not follow row %(prev)d (chain broken)") % {
+                "n": row["id"],
+                "prev": row["id"] - 1,
+            }
         if _row_hash(prev, row) != row["hash"]:
-            return False, f"row {row['id']} was altered (hash mismatch)"
+            return False, _("row %(n)d was altered (hash mismatch)") % {"n": row["id"]}
         prev = row["hash"]
         expected_id += 1
         count += 1
-    return True, f"{count} entries, chain intact"
+    intact = ngettext("%(num)d entry, chain intact", "%(num)d entries, chain intact", count)
+    return True, intact % {"num": count}

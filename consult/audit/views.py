@@ -12,6 +12,7 @@ from consult.audit import chain as audit
 from consult.audit import reads as auditing
 from consult.audit.reads import audit_read
 from consult.core import keys, security
+from consult.core.i18n import _
 
 
 def setup(app: web.Application) -> None:
@@ -19,6 +20,67 @@ def setup(app: web.Application) -> None:
     r.add_get("/admin/audit", audit_search, name="audit_admin")
     r.add_get("/admin/audit/verify", audit_verify, name="audit_verify")
     r.add_get("/patient/access-log", access_log, name="patient_access_log")
+
+
+def action_names() -> dict[str, str]:
+    """What each audited action is called, in the reader's language (the code stays visible to
+    admins: it is what the search filters on)."""
+    return {
+        "access_log.view": _("Viewed their access log"),
+        "account.activate": _("Account activated"),
+        "account.create": _("Account created"),
+        "account.deactivate": _("Account deactivated"),
+        "account.reset_password": _("Password reset"),
+        "audit.search": _("Searched the audit trail"),
+        "catalogue.department_save": _("Department saved"),
+        "catalogue.doctor_save": _("Doctor profile saved"),
+        "department.recording_policy": _("Department recording policy changed"),
+        "doctor.recording_policy": _("Doctor recording policy changed"),
+        "note.update": _("Visit notes updated"),
+        "note.view": _("Visit notes viewed"),
+        "payment.list": _("Payments listed"),
+        "payment.mark_paid": _("Payment marked as paid"),
+        "payment.refund": _("Payment refunded"),
+        "payment.view": _("Payment viewed"),
+        "prescription.download": _("Prescription downloaded"),
+        "prescription.issue": _("Prescription issued"),
+        "prescription.verify": _("Prescription verified"),
+        "prescription.view": _("Prescription viewed"),
+        "recording.delete": _("Recording deleted"),
+        "recording.play": _("Recording played"),
+        "report.delete": _("Test report deleted"),
+        "report.list": _("Test reports listed"),
+        "report.upload": _("Test report uploaded"),
+        "report.view": _("Test report viewed"),
+        "schedule.exception_add": _("Leave or extra session added"),
+        "schedule.exception_delete": _("Leave or extra session removed"),
+        "schedule.template_add": _("Weekly session added"),
+        "schedule.template_delete": _("Weekly session removed"),
+        "session.export": _("Session log exported"),
+        "session.list": _("Session log listed"),
+        "session.view": _("Session viewed"),
+        "visit.cancel": _("Visit cancelled"),
+        "visit.confirm": _("Visit confirmed"),
+        "visit.hold": _("Visit time held"),
+        "visit.list": _("Visits listed"),
+        "visit.recording_consent": _("Recording consent answered"),
+        "visit.reschedule": _("Visit rescheduled"),
+        "visit.view": _("Visit viewed"),
+    }
+
+
+def role_names() -> dict[str, str]:
+    return {
+        "patient": _("Patient"),
+        "doctor": _("Doctor"),
+        "admin": _("Administrator"),
+        "system": _("System"),
+        "cli": _("Command line"),
+    }
+
+
+def _names() -> dict[str, object]:
+    return {"action_names": action_names(), "role_names": role_names()}
 
 
 def _next_url(request: web.Request, name: str, query: dict[str, str], before: int | None) -> str | None:
@@ -44,6 +106,7 @@ async def audit_search(request: web.Request) -> web.Response:
         {
             "rows": rows,
             "filters": f,
+            **_names(),
             "next_url": _next_url(request, "audit_admin", query, next_before),
             "first_url": str(request.app.router["audit_admin"].url_for())
             + ("?" + urlencode(query) if query else "")
@@ -74,5 +137,5 @@ async def access_log(request: web.Request) -> web.Response:
     return aiohttp_jinja2.render_template(
         "audit_access_log.html",
         request,
-        {"rows": rows, "next_url": _next_url(request, "patient_access_log", {}, next_before)},
+        {"rows": rows, "next_url": _next_url(request, "patient_access_log", {}, next_before), **_names()},
     )

@@ -142,7 +142,9 @@ def doctor_users(db: sqlite_utils.Database) -> list[dict]:
             "SELECT u.id, u.display_name, u.username, u.active AS user_active, d.user_id AS profile,"
             " d.title_zh, d.title_en, d.fee_minor, d.currency, d.visit_minutes, d.active,"
             " (SELECT group_concat(dep.name_en || ' / ' || dep.name_zh, ', ') FROM doctor_departments dd"
-            "  JOIN departments dep ON dep.id = dd.department_id WHERE dd.doctor_id = u.id) AS departments"
+            "  JOIN departments dep ON dep.id = dd.department_id WHERE dd.doctor_id = u.id) AS departments,"
+            " (SELECT group_concat(dep.name_zh, '、') FROM doctor_departments dd"
+            "  JOIN departments dep ON dep.id = dd.department_id WHERE dd.doctor_id = u.id) AS departments_zh"
             " FROM users u LEFT JOIN doctors d ON d.user_id = u.id WHERE u.role = 'doctor'"
             " ORDER BY u.display_name"
         )

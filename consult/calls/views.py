@@ -14,7 +14,7 @@ from consult.calls import policy as calls
 from consult.calls import recordings, sidebar
 from consult.core import keys, security
 from consult.core.errors import Forbidden, NotFound
-from consult.core.i18n import _
+from consult.core.i18n import _, pgettext
 from consult.core.ids import is_public_id
 
 
@@ -29,9 +29,32 @@ def setup(app: web.Application) -> None:
     )
 
 
-def call_strings() -> dict[str, str]:
+def error_strings(host: bool) -> dict[str, str]:
+    """What the page says for each signaling error code (`error_<code>`).
+
+    The signaling server knows nothing of languages: its error frames carry a code (and an
+    English note for developers); the page shows the text for the code, in the reader's
+    language. A code not listed here reads as `refused`.
+    """
+    return {
+        "error_too_early": _("This visit is not open yet. Open the link again at the visit time."),
+        "error_too_late": _("The time to join this visit has passed."),
+        "error_room_ended": _("This visit has ended."),
+        "error_visit_not_confirmed": _("This visit is not confirmed or was cancelled."),
+        "error_invalid_token": _("This page has expired. Reload the consult room.")
+        if host
+        else _("This call link is not valid any more. Open the visit from your visit page."),
+        "error_forbidden": _("Only this visit's doctor can open its consult room."),
+        "error_invalid_role": _("You cannot join this visit."),
+        "error_unsupported_version": _("This page is out of date. Reload it."),
+        "error_hello_timeout": _("The connection to the hospital was too slow. Try again."),
+    }
+
+
+def call_strings(host: bool = False) -> dict[str, str]:
     """Everything call.js and its parts (call-*.js) say, in the request's language (as a JSON block)."""
     return {
+        **error_strings(host),
         "connecting": _("Connecting…"),
         "checking": _("Checking…"),
         "can_connect": _("Connection to the hospital works."),
@@ -66,7 +89,7 @@ def call_strings() -> dict[str, str]:
         "quality_fair": _("Unstable connection"),
         "quality_poor": _("Poor connection"),
         "admitted": _("The patient was admitted."),
-        "recording": _("Recording"),
+        "recording": pgettext("call state", "Recording"),
         "consent_failed": _("Your answer could not be saved. Try again."),
     }
 
@@ -214,7 +237,7 @@ async def consult_room(request: web.Request) -> web.Response:
             "hello_token": calls.make_host_token(settings, visit["public_id"], user.id, time.time()),
             "token_url": str(request.app.router["consult_room_token"].url_for(public_id=visit["public_id"])),
             "earlier": await sidebar.earlier_visits(request.app[keys.DB], visit),
-            "strings": call_strings(),
+            "strings": call_strings(host=True),
             **await _recording_context(request, visit, "doctor"),
             "consent_url": str(
                 request.app.router["room_recording_consent"].url_for(public_id=visit["public_id"])

@@ -28,6 +28,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from consult.core.i18n import _
+
 KEY_DIR = "keys"
 PRIVATE_NAME = "prescription-ed25519.pem"
 PUBLIC_NAME = "prescription-ed25519.pub.pem"
@@ -195,63 +197,71 @@ def _invalid(code: str, reason: str, **kw: Any) -> Verdict:
 def parse(data: bytes | str) -> dict[str, Any] | Verdict:
     if isinstance(data, bytes):
         if len(data) > MAX_FILE_BYTES:
-            return _invalid("too_large", "the file is too large to be a prescription")
+            return _invalid("too_large", _("the file is too large to be a prescription"))
         try:
             data = data.decode("utf-8-sig")
         except UnicodeDecodeError:
-            return _invalid("not_json", "the file is not UTF-8 text")
+            return _invalid("not_json", _("the file is not UTF-8 text"))
     if len(data) > MAX_FILE_BYTES:
-        return _invalid("too_large", "the file is too large to be a prescription")
+        return _invalid("too_large", _("the file is too large to be a prescription"))
     try:
         parsed = json.loads(data)
     except ValueError:
-        return _invalid("not_json", "the file is not valid JSON")
+        return _invalid("not_json", _("the file is not valid JSON"))
     if not isinstance(parsed, dict):
-        return _invalid("bad_format", "the file is not a signed prescription (expected a JSON object)")
+        return _invalid("bad_format", _("the file is not a signed prescription (expected a JSON object)"))
     return parsed
 
 
 def verify(data: bytes | str | dict[str, Any], public: PublicKey) -> Verdict:
-    """Check a signed file. Reasons are plain English for logs, the CLI and the page's detail."""
+    """Check a signed file. The reason is in the current language: the reader's on the verify
+    page (this runs in the request's context), English in the CLI and logs (no request)."""
     parsed = data if isinstance(data, dict) else parse(data)
     if isinstance(parsed, Verdict):
         return parsed
     document, signature, kid = parsed.get("document"), parsed.get("signature"), parsed.get("key_id")
     if not isinstance(document, dict) or not isinstance(signature, str):
         return _invalid(
-            "bad_format", "the file is not a signed prescription (it needs 'document' and 'signature')"
+            "bad_format", _("the file is not a signed prescription (it needs 'document' and 'signature')")
         )
     try:
         sig = base64.b64decode(signature.strip(), validate=True)
     except (binascii.Error, ValueError):
-        return _invalid("bad_signature", "the signature is not valid base64", document=document, key_id=kid)
+        return _invalid(
+            "bad_signature", _("the signature is not valid base64"), document=document, key_id=kid
+        )
     if len(sig) != SIGNATURE_BYTES:
         return _invalid(
-            "bad_signature", "the signature has the wrong length (damaged)", document=document, key_id=kid
+            "bad_signature", _("the signature has the wrong length (damaged)"), document=document, key_id=kid
         )
     if kid is not None and kid != public.key_id:
         return _invalid(
             "other_key",
-            f"the file was signed with another key ({kid}), not this hospital's key ({public.key_id})",
+            _("the file was signed with another key (%(kid)s), not this hospital's key (%(ours)s)")
+            % {"kid": kid, "ours": public.key_id},
             document=document,
             key_id=kid if isinstance(kid, str) else None,
         )
     try:
         message = canonical(document)
     except TypeError as exc:
-        return _invalid("bad_format", f"the document cannot be checked: {exc}", document=document)
+        return _invalid(
+            "bad_format", _("the document cannot be checked: %(error)s") % {"error": exc}, document=document
+        )
     try:
         public.key.verify(sig, message)
     except InvalidSignature:
         return _invalid(
             "mismatch",
-            "the signature does not match: the document was changed after signing,"
-            " or it was not signed by this hospital",
+            _(
+                "the signature does not match: the document was changed after signing,"
+                " or it was not signed by this hospital"
+            ),
             document=document,
             key_id=public.key_id,
         )
     return Verdict(
-        True, "signature valid: issued by this hospital and unchanged", "valid", document, public.key_id
+        True, _("signature valid: issued by this hospital and unchanged"), "valid", document, public.key_id
     )
 
 

@@ -14,6 +14,7 @@ reaches the caller as ``StorageFull`` (507).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import queue
@@ -137,8 +138,11 @@ class Database:
 
     async def execute_fn(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         loop = asyncio.get_running_loop()
+        # The caller's context variables (the request's language) go with the call: a message
+        # made on the reader thread is in the language of whoever asked for the read.
+        ctx = contextvars.copy_context()
         try:
-            return await loop.run_in_executor(self._readers, lambda: fn(self._read_db()))
+            return await loop.run_in_executor(self._readers, lambda: ctx.run(fn, self._read_db()))
         except (sqlite3.Error, OSError) as exc:
             mapped = storage_error(exc)
             if mapped is None:
@@ -212,7 +216,7 @@ class Database:
                         continue
                     if task is None:
                         return
-                    fn, loop, future = task
+                    fn, ctx, loop, future = task
                     if db is None and time.monotonic() >= next_try:
                         db = self._open_writer()  # a write is waiting: try now, not after a sleep
                         if db is None:
@@ -224,7 +228,9 @@ class Database:
                         _deliver(loop, future, exc=self._unavailable())
                         continue
                     try:
-                        result = run_in_transaction(db, fn)
+                        # In the caller's context: a translated error raised by fn speaks the
+                        # language of the request that asked for the write.
+                        result = ctx.run(run_in_transaction, db, fn)
                     except BaseException as exc:  # travels back to the awaiting coroutine
                         _deliver(loop, future, exc=exc)
                         if _connection_broken(db, exc):
@@ -256,7 +262,7 @@ class Database:
                 return False
             if task is None:
                 return True
-            _fn, loop, future = task
+            _fn, _ctx, loop, future = task
             _deliver(loop, future, exc=self._unavailable())
 
     async def execute_write_fn(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
@@ -265,7 +271,7 @@ class Database:
         self.start_writer()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._writes.put((fn, loop, future))
+        self._writes.put((fn, contextvars.copy_context(), loop, future))
         try:
             return await future
         except (sqlite3.Error, OSError) as exc:

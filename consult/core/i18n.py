@@ -19,13 +19,23 @@ import web
 LOCALE_DIR = Path(web.__file__).parent / "locale"
 LOCALES = ("zh_CN", "en")
 LOCALE_NAMES = {"zh_CN": "中文", "en": "English"}
+# gettext's separator between a msgctxt and its msgid in a catalogue key.
+CONTEXT_SEP = "\x04"
 
 _current: contextvars.ContextVar[str] = contextvars.ContextVar("consult_locale", default="en")
 
 
+def key(message: str, context: str | None = None) -> str:
+    """A catalogue key: the msgid, prefixed by its msgctxt (as gettext does) when it has one."""
+    return f"{context}{CONTEXT_SEP}{message}" if context else message
+
+
 @cache
 def catalogue(locale: str) -> dict[str, str | tuple[str, ...]]:
-    """Merge every ``*.po`` in the locale's folder: each domain area keeps its own file."""
+    """Merge every ``*.po`` in the locale's folder: each domain area keeps its own file.
+
+    A message with a ``msgctxt`` is keyed ``context + "\\x04" + msgid``: the same English word
+    may mean two things ("Leave" the call, a doctor's "leave" in the schedule)."""
     out: dict[str, str | tuple[str, ...]] = {}
     for path in sorted((LOCALE_DIR / locale / "LC_MESSAGES").glob("*.po")):
         with open(path, "rb") as fh:
@@ -33,9 +43,9 @@ def catalogue(locale: str) -> dict[str, str | tuple[str, ...]]:
         for message in cat:
             if not message.id or not message.string or message.fuzzy:
                 continue
-            key = message.id[0] if isinstance(message.id, tuple | list) else message.id
+            msgid = message.id[0] if isinstance(message.id, tuple | list) else message.id
             value = message.string
-            out[key] = tuple(value) if isinstance(value, tuple | list) else value
+            out[key(msgid, message.context)] = tuple(value) if isinstance(value, tuple | list) else value
     return out
 
 
@@ -53,10 +63,25 @@ def gettext(message: str) -> str:
 
 
 def ngettext(singular: str, plural: str, n: int) -> str:
-    found = catalogue(_current.get()).get(singular)
-    if isinstance(found, tuple) and found:
-        # Chinese has one plural form; English two.
-        return found[0] if len(found) == 1 or n == 1 else found[1]
+    return _plural(catalogue(_current.get()).get(singular), singular, plural, n)
+
+
+def pgettext(context: str, message: str) -> str:
+    """``message`` as meant in ``context`` (the msgctxt), e.g. ``pgettext("call", "Leave")``."""
+    found = catalogue(_current.get()).get(key(message, context))
+    return found if isinstance(found, str) and found else message
+
+
+def npgettext(context: str, singular: str, plural: str, n: int) -> str:
+    return _plural(catalogue(_current.get()).get(key(singular, context)), singular, plural, n)
+
+
+def _plural(found: str | tuple[str, ...] | None, singular: str, plural: str, n: int) -> str:
+    if isinstance(found, tuple) and any(found):
+        # Chinese has one plural form (nplurals=1); English two.
+        form = found[0] if len(found) == 1 or n == 1 else found[1]
+        if form:
+            return form
     return singular if n == 1 else plural
 
 

@@ -52,7 +52,10 @@ def setup_templates(app: web.Application, settings: Settings) -> None:
         extensions=["jinja2.ext.i18n"],
         context_processors=[aiohttp_jinja2.request_processor, _template_processor],
     )
-    env.install_gettext_callables(i18n.gettext, i18n.ngettext, newstyle=True)  # type: ignore[attr-defined]
+    # pgettext/npgettext and {% trans "context" %}: one English word, two meanings (Jinja 3.1+).
+    env.install_gettext_callables(  # type: ignore[attr-defined]
+        i18n.gettext, i18n.ngettext, newstyle=True, pgettext=i18n.pgettext, npgettext=i18n.npgettext
+    )
     env.filters.update(formatting.filters(settings))
     env.globals["static"] = _static_url  # instead of aiohttp_jinja2's: versioned URLs
     env.globals["static_inline"] = _static_inline

@@ -18,7 +18,7 @@ from consult.audit.reads import audit_read
 from consult.core import keys, security
 from consult.core.errors import NotFound
 from consult.core.formatting import to_local
-from consult.core.i18n import _
+from consult.core.i18n import _, pgettext
 from consult.core.ids import PUBLIC_ID_PATTERN
 from consult.sessionlog import charts
 
@@ -56,6 +56,69 @@ def _end_reason_labels() -> dict[str, str]:
     }
 
 
+def _device_kinds() -> dict[str, str]:
+    # The device label is stored as "mobile · iOS 17.2 · WeChat 8.0": the kind is ours to say.
+    return {
+        "desktop": _("desktop"),
+        "mobile": _("mobile"),
+        "tablet": _("tablet"),
+        "bot": _("bot"),
+        "unknown": _("unknown"),
+    }
+
+
+def device_label(stored: str | None) -> str:
+    """A stored device label in the reader's language (the OS and browser are names)."""
+    if not stored:
+        return ""
+    kinds = _device_kinds()
+    first, sep, rest = stored.partition(" · ")
+    return kinds.get(first, first) + sep + rest
+
+
+def _detail_names() -> dict[str, str]:
+    """The names of the timeline's details (sessionlog.describe_event)."""
+    return {
+        "device": _("Device"),
+        "address": _("Address"),
+        "state": _("State"),
+        "pair": _("Route"),
+        "rtt": _("Round-trip time"),
+        "reason": _("Reason"),
+        "seconds_left": _("Seconds left"),
+        "minutes": _("Minutes"),
+        "code": _("Code"),
+        "chars": _("Characters"),
+    }
+
+
+def _detail_values() -> dict[str, str]:
+    """Words the timeline's details use: why someone left or the visit ended, ICE states."""
+    return {
+        "left": _("Left"),
+        "disconnected": _("Connection lost"),
+        **_end_reason_labels(),
+        "new": pgettext("ICE state", "New"),
+        "checking": pgettext("ICE state", "Checking"),
+        "connected": pgettext("ICE state", "Connected"),
+        "completed": pgettext("ICE state", "Completed"),
+        "failed": pgettext("ICE state", "Failed"),
+        "closed": pgettext("ICE state", "Closed"),
+    }
+
+
+def _timeline_details(info: dict[str, str]) -> dict[str, str]:
+    names, values = _detail_names(), _detail_values()
+    out = {}
+    for k, v in info.items():
+        if k in ("reason", "state"):
+            v = values.get(v, v)
+        elif k == "device":
+            v = device_label(v)
+        out[names.get(k, k)] = v
+    return out
+
+
 def _filters(request: web.Request) -> sessionlog.Filters:
     return sessionlog.Filters.from_query(request.query)
 
@@ -83,6 +146,7 @@ async def sessions_list(request: web.Request) -> web.Response:
             "choices": choices,
             "outcomes": _outcome_labels(),
             "end_reasons": _end_reason_labels(),
+            "device_label": device_label,
             "next_url": (
                 str(request.app.router["sessions_admin"].url_for())
                 + "?"
@@ -146,7 +210,7 @@ async def session_page(request: web.Request) -> web.Response:
         {
             **e,
             "offset": _minutes_label(max(0.0, e["created"] - start)),
-            "info": sessionlog.describe_event(e, mask=settings.mask_addresses),
+            "info": _timeline_details(sessionlog.describe_event(e, mask=settings.mask_addresses)),
         }
         for e in detail["events"]
     ]
@@ -160,6 +224,7 @@ async def session_page(request: web.Request) -> web.Response:
             "outcomes": _outcome_labels(),
             "end_reasons": _end_reason_labels(),
             "event_labels": _event_labels(),
+            "device_label": device_label,
         },
     )
 
@@ -256,7 +321,7 @@ async def sessions_overview(request: web.Request) -> web.Response:
     )
 
 
-CSV_HEADER = (
+CSV_COLUMNS = (
     "visit",
     "scheduled_start",
     "department",
@@ -277,7 +342,36 @@ CSV_HEADER = (
 )
 
 
-def csv_rows(rows: list[dict], tz: str) -> str:
+def csv_header() -> list[str]:
+    """The CSV's column names in the reader's language (English: the column keys)."""
+    names = {
+        "visit": pgettext("CSV column", "visit"),
+        "scheduled_start": pgettext("CSV column", "scheduled_start"),
+        "department": pgettext("CSV column", "department"),
+        "doctor": pgettext("CSV column", "doctor"),
+        "patient": pgettext("CSV column", "patient"),
+        "outcome": pgettext("CSV column", "outcome"),
+        "end_reason": pgettext("CSV column", "end_reason"),
+        "room_opened": pgettext("CSV column", "room_opened"),
+        "started_at": pgettext("CSV column", "started_at"),
+        "ended_at": pgettext("CSV column", "ended_at"),
+        "connected_minutes": pgettext("CSV column", "connected_minutes"),
+        "used_turn": pgettext("CSV column", "used_turn"),
+        "reconnects": pgettext("CSV column", "reconnects"),
+        "ice_restarts": pgettext("CSV column", "ice_restarts"),
+        "patient_device": pgettext("CSV column", "patient_device"),
+        "doctor_device": pgettext("CSV column", "doctor_device"),
+        "recording": pgettext("CSV column", "recording"),
+    }
+    return [names[c] for c in CSV_COLUMNS]
+
+
+def csv_rows(rows: list[dict], tz: str, locale: str = "en") -> str:
+    """The rows as CSV. In English the outcome and end reason stay codes (for scripts); in
+    another language they are the words the list page shows, and so are device kinds."""
+    english = locale == "en"
+    outcomes, reasons = _outcome_labels(), _end_reason_labels()
+
     def ts(value: float | None) -> str:
         return "" if value is None else to_local(float(value), tz).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -290,11 +384,11 @@ def csv_rows(rows: list[dict], tz: str) -> str:
                 for v in (
                     r["public_id"],
                     ts(r["scheduled_start"]),
-                    r["department_name_en"],
+                    r["department_name_en"] if english else r["department_name_zh"],
                     r["doctor_name"],
                     r["patient_name"],
-                    r["outcome"],
-                    r["end_reason"] or "",
+                    r["outcome"] if english else outcomes.get(r["outcome"], r["outcome"]),
+                    (r["end_reason"] or "") if english else reasons.get(r["end_reason"] or "", ""),
                     ts(r["room_opened"]),
                     ts(r["started_at"]),
                     ts(r["ended_at"]),
@@ -302,8 +396,8 @@ def csv_rows(rows: list[dict], tz: str) -> str:
                     int(r["used_turn"]),
                     r["reconnects"],
                     r["ice_restarts"],
-                    r["patient_device"] or "",
-                    r["doctor_device"] or "",
+                    (r["patient_device"] or "") if english else device_label(r["patient_device"]),
+                    (r["doctor_device"] or "") if english else device_label(r["doctor_device"]),
                     int(r["recording"]),
                 )
             ]
@@ -334,7 +428,7 @@ async def sessions_csv(request: web.Request) -> web.StreamResponse:
         return response
     # A BOM so that Excel opens UTF-8 names correctly.
     header = io.StringIO()
-    csv.writer(header).writerow(CSV_HEADER)
+    csv.writer(header).writerow(csv_header())
     await response.write(("\ufeff" + header.getvalue()).encode())
     cursor = None
     while True:
@@ -343,7 +437,7 @@ async def sessions_csv(request: web.Request) -> web.StreamResponse:
             lambda d, c=cursor: sessionlog.list_sessions_sync(d, f, c, limit=CSV_CHUNK, tz=tz)
         )
         if rows:
-            await response.write(csv_rows(rows, tz).encode())
+            await response.write(csv_rows(rows, tz, request[keys.LOCALE]).encode())
         if cursor is None:
             break
     await response.write_eof()

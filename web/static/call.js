@@ -282,8 +282,11 @@
     else if (detail.code === 1000) finish("left", t("left"));
     else {
       finish("refused", t("refused"));
+      // The server's error frame carries a code; the words for it are the page's, in the
+      // reader's language (its `message` is an English note for developers).
       const reasonEl = $("[data-ended-reason]");
-      if (reasonEl && error && error.message) reasonEl.textContent = error.message;
+      const key = error && error.code ? "error_" + error.code : "";
+      if (reasonEl && key && T[key]) reasonEl.textContent = t(key);
     }
   }
 
