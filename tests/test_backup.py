@@ -104,7 +104,7 @@ def filled(settings, make_user):
     (data_dir / "uploads" / "tmp" / "abc.part").write_bytes(b"half")
     (data_dir / "uploads" / "tmp" / "abc.clean").write_bytes(b"half")
     orphan = data_dir / "uploads" / "ff" / ("f" * 64)
-    orphan.parent.mkdir()
+    orphan.parent.mkdir(exist_ok=True)  # a report's random name may start with "ff" too
     orphan.write_bytes(b"orphan")
     (rec_dir / "host-20260101T000000Z-0123456789ab.webm").write_bytes(b"recording now")
     return {"data_dir": data_dir, "reports": reports, "recording": rec, "visit_id": visit_id}
