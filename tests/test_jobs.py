@@ -27,6 +27,8 @@ from consult.payments.gateway import PAYMENTS, RefundStatus
 from consult.payments.simulator import REFUND_LEDGER, SimulatorProvider, read_ledger
 from tests.test_reports import PATIENT, build_world, sign_in
 
+pytestmark = pytest.mark.locale("en")  # asserts the English texts of messages and pages
+
 
 class Gateway:
     """The provider's side: its records outlive our process."""

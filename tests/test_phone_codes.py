@@ -16,6 +16,8 @@ from consult.core.errors import BadRequest, TooManyRequests
 from tests.account_helpers import enter_code, last_code, outbox_for, register, start_registration
 from tests.conftest import csrf_of, login
 
+pytestmark = pytest.mark.locale("en")  # asserts English texts; the Chinese ones are asked for by name
+
 
 class Clock:
     def __init__(self) -> None:

@@ -176,6 +176,7 @@ async def test_forwarded_wins_over_x_forwarded(aiohttp_client, behind_proxy, mak
     assert "__Host-consult_csrf" in set_cookies(resp)
 
 
+@pytest.mark.locale("en")  # asserts an English text
 async def test_the_csrf_origin_check_uses_the_forwarded_host(aiohttp_client, behind_proxy, settings):
     """A wrong token either way: which of the two refusals comes back shows whether the
     Origin was taken as our own."""

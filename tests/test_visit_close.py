@@ -258,6 +258,7 @@ async def test_a_room_ended_by_the_doctor_is_written_once_and_whole(aiohttp_clie
     assert state(path, visit.id) == s  # the "ended" event added nothing
 
 
+@pytest.mark.locale("en")  # asserts an English text
 async def test_an_early_open_creates_no_session(aiohttp_client, settings, clinic):
     client = await aiohttp_client(create_app(settings))
     keyed = keyed_settings(settings.data_dir)
