@@ -144,6 +144,7 @@ async def open_pair(
         url = f"{base}/ws/rooms/r{i}"
         host = await open_participant(session, url, f"h{i}", stats)
         guest = await open_participant(session, url, f"g{i}", stats)
+        await guest.ws.send_str('{"type":"join"}')  # no pre-call check: in the call once admitted
         await host.expect("peer_joined")
         await host.ws.send_str('{"type":"admit"}')
         await guest.expect("clock")

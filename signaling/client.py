@@ -60,13 +60,20 @@ class SignalingClient:
         ws = await session.ws_connect(url, headers=headers, autoping=True, **kwargs)
         return cls(ws)
 
-    async def hello(self, token: str, *, version: int = 1, timeout_s: float = 5) -> dict[str, Any]:
-        """Send hello and return the welcome (raises ErrorReply on an error frame)."""
+    async def hello(
+        self, token: str, *, version: int = 1, timeout_s: float = 5, join: bool = True
+    ) -> dict[str, Any]:
+        """Send hello and return the welcome (raises ErrorReply on an error frame).
+
+        A guest then sends `join` at once unless `join=False`: this client has no pre-call
+        check, so it is in the call as soon as it is admitted (docs/protocol.md)."""
         await self.send({"type": "hello", "version": version, "token": token})
         message = await self.next_message(timeout=timeout_s)
         if message["type"] != "welcome":
             raise ErrorReply(message)
         self.welcome = message
+        if join and message.get("role") == "guest":
+            await self.send({"type": "join"})
         return message
 
     async def send(self, message: dict[str, Any]) -> None:

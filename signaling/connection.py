@@ -130,6 +130,11 @@ class Connection:
         # Set by the room on join; read by the server when the socket ends.
         self.room: Seat | None = None
         self.admission: Admission | None = None
+        # A guest is ready once it sent `join` on this connection (its patient pressed Join):
+        # before that the room relays no signal to or from it and the clock does not start.
+        self.ready = False
+        # Whether this connection was told `recording` (once per connection).
+        self.recording_told = False
         self.closing = False
         self.close_code: int | None = None
         self._close_reason = ""

@@ -20,6 +20,7 @@ EVENT_NAMES: frozenset[str] = frozenset(
         "replaced",
         "waiting",
         "admitted",
+        "ready",
         "clock_started",
         "warning",
         "ended",

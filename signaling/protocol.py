@@ -23,6 +23,8 @@ _SCHEMA: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     "signal": {"data": ((dict,), True)},
     "chat": {"text": ((str,), True)},
     "admit": {},
+    # The guest's patient pressed Join: media may flow and the clock may start.
+    "join": {},
     "end": {},
     "leave": {},
     "ping": {},
@@ -64,6 +66,7 @@ ERROR_CODES: Final = frozenset(
         "internal",
         "recording_off",
         "not_admitted",
+        "not_joined",
         "recording_failed",
     }
 )

@@ -114,6 +114,17 @@ class Room:
     def empty(self) -> bool:
         return self.slots["host"] is None and self.slots["guest"] is None
 
+    @property
+    def guest_ready(self) -> bool:
+        """The seated guest has pressed Join (sent `join`) on its current connection."""
+        guest = self.slots["guest"]
+        return guest is not None and guest.ready
+
+    @property
+    def in_call(self) -> bool:
+        """Both seated, the guest admitted and ready: media may flow, the clock may start."""
+        return self.slots["host"] is not None and self.admitted and self.guest_ready
+
     def _visible(self, viewer: Role) -> bool:
         """Whether `viewer` may see (and signal) the other party right now."""
         other = self.slots[_OTHER[viewer]]
@@ -261,6 +272,8 @@ class Room:
                     "recording": admission.recording,
                     "peer_present": peer_visible,
                     "peer": self._peer_info(_OTHER[role]) if peer_visible else None,
+                    # Whether the guest pressed Join (a new guest connection has not yet).
+                    "peer_ready": peer_visible and (role == "guest" or self.guest_ready),
                     "admitted": self.admitted,
                     "clock": self.clock_message(),
                 }
@@ -278,6 +291,7 @@ class Room:
                         "role": role,
                         "participant": admission.participant,
                         "admitted": self.admitted,
+                        "ready": role == "host",
                         "reconnected": rejoin,
                     }
                 )
@@ -288,7 +302,7 @@ class Room:
                 self._ensure_timer()
             else:
                 await self._maybe_start_clock()
-            self._announce_recording(conn)
+            self._announce_recording()
             return "joined"
 
     async def leave(self, conn: Connection, reason: str) -> None:
@@ -328,17 +342,35 @@ class Room:
                 return
             self.admitted = True
             self._emit("admitted", "guest")
-            for c in (guest, conn):
-                c.send({"type": "admitted"})
+            guest.send({"type": "admitted"})
+            conn.send({"type": "admitted", "ready": guest.ready})
             host_info = self._peer_info("host")
             assert host_info is not None
-            guest.send({"type": "peer_joined", **host_info, "admitted": True, "reconnected": False})
+            guest.send(
+                {"type": "peer_joined", **host_info, "admitted": True, "ready": True, "reconnected": False}
+            )
+            await self._maybe_start_clock()
+            self._announce_recording()
+
+    async def ready(self, conn: Connection) -> None:
+        """The guest's patient pressed Join: from now on its media may flow (on this
+        connection), and the clock starts if the host is there and the guest admitted."""
+        async with self._lock:
+            if conn.role != "guest" or conn.ready or self.slots["guest"] is not conn:
+                return  # the host is always in the call; a second join changes nothing
+            conn.ready = True
+            self._emit("ready", "guest")
+            host = self.slots["host"]
+            if host is not None:
+                host.send({"type": "peer_ready", "role": "guest"})
             await self._maybe_start_clock()
             self._announce_recording()
 
     async def _maybe_start_clock(self) -> None:
         host, guest = self.slots["host"], self.slots["guest"]
-        if self.started or host is None or guest is None or not self.admitted:
+        # The visit starts when both are in the call: the host present and the admitted guest
+        # has pressed Join (not at admission: the patient may still be on the pre-call check).
+        if self.started or host is None or guest is None or not self.in_call:
             return
         self.state.started_at = self._clock()
         await self.policy.save_state(self.state)
@@ -385,6 +417,10 @@ class Room:
             if other is None or not self.admitted:
                 self._error(conn, "peer_absent", "The other party is not in the visit.")
                 return
+            if not self.guest_ready:
+                # No media negotiation before the patient pressed Join.
+                self._error(conn, "not_joined", "The patient has not joined the call yet.")
+                return
             other.send({"type": "signal", "data": message["data"]})
         elif kind == "ping":
             conn.send({"type": "pong"})
@@ -403,6 +439,8 @@ class Room:
             self._error(conn, "forbidden", f"Only the host may send '{kind}'.")
         elif kind == "admit":
             await self.admit(conn)
+        elif kind == "join":
+            await self.ready(conn)
         elif kind == "end":
             await self.close("host_ended")
         elif kind == "leave":
@@ -451,29 +489,31 @@ class Room:
         refusal from the other side); the room records only when both say so, so that one
         side's consent never records a visit the other side declined.
         """
-        if self.recording_dir is None or self.ended or not self.admitted:
+        if self.recording_dir is None or self.ended or not self.in_call:
             return False
         host, guest = self.slots["host"], self.slots["guest"]
         return all(c is not None and c.admission is not None and c.admission.recording for c in (host, guest))
 
-    def _announce_recording(self, conn: Connection | None = None) -> None:
-        """Tell clients to open their recording legs: both when recording becomes possible,
-        then each (re)joining client. Recording never switches off mid-visit on its own."""
+    def _announce_recording(self) -> None:
+        """Tell clients to open their recording legs: both when recording becomes possible
+        (both in the call: the guest admitted and ready), then each (re)joining connection once
+        it is. Recording never switches off mid-visit on its own."""
         if not self.recording_active:
             return
-        if not self._recording_announced:
-            self._recording_announced = True
-            targets = [c for c in self.slots.values() if c is not None]
-        else:
-            targets = [conn] if conn is not None else []
-        for c in targets:
-            c.send({"type": "recording", "active": True})
+        self._recording_announced = True
+        for c in self.slots.values():
+            if c is not None and not c.recording_told:
+                c.recording_told = True
+                c.send({"type": "recording", "active": True})
 
     async def _record_offer(self, conn: Connection, role: Role, sdp: str) -> None:
         from signaling.recording import RecordingError, RecordingSession
 
         if role == "guest" and not self.admitted:
             self._error(conn, "not_admitted", "Recording starts once the patient is admitted.")
+            return
+        if role == "guest" and not conn.ready:
+            self._error(conn, "not_joined", "Recording starts once the patient pressed Join.")
             return
         if not self._recording_announced or conn.admission is None or not conn.admission.recording:
             self._error(conn, "recording_off", "This visit is not recorded.")

@@ -48,11 +48,13 @@ async def join(client: Any, role: str, room_id: str = "r1", **kwargs: Any) -> Si
 
 
 async def pair(client: Any, room_id: str = "r1") -> tuple[SignalingClient, SignalingClient]:
-    """Host and guest joined, guest admitted, clock started; their messages consumed."""
+    """Host and guest joined, guest ready (its client sent `join`) and admitted, clock started;
+    their messages consumed."""
     host = await join(client, "host", room_id)
     guest = await join(client, "guest", room_id)
     await guest.next_message("waiting")
     await host.next_message("peer_joined")
+    await host.next_message("peer_ready")
     await host.send({"type": "admit"})
     await guest.next_message("admitted")
     await guest.next_message("peer_joined")

@@ -335,7 +335,8 @@ async def test_rate_limit_answers_with_one_error_and_recovers(aiohttp_client):
     with pytest.raises(TimeoutError):
         while True:
             received.append((await host.next_message("signal", timeout=0.3))["data"]["i"])
-    assert 10 <= len(received) < 30
+    # The guest's `join` (sent by the client after its hello) took one token of the burst.
+    assert 9 <= len(received) < 30
     assert [m for m in guest.buffered() if m["type"] == "error"] == []  # only one error
     await asyncio.sleep(0.2)
     await guest.send({"type": "signal", "data": {"i": "later"}})
@@ -538,8 +539,8 @@ def test_configuration_is_validated():
 def test_protocol_doc_covers_every_message_event_and_close_code():
     text = DOCS.read_text()
     server_types = {
-        "welcome", "waiting", "admitted", "peer_joined", "peer_left", "signal", "chat", "clock",
-        "warning", "ended", "replaced", "pong", "error",
+        "welcome", "waiting", "admitted", "peer_joined", "peer_ready", "peer_left", "signal", "chat",
+        "clock", "warning", "ended", "replaced", "pong", "error",
     }  # fmt: skip
     for kind in CLIENT_TYPES | server_types:
         assert f'"type": "{kind}"' in text, kind
@@ -579,3 +580,60 @@ async def test_the_end_is_saved_after_every_event_before_it_was_delivered(aiohtt
     assert (await guest.next_message("ended"))["reason"] == "host_ended"
     assert "clock_started" in policy.delivered_before_end
     assert "ended" not in policy.delivered_before_end
+
+
+async def test_admission_alone_starts_nothing_the_guests_join_does(aiohttp_client):
+    """Admitted is not in the call: before the guest's `join` (its patient pressing Join) no
+    signal is relayed and the clock does not start; after it both happen, and a guest's new
+    connection has to join again."""
+    policy = make_policy(duration_s=600)
+    app, server = make_app(policy)
+    client = await aiohttp_client(app)
+    host = await join(client, "host")
+    guest = await connect(client)
+    welcome = await guest.hello("guest-r1", join=False)
+    assert welcome["peer_ready"] is False
+    await guest.next_message("waiting")
+    assert (await host.next_message("peer_joined"))["ready"] is False
+    await host.send({"type": "admit"})
+    assert (await host.next_message("admitted"))["ready"] is False
+    await guest.next_message("admitted")
+    assert (await guest.next_message("peer_joined"))["ready"] is True
+
+    offer = {"description": {"type": "offer", "sdp": "v=0\r\n"}}
+    await host.send({"type": "signal", "data": offer})
+    assert (await host.next_message("error"))["code"] == "not_joined"
+    await guest.send({"type": "signal", "data": offer})
+    assert (await guest.next_message("error"))["code"] == "not_joined"
+    await host.send({"type": "chat", "text": "Press Join when you are ready."})  # chat is fine
+    assert (await guest.next_message("chat"))["text"] == "Press Join when you are ready."
+    await asyncio.sleep(0.2)
+    assert [m for m in host.buffered() + guest.buffered() if m["type"] in ("clock", "signal")] == []
+    assert "r1" not in policy.states or policy.states["r1"].started_at is None
+
+    await guest.send({"type": "join"})
+    assert (await host.next_message("peer_ready"))["role"] == "guest"
+    clock = await guest.next_message("clock")
+    assert (await host.next_message("clock"))["started_at"] == clock["started_at"]
+    await host.send({"type": "signal", "data": offer})
+    assert (await guest.next_message("signal"))["data"] == offer
+    await guest.send({"type": "join"})  # again: nothing new
+    await asyncio.sleep(0.1)
+    assert [m for m in host.buffered() if m["type"] == "peer_ready"] == []
+    await server.events.flush()
+    names = policy.event_names("r1")
+    assert names.index("admitted") < names.index("ready") < names.index("clock_started")
+
+    # The phone reloads: its new connection is back in the visit (admitted, the clock runs)
+    # but sends no media until its patient presses Join again.
+    again = await connect(client)
+    welcome = await again.hello("guest-r1", join=False)
+    assert welcome["admitted"] is True and welcome["peer_ready"] is True
+    rejoined = await host.next_message("peer_joined")
+    assert rejoined["reconnected"] is True and rejoined["ready"] is False
+    await host.send({"type": "signal", "data": offer})
+    assert (await host.next_message("error"))["code"] == "not_joined"
+    await again.send({"type": "join"})
+    await host.next_message("peer_ready")
+    await host.send({"type": "signal", "data": offer})
+    assert (await again.next_message("signal"))["data"] == offer

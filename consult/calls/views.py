@@ -89,6 +89,7 @@ def call_strings(host: bool = False) -> dict[str, str]:
         "quality_fair": _("Unstable connection"),
         "quality_poor": _("Poor connection"),
         "admitted": _("The patient was admitted."),
+        "patient_admitted_not_joined": _("Patient admitted, waiting for them to press Join."),
         "recording": pgettext("call state", "Recording"),
         "consent_failed": _("Your answer could not be saved. Try again."),
     }

@@ -237,6 +237,7 @@ def _event_labels() -> dict[str, str]:
         "replaced": _("Connection replaced"),
         "waiting": _("Waiting room"),
         "admitted": _("Admitted"),
+        "ready": _("Patient pressed Join"),
         "clock_started": _("Visit clock started"),
         "warning": _("End warning"),
         "ended": _("Ended"),

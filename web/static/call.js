@@ -15,6 +15,12 @@
 //
 // When the signaling socket had to reconnect, the other side throws its connection away
 // (protocol), so this side starts a fresh one too.
+//
+// Nothing leaves the patient's phone before the patient presses Join: the pre-call check uses
+// the camera locally only; the socket connects early (to wait and be admitted), but the peer
+// connection (with its tracks) is made only once the patient pressed Join, which is also when
+// the page tells the server `join` (the visit clock starts then; docs/protocol.md, "Joining
+// the call"). The doctor's page negotiates only once the server says the patient is ready.
 (function () {
   "use strict";
 
@@ -36,6 +42,7 @@
   let admitted = false;
   let peerPresent = false;
   let guestWaiting = false;
+  let guestReady = false; // host: the patient pressed Join (the server said peer_ready)
   let clockOffsetMs = 0;
   let endsAtMs = null;
   let countdownTimer = null;
@@ -55,7 +62,9 @@
     localStream: null, // call-media.js
     pc: null, // the peer connection (call-peer.js)
     rec: null, // the recording connection to the server (call-recording.js)
-    joined: isHost, // the patient joins with a button (which also unlocks audio playback)
+    // The patient joins with a button (which also unlocks audio playback); before it no media
+    // is sent. The doctor is in the call on opening the consult room.
+    joined: isHost,
     ended: false,
     interrupted: false,
   };
@@ -153,6 +162,25 @@
     }
   }
 
+  // Both in the call: the guest admitted and ready (pressed Join), the other side present.
+  function inCall() {
+    return peerPresent && admitted && (isHost ? guestReady : ctx.joined);
+  }
+
+  function startPcIfInCall() {
+    if (inCall()) {
+      peer.newPc();
+    } else {
+      peer.closePc();
+      if (isHost && peerPresent && admitted) setStatus("patient_admitted_not_joined");
+    }
+  }
+
+  function sendJoin() {
+    // Idempotent on the server: sent on Join and again on every new socket while joined.
+    if (!isHost && ctx.joined && ctx.sig) ctx.sig.send({ type: "join" });
+  }
+
   function enterCallIfReady() {
     if (!ctx.joined || ctx.ended) return;
     if (!isHost && !admitted) {
@@ -172,12 +200,14 @@
     peerPresent = welcome.peer_present;
     if (isHost) {
       guestWaiting = peerPresent && !admitted;
+      guestReady = peerPresent && welcome.peer_ready === true;
       updateAdmit();
     }
     if (reconnected) ctx.interrupted = true;
+    sendJoin(); // a new socket is a new seat connection: say it again
     if (peerPresent && admitted) {
       // A fresh connection on a (re)join: the other side starts a new one for us too.
-      peer.newPc();
+      startPcIfInCall();
     } else {
       peer.closePc();
       if (isHost) setStatus(peerPresent ? "patient_waiting" : "waiting_patient");
@@ -194,13 +224,16 @@
       case "admitted":
         admitted = true;
         guestWaiting = false;
+        if (isHost && message.ready === true) guestReady = true;
         updateAdmit();
-        if (isHost && peerPresent) peer.newPc(); // the host offers once the patient is in
+        // The host offers once the patient is in the call: admitted and pressed Join.
+        if (isHost && peerPresent) startPcIfInCall();
         enterCallIfReady();
         break;
       case "peer_joined":
         peerPresent = true;
         if (message.admitted) admitted = true;
+        if (isHost) guestReady = message.ready === true; // a new connection joins again
         if (isHost && !message.admitted) {
           guestWaiting = true;
           updateAdmit();
@@ -208,10 +241,17 @@
           break;
         }
         if (stageNote) stageNote.hidden = true;
-        peer.newPc(); // a new or reconnected peer: always a fresh connection
+        startPcIfInCall(); // a new or reconnected peer: always a fresh connection
         enterCallIfReady();
         break;
+      case "peer_ready":
+        if (!isHost) break;
+        guestReady = true;
+        if (stageNote) stageNote.hidden = true;
+        startPcIfInCall();
+        break;
       case "peer_left":
+        if (isHost) guestReady = false; // its next connection says join again
         if (isHost && !admitted) {
           guestWaiting = false;
           updateAdmit();
@@ -222,6 +262,7 @@
         peerGone("peer_left");
         break;
       case "signal":
+        if (!ctx.joined) return; // never answer with media before Join (the server relays none)
         return peer.onSignal(message.data || {});
       case "recording":
         return recording.onRecording(message);
@@ -245,6 +286,7 @@
       case "error":
         if (message.code === "peer_absent") chat.onPeerAbsent();
         if (message.code === "recording_failed") recording.retry(5000);
+        if (message.code === "rate_limited") setTimeout(sendJoin, 1000); // a dropped join
         break;
       default:
         break;
@@ -299,13 +341,19 @@
       media.resumeAudio();
       switch (button.dataset.action) {
         case "join":
+          if (ctx.joined) break;
           ctx.joined = true;
           if (remoteVideo) remoteVideo.play().catch(() => {});
           if (ctx.sig.state === "closed") {
             onClosed({ code: 4003, error: ctx.sig.lastError });
             break;
           }
-          enterCallIfReady();
+          // In order with the signaling messages: from now on this page may send media.
+          serial(() => {
+            sendJoin();
+            if (inCall()) peer.newPc();
+            enterCallIfReady();
+          });
           break;
         case "mute":
           media.toggleTrack("audio", button, "mute", "unmute");
