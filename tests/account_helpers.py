@@ -4,6 +4,8 @@ development SmsProvider), exactly where the demo's admin reads it."""
 from __future__ import annotations
 
 import re
+import sqlite3
+from pathlib import Path
 
 from consult.core import keys
 from tests.conftest import csrf_of
@@ -61,3 +63,18 @@ async def register(
     resp = await enter_code(client, await last_code(client.app, stored))
     assert resp.headers["Location"] == "/patient"
     return resp
+
+
+def texted_code(data_dir: Path, phone: str) -> str:
+    """The one-time code the newest text message to ``phone`` carries (from the outbox)."""
+    conn = sqlite3.connect(data_dir / "consult.db")
+    try:
+        row = conn.execute(
+            "SELECT body FROM outbox WHERE recipient = ? ORDER BY id DESC LIMIT 1", [phone]
+        ).fetchone()
+    finally:
+        conn.close()
+    assert row, "no code was texted"
+    found = re.search(r"(?<![0-9])([0-9]{6})(?![0-9])", row[0])
+    assert found, row[0]
+    return found.group(1)

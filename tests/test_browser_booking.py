@@ -14,13 +14,13 @@ import hashlib
 import io
 import random
 import re
-import sqlite3
 from collections.abc import AsyncIterator
 
 import pytest
 from PIL import Image
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
+from tests.account_helpers import texted_code
 from tests.harness.browser import PATIENT_CONTEXT, PageRecorder, assert_only_local_requests
 from tests.harness.fixtures import FailureArtifacts, _context
 from tests.harness.server import ConsultServer
@@ -37,19 +37,8 @@ DOCTOR_NAME = "王玉燕"
 DOCTOR_PASSWORD = "Doctor-browser-pass-2024"
 
 
-def texted_code(server: ConsultServer) -> str:
-    """The one-time code the newest text message to the patient carries (from the outbox)."""
-    conn = sqlite3.connect(server.data_dir / "consult.db")
-    try:
-        row = conn.execute(
-            "SELECT body FROM outbox WHERE recipient = ? ORDER BY id DESC LIMIT 1", [PATIENT_PHONE]
-        ).fetchone()
-    finally:
-        conn.close()
-    assert row, "no code was texted"
-    found = re.search(r"(?<![0-9])([0-9]{6})(?![0-9])", row[0])
-    assert found, row[0]
-    return found.group(1)
+def patient_code(server: ConsultServer) -> str:
+    return texted_code(server.data_dir, PATIENT_PHONE)
 
 
 # -- test files ----------------------------------------------------------------------------------
@@ -185,7 +174,7 @@ async def test_booking_journey_on_phone_in_chinese(
         await page.wait_for_url(app_origin + "/register/verify")
         assert "139 1234 5678" in await page.locator("main").inner_text()
         await expect(page.get_by_test_id("resend")).to_be_disabled()  # counting down
-        await page.get_by_test_id("code").fill(await asyncio.to_thread(texted_code, consult_server))
+        await page.get_by_test_id("code").fill(await asyncio.to_thread(patient_code, consult_server))
         await page.locator("main form[action='/register/verify'] button[type=submit]").tap()
         await page.wait_for_url(app_origin + "/patient")
         assert await page.get_by_test_id("home-title").inner_text() == "我的问诊"
