@@ -194,18 +194,25 @@ async def payment_callback(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "result": outcome.result})
 
 
-@aiohttp_jinja2.template("pay_simulator.html")
-async def simulator_page(request: web.Request) -> dict[str, Any]:
-    payment, _visit = await _payment_and_visit(request)
+async def _simulator_order(request: web.Request) -> tuple[Payment, dict[str, Any]]:
+    """The simulator serves the order's own patient only: pressing Pay confirms a visit."""
+    user = security.require(request)  # anonymous: the sign-in page, then back here
+    payment, visit = await _payment_and_visit(request)
     if payment.provider != "simulator":
         raise NotFound(_("This payment does not exist."))
+    if user.role != "patient" or user.id != visit["patient_id"]:
+        raise NotFound(_("This payment does not exist."))
+    return payment, visit
+
+
+@aiohttp_jinja2.template("pay_simulator.html")
+async def simulator_page(request: web.Request) -> dict[str, Any]:
+    payment, _visit = await _simulator_order(request)
     return {"payment": payment}
 
 
 async def simulator_submit(request: web.Request) -> web.Response:
-    payment, visit = await _payment_and_visit(request)
-    if payment.provider != "simulator":
-        raise NotFound(_("This payment does not exist."))
+    payment, visit = await _simulator_order(request)
     form = await security.read_form(request)
     back = str(request.app.router["pay_status"].url_for(order_id=payment.order_id))
     if form.get("action") != "pay":
