@@ -27,7 +27,7 @@ from consult.calls.policy import setup_calls
 from consult.clinical import prescription_views, report_views, uploads
 from consult.clinical.signing import SIGNING_KEY, KeyHolder
 from consult.core import keys, metrics, security
-from consult.core.config import Settings, ensure_secrets
+from consult.core.config import Settings, ensure_secrets, for_mode
 from consult.core.db import Database
 from consult.core.middleware import context_middleware, csrf_middleware, errors_middleware
 from consult.core.migrations import migrate
@@ -59,7 +59,8 @@ VIEWS = (
 
 
 def create_app(settings: Settings) -> web.Application:
-    settings = ensure_secrets(settings)
+    # Production unless settings.demo: the payment provider follows the mode (core/config.py).
+    settings = for_mode(ensure_secrets(settings))
     app = web.Application(
         middlewares=[context_middleware, errors_middleware, csrf_middleware],
         client_max_size=MAX_REQUEST_BYTES,

@@ -51,6 +51,10 @@ def pytest_collection_modifyitems(config, items):
 
 # Tests read English messages unless they ask for Chinese (the product's default is zh_CN).
 FAST_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_kib": 1024, "default_locale": "en"}
+# In-process apps run in demo mode unless a test asks for production (`make_settings(demo=False)`):
+# the simulator pays, and links may take the request's origin, as before production mode existed.
+# What production mode changes is tested in tests/test_modes.py.
+IN_PROCESS = {**FAST_ARGON2, "demo": True}
 
 
 @pytest.fixture
@@ -62,13 +66,13 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(data_dir: Path) -> Settings:
-    return load_settings(env={}, data_dir=data_dir, tls=False, **FAST_ARGON2)
+    return load_settings(env={}, data_dir=data_dir, tls=False, **IN_PROCESS)
 
 
 @pytest.fixture
 def make_settings(data_dir: Path) -> Callable[..., Settings]:
     def make(**overrides) -> Settings:
-        values = {"data_dir": data_dir, "tls": False, **FAST_ARGON2, **overrides}
+        values = {"data_dir": data_dir, "tls": False, **IN_PROCESS, **overrides}
         return load_settings(env={}, **values)
 
     return make

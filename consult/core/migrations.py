@@ -457,3 +457,18 @@ def m0008_recordings(db: sqlite_utils.Database) -> None:
         CREATE INDEX recordings_created ON recordings(created);
         """,
     )
+
+
+@migration("0009_instance_marks")
+def m0009_instance_marks(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- Durable facts about this installation itself. 'demo': the data directory was seeded by
+        -- `consult demo`, so `consult serve` runs it in demo mode (core/mode.py).
+        CREATE TABLE instance_marks (
+            name TEXT PRIMARY KEY,
+            created REAL NOT NULL
+        );
+        """,
+    )

@@ -51,15 +51,16 @@ FRESHNESS_SECONDS = 300
 ORDER_PREFIX = "C"
 
 
-def make_state(fulfilment: Fulfilment) -> PaymentsState:
-    return PaymentsState(
-        providers={"simulator": SimulatorProvider(), "cashier": CashierProvider()}, fulfilment=fulfilment
-    )
+def make_state(fulfilment: Fulfilment, *, demo: bool = False) -> PaymentsState:
+    providers: dict[str, PaymentProvider] = {"cashier": CashierProvider()}
+    if demo:  # the simulator takes no money: it exists in demo mode only, callbacks included
+        providers["simulator"] = SimulatorProvider()
+    return PaymentsState(providers=providers, fulfilment=fulfilment)
 
 
 async def payments_ctx(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: the providers, and the payment tasks cancelled and awaited at shutdown."""
-    app[PAYMENTS] = make_state(app[FULFILMENT])
+    app[PAYMENTS] = make_state(app[FULFILMENT], demo=app[keys.SETTINGS].demo)
     try:
         yield
     finally:

@@ -33,7 +33,8 @@ def setup(app: web.Application) -> None:
     r.add_post("/admin/payments/{order_id}/mark-paid", admin_mark_paid, name="admin_payment_mark_paid")
     r.add_post("/admin/payments/{order_id}/refund", admin_refund, name="admin_payment_refund")
     if app[keys.SETTINGS].payment_provider == "simulator":
-        # The stand-in gateway exists only while it is the configured provider.
+        # The stand-in gateway exists only while it is the configured provider, which it can be
+        # only in demo mode (core/config.py for_mode); its pages serve the order's own patient.
         r.add_get("/simulator/pay/{order_id}", simulator_page, name="simulator_pay")
         r.add_post("/simulator/pay/{order_id}", simulator_submit, name="simulator_submit")
 
