@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DATA ?= data
 
-.PHONY: run test lint install install-dev clean
+.PHONY: run test test-deps lint install install-dev clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,7 +27,14 @@ run: install
 lint: install-dev
 	$(VENV)/bin/ruff check .
 
-test: install-dev
+# The Debian packages the tests run (chromium, coturn, ...), installed when missing: first,
+# since making the venv may need python3-venv.
+test-deps:
+	bash scripts/install-test-deps.sh
+
+test:
+	bash scripts/install-test-deps.sh
+	@$(MAKE) --no-print-directory install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
 

@@ -17,14 +17,15 @@ from consult import booking, payments
 from consult.accounts import admin_views
 from consult.accounts import views as accounts_views
 from consult.accounts.passwords import Passwords
-from consult.accounts.users import Sessions, Throttle
+from consult.accounts.throttle import Throttle
+from consult.accounts.users import Sessions
 from consult.audit import views as audit_views
 from consult.booking import catalogue_views, home_views
 from consult.booking import views as booking_views
 from consult.calls import recording_views
 from consult.calls import views as call_views
-from consult.calls.policy import setup_calls
-from consult.clinical import prescription_views, report_views, uploads
+from consult.calls.policy import room_sweeper, setup_calls
+from consult.clinical import prescription_views, report_views, reports, uploads
 from consult.clinical.signing import SIGNING_KEY, KeyHolder
 from consult.core import keys, metrics, security
 from consult.core.config import Settings, ensure_secrets, for_mode
@@ -69,15 +70,17 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.PASSWORDS] = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib)
     app[SIGNING_KEY] = KeyHolder(settings.data_dir)
     app[payments.FULFILMENT] = booking.VisitFulfilment()
+    app[uploads.IN_FLIGHT] = uploads.InFlight()
     setup_templates(app, settings)
     app.on_response_prepare.append(security.add_security_headers)
 
     # Resources and background jobs, started in this order and stopped in reverse.
     app.cleanup_ctx.append(_database_ctx)
     app.cleanup_ctx.append(booking.hold_reaper)  # expires holds, sends reminders
-    app.cleanup_ctx.append(uploads.sweep_ctx)  # upload temp files abandoned by a crash
+    app.cleanup_ctx.append(reports.files_ctx)  # upload temp files and report files left by a crash
     app.cleanup_ctx.append(payments.payments_ctx)  # providers and payment tasks
     setup_calls(app)  # the signaling server on /ws/rooms/{id}, and its database hook-up
+    app.cleanup_ctx.append(room_sweeper)  # closes rooms a dead server left open, before listening
     app.cleanup_ctx.append(no_show_marker)  # closes visits nobody joined
 
     for views in VIEWS:
@@ -98,9 +101,14 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[keys.THROTTLE] = Throttle(
         db,
-        settings.login_max_failures,
-        settings.login_max_failures_per_address,
-        settings.login_window_minutes * 60,
+        secret=settings.session_key,
+        per_account=settings.login_max_failures,
+        per_account_total=settings.login_max_failures_account_total,
+        per_address=settings.login_max_failures_per_address,
+        window_s=settings.login_window_minutes * 60,
+        max_delay_s=settings.login_max_delay_seconds,
+        register_burst=settings.register_max_per_address,
+        register_window_s=settings.register_window_minutes * 60,
     )
     app[keys.NOTIFIER] = OutboxNotifier(db)
     try:

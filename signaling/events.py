@@ -2,7 +2,9 @@
 
 Rooms emit synchronously (after their state change); one task per server awaits
 `policy.on_event` in order. A slow or failing event sink therefore never delays a relay or a
-timer, and an exception in it is logged, never propagated into a room.
+timer, and an exception in it is logged, never propagated into a room. A room that ends waits
+(`delivered`) until the events it emitted before have reached the policy, so that the policy
+records the end after everything that led to it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ class EventDispatcher:
     def __init__(self, policy: RoomPolicy, *, max_pending: int = 10_000) -> None:
         self._policy = policy
         self._max_pending = max_pending
-        self._queue: asyncio.Queue[RoomEvent] = asyncio.Queue()
+        # Events, and the futures of `delivered` calls (resolved when the task reaches them).
+        self._queue: asyncio.Queue[RoomEvent | asyncio.Future[None]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
 
@@ -32,8 +35,25 @@ class EventDispatcher:
             self.dropped += 1
             return
         self._queue.put_nowait(event)
+        self._ensure_task()
+
+    def _ensure_task(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def delivered(self, timeout_s: float = 5) -> None:
+        """Wait until every event emitted before this call has been handed to the policy (not
+        those emitted meanwhile); give up after `timeout_s`, logging it."""
+        if self._queue.empty() and (self._task is None or self._task.done()):
+            return
+        marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(marker)
+        self._ensure_task()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(marker)
+        except TimeoutError:
+            log.warning("room events still undelivered after %.0f s", timeout_s)
 
     async def flush(self) -> None:
         """Wait until every event emitted so far has been handed to the policy."""
@@ -52,6 +72,11 @@ class EventDispatcher:
     async def _run(self) -> None:
         while True:
             event = await self._queue.get()
+            if isinstance(event, asyncio.Future):
+                if not event.done():
+                    event.set_result(None)
+                self._queue.task_done()
+                continue
             try:
                 await self._policy.on_event(event)
             except Exception:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -48,8 +48,11 @@ class Room:
         clock: Callable[[], float],
         on_idle: Callable[[Room], None],
         recording_dir: RecordingDir | None = None,
+        delivered: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.room_id = room_id
+        # Waits until the events emitted so far have reached the policy (EventDispatcher).
+        self._delivered = delivered
         self.recording_dir = recording_dir
         self.policy = policy
         self.config = config
@@ -163,8 +166,11 @@ class Room:
                 self.warning_s = admission.warning_s
             ends_at = self.ends_at
             if self.running and ends_at is not None and now >= ends_at:
-                # Restarted after the visit's end time: it ended while nobody was watching.
-                await self._finish("time_limit", ended_at=ends_at)
+                # Without a timer the clock was restored from storage: the server that ran it
+                # stopped, and it ran out while nobody was watching. With one, the timer is
+                # about to end it.
+                reason = "time_limit" if self._timer is not None else "server_restart"
+                await self._finish(reason, ended_at=ends_at)
             refusal = self._check_window(admission, now)
             if refusal is not None:
                 code, message = refusal
@@ -454,6 +460,9 @@ class Room:
         if timer is not None and timer is not asyncio.current_task():
             timer.cancel()
         try:
+            # The policy records the end after everything that led to it (joins, the clock).
+            if self._delivered is not None:
+                await self._delivered()
             await self.policy.save_state(self.state)
         except Exception:
             # The sockets are closed regardless: a visit must not outlive its end because the

@@ -145,12 +145,17 @@ class SignalingServer:
             clock=self.clock,
             on_idle=self._forget_room,
             recording_dir=self.recording_dir,
+            delivered=self.events.delivered,
         )
         await room.load()
         if not room.ended:
             self.rooms[room_id] = room
             self.emit(RoomEvent("room_opened", room_id, None, self.clock(), {}))
         return room
+
+    def live_rooms(self) -> frozenset[str]:
+        """Ids of the rooms this process holds or is opening: their own timers end them."""
+        return frozenset(self.rooms) | frozenset(self._opening)
 
     def _forget_room(self, room: Room) -> None:
         if self.rooms.get(room.room_id) is room:

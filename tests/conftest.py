@@ -13,6 +13,7 @@ from consult.core.config import Settings, load_settings
 from consult.core.db import Database
 from consult.core.migrations import migrate
 from tests.harness.fixtures import *  # noqa: F403
+from tests.harness.programs import missing_packages
 from tests.netns import enter_private_netns
 
 # Tests that need the private network namespace (tests/netns.py): browsers, coturn, WebRTC media,
@@ -46,7 +47,17 @@ def needs_private_network(item: pytest.Item) -> bool:
 def pytest_collection_modifyitems(config, items):
     # Collection starts no threads; the namespace must be entered before any fixture does.
     if any(needs_private_network(item) for item in items):
-        enter_private_netns()
+        missing = missing_packages()
+        if missing:
+            raise pytest.UsageError(
+                f"missing Debian packages: {' '.join(missing)}; `make test` as root installs them "
+                "(scripts/install-test-deps.sh), or select only unit tests, e.g. tests/test_booking.py"
+            )
+        try:
+            enter_private_netns()
+        except RuntimeError as exc:
+            hint = "or select only unit tests, e.g. tests/test_booking.py"
+            raise pytest.UsageError(f"{exc} ({hint})") from None
 
 
 # Tests read English messages unless they ask for Chinese (the product's default is zh_CN).

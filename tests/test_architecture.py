@@ -8,7 +8,11 @@ inside a function does (it is still a dependency, only hidden).
 from __future__ import annotations
 
 import ast
+import os
 import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -308,3 +312,26 @@ def test_architecture_doc_names_every_package() -> None:
         assert f"{package}/" in readme, f"README's architecture section does not name {package}/"
     for module in re.findall(r"`(consult(?:/\w+)+\.py)`", doc + readme):
         assert (ROOT / module).exists(), f"docs name {module}, which does not exist"
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) drops capabilities")
+def test_unit_tests_need_no_root() -> None:
+    """Only browser and WebRTC tests enter the private network namespace: collecting the booking
+    tests without CAP_SYS_ADMIN (as an ordinary user would) needs none, and a run that would need
+    it says why instead of failing obscurely."""
+    env = {k: v for k, v in os.environ.items() if k != "CONSULT_TEST_NETNS"}
+    drop = ["setpriv", "--bounding-set=-sys_admin,-net_admin", "--inh-caps=-sys_admin,-net_admin"]
+    if os.geteuid() != 0:
+        drop = []
+    pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only"]
+    unit = subprocess.run(
+        [*drop, *pytest_cmd, "tests/test_booking.py"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert unit.returncode == 0, unit.stdout + unit.stderr
+    assert "test_cancel_rules_and_refunds" in unit.stdout
+    if drop:
+        browser = subprocess.run(
+            [*drop, *pytest_cmd, "tests/test_harness.py"], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert browser.returncode != 0
+        assert "must run as root" in browser.stdout + browser.stderr

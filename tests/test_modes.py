@@ -148,8 +148,11 @@ def local_server(tmp_path: Path, name: str, *, env: dict | None = None) -> Consu
     )
 
 
+NO_PUBLIC_URL = {"CONSULT_PUBLIC_URL": ""}  # the harness gives servers their origin otherwise
+
+
 def test_a_data_dir_made_by_consult_demo_serves_in_demo_mode(tmp_path):
-    server = local_server(tmp_path, "demo")
+    server = local_server(tmp_path, "demo", env=NO_PUBLIC_URL)
     server.init(demo=True)  # init + demo, then plain `serve`: no flag, no public_url
     with server:
         status, page = fetch(server.url("/login"))
@@ -158,7 +161,7 @@ def test_a_data_dir_made_by_consult_demo_serves_in_demo_mode(tmp_path):
 
 
 def test_serve_demo_flag_runs_a_fresh_dir_in_demo_mode(tmp_path):
-    server = local_server(tmp_path, "flag")
+    server = local_server(tmp_path, "flag", env=NO_PUBLIC_URL)
     server.cli("init")
     server.argv.append("--demo")
     with server:

@@ -23,7 +23,7 @@ from signaling.client import PeerSession
 from signaling.connection import Connection, RateLimiter, SendWatchdog
 from signaling.protocol import CLIENT_TYPES, ERROR_CODES
 from signaling.testing import InMemoryPolicy, make_admission
-from tests.signaling_helpers import connect, join, make_app, make_policy, pair
+from tests.signaling_helpers import add_room, connect, join, make_app, make_policy, pair
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -280,7 +280,8 @@ async def test_a_restart_after_the_end_time_finds_the_room_ended(aiohttp_client)
     assert (await sc.next_message())["code"] == "room_ended"
     assert await sc.wait_closed() == 4000
     assert policy.states["r1"].ended_at == 601.0
-    assert policy.states["r1"].end_reason == "time_limit"
+    # Restored without a timer: the server that ran the clock stopped before it ran out.
+    assert policy.states["r1"].end_reason == "server_restart"
 
 
 async def test_bad_messages_get_error_frames_and_the_room_lives_on(aiohttp_client):
@@ -554,3 +555,27 @@ def test_signaling_never_imports_the_application():
     root = Path(__file__).resolve().parent.parent / "signaling"
     for path in root.glob("*.py"):
         assert not re.search(r"^\s*(from|import)\s+consult\b", path.read_text(), re.M), path
+
+
+async def test_the_end_is_saved_after_every_event_before_it_was_delivered(aiohttp_client):
+    """A slow event sink: the policy still sees the end after the joins and the clock start."""
+
+    class SlowSink(InMemoryPolicy):
+        async def on_event(self, event: RoomEvent) -> None:
+            await asyncio.sleep(0.05)
+            await super().on_event(event)
+
+        async def save_state(self, state: RoomState) -> None:
+            if state.ended_at is not None:
+                self.delivered_before_end = self.event_names("r1")
+            await super().save_state(state)
+
+    policy = SlowSink()
+    add_room(policy, "r1")
+    app, _ = make_app(policy)
+    client = await aiohttp_client(app)
+    host, guest = await pair(client)
+    await host.send({"type": "end"})
+    assert (await guest.next_message("ended"))["reason"] == "host_ended"
+    assert "clock_started" in policy.delivered_before_end
+    assert "ended" not in policy.delivered_before_end

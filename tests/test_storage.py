@@ -1,13 +1,17 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import sqlite3
 import threading
+import time
 
 import pytest
+import sqlite_utils
 
 from consult.audit import chain as audit
-from consult.core.db import Database
+from consult.core.db import Database, run_in_transaction
+from consult.core.errors import DatabaseUnavailable, StorageFull, is_storage_full
 from consult.core.migrations import MIGRATIONS, applied, migrate
 
 
@@ -113,3 +117,131 @@ def test_audit_chain_detects_edits_and_deletions(database: Database):
     database.write_sync(lambda d: d.execute("DELETE FROM audit_log WHERE id = 2"))
     ok, message = database.read_sync(audit.verify)
     assert not ok and "row 2" in message
+
+
+# -- the writer survives --------------------------------------------------------------------
+
+
+def _outbox_row(d, recipient="x"):
+    d.execute(
+        "INSERT INTO outbox (channel, recipient, subject, body, created) VALUES ('sms', ?, '', '', 0)",
+        [recipient],
+    )
+
+
+async def test_writer_that_cannot_connect_fails_fast_and_recovers(tmp_path):
+    path = tmp_path / "c.db"
+    path.mkdir()  # SQLite cannot open a directory: the writer's connection fails
+    db = Database(path, retry_initial_s=0.01, retry_max_s=0.1)
+    try:
+        started = time.monotonic()
+        for _ in range(5):
+            with pytest.raises(DatabaseUnavailable) as caught:
+                await asyncio.wait_for(db.execute_write_fn(_outbox_row), 5)
+            assert caught.value.status == 503
+            assert caught.value.message == "The database is not available; please try again."
+        assert time.monotonic() - started < 3  # failed fast, nobody waits forever
+        assert db.status.state == "down" and db.status.failures >= 1
+        assert "unable to open" in db.status.error
+        assert db._writer is not None and db._writer.is_alive()
+
+        path.rmdir()
+        migrate(path)  # fixed: the next attempt (backoff at most 0.1 s) connects
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                await asyncio.wait_for(db.execute_write_fn(_outbox_row), 5)
+                break
+            except DatabaseUnavailable:
+                assert time.monotonic() < deadline, "the writer never reconnected"
+                await asyncio.sleep(0.05)
+        assert db.status.state == "up" and db.status.error is None
+        assert (await db.query_one("SELECT count(*) AS n FROM outbox"))["n"] == 1
+    finally:
+        db.close()
+    assert db.status.state == "closed"
+
+
+async def test_pending_writes_fail_when_the_writer_loses_its_database(tmp_path):
+    """Writes queued while the connection fails are all answered, none is left waiting."""
+    path = tmp_path / "c.db"
+    path.mkdir()
+    db = Database(path, retry_initial_s=5, retry_max_s=5)  # long backoff: the retry comes later
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(db.execute_write_fn(_outbox_row) for _ in range(20)), return_exceptions=True),
+            5,
+        )
+        assert all(isinstance(r, DatabaseUnavailable) for r in results), results
+    finally:
+        db.close()
+
+
+async def test_failed_commit_rolls_back_and_the_writer_goes_on(database: Database):
+    """A COMMIT that fails leaves no open transaction behind (here a deferred foreign key).
+
+    SQLite keeps the transaction open when COMMIT fails this way, as it does for SQLITE_BUSY;
+    before, every later write then failed with "cannot start a transaction within a transaction".
+    """
+    await database.execute_write_fn(lambda d: d.execute("CREATE TABLE parent_t (id INTEGER PRIMARY KEY)"))
+    await database.execute_write_fn(
+        lambda d: d.execute(
+            "CREATE TABLE child_t (id INTEGER PRIMARY KEY, parent_id INTEGER"
+            " REFERENCES parent_t(id) DEFERRABLE INITIALLY DEFERRED)"
+        )
+    )
+
+    def orphan(d):
+        _outbox_row(d, "orphan")
+        d.execute("INSERT INTO child_t (parent_id) VALUES (42)")  # checked only at COMMIT
+
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+        await database.execute_write_fn(orphan)
+    # The next write works, and nothing of the failed one was kept.
+    await database.execute_write_fn(lambda d: _outbox_row(d, "after"))
+    rows = await database.query("SELECT recipient FROM outbox ORDER BY id")
+    assert [r["recipient"] for r in rows] == ["after"]
+    assert (await database.query_one("SELECT count(*) AS n FROM child_t"))["n"] == 0
+    assert database.status.state == "up"
+
+
+def test_failed_commit_rolls_back_in_write_sync(tmp_path):
+    conn = sqlite3.connect(tmp_path / "c.db", isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("CREATE TABLE p (id INTEGER PRIMARY KEY)")
+    conn.execute("CREATE TABLE c (p INTEGER REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED)")
+    db = sqlite_utils.Database(conn)
+    with pytest.raises(sqlite3.IntegrityError):
+        run_in_transaction(db, lambda d: d.execute("INSERT INTO c VALUES (1)"))
+    assert not conn.in_transaction
+    run_in_transaction(db, lambda d: d.execute("INSERT INTO p VALUES (1)"))
+    assert conn.execute("SELECT count(*) FROM c").fetchone()[0] == 0
+
+
+def test_an_automatic_rollback_does_not_hide_the_error(tmp_path):
+    """When SQLite has already rolled back (disk full, I/O error), the caller sees that error."""
+    conn = sqlite3.connect(tmp_path / "c.db", isolation_level=None)
+    db = sqlite_utils.Database(conn)
+
+    def rolls_back_itself(d):
+        d.execute("ROLLBACK")  # what SQLite does on its own after SQLITE_FULL
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        run_in_transaction(db, rolls_back_itself)
+    assert not conn.in_transaction
+
+
+async def test_a_full_disk_from_sqlite_is_the_storage_full_error(database: Database):
+    def full(d):
+        _outbox_row(d)
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with pytest.raises(StorageFull) as caught:
+        await database.execute_write_fn(full)
+    assert caught.value.status == 507
+    assert "was not saved" in caught.value.message and "Nothing you entered" not in caught.value.message
+    assert is_storage_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_storage_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not is_storage_full(OSError(errno.EACCES, "Permission denied"))
+    assert (await database.query_one("SELECT count(*) AS n FROM outbox"))["n"] == 0

@@ -1,4 +1,4 @@
-"""Accounts, server-side sessions and sign-in throttling."""
+"""Accounts and server-side sessions (sign-in throttling: ``consult.accounts.throttle``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sqlite_utils
 from consult.audit import chain as audit
 from consult.core import security
 from consult.core.db import Database
-from consult.core.errors import BadRequest, Conflict, TooManyRequests
+from consult.core.errors import BadRequest, Conflict
 from consult.core.i18n import _
 
 ROLES = ("patient", "doctor", "admin")
@@ -212,46 +212,3 @@ class Sessions:
             lambda db: db.execute("DELETE FROM sessions WHERE user_id = ?", [user_id])
         )
 
-
-class Throttle:
-    """Counts failed sign-ins per account and per address over a sliding window."""
-
-    def __init__(self, db: Database, per_account: int, per_address: int, window_s: float) -> None:
-        self.db = db
-        self.per_account = per_account
-        self.per_address = per_address
-        self.window_s = window_s
-
-    async def check(self, account: str, address: str | None) -> None:
-        since = time.time() - self.window_s
-        keys = [(f"acct:{account}", self.per_account)]
-        if address:
-            keys.append((f"addr:{address}", self.per_address))
-        for key, limit in keys:
-            row = await self.db.query_one(
-                "SELECT count(*) AS n, min(at) AS first FROM login_failures WHERE key = ? AND at > ?",
-                [key, since],
-            )
-            if row and row["n"] >= limit:
-                wait = max(1, int(row["first"] + self.window_s - time.time()) // 60 + 1)
-                raise TooManyRequests(
-                    _("Too many failed sign-in attempts. Try again in %(minutes)d minutes.")
-                    % {"minutes": wait},
-                    retry_after=wait * 60,
-                )
-
-    async def fail(self, account: str, address: str | None) -> None:
-        now = time.time()
-
-        def write(db: sqlite_utils.Database) -> None:
-            db.execute("DELETE FROM login_failures WHERE at < ?", [now - self.window_s])
-            db.execute("INSERT INTO login_failures (key, at) VALUES (?, ?)", [f"acct:{account}", now])
-            if address:
-                db.execute("INSERT INTO login_failures (key, at) VALUES (?, ?)", [f"addr:{address}", now])
-
-        await self.db.execute_write_fn(write)
-
-    async def clear(self, account: str) -> None:
-        await self.db.execute_write_fn(
-            lambda db: db.execute("DELETE FROM login_failures WHERE key = ?", [f"acct:{account}"])
-        )

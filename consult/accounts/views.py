@@ -7,7 +7,8 @@ from aiohttp import web
 
 from consult.accounts import users as accounts
 from consult.accounts.passwords import check_strength
-from consult.accounts.users import HOME_BY_ROLE, Sessions, User
+from consult.accounts.throttle import DEVICE_COOKIE, DEVICE_DAYS
+from consult.accounts.users import HOME_BY_ROLE, User
 from consult.core import i18n, keys, security
 from consult.core.errors import BadRequest, ConsultError, TooManyRequests
 from consult.core.forms import field, form, redirect, safe_next
@@ -29,16 +30,7 @@ def setup(app: web.Application) -> None:
 
 
 def _set_session_cookie(request: web.Request, response: web.StreamResponse, token: str) -> None:
-    settings = request.app[keys.SETTINGS]
-    response.set_cookie(
-        Sessions.COOKIE,
-        token,
-        httponly=True,
-        secure=settings.secure_cookies,
-        samesite="Lax",
-        path="/",
-        max_age=settings.session_absolute_hours * 3600,
-    )
+    security.set_session_cookie(request, response, token)
 
 
 async def login_page(request: web.Request) -> web.Response:
@@ -55,7 +47,7 @@ async def login_submit(request: web.Request) -> web.Response:
     password = data.get("password") or ""
     next_url = data.get("next", "")
     throttle = request.app[keys.THROTTLE]
-    address = request.remote
+    address = security.client_address(request)
 
     def fail(message: str, status: int = 400) -> web.Response:
         return aiohttp_jinja2.render_template(
@@ -67,23 +59,36 @@ async def login_submit(request: web.Request) -> web.Response:
 
     if not identifier or not password:
         return fail(_("Enter your mobile number or username, and your password."))
-    key = identifier.lower()
+    # Reserved (counted as a failure) before the password is checked: parallel guesses cannot
+    # all slip under the limit.
+    device = throttle.device_of(request.cookies.get(DEVICE_COOKIE))
     try:
-        await throttle.check(key, address)
+        attempt = await throttle.reserve(identifier, address, device)
     except TooManyRequests as exc:
         response = fail(exc.message, 429)
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
-    row = await request.app[keys.DB].execute_fn(lambda db: accounts.find_active_by_login(db, identifier))
+    row = attempt.user
     ok = await request.app[keys.PASSWORDS].verify_async(row["password_hash"] if row else None, password)
     if not ok or row is None:
-        await throttle.fail(key, address)
         return fail(_("The mobile number, username or password is wrong."), 401)
-    await throttle.clear(key)
+    await throttle.succeeded(attempt)
     user = User.from_row(row)
     token = await request.app[keys.SESSIONS].create(user.id, address, request.headers.get("User-Agent"))
+    security.renew_csrf(request, token)
     response = redirect(safe_next(next_url, HOME_BY_ROLE[user.role]))
     _set_session_cookie(request, response, token)
+    if device is None or device[0] != user.id:
+        # This browser now knows the password: others' failures no longer slow it down.
+        response.set_cookie(
+            DEVICE_COOKIE,
+            throttle.device_token(user.id),
+            httponly=True,
+            secure=request.app[keys.SETTINGS].secure_cookies,
+            samesite="Lax",
+            path="/login",
+            max_age=DEVICE_DAYS * 86400,
+        )
     return response
 
 
@@ -103,9 +108,11 @@ async def register_submit(request: web.Request) -> web.Response:
         problem = check_strength(password)
         if problem:
             raise BadRequest(problem)
+        remote = security.client_address(request)
+        # Before the argon2 hash: a flood costs one small write per try, then a 429.
+        await request.app[keys.THROTTLE].reserve_registration(remote)
         password_hash = await request.app[keys.PASSWORDS].hash_async(password)
         locale = request.get(keys.LOCALE)
-        remote = request.remote
         user_id = await request.app[keys.DB].execute_write_fn(
             lambda db: accounts.create_user_sync(
                 db,
@@ -118,31 +125,35 @@ async def register_submit(request: web.Request) -> web.Response:
             )
         )
     except ConsultError as exc:
-        return aiohttp_jinja2.render_template(
+        response = aiohttp_jinja2.render_template(
             "register.html", request, {"error": exc.message, "values": values}, status=exc.status
         )
-    token = await request.app[keys.SESSIONS].create(
-        user_id, request.remote, request.headers.get("User-Agent")
-    )
+        if isinstance(exc, TooManyRequests):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    token = await request.app[keys.SESSIONS].create(user_id, remote, request.headers.get("User-Agent"))
+    security.renew_csrf(request, token)
     response = redirect("/patient")
     _set_session_cookie(request, response, token)
     return response
 
 
 async def logout(request: web.Request) -> web.Response:
-    token = request.cookies.get(Sessions.COOKIE)
+    token = request.cookies.get(security.session_cookie_name(request))
     if token:
         await request.app[keys.SESSIONS].revoke(token)
+    security.renew_csrf(request, None)
     response = redirect("/login")
-    response.del_cookie(Sessions.COOKIE, path="/")
+    security.delete_session_cookie(request, response)
     return response
 
 
 async def logout_all(request: web.Request) -> web.Response:
     user = security.require(request)
     await request.app[keys.SESSIONS].revoke_all(user.id)
+    security.renew_csrf(request, None)
     response = redirect("/login")
-    response.del_cookie(Sessions.COOKIE, path="/")
+    security.delete_session_cookie(request, response)
     return response
 
 
@@ -195,6 +206,7 @@ async def change_password(request: web.Request) -> web.Response:
     token = await request.app[keys.SESSIONS].create(
         user.id, request.remote, request.headers.get("User-Agent")
     )
+    security.renew_csrf(request, token)
     response = aiohttp_jinja2.render_template(
         "account.html", request, {"error": None, "done": True, "me": user}
     )

@@ -2,11 +2,17 @@
 
 This module is booking's public face; the work lives in focused modules, re-exported here:
 
-- ``consult.visits``: reading a visit, and who may see, cancel or move it;
-- ``consult.holds``: holding a slot, confirming it once paid, expiring holds, the background
-  reaper, and the slot checks every booking write shares;
-- ``consult.visit_changes``: cancelling (with the refund) and rescheduling;
-- ``consult.visit_notices``: what the patient is told (confirmations, reminders) and links' origin.
+- ``consult.booking.visits``: reading a visit and lists of visits, and who may see, cancel or
+  move one;
+- ``consult.booking.holds``: holding a slot, confirming it once paid, expiring holds, the
+  background reaper, and the slot checks every booking write shares;
+- ``consult.booking.changes``: cancelling (with the refund) and rescheduling;
+- ``consult.booking.notices``: what the patient is told (confirmations, reminders) and links'
+  origin.
+
+Beside them: ``catalogue`` (departments, doctors' profiles), ``schedules`` (weekly sessions,
+exceptions and the slots derived from them), ``ics`` (calendar files) and ``pages`` (what each
+booking page shows, read in one call); the ``*views`` modules only parse, call these and render.
 
 Every change runs inside the one writer's ``BEGIN IMMEDIATE`` transaction (the ``*_sync``
 functions take the writer's handle). The partial UNIQUE index ``visits_one_per_slot`` is what
@@ -40,7 +46,10 @@ from consult.booking.visits import (
     VISIT_SELECT,
     can_cancel,
     can_reschedule,
+    complete_sync,
     get_visit_sync,
+    needing_reschedule_sync,
+    shown_status,
     visit_access,
     visit_view,
 )
@@ -65,6 +74,7 @@ __all__ = [
     "can_reschedule",
     "cancel",
     "cancel_sync",
+    "complete_sync",
     "confirm_paid_sync",
     "expire_holds_sync",
     "get_visit_sync",
@@ -73,9 +83,11 @@ __all__ = [
     "hold_sync",
     "housekeeping",
     "lost_slot_message",
+    "needing_reschedule_sync",
     "reminders_due_sync",
     "reschedule",
     "reschedule_sync",
+    "shown_status",
     "speaking",
     "taken_message",
     "visit_access",

@@ -94,16 +94,8 @@ def save_department_sync(
                 raise NotFound(_("No such department."))
     except sqlite3.IntegrityError:
         raise Conflict(_("Another department already uses this code.")) from None
-    audit.append(
-        db,
-        audit.AuditEntry(
-            action="catalogue.department_save",
-            object_type="department",
-            object_id=str(department_id),
-            actor_id=getattr(actor, "id", None),
-            actor_role=getattr(actor, "role", None),
-            detail={"code": code},
-        ),
+    audit.record(
+        db, "catalogue.department_save", "department", department_id, actor=actor, detail={"code": code}
     )
     return department_id
 
@@ -209,15 +201,12 @@ def save_doctor_sync(
     db.execute("DELETE FROM doctor_departments WHERE doctor_id = ?", [user_id])
     for dep in sorted(set(department_ids)):
         db.execute("INSERT INTO doctor_departments (doctor_id, department_id) VALUES (?, ?)", [user_id, dep])
-    audit.append(
+    audit.record(
         db,
-        audit.AuditEntry(
-            action="catalogue.doctor_save",
-            object_type="doctor",
-            object_id=str(user_id),
-            actor_id=getattr(actor, "id", None),
-            actor_role=getattr(actor, "role", None),
-            detail={"fee_minor": fee_minor, "visit_minutes": visit_minutes, "departments": department_ids},
-        ),
+        "catalogue.doctor_save",
+        "doctor",
+        user_id,
+        actor=actor,
+        detail={"fee_minor": fee_minor, "visit_minutes": visit_minutes, "departments": department_ids},
     )
     return schedules.reflag_visits(db, user_id, tz, time.time() if now is None else now)

@@ -10,11 +10,11 @@ from aiohttp import web
 
 from consult import booking
 from consult.audit.reads import audit_read
-from consult.booking import catalogue, schedules
+from consult.booking import catalogue, pages, schedules
 from consult.booking.views import weekday_names
 from consult.calls import recordings
 from consult.core import keys, security
-from consult.core.errors import BadRequest, ConsultError, NotFound
+from consult.core.errors import BadRequest, ConsultError
 from consult.core.forms import field, form, small_int
 from consult.core.i18n import _
 
@@ -67,16 +67,7 @@ def _department_values(data: dict) -> dict:
 
 
 async def _catalogue_context(request: web.Request) -> dict:
-    def read(db) -> dict:
-        return {
-            "departments": catalogue.departments(db, active_only=False),
-            "doctors": catalogue.doctor_users(db),
-            "to_reschedule": db.execute(
-                "SELECT count(*) FROM visits WHERE needs_reschedule = 1 AND status IN ('held', 'confirmed')"
-            ).fetchone()[0],
-        }
-
-    ctx = await request.app[keys.DB].execute_fn(read)
+    ctx = await request.app[keys.DB].execute_fn(pages.catalogue_overview)
     ctx.update(error=None, values={})
     return ctx
 
@@ -148,29 +139,7 @@ async def _doctor_context(request: web.Request, doctor_id: int, error: str | Non
     settings = request.app[keys.SETTINGS]
     today = schedules.local_date(time.time(), settings.timezone).isoformat()
 
-    def read(db) -> dict:
-        user = db.execute(
-            "SELECT id, display_name, username FROM users WHERE id = ? AND role = 'doctor'", [doctor_id]
-        ).fetchone()
-        if user is None:
-            raise NotFound(_("No such doctor."))
-        profile = db.execute("SELECT * FROM doctors WHERE user_id = ?", [doctor_id]).fetchone()
-        deps = {
-            r[0]
-            for r in db.execute(
-                "SELECT department_id FROM doctor_departments WHERE doctor_id = ?", [doctor_id]
-            )
-        }
-        return {
-            "doctor_user": dict(user),
-            "profile": dict(profile) if profile else None,
-            "member_of": deps,
-            "departments": catalogue.departments(db, active_only=False),
-            "templates": schedules.templates(db, doctor_id) if profile else [],
-            "exceptions": schedules.exceptions(db, doctor_id, today) if profile else [],
-        }
-
-    ctx = await request.app[keys.DB].execute_fn(read)
+    ctx = await request.app[keys.DB].execute_fn(lambda db: pages.doctor_admin(db, doctor_id, today))
     ctx.update(
         error=error,
         weekdays=weekday_names(),
@@ -306,12 +275,7 @@ async def exception_delete(request: web.Request) -> web.Response:
 async def reschedule_list(request: web.Request) -> web.Response:
     security.require(request, "admin")
     locale = request[keys.LOCALE]
-    rows = await request.app[keys.DB].execute_fn(
-        lambda db: db.execute(
-            booking.VISIT_SELECT + " WHERE v.needs_reschedule = 1 AND v.status IN ('held', 'confirmed')"
-            " ORDER BY v.starts_at"
-        ).fetchall()
-    )
-    visits = [booking.visit_view(dict(r), locale) for r in rows]
+    rows = await request.app[keys.DB].execute_fn(booking.needing_reschedule_sync)
+    visits = [booking.visit_view(r, locale) for r in rows]
     await audit_read(request, "visit.list", "visit", None, None, reschedule=True)
     return aiohttp_jinja2.render_template("catalogue_reschedule.html", request, {"visits": visits})

@@ -1,8 +1,12 @@
-"""Changing a booked visit: cancelling it (with the refund) and moving it to another slot."""
+"""Changing a booked visit: cancelling it (with the refund) and moving it to another slot.
+
+The ``*_sync`` writes run in the one writer's transaction and share the slot checks of
+``consult.booking.holds``. After the commit, ``cancel`` refunds through ``consult.payments``
+(``refund_visit``) and both tell the patient through ``consult.booking.notices``.
+"""
 
 from __future__ import annotations
 
-import logging
 import secrets
 import sqlite3
 import time
@@ -25,8 +29,6 @@ from consult.booking.visits import OPEN_STATUSES, visit_access
 from consult.core import keys
 from consult.core.errors import BadRequest, Conflict, Forbidden, NotFound
 from consult.core.i18n import _
-
-log = logging.getLogger("consult.booking")  # the JSON logs' "logger" field, as before the split
 
 
 def _load_for_change(db: sqlite_utils.Database, visit_id: int, actor: Any) -> sqlite3.Row:
@@ -121,11 +123,6 @@ def reschedule_sync(
     return dict(row)
 
 
-async def _refund(app: web.Application, visit_id: int, reason: str, actor: Any) -> bool:
-    await payments.refund_visit(app, visit_id, reason=reason, actor=actor)
-    return True
-
-
 async def cancel(
     app: web.Application,
     visit_id: int,
@@ -151,7 +148,8 @@ async def cancel(
     )
     result["refunded"] = False
     if result["refund"]:
-        result["refunded"] = await _refund(app, visit_id, reason or f"cancelled by {actor.role}", actor)
+        await payments.refund_visit(app, visit_id, reason=reason or f"cancelled by {actor.role}", actor=actor)
+        result["refunded"] = True
     await notify_visit(app, visit_id, "cancelled")
     return result
 

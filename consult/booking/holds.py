@@ -4,7 +4,7 @@ Every change runs inside the one writer's ``BEGIN IMMEDIATE`` transaction (the `
 functions take the writer's handle). The partial UNIQUE index ``visits_one_per_slot`` is what
 guarantees a slot is never booked twice: an insert or move onto a taken slot raises
 ``IntegrityError``, which becomes a ``Conflict`` with a message a patient understands. The slot
-checks here are shared with ``visit_changes`` (cancel, reschedule).
+checks here are shared with ``consult.booking.changes`` (cancel, reschedule).
 """
 
 from __future__ import annotations
@@ -90,18 +90,15 @@ def check_slot(
 def audit_visit(
     db: sqlite_utils.Database, actor: Any, action: str, visit: Any, remote: str | None, **detail
 ) -> None:
-    audit.append(
+    audit.record(
         db,
-        audit.AuditEntry(
-            action=action,
-            object_type="visit",
-            object_id=str(visit["id"]),
-            actor_id=getattr(actor, "id", None),
-            actor_role=getattr(actor, "role", None) or "system",
-            remote=remote,
-            subject_user_id=visit["patient_id"],
-            detail=detail,
-        ),
+        action,
+        "visit",
+        visit["id"],
+        actor=actor,
+        subject_user_id=visit["patient_id"],
+        remote=remote,
+        detail=detail,
     )
 
 

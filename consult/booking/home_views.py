@@ -11,8 +11,8 @@ from aiohttp import web
 from consult import booking
 from consult.accounts.users import HOME_BY_ROLE
 from consult.audit.reads import audit_read
-from consult.booking import schedules
-from consult.core import keys, security
+from consult.booking import pages, schedules
+from consult.core import health, keys, security
 
 
 def setup(app: web.Application) -> None:
@@ -24,8 +24,9 @@ def setup(app: web.Application) -> None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    await request.app[keys.DB].query_one("SELECT 1")
-    return web.json_response({"ok": True})
+    settings = request.app[keys.SETTINGS]
+    healthy, report = await health.check(request.app[keys.DB], settings.data_dir, settings.disk_min_free_mb)
+    return web.json_response(report, status=200 if healthy else 503)
 
 
 async def index(request: web.Request) -> web.Response:
@@ -37,8 +38,7 @@ async def index(request: web.Request) -> web.Response:
 
 def _effective(visit: dict, now: float) -> dict:
     """A hold past its time shows as expired even before the reaper has run."""
-    if visit["status"] == "held" and visit["hold_expires"] is not None and visit["hold_expires"] < now:
-        visit["status"] = "expired"
+    visit["status"] = booking.shown_status(visit, now)
     return visit
 
 
@@ -46,15 +46,10 @@ async def patient_home(request: web.Request) -> web.Response:
     user = security.require(request, "patient")
     now = time.time()
     locale = request[keys.LOCALE]
-    rows = await request.app[keys.DB].execute_fn(
-        lambda db: db.execute(
-            booking.VISIT_SELECT + " WHERE v.patient_id = ? ORDER BY v.starts_at DESC LIMIT 200", [user.id]
-        ).fetchall()
-    )
-    visits = [_effective(booking.visit_view(dict(r), locale), now) for r in rows]
-    extras = await _patient_extras(request, user.id)
+    rows, extras = await request.app[keys.DB].execute_fn(lambda db: pages.patient_visits(db, user.id))
+    visits = [_effective(booking.visit_view(r, locale), now) for r in rows]
     for v in visits:
-        v.update(extras.get(v["id"], {"reports": 0, "receipt": None, "prescriptions": []}))
+        v.update(extras.get(v["id"], pages.no_extras()))
     upcoming = [v for v in visits if v["status"] in booking.OPEN_STATUSES and v["ends_at"] > now]
     upcoming.reverse()  # soonest first
     past = [v for v in visits if v not in upcoming]
@@ -62,36 +57,6 @@ async def patient_home(request: web.Request) -> web.Response:
     return aiohttp_jinja2.render_template(
         "patient_home.html", request, {"me": user, "upcoming": upcoming, "past": past}
     )
-
-
-async def _patient_extras(request: web.Request, patient_id: int) -> dict[int, dict]:
-    """Per visit: how many reports, the paid order (for its receipt), the prescriptions."""
-
-    def read(db) -> dict[int, dict]:
-        out: dict[int, dict] = {}
-
-        def slot(visit_id: int) -> dict:
-            return out.setdefault(visit_id, {"reports": 0, "receipt": None, "prescriptions": []})
-
-        for r in db.execute(
-            "SELECT r.visit_id, count(*) FROM reports r JOIN visits v ON v.id = r.visit_id"
-            " WHERE v.patient_id = ? GROUP BY r.visit_id",
-            [patient_id],
-        ):
-            slot(r[0])["reports"] = r[1]
-        for r in db.execute(
-            "SELECT p.visit_id, p.order_id, p.status FROM payments p JOIN visits v ON v.id = p.visit_id"
-            " WHERE v.patient_id = ? AND p.status IN ('paid', 'refunded') ORDER BY p.id",
-            [patient_id],
-        ):
-            slot(r[0])["receipt"] = {"order_id": r[1], "status": r[2]}
-        for r in db.execute(
-            "SELECT visit_id, number FROM prescriptions WHERE patient_id = ? ORDER BY id", [patient_id]
-        ):
-            slot(r[0])["prescriptions"].append(r[1])
-        return out
-
-    return await request.app[keys.DB].execute_fn(read)
 
 
 async def doctor_home(request: web.Request) -> web.Response:
@@ -103,17 +68,9 @@ async def doctor_home(request: web.Request) -> web.Response:
     day_start = datetime(today.year, today.month, today.day, tzinfo=tz).timestamp()
     tomorrow = today + timedelta(days=1)
     day_end = datetime(tomorrow.year, tomorrow.month, tomorrow.day, tzinfo=tz).timestamp()
-    rows = await request.app[keys.DB].query(
-        "SELECT v.id, v.public_id, v.starts_at, v.ends_at, v.status, v.needs_reschedule,"
-        " u.display_name AS patient_name,"
-        " (SELECT count(*) FROM reports r WHERE r.visit_id = v.id) AS reports,"
-        " (SELECT p.status FROM payments p WHERE p.visit_id = v.id ORDER BY p.id DESC LIMIT 1) AS payment"
-        " FROM visits v JOIN users u ON u.id = v.patient_id"
-        " WHERE v.doctor_id = ? AND v.status IN ('confirmed', 'completed') AND v.ends_at > ?"
-        " AND v.starts_at < ? ORDER BY v.starts_at LIMIT 300",
-        [user.id, day_start, now + 30 * 86400],
+    visits = await request.app[keys.DB].execute_fn(
+        lambda db: pages.doctor_agenda(db, user.id, since=day_start, until=now + 30 * 86400)
     )
-    visits = [dict(r) for r in rows]
     today_visits = [v for v in visits if v["starts_at"] < day_end]
     later = [v for v in visits if v["starts_at"] >= day_end]
     await audit_read(request, "visit.list", "visit", None, None, doctor=user.id)

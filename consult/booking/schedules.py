@@ -221,17 +221,7 @@ def reflag_visits(db: sqlite_utils.Database, doctor_id: int, tz: str, now: float
 
 
 def _audit(db: sqlite_utils.Database, actor, action: str, doctor_id: int, detail: dict) -> None:
-    audit.append(
-        db,
-        audit.AuditEntry(
-            action=action,
-            object_type="doctor_schedule",
-            object_id=str(doctor_id),
-            actor_id=getattr(actor, "id", None),
-            actor_role=getattr(actor, "role", None),
-            detail=detail,
-        ),
-    )
+    audit.record(db, action, "doctor_schedule", doctor_id, actor=actor, detail=detail)
 
 
 def _require_doctor(db: sqlite_utils.Database, doctor_id: int) -> None:

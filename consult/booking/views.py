@@ -9,7 +9,7 @@ from aiohttp import web
 
 from consult import booking
 from consult.audit.reads import audit_read
-from consult.booking import catalogue, ics, schedules
+from consult.booking import catalogue, ics, pages, schedules
 from consult.calls import links as calllinks
 from consult.core import keys, metrics, qr, security
 from consult.core.errors import BadRequest, ConsultError, NotFound
@@ -82,29 +82,22 @@ async def doctors_page(request: web.Request) -> web.Response:
     locale = request[keys.LOCALE]
     department_id = int(request.match_info["department_id"])
     now = time.time()
-    horizon = now + BOOKING_DAYS * 86400
-
-    def read(db) -> tuple[dict, list[dict]]:
-        dep = catalogue.department(db, department_id)
-        doctors = []
-        for d in catalogue.doctors_in_department(db, department_id):
-            free = schedules.slots(
-                db,
-                d["user_id"],
-                now,
-                horizon,
-                settings.timezone,
-                now=now,
-                lead_s=settings.booking_lead_minutes * 60,
-                free_only=True,
-            )
-            view = catalogue.doctor_view(d, locale)
-            view["next_slots"] = free[:NEXT_SLOTS]
-            view["free_count"] = len(free)
-            doctors.append(view)
-        return dep, doctors
-
-    dep, doctors = await request.app[keys.DB].execute_fn(read)
+    dep, found = await request.app[keys.DB].execute_fn(
+        lambda db: pages.department_doctors(
+            db,
+            department_id,
+            now=now,
+            horizon=now + BOOKING_DAYS * 86400,
+            tz=settings.timezone,
+            lead_s=settings.booking_lead_minutes * 60,
+        )
+    )
+    doctors = []
+    for d, free in found:
+        view = catalogue.doctor_view(d, locale)
+        view["next_slots"] = free[:NEXT_SLOTS]
+        view["free_count"] = len(free)
+        doctors.append(view)
     return aiohttp_jinja2.render_template(
         "book_doctors.html",
         request,
@@ -116,24 +109,17 @@ async def _slots_context(request: web.Request, department_id: int, doctor_id: in
     settings = request.app[keys.SETTINGS]
     locale = request[keys.LOCALE]
     now = time.time()
-
-    def read(db) -> dict:
-        dep = catalogue.department(db, department_id)
-        doc = catalogue.doctor(db, doctor_id)
-        if department_id not in doc["department_ids"]:
-            raise NotFound(_("No such doctor."))
-        slots = schedules.slots(
+    found = await request.app[keys.DB].execute_fn(
+        lambda db: pages.doctor_slots(
             db,
+            department_id,
             doctor_id,
-            now,
-            now + BOOKING_DAYS * 86400,
-            settings.timezone,
             now=now,
+            horizon=now + BOOKING_DAYS * 86400,
+            tz=settings.timezone,
             lead_s=settings.booking_lead_minutes * 60,
         )
-        return {"dep": dep, "doc": doc, "slots": slots}
-
-    found = await request.app[keys.DB].execute_fn(read)
+    )
     return {
         "department": catalogue.department_view(found["dep"], locale),
         "doctor": catalogue.doctor_view(found["doc"], locale),
@@ -218,9 +204,7 @@ async def visit_page(request: web.Request) -> web.Response:
     settings = request.app[keys.SETTINGS]
     now = time.time()
     free_s = settings.cancel_free_hours * 3600
-    status = visit["status"]
-    if status == "held" and visit["hold_expires"] is not None and visit["hold_expires"] < now:
-        status = visit["status"] = "expired"  # the reaper has not run yet; show the truth
+    status = visit["status"] = booking.shown_status(visit, now)  # the reaper may not have run yet
     is_owner = user.role == "patient" and visit["patient_id"] == user.id
     ctx: dict = {
         "visit": visit,
@@ -239,13 +223,8 @@ async def visit_page(request: web.Request) -> web.Response:
         ctx["call_url"] = _call_url(request, visit, user.role)
     ctx["visit"] = {k: v for k, v in visit.items() if k != "call_nonce"}  # templates never need it
     if user.role in ("doctor", "admin"):
-        ctx["earlier_visits"] = await request.app[keys.DB].query(
-            "SELECT v.public_id, v.starts_at, v.status, u.display_name AS doctor_name,"
-            " (SELECT count(*) FROM reports r WHERE r.visit_id = v.id) AS reports"
-            " FROM visits v JOIN users u ON u.id = v.doctor_id WHERE v.patient_id = ? AND v.id != ?"
-            " AND v.status IN ('confirmed', 'completed', 'no_show') AND v.starts_at < ?"
-            " ORDER BY v.starts_at DESC LIMIT 20",
-            [visit["patient_id"], visit["id"], visit["starts_at"]],
+        ctx["earlier_visits"] = await request.app[keys.DB].execute_fn(
+            lambda db: pages.earlier_visits(db, visit)
         )
     ctx["recordings"] = []
     if user.role in ("doctor", "admin"):  # _visit_for: a doctor sees only their own visits

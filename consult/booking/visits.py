@@ -1,4 +1,4 @@
-"""Reading a visit, and who may see, cancel or move it."""
+"""Reading a visit, completing it when its call ends, and who may see, cancel or move it."""
 
 from __future__ import annotations
 
@@ -29,6 +29,50 @@ def get_visit_sync(
     return None if row is None else dict(row)
 
 
+def for_patient_sync(db: sqlite_utils.Database, patient_id: int) -> list[dict]:
+    """A patient's visits, latest first (their home page)."""
+    rows = db.execute(
+        VISIT_SELECT + " WHERE v.patient_id = ? ORDER BY v.starts_at DESC LIMIT 200", [patient_id]
+    ).fetchall()
+    return [dict(r) for r in rows]
+
+
+def complete_sync(db: sqlite_utils.Database, visit_id: int, at: float) -> bool:
+    """The visit's call is over: a confirmed visit becomes completed. Writer thread only.
+
+    Called in the transaction that ends the visit's room (``consult.calls.closing``), so the
+    status and the room's end are one fact. Idempotent; True when it changed the status.
+    """
+    cur = db.execute(
+        "UPDATE visits SET status = 'completed', updated = ? WHERE id = ? AND status = 'confirmed'",
+        [at, visit_id],
+    )
+    return cur.rowcount > 0
+
+
+def needing_reschedule_sync(db: sqlite_utils.Database) -> list[dict]:
+    """Open visits flagged because their time left the doctor's schedule, soonest first."""
+    rows = db.execute(
+        VISIT_SELECT + " WHERE v.needs_reschedule = 1 AND v.status IN ('held', 'confirmed')"
+        " ORDER BY v.starts_at"
+    ).fetchall()
+    return [dict(r) for r in rows]
+
+
+def count_needing_reschedule_sync(db: sqlite_utils.Database) -> int:
+    """How many visits ``needing_reschedule_sync`` lists."""
+    return db.execute(
+        "SELECT count(*) FROM visits WHERE needs_reschedule = 1 AND status IN ('held', 'confirmed')"
+    ).fetchone()[0]
+
+
+def shown_status(visit: Any, now: float) -> str:
+    """A hold past its time shows as expired even before the reaper has marked it so."""
+    if visit["status"] == "held" and visit["hold_expires"] is not None and visit["hold_expires"] < now:
+        return "expired"
+    return visit["status"]
+
+
 def visit_view(visit: dict, locale: str) -> dict:
     """The visit with its department and doctor title in the reader's language."""
     out = dict(visit)
@@ -54,17 +98,19 @@ def visit_access(user: Any, visit_row: Any) -> bool:
     return False
 
 
-def can_cancel(user: Any, visit: Any, now: float, free_s: float) -> bool:
+def may_change(user: Any, visit: Any, now: float, free_s: float) -> bool:
+    """Who may cancel or move an open visit: staff who can see it always; its patient while it is
+    an unpaid hold or until ``free_s`` before it starts."""
     if not visit_access(user, visit) or visit["status"] not in OPEN_STATUSES:
         return False
     if user.role == "patient":
         return visit["status"] == "held" or visit["starts_at"] - now >= free_s
     return True
+
+
+def can_cancel(user: Any, visit: Any, now: float, free_s: float) -> bool:
+    return may_change(user, visit, now, free_s)
 
 
 def can_reschedule(user: Any, visit: Any, now: float, free_s: float) -> bool:
-    if not visit_access(user, visit) or visit["status"] not in OPEN_STATUSES:
-        return False
-    if user.role == "patient":
-        return visit["status"] == "held" or visit["starts_at"] - now >= free_s
-    return True
+    return may_change(user, visit, now, free_s)

@@ -4,12 +4,16 @@ The `signaling` package runs the rooms and knows nothing about hospitals; this m
 `RoomPolicy` over our database. A room's id is the visit's public id. The patient's hello token
 is the signed call link (`consult.calls.links`); the doctor's is a short-lived host token that the
 consult-room page mints for the signed-in doctor (`make_host_token`). Every room event is
-appended to `session_events` (and folded into the admin session summary) in one write.
+appended to `session_events` (and folded into the admin session summary) in one write; a room's
+end is one write with the visit's status (`consult.calls.closing`), and `room_sweeper` closes the
+rooms a dead server left open.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -24,8 +28,8 @@ import sqlite_utils
 from aiohttp import web
 
 from consult import sessionlog
+from consult.calls import closing, recordings
 from consult.calls import links as calllinks
-from consult.calls import recordings
 from consult.core import keys, metrics
 from consult.core.config import Settings
 from consult.core.db import Database
@@ -155,6 +159,15 @@ class ConsultPolicy:
             raise Refused("room_ended", _("This visit has ended."))
         if visit["status"] != "confirmed":
             raise Refused("visit_not_confirmed", _("This visit is not confirmed or was cancelled."))
+        early = DOCTOR_EARLY_S if role == "host" else calllinks.EARLY_S
+        if now < visit["starts_at"] - early:
+            # Refused here, before the room is opened, so that an early doctor leaves no
+            # session behind (a patient's link is refused above, by its own window).
+            raise Refused(
+                "too_early",
+                _("The consult room opens %(minutes)d minutes before the visit starts.")
+                % {"minutes": DOCTOR_EARLY_S // 60},
+            )
         self._visit_ids[room_id] = visit["id"]
         if len(self._visit_ids) > _VISIT_IDS_MAX:
             self._visit_ids.pop(next(iter(self._visit_ids)))
@@ -169,7 +182,6 @@ class ConsultPolicy:
                 _("This visit is recorded. It can take place only if you agree to the recording."),
             )
         self._peers[(room_id, role)] = peer
-        early = DOCTOR_EARLY_S if role == "host" else calllinks.EARLY_S
         return Admission(
             room_id=room_id,
             role=role,
@@ -221,14 +233,23 @@ class ConsultPolicy:
         if visit_id is None:
             return
         now = self.clock()
+        tz = self.settings.timezone
+        if state.ended_at is not None:
+            # The end is one fact: room row, "ended" event, summary and visit status together.
+            ended_at, reason = state.ended_at, state.end_reason or closing.TIME_LIMIT
+            await self._database().execute_write_fn(
+                lambda db: closing.end_room_sync(db, visit_id, reason, ended_at, now=now, tz=tz)
+            )
+            return
 
         def write(db: sqlite_utils.Database) -> None:
+            # Never reopens an ended room (the end is final).
             db.execute(
                 "INSERT INTO rooms (visit_id, started_at, ended_at, end_reason, updated)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(visit_id) DO UPDATE SET"
-                " started_at = excluded.started_at, ended_at = excluded.ended_at,"
-                " end_reason = excluded.end_reason, updated = excluded.updated",
-                [visit_id, state.started_at, state.ended_at, state.end_reason, now],
+                " VALUES (?, ?, NULL, NULL, ?) ON CONFLICT(visit_id) DO UPDATE SET"
+                " started_at = excluded.started_at, updated = excluded.updated"
+                " WHERE rooms.ended_at IS NULL",
+                [visit_id, state.started_at, now],
             )
 
         await self._database().execute_write_fn(write)
@@ -264,18 +285,17 @@ class ConsultPolicy:
             self._peers.pop((event.room_id, "guest"), None)
 
         def write(db: sqlite_utils.Database) -> None:
+            if event.name == "ended":
+                # Normally written already by save_state; this completes what a failed write left.
+                reason = str(data.get("reason") or closing.TIME_LIMIT)
+                closing.end_room_sync(db, visit_id, reason, event.created, now=event.created, tz=tz)
+                return
             db.execute(
                 "INSERT INTO session_events (visit_id, created, name, role, data) VALUES (?, ?, ?, ?, ?)",
                 [visit_id, event.created, event.name, event.role, encoded],
             )
             if files:
                 stored_bytes.append(recordings.store_files_sync(db, data_dir, visit_id, files, event.created))
-            if event.name == "ended":
-                db.execute(
-                    "UPDATE visits SET status = 'completed', updated = ?"
-                    " WHERE id = ? AND status = 'confirmed'",
-                    [event.created, visit_id],
-                )
             # The summary is a derived view: a bug there must not lose the event itself.
             db.execute("SAVEPOINT summary")
             try:
@@ -322,17 +342,18 @@ def setup_calls(app: web.Application) -> None:
 
     async def attach_database(app: web.Application) -> AsyncIterator[None]:
         policy.db = app[keys.DB]
-        # Files of visits recorded when the server died: rows (complete = 0) before any room
-        # opens, with size, hash and duration read from the partial files.
+        # Files of visits recorded when the server died (or whose write failed): each repaired
+        # once and given its row (complete = 0) before any room opens. Listing is a quick read;
+        # the remux and hashing run in a thread, off the database's threads.
         try:
-            interrupted = await policy.db.execute_fn(
-                lambda db: recordings.find_interrupted_sync(db, data_dir)
-            )
-            found = await policy.db.execute_write_fn(
-                lambda db: recordings.store_interrupted_sync(db, interrupted)
-            )
-            if found:
-                log.warning("recordings interrupted by a crash, recovered: %s", ", ".join(found))
+            interrupted = await policy.db.execute_fn(lambda db: recordings.interrupted_sync(db, data_dir))
+            if interrupted:
+                found = await asyncio.to_thread(recordings.recover_files, interrupted, time.time())
+                stored = await policy.db.execute_write_fn(
+                    lambda db: recordings.store_interrupted_sync(db, found)
+                )
+                if stored:
+                    log.warning("recordings interrupted by a crash, repaired: %s", ", ".join(stored))
         except Exception:
             log.exception("could not recover interrupted recordings")
         yield
@@ -340,3 +361,40 @@ def setup_calls(app: web.Application) -> None:
     # Before the server's own context: its teardown flushes events into the still-open database.
     app.cleanup_ctx.append(attach_database)
     server.setup(app, WS_PATH)
+
+
+async def room_sweeper(app: web.Application) -> AsyncIterator[None]:
+    """Close rooms nobody will end (``consult.calls.closing``): once at start-up, before the
+    server listens, then every reaper interval until the app stops. Started by ``create_app``."""
+    settings = app[keys.SETTINGS]
+    server = app[SIGNALING]
+    policy = app[POLICY]
+
+    def length_s(doctor_minutes: int | None) -> float:
+        return visit_length_s(settings, doctor_minutes)
+
+    async def sweep() -> None:
+        try:
+            live = server.live_rooms()
+            now = policy.clock()
+            closed = await app[keys.DB].execute_write_fn(
+                lambda db: closing.sweep_sync(db, now, live=live, length_s=length_s, tz=settings.timezone)
+            )
+            if closed:
+                log.warning("closed rooms left open: %s", closed)
+        except Exception:
+            log.exception("closing rooms left open failed")
+
+    async def run() -> None:
+        while True:
+            await asyncio.sleep(settings.reaper_interval_seconds)
+            await sweep()
+
+    await sweep()
+    task = asyncio.get_running_loop().create_task(run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

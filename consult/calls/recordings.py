@@ -233,7 +233,8 @@ def probe(path: Path) -> tuple[float | None, list[dict[str, Any]]]:
 def store_files_sync(
     db: sqlite_utils.Database, data_dir: Path, visit_id: int, files: list[dict[str, Any]], now: float
 ) -> int:
-    """Rows for the files a `recording_stopped` event reports (complete); returns bytes."""
+    """Rows for the files a `recording_stopped` event reports; returns bytes. A file whose write
+    failed (the recorder says `complete: false`, e.g. disk full) is stored as incomplete."""
     total = 0
     for f in files:
         seat = str(f.get("role"))
@@ -247,11 +248,16 @@ def store_files_sync(
             continue
         size = int(f.get("size") or 0)
         total += size
+        complete = 0 if f.get("complete") is False else 1
+        if not complete:
+            log.error(
+                "recording %s stored as incomplete: %s", relative, f.get("error") or "the recorder failed"
+            )
         db.execute(
             "INSERT INTO recordings (visit_id, role, path, tracks, started_at, duration_s, size, sha256,"
-            " created, complete) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT(path) DO UPDATE SET"
+            " created, complete) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET"
             " tracks = excluded.tracks, started_at = excluded.started_at, duration_s = excluded.duration_s,"
-            " size = excluded.size, sha256 = excluded.sha256, complete = 1",
+            " size = excluded.size, sha256 = excluded.sha256, complete = excluded.complete",
             [
                 visit_id,
                 role,
@@ -262,20 +268,36 @@ def store_files_sync(
                 size,
                 f.get("sha256"),
                 now,
+                complete,
             ],
         )
     return total
 
 
-def find_interrupted_sync(db: sqlite_utils.Database, data_dir: Path) -> list[dict[str, Any]]:
-    """At start-up, on a reader: every file on disk without a complete row (the server died while
-    recording), with size, SHA-256 and duration read from the file. Hashing and probing happen
-    here, outside the writer, so a large partial file never holds up other writes."""
+@dataclass(frozen=True)
+class Interrupted:
+    """A file on disk that start-up recovery has not dealt with yet."""
+
+    visit_id: int
+    role: str
+    path: Path
+    relative: str
+
+
+def interrupted_sync(db: sqlite_utils.Database, data_dir: Path) -> list[Interrupted]:
+    """On a reader, quick: the files that need recovery. A file needs it when it has no row (the
+    server died while recording) or an incomplete row never repaired (a write failed, or an older
+    version stored it); a repaired or complete file is never read again."""
     root = root_dir(data_dir)
     if not root.is_dir():
         return []
-    known = {r[0]: r[1] for r in db.execute("SELECT path, complete FROM recordings").fetchall()}
-    found: list[dict[str, Any]] = []
+    done = {
+        r[0]
+        for r in db.execute(
+            "SELECT path FROM recordings WHERE complete = 1 OR repaired_at IS NOT NULL"
+        ).fetchall()
+    }
+    found: list[Interrupted] = []
     for room in sorted(p for p in root.iterdir() if p.is_dir() and _ROOM_DIR_RE.fullmatch(p.name)):
         visit = db.execute("SELECT id FROM visits WHERE public_id = ?", [room.name]).fetchone()
         if visit is None:
@@ -285,35 +307,115 @@ def find_interrupted_sync(db: sqlite_utils.Database, data_dir: Path) -> list[dic
             if match is None or not path.is_file() or path.is_symlink():
                 continue
             relative = _relative(data_dir, path)
-            if known.get(relative) == 1:
-                continue
-            size, digest = sha256_file(path)
-            duration, tracks = probe(path)
-            found.append(
-                {
-                    "visit_id": visit[0],
-                    "role": ROLE_OF_SEAT[match.group(1)],
-                    "path": relative,
-                    "tracks": json.dumps(tracks),
-                    "duration_s": duration,
-                    "size": size,
-                    "sha256": digest,
-                    "created": path.stat().st_mtime,
-                }
-            )
+            if relative not in done:
+                found.append(Interrupted(visit[0], ROLE_OF_SEAT[match.group(1)], path, relative))
     return found
 
 
+def repair_file(path: Path) -> bool:
+    """Rewrite a file cut by a crash (or a failed write) into a finished one: the same packets,
+    remuxed up to the first unreadable byte, closed properly so that it has its duration and
+    cues (the seek index). The new file replaces the old one atomically; False (and the file
+    untouched) if nothing could be read. Blocking: run it in a thread."""
+    import av
+
+    repaired = path.with_name(path.name + ".repair")  # not a recording name: never picked up
+    repaired.unlink(missing_ok=True)  # left by a crash during an earlier repair
+    packets = 0
+    try:
+        with av.open(str(path)) as source:
+            streams = [s for s in source.streams if s.type in ("audio", "video")]
+            if not streams:
+                raise ValueError("no audio or video stream")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with os.fdopen(os.open(repaired, flags, 0o600), "wb") as fh:
+                fmt = "webm" if path.suffix == ".webm" else "matroska"
+                with av.open(fh, "w", format=fmt) as out:
+                    mapping = {s.index: out.add_stream_from_template(s) for s in streams}
+                    try:
+                        for packet in source.demux(streams):
+                            if packet.dts is None or packet.size == 0:
+                                continue
+                            packet.stream = mapping[packet.stream.index]
+                            out.mux(packet)
+                            packets += 1
+                    except (av.FFmpegError, EOFError) as exc:
+                        log.info("recording %s: readable up to packet %d (%s)", path, packets, exc)
+                fh.flush()
+                os.fsync(fh.fileno())
+        if packets == 0:
+            raise ValueError("no readable packet")
+        os.replace(repaired, path)
+        _fsync_dir(path.parent)
+        return True
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        log.error("recording %s: could not repair it, kept as it is: %s", path, exc)
+        repaired.unlink(missing_ok=True)
+        return False
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover_files(found: list[Interrupted], now: float) -> list[dict[str, Any]]:
+    """Off the database threads: repair each file once, then read its size, SHA-256, duration
+    and tracks (the row's values, describing the repaired file)."""
+    out: list[dict[str, Any]] = []
+    for item in found:
+        try:
+            created = item.path.stat().st_mtime  # when the recording was last written, not now
+            before = item.path.stat().st_size
+            repaired = repair_file(item.path)
+            size, digest = sha256_file(item.path)
+        except OSError as exc:  # gone or unreadable: nothing to store, tried again next start
+            log.error("recording %s: could not read it: %s", item.path, exc)
+            continue
+        duration, tracks = probe(item.path)
+        log.warning(
+            "recording %s interrupted: %s (%d bytes, now %d bytes, %s s), stored as incomplete",
+            item.relative,
+            "repaired" if repaired else "not repairable",
+            before,
+            size,
+            duration,
+        )
+        out.append(
+            {
+                "visit_id": item.visit_id,
+                "role": item.role,
+                "path": item.relative,
+                "tracks": json.dumps(tracks),
+                "duration_s": duration,
+                "size": size,
+                "sha256": digest,
+                "created": created,
+                "repaired_at": now,
+            }
+        )
+    return out
+
+
+def find_interrupted_sync(db: sqlite_utils.Database, data_dir: Path) -> list[dict[str, Any]]:
+    """Both reading steps in one call (CLI and tests); the app runs them apart, the file work
+    off the database threads."""
+    return recover_files(interrupted_sync(db, data_dir), time.time())
+
+
 def store_interrupted_sync(db: sqlite_utils.Database, found: list[dict[str, Any]]) -> list[str]:
-    """In the writer: a row (complete = 0) for each file ``find_interrupted_sync`` returned;
-    incomplete rows are refreshed. Returns the relative paths touched."""
+    """In the writer: a row (complete = 0, repaired) for each file ``recover_files`` returned;
+    an incomplete row takes the repaired file's values. Returns the relative paths touched."""
     for item in found:
         db.execute(
             "INSERT INTO recordings (visit_id, role, path, tracks, started_at, duration_s, size, sha256,"
-            " created, complete) VALUES (:visit_id, :role, :path, :tracks, NULL, :duration_s, :size,"
-            " :sha256, :created, 0) ON CONFLICT(path) DO UPDATE SET tracks = excluded.tracks,"
-            " duration_s = excluded.duration_s, size = excluded.size, sha256 = excluded.sha256"
-            " WHERE complete = 0",
+            " created, complete, repaired_at) VALUES (:visit_id, :role, :path, :tracks, NULL, :duration_s,"
+            " :size, :sha256, :created, 0, :repaired_at) ON CONFLICT(path) DO UPDATE SET"
+            " tracks = excluded.tracks, duration_s = excluded.duration_s, size = excluded.size,"
+            " sha256 = excluded.sha256, repaired_at = excluded.repaired_at WHERE complete = 0",
             item,
         )
     return [item["path"] for item in found]

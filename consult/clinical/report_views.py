@@ -114,6 +114,7 @@ async def upload_report(request: web.Request) -> web.Response:
         max_bytes=max_file,
         visit_max_bytes=max_visit,
         remote=security.client_address(request),
+        in_flight=request.app[uploads.IN_FLIGHT],
     )
     metrics.count(request.app, "uploads")
     return web.json_response({"report": _report_json(request, report, True)}, status=201)
@@ -149,6 +150,7 @@ async def delete_report(request: web.Request) -> web.Response:
         visit,
         user,
         security.client_address(request),
+        in_flight=request.app[uploads.IN_FLIGHT],
     )
     return web.json_response({"deleted": report.id})
 
@@ -177,7 +179,7 @@ async def _serve(request: web.Request, download: bool) -> web.StreamResponse:
     headers = {
         "Content-Type": report.content_type,
         "Content-Disposition": content_disposition(
-            "attachment" if download else "inline", report.display_name
+            "inline" if _inline(request, user, download) else "attachment", report.display_name
         ),
         "X-Content-Type-Options": "nosniff",
         "Cache-Control": "private, no-store",
@@ -188,6 +190,16 @@ async def _serve(request: web.Request, download: bool) -> web.StreamResponse:
         "X-Frame-Options": "SAMEORIGIN",
     }
     return web.FileResponse(path, headers=headers)
+
+
+def _inline(request: web.Request, user, download: bool) -> bool:
+    """Staff open a patient's file inline only in the consult room's viewer (an iframe, which
+    Sec-Fetch-Dest names and no page can forge); a link opened in a tab downloads it, so a hostile
+    file is never rendered by the browser at the top of a doctor's window. A patient's own files
+    open as before."""
+    if download:
+        return False
+    return user.role == "patient" or request.headers.get("Sec-Fetch-Dest") == "iframe"
 
 
 async def view_report(request: web.Request) -> web.StreamResponse:

@@ -2,29 +2,40 @@
 
 Files are handled by ``consult.uploads``; this module decides access and keeps the database and
 the disk in step (a row never exists without its file, and a refused upload leaves neither).
+What a crash leaves between the two steps is converged by the ``files_ctx`` job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sqlite3
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+from aiohttp import web
 
 from consult.accounts.users import User
 from consult.audit import chain as audit
 from consult.clinical import uploads
+from consult.core import keys, metrics
 from consult.core.db import Database
 from consult.core.errors import Conflict, Forbidden, NotFound, PayloadTooLarge
 from consult.core.i18n import _
 
+log = logging.getLogger(__name__)
+
 EDITABLE_STATUSES = ("held", "confirmed")
 MAX_REPORTS_PER_VISIT = 30
 MB = 1024 * 1024
+# Files not written to for this long and held by no request are garbage (temp files) or
+# orphans (stored files without a row). Also covers a request of another process.
+FILES_GRACE_S = 120.0
 
 REPORT_COLUMNS = "id, visit_id, owner_id, display_name, stored_name, content_type, size, sha256, created"
 
@@ -147,8 +158,43 @@ async def add_report(
     max_bytes: int,
     visit_max_bytes: int,
     remote: str | None = None,
+    in_flight: uploads.InFlight | None = None,
 ) -> Report:
-    """Receive one file for ``visit`` from ``source``; nothing remains on disk if this raises."""
+    """Receive one file for ``visit`` from ``source``; nothing remains on disk if this raises.
+
+    While it runs, its temp files' token and its stored name are held in ``in_flight``, so the
+    sweep never takes a file of a live upload."""
+    token, stored_name = uploads.new_token(), uploads.new_stored_name()
+    with (uploads.InFlight() if in_flight is None else in_flight).hold(token, stored_name):
+        return await _add_report(
+            db,
+            data_dir,
+            visit=visit,
+            user=user,
+            source=source,
+            filename=filename,
+            max_bytes=max_bytes,
+            visit_max_bytes=visit_max_bytes,
+            remote=remote,
+            token=token,
+            stored_name=stored_name,
+        )
+
+
+async def _add_report(
+    db: Database,
+    data_dir: Path,
+    *,
+    visit: dict[str, Any],
+    user: User,
+    source: uploads.ChunkSource,
+    filename: str | None,
+    max_bytes: int,
+    visit_max_bytes: int,
+    remote: str | None,
+    token: str,
+    stored_name: str,
+) -> Report:
     count, used = await visit_usage(db, visit["id"])
     if count >= MAX_REPORTS_PER_VISIT:
         raise Conflict(
@@ -170,12 +216,13 @@ async def add_report(
         budget_bytes=max(0, visit_max_bytes - used),
         too_large=too_large,
         over_budget=over_budget,
+        token=token,
     )
     # Parsing and re-encoding can take a moment: a thread, shielded so that a disconnect cannot
     # leave the thread running with nobody to clean up after it.
     stored: uploads.Stored | None = None
     write_task: asyncio.Future[int] | None = None
-    store_task = asyncio.ensure_future(asyncio.to_thread(uploads.store_sync, received, data_dir))
+    store_task = asyncio.ensure_future(asyncio.to_thread(uploads.store_sync, received, data_dir, stored_name))
     try:
         stored = await asyncio.shield(store_task)
         name = uploads.display_name_for(filename, stored.content_type)
@@ -250,6 +297,20 @@ async def add_report(
 
 
 async def delete_report(
+    db: Database,
+    data_dir: Path,
+    report: Report,
+    visit: dict[str, Any],
+    user: User,
+    remote: str | None,
+    in_flight: uploads.InFlight | None = None,
+) -> None:
+    # Held while the row is gone and the file not yet: not an orphan for the sweep.
+    with (uploads.InFlight() if in_flight is None else in_flight).hold(report.stored_name):
+        await _delete_report(db, data_dir, report, visit, user, remote)
+
+
+async def _delete_report(
     db: Database, data_dir: Path, report: Report, visit: dict[str, Any], user: User, remote: str | None
 ) -> None:
     def write(d: sqlite_utils.Database) -> None:
@@ -289,6 +350,105 @@ async def record_view(
             created=created,
         )
     )
+
+
+# -- files and rows converge -----------------------------------------------------------------
+
+
+@dataclass
+class Convergence:
+    """What one sweep found and did."""
+
+    temp_removed: int = 0
+    quarantined: list[str] = field(default_factory=list)  # stored names moved to quarantine
+    missing: list[tuple[int, str]] = field(default_factory=list)  # (report id, stored name)
+
+
+async def converge_files(
+    db: Database,
+    data_dir: Path,
+    in_flight: uploads.InFlight,
+    *,
+    grace_s: float = FILES_GRACE_S,
+    now: float | None = None,
+) -> Convergence:
+    """Bring the uploads directory back in step with the ``reports`` rows after crashes.
+
+    Temp files no upload holds are removed; a stored file without a row (the server died between
+    storing the file and writing its row, or between deleting a row and its file) is moved to
+    ``<data_dir>/quarantine/uploads/``, never deleted; rows whose file is missing are returned.
+    Files are listed before rows are read, and a request's files are skipped while it holds
+    them, so a live upload or deletion is never mistaken for an orphan.
+    """
+    now = time.time() if now is None else now
+    result = Convergence()
+    result.temp_removed = await asyncio.to_thread(uploads.sweep_tmp, data_dir, grace_s, in_flight)
+    on_disk = await asyncio.to_thread(uploads.stored_files, data_dir)
+    rows = await db.execute_fn(
+        lambda d: {r[0]: r[1] for r in d.execute("SELECT stored_name, id FROM reports").fetchall()}
+    )
+    orphans = [name for name, mtime in sorted(on_disk.items()) if name not in rows and mtime < now - grace_s]
+    for name in orphans:
+        if name in in_flight:
+            continue
+        try:
+            moved = await asyncio.to_thread(uploads.quarantine, data_dir, name)
+        except OSError as exc:
+            log.error("report file %s has no row and could not be quarantined: %s", name, exc)
+            continue
+        if moved is not None:
+            result.quarantined.append(name)
+            log.warning("report file %s has no row: moved to %s", name, moved)
+    unseen = [(rid, name) for name, rid in rows.items() if name not in on_disk]
+    if unseen:  # stored after the listing, or really missing: look again
+        exists = await asyncio.to_thread(
+            lambda: {name: uploads.stored_path(data_dir, name).is_file() for _rid, name in unseen}
+        )
+        result.missing = sorted((rid, name) for rid, name in unseen if not exists[name])
+    return result
+
+
+async def files_ctx(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``: converge upload files and report rows at start-up, then every
+    ``files_sweep_interval_seconds`` (0: at start-up only). Each orphan quarantined is logged
+    and counted (``consult_report_files_quarantined_total``); each row without its file is
+    logged once per process and shown by the ``consult_report_files_missing`` gauge."""
+    settings = app[keys.SETTINGS]
+    db, data_dir, in_flight = app[keys.DB], settings.data_dir, app[uploads.IN_FLIGHT]
+    interval = settings.files_sweep_interval_seconds
+    missing: dict[int, str] = {}
+    if metrics.METRICS in app:
+        metrics.provide(app, "report_files_missing", lambda: len(missing))
+
+    async def sweep_once() -> None:
+        result = await converge_files(db, data_dir, in_flight)
+        if result.temp_removed:
+            log.warning("removed %d abandoned upload temp files", result.temp_removed)
+        if result.quarantined:
+            metrics.count(app, "report_files_quarantined", len(result.quarantined))
+        for rid, name in result.missing:
+            if rid not in missing:
+                log.error("report %d: its file %s is missing", rid, name)
+        missing.clear()
+        missing.update(result.missing)
+
+    async def loop() -> None:
+        while True:
+            try:
+                await sweep_once()
+            except Exception:
+                log.exception("upload files sweep failed")
+            if interval <= 0:
+                return
+            await asyncio.sleep(interval)
+
+    task = asyncio.get_running_loop().create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _succeeded(task: asyncio.Future[Any]) -> bool:

@@ -5,6 +5,10 @@ comes from the bytes (magic numbers, then a real parse); photos are decoded and 
 EXIF (GPS, camera serial, time) survives; files live under server-chosen names with mode 0600
 inside one confined root. Every function that creates a file removes it again when anything
 after it fails, so an aborted or refused upload leaves nothing behind.
+
+A crash can still leave files behind: temp files of uploads cut short, and a stored file whose
+row was never written. ``InFlight`` names the files requests are working on right now, so that
+the periodic sweep (``consult.clinical.reports.files_ctx``) removes or quarantines only the rest.
 """
 
 from __future__ import annotations
@@ -16,16 +20,17 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 import unicodedata
-from collections.abc import AsyncIterator
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from aiohttp import web
 
-from consult.core import keys
 from consult.core.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from consult.core.i18n import _
 
@@ -60,6 +65,43 @@ class Stored:
     content_type: str
     size: int
     sha256: str
+
+
+class InFlight:
+    """The names of upload files a request is working on right now (in memory, per process):
+    the token of an upload's temp files and the stored name it is given before its row exists,
+    or that a deletion is removing. The sweep leaves these alone, whatever their age."""
+
+    def __init__(self) -> None:
+        self._names: set[str] = set()
+        self._lock = threading.Lock()  # the sweep asks from a worker thread
+
+    @contextlib.contextmanager
+    def hold(self, *names: str) -> Iterator[None]:
+        with self._lock:
+            self._names.update(names)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._names.difference_update(names)
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._names
+
+
+IN_FLIGHT = web.AppKey("uploads_in_flight", InFlight)
+
+
+def new_token() -> str:
+    """An upload's token: its temp files are ``<token>.part`` and ``<token>.clean``."""
+    return secrets.token_hex(16)
+
+
+def new_stored_name() -> str:
+    name = secrets.token_hex(32)
+    return f"{name[:2]}/{name}"
 
 
 def uploads_root(data_dir: Path) -> Path:
@@ -124,15 +166,17 @@ async def receive(
     budget_bytes: int,
     too_large: str,
     over_budget: str,
+    token: str | None = None,
 ) -> Received:
     """Stream one part into a private temp file, refusing it as soon as it passes a limit.
 
     ``max_bytes`` is the per-file limit and ``budget_bytes`` what is left of the visit's total;
     the messages are the human explanations for each. On any failure (including the client
-    going away and the task being cancelled) the temp file is removed before re-raising.
+    going away and the task being cancelled) the temp file is removed before re-raising. The
+    file is ``<token>.part``; hold the token in ``InFlight`` while the upload runs.
     """
     directory = await asyncio.to_thread(_private_dir, tmp_dir(data_dir))
-    fd, path = await asyncio.to_thread(_create_exclusive, directory, secrets.token_hex(16) + ".part")
+    fd, path = await asyncio.to_thread(_create_exclusive, directory, (token or new_token()) + ".part")
     size = 0
     buffer = bytearray()
     ok = False
@@ -202,6 +246,133 @@ def _check_pdf(path: Path, size: int) -> None:
         raise _damaged()
 
 
+# -- active content in PDFs ----------------------------------------------------------------
+#
+# A report is a document to read. Names that make a PDF *do* something when opened (run a
+# script, launch a program, carry other files, play Flash, be an XFA form) are refused. Names
+# can be written with #xx escapes (/J#61vaScript), so every name is decoded before it is
+# compared. Dictionaries can hide inside compressed object streams (/ObjStm): those are inflated
+# (FlateDecode only, within a size budget) and searched too; an object stream we cannot inflate
+# (another filter, a predictor, encryption, a bomb) is refused rather than waved through, since
+# what it hides cannot be known. Other streams (page contents, images, fonts) hold no
+# dictionaries, so they are not inflated: that keeps the check fast and leaves pixel data alone.
+#
+# Stream bodies are binary: a two-letter name (/JS, /AA) turns up in random bytes about once in
+# 16 million positions, so those two are looked for outside stream bodies only; every longer
+# name is looked for everywhere. A JavaScript action also needs /S /JavaScript, so hiding its
+# /JS key does not hide it.
+PDF_ACTIVE_NAMES = frozenset(
+    {"JavaScript", "JS", "OpenAction", "AA", "Launch", "EmbeddedFile", "EmbeddedFiles", "RichMedia", "XFA"}
+)
+_SHORT_NAMES = frozenset(n for n in PDF_ACTIVE_NAMES if len(n) <= 2)
+PDF_INFLATE_BUDGET = 64 * 1024 * 1024  # bytes of object streams inflated per file
+_PDF_NAME = re.compile(rb"/([^\x00\t\n\x0c\r ()<>\[\]{}/%]*)")
+_PDF_STREAM = re.compile(rb">>\s*stream(?:\r\n|\n|\r)")
+_PDF_ENDSTREAM = re.compile(rb"(?:\r\n|\n|\r)?endstream")
+_PDF_HEX = re.compile(rb"#([0-9A-Fa-f]{2})")
+# An OpenAction that is an explicit destination array ("open at page 1, fit width"; Word and
+# Acrobat write it) does nothing active; anything else (an action dictionary, or a reference we
+# would have to resolve) is refused.
+_PDF_OPEN_AT_PAGE = re.compile(rb"\s*\[")
+_PDF_FILTERS = frozenset(
+    "FlateDecode Fl ASCIIHexDecode AHx ASCII85Decode A85 LZWDecode LZW RunLengthDecode RL Crypt"
+    " JBIG2Decode DCTDecode DCT JPXDecode CCITTFaxDecode CCF".split()
+)
+
+
+def _pdf_names(data: bytes) -> list[tuple[str, int]]:
+    """Every name token in ``data``, #xx escapes decoded, with the offset just after it."""
+    out = []
+    for m in _PDF_NAME.finditer(data):
+        raw = m.group(1)
+        if b"#" in raw:
+            raw = _PDF_HEX.sub(lambda h: bytes([int(h.group(1), 16)]), raw)
+        out.append((raw.decode("latin-1"), m.end()))
+    return out
+
+
+def _active_in(data: bytes, names: frozenset[str]) -> str | None:
+    for name, end in _pdf_names(data):
+        if name not in names:
+            continue
+        if name == "OpenAction" and _PDF_OPEN_AT_PAGE.match(data, end):
+            continue
+        return name
+    return None
+
+
+def _pdf_streams(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(body start, body end, the dictionary text before it) of every stream."""
+    out = []
+    for m in _PDF_STREAM.finditer(data):
+        start = m.end()
+        end_m = _PDF_ENDSTREAM.search(data, start)
+        end = end_m.start() if end_m else len(data)
+        head_from = data.rfind(b"obj", max(0, m.start() - 4096), m.start())
+        out.append((start, end, data[head_from if head_from >= 0 else max(0, m.start() - 4096) : m.end()]))
+    return out
+
+
+def _inflate_object_stream(body: bytes, head: bytes, budget: int) -> bytes:
+    names = {n for n, _end in _pdf_names(head)}
+    filters = names & _PDF_FILTERS
+    if not filters:
+        return body
+    if filters - {"FlateDecode", "Fl"} or "Predictor" in names:
+        raise _pdf_uninspectable()
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(body, budget + 1)
+    except zlib.error:
+        raise _pdf_uninspectable() from None
+    if len(text) > budget or inflater.unconsumed_tail:
+        raise _pdf_uninspectable()
+    return text
+
+
+def _pdf_active() -> UnsupportedMediaType:
+    return UnsupportedMediaType(
+        _(
+            "This PDF contains active content (scripts, automatic actions or attached files), which"
+            " is not accepted. Print it to a new PDF, or upload a photo of the report."
+        ),
+        code="pdf_active_content",
+    )
+
+
+def _pdf_uninspectable() -> UnsupportedMediaType:
+    return UnsupportedMediaType(
+        _(
+            "This PDF could not be checked for active content (it is encrypted or packed in an"
+            " unusual way). Print it to a new PDF, or upload a photo of the report."
+        ),
+        code="pdf_uninspectable",
+    )
+
+
+def check_pdf_active_content(data: bytes) -> None:
+    """Refuse a PDF that carries scripts, actions, attachments, RichMedia or XFA (see above)."""
+    found = _active_in(data, PDF_ACTIVE_NAMES - _SHORT_NAMES)
+    streams = _pdf_streams(data)
+    if found is None:
+        outside = bytearray(data)
+        for start, end, _head in streams:
+            outside[start:end] = b" " * (end - start)
+        found = _active_in(bytes(outside), _SHORT_NAMES)
+    budget = PDF_INFLATE_BUDGET
+    for start, end, head in streams:
+        if found is not None:
+            break
+        if "ObjStm" not in {n for n, _end in _pdf_names(head)}:
+            continue
+        text = _inflate_object_stream(data[start:end], head, budget)
+        budget -= len(text)
+        found = _active_in(text, PDF_ACTIVE_NAMES)
+    if found is not None:
+        log.info("refused a PDF upload: active content (/%s)", found)
+        raise _pdf_active()
+
+
 _heif_registered = False
 
 
@@ -249,7 +420,7 @@ def _clean_image(src: Path, kind: str, directory: Path) -> tuple[Path, str]:
     if transparency is not None and kind == PNG:
         oriented.info["transparency"] = transparency
     out_type = PNG if kind == PNG else JPEG
-    fd, out = _create_exclusive(directory, secrets.token_hex(16) + ".clean")
+    fd, out = _create_exclusive(directory, src.stem + ".clean")  # the same upload token
     try:
         with os.fdopen(fd, "wb") as fh:
             if out_type == PNG:
@@ -274,10 +445,11 @@ def _sha256(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def store_sync(received: Received, data_dir: Path) -> Stored:
+def store_sync(received: Received, data_dir: Path, stored_name: str | None = None) -> Stored:
     """Type the temp file by content, clean it, move it into place. Blocking: run in a thread.
 
-    The temp file is consumed (moved or removed) whatever happens.
+    The temp file is consumed (moved or removed) whatever happens. ``stored_name`` (from
+    ``new_stored_name``) lets the caller hold the name in ``InFlight`` before the file exists.
     """
     cleaned: Path | None = None
     try:
@@ -288,14 +460,17 @@ def store_sync(received: Received, data_dir: Path) -> Stored:
             raise _unsupported()
         if kind == PDF:
             _check_pdf(received.path, received.size)
+            check_pdf_active_content(received.path.read_bytes())
             final_src, content_type = received.path, PDF
         else:
             cleaned, content_type = _clean_image(received.path, kind, received.path.parent)
             final_src = cleaned
         sha, size = _sha256(final_src)
-        name = secrets.token_hex(32)
-        stored_name = f"{name[:2]}/{name}"
-        target_dir = _private_dir(uploads_root(data_dir) / name[:2])
+        stored_name = stored_name or new_stored_name()
+        if not STORED_NAME_RE.match(stored_name):
+            raise ValueError("invalid stored name")
+        prefix, name = stored_name.split("/")
+        target_dir = _private_dir(uploads_root(data_dir) / prefix)
         target = target_dir / name
         # link() fails if the name exists, unlike rename(): never overwrite another report.
         os.link(final_src, target)
@@ -306,19 +481,60 @@ def store_sync(received: Received, data_dir: Path) -> Stored:
         remove_quietly(cleaned)
 
 
-def sweep_tmp(data_dir: Path, older_than: float = 3600.0) -> int:
-    """Remove temp files a crash left behind (a live upload's file is younger than this)."""
+def sweep_tmp(data_dir: Path, older_than: float = 3600.0, in_flight: InFlight | None = None) -> int:
+    """Remove temp files no upload is using: not held in ``in_flight`` and not written to for
+    ``older_than`` seconds (the grace also covers an upload of another process). Blocking."""
     directory = tmp_dir(data_dir)
     if not directory.exists():
         return 0
     cutoff = time.time() - older_than
     removed = 0
     for path in directory.iterdir():
+        if in_flight is not None and path.name.partition(".")[0] in in_flight:
+            continue
         with contextlib.suppress(FileNotFoundError):
-            if path.is_file() and path.stat().st_mtime < cutoff:
+            if path.is_file() and not path.is_symlink() and path.stat().st_mtime < cutoff:
                 path.unlink()
                 removed += 1
     return removed
+
+
+def stored_files(data_dir: Path) -> dict[str, float]:
+    """Every stored report file on disk: stored name -> last modification time. Blocking."""
+    root = uploads_root(data_dir)
+    found: dict[str, float] = {}
+    if not root.is_dir():
+        return found
+    for sub in root.iterdir():
+        if len(sub.name) != 2 or not sub.is_dir() or sub.is_symlink():
+            continue
+        for path in sub.iterdir():
+            name = f"{sub.name}/{path.name}"
+            if STORED_NAME_RE.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    found[name] = path.lstat().st_mtime
+    return found
+
+
+def quarantine_dir(data_dir: Path) -> Path:
+    return data_dir / "quarantine" / "uploads"
+
+
+def quarantine(data_dir: Path, stored_name: str) -> Path | None:
+    """Move a stored file out of the uploads root into the quarantine folder (never deleted: a
+    person decides). None if it is gone already. Blocking."""
+    if not STORED_NAME_RE.match(stored_name):
+        raise ValueError("invalid stored name")
+    source = uploads_root(data_dir) / stored_name  # the entry itself, never what it points to
+    directory = _private_dir(quarantine_dir(data_dir))
+    target = directory / stored_name.replace("/", "-")
+    if target.exists():
+        target = directory / f"{target.name}-{secrets.token_hex(4)}"
+    try:
+        os.rename(source, target)
+    except FileNotFoundError:
+        return None
+    return target
 
 
 def stored_path(data_dir: Path, stored_name: str) -> Path:
@@ -330,11 +546,3 @@ def stored_path(data_dir: Path, stored_name: str) -> Path:
     if root not in path.parents:
         raise ValueError("stored name escapes the uploads root")
     return path
-
-
-async def sweep_ctx(app: web.Application) -> AsyncIterator[None]:
-    """``cleanup_ctx``: at start-up, remove temp files that uploads abandoned."""
-    removed = await asyncio.to_thread(sweep_tmp, app[keys.SETTINGS].data_dir)
-    if removed:
-        log.warning("removed %d abandoned upload temp files", removed)
-    yield

@@ -50,11 +50,34 @@ class Settings:
     session_key: str = setting("", "Key that signs CSRF tokens and call links.", secret=True)
     session_idle_minutes: int = setting(60, "A session ends after this much inactivity.")
     session_absolute_hours: int = setting(12, "A session ends this long after sign-in, however active.")
-    login_max_failures: int = setting(5, "Failed sign-ins allowed per account within the window.")
-    login_max_failures_per_address: int = setting(
-        20, "Failed sign-ins allowed per address within the window."
+    login_max_failures: int = setting(
+        5,
+        "Failed sign-ins on one account from one address (or one trusted device) before each"
+        " further try there waits a growing delay: 1 s, 2 s, 4 s … up to login_max_delay_seconds.",
     )
-    login_window_minutes: int = setting(15, "Window for counting failed sign-ins.")
+    login_max_failures_account_total: int = setting(
+        20,
+        "Failed sign-ins on one account from all addresses together before every try on it from a"
+        " device that never signed in to it waits a growing delay. Devices that did are exempt.",
+    )
+    login_max_failures_per_address: int = setting(
+        100,
+        "Failed sign-ins from one address (an IPv6 /64) before its tries on accounts that already"
+        " have failures, or on unknown names, wait a growing delay. Accounts without failures are"
+        " never held back by it, so one NAT or proxy cannot block everyone behind it.",
+    )
+    login_max_delay_seconds: int = setting(
+        300, "Longest wait a sign-in throttle imposes; nobody is ever locked out for longer."
+    )
+    login_window_minutes: int = setting(
+        15, "A sign-in throttle's counters are forgotten after this long without a failure."
+    )
+    register_max_per_address: int = setting(
+        10,
+        "Registrations one address may make at once; the allowance refills evenly over"
+        " register_window_minutes (then 429 with Retry-After).",
+    )
+    register_window_minutes: int = setting(60, "Time over which the registration allowance refills.")
     argon2_time_cost: int = setting(3, "Argon2 time cost for password hashes.")
     argon2_memory_kib: int = setting(65536, "Argon2 memory cost (KiB) for password hashes.")
     currency: str = setting("CNY", "Currency of visit fees (ISO 4217).")
@@ -83,6 +106,11 @@ class Settings:
     )
     upload_max_mb: float = setting(20.0, "Largest accepted test-report file (MB).")
     visit_upload_max_mb: float = setting(60.0, "Largest total of test reports per visit (MB).")
+    files_sweep_interval_seconds: float = setting(
+        300.0,
+        "How often upload temp files no upload is using are removed and report files are checked"
+        " against their rows (files without a row are quarantined); 0: at start-up only.",
+    )
     turn_urls: tuple[str, ...] = setting((), "TURN server URLs given to browsers (self-hosted coturn).")
     stun_urls: tuple[str, ...] = setting((), "STUN server URLs given to browsers (self-hosted only).")
     turn_secret: str = setting("", "Shared secret with coturn (use-auth-secret).", secret=True)
@@ -95,6 +123,25 @@ class Settings:
     )
     recording_retention_days: int = setting(
         3650, "`consult recordings purge` deletes recordings older than this many days (0: never)."
+    )
+    disk_min_free_mb: float = setting(
+        200.0,
+        "/healthz answers 503 when the disk of the data directory has less free space than this"
+        " (MB); a full disk refuses every write.",
+    )
+    header_timeout_seconds: float = setting(
+        15.0,
+        "A client must send a request's complete headers within this many seconds of connecting"
+        " (or of its previous response; idle keep-alive connections close then too). With TLS, the"
+        " handshake too.",
+    )
+    max_connections_per_address: int = setting(
+        100,
+        "Open connections allowed from one client address (an IPv6 client: its /64); more are"
+        " closed at once. 0: no limit (set 0 behind a reverse proxy, which all connections come from).",
+    )
+    accept_error_log_interval_seconds: float = setting(
+        60.0, "When the server runs out of file descriptors, log that at most once per this many seconds."
     )
     mask_addresses: bool = setting(False, "Store only the network part of client addresses in logs.")
     log_json: bool = setting(False, "Write structured JSON log lines.")
@@ -203,6 +250,14 @@ def load_settings(
         )
     if settings.payment_provider not in {"", *PAYMENT_PROVIDERS}:
         raise ConfigError("payment_provider must be 'cashier' or 'simulator' (demo mode only)")
+    for name in (
+        "login_max_delay_seconds",
+        "login_window_minutes",
+        "register_max_per_address",
+        "register_window_minutes",
+    ):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"{name} must be at least 1")
     return settings
 
 

@@ -3,21 +3,32 @@
 Reads run in a small thread pool, each thread with its own connection. Every write goes
 through one writer thread inside ``BEGIN IMMEDIATE``; the function's result, or its
 exception, travels back to whoever awaited the write (Datasette's pattern).
+
+The writer never dies and never leaves a write waiting: if its connection cannot be opened it
+fails every pending write with ``DatabaseUnavailable`` (503) and tries again with a capped
+exponential backoff (at once if a write arrives after the backoff); a connection left in a bad
+state (a ROLLBACK that failed, an I/O error) is replaced. A full disk, from SQLite or the OS,
+reaches the caller as ``StorageFull`` (507).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlite_utils
+
+from consult.core.errors import DatabaseUnavailable, storage_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,25 +49,77 @@ def connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:
 
 
 def run_in_transaction(db: sqlite_utils.Database, fn: Callable[[sqlite_utils.Database], T]) -> T:
+    """``fn(db)`` inside ``BEGIN IMMEDIATE``: committed if it returns, rolled back if it raises.
+
+    A COMMIT that fails (busy, disk full, I/O error) is rolled back too: the transaction is
+    never left open, and the caller sees the COMMIT's error, not the ROLLBACK's.
+    """
     conn = db.conn
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = fn(db)
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback_quietly(conn)
         raise
-    conn.execute("COMMIT")
     return result
 
 
+def rollback_quietly(conn: sqlite3.Connection) -> bool:
+    """End any open transaction; True if the connection is clean afterwards.
+
+    SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR); a second ROLLBACK
+    would then raise and hide the error that matters.
+    """
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        return not conn.in_transaction
+    except sqlite3.Error:
+        log.exception("ROLLBACK failed")
+        return False
+
+
+@dataclass
+class WriterStatus:
+    """What the writer thread is doing, for ``/healthz`` and the logs."""
+
+    state: str = "idle"  # idle (no write yet), up, down (retrying), closed
+    since: float = field(default_factory=time.time)
+    error: str | None = None  # the last failure to open the connection, while down
+    failures: int = 0  # failed connection attempts in a row
+    reconnects: int = 0  # connections replaced since start
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# SQLite result codes after which the writer's connection is not trusted any more.
+_BROKEN_CODES = frozenset(
+    {sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CANTOPEN}
+)
+
+
 class Database:
-    def __init__(self, path: Path, read_threads: int = 3) -> None:
+    def __init__(
+        self,
+        path: Path,
+        read_threads: int = 3,
+        *,
+        retry_initial_s: float = 0.05,
+        retry_max_s: float = 5.0,
+    ) -> None:
         self.path = Path(path)
         self._local = threading.local()
         self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="db-read")
         self._writes: queue.Queue[Any] = queue.Queue()
         self._writer: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
         self._closed = False
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.status = WriterStatus()
+        self.writer_attempted = threading.Event()  # set once the writer tried to connect
 
     # -- reads -------------------------------------------------------------------------
     def _read_db(self) -> sqlite_utils.Database:
@@ -74,7 +137,13 @@ class Database:
 
     async def execute_fn(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, lambda: fn(self._read_db()))
+        try:
+            return await loop.run_in_executor(self._readers, lambda: fn(self._read_db()))
+        except (sqlite3.Error, OSError) as exc:
+            mapped = storage_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
 
     async def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         return await self.execute_fn(lambda db: db.execute(sql, params).fetchall())
@@ -83,38 +152,127 @@ class Database:
         return await self.execute_fn(lambda db: db.execute(sql, params).fetchone())
 
     # -- writes ------------------------------------------------------------------------
-    def _start_writer(self) -> None:
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, name="db-writer", daemon=True)
-            self._writer.start()
+    def start_writer(self) -> None:
+        """Start the writer thread (again, should it ever have ended)."""
+        with self._writer_lock:
+            if self._closed:
+                return
+            if self._writer is None or not self._writer.is_alive():
+                if self._writer is not None:
+                    log.error("database writer thread had ended; starting a new one")
+                self._writer = threading.Thread(target=self._write_loop, name="db-writer", daemon=True)
+                self._writer.start()
+
+    _start_writer = start_writer
+
+    def _open_writer(self) -> sqlite_utils.Database | None:
+        """One attempt to open the writer's connection; None (and the state 'down') if it fails."""
+        try:
+            db = sqlite_utils.Database(connect(self.path))
+        except Exception as exc:
+            failures = self.status.failures + 1
+            if self.status.state != "down" or failures in (1, 10) or failures % 100 == 0:
+                log.error("database writer cannot open %s (attempt %d): %s", self.path, failures, exc)
+            self.status = WriterStatus(
+                "down",
+                since=self.status.since if self.status.state == "down" else time.time(),
+                error=f"{type(exc).__name__}: {exc}",
+                failures=failures,
+                reconnects=self.status.reconnects,
+            )
+            self.writer_attempted.set()
+            return None
+        if self.status.state == "down":
+            log.warning("database writer connected again after %d failed attempts", self.status.failures)
+        reconnects = self.status.reconnects + (1 if self.status.state in ("up", "down") else 0)
+        self.status = WriterStatus("up", reconnects=reconnects)
+        self.writer_attempted.set()
+        return db
 
     def _write_loop(self) -> None:
-        db = sqlite_utils.Database(connect(self.path))
+        db: sqlite_utils.Database | None = None
+        delay = self.retry_initial_s
+        next_try = 0.0  # monotonic time of the next connection attempt while down
         try:
             while True:
-                task = self._writes.get()
-                if task is None:
-                    return
-                fn, loop, future = task
                 try:
-                    result = run_in_transaction(db, fn)
-                except BaseException as exc:  # travels back to the awaiting coroutine
-                    if not loop.is_closed():
-                        loop.call_soon_threadsafe(_set_exception, future, exc)
-                else:
-                    if not loop.is_closed():
-                        loop.call_soon_threadsafe(_set_result, future, result)
+                    if db is None and time.monotonic() >= next_try:
+                        db = self._open_writer()
+                        if db is None:
+                            next_try = time.monotonic() + delay
+                            delay = min(delay * 2, self.retry_max_s)
+                            if self._fail_pending():
+                                return
+                        else:
+                            delay = self.retry_initial_s
+                    timeout = None if db is not None else max(0.0, next_try - time.monotonic())
+                    try:
+                        task = self._writes.get(timeout=timeout)
+                    except queue.Empty:
+                        continue
+                    if task is None:
+                        return
+                    fn, loop, future = task
+                    if db is None and time.monotonic() >= next_try:
+                        db = self._open_writer()  # a write is waiting: try now, not after a sleep
+                        if db is None:
+                            next_try = time.monotonic() + delay
+                            delay = min(delay * 2, self.retry_max_s)
+                        else:
+                            delay = self.retry_initial_s
+                    if db is None:
+                        _deliver(loop, future, exc=self._unavailable())
+                        continue
+                    try:
+                        result = run_in_transaction(db, fn)
+                    except BaseException as exc:  # travels back to the awaiting coroutine
+                        _deliver(loop, future, exc=exc)
+                        if _connection_broken(db, exc):
+                            log.error("database writer replaces its connection after: %r", exc)
+                            _close_quietly(db)
+                            db = None
+                            next_try = 0.0
+                    else:
+                        _deliver(loop, future, result=result)
+                except Exception:  # never a dead writer: whatever happened, serve the next write
+                    log.exception("database writer: unexpected error")
+                    time.sleep(0.01)
         finally:
-            db.conn.close()
+            if db is not None:
+                _close_quietly(db)
+            self.status = WriterStatus("closed", reconnects=self.status.reconnects)
+
+    def _unavailable(self) -> DatabaseUnavailable:
+        exc = DatabaseUnavailable()
+        exc.detail = self.status.error  # type: ignore[attr-defined]
+        return exc
+
+    def _fail_pending(self) -> bool:
+        """Fail every queued write at once rather than keep it waiting; True if closing."""
+        while True:
+            try:
+                task = self._writes.get_nowait()
+            except queue.Empty:
+                return False
+            if task is None:
+                return True
+            _fn, loop, future = task
+            _deliver(loop, future, exc=self._unavailable())
 
     async def execute_write_fn(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         if self._closed:
             raise RuntimeError("database is closed")
-        self._start_writer()
+        self.start_writer()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._writes.put((fn, loop, future))
-        return await future
+        try:
+            return await future
+        except (sqlite3.Error, OSError) as exc:
+            mapped = storage_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
 
     def write_sync(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         """For the CLI and migrations: a write outside any event loop."""
@@ -134,13 +292,41 @@ class Database:
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        with self._writer_lock:
+            self._closed = True
         if self._writer is not None:
             self._writes.put(None)
             self._writer.join(timeout=10)
         self._readers.shutdown(wait=True)
         for db in self._local_all():
             db.conn.close()
+
+
+def _deliver(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], *, result: Any = None, exc: Any = None
+) -> None:
+    try:
+        if exc is not None:
+            loop.call_soon_threadsafe(_set_exception, future, exc)
+        else:
+            loop.call_soon_threadsafe(_set_result, future, result)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
+
+
+def _connection_broken(db: sqlite_utils.Database, exc: BaseException) -> bool:
+    """Whether the writer should open a new connection after ``exc``."""
+    if db.conn.in_transaction:  # not even ROLLBACK worked
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in _BROKEN_CODES
+
+
+def _close_quietly(db: sqlite_utils.Database) -> None:
+    try:
+        db.conn.close()
+    except sqlite3.Error:
+        log.exception("closing the writer's connection failed")
 
 
 def _set_result(future: asyncio.Future[Any], result: Any) -> None:

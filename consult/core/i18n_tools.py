@@ -13,7 +13,7 @@ from pathlib import Path
 
 from babel.messages.extract import extract_from_dir
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: consult/core/i18n_tools.py
 METHODS = [("consult/**.py", "python"), ("signaling/**.py", "ignore"), ("web/templates/**.html", "jinja2")]
 OPTIONS = {"web/templates/**.html": {"extensions": "jinja2.ext.i18n", "newstyle_gettext": "true"}}
 KEYWORDS = {"_": None, "gettext": None, "ngettext": (1, 2)}

@@ -15,7 +15,9 @@ from consult.core.outbox import Notifier
 
 if TYPE_CHECKING:
     from consult.accounts.passwords import Passwords
-    from consult.accounts.users import Sessions, Throttle, User
+    from consult.accounts.throttle import Throttle
+    from consult.accounts.users import Sessions, User
+    from consult.core.templates import StaticFiles
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", Database)
@@ -23,11 +25,13 @@ SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions")
 THROTTLE: web.AppKey[Throttle] = web.AppKey("throttle")
 PASSWORDS: web.AppKey[Passwords] = web.AppKey("passwords")
 NOTIFIER = web.AppKey("notifier", Notifier)
+STATIC: web.AppKey[StaticFiles] = web.AppKey("static")
 
 # Per-request values.
 USER = web.RequestKey("user", object)  # consult.accounts.users.User | None
 CSRF_COOKIE_VALUE = web.RequestKey("csrf_cookie", str)
 CSRF_NEW = web.RequestKey("csrf_new", bool)
+SESSION_TOKEN = web.RequestKey("session_token", str)  # the session cookie in effect; CSRF binds to it
 LOCALE = web.RequestKey("locale", str)
 
 

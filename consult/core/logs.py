@@ -20,36 +20,66 @@ def redact(path: str) -> str:
     return _TOKEN_QUERY.sub(r"\1\2…", path)
 
 
+# Anything a stranger sends ends up here; a log line is at most this long and holds no control
+# characters (no forged lines, no terminal escapes).
+MAX_LOGGED_PATH = 1000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+# The mask_addresses setting, for requests aiohttp answers before the app sees them (a malformed
+# request line has no app to ask); setup_logging sets it.
+_mask_fallback = False
+
+
+def _clean(text: str) -> str:
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text if len(text) <= MAX_LOGGED_PATH else text[:MAX_LOGGED_PATH] + "…"
+
+
 def _remote(request: BaseRequest) -> str | None:
     """The client address, masked to its network when the mask_addresses setting says so."""
     from consult.core import keys, security
 
-    app = getattr(request, "app", None)
+    try:
+        app = request.app  # type: ignore[attr-defined]
+    except (AttributeError, AssertionError):  # no app: a request aiohttp refused before routing
+        app = None
     if app is not None and keys.SETTINGS in app:
         return security.client_address(request)  # type: ignore[arg-type]
-    return request.remote
+    return security.mask_address(request.remote) if _mask_fallback else request.remote
+
+
+def _describe(request: BaseRequest) -> tuple[str | None, str, str]:
+    """(remote, method, path) of any request, however broken; never raises."""
+    try:
+        remote = _remote(request)
+    except Exception:
+        remote = None
+    try:
+        method = _clean(str(request.method))
+    except Exception:
+        method = "?"
+    try:
+        # raw_path: as sent, not percent-decoded (a %0a cannot become a line break here).
+        path = _clean(redact(request.raw_path))
+    except Exception:
+        path = "?"
+    return remote, method, path
 
 
 class RedactingAccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time_taken: float) -> None:
-        remote = _remote(request)
+        remote, method, path = _describe(request)
+        status = getattr(response, "status", None)
+        ms = round(time_taken * 1000, 1)
         self.logger.info(
             '%s "%s %s" %s %.1fms',
             remote,
-            request.method,
-            redact(request.path_qs),
-            response.status,
-            time_taken * 1000,
+            method,
+            path,
+            status,
+            ms,
             # JSON lines carry these as fields, so that a log pipeline need not parse the message.
-            extra={
-                "http": {
-                    "remote": remote,
-                    "method": request.method,
-                    "path": redact(request.path_qs),
-                    "status": response.status,
-                    "ms": round(time_taken * 1000, 1),
-                }
-            },
+            extra={"http": {"remote": remote, "method": method, "path": path, "status": status, "ms": ms}},
         )
 
 
@@ -70,7 +100,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-def setup_logging(json_lines: bool) -> None:
+def setup_logging(json_lines: bool, mask_addresses: bool = False) -> None:
+    global _mask_fallback
+    _mask_fallback = mask_addresses
     root = logging.getLogger()
     if json_lines:
         for h in root.handlers:

@@ -29,11 +29,16 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "payments": ("consult_payments", "Payments completed."),
     "uploads": ("consult_uploads", "Test-report files uploaded."),
     "recording_bytes": ("consult_recording_bytes", "Bytes of visit recordings written."),
+    "report_files_quarantined": (
+        "consult_report_files_quarantined",
+        "Stored report files without a row, moved to the quarantine folder.",
+    ),
 }
 LIVE = {
     "active_rooms": "Visit rooms open on this server.",
     "connected_participants": "People connected to a visit room (at most two per room).",
     "websocket_connections": "Open signaling WebSocket connections, joined or not.",
+    "report_files_missing": "Test-report rows whose file is missing (at the last files sweep).",
 }
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -111,7 +116,7 @@ def _find_signaling(app: web.Application):  # -> signaling.server.SignalingServe
 
 
 def count(app: web.Application, name: str, n: float = 1) -> None:
-    """Add ``n`` to one of ``COUNTERS`` (bookings, payments, uploads, recording_bytes).
+    """Add ``n`` to one of ``COUNTERS`` (bookings, payments, uploads, recording_bytes, ...).
 
     A no-op in an app built without metrics; an unknown name is a bug and raises KeyError.
     """

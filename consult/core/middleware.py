@@ -12,7 +12,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from consult.core import i18n, keys, security
-from consult.core.errors import ConsultError, TooManyRequests, Unauthorized
+from consult.core.errors import ConsultError, TooManyRequests, Unauthorized, is_storage_full, storage_error
 from consult.core.i18n import _
 from consult.core.templates import template_context
 
@@ -54,10 +54,7 @@ async def errors_middleware(request: web.Request, handler):
             return error_response(request, exc.status, exc.code, exc.message)
         raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs, safe='')}") from None
     except ConsultError as exc:
-        response = error_response(request, exc.status, exc.code, exc.message)
-        if isinstance(exc, TooManyRequests):
-            response.headers["Retry-After"] = str(exc.retry_after)
-        return response
+        return response_for(request, exc)  # logged when it is ours (5xx): a full disk, no database
     except web.HTTPException as exc:
         if exc.status < 400 or exc.status in (101,):
             raise
@@ -65,12 +62,34 @@ async def errors_middleware(request: web.Request, handler):
         message = HTTP_MESSAGES[exc.status]() if exc.status in HTTP_MESSAGES else reason
         return error_response(request, exc.status, reason.lower().replace(" ", "_"), message)
     except OSError as exc:
-        if not isinstance(request.match_info.route.resource, web.StaticResource):
-            return _internal_error(request, exc)
+        if is_storage_full(exc) or not isinstance(request.match_info.route.resource, web.StaticResource):
+            return response_for(request, exc)
         # A static file name the OS refuses (too long, bad bytes) is simply not one of ours.
         return error_response(request, 404, "not_found", HTTP_MESSAGES[404]())
     except Exception as exc:
-        return _internal_error(request, exc)
+        return response_for(request, exc)
+
+
+def consult_error_response(request: web.Request, exc: ConsultError) -> web.Response:
+    response = error_response(request, exc.status, exc.code, exc.message)
+    if isinstance(exc, TooManyRequests):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+def response_for(request: web.Request, exc: BaseException) -> web.Response:
+    """The response for any exception: a ConsultError as itself, a full disk as StorageFull (507),
+    a busy database as 503, anything else as a 500. Never raises."""
+    try:
+        mapped = exc if isinstance(exc, ConsultError) else storage_error(exc)
+        if mapped is None:
+            return _internal_error(request, exc)
+        if not isinstance(exc, ConsultError) or exc.status >= 500:
+            log.error("%s on %s %s: %r", mapped.code, request.method, request.path, exc.__cause__ or exc)
+        return consult_error_response(request, mapped)
+    except Exception:
+        log.exception("the error response failed")
+        return web.Response(status=500, text="Internal Server Error", content_type="text/plain")
 
 
 def _internal_error(request: web.Request, exc: BaseException) -> web.Response:
@@ -85,14 +104,26 @@ def _internal_error(request: web.Request, exc: BaseException) -> web.Response:
 
 @web.middleware
 async def context_middleware(request: web.Request, handler):
+    """Session, language, CSRF cookie; and the last line of defence: nothing escapes it.
+
+    If the session cannot be looked up (its ``last_seen`` write fails on a full disk, the database
+    is unavailable) the request is answered with that error rather than handled as signed out.
+    """
     app = request.app
     settings = app[keys.SETTINGS]
-    csrf_cookie = request.cookies.get(security.CSRF_COOKIE)
+    csrf_cookie = request.cookies.get(security.csrf_cookie_name(request))
     if csrf_cookie:
         request[keys.CSRF_COOKIE_VALUE] = csrf_cookie
+    session_token = request.cookies.get(security.session_cookie_name(request))
+    if session_token:
+        request[keys.SESSION_TOKEN] = session_token
     user = None
+    failure: Exception | None = None
     if not request.path.startswith("/static/"):
-        user = await app[keys.SESSIONS].lookup(request.cookies.get(security.SESSION_COOKIE))
+        try:
+            user = await app[keys.SESSIONS].lookup(session_token)
+        except Exception as exc:
+            failure = exc
     request[keys.USER] = user
     locale = i18n.choose(
         [request.cookies.get(LANG_COOKIE), user.locale if user else None],
@@ -102,8 +133,19 @@ async def context_middleware(request: web.Request, handler):
     request[keys.LOCALE] = locale
     token = i18n.set_locale(locale)
     try:
-        response = await handler(request)
-        security.set_csrf_cookie(request, response)
+        if failure is not None:
+            response = response_for(request, failure)
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException:
+                raise  # redirects (errors_middleware turned every error status into a page)
+            except Exception as exc:
+                response = response_for(request, exc)
+        try:
+            security.set_csrf_cookie(request, response)
+        except Exception:
+            log.exception("setting the CSRF cookie failed on %s %s", request.method, request.path)
         return response
     finally:
         i18n._current.reset(token)

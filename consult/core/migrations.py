@@ -459,8 +459,136 @@ def m0008_recordings(db: sqlite_utils.Database) -> None:
     )
 
 
-@migration("0009_instance_marks")
-def m0009_instance_marks(db: sqlite_utils.Database) -> None:
+@migration("0009_login_throttle")
+def m0009_login_throttle(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- One row per attempt grew without bound and was checked before it was written (a race).
+        -- Its rows only ever described the last 15 minutes: nothing worth carrying over.
+        DROP TABLE login_failures;
+        -- Keyed counters (see consult.accounts.throttle): one row per account, account-and-address,
+        -- trusted device or address, reserved in the same write that checks it and deleted once
+        -- `expires` has passed.
+        CREATE TABLE login_throttle (
+            key TEXT PRIMARY KEY,
+            failures INTEGER NOT NULL DEFAULT 0,  -- reserved tries (registrations for r: keys)
+            refused INTEGER NOT NULL DEFAULT 0,   -- tries turned away while waiting
+            tokens REAL,                          -- r: keys only, the registration bucket
+            last_at REAL NOT NULL,
+            next_at REAL NOT NULL DEFAULT 0,      -- no try before this time
+            expires REAL NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX login_throttle_expires ON login_throttle(expires);
+        """,
+    )
+
+
+@migration("0010_reports_autoincrement")
+def m0010_reports_autoincrement(db: sqlite_utils.Database) -> None:
+    """Report ids are never given again after a delete: the audit trail names reports by id.
+
+    SQLite cannot add AUTOINCREMENT to a table, so ``reports`` is rebuilt (create the new
+    table, copy, drop, rename, recreate its indexes and triggers) inside this migration's
+    transaction. The sequence starts above every id the table or the audit trail has ever
+    named, so an id deleted before this migration is not given again either.
+    """
+    extras = [
+        r[0]
+        for r in db.execute(
+            "SELECT sql FROM sqlite_master WHERE tbl_name = 'reports' AND type IN ('index', 'trigger')"
+            " AND sql IS NOT NULL ORDER BY type, name"
+        ).fetchall()
+    ]
+    run_script(
+        db,
+        """
+        CREATE TABLE reports_new (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            visit_id INTEGER NOT NULL REFERENCES visits(id),
+            owner_id INTEGER NOT NULL REFERENCES users(id),
+            display_name TEXT NOT NULL,
+            stored_name TEXT NOT NULL UNIQUE,
+            content_type TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            created REAL NOT NULL
+        );
+        INSERT INTO reports_new (id, visit_id, owner_id, display_name, stored_name, content_type, size,
+            sha256, created)
+            SELECT id, visit_id, owner_id, display_name, stored_name, content_type, size, sha256, created
+            FROM reports ORDER BY id;
+        DROP TABLE reports;
+        ALTER TABLE reports_new RENAME TO reports;
+        """,
+    )
+    for sql in extras:  # reports_visit, and whatever a later change may have added
+        db.execute(sql)
+    highest = db.execute(
+        "SELECT max(coalesce((SELECT max(id) FROM reports), 0), coalesce((SELECT max(CAST(object_id AS"
+        " INTEGER)) FROM audit_log WHERE object_type = 'report'), 0))"
+    ).fetchone()[0]
+    db.execute("DELETE FROM sqlite_sequence WHERE name = 'reports'")
+    db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('reports', ?)", [highest])
+    broken = db.execute("PRAGMA foreign_key_check(reports)").fetchall()
+    if broken:
+        raise RuntimeError(f"reports rebuild: {len(broken)} rows break a foreign key")
+
+
+@migration("0011_recordings_repaired")
+def m0011_recordings_repaired(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- When start-up recovery repaired an interrupted file (finished it, with cues) and stored
+        -- its values: later starts leave it alone instead of re-reading and re-hashing it.
+        ALTER TABLE recordings ADD COLUMN repaired_at REAL;
+        """,
+    )
+
+
+@migration("0012_session_end_server_restart")
+def m0012_session_end_server_restart(db: sqlite_utils.Database) -> None:
+    """A visit whose room a dead server left open is closed by the sweep with end reason
+    ``server_restart`` (consult.calls.closing); the summaries' CHECK has to allow it.
+
+    SQLite cannot change a CHECK in place: ``session_summaries`` is rebuilt from its own stored
+    definition with the one list extended, its rows copied and its indexes recreated, inside
+    this migration's transaction. Nothing references the table, so the foreign keys hold.
+    """
+    table_sql, *_ = db.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'session_summaries'"
+    ).fetchone()
+    old = "'connection_failed', 'no_show')"
+    if table_sql.count(old) != 1 or not table_sql.startswith("CREATE TABLE session_summaries ("):
+        raise ValueError("session_summaries is not as 0007_session_logs created it")
+    new_sql = table_sql.replace(old, "'connection_failed', 'no_show', 'server_restart')").replace(
+        "CREATE TABLE session_summaries (", "CREATE TABLE session_summaries_new (", 1
+    )
+    indexes = [
+        r[0]
+        for r in db.execute(
+            "SELECT sql FROM sqlite_master WHERE tbl_name = 'session_summaries' AND type = 'index'"
+            " AND sql IS NOT NULL ORDER BY name"
+        ).fetchall()
+    ]
+    db.execute(new_sql)
+    db.execute("INSERT INTO session_summaries_new SELECT * FROM session_summaries")
+    db.execute("DROP TABLE session_summaries")
+    db.execute("ALTER TABLE session_summaries_new RENAME TO session_summaries")
+    for sql in indexes:
+        db.execute(sql)
+    run_script(
+        db,
+        """
+        -- The sweep looks for rooms still open (started, never ended) without scanning them all.
+        CREATE INDEX rooms_open ON rooms(visit_id) WHERE ended_at IS NULL;
+        """,
+    )
+
+
+@migration("0013_instance_marks")
+def m0013_instance_marks(db: sqlite_utils.Database) -> None:
     run_script(
         db,
         """

@@ -8,6 +8,7 @@ import secrets
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+import aiohttp_jinja2
 from aiohttp import web
 
 if TYPE_CHECKING:
@@ -19,6 +20,12 @@ from consult.core.i18n import _
 
 CSRF_COOKIE = "consult_csrf"
 SESSION_COOKIE = "consult_session"  # consult.accounts.users.Sessions issues it
+# Over TLS both cookies carry the __Host- prefix: the browser then accepts them only with Secure,
+# Path=/ and no Domain, so a neighbouring subdomain or a plain-HTTP page cannot plant or replace
+# them. Without TLS (development, tests) browsers refuse such names, so the plain ones are used.
+HOST_PREFIX = "__Host-"
+# Instead of aiohttp's "Python/3.11 aiohttp/<version>": the name, no versions to look up.
+SERVER_HEADER = "Consult"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -44,6 +51,7 @@ CSP = "; ".join(
 async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: every response, static files and errors included."""
     h = response.headers
+    h["Server"] = SERVER_HEADER
     h.setdefault("Content-Security-Policy", CSP)
     h["X-Content-Type-Options"] = "nosniff"
     h["Referrer-Policy"] = "no-referrer"
@@ -56,9 +64,25 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
         h["Cache-Control"] = "no-store"
 
 
+def _cookie_name(request: web.Request, name: str) -> str:
+    return HOST_PREFIX + name if request.app[keys.SETTINGS].secure_cookies else name
+
+
+def session_cookie_name(request: web.Request) -> str:
+    return _cookie_name(request, SESSION_COOKIE)
+
+
+def csrf_cookie_name(request: web.Request) -> str:
+    return _cookie_name(request, CSRF_COOKIE)
+
+
 def _sign(request: web.Request, value: str) -> str:
+    """The token for CSRF cookie ``value`` in this session: an HMAC over both, so that a token
+    seen before sign-in (or in another session) is worthless after it."""
     key = request.app[keys.SETTINGS].session_key.encode()
-    return hmac.new(key, b"csrf:" + value.encode(), hashlib.sha256).hexdigest()
+    session = request.get(keys.SESSION_TOKEN) or ""
+    message = b"csrf:" + value.encode() + b"\x00" + session.encode("utf-8", "replace")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 def csrf_token(request: web.Request) -> str:
@@ -70,10 +94,45 @@ def csrf_token(request: web.Request) -> str:
     return _sign(request, value)
 
 
+def renew_csrf(request: web.Request, session_token: str | None) -> None:
+    """Sign-in and sign-out: from here on this request (the page it renders) and the browser (the
+    cookie the context middleware sets) use a fresh CSRF value bound to ``session_token``."""
+    if session_token:
+        request[keys.SESSION_TOKEN] = session_token
+    else:
+        request.pop(keys.SESSION_TOKEN, None)
+    request[keys.CSRF_COOKIE_VALUE] = secrets.token_urlsafe(24)
+    request[keys.CSRF_NEW] = True
+    # Templates take their context from aiohttp_jinja2's middleware, computed before the handler
+    # ran: a page rendered by this request (the password page after a change) needs the new token.
+    context = request.get(aiohttp_jinja2.REQUEST_CONTEXT_KEY)
+    if isinstance(context, dict) and "csrf_token" in context:
+        context["csrf_token"] = csrf_token(request)
+
+
+def set_session_cookie(request: web.Request, response: web.StreamResponse, token: str) -> None:
+    settings = request.app[keys.SETTINGS]
+    response.set_cookie(
+        session_cookie_name(request),
+        token,
+        httponly=True,
+        secure=settings.secure_cookies,
+        samesite="Lax",
+        path="/",
+        max_age=settings.session_absolute_hours * 3600,
+    )
+
+
+def delete_session_cookie(request: web.Request, response: web.StreamResponse) -> None:
+    secure = request.app[keys.SETTINGS].secure_cookies
+    # A __Host- cookie is only replaced (here: expired) by one that is Secure too.
+    response.del_cookie(session_cookie_name(request), path="/", secure=secure or None)
+
+
 def set_csrf_cookie(request: web.Request, response: web.StreamResponse) -> None:
     if request.get(keys.CSRF_NEW) and not response.prepared:
         response.set_cookie(
-            CSRF_COOKIE,
+            csrf_cookie_name(request),
             request[keys.CSRF_COOKIE_VALUE],
             httponly=True,
             samesite="Lax",
@@ -105,10 +164,11 @@ async def read_form(request: web.Request):
 
 
 async def check_csrf(request: web.Request) -> None:
-    """Signed double-submit: a random cookie and an HMAC of it in the form or a header."""
+    """Signed double-submit: a random cookie, and an HMAC of it and the session in the form or a
+    header."""
     if not same_origin(request):
         raise Forbidden(_("This request came from another site and was refused."), code="bad_origin")
-    cookie = request.cookies.get(CSRF_COOKIE, "")
+    cookie = request.cookies.get(csrf_cookie_name(request), "")
     sent = request.headers.get(CSRF_HEADER)
     if sent is None and request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
         if request.content_type == "application/x-www-form-urlencoded":

@@ -1,8 +1,21 @@
-"""Jinja2 pages: the environment, and the context every page (error pages included) gets."""
+"""Jinja2 pages: the environment, the context every page (error pages included) gets, and the
+static files the pages load (versioned, cached for a year, sent gzipped)."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import gzip
+import hashlib
+import mimetypes
+import os
+import re
+import secrets
+import shutil
+import stat
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp_jinja2
 import jinja2
@@ -41,8 +54,163 @@ def setup_templates(app: web.Application, settings: Settings) -> None:
     )
     env.install_gettext_callables(i18n.gettext, i18n.ngettext, newstyle=True)  # type: ignore[attr-defined]
     env.filters.update(formatting.filters(settings))
-    app[aiohttp_jinja2.static_root_key] = "/static"
+    env.globals["static"] = _static_url  # instead of aiohttp_jinja2's: versioned URLs
+    env.globals["static_inline"] = _static_inline
+
+
+# -- static files -------------------------------------------------------------------------------
+
+STATIC_DIR = WEB_DIR / "static"
+STATIC_PREFIX = "/static/"
+# A versioned URL (`?v=` the content's hash) never changes meaning: cache it for a year.
+IMMUTABLE = "public, max-age=31536000, immutable"
+# Any other static URL: the browser may keep it but asks again (ETag / Last-Modified) each time.
+REVALIDATE = "no-cache"
+# Text worth compressing; images and fonts are compressed already.
+COMPRESSIBLE = frozenset({".js", ".css", ".svg", ".json", ".txt", ".html", ".map"})
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
+
+
+@dataclass(frozen=True)
+class StaticAsset:
+    name: str  # relative to web/static, with "/"
+    stat_key: tuple[int, int, int]  # the source's (mtime_ns, size, inode) when hashed
+    version: str  # the first 16 hex digits of the content's sha256
+
+
+class StaticFiles:
+    """web/static as the browser gets it: versioned URLs, long caching, precompressed copies.
+
+    The sources are never touched. Each file served is first copied into the cache directory
+    (`<data-dir>/cache/static/<version>/<name>`, written once per content version), with a
+    `.gz` sibling when compressing saves bytes; aiohttp's FileResponse sends the sibling to
+    a client that accepts gzip (with `Content-Encoding` and `Vary: Accept-Encoding`).
+
+    A file's version is the hash of its content, recomputed whenever the source's mtime, size
+    or inode changes (one stat per use), so an edited file gets a new URL and a new cached copy
+    at once, even while the server runs; nothing has to be built or cleared by hand.
+    """
+
+    def __init__(self, source: Path, cache: Path) -> None:
+        self.source = source
+        self.cache = cache
+        self._assets: dict[str, StaticAsset] = {}
+        self._inline: dict[str, tuple[str, str]] = {}
+
+    def asset(self, name: str) -> StaticAsset | None:
+        """The current version of web/static/`name`, or None when there is no such file."""
+        if len(name) > 255 or not _NAME_RE.match(name):  # no "..", no hidden files
+            return None
+        path = self.source / name
+        try:
+            st = path.stat()
+        except OSError:  # missing, or a name the OS refuses
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        known = self._assets.get(name)
+        if known is not None and known.stat_key == key:
+            return known
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        asset = StaticAsset(name, key, _version(data))
+        self._assets[name] = asset
+        return asset
+
+    def url(self, name: str) -> str:
+        """`/static/<name>?v=<version>`; a name that is not a static file is a bug: it raises."""
+        asset = self.asset(name)
+        if asset is None:
+            raise LookupError(f"no static file {name!r} in {self.source}")
+        return f"{STATIC_PREFIX}{name}?v={asset.version}"
+
+    def data_uri(self, name: str) -> str:
+        """The file as a base64 `data:` URI (for the icon: no request, so never fetched twice)."""
+        asset = self.asset(name)
+        if asset is None:
+            raise LookupError(f"no static file {name!r} in {self.source}")
+        cached = self._inline.get(name)
+        if cached is None or cached[0] != asset.version:
+            data = (self.source / name).read_bytes()
+            kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
+            cached = (asset.version, f"data:{kind};base64,{base64.b64encode(data).decode()}")
+            self._inline[name] = cached
+        return cached[1]
+
+    def cached_path(self, asset: StaticAsset) -> tuple[Path, str]:
+        """The asset's copy in the cache directory (with its `.gz`, written if not there yet)
+        and the version it holds: a newer one if the source changed since it was hashed."""
+        target = self.cache / asset.version / asset.name
+        if target.is_file():
+            return target, asset.version
+        data = (self.source / asset.name).read_bytes()
+        version = _version(data)
+        target = self.cache / version / asset.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.suffix in COMPRESSIBLE:
+            packed = gzip.compress(data, compresslevel=9, mtime=0)
+            if len(packed) < len(data):
+                _write_atomic(target.with_name(target.name + ".gz"), packed)
+        _write_atomic(target, data)  # last: its presence means the siblings are there
+        return target, version
+
+    def prune(self) -> None:
+        """Remove cached versions no current source has (at start-up: edits and upgrades)."""
+        if not self.cache.is_dir():
+            return
+        current = set()
+        for path in self.source.rglob("*"):
+            if path.is_file():
+                asset = self.asset(path.relative_to(self.source).as_posix())
+                if asset is not None:
+                    current.add(asset.version)
+        for entry in self.cache.iterdir():
+            if entry.name not in current:
+                shutil.rmtree(entry, ignore_errors=True)
+            else:  # a write cut short by a crash
+                for tmp in entry.rglob(".*.tmp"):
+                    tmp.unlink(missing_ok=True)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        asset = self.asset(request.match_info["filename"])
+        if asset is None:
+            raise web.HTTPNotFound()
+        path, version = await asyncio.get_running_loop().run_in_executor(None, self.cached_path, asset)
+        versioned = request.query.get("v") == version
+        return web.FileResponse(path, headers={"Cache-Control": IMMUTABLE if versioned else REVALIDATE})
+
+
+def _version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@jinja2.pass_context
+def _static_url(context: Any, name: str) -> str:
+    return context["app"][keys.STATIC].url(name)
+
+
+@jinja2.pass_context
+def _static_inline(context: Any, name: str) -> str:
+    return context["app"][keys.STATIC].data_uri(name)
 
 
 def setup_static(app: web.Application) -> None:
-    app.router.add_static("/static", WEB_DIR / "static", name="static", append_version=True)
+    """`/static/{filename}` from web/static (see StaticFiles), and `static()` in templates."""
+    settings = app[keys.SETTINGS]
+    files = StaticFiles(STATIC_DIR, settings.data_dir / "cache" / "static")
+    app[keys.STATIC] = files
+    app.router.add_get(STATIC_PREFIX + "{filename:.+}", files.handle, name="static")
+
+    async def prune(app: web.Application) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, files.prune)
+
+    app.on_startup.append(prune)

@@ -1,4 +1,5 @@
-"""The ``consult`` command: serve | init | demo | user add | certs | config | backup | audit."""
+"""The ``consult`` command: serve | init | demo | user add | user passwd | certs | config | backup |
+backup verify | restore | audit verify | verify | turn-config | recordings purge (each with --help)."""
 
 from __future__ import annotations
 
@@ -115,12 +116,12 @@ def _mode_of(settings: Any) -> tuple[bool, list[str]]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
     import dataclasses
-
-    from aiohttp import web
 
     from consult.app import create_app
     from consult.core.logs import RedactingAccessLogger, setup_logging
+    from consult.ops import edge
 
     overrides: dict[str, Any] = {"host": args.host, "port": args.port}
     if args.no_tls:
@@ -142,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 " or pass 'consult serve --demo' (every page then says it is a demo)."
                 " The production checklist is in docs/install.md."
             )
-    setup_logging(settings.log_json)
+    setup_logging(settings.log_json, settings.mask_addresses)
     ssl_context = None
     scheme = "http"
     if settings.tls:
@@ -168,16 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print("Consult is running. Open:", flush=True)
     for h in hosts:
         print(f"  {scheme}://{h}:{settings.port}/", flush=True)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        ssl_context=ssl_context,
-        print=None,
-        access_log_class=RedactingAccessLogger,
-        handle_signals=True,
-        shutdown_timeout=5,
-    )
+    asyncio.run(edge.serve(app, settings, ssl_context=ssl_context, access_log_class=RedactingAccessLogger))
     return 0
 
 
@@ -298,6 +290,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    if args.path == "verify" and args.dir is not None:
+        return _backup_verify(Path(args.dir))
+    if args.dir is not None:
+        raise CLIError(
+            f"unexpected argument {args.dir!r}: use 'consult backup DIR' or 'consult backup verify DIR'"
+        )
     from consult.ops.backup import backup
 
     settings = _settings(args)
@@ -306,8 +304,58 @@ def cmd_backup(args: argparse.Namespace) -> int:
     except (FileNotFoundError, FileExistsError) as exc:
         raise CLIError(str(exc)) from None
     print(
-        f"Backup written to {args.path}: database {result['database_bytes']} bytes, {result['files']} files"
+        f"Backup written to {args.path}: database {result.database_bytes} bytes, {result.files} files"
+        f" ({result.linked} hard links, {result.copied} copies, {result.bytes} bytes of reports and"
+        f" recordings) in {result.seconds:.1f} s"
     )
+    print(f"  database integrity: {result.integrity}; audit chain: {result.audit}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    for problem in result.problems:
+        print(f"  PROBLEM: {problem}")
+    if result.problems:
+        print(f"Backup complete, with {len(result.problems)} problem(s) listed above.")
+        return 1
+    return 0
+
+
+def _backup_verify(path: Path) -> int:
+    from consult.ops.backup import verify
+
+    result = verify(path)
+    for note in result.notes:
+        print(f"  note: {note}")
+    for problem in result.problems:
+        print(f"PROBLEM: {problem}")
+    if result.problems:
+        print(f"FAILED: {path}: {len(result.problems)} problem(s), {result.checked} files checked")
+        return 1
+    print(f"OK: {path}: {result.checked} files match, database intact")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from consult.ops.backup import RestoreRefused, restore
+
+    settings = _settings(args)
+    try:
+        checked, moved = restore(
+            Path(args.backup), settings.data_dir, force=args.force, ignore_problems=args.ignore_problems
+        )
+    except RestoreRefused as exc:
+        for problem in exc.problems:
+            print(f"PROBLEM: {problem}", file=sys.stderr)
+        raise CLIError(
+            f"not restoring {args.backup}: {len(exc.problems)} problem(s) listed above"
+            " (--ignore-problems restores it anyway)"
+        ) from None
+    except FileExistsError as exc:
+        raise CLIError(str(exc)) from None
+    for problem in checked.problems:
+        print(f"  restored despite: {problem}")
+    if moved is not None:
+        print(f"Moved the previous data directory aside to {moved}")
+    print(f"Restored {args.backup} into {settings.data_dir} ({checked.checked} files verified)")
     return 0
 
 
@@ -475,9 +523,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--markdown", action="store_true", help="print the settings reference (docs/settings.md)")
     s.set_defaults(func=cmd_config)
 
-    s = sub.add_parser("backup", help="consistent online copy of the database and files")
-    s.add_argument("path", help="new, empty directory to write the backup into")
+    s = sub.add_parser(
+        "backup",
+        help="consistent online copy of the database and files; 'backup verify DIR' checks one",
+        usage="consult backup DIR\n       consult backup verify DIR",
+        description="Write a consistent backup into the new directory DIR while the server runs"
+        " (exit 1: written, with problems listed), or check one with 'verify' (exit 1: problems).",
+    )
+    s.add_argument("path", metavar="DIR", help="new, empty directory to write the backup into; or 'verify'")
+    s.add_argument("dir", nargs="?", metavar="BACKUP_DIR", help="with 'verify': the backup to check")
     s.set_defaults(func=cmd_backup)
+
+    s = sub.add_parser("restore", help="restore a verified backup into a new data directory")
+    s.add_argument("backup", metavar="BACKUP_DIR", help="a directory written by 'consult backup'")
+    s.add_argument(
+        "--data-dir",
+        default=argparse.SUPPRESS,
+        help="the data directory to create (must be empty or new unless --force)",
+    )
+    s.add_argument("--force", action="store_true", help="move a non-empty data directory aside first")
+    s.add_argument(
+        "--ignore-problems", action="store_true", help="restore even if verification finds problems"
+    )
+    s.set_defaults(func=cmd_restore)
 
     s = sub.add_parser("audit", help="audit trail tools")
     asub = s.add_subparsers(dest="audit_command", metavar="ACTION", required=True)

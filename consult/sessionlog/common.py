@@ -22,7 +22,9 @@ __all__ = [
 ]
 
 OUTCOMES = ("completed", "no_show", "failed", "cancelled", "in_progress")
-END_REASONS = ("time_limit", "host_ended", "patient_left", "connection_failed", "no_show")
+# server_restart: the room was open when the server died and nobody came back before its end
+# (closed by the sweep in consult.calls.closing).
+END_REASONS = ("time_limit", "host_ended", "patient_left", "connection_failed", "no_show", "server_restart")
 SAMPLE_FIELDS = ("bitrate_kbps", "loss_pct", "jitter_ms", "fps", "width", "height", "freezes", "rtt_ms")
 
 

@@ -59,6 +59,24 @@ _STATE_COLUMNS = (
     "ice_failed",
     "samples",
 )
+# The events a summary is folded from. Any other (a refused join's "error", chat, warnings) is
+# kept in session_events only: it neither changes a summary nor creates one, so a join refused
+# as too early leaves no "in progress" session behind.
+FOLDED_EVENTS = frozenset(
+    {
+        "room_opened",
+        "joined",
+        "left",
+        "clock_started",
+        "ice_state",
+        "reconnect",
+        "ice_restart",
+        "recording_started",
+        "recording",
+        "ended",
+        "stats",
+    }
+)
 
 
 def _ensure_summary(db: sqlite_utils.Database, visit_id: int, tz: str) -> dict[str, Any] | None:
@@ -118,7 +136,8 @@ def _finish(s: dict[str, Any], reason: str | None, at: float) -> None:
     s["end_reason"] = end_reason
     if end_reason == "no_show":
         s["outcome"] = "no_show"
-    elif end_reason == "connection_failed" or s["started_at"] is None:
+    elif end_reason in ("connection_failed", "server_restart") or s["started_at"] is None:
+        # server_restart: the server died mid-visit and nobody came back; a failure of ours.
         s["outcome"] = "failed"
     else:
         s["outcome"] = "completed"
@@ -138,8 +157,11 @@ def apply_event_sync(
     """Fold one room event into the visit's summary (and quality samples). Writer thread only.
 
     ``role`` may be a signaling seat (host/guest) or an application role (doctor/patient).
-    Events for unknown visits are ignored: a log must never make the call's write fail.
+    Events for unknown visits are ignored: a log must never make the call's write fail. Events
+    not in ``FOLDED_EVENTS`` are ignored too (they create no summary).
     """
+    if name not in FOLDED_EVENTS:
+        return
     s = _ensure_summary(db, visit_id, tz)
     if s is None:
         return

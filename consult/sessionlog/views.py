@@ -52,6 +52,7 @@ def _end_reason_labels() -> dict[str, str]:
         "patient_left": _("Patient left"),
         "connection_failed": _("Connection failed"),
         "no_show": _("Patient did not join"),
+        "server_restart": _("Server restarted"),
     }
 
 

@@ -14,11 +14,16 @@ more than `RESYNC_S` (sender restarted, SSRC changed) re-anchors the track.
 Crash safety: the file is written progressively (clusters of at most `CLUSTER_MS`, each written
 out as it closes; the OS has the bytes even if the process is killed), so a file cut by
 `kill -9` plays up to about the last second before the crash. A clean close adds the cues
-(seek index) and the duration.
+(seek index) and the duration. A write that fails (disk full) stops the leg; the file is still
+described on close, with `complete = False` and the reason in `error`.
+
+Hand-off: the event loop only ever appends to the deque and the worker only ever pops from its
+left (both atomic), so no frame can be lost between them without a lock on the event loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -89,6 +94,9 @@ class RecordingFile:
     size: int
     sha256: str
     tracks: tuple[dict[str, Any], ...]
+    # False when a write failed (disk full, I/O error): the file holds what was written before.
+    complete: bool = True
+    error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -99,6 +107,8 @@ class RecordingFile:
             "size": self.size,
             "sha256": self.sha256,
             "tracks": list(self.tracks),
+            "complete": self.complete,
+            "error": self.error,
         }
 
 
@@ -141,6 +151,7 @@ class ParticipantWriter:
         self._last_pts: dict[str, int] = {}
         self._video_started = False
         self._failed = False
+        self._error: str | None = None
         self._closed = False
         self.path: Path | None = None
         self.started_at: float | None = None
@@ -195,16 +206,37 @@ class ParticipantWriter:
         with self._lock:
             self._drain_locked(final=False)
 
+    def _take(self) -> list[_Pending]:
+        """Everything queued so far, removed from the queue one atomic popleft at a time: a
+        frame the event loop appends meanwhile is either taken here or stays for the next
+        drain (copying then clearing the deque would drop it)."""
+        taken: list[_Pending] = []
+        while True:
+            try:
+                taken.append(self._queue.popleft())
+            except IndexError:
+                return taken
+
     def _drain_locked(self, final: bool) -> None:
         if self._failed:
-            self._queue.clear()
+            self._take()  # a failed leg keeps nothing (write() stops queueing once it sees it)
             return
         if self._container is None:
             if not self._queue or not (final or self._ready(self._monotonic())):
                 return
-            self._open()
-        while self._queue and not self._failed:
-            self._mux(self._queue.popleft())
+            # Audio queued while waiting for the first keyframe goes first, in time order.
+            pending = sorted(self._take(), key=lambda p: p.t)
+            try:
+                self._open(pending[0].t if pending else self._monotonic())
+            except (OSError, av.FFmpegError) as exc:
+                self._fail(f"could not open the recording file: {exc}")
+                return
+        else:
+            pending = self._take()
+        for item in pending:
+            if self._failed:
+                return
+            self._mux(item)
 
     def _ready(self, now: float) -> bool:
         # Wait for the first video keyframe (it gives the picture size), but not forever:
@@ -213,7 +245,7 @@ class ParticipantWriter:
             return True
         return self._first_frame_at is not None and now - self._first_frame_at >= self.video_wait_s
 
-    def _open(self) -> None:
+    def _open(self, t0: float) -> None:
         matroska = self.video_codec == "h264"
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._wall()))
         name = f"{self.role}-{stamp}-{secrets.token_hex(6)}.{'mkv' if matroska else 'webm'}"
@@ -246,15 +278,11 @@ class ParticipantWriter:
                 stream = container.add_stream("libopus", rate=48000, layout="stereo")
                 stream.time_base = MS
                 self._streams["audio"] = stream
-        except Exception:
-            self._fail("could not open the recording file")
+        except Exception as exc:
+            self._fail(f"could not open the recording file: {exc}")
             raise
         self._container = container
-        # Audio queued while waiting for the first keyframe goes first, in time order.
-        pending = sorted(self._queue, key=lambda p: p.t)
-        self._queue.clear()
-        self._queue.extend(pending)
-        self._t0 = pending[0].t if pending else self._monotonic()
+        self._t0 = t0
         self.started_at = self._wall() - (self._monotonic() - self._t0)
 
     def _mux(self, item: _Pending) -> None:
@@ -281,8 +309,8 @@ class ParticipantWriter:
             stats.mux_errors += 1
             log.warning("recording %s: dropped a %s packet the muxer refused", self.path, item.kind)
             return
-        except OSError:
-            self._fail("write failed (disk full?)")
+        except OSError as exc:
+            self._fail(f"write failed: {exc}")
             return
         self._last_pts[item.kind] = pts
         stats.frames += 1
@@ -293,6 +321,7 @@ class ParticipantWriter:
 
     def _fail(self, why: str) -> None:
         self._failed = True
+        self._error = self._error or why
         log.error("recording %s (%s) stopped: %s", self.path, self.role, why)
 
     # ----- finishing (blocking: run it in a thread) ------------------------------------------
@@ -310,14 +339,18 @@ class ParticipantWriter:
             if container is not None:
                 try:
                     container.close()
-                except (av.FFmpegError, OSError):
+                except (av.FFmpegError, OSError) as exc:
                     log.exception("recording %s: could not write the trailer", self.path)
+                    self._fail(f"could not write the trailer: {exc}")
             if self._file is not None:
                 try:
                     self._file.flush()
                     os.fsync(self._file.fileno())
+                except OSError as exc:
+                    self._fail(f"could not flush the file: {exc}")
                 finally:
-                    self._file.close()
+                    with contextlib.suppress(OSError):
+                        self._file.close()
             if self.path is None:
                 return None
             digest = hashlib.sha256()
@@ -338,4 +371,6 @@ class ParticipantWriter:
                 size=size,
                 sha256=digest.hexdigest(),
                 tracks=tracks,
+                complete=not self._failed,
+                error=self._error,
             )

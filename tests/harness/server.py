@@ -271,6 +271,9 @@ class ConsultServer(ServerProcess):
             str(self.port),
             "--no-tls",
         ]
+        # A data dir not seeded by `consult demo` is served in production mode, which `serve`
+        # allows only with a public_url: the server's own origin, unless `env` names another.
+        env = {"CONSULT_PUBLIC_URL": self.origin, **(env or {})}
         super().__init__(
             argv,
             health_url=f"{self.origin}/healthz",
@@ -317,17 +320,11 @@ class ConsultServer(ServerProcess):
         return proc
 
     def init(self, *, demo: bool = False) -> None:
-        """`consult init`, and `consult demo` if `demo` (which makes the data dir a demo one).
-
-        Without `demo` the server runs in production mode, which `serve` allows only with a
-        public_url: it gets this server's own origin unless `env` gives CONSULT_PUBLIC_URL.
-        """
+        """`consult init`, and `consult demo` if `demo` (which makes the data dir a demo one)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.cli("init")
         if demo:
             self.cli("demo")
-        else:
-            self.extra_env.setdefault("CONSULT_PUBLIC_URL", self.origin)
 
 
 def start_consult(

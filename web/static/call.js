@@ -6,7 +6,8 @@
 //   call-media.js      the camera and microphone, the mic meter, mute and camera switch
 //   call-peer.js       the peer connection: perfect negotiation, trickle ICE, ICE restarts,
 //                      stats samples
-//   call-recording.js  recording consent and the send-only recording connection
+//   call-recording.js  recording consent and the send-only recording connection (only on
+//                      the pages of a visit with a recording policy: see noRecording)
 //   call-chat.js       the text chat
 //   call-sidebar.js    the doctor's sidebar tabs and inline reports
 // They share one context object (`ctx` below): the signaling client, the local stream, the
@@ -60,11 +61,28 @@
   };
   const media = Consult.callMedia(ctx);
   const peer = Consult.callPeer(ctx);
-  const recording = Consult.callRecording(ctx);
+  // call-recording.js loads only for a visit with a recording policy (the page then shows the
+  // consent box); without it nothing is ever recorded, and joining needs no consent.
+  const recording = Consult.callRecording ? Consult.callRecording(ctx) : noRecording();
   const chat = Consult.callChat(ctx);
   const sidebar = Consult.callSidebar;
 
   // -- small helpers ----------------------------------------------------------------------
+
+  function noRecording() {
+    const nothing = () => {};
+    return {
+      onRecording: nothing,
+      onRecordAnswer: nothing,
+      retry: nothing,
+      reset: nothing,
+      showConsent: nothing,
+      answerConsent: nothing,
+      connectIfAllowed() {
+        if (ctx.sig && ctx.sig.state === "idle") ctx.sig.connect();
+      },
+    };
+  }
 
   function t(key, values) {
     let text = T[key] || key;

@@ -1,0 +1,165 @@
+"""What booking's pages show: each page's data read in one function, on one reader thread.
+
+The views call these through ``Database.execute_fn`` and only shape the result for the template.
+Reads that reach into other packages' tables (a visit's report count, its receipt, its
+prescriptions) are kept here, next to the visit lists they annotate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlite_utils
+
+from consult.booking import catalogue, schedules, visits
+from consult.core.errors import NotFound
+from consult.core.i18n import _
+
+
+def ping(db: sqlite_utils.Database) -> None:
+    """The health check's read: the database answers."""
+    db.execute("SELECT 1").fetchone()
+
+
+# -- choosing a doctor and a time -----------------------------------------------------------
+
+
+def department_doctors(
+    db: sqlite_utils.Database,
+    department_id: int,
+    *,
+    now: float,
+    horizon: float,
+    tz: str,
+    lead_s: float,
+) -> tuple[dict, list[tuple[dict, list[schedules.Slot]]]]:
+    """A department and its doctors, each with their free slots from ``now`` until ``horizon``."""
+    dep = catalogue.department(db, department_id)
+    doctors = [
+        (d, schedules.slots(db, d["user_id"], now, horizon, tz, now=now, lead_s=lead_s, free_only=True))
+        for d in catalogue.doctors_in_department(db, department_id)
+    ]
+    return dep, doctors
+
+
+def doctor_slots(
+    db: sqlite_utils.Database,
+    department_id: int,
+    doctor_id: int,
+    *,
+    now: float,
+    horizon: float,
+    tz: str,
+    lead_s: float,
+) -> dict:
+    """A doctor of a department with every slot (free or taken) until ``horizon``."""
+    dep = catalogue.department(db, department_id)
+    doc = catalogue.doctor(db, doctor_id)
+    if department_id not in doc["department_ids"]:
+        raise NotFound(_("No such doctor."))
+    slots = schedules.slots(db, doctor_id, now, horizon, tz, now=now, lead_s=lead_s)
+    return {"dep": dep, "doc": doc, "slots": slots}
+
+
+# -- a visit --------------------------------------------------------------------------------
+
+
+def earlier_visits(db: sqlite_utils.Database, visit: dict[str, Any]) -> list[Any]:
+    """The patient's earlier visits (any doctor) with their report counts, for the doctor's view."""
+    return db.execute(
+        "SELECT v.public_id, v.starts_at, v.status, u.display_name AS doctor_name,"
+        " (SELECT count(*) FROM reports r WHERE r.visit_id = v.id) AS reports"
+        " FROM visits v JOIN users u ON u.id = v.doctor_id WHERE v.patient_id = ? AND v.id != ?"
+        " AND v.status IN ('confirmed', 'completed', 'no_show') AND v.starts_at < ?"
+        " ORDER BY v.starts_at DESC LIMIT 20",
+        [visit["patient_id"], visit["id"], visit["starts_at"]],
+    ).fetchall()
+
+
+# -- home pages -----------------------------------------------------------------------------
+
+
+def patient_visits(db: sqlite_utils.Database, patient_id: int) -> tuple[list[dict], dict[int, dict]]:
+    """The patient's visits (latest first) and, per visit id, what ``patient_extras`` found."""
+    return visits.for_patient_sync(db, patient_id), patient_extras(db, patient_id)
+
+
+def no_extras() -> dict:
+    return {"reports": 0, "receipt": None, "prescriptions": []}
+
+
+def patient_extras(db: sqlite_utils.Database, patient_id: int) -> dict[int, dict]:
+    """Per visit: how many reports, the paid order (for its receipt), the prescriptions."""
+    out: dict[int, dict] = {}
+
+    def slot(visit_id: int) -> dict:
+        return out.setdefault(visit_id, no_extras())
+
+    for r in db.execute(
+        "SELECT r.visit_id, count(*) FROM reports r JOIN visits v ON v.id = r.visit_id"
+        " WHERE v.patient_id = ? GROUP BY r.visit_id",
+        [patient_id],
+    ):
+        slot(r[0])["reports"] = r[1]
+    for r in db.execute(
+        "SELECT p.visit_id, p.order_id, p.status FROM payments p JOIN visits v ON v.id = p.visit_id"
+        " WHERE v.patient_id = ? AND p.status IN ('paid', 'refunded') ORDER BY p.id",
+        [patient_id],
+    ):
+        slot(r[0])["receipt"] = {"order_id": r[1], "status": r[2]}
+    for r in db.execute(
+        "SELECT visit_id, number FROM prescriptions WHERE patient_id = ? ORDER BY id", [patient_id]
+    ):
+        slot(r[0])["prescriptions"].append(r[1])
+    return out
+
+
+def doctor_agenda(db: sqlite_utils.Database, doctor_id: int, since: float, until: float) -> list[dict]:
+    """A doctor's confirmed and completed visits ending after ``since`` and starting before
+    ``until``, with the patient's name, the report count and the latest payment's status."""
+    rows = db.execute(
+        "SELECT v.id, v.public_id, v.starts_at, v.ends_at, v.status, v.needs_reschedule,"
+        " u.display_name AS patient_name,"
+        " (SELECT count(*) FROM reports r WHERE r.visit_id = v.id) AS reports,"
+        " (SELECT p.status FROM payments p WHERE p.visit_id = v.id ORDER BY p.id DESC LIMIT 1) AS payment"
+        " FROM visits v JOIN users u ON u.id = v.patient_id"
+        " WHERE v.doctor_id = ? AND v.status IN ('confirmed', 'completed') AND v.ends_at > ?"
+        " AND v.starts_at < ? ORDER BY v.starts_at LIMIT 300",
+        [doctor_id, since, until],
+    ).fetchall()
+    return [dict(r) for r in rows]
+
+
+# -- the admin's catalogue ------------------------------------------------------------------
+
+
+def catalogue_overview(db: sqlite_utils.Database) -> dict:
+    """Every department and doctor account, and how many visits wait for a new time."""
+    return {
+        "departments": catalogue.departments(db, active_only=False),
+        "doctors": catalogue.doctor_users(db),
+        "to_reschedule": visits.count_needing_reschedule_sync(db),
+    }
+
+
+def doctor_admin(db: sqlite_utils.Database, doctor_id: int, today: str) -> dict:
+    """A doctor account for the admin: profile (if any), departments, sessions, exceptions from
+    ``today`` (a local ISO date)."""
+    user = db.execute(
+        "SELECT id, display_name, username FROM users WHERE id = ? AND role = 'doctor'", [doctor_id]
+    ).fetchone()
+    if user is None:
+        raise NotFound(_("No such doctor."))
+    profile = db.execute("SELECT * FROM doctors WHERE user_id = ?", [doctor_id]).fetchone()
+    deps = {
+        r[0]
+        for r in db.execute("SELECT department_id FROM doctor_departments WHERE doctor_id = ?", [doctor_id])
+    }
+    return {
+        "doctor_user": dict(user),
+        "profile": dict(profile) if profile else None,
+        "member_of": deps,
+        "departments": catalogue.departments(db, active_only=False),
+        "templates": schedules.templates(db, doctor_id) if profile else [],
+        "exceptions": schedules.exceptions(db, doctor_id, today) if profile else [],
+    }

@@ -1,0 +1,236 @@
+"""The listening socket, hardened for the open internet: what `consult serve` runs.
+
+aiohttp's own knobs do part of it. Its protocol arms one timer when a connection opens and again
+after every response (``keepalive_timeout``) and drops the connection if, when the timer fires,
+it is still waiting for a complete request: so that timer *is* the header-read timeout (a
+slowloris that trickles header bytes never completes a request), and it also ends idle
+keep-alive connections. ``web.run_app`` sets it to 75 s; we set it to ``header_timeout_seconds``.
+With TLS, the handshake gets the same bound (``ssl_handshake_timeout``).
+
+The rest aiohttp has no knob for, so it lives here:
+
+- ``EdgeRequestHandler`` counts open connections per client address (an IPv6 client by its /64,
+  which one host usually owns whole) and closes any beyond ``max_connections_per_address`` as
+  soon as it is accepted; it also gives the responses aiohttp writes on its own (400 for a
+  malformed request, before our application sees it) the same versionless ``Server`` header.
+- ``AcceptErrorLimiter`` is the loop's exception handler: when the process runs out of file
+  descriptors, asyncio reports the failed ``accept()`` once per queued connection and retries
+  every second, which floods the log (tens of MB in 30 s); this logs it once per interval with a
+  count of what it held back.
+- ``raise_fd_limit`` lifts the soft file-descriptor limit to the hard one at start (1,024 is the
+  usual soft default; systemd's unit in docs/install.md raises the hard one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import resource
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import hdrs, web
+
+from consult.core.security import SERVER_HEADER
+
+log = logging.getLogger("consult.edge")
+
+ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def address_key(address: str | None) -> str | None:
+    """What one client is: its IPv4 address, or the /64 of an IPv6 one (an IPv4-mapped IPv6
+    address counts as its IPv4 address)."""
+    if not address:
+        return None
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class ConnectionLimiter:
+    """Open connections per client; ``limit`` 0 means no limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: Counter[str] = Counter()
+        self.refused = 0
+
+    def acquire(self, key: str | None) -> bool:
+        if key is None or self.limit <= 0:
+            return True
+        if self.open[key] >= self.limit:
+            self.refused += 1
+            return False
+        self.open[key] += 1
+        return True
+
+    def release(self, key: str | None) -> None:
+        if key is None or self.limit <= 0 or key not in self.open:
+            return
+        self.open[key] -= 1
+        if self.open[key] <= 0:
+            del self.open[key]
+
+
+class EdgeRequestHandler(web.RequestHandler):
+    """aiohttp's protocol, plus the per-address cap and a versionless Server header on the
+    responses aiohttp makes itself."""
+
+    def __init__(self, manager: web.Server, *, limiter: ConnectionLimiter, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._edge_limiter = limiter
+        self._edge_key: str | None = None
+        self._edge_refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        key = address_key(peer[0] if isinstance(peer, tuple) and peer else None)
+        if not self._edge_limiter.acquire(key):
+            self._edge_refused = True
+            if self._edge_limiter.refused == 1 or self._edge_limiter.refused % 1000 == 0:
+                log.warning(
+                    "closed a connection from %s: over %d open connections from one address"
+                    " (%d refused so far)",
+                    key,
+                    self._edge_limiter.limit,
+                    self._edge_limiter.refused,
+                )
+            transport.abort()  # at once: no request is read, no file descriptor is kept
+            return
+        self._edge_key = key
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._edge_refused:
+            return  # aiohttp never saw this connection
+        self._edge_limiter.release(self._edge_key)
+        self._edge_key = None
+        super().connection_lost(exc)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)
+        response.headers[hdrs.SERVER] = SERVER_HEADER
+        return response
+
+
+class AcceptErrorLimiter:
+    """A loop exception handler: the out-of-descriptors accept error at most once per
+    ``interval`` seconds; everything else goes to the loop's default handler."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.last: float | None = None
+        self.suppressed = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if not (isinstance(exc, OSError) and exc.errno in ACCEPT_ERRNOS and "socket" in context):
+            loop.default_exception_handler(context)
+            return
+        now = self.clock()
+        if self.last is not None and now - self.last < self.interval:
+            self.suppressed += 1
+            return
+        log.error(
+            "cannot accept new connections: %s (%d more such errors in the last %.0f s not logged)."
+            " Too many open connections: raise LimitNOFILE, lower max_connections_per_address.",
+            exc.strerror or exc,
+            self.suppressed,
+            self.interval if self.last is not None else 0,
+        )
+        self.last = now
+        self.suppressed = 0
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit; returns (soft, hard) as they now are."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
+def handler_kwargs(settings: Any, access_log_class: type) -> dict[str, Any]:
+    """What every connection's RequestHandler is built with."""
+    return {
+        "access_log_class": access_log_class,
+        # The one timer aiohttp has for a connection waiting on a request: see the docstring.
+        "keepalive_timeout": settings.header_timeout_seconds,
+    }
+
+
+async def serve(
+    app: web.Application,
+    settings: Any,
+    *,
+    ssl_context: Any = None,
+    access_log_class: type,
+    shutdown_timeout: float = 5.0,
+) -> None:
+    """Run ``app`` until SIGINT or SIGTERM, like ``web.run_app`` but with the edge limits."""
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(AcceptErrorLimiter(settings.accept_error_log_interval_seconds))
+    soft, _hard = raise_fd_limit()
+    limiter = ConnectionLimiter(settings.max_connections_per_address)
+    kwargs = handler_kwargs(settings, access_log_class)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout, **kwargs)
+    await runner.setup()
+    server = runner.server
+    assert server is not None
+
+    def protocol() -> EdgeRequestHandler:
+        return EdgeRequestHandler(server, loop=loop, limiter=limiter, **kwargs)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    listener = None
+    try:
+        listener = await loop.create_server(
+            protocol,
+            host=settings.host,
+            port=settings.port,
+            ssl=ssl_context,
+            ssl_handshake_timeout=settings.header_timeout_seconds if ssl_context else None,
+            backlog=128,
+            reuse_address=True,
+        )
+        log.info(
+            "listening on %s:%s; header timeout %g s, %s connections per address, %d file descriptors",
+            settings.host,
+            settings.port,
+            settings.header_timeout_seconds,
+            settings.max_connections_per_address or "unlimited",
+            soft,
+        )
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if listener is not None:
+            listener.close()
+        await runner.cleanup()

@@ -1,0 +1,226 @@
+"""The listening socket against hostile clients, over real sockets to a real `consult serve`.
+
+Slow clients (slowloris) are dropped after the header timeout; one address cannot hold more
+than its share of connections; running out of file descriptors is logged once, not thousands of
+times a second. The access log against any bytes: tests/test_access_log.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from consult.ops.edge import AcceptErrorLimiter, ConnectionLimiter, address_key
+from tests.harness.server import ConsultServer
+
+OTHER_ADDR = "127.0.0.1"  # a second client address inside the test namespace
+
+
+def connect(server: ConsultServer, source: str | None = None, timeout: float = 5.0) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    if source:
+        s.bind((source, 0))
+    s.connect((server.host, server.port))
+    return s
+
+
+def get(server: ConsultServer, path: str = "/healthz", source: str | None = None) -> bytes:
+    """One complete request on a fresh connection; the raw response head and body."""
+    with connect(server, source) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        return read_all(s)
+
+
+def read_all(s: socket.socket) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def closed_by_peer(s: socket.socket, within: float) -> bool:
+    """True if the server closes `s` (EOF or reset) within `within` seconds."""
+    s.settimeout(within)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def log_text(server: ConsultServer) -> str:
+    return server.stderr_path.read_text(errors="replace") + server.stdout_path.read_text(errors="replace")
+
+
+# -- unit -------------------------------------------------------------------------------------
+
+
+def test_address_key_groups_ipv6_by_64_and_unmaps_ipv4() -> None:
+    assert address_key("203.0.113.7") == "203.0.113.7"
+    assert address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("::ffff:203.0.113.7") == "203.0.113.7"
+    assert address_key(None) is None
+
+
+def test_connection_limiter_counts_and_releases() -> None:
+    limiter = ConnectionLimiter(2)
+    assert limiter.acquire("a") and limiter.acquire("a")
+    assert not limiter.acquire("a")
+    assert limiter.acquire("b")
+    limiter.release("a")
+    assert limiter.acquire("a")
+    assert ConnectionLimiter(0).acquire("a")  # 0: no limit
+
+
+def test_accept_errors_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    limiter = AcceptErrorLimiter(60.0, clock=lambda: now[0])
+    loop = asyncio.new_event_loop()
+    try:
+        context = {
+            "message": "socket.accept() out of system resource",
+            "exception": OSError(24, "Too many open files"),
+            "socket": object(),
+        }
+        with caplog.at_level(logging.ERROR):
+            for _ in range(10_000):
+                limiter(loop, context)
+            now[0] += 61
+            limiter(loop, context)
+            limiter(loop, {"message": "something else entirely"})
+    finally:
+        loop.close()
+    accept = [r for r in caplog.records if "cannot accept" in r.getMessage()]
+    assert len(accept) == 2
+    assert "9999 more" in accept[1].getMessage()
+    assert any("something else entirely" in r.getMessage() for r in caplog.records)
+
+
+# -- real server ------------------------------------------------------------------------------
+
+
+async def test_slow_clients_are_dropped_after_the_header_timeout(consult_server_factory) -> None:
+    server = await consult_server_factory(
+        env={"CONSULT_HEADER_TIMEOUT_SECONDS": "2", "CONSULT_MAX_CONNECTIONS_PER_ADDRESS": "0"}, demo=False
+    )
+
+    def run() -> tuple[list[float], list[bytes]]:
+        slow = [connect(server) for _ in range(30)]
+        started = time.monotonic()
+        for s in slow:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        served: list[bytes] = []
+        closed_at: dict[int, float] = {}
+        # Trickle a header line every half second (an idle timer would never fire) and serve a
+        # normal request meanwhile.
+        while len(closed_at) < len(slow) and time.monotonic() - started < 15:
+            for i, s in enumerate(slow):
+                if i in closed_at:
+                    continue
+                try:
+                    s.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    closed_at[i] = time.monotonic() - started
+                    continue
+                if closed_by_peer(s, 0.01):
+                    closed_at[i] = time.monotonic() - started
+            served.append(get(server))
+            time.sleep(0.5)
+        for s in slow:
+            s.close()
+        return sorted(closed_at.values()), served
+
+    closed, served = await asyncio.to_thread(run)
+    assert len(closed) == 30, f"only {len(closed)} of 30 slow connections were closed"
+    assert 1.5 <= closed[0] and closed[-1] < 8, closed
+    assert served and all(r.startswith(b"HTTP/1.1 200") for r in served)
+    # A client that does send its request in time is answered as before.
+    assert (await asyncio.to_thread(get, server, "/login")).startswith(b"HTTP/1.1 200")
+
+
+async def test_one_address_cannot_hold_more_than_its_connections(consult_server_factory) -> None:
+    limit = 5
+    server = await consult_server_factory(
+        env={"CONSULT_MAX_CONNECTIONS_PER_ADDRESS": str(limit), "CONSULT_HEADER_TIMEOUT_SECONDS": "60"},
+        demo=False,
+    )
+
+    def run() -> None:
+        held = [connect(server) for _ in range(limit)]
+        for s in held:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.3)  # let the server accept them all
+        extra = connect(server)
+        started = time.monotonic()
+        assert closed_by_peer(extra, 3), "the connection over the limit was kept open"
+        assert time.monotonic() - started < 2
+        extra.close()
+        # Another address is still served, and so are the held connections' own requests.
+        assert get(server, source=OTHER_ADDR).startswith(b"HTTP/1.1 200")
+        held[0].sendall(b"Connection: close\r\n\r\n")
+        assert read_all(held[0]).startswith(b"HTTP/1.1 200")
+        held[0].close()
+        time.sleep(0.3)
+        # One slot free again: a new connection from the first address is served.
+        assert get(server).startswith(b"HTTP/1.1 200")
+        for s in held[1:]:
+            s.close()
+
+    await asyncio.to_thread(run)
+    assert "over 5 open connections from one address" in log_text(server)
+
+
+async def test_running_out_of_file_descriptors_is_logged_once_and_recovers(consult_server_factory) -> None:
+    server = await consult_server_factory(
+        env={"CONSULT_MAX_CONNECTIONS_PER_ADDRESS": "0", "CONSULT_HEADER_TIMEOUT_SECONDS": "60"}, demo=False
+    )
+    # Lower the running server's descriptor limit to what it uses now plus a few.
+    in_use = len(await asyncio.to_thread(lambda: list(Path(f"/proc/{server.pid}/fd").iterdir())))
+    limit = in_use + 10
+    await asyncio.to_thread(
+        subprocess.run, ["prlimit", f"--pid={server.pid}", f"--nofile={limit}:{limit}"], check=True
+    )
+    before = server.stderr_path.stat().st_size
+
+    def run() -> list[socket.socket]:
+        held = []
+        for _ in range(60):  # far more than the limit: the rest wait in the listen backlog
+            s = connect(server)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            held.append(s)
+        time.sleep(4)  # asyncio retries accept() every second
+        return held
+
+    held = await asyncio.to_thread(run)
+    flood = server.stderr_path.read_bytes()[before:].decode(errors="replace")
+    for s in held:
+        s.close()
+    assert flood.count("cannot accept new connections") == 1, flood[-3000:]
+    assert "out of system resource" not in flood
+    assert len(flood) < 20_000, f"{len(flood)} bytes of log in 4 s"
+    # Descriptors free again: the server answers.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            response = await asyncio.to_thread(get, server)
+            if response.startswith(b"HTTP/1.1 200"):
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "server did not recover"
+        await asyncio.sleep(0.5)
