@@ -16,6 +16,7 @@ from aiohttp import web
 from consult import booking, payments
 from consult.accounts import admin_views
 from consult.accounts import views as accounts_views
+from consult.accounts.codes import CODES, PhoneCodes
 from consult.accounts.passwords import Passwords
 from consult.accounts.throttle import Throttle
 from consult.accounts.users import Sessions
@@ -27,12 +28,12 @@ from consult.calls import views as call_views
 from consult.calls.policy import room_sweeper, setup_calls
 from consult.clinical import prescription_views, report_views, reports, uploads
 from consult.clinical.signing import SIGNING_KEY, KeyHolder
-from consult.core import keys, metrics, security
+from consult.core import jobs, keys, metrics, proxy, security
 from consult.core.config import Settings, ensure_secrets, for_mode
 from consult.core.db import Database
 from consult.core.middleware import context_middleware, csrf_middleware, errors_middleware
 from consult.core.migrations import migrate
-from consult.core.outbox import OutboxNotifier
+from consult.core.outbox import OutboxNotifier, OutboxSms
 from consult.core.templates import setup_static, setup_templates
 from consult.payments import views as payment_views
 from consult.sessionlog import views as session_views
@@ -63,25 +64,34 @@ def create_app(settings: Settings) -> web.Application:
     # Production unless settings.demo: the payment provider follows the mode (core/config.py).
     settings = for_mode(ensure_secrets(settings))
     app = web.Application(
-        middlewares=[context_middleware, errors_middleware, csrf_middleware],
+        # proxy first: behind a trusted reverse proxy every later step sees the client's address,
+        # scheme and host (core/proxy.py).
+        middlewares=[proxy.proxy_middleware, context_middleware, errors_middleware, csrf_middleware],
         client_max_size=MAX_REQUEST_BYTES,
     )
     app[keys.SETTINGS] = settings
+    proxy.setup(app, settings.trusted_proxies)
     app[keys.PASSWORDS] = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib)
     app[SIGNING_KEY] = KeyHolder(settings.data_dir)
     app[payments.FULFILMENT] = booking.VisitFulfilment()
+    # Durable jobs: each package registers the kinds it owns; the worker runs them (below).
+    runner = jobs.setup(app)
+    payments.register_jobs(runner)  # "refund", and the sweep for paid payments left unrefunded
+    booking.register_jobs(runner)  # "notify": confirmations, cancellations, moves, reminders
     app[uploads.IN_FLIGHT] = uploads.InFlight()
     setup_templates(app, settings)
     app.on_response_prepare.append(security.add_security_headers)
 
     # Resources and background jobs, started in this order and stopped in reverse.
     app.cleanup_ctx.append(_database_ctx)
-    app.cleanup_ctx.append(booking.hold_reaper)  # expires holds, sends reminders
+    app.cleanup_ctx.append(booking.hold_reaper)  # expires holds, queues reminders
     app.cleanup_ctx.append(reports.files_ctx)  # upload temp files and report files left by a crash
     app.cleanup_ctx.append(payments.payments_ctx)  # providers and payment tasks
     setup_calls(app)  # the signaling server on /ws/rooms/{id}, and its database hook-up
     app.cleanup_ctx.append(room_sweeper)  # closes rooms a dead server left open, before listening
     app.cleanup_ctx.append(no_show_marker)  # closes visits nobody joined
+    # Last, so it stops first, while the database and the payment providers are still open.
+    app.cleanup_ctx.append(jobs.worker_ctx)  # runs due jobs; at start-up, finishes what a crash left
 
     for views in VIEWS:
         views.setup(app)
@@ -111,6 +121,21 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
         register_window_s=settings.register_window_minutes * 60,
     )
     app[keys.NOTIFIER] = OutboxNotifier(db)
+    # One-time codes by SMS. sms_provider "outbox" (the only one so far): codes go to the outbox.
+    app[CODES] = PhoneCodes(
+        db,
+        app[keys.THROTTLE],
+        OutboxSms(app[keys.NOTIFIER]),
+        secret=settings.session_key,
+        hospital_name=settings.hospital_name,
+        minutes=settings.sms_code_minutes,
+        attempts=settings.sms_code_attempts,
+        resend_s=settings.sms_code_resend_seconds,
+        per_number=settings.sms_code_max_per_number,
+        per_address=settings.sms_code_max_per_address,
+        window_s=settings.sms_code_window_minutes * 60,
+        max_pending=settings.sms_code_max_pending,
+    )
     try:
         yield
     finally:

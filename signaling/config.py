@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,24 @@ class SignalingConfig:
     send_timeout_s: float = 5
     # The first message (hello) must arrive within this time.
     hello_timeout_s: float = 10
-    # Token bucket per connection: sustained rate and burst.
+    # Token bucket per seat (room + role), shared by its connections, so that reconnecting
+    # does not refill it: sustained rate and burst.
     rate_limit_per_s: float = 20
     rate_limit_burst: int = 50
+    # At most one stats event per seat per interval (the samples in between are folded into
+    # min/max/mean), and an unchanged ice_state at most once per interval.
+    telemetry_interval_s: float = 10
+    # The numeric sample fields kept in stats events; empty: any, up to stats_max_fields.
+    stats_fields: tuple[str, ...] = ()
+    stats_max_fields: int = 16
+    # Error events recorded per seat and code; after that only counts (10, 100, 1000...).
+    error_events_per_code: int = 3
     # Messages queued for one client before it is considered too slow and dropped.
     send_queue_max: int = 256
+
+    @cached_property
+    def stats_fields_set(self) -> frozenset[str]:
+        return frozenset(self.stats_fields)
 
     def __post_init__(self) -> None:
         if self.ice_transport_policy not in ("all", "relay"):

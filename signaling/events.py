@@ -4,13 +4,15 @@ Rooms emit synchronously (after their state change); one task per server awaits
 `policy.on_event` in order. A slow or failing event sink therefore never delays a relay or a
 timer, and an exception in it is logged, never propagated into a room. A room that ends waits
 (`delivered`) until the events it emitted before have reached the policy, so that the policy
-records the end after everything that led to it.
+records the end after everything that led to it. When the policy answers an event with False
+(not stored: that seat's storage budget is used up), `over_budget(event)` is called.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Final
 
 from signaling.policy import RoomEvent, RoomPolicy
@@ -22,8 +24,15 @@ _SHEDDABLE: Final = frozenset({"stats", "ice_state"})
 
 
 class EventDispatcher:
-    def __init__(self, policy: RoomPolicy, *, max_pending: int = 10_000) -> None:
+    def __init__(
+        self,
+        policy: RoomPolicy,
+        *,
+        max_pending: int = 10_000,
+        over_budget: Callable[[RoomEvent], None] | None = None,
+    ) -> None:
         self._policy = policy
+        self._over_budget = over_budget
         self._max_pending = max_pending
         # Events, and the futures of `delivered` calls (resolved when the task reaches them).
         self._queue: asyncio.Queue[RoomEvent | asyncio.Future[None]] = asyncio.Queue()
@@ -78,7 +87,9 @@ class EventDispatcher:
                 self._queue.task_done()
                 continue
             try:
-                await self._policy.on_event(event)
+                stored = await self._policy.on_event(event)
+                if stored is False and self._over_budget is not None:
+                    self._over_budget(event)
             except Exception:
                 log.exception("policy.on_event failed for %s in room %s", event.name, event.room_id)
             finally:

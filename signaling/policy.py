@@ -100,6 +100,11 @@ class RoomPolicy(Protocol):
 
     async def save_state(self, state: RoomState) -> None: ...
 
-    async def on_event(self, event: RoomEvent) -> None:
-        """Record an event. Exceptions are logged by the server and otherwise ignored."""
+    async def on_event(self, event: RoomEvent) -> bool | None:
+        """Record an event. Exceptions are logged by the server and otherwise ignored.
+
+        Return False when the event was not stored because its seat (`event.role` in
+        `event.room_id`) has used up its storage budget: the server then records nothing more
+        of that seat's telemetry, chat or errors and tells its client once (`over_budget`).
+        """
         ...

@@ -49,6 +49,7 @@ ERROR_CODES: Final = frozenset(
         "too_large",
         "binary",
         "rate_limited",
+        "over_budget",
         "hello_required",
         "hello_timeout",
         "unsupported_version",

@@ -24,6 +24,7 @@ from signaling.connection import (
 from signaling.ice import ice_servers
 from signaling.policy import Admission, Role, RoomEvent, RoomPolicy, RoomState
 from signaling.protocol import PROTOCOL_VERSION
+from signaling.seats import SeatRegistry, SeatState
 
 if TYPE_CHECKING:
     from signaling.recording import RecordingSession
@@ -49,8 +50,11 @@ class Room:
         on_idle: Callable[[Room], None],
         recording_dir: RecordingDir | None = None,
         delivered: Callable[[], Awaitable[None]] | None = None,
+        seats: SeatRegistry | None = None,
     ) -> None:
         self.room_id = room_id
+        # Per-seat limits and throttles, kept by the server across this room's connections.
+        self.seats = seats if seats is not None else SeatRegistry(config)
         # Waits until the events emitted so far have reached the policy (EventDispatcher).
         self._delivered = delivered
         self.recording_dir = recording_dir
@@ -134,7 +138,55 @@ class Room:
 
     def _error(self, conn: Connection, code: str, message: str) -> None:
         conn.send({"type": "error", "code": code, "message": message})
-        self._emit("error", conn.role, code=code)
+        self.record_error(conn, code)
+
+    # ----- what a client may make the application store ----------------------------------------
+
+    def _recordable(self, conn: Connection) -> SeatState | None:
+        """The seat of `conn` if its telemetry, chat or errors may be recorded now, else None
+        (counted as dropped): a guest in the waiting room records nothing but joining, leaving
+        and admission; a seat over its storage budget nothing more."""
+        role = conn.role
+        if role == "guest" and not self.admitted:
+            self.seats.dropped["waiting_room"] += 1
+            return None
+        seat = self.seats.get(self.room_id, role)
+        if seat.muted:
+            self.seats.dropped["over_budget"] += 1
+            self._tell_over_budget(role, seat)
+            return None
+        return seat
+
+    def record_error(self, conn: Connection, code: str) -> None:
+        """Record an error frame sent to `conn`: the first few of each code, then counts."""
+        seat = self._recordable(conn)
+        if seat is None:
+            return
+        data = seat.take_error(code, self.config.error_events_per_code)
+        if data is None:
+            self.seats.dropped["repeated_error"] += 1
+            return
+        self._emit("error", conn.role, **data)
+
+    def over_budget(self, role: str | None) -> None:
+        """The application stores nothing more from this seat: stop recording it, tell it once."""
+        seat = self.seats.get(self.room_id, role)
+        seat.muted = True
+        self._tell_over_budget(role, seat)
+
+    def _tell_over_budget(self, role: str | None, seat: SeatState) -> None:
+        conn = self.slots.get(role) if role in self.slots else None  # type: ignore[call-overload]
+        if conn is None or seat.told:
+            return
+        seat.told = True
+        conn.send(
+            {
+                "type": "error",
+                "code": "over_budget",
+                "message": "This visit's log is full for you: telemetry, chat and errors are no"
+                " longer recorded. The call goes on.",
+            }
+        )
 
     def _peer_info(self, role: Role) -> dict[str, Any] | None:
         conn = self.slots[role]
@@ -176,7 +228,9 @@ class Room:
                 code, message = refusal
                 conn.send({"type": "error", "code": code, "message": message})
                 conn.close(CLOSE_ENDED if code == "room_ended" else CLOSE_REFUSED, code)
-                self._emit("error", admission.role, code=code)
+                data = self.seats.get(self.room_id, role).take_error(code, self.config.error_events_per_code)
+                if data is not None:
+                    self._emit("error", role, **data)
                 self._discard_if_idle()
                 return "refused"
 
@@ -341,7 +395,9 @@ class Room:
             now = self._clock()
             out = {"type": "chat", "from": role, "text": message["text"], "at": now}
             other.send(out)
-            self._emit("chat", role, text=message["text"])
+            # Relayed even when it can no longer be recorded: the call goes on.
+            if self._recordable(conn) is not None:
+                self._emit("chat", role, text=message["text"])
         elif kind in ("admit", "end") and role != "host":
             self._error(conn, "forbidden", f"Only the host may send '{kind}'.")
         elif kind == "admit":
@@ -351,6 +407,13 @@ class Room:
         elif kind == "leave":
             await self.leave(conn, "left")
         elif kind == "ice_state":
+            seat = self._recordable(conn)
+            key = (message["state"], message.get("pair_type"))
+            if seat is None:
+                return
+            if not seat.take_ice_state(key, self._clock(), self.config.telemetry_interval_s):
+                self.seats.dropped["throttled"] += 1
+                return
             self._emit(
                 "ice_state",
                 role,
@@ -359,9 +422,17 @@ class Room:
                 rtt_ms=message.get("rtt_ms"),
             )
         elif kind == "ice_restart":
-            self._emit("ice_restart", role)
+            if self._recordable(conn) is not None:
+                self._emit("ice_restart", role)
         elif kind == "stats":
-            self._emit("stats", role, sample=message["sample"])
+            seat = self._recordable(conn)
+            if seat is None:
+                return
+            data = seat.take_stats(message["sample"], self._clock(), self.config)
+            if data is None:
+                self.seats.dropped["throttled"] += 1
+                return
+            self._emit("stats", role, **data)
         elif kind == "record_offer":
             await self._record_offer(conn, role, message["sdp"])
         elif kind == "record_candidate":

@@ -28,6 +28,7 @@ from signaling.events import EventDispatcher
 from signaling.policy import ROLES, PeerInfo, Refused, RoomEvent, RoomPolicy
 from signaling.protocol import PROTOCOL_VERSION, ProtocolError, parse, too_large
 from signaling.room import RecordingDir, Room
+from signaling.seats import SeatRegistry
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,9 @@ class SignalingServer:
         self.clock = clock
         self.rooms: dict[str, Room] = {}
         self.connections: set[Connection] = set()
-        self.events = EventDispatcher(policy)
+        # Rate limits, telemetry throttles and error counts per seat, across reconnects.
+        self.seats = SeatRegistry(self.config)
+        self.events = EventDispatcher(policy, over_budget=self._over_budget)
         self.watchdog = SendWatchdog(interval_s=min(1.0, self.config.send_timeout_s / 4))
         self._opening: dict[str, asyncio.Task[Room]] = {}
         # aiohttp would close an over-long frame with 1009 itself; reading up to a larger
@@ -97,6 +100,13 @@ class SignalingServer:
 
     def emit(self, event: RoomEvent) -> None:
         self.events.emit(event)
+
+    def _over_budget(self, event: RoomEvent) -> None:
+        room = self.rooms.get(event.room_id)
+        if room is not None:
+            room.over_budget(event.role)
+        else:
+            self.seats.get(event.room_id, event.role).muted = True
 
     # ----- origin ----------------------------------------------------------------------------
 
@@ -146,6 +156,7 @@ class SignalingServer:
             on_idle=self._forget_room,
             recording_dir=self.recording_dir,
             delivered=self.events.delivered,
+            seats=self.seats,
         )
         await room.load()
         if not room.ended:
@@ -189,6 +200,9 @@ class SignalingServer:
         try:
             room = await self._handshake(request, room_id, conn)
             if room is not None:
+                # From here on the seat's bucket, shared by its connections: reconnecting
+                # does not refill it.
+                conn.limiter = self.seats.get(room_id, conn.role).limiter
                 await self._read_loop(conn, room)
         finally:
             self.connections.discard(conn)
@@ -215,7 +229,10 @@ class SignalingServer:
             admission = await self.policy.admit(room_id, hello["token"], peer)
         except Refused as refused:
             self._reject(conn, refused.code, refused.message, CLOSE_REFUSED)
-            self.emit(RoomEvent("error", room_id, None, self.clock(), {"code": refused.code}))
+            seat = self.seats.get(room_id, None)
+            data = seat.take_error(refused.code, self.config.error_events_per_code)
+            if data is not None and not seat.muted:
+                self.emit(RoomEvent("error", room_id, None, self.clock(), data))
             return None
         if admission.room_id != room_id or admission.role not in ROLES:
             # A policy bug must not let a token into another room or invent a third role.
@@ -291,4 +308,4 @@ class SignalingServer:
 
     def _send_error(self, conn: Connection, room: Room, code: str, message: str) -> None:
         conn.send({"type": "error", "code": code, "message": message})
-        self.emit(RoomEvent("error", room.room_id, conn.role, self.clock(), {"code": code}))
+        room.record_error(conn, code)

@@ -24,6 +24,7 @@ NETNS_FIXTURES = {
     "consult_server_factory",
     "coturn",
     "doctor_page",
+    "nginx_proxy",
     "patient_page",
     "playwright",
 }

@@ -104,8 +104,9 @@ class Call:
     room_url: str
 
 
-def prepare_call(server: ConsultServer, *, starts_in_s: float = -60) -> Call:
-    """A confirmed visit of dr.wang with the demo patient, starting now; a known password."""
+def prepare_call(server: ConsultServer, *, starts_in_s: float = -60, origin: str | None = None) -> Call:
+    """A confirmed visit of dr.wang with the demo patient, starting now; a known password.
+    The pages' URLs are on `origin` (default the server's own; a proxy's in tests/test_nginx.py)."""
     server.cli("user", "passwd", DOCTOR, "--password", PASSWORD)
     db = server.data_dir / "consult.db"
     conn = sqlite3.connect(db)
@@ -113,12 +114,8 @@ def prepare_call(server: ConsultServer, *, starts_in_s: float = -60) -> Call:
     conn.close()
     visit = seed_visit(db, doctor_id=doctor_id, starts_in_s=starts_in_s)
     token = patient_token(keyed_settings(server.data_dir), visit)
-    return Call(
-        server,
-        visit,
-        server.url(f"/call/{token}"),
-        server.url(f"/doctor/visits/{visit.public_id}/room"),
-    )
+    base = origin or server.origin
+    return Call(server, visit, f"{base}/call/{token}", f"{base}/doctor/visits/{visit.public_id}/room")
 
 
 async def sign_in_doctor(page: Page, origin: str) -> None:

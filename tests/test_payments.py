@@ -11,7 +11,7 @@ import pytest
 
 from consult import payments
 from consult.app import create_app
-from consult.core import metrics
+from consult.core import jobs, metrics
 from consult.payments import simulator
 from tests.test_reports import ADMIN, PATIENT, World, build_world, sign_in
 
@@ -290,6 +290,8 @@ async def test_slot_lost_while_paying_is_refunded_automatically(world):
     body, headers = signed(world, notice(order))
     resp = await world.client.post(CALLBACK, data=body, headers=headers)
     assert resp.status == 200
+    # The refund is a job queued with the payment; the worker runs it (drained here, not raced).
+    await jobs.drain(world.client.server.app)
     (payment,) = payment_rows(world)
     assert payment["status"] == "refunded"
     assert visit_row(world)["status"] == "expired"
@@ -365,3 +367,19 @@ async def test_cashier_mark_paid_needs_admin_and_csrf(aiohttp_client, make_setti
         assert payments_counted(world) == 1
     finally:
         world.db.close()
+
+
+async def test_a_flood_of_refused_callbacks_is_counted_but_stored_only_up_to_a_limit(world):
+    """Anyone can reach the callback URL: refusals must not grow the database without bound."""
+    from consult.core.metrics import METRICS
+
+    order = await start_payment(world)
+    body, headers = signed(world, notice(order), secret="not-the-secret")
+    flood = payments.REJECTIONS_STORED_PER_HOUR + 25
+    for _ in range(flood):
+        resp = await world.client.post(CALLBACK, data=body, headers=headers)
+        assert resp.status == 400 and (await resp.json())["reason"] == "bad signature"
+    assert len(events(world, "rejected_callback")) == payments.REJECTIONS_STORED_PER_HOUR
+    counted = world.client.app[METRICS].counters["payment_callbacks_rejected"]._value.get()
+    assert counted == flood
+    assert payment_rows(world)[0]["status"] == "pending"

@@ -22,6 +22,8 @@ failure), never one row per attempt, and a made-up account name creates no row o
                            stop anybody else signing in correctly.
 ``r:<address>``            registrations: a token bucket of ``register_burst`` refilling over
                            ``register_window_s``.
+``c:<address>``            one-time codes sent by SMS (``consult.accounts.codes``): the same kind
+                           of bucket, ``sms_code_max_per_address`` over ``sms_code_window_minutes``.
 
 A refused try is not a guess (no password is checked) and does not lengthen any delay; it is only
 counted in ``refused``.
@@ -232,15 +234,22 @@ class Throttle:
     # -- registration --------------------------------------------------------------------
     def reserve_registration_sync(self, db: sqlite_utils.Database, address: str | None) -> float:
         """Take one registration from the address's bucket: 0, or the seconds until one refills."""
+        return self.take_token_sync(db, "r", address, self.register_burst, self.register_window_s)
+
+    def take_token_sync(
+        self, db: sqlite_utils.Database, kind: str, address: str | None, burst: int, window_s: float
+    ) -> float:
+        """Take one from the address's ``kind`` bucket (``burst`` of them, refilling evenly over
+        ``window_s``), in the caller's write transaction: 0, or the seconds until one refills."""
         addr = address_key(address)
         if not addr:
             return 0.0
         now = self.clock()
         db.execute("DELETE FROM login_throttle WHERE expires < ?", [now])
-        key = f"r:{addr}"
+        key = f"{kind}:{addr}"
         row = _row(db, key)
-        rate = self.register_burst / self.register_window_s
-        tokens = float(self.register_burst)
+        rate = burst / window_s
+        tokens = float(burst)
         if row is not None:
             tokens = min(tokens, row["tokens"] + (now - row["last_at"]) * rate)
         if tokens < 1:
@@ -251,7 +260,7 @@ class Throttle:
             " VALUES (?,1,?,?,0,?)"
             " ON CONFLICT (key) DO UPDATE SET failures = failures + 1, tokens = excluded.tokens,"
             " last_at = excluded.last_at, expires = excluded.expires",
-            [key, tokens - 1, now, now + self.register_window_s],
+            [key, tokens - 1, now, now + window_s],
         )
         return 0.0
 

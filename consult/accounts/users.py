@@ -7,6 +7,7 @@ import re
 import secrets
 import sqlite3
 import time
+import unicodedata
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -21,7 +22,13 @@ from consult.core.i18n import _
 
 ROLES = ("patient", "doctor", "admin")
 HOME_BY_ROLE = {"patient": "/patient", "doctor": "/doctor", "admin": "/admin"}
-PHONE_RE = re.compile(r"^\+?[0-9]{6,15}$")
+# Which mobile numbers a new account may use (the ``phone_region`` setting). Numbers already
+# stored are never checked again: an account made under another rule still signs in.
+PHONE_REGIONS = ("CN", "international")
+PHONE_RE = re.compile(r"^\+?[0-9]{6,15}$")  # international: an optional '+' and 6 to 15 digits
+CN_MOBILE_RE = re.compile(r"^1[3-9][0-9]{9}$")  # mainland China mobile numbers, without +86
+CN_PREFIX_RE = re.compile(r"^(?:\+86|0086)(?=1[0-9]{10}$)")
+PHONE_SEPARATORS_RE = re.compile(r"[\s().-]")
 USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{2,31}$")
 
 
@@ -46,11 +53,40 @@ class User:
         )
 
 
-def normalize_phone(raw: str) -> str:
-    phone = re.sub(r"[\s()-]", "", raw or "")
+def compact_phone(raw: str) -> str:
+    """What was typed, without spaces, dashes, dots or brackets; full-width digits and '+' (a
+    Chinese input method's) made ASCII."""
+    return PHONE_SEPARATORS_RE.sub("", unicodedata.normalize("NFKC", raw or ""))
+
+
+def normalize_phone(raw: str, region: str = "CN") -> str:
+    """A new mobile number in the one form it is stored in, or BadRequest saying what is wanted.
+
+    ``CN``: 11 digits starting 13 to 19; a +86 or 0086 in front is dropped ("+86 139-0000-0001"
+    is stored as 13900000001). ``international``: an optional '+' and 6 to 15 digits.
+    """
+    phone = compact_phone(raw)
+    if region == "CN":
+        phone = CN_PREFIX_RE.sub("", phone)
+        if not CN_MOBILE_RE.match(phone):
+            raise BadRequest(_("Enter an 11-digit mainland China mobile number, for example 139 0000 0001."))
+        return phone
     if not PHONE_RE.match(phone):
         raise BadRequest(_("Enter a valid mobile number (digits only, 6 to 15 of them)."))
     return phone
+
+
+def phone_lookups(identifier: str) -> list[str]:
+    """The stored numbers a typed sign-in identifier may mean, most literal first: as typed
+    (without separators), then as a mainland number without +86. Empty: not a number."""
+    compact = compact_phone(identifier)
+    if not re.fullmatch(r"\+?[0-9]+", compact):
+        return []
+    found = [compact]
+    mainland = CN_PREFIX_RE.sub("", compact)
+    if mainland != compact and CN_MOBILE_RE.match(mainland):
+        found.append(mainland)
+    return found
 
 
 def normalize_username(raw: str) -> str:
@@ -108,16 +144,31 @@ def create_user_sync(
 
 
 def find_active_by_login(db: sqlite_utils.Database, identifier: str) -> sqlite3.Row | None:
-    """The active account a sign-in names: digits (with an optional '+') are a mobile number,
-    anything else a username (compared in lowercase)."""
-    if identifier.lstrip("+").isdigit():
-        column, value = "phone", identifier
-    else:
-        column, value = "username", identifier.lower()
+    """The active account a sign-in names: digits (with an optional '+', spaces or dashes) are a
+    mobile number, tried as typed and then without +86/0086; then a username (compared in
+    lowercase)."""
+    for phone in phone_lookups(identifier):
+        row = db.execute("SELECT * FROM users WHERE phone = ? AND active = 1", [phone]).fetchone()
+        if row is not None:
+            return row
     return db.execute(
-        f"SELECT * FROM users WHERE {column} = ? AND active = 1",  # noqa: S608
-        [value],
+        "SELECT * FROM users WHERE username = ? AND active = 1", [identifier.lower()]
     ).fetchone()
+
+
+def find_active_patient_by_typed_phone(db: sqlite_utils.Database, typed: str) -> sqlite3.Row | None:
+    """The active patient a typed mobile number means (as ``find_active_by_login`` reads it)."""
+    for phone in phone_lookups(typed):
+        row = db.execute(
+            "SELECT * FROM users WHERE phone = ? AND role = 'patient' AND active = 1", [phone]
+        ).fetchone()
+        if row is not None:
+            return row
+    return None
+
+
+def phone_taken(db: sqlite_utils.Database, phone: str) -> bool:
+    return db.execute("SELECT 1 FROM users WHERE phone = ?", [phone]).fetchone() is not None
 
 
 def password_hash_of(db: sqlite_utils.Database, user_id: int) -> str | None:
@@ -211,4 +262,3 @@ class Sessions:
         await self.db.execute_write_fn(
             lambda db: db.execute("DELETE FROM sessions WHERE user_id = ?", [user_id])
         )
-

@@ -7,8 +7,8 @@ This module is booking's public face; the work lives in focused modules, re-expo
 - ``consult.booking.holds``: holding a slot, confirming it once paid, expiring holds, the
   background reaper, and the slot checks every booking write shares;
 - ``consult.booking.changes``: cancelling (with the refund) and rescheduling;
-- ``consult.booking.notices``: what the patient is told (confirmations, reminders) and links'
-  origin.
+- ``consult.booking.notices``: what the patient is told (confirmations, reminders), as durable
+  ``notify`` jobs, and links' origin.
 
 Beside them: ``catalogue`` (departments, doctors' profiles), ``schedules`` (weekly sessions,
 exceptions and the slots derived from them), ``ics`` (calendar files) and ``pages`` (what each
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from consult.booking.changes import cancel, cancel_sync, reschedule, reschedule_sync
 from consult.booking.holds import (
+    confirm_and_notify_sync,
     confirm_paid_sync,
     expire_holds_sync,
     hold,
@@ -34,10 +35,12 @@ from consult.booking.holds import (
     taken_message,
 )
 from consult.booking.notices import (
+    NOTIFY_JOB,
     REMINDER_DAY,
     REMINDER_HOUR,
     after_confirmed,
     base_url,
+    perform_notice,
     reminders_due_sync,
     speaking,
 )
@@ -53,16 +56,22 @@ from consult.booking.visits import (
     visit_access,
     visit_view,
 )
+from consult.core import jobs
 
 
 class VisitFulfilment:
-    """A paid payment confirms its visit (``consult.payments.Fulfilment``)."""
+    """A paid payment confirms its visit and queues the patient's message (``payments.Fulfilment``)."""
 
-    confirm_sync = staticmethod(confirm_paid_sync)
-    after_confirmed = staticmethod(after_confirmed)
+    confirm_sync = staticmethod(confirm_and_notify_sync)
+
+
+def register_jobs(runner: jobs.Runner) -> None:
+    """Called by the app factory: booking's job kinds."""
+    runner.register(NOTIFY_JOB, perform_notice)
 
 
 __all__ = [
+    "NOTIFY_JOB",
     "OPEN_STATUSES",
     "REMINDER_DAY",
     "REMINDER_HOUR",
@@ -75,6 +84,7 @@ __all__ = [
     "cancel",
     "cancel_sync",
     "complete_sync",
+    "confirm_and_notify_sync",
     "confirm_paid_sync",
     "expire_holds_sync",
     "get_visit_sync",
@@ -84,6 +94,7 @@ __all__ = [
     "housekeeping",
     "lost_slot_message",
     "needing_reschedule_sync",
+    "register_jobs",
     "reminders_due_sync",
     "reschedule",
     "reschedule_sync",

@@ -1,8 +1,10 @@
 """Changing a booked visit: cancelling it (with the refund) and moving it to another slot.
 
 The ``*_sync`` writes run in the one writer's transaction and share the slot checks of
-``consult.booking.holds``. After the commit, ``cancel`` refunds through ``consult.payments``
-(``refund_visit``) and both tell the patient through ``consult.booking.notices``.
+``consult.booking.holds``. In that same transaction they queue what must follow as durable jobs:
+the refund of every paid payment (``consult.payments``) and the message to the patient
+(``consult.booking.notices``). After the commit, ``cancel`` gives the refunds a first attempt and
+says honestly whether the money is back yet.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from consult.booking.holds import (
     patient_busy,
     taken_message,
 )
-from consult.booking.notices import notify_visit
+from consult.booking.notices import enqueue_notice_sync
 from consult.booking.visits import OPEN_STATUSES, visit_access
-from consult.core import keys
+from consult.core import jobs, keys
 from consult.core.errors import BadRequest, Conflict, Forbidden, NotFound
 from consult.core.i18n import _
 
@@ -48,8 +50,10 @@ def cancel_sync(
     reason: str = "",
     remote: str | None = None,
 ) -> dict:
-    """Cancel a visit; returns ``{"visit": ..., "refund": bool}`` (refund when anything was paid).
+    """Cancel a visit; returns ``{"visit": ..., "refund": bool, "refund_jobs": [job keys]}``.
 
+    ``refund`` says the cancellation is one that refunds (the visit was confirmed or paid); the
+    refund of every paid payment is queued here, with the patient's message, in this transaction.
     A patient may cancel an unpaid hold at any time and a confirmed visit until ``free_s`` before it
     starts; the visit's doctor and admins may always cancel, and their cancellations always refund.
     """
@@ -75,7 +79,11 @@ def cancel_sync(
     ).fetchone()
     refund = v["status"] == "confirmed" or paid is not None
     audit_visit(db, actor, "visit.cancel", v, remote, was=v["status"], reason=reason[:500], refund=refund)
-    return {"visit": {**dict(v), "status": "cancelled"}, "refund": refund}
+    refund_jobs = payments.enqueue_visit_refunds_sync(
+        db, visit_id, reason=reason or f"cancelled by {actor.role}", now=now, actor=actor
+    )
+    enqueue_notice_sync(db, v, "cancelled", now=now)
+    return {"visit": {**dict(v), "status": "cancelled"}, "refund": refund, "refund_jobs": refund_jobs}
 
 
 def reschedule_sync(
@@ -120,6 +128,8 @@ def reschedule_sync(
         raise Conflict(taken_message(), code="slot_taken")
     audit_visit(db, actor, "visit.reschedule", v, remote, old=v["starts_at"], new=slot.starts_at)
     row = db.execute("SELECT * FROM visits WHERE id = ?", [visit_id]).fetchone()
+    if row["status"] == "confirmed":
+        enqueue_notice_sync(db, row, "moved", now=now)
     return dict(row)
 
 
@@ -132,7 +142,11 @@ async def cancel(
     remote: str | None = None,
     now: float | None = None,
 ) -> dict:
-    """Cancel, then refund (outside the booking transaction) and tell the patient."""
+    """Cancel; then give the queued refunds a first attempt and say where the money is.
+
+    ``refund_state``: None (nothing was paid), "refunded" (every payment is back), or "pending"
+    (the refund job carries on: the provider failed or is slow, and it will be retried).
+    """
     settings = app[keys.SETTINGS]
     now = time.time() if now is None else now
     result = await app[keys.DB].execute_write_fn(
@@ -146,11 +160,11 @@ async def cancel(
             remote=remote,
         )
     )
-    result["refunded"] = False
-    if result["refund"]:
-        await payments.refund_visit(app, visit_id, reason=reason or f"cancelled by {actor.role}", actor=actor)
-        result["refunded"] = True
-    await notify_visit(app, visit_id, "cancelled")
+    jobs.wake(app)  # the patient's message
+    result["refund_state"] = await payments.settle_refunds(
+        app, result["refund_jobs"], wait=payments.REFUND_WAIT_S
+    )
+    result["refunded"] = result["refund_state"] == "refunded"
     return result
 
 
@@ -179,5 +193,5 @@ async def reschedule(
         )
     )
     if visit["status"] == "confirmed":
-        await notify_visit(app, visit_id, "moved")
+        jobs.wake(app)  # the patient's message, queued with the move
     return visit

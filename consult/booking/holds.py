@@ -23,8 +23,8 @@ from aiohttp import web
 
 from consult.audit import chain as audit
 from consult.booking import schedules
-from consult.booking.notices import REMINDER_DAY, base_url, reminders_due_sync, visit_message
-from consult.core import keys
+from consult.booking.notices import REMINDER_DAY, enqueue_notice_sync, reminders_due_sync
+from consult.core import jobs, keys
 from consult.core.errors import BadRequest, Conflict, NotFound
 from consult.core.i18n import _
 from consult.core.ids import new_public_id
@@ -204,6 +204,12 @@ def confirm_paid_sync(db: sqlite_utils.Database, visit_id: int, now: float) -> N
     audit_visit(db, None, "visit.confirm", v, None, was=v["status"])
 
 
+def confirm_and_notify_sync(db: sqlite_utils.Database, visit_id: int, now: float) -> None:
+    """The payment's fulfilment: confirm, and queue the confirmation message in the same transaction."""
+    confirm_paid_sync(db, visit_id, now)
+    enqueue_notice_sync(db, {"id": visit_id}, "confirmed", now=now)
+
+
 async def hold(
     app: web.Application,
     patient: Any,
@@ -233,20 +239,18 @@ async def hold(
 
 
 async def housekeeping(app: web.Application, now: float | None = None) -> dict[str, int]:
-    """Release expired holds and send due reminders; the background loop calls this."""
+    """Release expired holds and queue due reminders (the job worker sends them); the loop calls this."""
     now = time.time() if now is None else now
     db = app[keys.DB]
     expired = await db.execute_write_fn(lambda d: expire_holds_sync(d, now))
     due = await db.execute_write_fn(lambda d: reminders_due_sync(d, now))
-    settings = app[keys.SETTINGS]
-    for visit in due:
-        if visit["patient_phone"]:
-            await app[keys.NOTIFIER].send(visit_message(settings, visit, "reminder", base_url(settings)))
+    if due:
+        jobs.wake(app)
     return {"expired": expired, "reminders": len(due)}
 
 
 async def hold_reaper(app: web.Application) -> AsyncIterator[None]:
-    """``cleanup_ctx``: a background loop that expires holds and sends reminders; cancelled on exit."""
+    """``cleanup_ctx``: a background loop that expires holds and queues reminders; cancelled on exit."""
 
     async def loop() -> None:
         interval = max(0.05, float(app[keys.SETTINGS].reaper_interval_seconds))

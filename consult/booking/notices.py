@@ -1,4 +1,9 @@
-"""What booking tells the patient: confirmations, cancellations, moves and reminders (SMS)."""
+"""What booking tells the patient: confirmations, cancellations, moves and reminders (SMS).
+
+Every message is a durable job (``consult.core.jobs``, kind ``notify``) queued in the transaction
+of the change it reports (``enqueue_notice_sync``) and sent by ``perform_notice``: a crash after
+the commit delays a message, never loses it. A reminder is marked sent only once it was sent.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +16,40 @@ from aiohttp import web
 
 from consult.booking import catalogue
 from consult.booking.visits import VISIT_SELECT, get_visit_sync
-from consult.core import i18n, keys
+from consult.core import i18n, jobs, keys
 from consult.core.config import ConfigError
 from consult.core.formatting import to_local
 from consult.core.i18n import _
 from consult.core.outbox import Message
 
 REMINDER_DAY, REMINDER_HOUR = 1, 2  # values of visits.reminder_sent
+NOTIFY_JOB = "notify"
+
+
+def enqueue_notice_sync(
+    db: sqlite_utils.Database, visit: Any, kind: str, *, now: float, level: int | None = None
+) -> bool:
+    """Queue a message about a visit in the caller's transaction (once per visit, kind and time).
+
+    ``visit`` is the visit's row as it stands after the change (moves and reminders are keyed by
+    its time, so a move gets its own message and a reminder for an old time is never sent).
+    """
+    key = f"visit:{visit['id']}:{kind}"
+    payload: dict[str, Any] = {"visit_id": visit["id"], "kind": kind}
+    if kind in ("moved", "reminder"):
+        key += f":{visit['starts_at']}"
+        payload["starts_at"] = visit["starts_at"]
+    if level is not None:
+        key += f":{level}"
+        payload["level"] = level
+    return jobs.enqueue_sync(db, NOTIFY_JOB, payload, key=key, now=now)
 
 
 def reminders_due_sync(db: sqlite_utils.Database, now: float) -> list[dict]:
-    """Mark and return confirmed visits due a reminder (a day before, then an hour before)."""
+    """Queue a reminder for confirmed visits due one (a day before, then an hour before).
+
+    Returns the visits queued now; ``visits.reminder_sent`` changes only when the job has sent it.
+    """
     due: list[dict] = []
     rows = db.execute(
         VISIT_SELECT + " WHERE v.status = 'confirmed' AND v.starts_at > ? AND v.starts_at <= ?"
@@ -32,9 +60,16 @@ def reminders_due_sync(db: sqlite_utils.Database, now: float) -> list[dict]:
         level = REMINDER_HOUR if r["starts_at"] - now <= 3600 else REMINDER_DAY
         if r["reminder_sent"] >= level:
             continue
-        db.execute("UPDATE visits SET reminder_sent = ? WHERE id = ?", [level, r["id"]])
-        due.append({**dict(r), "level": level})
+        if enqueue_notice_sync(db, r, "reminder", now=now, level=level):
+            due.append({**dict(r), "level": level})
     return due
+
+
+def mark_reminded_sync(db: sqlite_utils.Database, visit_id: int, starts_at: int, level: int) -> None:
+    db.execute(
+        "UPDATE visits SET reminder_sent = max(reminder_sent, ?) WHERE id = ? AND starts_at = ?",
+        [level, visit_id, starts_at],
+    )
 
 
 def base_url(settings: Any, request: web.Request | None = None) -> str:
@@ -86,7 +121,7 @@ def visit_message(settings: Any, visit: dict, kind: str, origin: str) -> Message
             subject = _("Visit cancelled")
             body = _(
                 "%(hospital)s: your online visit with %(doctor)s on %(when)s was cancelled."
-                " Any payment is refunded. Details: %(url)s"
+                " Any payment will be refunded. Details: %(url)s"
             )
         elif kind == "moved":
             subject = _("Visit moved")
@@ -111,5 +146,26 @@ async def notify_visit(app: web.Application, visit_id: int, kind: str, origin: s
 
 
 async def after_confirmed(app: web.Application, visit_id: int, base_url: str | None = None) -> None:
-    """After the payment's transaction committed: tell the patient (SMS with time and page link)."""
+    """Tell the patient their visit is confirmed (SMS with time and page link), now."""
     await notify_visit(app, visit_id, "confirmed", base_url)
+
+
+async def perform_notice(app: web.Application, job: jobs.Job) -> str:
+    """The ``notify`` job: send one message about a visit, unless the visit has moved on since."""
+    payload = job.payload
+    visit_id, kind = int(payload["visit_id"]), payload["kind"]
+    db = app[keys.DB]
+    visit = await db.execute_fn(lambda d: get_visit_sync(d, visit_id=visit_id))
+    if visit is None:
+        return "gone"
+    if kind in ("moved", "reminder") and visit["starts_at"] != payload.get("starts_at"):
+        return "stale"  # moved again: that move queued its own message
+    level = int(payload.get("level") or 0)
+    if kind == "reminder" and (visit["status"] != "confirmed" or visit["reminder_sent"] >= level):
+        return "stale"
+    if visit["patient_phone"]:
+        settings = app[keys.SETTINGS]
+        await app[keys.NOTIFIER].send(visit_message(settings, visit, kind, base_url(settings)))
+    if kind == "reminder":
+        await db.execute_write_fn(lambda d: mark_reminded_sync(d, visit_id, visit["starts_at"], level))
+    return "sent"

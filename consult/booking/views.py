@@ -248,7 +248,10 @@ async def cancel_submit(request: web.Request) -> web.Response:
         reason=(data.get("reason") or "").strip()[:500],
         remote=security.client_address(request),
     )
-    note = "cancelled_refunded" if result["refunded"] else "cancelled"
+    # Only money that is back is called refunded; a refund still queued is said to be under way.
+    note = {"refunded": "cancelled_refunded", "pending": "cancelled_refund_pending"}.get(
+        result["refund_state"], "cancelled"
+    )
     raise web.HTTPSeeOther(f"{request.app.router['visit'].url_for(public_id=visit['public_id'])}?m={note}")
 
 

@@ -4,9 +4,17 @@ The `signaling` package runs the rooms and knows nothing about hospitals; this m
 `RoomPolicy` over our database. A room's id is the visit's public id. The patient's hello token
 is the signed call link (`consult.calls.links`); the doctor's is a short-lived host token that the
 consult-room page mints for the signed-in doctor (`make_host_token`). Every room event is
-appended to `session_events` (and folded into the admin session summary) in one write; a room's
-end is one write with the visit's status (`consult.calls.closing`), and `room_sweeper` closes the
-rooms a dead server left open.
+appended to `session_events` (and folded into the admin session summary) in one write, within a
+storage budget per visit and seat (below); a room's end is one write with the visit's status
+(`consult.calls.closing`), and `room_sweeper` closes the rooms a dead server left open.
+
+The budget: what a client sends must not grow the database without bound. Each seat of a visit
+(host, guest, and '' for events of no seat: refused joins, the room opening) may store
+`SEAT_BUDGET` (`ROOM_BUDGET` for '') in `session_events` and `quality_samples`, counted in
+`session_budgets`, which a reconnect or a restart does not reset. Beyond it an event is not
+stored (a join, leave or ICE change still updates the summary), `on_event` answers False, and the
+signaling server stops recording that seat and tells its client once. The events that make a
+visit (admission, clock, warning, end, recording files) happen once each and are always stored.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +55,52 @@ HOST_PREFIX = "host."
 DOCTOR_EARLY_S = 30 * 60
 WS_PATH = "/ws/rooms/{room_id}"
 _VISIT_IDS_MAX = 4096
+
+
+@dataclass(frozen=True)
+class Budget:
+    rows: int
+    bytes: int
+
+
+# Per visit and seat. A call sends a stats sample and an ICE state every 5 s per side, stored at
+# most every 10 s (signaling.SignalingConfig.telemetry_interval_s): an hour is about 1,100 rows
+# and 150 KiB per seat, so this is three hours and more, and a visit can never store more than
+# about 2.1 MiB of log whatever its clients send.
+SEAT_BUDGET = Budget(rows=4000, bytes=1 << 20)
+ROOM_BUDGET = Budget(rows=500, bytes=64 << 10)
+# What a row costs beyond its data: ids, times, name and role, and a quality sample's row.
+EVENT_ROW_BYTES = 32
+SAMPLE_ROW_BYTES = 48
+# Once per visit, by the server's own doing: never refused.
+ALWAYS_STORED = frozenset({"admitted", "clock_started", "warning", "ended", "recording_stopped"})
+# Folded into the summary even when over budget (they change no row count): presence, ICE.
+_FOLD_OVER_BUDGET = sessionlog.FOLDED_EVENTS - {"stats"}
+
+
+def _charge_sync(
+    db: sqlite_utils.Database, visit_id: int, seat: str, rows: int, size: int, budget: Budget
+) -> bool:
+    """Count `rows` and `size` bytes against the seat's budget; False (and one more dropped)
+    when they do not fit. Writer thread only."""
+    row = db.execute(
+        "SELECT rows, bytes FROM session_budgets WHERE visit_id = ? AND seat = ?", [visit_id, seat]
+    ).fetchone()
+    used_rows, used_bytes = (row[0], row[1]) if row is not None else (0, 0)
+    if used_rows + rows > budget.rows or used_bytes + size > budget.bytes:
+        db.execute(
+            "INSERT INTO session_budgets (visit_id, seat, dropped) VALUES (?, ?, 1)"
+            " ON CONFLICT(visit_id, seat) DO UPDATE SET dropped = dropped + 1",
+            [visit_id, seat],
+        )
+        return False
+    db.execute(
+        "INSERT INTO session_budgets (visit_id, seat, rows, bytes) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT(visit_id, seat) DO UPDATE SET rows = rows + excluded.rows,"
+        " bytes = bytes + excluded.bytes",
+        [visit_id, seat, rows, size],
+    )
+    return True
 
 
 # -- host tokens ------------------------------------------------------------------------------
@@ -121,6 +176,8 @@ class ConsultPolicy:
         self._visit_ids: dict[str, int] = {}
         # The last client seen per seat: `joined` events carry its user agent into the log.
         self._peers: dict[tuple[str, str], PeerInfo] = {}
+        self.seat_budget = SEAT_BUDGET
+        self.room_budget = ROOM_BUDGET
 
     def _database(self) -> Database:
         if self.db is None:
@@ -264,10 +321,11 @@ class ConsultPolicy:
             data["remote"] = mask_address(str(data["remote"]))
         return data
 
-    async def on_event(self, event: RoomEvent) -> None:
+    async def on_event(self, event: RoomEvent) -> bool | None:
+        """Store the event; False when its seat's budget is used up (see the module doc)."""
         visit_id = await self._visit_id(event.room_id)
         if visit_id is None:
-            return
+            return None
         data = self._event_data(event)
         files: list[dict[str, Any]] = []
         data_dir = self.settings.data_dir
@@ -283,19 +341,13 @@ class ConsultPolicy:
         if event.name == "ended":
             self._peers.pop((event.room_id, "host"), None)
             self._peers.pop((event.room_id, "guest"), None)
+        seat = event.role if event.role in ("host", "guest") else ""
+        budget = self.seat_budget if seat else self.room_budget
+        rows = 2 if event.name == "stats" else 1
+        size = len(encoded.encode()) + len(event.name) + len(seat) + EVENT_ROW_BYTES
+        size += SAMPLE_ROW_BYTES if event.name == "stats" else 0
 
-        def write(db: sqlite_utils.Database) -> None:
-            if event.name == "ended":
-                # Normally written already by save_state; this completes what a failed write left.
-                reason = str(data.get("reason") or closing.TIME_LIMIT)
-                closing.end_room_sync(db, visit_id, reason, event.created, now=event.created, tz=tz)
-                return
-            db.execute(
-                "INSERT INTO session_events (visit_id, created, name, role, data) VALUES (?, ?, ?, ?, ?)",
-                [visit_id, event.created, event.name, event.role, encoded],
-            )
-            if files:
-                stored_bytes.append(recordings.store_files_sync(db, data_dir, visit_id, files, event.created))
+        def fold(db: sqlite_utils.Database) -> None:
             # The summary is a derived view: a bug there must not lose the event itself.
             db.execute("SAVEPOINT summary")
             try:
@@ -305,10 +357,34 @@ class ConsultPolicy:
                 db.execute("ROLLBACK TO summary")
             db.execute("RELEASE summary")
 
+        def write(db: sqlite_utils.Database) -> bool:
+            if event.name == "ended":
+                # Normally written already by save_state; this completes what a failed write left.
+                reason = str(data.get("reason") or closing.TIME_LIMIT)
+                closing.end_room_sync(db, visit_id, reason, event.created, now=event.created, tz=tz)
+                return True
+            if event.name not in ALWAYS_STORED and not _charge_sync(db, visit_id, seat, rows, size, budget):
+                if event.name in _FOLD_OVER_BUDGET:
+                    fold(db)
+                return False
+            db.execute(
+                "INSERT INTO session_events (visit_id, created, name, role, data) VALUES (?, ?, ?, ?, ?)",
+                [visit_id, event.created, event.name, event.role, encoded],
+            )
+            if files:
+                stored_bytes.append(recordings.store_files_sync(db, data_dir, visit_id, files, event.created))
+            fold(db)
+            return True
+
         stored_bytes: list[int] = []
-        await self._database().execute_write_fn(write)
+        stored = await self._database().execute_write_fn(write)
         if stored_bytes and self.app is not None:
             metrics.count(self.app, "recording_bytes", sum(stored_bytes))
+        if not stored:
+            if self.app is not None:
+                metrics.count(self.app, "room_events_dropped")
+            return False
+        return None
 
 
 # -- wiring -----------------------------------------------------------------------------------
@@ -323,6 +399,7 @@ def signaling_config(settings: Settings) -> SignalingConfig:
         stun_urls=tuple(settings.stun_urls),
         turn_secret=settings.turn_secret if settings.turn_urls else "",
         ice_transport_policy=settings.ice_transport_policy,
+        stats_fields=sessionlog.SAMPLE_KEYS,
     )
 
 

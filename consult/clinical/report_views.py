@@ -176,11 +176,10 @@ async def _serve(request: web.Request, download: bool) -> web.StreamResponse:
         await reports.record_view(
             request.app[keys.DB], report, visit, user, security.client_address(request), download
         )
+    inline = _inline(request, user, download, report.content_type)
     headers = {
         "Content-Type": report.content_type,
-        "Content-Disposition": content_disposition(
-            "inline" if _inline(request, user, download) else "attachment", report.display_name
-        ),
+        "Content-Disposition": content_disposition("inline" if inline else "attachment", report.display_name),
         "X-Content-Type-Options": "nosniff",
         "Cache-Control": "private, no-store",
         # An opaque origin: a hostile PDF or image document cannot script this site.
@@ -192,14 +191,20 @@ async def _serve(request: web.Request, download: bool) -> web.StreamResponse:
     return web.FileResponse(path, headers=headers)
 
 
-def _inline(request: web.Request, user, download: bool) -> bool:
-    """Staff open a patient's file inline only in the consult room's viewer (an iframe, which
-    Sec-Fetch-Dest names and no page can forge); a link opened in a tab downloads it, so a hostile
-    file is never rendered by the browser at the top of a doctor's window. A patient's own files
-    open as before."""
+INERT_TYPES = frozenset({"image/jpeg", "image/png"})  # what uploads store images as: no active content
+
+
+def _inline(request: web.Request, user, download: bool, content_type: str) -> bool:
+    """Staff open a patient's PDF inline only in the consult room's viewer (an iframe, which
+    Sec-Fetch-Dest names and no page can forge); a PDF link opened in a tab downloads it, so a
+    PDF is never rendered by the browser at the top of a doctor's window. A photo (JPEG or PNG,
+    checked by content at upload, served with nosniff and a sandbox CSP) is inert and opens
+    inline. A patient's own files open as before."""
     if download:
         return False
-    return user.role == "patient" or request.headers.get("Sec-Fetch-Dest") == "iframe"
+    if user.role == "patient" or content_type in INERT_TYPES:
+        return True
+    return request.headers.get("Sec-Fetch-Dest") == "iframe"
 
 
 async def view_report(request: web.Request) -> web.StreamResponse:

@@ -8,6 +8,7 @@ Secrets that are not given are generated once into ``<data_dir>/secrets.json`` (
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import secrets
@@ -78,6 +79,43 @@ class Settings:
         " register_window_minutes (then 429 with Retry-After).",
     )
     register_window_minutes: int = setting(60, "Time over which the registration allowance refills.")
+    phone_region: str = setting(
+        "CN",
+        "Mobile numbers new patients may register with: CN (mainland China, 11 digits starting 13"
+        " to 19; a +86 or 0086 in front, spaces and dashes are accepted and dropped) or"
+        " international (an optional + and 6 to 15 digits). Numbers already stored are not checked"
+        " again: those accounts still sign in.",
+    )
+    sms_provider: str = setting(
+        "outbox",
+        "Where text messages (one-time codes, visit notices) go: outbox keeps them in the database,"
+        " readable on the admin's outbox page. A gateway implements consult.core.outbox.SmsProvider.",
+    )
+    sms_code_minutes: int = setting(
+        10,
+        "A one-time code sent by SMS (confirming a new patient's number, resetting a patient's"
+        " password) works for this many minutes.",
+    )
+    sms_code_attempts: int = setting(
+        5, "Wrong entries of one code before it stops working (a new code must be asked for)."
+    )
+    sms_code_resend_seconds: int = setting(60, "Shortest time between two codes sent to one number.")
+    sms_code_max_per_number: int = setting(
+        5, "Codes sent to one number within sms_code_window_minutes; then it waits for the window."
+    )
+    sms_code_max_per_address: int = setting(
+        20,
+        "Codes one address (an IPv6 /64) may have sent at once; the allowance refills evenly over"
+        " sms_code_window_minutes (then 429 with Retry-After).",
+    )
+    sms_code_window_minutes: int = setting(
+        60, "Time over which the per-number and per-address code limits count."
+    )
+    sms_code_max_pending: int = setting(
+        10000,
+        "Numbers with a code outstanding at once (one stored row each, removed when it expires);"
+        " beyond it new codes are refused until some expire, so a flood cannot grow the database.",
+    )
     argon2_time_cost: int = setting(3, "Argon2 time cost for password hashes.")
     argon2_memory_kib: int = setting(65536, "Argon2 memory cost (KiB) for password hashes.")
     currency: str = setting("CNY", "Currency of visit fees (ISO 4217).")
@@ -95,6 +133,17 @@ class Settings:
     reaper_interval_seconds: float = setting(
         30.0, "How often expired holds are released and visit reminders sent."
     )
+    job_poll_seconds: float = setting(
+        1.0, "How often the job worker looks for due jobs (it is also woken when one is queued)."
+    )
+    job_concurrency: int = setting(4, "Jobs the worker runs at once (refunds, messages).")
+    job_timeout_seconds: float = setting(60.0, "A job attempt taking longer than this fails and is retried.")
+    job_max_attempts: int = setting(8, "Attempts before a job is marked dead (shown in logs and /metrics).")
+    job_retry_base_seconds: float = setting(
+        10.0, "Wait before a failed job's first retry; doubled after each failure."
+    )
+    job_retry_max_seconds: float = setting(3600.0, "Longest wait between two attempts of a job.")
+    job_retention_days: float = setting(14.0, "Finished jobs are deleted this many days after they finish.")
     payment_provider: str = setting(
         "",
         "How patients pay: cashier (at the hospital counter; staff mark the order paid on"
@@ -138,10 +187,16 @@ class Settings:
     max_connections_per_address: int = setting(
         100,
         "Open connections allowed from one client address (an IPv6 client: its /64); more are"
-        " closed at once. 0: no limit (set 0 behind a reverse proxy, which all connections come from).",
+        " closed at once. 0: no limit. Connections from trusted_proxies are never counted.",
     )
     accept_error_log_interval_seconds: float = setting(
         60.0, "When the server runs out of file descriptors, log that at most once per this many seconds."
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        (),
+        "Addresses or CIDR ranges of reverse proxies in front of Consult (e.g. 127.0.0.1). Only"
+        " from these are Forwarded and X-Forwarded-For/-Proto/-Host believed: the client is the"
+        " right-most address in the chain that is not a trusted proxy. Empty: trust nobody.",
     )
     mask_addresses: bool = setting(False, "Store only the network part of client addresses in logs.")
     log_json: bool = setting(False, "Write structured JSON log lines.")
@@ -154,10 +209,6 @@ class Settings:
         " setting you write: a data directory seeded by `consult demo` is in demo mode, or"
         " `consult serve --demo` asks for it.",
     )
-
-    @property
-    def secure_cookies(self) -> bool:
-        return self.tls
 
     def masked(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -250,11 +301,26 @@ def load_settings(
         )
     if settings.payment_provider not in {"", *PAYMENT_PROVIDERS}:
         raise ConfigError("payment_provider must be 'cashier' or 'simulator' (demo mode only)")
+    for value in settings.trusted_proxies:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ConfigError(f"trusted_proxies: {value!r} is not an IP address or network") from None
+    if settings.phone_region not in {"CN", "international"}:
+        raise ConfigError("phone_region must be 'CN' or 'international'")
+    if settings.sms_provider not in {"outbox"}:
+        raise ConfigError("sms_provider must be 'outbox'")
     for name in (
         "login_max_delay_seconds",
         "login_window_minutes",
         "register_max_per_address",
         "register_window_minutes",
+        "sms_code_minutes",
+        "sms_code_attempts",
+        "sms_code_max_per_number",
+        "sms_code_max_per_address",
+        "sms_code_window_minutes",
+        "sms_code_max_pending",
     ):
         if getattr(settings, name) < 1:
             raise ConfigError(f"{name} must be at least 1")

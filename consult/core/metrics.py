@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -29,16 +29,29 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "payments": ("consult_payments", "Payments completed."),
     "uploads": ("consult_uploads", "Test-report files uploaded."),
     "recording_bytes": ("consult_recording_bytes", "Bytes of visit recordings written."),
+    "room_events_dropped": (
+        "consult_room_events_dropped",
+        "Room events not stored: their seat's storage budget for the visit was used up.",
+    ),
     "report_files_quarantined": (
         "consult_report_files_quarantined",
         "Stored report files without a row, moved to the quarantine folder.",
     ),
+    "payment_callbacks_rejected": (
+        "consult_payment_callbacks_rejected",
+        "Payment gateway notifications refused (bad signature, malformed body), stored or not.",
+    ),
+    "jobs_done": ("consult_jobs_done", "Background jobs (refunds, messages) completed."),
+    "jobs_failed": ("consult_jobs_failed", "Background job attempts that failed (retried or dead)."),
+    "jobs_died": ("consult_jobs_died", "Background jobs given up after their last attempt."),
 }
 LIVE = {
     "active_rooms": "Visit rooms open on this server.",
     "connected_participants": "People connected to a visit room (at most two per room).",
     "websocket_connections": "Open signaling WebSocket connections, joined or not.",
     "report_files_missing": "Test-report rows whose file is missing (at the last files sweep).",
+    "jobs_queued": "Background jobs waiting or running (as of the worker's last sweep).",
+    "jobs_dead": "Background jobs given up on, waiting for an admin (as of the last sweep).",
 }
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -48,10 +61,21 @@ class _LiveCollector(Collector):
         self._app = app
         self._metrics = metrics
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         values = self._metrics.live_values(self._app)
         for name, help_text in LIVE.items():
             yield GaugeMetricFamily(f"consult_{name}", help_text, value=values.get(name, 0))
+        server = _find_signaling(self._app)
+        dropped = CounterMetricFamily(
+            "consult_signaling_messages_dropped",
+            "Client messages the signaling server did not record, by reason (over_budget,"
+            " throttled, repeated_error, waiting_room).",
+            labels=["reason"],
+        )
+        if server is not None:
+            for reason, n in sorted(server.seats.dropped.items()):
+                dropped.add_metric([reason], n)
+        yield dropped
 
 
 class Metrics:
@@ -116,7 +140,7 @@ def _find_signaling(app: web.Application):  # -> signaling.server.SignalingServe
 
 
 def count(app: web.Application, name: str, n: float = 1) -> None:
-    """Add ``n`` to one of ``COUNTERS`` (bookings, payments, uploads, recording_bytes, ...).
+    """Add ``n`` to one of ``COUNTERS`` (bookings, payments, uploads, recording_bytes, jobs_*, ...).
 
     A no-op in an app built without metrics; an unknown name is a bug and raises KeyError.
     """

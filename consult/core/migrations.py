@@ -587,8 +587,101 @@ def m0012_session_end_server_restart(db: sqlite_utils.Database) -> None:
     )
 
 
-@migration("0013_instance_marks")
-def m0013_instance_marks(db: sqlite_utils.Database) -> None:
+@migration("0013_jobs")
+def m0013_jobs(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- Durable background work (consult.core.jobs): written in the same transaction as the fact
+        -- that causes it, claimed by the worker (queued -> running, with a lease), then done, or
+        -- queued again with backoff, or dead after max_attempts (kept for admins; done is pruned).
+        CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            key TEXT NOT NULL,                        -- the same (kind, key) is never queued twice
+            payload TEXT NOT NULL DEFAULT '{}',       -- JSON
+            status TEXT NOT NULL DEFAULT 'queued'
+                CHECK (status IN ('queued', 'running', 'done', 'dead')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER CHECK (max_attempts IS NULL OR max_attempts >= 1),  -- NULL: the setting
+            next_run_at REAL NOT NULL,
+            claim TEXT,                               -- token of the current claim: a late finisher
+            claimed_at REAL,                          -- whose lease was taken over records nothing
+            lease_until REAL,
+            last_error TEXT,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            finished_at REAL,
+            UNIQUE (kind, key)
+        );
+        CREATE INDEX jobs_due ON jobs(status, next_run_at);
+        CREATE INDEX jobs_finished ON jobs(status, finished_at);
+        """,
+    )
+
+
+@migration("0014_session_budgets")
+def m0014_session_budgets(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- What each seat of a visit's call has stored in session_events and quality_samples, so
+        -- that a client cannot grow them without bound (consult.calls.policy, "budget"). seat:
+        -- 'host', 'guest', or '' for events of no seat (refused joins, the room opening).
+        CREATE TABLE session_budgets (
+            visit_id INTEGER NOT NULL REFERENCES visits(id) ON DELETE CASCADE,
+            seat TEXT NOT NULL,
+            rows INTEGER NOT NULL DEFAULT 0,
+            bytes INTEGER NOT NULL DEFAULT 0,
+            dropped INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (visit_id, seat)
+        ) WITHOUT ROWID;
+        """,
+    )
+
+
+@migration("0015_phone_codes")
+def m0015_phone_codes(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- One-time codes sent by SMS (consult.accounts.codes): one row per number with a code
+        -- outstanding, replaced by the next code to it and deleted once `keep_until` has passed,
+        -- so a flood of numbers cannot grow the table beyond the sms_code_max_pending setting.
+        CREATE TABLE phone_codes (
+            phone TEXT PRIMARY KEY,
+            purpose TEXT NOT NULL CHECK (purpose IN ('register', 'reset')),
+            flow_hash TEXT NOT NULL,      -- the browser that asked (a cookie's hash): only it may answer
+            code_hash TEXT,               -- HMAC of the code; NULL once it was used up by wrong tries
+            expires REAL NOT NULL,        -- the code works until then
+            attempts INTEGER NOT NULL DEFAULT 0,
+            sends INTEGER NOT NULL,       -- codes sent to the number since window_start
+            window_start REAL NOT NULL,
+            last_sent REAL NOT NULL,
+            keep_until REAL NOT NULL,     -- the row (and its send counters) is forgotten after this
+            display_name TEXT,            -- register only: the account made once the code is right
+            password_hash TEXT,
+            locale TEXT
+        ) WITHOUT ROWID;
+        CREATE INDEX phone_codes_keep_until ON phone_codes(keep_until);
+        """,
+    )
+
+
+@migration("0016_payment_events_kind")
+def m0016_payment_events_kind(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- Refused gateway notifications are stored at most a few an hour and pruned by age
+        -- (consult.payments.record_rejection): both questions are asked by kind and time.
+        CREATE INDEX payment_events_kind ON payment_events(kind, created);
+        """,
+    )
+
+
+@migration("0017_instance_marks")
+def m0017_instance_marks(db: sqlite_utils.Database) -> None:
     run_script(
         db,
         """

@@ -14,15 +14,16 @@ from aiohttp import web
 if TYPE_CHECKING:
     from consult.accounts.users import User
 
-from consult.core import keys
+from consult.core import keys, proxy
 from consult.core.errors import BadRequest, Forbidden, Unauthorized
 from consult.core.i18n import _
 
 CSRF_COOKIE = "consult_csrf"
 SESSION_COOKIE = "consult_session"  # consult.accounts.users.Sessions issues it
-# Over TLS both cookies carry the __Host- prefix: the browser then accepts them only with Secure,
-# Path=/ and no Domain, so a neighbouring subdomain or a plain-HTTP page cannot plant or replace
-# them. Without TLS (development, tests) browsers refuse such names, so the plain ones are used.
+# Over HTTPS (Consult's own TLS, or a trusted proxy's: `is_https`) both cookies carry the __Host-
+# prefix: the browser then accepts them only with Secure, Path=/ and no Domain, so a neighbouring
+# subdomain or a plain-HTTP page cannot plant or replace them. Over plain HTTP (development,
+# tests) browsers refuse such names, so the plain ones are used.
 HOST_PREFIX = "__Host-"
 # Instead of aiohttp's "Python/3.11 aiohttp/<version>": the name, no versions to look up.
 SERVER_HEADER = "Consult"
@@ -58,14 +59,20 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
     h.setdefault("X-Frame-Options", "DENY")
     h["Cross-Origin-Opener-Policy"] = "same-origin"
     h["Permissions-Policy"] = "camera=(self), microphone=(self), geolocation=(), payment=()"
-    if request.app[keys.SETTINGS].tls:
+    if is_https(request):
         h["Strict-Transport-Security"] = "max-age=31536000"
     if "Cache-Control" not in h and not request.path.startswith("/static/"):
         h["Cache-Control"] = "no-store"
 
 
+def is_https(request: web.Request) -> bool:
+    """Consult serves TLS itself, or a trusted proxy says the client came over HTTPS
+    (core/proxy.py): cookies are then Secure and __Host- named, and HSTS is sent."""
+    return request.app[keys.SETTINGS].tls or proxy.scheme_of(request) == "https"
+
+
 def _cookie_name(request: web.Request, name: str) -> str:
-    return HOST_PREFIX + name if request.app[keys.SETTINGS].secure_cookies else name
+    return HOST_PREFIX + name if is_https(request) else name
 
 
 def session_cookie_name(request: web.Request) -> str:
@@ -116,7 +123,7 @@ def set_session_cookie(request: web.Request, response: web.StreamResponse, token
         session_cookie_name(request),
         token,
         httponly=True,
-        secure=settings.secure_cookies,
+        secure=is_https(request),
         samesite="Lax",
         path="/",
         max_age=settings.session_absolute_hours * 3600,
@@ -124,7 +131,7 @@ def set_session_cookie(request: web.Request, response: web.StreamResponse, token
 
 
 def delete_session_cookie(request: web.Request, response: web.StreamResponse) -> None:
-    secure = request.app[keys.SETTINGS].secure_cookies
+    secure = is_https(request)
     # A __Host- cookie is only replaced (here: expired) by one that is Secure too.
     response.del_cookie(session_cookie_name(request), path="/", secure=secure or None)
 
@@ -136,7 +143,7 @@ def set_csrf_cookie(request: web.Request, response: web.StreamResponse) -> None:
             request[keys.CSRF_COOKIE_VALUE],
             httponly=True,
             samesite="Lax",
-            secure=request.app[keys.SETTINGS].secure_cookies,
+            secure=is_https(request),
             path="/",
         )
 
@@ -194,7 +201,9 @@ def require(request: web.Request, *roles: str) -> User:
 
 
 def client_address(request: web.Request) -> str | None:
-    remote = request.remote
+    """The client's address (behind a trusted proxy, the one it forwarded), masked to its
+    network when the mask_addresses setting says so."""
+    remote = proxy.remote_of(request)
     if remote and request.app[keys.SETTINGS].mask_addresses:
         return mask_address(remote)
     return remote

@@ -11,7 +11,8 @@ The rest aiohttp has no knob for, so it lives here:
 
 - ``EdgeRequestHandler`` counts open connections per client address (an IPv6 client by its /64,
   which one host usually owns whole) and closes any beyond ``max_connections_per_address`` as
-  soon as it is accepted; it also gives the responses aiohttp writes on its own (400 for a
+  soon as it is accepted (a trusted reverse proxy's connections are not counted: they carry
+  many clients); it also gives the responses aiohttp writes on its own (400 for a
   malformed request, before our application sees it) the same versionless ``Server`` header.
 - ``AcceptErrorLimiter`` is the loop's exception handler: when the process runs out of file
   descriptors, asyncio reports the failed ``accept()`` once per queued connection and retries
@@ -31,11 +32,12 @@ import resource
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import hdrs, web
 
+from consult.core import proxy
 from consult.core.security import SERVER_HEADER
 
 log = logging.getLogger("consult.edge")
@@ -60,12 +62,21 @@ def address_key(address: str | None) -> str | None:
 
 
 class ConnectionLimiter:
-    """Open connections per client; ``limit`` 0 means no limit."""
+    """Open connections per client; ``limit`` 0 means no limit. Addresses in ``exempt`` (the
+    trusted reverse proxies, whose connections carry many clients) are never counted: the proxy
+    limits its own clients."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, exempt: Sequence[proxy.Network] = ()) -> None:
         self.limit = limit
+        self.exempt = tuple(exempt)
         self.open: Counter[str] = Counter()
         self.refused = 0
+
+    def key_of(self, address: str | None) -> str | None:
+        """The counter an address uses; None (not counted) for an exempt proxy."""
+        if self.exempt and proxy.is_trusted(address, self.exempt):
+            return None
+        return address_key(address)
 
     def acquire(self, key: str | None) -> bool:
         if key is None or self.limit <= 0:
@@ -96,7 +107,7 @@ class EdgeRequestHandler(web.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
-        key = address_key(peer[0] if isinstance(peer, tuple) and peer else None)
+        key = self._edge_limiter.key_of(peer[0] if isinstance(peer, tuple) and peer else None)
         if not self._edge_limiter.acquire(key):
             self._edge_refused = True
             if self._edge_limiter.refused == 1 or self._edge_limiter.refused % 1000 == 0:
@@ -195,7 +206,9 @@ async def serve(
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(AcceptErrorLimiter(settings.accept_error_log_interval_seconds))
     soft, _hard = raise_fd_limit()
-    limiter = ConnectionLimiter(settings.max_connections_per_address)
+    limiter = ConnectionLimiter(
+        settings.max_connections_per_address, proxy.parse_networks(settings.trusted_proxies)
+    )
     kwargs = handler_kwargs(settings, access_log_class)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout, **kwargs)
     await runner.setup()

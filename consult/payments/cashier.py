@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from yarl import URL
 
-from consult.payments.gateway import CallbackRejected, Notice, Payment
+from consult.payments.gateway import CallbackRejected, Notice, Payment, RefundStatus
 
 
 class CashierProvider:
@@ -18,6 +18,10 @@ class CashierProvider:
     async def verify_callback(self, app: web.Application, request: web.Request) -> Notice:
         raise CallbackRejected("the cashier sends no callbacks")
 
-    async def refund(self, app: web.Application, payment: Payment, amount_minor: int) -> str:
+    async def refund(self, app: web.Application, payment: Payment, amount_minor: int, refund_id: str) -> str:
         # Cash goes back over the counter; the record says so, staff hand it over.
         return "counter"
+
+    async def refund_status(self, app: web.Application, payment: Payment, refund_id: str) -> RefundStatus:
+        # Nothing moves until our record says "refunded" and staff hand the cash over: no refund yet.
+        return RefundStatus("none")

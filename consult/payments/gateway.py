@@ -79,7 +79,17 @@ class Outcome:
     payment: Payment | None = None
     confirmed: bool = False
     refund_reason: str | None = None
+    refund_state: str | None = None  # after a first attempt: "refunded" or "pending" (a queued job)
     reason: str | None = None
+
+
+@dataclass(frozen=True)
+class RefundStatus:
+    """What the provider knows of one refund (asked before any retry, so money never moves twice)."""
+
+    state: str  # "refunded": the money went back; "pending": the provider is still on it; "none": no refund
+    ref: str | None = None
+    amount_minor: int = 0
 
 
 class PaymentProvider(Protocol):
@@ -91,8 +101,19 @@ class PaymentProvider(Protocol):
     async def verify_callback(self, app: web.Application, request: web.Request) -> Notice:
         """Authenticate and parse a server-to-server notification; raise CallbackRejected."""
 
-    async def refund(self, app: web.Application, payment: Payment, amount_minor: int) -> str:
-        """Give ``amount_minor`` back; return the provider's refund reference, raise on failure."""
+    async def refund(self, app: web.Application, payment: Payment, amount_minor: int, refund_id: str) -> str:
+        """Give ``amount_minor`` back; return the provider's refund reference, raise on failure.
+
+        ``refund_id`` is ours and the same on every attempt of one refund (gateways call it the
+        merchant's refund number): a provider that knows it already must not pay it again.
+        """
+
+    async def refund_status(self, app: web.Application, payment: Payment, refund_id: str) -> RefundStatus:
+        """Whether the refund ``refund_id`` of ``payment`` happened, from the provider's own records.
+
+        Asked before retrying a refund whose outcome we never recorded (the process died, or the
+        call timed out), so that an attempt the provider did complete is not paid twice.
+        """
 
 
 class Fulfilment(Protocol):
@@ -103,10 +124,10 @@ class Fulfilment(Protocol):
     """
 
     def confirm_sync(self, db: sqlite_utils.Database, visit_id: int, now: float) -> None:
-        """Confirm inside the payment's transaction; raise ``Conflict`` when the slot was lost."""
+        """Confirm inside the payment's transaction; raise ``Conflict`` when the slot was lost.
 
-    async def after_confirmed(self, app: web.Application, visit_id: int) -> None:
-        """After the commit: tell the patient."""
+        Whatever must follow (telling the patient) is queued as a job in this same transaction.
+        """
 
 
 FULFILMENT = web.AppKey("payment_fulfilment", Fulfilment)
@@ -118,7 +139,6 @@ class PaymentsState:
     fulfilment: Fulfilment
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     session: aiohttp.ClientSession | None = None
-    refund_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """A background task owned by the app: cancelled and awaited at shutdown."""

@@ -4,6 +4,10 @@ The payer is redirected to the gateway's page; pressing Pay there makes the gate
 hospital server-to-server, asynchronously, with a JSON body signed by HMAC-SHA256 over its
 canonical form (the key is ``payment_secret``), retrying until it gets a 2xx. The hospital side
 (``SimulatorProvider.verify_callback``) trusts nothing it cannot check.
+
+Like a gateway, it keeps its own durable record of the refunds it made (one JSON line each,
+fsynced, in ``<data_dir>/simulator/refunds.jsonl``): a refund number it has seen is not paid
+again, and ``refund_status`` answers from that record, whatever happened to the hospital's side.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ import hmac
 import json
 import logging
 import math
+import os
 import secrets
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,7 +30,7 @@ from aiohttp import web
 from yarl import URL
 
 from consult.core import keys
-from consult.payments.gateway import PAYMENTS, CallbackRejected, Notice, Payment
+from consult.payments.gateway import PAYMENTS, CallbackRejected, Notice, Payment, RefundStatus
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,24 @@ SIGNATURE_HEADER = "X-Signature"
 MAX_BODY = 16 * 1024
 RETRY_DELAYS = (0.0, 0.5, 2.0, 5.0, 15.0)
 CALLBACK_PATH = "/api/payments/callback/simulator"
+REFUND_LEDGER = Path("simulator") / "refunds.jsonl"
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    """The simulated gateway's refunds; a line torn by a crash mid-write is no refund."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "refund_id" in record:
+            out.append(record)
+    return out
 
 
 def canonical(payload: dict[str, Any]) -> bytes:
@@ -56,6 +81,9 @@ class SimulatorProvider:
     name = "simulator"
     callbacks = True
 
+    def __init__(self) -> None:
+        self._ledger_lock = threading.Lock()  # appends come from worker threads
+
     async def start(self, app: web.Application, payment: Payment) -> URL:
         return app.router["simulator_pay"].url_for(order_id=payment.order_id)
 
@@ -79,9 +107,40 @@ class SimulatorProvider:
             raise CallbackRejected("bad signature", order_id=order_id, detail={"claimed": payload})
         return parse_notice(payload)
 
-    async def refund(self, app: web.Application, payment: Payment, amount_minor: int) -> str:
-        # The simulated gateway refunds synchronously and always succeeds.
-        return "R" + secrets.token_hex(10)
+    async def refund(self, app: web.Application, payment: Payment, amount_minor: int, refund_id: str) -> str:
+        # The simulated gateway refunds synchronously and always succeeds, once per refund number.
+        path = app[keys.SETTINGS].data_dir / REFUND_LEDGER
+        return await asyncio.to_thread(self._refund_sync, path, payment.order_id, amount_minor, refund_id)
+
+    def _refund_sync(self, path: Path, order_id: str, amount_minor: int, refund_id: str) -> str:
+        with self._ledger_lock:
+            for record in read_ledger(path):
+                if record["refund_id"] == refund_id:
+                    return str(record["ref"])
+            ref = "R" + secrets.token_hex(10)
+            line = json.dumps(
+                {
+                    "refund_id": refund_id,
+                    "order_id": order_id,
+                    "amount_minor": amount_minor,
+                    "ref": ref,
+                    "at": time.time(),
+                },
+                sort_keys=True,
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            return ref
+
+    async def refund_status(self, app: web.Application, payment: Payment, refund_id: str) -> RefundStatus:
+        path = app[keys.SETTINGS].data_dir / REFUND_LEDGER
+        for record in await asyncio.to_thread(read_ledger, path):
+            if record["refund_id"] == refund_id:
+                return RefundStatus("refunded", str(record["ref"]), int(record["amount_minor"]))
+        return RefundStatus("none")
 
 
 def parse_notice(payload: dict[str, Any]) -> Notice:

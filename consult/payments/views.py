@@ -245,7 +245,7 @@ async def admin_mark_paid(request: web.Request) -> web.Response:
     )
     done = "paid" if outcome.result == "paid" else "already"
     if outcome.refund_reason:
-        done = "refunded"
+        done = "refunded" if outcome.refund_state == "refunded" else "refund_queued"
     raise web.HTTPSeeOther(str(request.app.router["admin_payments"].url_for().with_query(done=done)))
 
 
@@ -254,9 +254,8 @@ async def admin_refund(request: web.Request) -> web.Response:
     payment, _visit = await _payment_and_visit(request)
     if payment.status != "paid":
         raise Conflict(_("Only a paid payment can be refunded."), code="not_paid")
-    ok = await payments.refund_payment(
+    state = await payments.request_refund(
         request.app, payment.id, reason="staff", actor=admin, remote=security.client_address(request)
     )
-    raise web.HTTPSeeOther(
-        str(request.app.router["admin_payments"].url_for().with_query(done="refund" if ok else "already"))
-    )
+    done = {"refunded": "refund", "queued": "refund_queued"}.get(state, "already")
+    raise web.HTTPSeeOther(str(request.app.router["admin_payments"].url_for().with_query(done=done)))

@@ -27,7 +27,9 @@ from consult.sessionlog.common import (
 )
 from consult.sessionlog.detail import MAX_TIMELINE, describe_event, session_detail_sync
 from consult.sessionlog.events import (
+    FOLDED_EVENTS,
     MAX_SAMPLES_PER_VISIT,
+    SAMPLE_KEYS,
     apply_event_sync,
     mark_no_shows_sync,
     normalize_sample,
@@ -48,6 +50,7 @@ from consult.sessionlog.queries import (
 __all__ = [
     "DEFAULT_TZ",
     "END_REASONS",
+    "FOLDED_EVENTS",
     "LIST_COLUMNS",
     "MAX_FILTER_DAY",
     "MAX_SAMPLES_PER_VISIT",
@@ -56,6 +59,7 @@ __all__ = [
     "OUTCOMES",
     "PAGE_SIZE",
     "SAMPLE_FIELDS",
+    "SAMPLE_KEYS",
     "DayStats",
     "Filters",
     "apply_event_sync",

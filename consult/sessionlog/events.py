@@ -28,6 +28,8 @@ _SAMPLE_ALIASES = {
     "frameHeight": "height",
     "freezeCount": "freezes",
 }
+# Every key of a stats sample that normalize_sample reads (the signaling server keeps only these).
+SAMPLE_KEYS = (*SAMPLE_FIELDS, *_SAMPLE_ALIASES)
 MAX_SAMPLES_PER_VISIT = 4000  # both sides, one every 2-5 s: hours of call
 _INSERT_SAMPLE = (
     "INSERT INTO quality_samples (visit_id, role, t, "  # noqa: S608 - fixed column names

@@ -2,6 +2,7 @@
 
 - `tests.harness.server`: `ServerProcess` (any command + HTTP health URL) and `ConsultServer`.
 - `tests.harness.turn`: `TurnServer` (coturn with TURN REST credentials).
+- `tests.harness.nginx`: `NginxProxy` (nginx with the site block of docs/install.md, TLS).
 - `tests.harness.browser`: Chromium launch, per-page request/console logs, failure artifacts.
 - `tests.harness.fixtures`: the pytest fixtures; `from tests.harness.fixtures import *` in
   `tests/conftest.py` (this also imports the `pytest_runtest_makereport` hook).

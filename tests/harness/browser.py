@@ -54,12 +54,14 @@ def chromium_args(secure_origins: Iterable[str] = ()) -> list[str]:
     return args
 
 
-async def launch_chromium(playwright: Playwright, secure_origins: Iterable[str] = (), **kwargs) -> Browser:
+async def launch_chromium(
+    playwright: Playwright, secure_origins: Iterable[str] = (), extra_args: Iterable[str] = (), **kwargs
+) -> Browser:
     """Debian's Chromium, headless; Playwright gives each launch a fresh temporary profile."""
     return await playwright.chromium.launch(
         executable_path=require_program("chromium"),
         headless=True,
-        args=chromium_args(secure_origins),
+        args=[*chromium_args(secure_origins), *extra_args],
         **kwargs,
     )
 

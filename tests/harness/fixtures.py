@@ -31,6 +31,7 @@ from tests.harness.browser import (
     launch_chromium,
     save_page_artifacts,
 )
+from tests.harness.nginx import NginxProxy
 from tests.harness.server import BRIDGE_ADDR, ConsultServer, free_port
 from tests.harness.turn import TurnServer
 
@@ -38,6 +39,7 @@ __all__ = [
     "app_origin",
     "artifacts_root",
     "browser",
+    "chromium_extra_args",
     "consult_demo",
     "consult_env",
     "consult_server",
@@ -46,6 +48,7 @@ __all__ = [
     "doctor_context",
     "doctor_page",
     "failure_artifacts",
+    "nginx_proxy",
     "pages",
     "patient_context",
     "patient_page",
@@ -132,9 +135,9 @@ ConsultFactory = Callable[..., Awaitable[ConsultServer]]
 async def consult_server_factory(
     tmp_path: Path, server_port: int, failure_artifacts: FailureArtifacts
 ) -> AsyncIterator[ConsultFactory]:
-    """`await make(env={...}, demo=True, name="consult", port=None) -> ConsultServer`.
+    """`await make(env={...}, demo=True, name="consult", port=None, host=BRIDGE_ADDR) -> ConsultServer`.
 
-    The first server gets `server_port` (= `app_origin`), later ones a fresh port. Each gets
+    The first server on the bridge gets `server_port` (= `app_origin`), later ones a fresh port. Each gets
     its own data dir `tmp_path/<name>-data`; logs in `tmp_path/<name>.*.log`.
     """
     servers: list[ConsultServer] = []
@@ -145,12 +148,15 @@ async def consult_server_factory(
         demo: bool = True,
         name: str = "consult",
         port: int | None = None,
+        host: str = BRIDGE_ADDR,
     ) -> ConsultServer:
-        if port is None and not servers:
+        if port is None and not servers and host == BRIDGE_ADDR:
             port = server_port
         if any(s.name == name for s in servers):
             name = f"{name}{len(servers) + 1}"
-        server = ConsultServer(tmp_path / f"{name}-data", log_dir=tmp_path, port=port, env=env, name=name)
+        server = ConsultServer(
+            tmp_path / f"{name}-data", log_dir=tmp_path, port=port, host=host, env=env, name=name
+        )
         servers.append(server)
         await asyncio.to_thread(server.init, demo=demo)
         await server.astart()
@@ -171,6 +177,31 @@ async def consult_server(
 ) -> ConsultServer:
     """The real Consult server on `app_origin`, fresh data dir, `init` (+ `demo`)."""
     return await consult_server_factory(env=consult_env, demo=consult_demo)
+
+
+NginxFactory = Callable[[ConsultServer], Awaitable[NginxProxy]]
+
+
+@pytest.fixture
+async def nginx_proxy(tmp_path: Path, failure_artifacts: FailureArtifacts) -> AsyncIterator[NginxFactory]:
+    """`await nginx_proxy(upstream) -> NginxProxy`: nginx with docs/install.md's site block on
+    https://10.99.0.1:<port> (`.origin`, `.url(path)`), TLS with a development certificate,
+    in front of `upstream` (a ConsultServer, normally on 127.0.0.1 with trusted_proxies set).
+    Stopped in teardown; its logs join the failure artifacts."""
+    proxies: list[NginxProxy] = []
+
+    async def make(upstream: ConsultServer) -> NginxProxy:
+        proxy = NginxProxy(tmp_path / f"nginx{len(proxies) + 1}", upstream.origin)
+        proxies.append(proxy)
+        return await proxy.astart()
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()
+    if failure_artifacts.failed:
+        for proxy in proxies:
+            for path in (proxy.error_log, proxy.access_log, proxy.site_path):
+                failure_artifacts.copy(path, f"{proxy.directory.name}-{path.name}")
 
 
 @pytest.fixture
@@ -201,11 +232,21 @@ def pages() -> PageRecorder:
 
 
 @pytest.fixture
+def chromium_extra_args() -> list[str]:
+    """More Chromium flags for `browser`; override it (e.g. ["--ignore-certificate-errors"])."""
+    return []
+
+
+@pytest.fixture
 async def browser(
-    playwright: Playwright, app_origin: str, pages: PageRecorder, failure_artifacts: FailureArtifacts
+    playwright: Playwright,
+    app_origin: str,
+    pages: PageRecorder,
+    failure_artifacts: FailureArtifacts,
+    chromium_extra_args: list[str],
 ) -> AsyncIterator[Browser]:
     """Headless Debian Chromium (fresh profile) that treats `app_origin` as secure."""
-    browser = await launch_chromium(playwright, [app_origin])
+    browser = await launch_chromium(playwright, [app_origin], extra_args=chromium_extra_args)
     yield browser
     try:
         if failure_artifacts.failed:
