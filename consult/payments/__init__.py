@@ -60,16 +60,19 @@ REFUND_JOB = "refund"
 REFUND_WAIT_S = 5.0  # how long a person who asked for a refund waits for its first attempt
 
 
-def make_state(fulfilment: Fulfilment, *, demo: bool = False) -> PaymentsState:
-    providers: dict[str, PaymentProvider] = {"cashier": CashierProvider()}
-    if demo:  # the simulator takes no money: it exists in demo mode only, callbacks included
-        providers["simulator"] = SimulatorProvider()
-    return PaymentsState(providers=providers, fulfilment=fulfilment)
+def make_state(fulfilment: Fulfilment) -> PaymentsState:
+    return PaymentsState(
+        providers={"simulator": SimulatorProvider(), "cashier": CashierProvider()}, fulfilment=fulfilment
+    )
 
 
 async def payments_ctx(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: the providers, and the payment tasks cancelled and awaited at shutdown."""
-    app[PAYMENTS] = make_state(app[FULFILMENT], demo=app[keys.SETTINGS].demo)
+    state = make_state(app[FULFILMENT])
+    if not app[keys.SETTINGS].demo:
+        # The simulator takes no money: outside demo mode it does not exist, callbacks included.
+        state.providers.pop("simulator", None)
+    app[PAYMENTS] = state
     try:
         yield
     finally:
