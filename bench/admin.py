@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         base = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen(
             [*consult, "serve", "--no-tls", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
+            env={**env, "CONSULT_PUBLIC_URL": base},  # production mode: serve requires it
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

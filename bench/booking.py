@@ -233,7 +233,10 @@ def run(args: argparse.Namespace) -> dict:
     base = f"http://127.0.0.1:{port}"
     serve = [*consult, "serve", "--no-tls", "--host", "127.0.0.1", "--port", str(port)]
     with open(data_dir / "server.log", "wb") as log:
-        proc = subprocess.Popen(serve, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        # A production-mode server (no `consult demo`): serve requires its public_url.
+        proc = subprocess.Popen(
+            serve, env={**env, "CONSULT_PUBLIC_URL": base}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             elapsed, latencies, errors = asyncio.run(drive(args, base, proc, dep, work))
         finally:

@@ -1033,7 +1033,10 @@ def bench_server(data_dir: Path, log_dir: Path, env: dict[str, str]) -> Server:
             self._signal(__import__("signal").SIGKILL)
             return self.proc.wait()
 
-    return KillableServer(data_dir, log_dir=log_dir, host="127.0.0.1", env=env, startup_timeout=60)
+    # --demo: the load pays through the payment simulator, which exists only in demo mode.
+    return KillableServer(
+        data_dir, log_dir=log_dir, host="127.0.0.1", env=env, startup_timeout=60, serve_args=["--demo"]
+    )
 
 
 async def amain(args: argparse.Namespace) -> Result:

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -117,13 +117,16 @@ class ConsultServer:
         name: str = "consult",
         startup_timeout: float = 20.0,
         stop_timeout: float = 5.0,
+        serve_args: Sequence[str] = (),
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.serve_args = list(serve_args)  # e.g. --demo: demo mode without `consult demo` data
         self.log_dir = Path(log_dir)
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.name = name
-        self.extra_env = dict(env or {})
+        # Not seeded by `consult demo`: production mode, which serve allows only with public_url.
+        self.extra_env = {"CONSULT_PUBLIC_URL": self.origin, **(env or {})}
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.proc: subprocess.Popen[bytes] | None = None
@@ -184,6 +187,7 @@ class ConsultServer:
 
     def start(self) -> None:
         argv = [*self.cli_argv(), "serve", "--host", self.host, "--port", str(self.port), "--no-tls"]
+        argv += self.serve_args
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(

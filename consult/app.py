@@ -29,7 +29,7 @@ from consult.calls.policy import room_sweeper, setup_calls
 from consult.clinical import prescription_views, report_views, reports, uploads
 from consult.clinical.signing import SIGNING_KEY, KeyHolder
 from consult.core import jobs, keys, metrics, proxy, security
-from consult.core.config import Settings, ensure_secrets
+from consult.core.config import Settings, ensure_secrets, for_mode
 from consult.core.db import Database
 from consult.core.middleware import context_middleware, csrf_middleware, errors_middleware
 from consult.core.migrations import migrate
@@ -61,7 +61,8 @@ VIEWS = (
 
 
 def create_app(settings: Settings) -> web.Application:
-    settings = ensure_secrets(settings)
+    # Production unless settings.demo: the payment provider follows the mode (core/config.py).
+    settings = for_mode(ensure_secrets(settings))
     app = web.Application(
         # proxy first: behind a trusted reverse proxy every later step sees the client's address,
         # scheme and host (core/proxy.py).

@@ -69,6 +69,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 FAST_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_kib": 1024}
+# In-process apps run in demo mode unless a test asks for production (`make_settings(demo=False)`):
+# the simulator pays, and links may take the request's origin, as before production mode existed.
+# What production mode changes is tested in tests/test_modes.py.
+IN_PROCESS = {**FAST_ARGON2, "demo": True}
 # Tests get what users get: Chinese. A test that reads English texts asks for them, with
 # @pytest.mark.locale("en") (or an Accept-Language: en header on its requests).
 TEST_LOCALE = "zh_CN"
@@ -141,7 +145,7 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def settings(data_dir: Path, request: pytest.FixtureRequest) -> Settings:
     return load_settings(
-        env={}, data_dir=data_dir, tls=False, default_locale=locale_for(request), **FAST_ARGON2
+        env={}, data_dir=data_dir, tls=False, default_locale=locale_for(request), **IN_PROCESS
     )
 
 
@@ -150,7 +154,7 @@ def make_settings(data_dir: Path, request: pytest.FixtureRequest) -> Callable[..
     locale = locale_for(request)
 
     def make(**overrides) -> Settings:
-        values = {"data_dir": data_dir, "tls": False, "default_locale": locale, **FAST_ARGON2, **overrides}
+        values = {"data_dir": data_dir, "tls": False, "default_locale": locale, **IN_PROCESS, **overrides}
         return load_settings(env={}, **values)
 
     return make

@@ -157,3 +157,19 @@ async def test_null_origin_post_is_judged_by_sec_fetch_site(client, make_user, h
         allow_redirects=False,
     )
     assert resp.status == status, await resp.text()
+
+
+async def test_demo_banner_shows_on_a_demo_server_only(consult_server_factory, patient_page: Page) -> None:
+    """A `consult demo` data dir shows the banner at the top of the page; production does not."""
+    async with asyncio.timeout(TEST_TIMEOUT):
+        demo = await consult_server_factory(demo=True)
+        await patient_page.goto(demo.url("/login"))
+        banner = patient_page.get_by_test_id("demo-banner")
+        assert await banner.is_visible()
+        assert "Demo — not for patients" in await banner.inner_text()  # the browser asks for English
+        box = await banner.bounding_box()
+        assert box is not None and box["y"] < 5 and box["height"] > 10  # at the top, not hidden
+        production = await consult_server_factory(demo=False, name="production")
+        await patient_page.goto(production.url("/login"))
+        assert await patient_page.locator("main form[action='/login']").count() == 1
+        assert await patient_page.get_by_test_id("demo-banner").count() == 0

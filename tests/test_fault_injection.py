@@ -31,7 +31,8 @@ def test_the_kill_schedule_is_a_function_of_the_seed():
 
 
 async def test_sigkill_under_load_loses_nothing(consult_server_factory):
-    server = await consult_server_factory(env=chaos.server_env(), demo=False)
+    # Its own clinic, no demo data; --demo because the load pays through the payment simulator.
+    server = await consult_server_factory(env=chaos.server_env(), demo=False, serve_args=["--demo"])
     opts = chaos.Options(seed=SEED, kills=KILLS, clients=3, doctors=2)
     result = await chaos.run(server, opts, say=print)
     summary = json.dumps(result.as_json(), indent=1)

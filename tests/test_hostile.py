@@ -849,10 +849,8 @@ async def test_another_users_records_are_not_found(world, role):
             continue
         if template in ("/call/{token}", "/api/payments/callback/{provider}"):
             continue
-        if template.startswith(("/simulator/", "/book/")):
-            # The stand-in gateway shows the order number and amount to whoever holds the order
-            # link, as a real gateway would; the booking catalogue is public to every patient.
-            continue
+        if template.startswith("/book/"):
+            continue  # the booking catalogue is public to every patient
         for public_id in (w.ids["live"], w.ids["held"]):
             values["public_id"] = public_id
             path = template.format(**{p: quote(values[p], safe="") for p in params})
@@ -884,9 +882,9 @@ async def test_another_user_cannot_change_records(world, role):
     failures: list[str] = []
     for method, path in unsafe_routes(w):
         if path.startswith(
-            ("/login", "/register", "/password/", "/lang", "/verify", "/api/payments/callback", "/simulator/")
+            ("/login", "/register", "/password/", "/lang", "/verify", "/api/payments/callback")
         ):
-            continue  # open to everyone by design (the simulator stands in for a gateway's page)
+            continue  # open to everyone by design
         if path.startswith("/book/hold"):
             continue  # books the stranger's own visit
         kwargs: dict[str, Any] = {"headers": unsafe_headers(w, role)}

@@ -17,6 +17,7 @@ from aiohttp import web
 from consult.booking import catalogue
 from consult.booking.visits import VISIT_SELECT, get_visit_sync
 from consult.core import i18n, jobs, keys
+from consult.core.config import ConfigError
 from consult.core.formatting import to_local
 from consult.core.i18n import _
 from consult.core.outbox import Message
@@ -72,9 +73,16 @@ def mark_reminded_sync(db: sqlite_utils.Database, visit_id: int, starts_at: int,
 
 
 def base_url(settings: Any, request: web.Request | None = None) -> str:
-    """Absolute origin for links sent to people: the configured one, else the request's own."""
+    """Absolute origin for links sent to people (call links, .ics, QR codes, SMS): public_url.
+
+    Only in demo mode, without public_url, the request's own origin stands in (else this
+    machine's). In production a request's Host never makes a link: anyone can send any Host,
+    and `consult serve` refuses to start without public_url, so this raises instead.
+    """
     if settings.public_url:
         return settings.public_url.rstrip("/")
+    if not settings.demo:
+        raise ConfigError("public_url is not set: links to patients cannot be made (docs/install.md)")
     if request is not None:
         return str(request.url.origin())
     return f"{'https' if settings.tls else 'http'}://localhost:{settings.port}"

@@ -16,8 +16,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 SECRET_NAMES = ("session_key", "turn_secret", "payment_secret")
+# Chosen by what a data directory is (`consult demo`) or by `serve --demo`, never by a file or
+# the environment: a stray line in consult.toml must not turn a hospital's server into a demo.
+MODE_ONLY = ("demo",)
+PAYMENT_PROVIDERS = ("cashier", "simulator")
 
 
 def setting(default: Any, help: str, secret: bool = False) -> Any:
@@ -34,7 +39,12 @@ class Settings:
     )
     tls_cert: str = setting("certs/dev-cert.pem", "TLS certificate (PEM).")
     tls_key: str = setting("certs/dev-key.pem", "TLS private key (PEM).")
-    public_url: str = setting("", "Base URL used in links sent to patients; empty: taken from the request.")
+    public_url: str = setting(
+        "",
+        "Base URL of this server as patients reach it (https://consult.example-hospital.cn): every"
+        " call link, .ics, QR code and SMS is built from it. Required by `consult serve` outside"
+        " demo mode; in demo mode, if empty, links use the address the browser used.",
+    )
     hospital_name: str = setting("Consult Hospital", "Hospital name shown on pages and documents.")
     timezone: str = setting("Asia/Shanghai", "Time zone in which times are shown to people.")
     default_locale: str = setting("zh_CN", "Language when the browser expresses no preference (zh_CN or en).")
@@ -134,7 +144,12 @@ class Settings:
     )
     job_retry_max_seconds: float = setting(3600.0, "Longest wait between two attempts of a job.")
     job_retention_days: float = setting(14.0, "Finished jobs are deleted this many days after they finish.")
-    payment_provider: str = setting("simulator", "Payment provider: simulator or cashier.")
+    payment_provider: str = setting(
+        "",
+        "How patients pay: cashier (at the hospital counter; staff mark the order paid on"
+        " /admin/payments) or simulator (a stand-in gateway that takes no money: demo mode only)."
+        " Empty: cashier, or simulator in demo mode.",
+    )
     payment_secret: str = setting(
         "", "Key shared with the payment gateway for signed callbacks.", secret=True
     )
@@ -187,6 +202,12 @@ class Settings:
     log_json: bool = setting(False, "Write structured JSON log lines.")
     metrics_allow: tuple[str, ...] = setting(
         (), "Addresses or CIDR ranges that may read /metrics without signing in (Prometheus)."
+    )
+    demo: bool = setting(
+        False,
+        "Demo mode: a banner on every page, the payment simulator, demo accounts allowed. Not a"
+        " setting you write: a data directory seeded by `consult demo` is in demo mode, or"
+        " `consult serve --demo` asks for it.",
     )
 
     def masked(self) -> dict[str, Any]:
@@ -243,6 +264,11 @@ def load_settings(
         for key, raw in source.items():
             if key not in fields:
                 raise ConfigError(f"unknown setting {key!r} in {where}")
+            if key in MODE_ONLY and where != "the command line":
+                raise ConfigError(
+                    f"{key!r} cannot be set in {where}: demo mode comes from a data directory"
+                    " made by 'consult demo', or from 'consult serve --demo'"
+                )
             values[key] = _coerce(key, raw, fields[key].default)
 
     data_dir = Path(overrides.get("data_dir") or env.get("CONSULT_DATA_DIR") or "data")
@@ -268,8 +294,13 @@ def load_settings(
         raise ConfigError("ice_transport_policy must be 'all' or 'relay'")
     if settings.recording_policy not in {"off", "on_request", "always"}:
         raise ConfigError("recording_policy must be 'off', 'on_request' or 'always'")
-    if settings.payment_provider not in {"simulator", "cashier"}:
-        raise ConfigError("payment_provider must be 'simulator' or 'cashier'")
+    public = urlsplit(settings.public_url)
+    if settings.public_url and (public.scheme not in ("http", "https") or not public.netloc):
+        raise ConfigError(
+            "public_url must be an absolute address such as https://consult.example-hospital.cn"
+        )
+    if settings.payment_provider not in {"", *PAYMENT_PROVIDERS}:
+        raise ConfigError("payment_provider must be 'cashier' or 'simulator' (demo mode only)")
     for value in settings.trusted_proxies:
         try:
             ipaddress.ip_network(value, strict=False)
@@ -294,6 +325,21 @@ def load_settings(
         if getattr(settings, name) < 1:
             raise ConfigError(f"{name} must be at least 1")
     return settings
+
+
+def for_mode(settings: Settings) -> Settings:
+    """The settings as the app runs them: the payment provider chosen for the mode.
+
+    Empty ``payment_provider`` means cashier in production and the simulator in demo mode; the
+    simulator outside demo mode is refused, since it confirms visits without taking money.
+    """
+    provider = settings.payment_provider or ("simulator" if settings.demo else "cashier")
+    if provider == "simulator" and not settings.demo:
+        raise ConfigError(
+            "payment_provider 'simulator' confirms visits without taking money and runs only in"
+            ' demo mode; set payment_provider = "cashier" (or leave it empty)'
+        )
+    return dataclasses.replace(settings, payment_provider=provider)
 
 
 def ensure_secrets(settings: Settings) -> Settings:

@@ -678,3 +678,18 @@ def m0016_payment_events_kind(db: sqlite_utils.Database) -> None:
         CREATE INDEX payment_events_kind ON payment_events(kind, created);
         """,
     )
+
+
+@migration("0017_instance_marks")
+def m0017_instance_marks(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- Durable facts about this installation itself. 'demo': the data directory was seeded by
+        -- `consult demo`, so `consult serve` runs it in demo mode (core/mode.py).
+        CREATE TABLE instance_marks (
+            name TEXT PRIMARY KEY,
+            created REAL NOT NULL
+        );
+        """,
+    )

@@ -58,20 +58,66 @@ def cmd_demo(args: argparse.Namespace) -> int:
         Database(settings.data_dir / "consult.db"),
         Passwords(settings.argon2_time_cost, settings.argon2_memory_kib),
     )
+    notice = (
+        f"{settings.data_dir} is a demo now: 'consult serve' runs it in demo mode (a banner on"
+        " every page, the payment simulator). Never serve patients from it."
+    )
     if not accounts:
         print(
             "Demo data already present (passwords were printed when it was created;"
             " reset them with 'consult user passwd' or from the admin page)."
         )
+        print(notice)
         return 0
     print("Demo accounts (passwords are shown only this once):")
     for a in accounts:
         print(f"  {a.role:8} {a.login:14} {a.password}   {a.name}")
+    print(notice)
     return 0
+
+
+def production_problems(settings: Any, demo_accounts: list[str]) -> list[str]:
+    """Why these settings are unsafe for patients, each with its fix; empty when they are safe."""
+    where = settings.data_dir / "consult.toml"
+    problems = []
+    if settings.payment_provider == "simulator":
+        problems.append(
+            "payment_provider is 'simulator': its Pay button confirms visits without taking any"
+            ' money.\n    Fix: set payment_provider = "cashier" (patients pay at the hospital'
+            f" counter) in {where} or CONSULT_PAYMENT_PROVIDER, or leave it unset."
+        )
+    if not settings.public_url:
+        problems.append(
+            "public_url is not set: call links, calendar files, QR codes and SMS would point at"
+            " whatever address a request names (or at localhost).\n    Fix: set public_url ="
+            f' "https://consult.your-hospital.example" (the address patients open) in {where}'
+            " or CONSULT_PUBLIC_URL."
+        )
+    if demo_accounts:
+        problems.append(
+            f"demo accounts exist in {settings.data_dir / 'consult.db'}: {', '.join(demo_accounts)}"
+            " (made by 'consult demo'; their passwords were printed to a terminal).\n    Fix:"
+            " serve patients from a data directory made by 'consult init' alone, never one that"
+            " held demo data."
+        )
+    return problems
+
+
+def _mode_of(settings: Any) -> tuple[bool, list[str]]:
+    """(marked as a demo by `consult demo`, demo accounts present) for the data directory."""
+    from consult.core import mode
+    from consult.core.db import Database
+    from consult.core.migrations import migrate
+    from consult.ops import demo
+
+    path = settings.data_dir / "consult.db"
+    migrate(path)  # what the app does first anyway; old databases gain the marks table
+    return Database(path).read_sync(lambda d: (mode.is_demo_sync(d), demo.demo_accounts_sync(d)))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
+    import dataclasses
 
     from consult.app import create_app
     from consult.core.logs import RedactingAccessLogger, setup_logging
@@ -85,6 +131,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.key:
         overrides["tls_key"] = args.key
     settings = _settings(args, **overrides)
+    marked, demo_accounts = _mode_of(settings)
+    settings = dataclasses.replace(settings, demo=bool(args.demo or marked))
+    if not settings.demo:
+        problems = production_problems(settings, demo_accounts)
+        if problems:
+            raise CLIError(
+                "refusing to start: this server is not safe for patients yet.\n"
+                + "".join(f"  - {p}\n" for p in problems)
+                + "To run a demonstration instead, use a data directory seeded by 'consult demo',"
+                " or pass 'consult serve --demo' (every page then says it is a demo)."
+                " The production checklist is in docs/install.md."
+            )
     setup_logging(settings.log_json, settings.mask_addresses)
     ssl_context = None
     scheme = "http"
@@ -99,11 +157,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ssl_context.load_cert_chain(cert, key)
         scheme = "https"
     app = create_app(settings)
+    from consult.core import keys
     from consult.ops.certs import lan_addresses
 
     hosts = ["localhost"] + [a for a in lan_addresses() if ":" not in a and a != "127.0.0.1"]
     if settings.host not in ("0.0.0.0", "::"):  # noqa: S104
         hosts = [settings.host]
+    if settings.demo:
+        why = "--demo" if args.demo else "data directory seeded by 'consult demo'"
+        print(f"DEMO MODE ({why}): not for patients. Payments: {app[keys.SETTINGS].payment_provider}.")
     print("Consult is running. Open:", flush=True)
     for h in hosts:
         print(f"  {scheme}://{h}:{settings.port}/", flush=True)
@@ -422,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cert", help="TLS certificate (PEM)")
     s.add_argument("--key", help="TLS private key (PEM)")
     s.add_argument("--no-tls", action="store_true", help="serve plain HTTP (behind a TLS proxy, or tests)")
+    s.add_argument(
+        "--demo",
+        action="store_true",
+        help="demo mode, not for patients: a banner on every page, the payment simulator, links"
+        " from the browser's address (default: demo only if 'consult demo' seeded the data directory)",
+    )
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("init", help="create the data directory and migrate the database")

@@ -1,6 +1,8 @@
 """Demo data for `make run`: departments, doctors with schedules, one admin, one patient.
 
-Idempotent: a second run changes nothing and prints no passwords (they are shown once).
+Idempotent: a second run changes nothing and prints no passwords (they are shown once). Every
+run also marks the database as a demo (core/mode.py), in the same write, so `consult serve`
+runs it in demo mode; a server without that mark refuses to start while these accounts exist.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import sqlite_utils
 
 from consult.accounts import users as accounts
 from consult.accounts.passwords import Passwords
+from consult.audit import chain as audit
+from consult.core import mode
 from consult.core.db import Database
 
 
@@ -35,7 +39,7 @@ PATIENT = ("13800000000", "张伟 Zhang Wei")
 def seed(database: Database, passwords: Passwords) -> list[DemoAccount]:
     if database.read_sync(lambda db: db.execute("SELECT 1 FROM users WHERE username = 'admin'").fetchone()):
         # Accounts exist already; hooks are idempotent and fill in what a newer version adds.
-        database.write_sync(lambda db: [hook(db) for hook in SEED_HOOKS])
+        database.write_sync(lambda db: [hook(db) for hook in (mark_demo, *SEED_HOOKS)])
         return []
     created: list[DemoAccount] = []
     hashes: dict[str, tuple[str, str]] = {}
@@ -55,11 +59,30 @@ def seed(database: Database, passwords: Passwords) -> list[DemoAccount]:
             db, role="patient", display_name=PATIENT[1], password_hash=patient_hash, phone=PATIENT[0]
         )
         created.append(DemoAccount("patient", PATIENT[0], patient_pw, PATIENT[1]))
-        for hook in SEED_HOOKS:
+        for hook in (mark_demo, *SEED_HOOKS):
             hook(db)
 
     database.write_sync(write)
     return created
+
+
+def mark_demo(db: sqlite_utils.Database) -> None:
+    if mode.mark_demo_sync(db):
+        audit.record(db, "instance.demo", "instance", mode.DEMO, role="cli")
+
+
+def demo_accounts_sync(db: sqlite_utils.Database) -> list[str]:
+    """Logins of the accounts `consult demo` creates that exist here (same login and name)."""
+    wanted = [("username", u, n) for _r, u, n in STAFF] + [("phone", PATIENT[0], PATIENT[1])]
+    found = []
+    for column, login, name in wanted:
+        row = db.execute(
+            f"SELECT 1 FROM users WHERE {column} = ? AND display_name = ?",  # noqa: S608
+            [login, name],
+        ).fetchone()
+        if row is not None:
+            found.append(login)
+    return found
 
 
 DEPARTMENTS = [

@@ -68,7 +68,11 @@ def make_state(fulfilment: Fulfilment) -> PaymentsState:
 
 async def payments_ctx(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: the providers, and the payment tasks cancelled and awaited at shutdown."""
-    app[PAYMENTS] = make_state(app[FULFILMENT])
+    state = make_state(app[FULFILMENT])
+    if not app[keys.SETTINGS].demo:
+        # The simulator takes no money: outside demo mode it does not exist, callbacks included.
+        state.providers.pop("simulator", None)
+    app[PAYMENTS] = state
     try:
         yield
     finally:

@@ -33,7 +33,8 @@ def setup(app: web.Application) -> None:
     r.add_post("/admin/payments/{order_id}/mark-paid", admin_mark_paid, name="admin_payment_mark_paid")
     r.add_post("/admin/payments/{order_id}/refund", admin_refund, name="admin_payment_refund")
     if app[keys.SETTINGS].payment_provider == "simulator":
-        # The stand-in gateway exists only while it is the configured provider.
+        # The stand-in gateway exists only while it is the configured provider, which it can be
+        # only in demo mode (core/config.py for_mode); its pages serve the order's own patient.
         r.add_get("/simulator/pay/{order_id}", simulator_page, name="simulator_pay")
         r.add_post("/simulator/pay/{order_id}", simulator_submit, name="simulator_submit")
 
@@ -194,18 +195,25 @@ async def payment_callback(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "result": outcome.result})
 
 
-@aiohttp_jinja2.template("pay_simulator.html")
-async def simulator_page(request: web.Request) -> dict[str, Any]:
-    payment, _visit = await _payment_and_visit(request)
+async def _simulator_order(request: web.Request) -> tuple[Payment, dict[str, Any]]:
+    """The simulator serves the order's own patient only: pressing Pay confirms a visit."""
+    user = security.require(request)  # anonymous: the sign-in page, then back here
+    payment, visit = await _payment_and_visit(request)
     if payment.provider != "simulator":
         raise NotFound(_("This payment does not exist."))
+    if user.role != "patient" or user.id != visit["patient_id"]:
+        raise NotFound(_("This payment does not exist."))
+    return payment, visit
+
+
+@aiohttp_jinja2.template("pay_simulator.html")
+async def simulator_page(request: web.Request) -> dict[str, Any]:
+    payment, _visit = await _simulator_order(request)
     return {"payment": payment}
 
 
 async def simulator_submit(request: web.Request) -> web.Response:
-    payment, visit = await _payment_and_visit(request)
-    if payment.provider != "simulator":
-        raise NotFound(_("This payment does not exist."))
+    payment, visit = await _simulator_order(request)
     form = await security.read_form(request)
     back = str(request.app.router["pay_status"].url_for(order_id=payment.order_id))
     if form.get("action") != "pay":

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -138,7 +138,9 @@ async def consult_server_factory(
     """`await make(env={...}, demo=True, name="consult", port=None, host=BRIDGE_ADDR) -> ConsultServer`.
 
     The first server on the bridge gets `server_port` (= `app_origin`), later ones a fresh port. Each gets
-    its own data dir `tmp_path/<name>-data`; logs in `tmp_path/<name>.*.log`.
+    its own data dir `tmp_path/<name>-data`; logs in `tmp_path/<name>.*.log`. `demo=True` seeds it
+    with `consult demo`, so it is served in demo mode; `serve_args=["--demo"]` serves an unseeded
+    one in demo mode (the payment simulator); otherwise it is a production server.
     """
     servers: list[ConsultServer] = []
 
@@ -149,13 +151,20 @@ async def consult_server_factory(
         name: str = "consult",
         port: int | None = None,
         host: str = BRIDGE_ADDR,
+        serve_args: Sequence[str] = (),
     ) -> ConsultServer:
         if port is None and not servers and host == BRIDGE_ADDR:
             port = server_port
         if any(s.name == name for s in servers):
             name = f"{name}{len(servers) + 1}"
         server = ConsultServer(
-            tmp_path / f"{name}-data", log_dir=tmp_path, port=port, host=host, env=env, name=name
+            tmp_path / f"{name}-data",
+            log_dir=tmp_path,
+            port=port,
+            host=host,
+            env=env,
+            name=name,
+            serve_args=serve_args,
         )
         servers.append(server)
         await asyncio.to_thread(server.init, demo=demo)

@@ -258,6 +258,7 @@ class ConsultServer(ServerProcess):
         name: str = "consult",
         startup_timeout: float = 20.0,
         cwd: Path | str | None = None,
+        serve_args: Sequence[str] = (),
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -270,7 +271,11 @@ class ConsultServer(ServerProcess):
             "--port",
             str(self.port),
             "--no-tls",
+            *serve_args,  # e.g. --demo: demo mode for a data dir not seeded by `consult demo`
         ]
+        # A data dir not seeded by `consult demo` is served in production mode, which `serve`
+        # allows only with a public_url: the server's own origin, unless `env` names another.
+        env = {"CONSULT_PUBLIC_URL": self.origin, **(env or {})}
         super().__init__(
             argv,
             health_url=f"{self.origin}/healthz",
@@ -317,6 +322,7 @@ class ConsultServer(ServerProcess):
         return proc
 
     def init(self, *, demo: bool = False) -> None:
+        """`consult init`, and `consult demo` if `demo` (which makes the data dir a demo one)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.cli("init")
         if demo:
