@@ -225,7 +225,9 @@ async def test_patient_waits_doctor_admits_both_decode_video(
         assert await patient_page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
         # Each page reports quality samples and the selected candidate pair (session log).
         db = call.server.data_dir / "consult.db"
-        deadline = time.monotonic() + 12
+        # Stats are stored at most once per seat per 10 s (docs/protocol.md): the first stored
+        # one may predate the first decoded frame, so wait for the next.
+        deadline = time.monotonic() + 25
         while True:
             conn = sqlite3.connect(db)
             found = conn.execute(

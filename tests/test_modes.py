@@ -31,6 +31,8 @@ from tests.test_booking import parse_ics
 from tests.test_payments import payment_rows, start_payment, visit_row
 from tests.test_reports import ADMIN, OTHER_PATIENT, PATIENT, build_world, sign_in
 
+pytestmark = pytest.mark.locale("en")  # asserts English texts; Chinese ones are asked for by name
+
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"CONSULT_ARGON2_TIME_COST": "1", "CONSULT_ARGON2_MEMORY_KIB": "1024"}
 PUBLIC = "https://consult.hospital.example"
