@@ -25,6 +25,8 @@ PROGRAMS = {
     "ip": "iproute2",
     "iptables": "iptables",
     "nginx": "nginx",
+    "fc-list": "fontconfig",  # the font check below
+    "setpriv": "util-linux",  # tests/test_architecture.py: unit tests run without root's capabilities
 }
 
 # fontconfig language -> Debian package with a font for it (any installed font for it will do):
