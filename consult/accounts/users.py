@@ -15,7 +15,6 @@ from typing import Any
 import sqlite_utils
 
 from consult.audit import chain as audit
-from consult.core import security
 from consult.core.db import Database
 from consult.core.errors import BadRequest, Conflict
 from consult.core.i18n import _
@@ -208,7 +207,6 @@ def set_password_sync(
 
 
 class Sessions:
-    COOKIE = security.SESSION_COOKIE
 
     def __init__(self, db: Database, idle_s: float, absolute_s: float) -> None:
         self.db = db

@@ -142,17 +142,13 @@ async def register_submit(request: web.Request) -> web.Response:
 
 
 async def register_verify_page(request: web.Request) -> web.Response:
-    pending = _read_flow(request)
-    if pending is None:
-        raise web.HTTPSeeOther("/register")
+    pending = _pending_flow(request, "/register")
     return _verify_page(request, pending, notice=_sent_notice(request))
 
 
 async def register_verify_submit(request: web.Request) -> web.Response:
     data = await form(request)
-    pending = _read_flow(request)
-    if pending is None:
-        raise web.HTTPSeeOther("/register")
+    pending = _pending_flow(request, "/register")
     phone, flow, _sent = pending
     remote = security.client_address(request)
     try:
@@ -173,9 +169,7 @@ async def register_verify_submit(request: web.Request) -> web.Response:
 
 
 async def register_resend(request: web.Request) -> web.Response:
-    pending = _read_flow(request)
-    if pending is None:
-        raise web.HTTPSeeOther("/register")
+    pending = _pending_flow(request, "/register")
     phone, flow, _sent = pending
     try:
         found = await request.app[CODES].resend_registration(phone, flow, security.client_address(request))
@@ -211,17 +205,13 @@ async def forgot_submit(request: web.Request) -> web.Response:
 
 
 async def reset_page(request: web.Request) -> web.Response:
-    pending = _read_flow(request)
-    if pending is None:
-        raise web.HTTPSeeOther("/password/forgot")
+    pending = _pending_flow(request, "/password/forgot")
     return _reset_page(request, pending, notice=_sent_notice(request))
 
 
 async def reset_submit(request: web.Request) -> web.Response:
     data = await form(request)
-    pending = _read_flow(request)
-    if pending is None:
-        raise web.HTTPSeeOther("/password/forgot")
+    pending = _pending_flow(request, "/password/forgot")
     typed, flow, _sent = pending
     password = data.get("password") or ""
     if password != data.get("password2"):
@@ -250,9 +240,7 @@ async def reset_submit(request: web.Request) -> web.Response:
 
 
 async def reset_resend(request: web.Request) -> web.Response:
-    pending = _read_flow(request)
-    if pending is None:
-        raise web.HTTPSeeOther("/password/forgot")
+    pending = _pending_flow(request, "/password/forgot")
     typed, flow, _sent = pending
     try:
         await request.app[CODES].start_reset(typed, flow, security.client_address(request))
@@ -290,6 +278,14 @@ def _set_flow(request: web.Request, response: web.StreamResponse, phone: str, fl
 def _clear_flow(request: web.Request, response: web.StreamResponse) -> None:
     secure = security.is_https(request)
     response.del_cookie(_flow_cookie_name(request), path="/", secure=secure or None)
+
+
+def _pending_flow(request: web.Request, start: str) -> tuple[str, str, int]:
+    """The code flow this browser is in; without one, back to where a flow starts."""
+    pending = _read_flow(request)
+    if pending is None:
+        raise web.HTTPSeeOther(start)
+    return pending
 
 
 def _read_flow(request: web.Request) -> tuple[str, str, int] | None:

@@ -15,12 +15,6 @@ from consult.booking import catalogue, schedules, visits
 from consult.core.errors import NotFound
 from consult.core.i18n import _
 
-
-def ping(db: sqlite_utils.Database) -> None:
-    """The health check's read: the database answers."""
-    db.execute("SELECT 1").fetchone()
-
-
 # -- choosing a doctor and a time -----------------------------------------------------------
 
 
