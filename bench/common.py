@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -40,6 +42,58 @@ async def wait_ready(base: str, proc: subprocess.Popen, within: float = 60) -> N
                 pass
             await asyncio.sleep(0.1)
     raise RuntimeError("server did not become ready")
+
+
+PATIENT_PASSWORD = "bench patient password 1"
+CSRF_RE = re.compile(r'name="csrf_token" value="([0-9a-f]+)"')
+
+
+def add_patients(db_path: Path, count: int, prefix: str = "139") -> list[str]:
+    """`count` patient accounts written straight into SQLite; returns their mobile numbers.
+
+    One argon2 hash with the parameters the benchmarks give the server (CONSULT_ARGON2_TIME_COST=1,
+    CONSULT_ARGON2_MEMORY_KIB=1024), so that signing in does not rehash. Sign-up itself is not
+    benchmarked: it needs an SMS code and is throttled per address, as it should be.
+    """
+    from argon2 import PasswordHasher
+
+    hashed = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(PATIENT_PASSWORD)
+    now = time.time()
+    phones = [f"{prefix}{i:08d}" for i in range(count)]
+    conn = sqlite3.connect(db_path)
+    with conn:
+        conn.executemany(
+            "INSERT INTO users (role, phone, display_name, password_hash, created, password_changed)"
+            " VALUES ('patient', ?, ?, ?, ?, ?)",
+            [(p, f"患者{p[-4:]}", hashed, now, now) for p in phones],
+        )
+    conn.close()
+    return phones
+
+
+async def sign_in(session: aiohttp.ClientSession, base: str, identifier: str, password: str) -> str:
+    """Sign in through the real form; returns the CSRF token of the signed-in session."""
+    async with session.get(base + "/login") as r:
+        token = CSRF_RE.search(await r.text()).group(1)
+    data = {"identifier": identifier, "password": password, "csrf_token": token}
+    async with session.post(base + "/login", data=data, allow_redirects=False) as r:
+        if r.status != 303:
+            raise RuntimeError(f"sign-in of {identifier} failed: {r.status} {(await r.text())[:300]}")
+        location = r.headers.get("Location", "/")
+    async with session.get(base + location if location.startswith("/") else location) as r:
+        found = CSRF_RE.search(await r.text())
+    return found.group(1) if found else token
+
+
+def loadavg() -> list[float]:
+    """The machine's 1, 5 and 15-minute load averages: a benchmark prints them before and after."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of `values`."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 # -- a private network namespace ----------------------------------------------------------------
