@@ -8,6 +8,8 @@ else). Nothing happens at import time.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -30,7 +32,7 @@ from consult.clinical import prescription_views, report_views, reports, uploads
 from consult.clinical.signing import SIGNING_KEY, KeyHolder
 from consult.core import jobs, keys, metrics, proxy, security
 from consult.core.config import Settings, ensure_secrets, for_mode
-from consult.core.db import Database
+from consult.core.db import Database, keep_statistics
 from consult.core.middleware import context_middleware, csrf_middleware, errors_middleware
 from consult.core.migrations import migrate
 from consult.core.outbox import OutboxNotifier, OutboxSms
@@ -136,7 +138,13 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
         window_s=settings.sms_code_window_minutes * 60,
         max_pending=settings.sms_code_max_pending,
     )
+    # The planner's statistics, now and every db_optimize_hours: without them SQLite may pick a
+    # poor index for the session log and visit lists once tables hold millions of rows.
+    stats = asyncio.create_task(keep_statistics(db, settings.db_optimize_hours * 3600), name="db-statistics")
     try:
         yield
     finally:
+        stats.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stats
         db.close()

@@ -149,7 +149,8 @@ def slots(
     if not out:
         return out
     busy = _busy(db, doctor_id, out[0].starts_at, out[-1].ends_at, now)
-    marked = [Slot(s.starts_at, s.ends_at, taken) for s, taken in zip(out, _overlapped(out, busy), strict=True)]
+    taken = _overlapped(out, busy)
+    marked = [Slot(s.starts_at, s.ends_at, t) for s, t in zip(out, taken, strict=True)]
     return [s for s in marked if not s.taken] if free_only else marked
 
 
