@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -172,8 +173,10 @@ class ConsultServer:
         startup_timeout: float = 20.0,
         stop_timeout: float = 5.0,
         serve_args: Sequence[str] = (),
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.tls = tls  # (certificate, key): serve https/wss instead of --no-tls
         self.serve_args = list(serve_args)  # e.g. --demo: demo mode without `consult demo` data
         self.log_dir = Path(log_dir)
         self.host = host
@@ -189,7 +192,7 @@ class ConsultServer:
 
     @property
     def origin(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def url(self, path: str = "/") -> str:
         return self.origin + (path if path.startswith("/") else "/" + path)
@@ -240,7 +243,8 @@ class ConsultServer:
             self.cli("demo")
 
     def start(self) -> None:
-        argv = [*self.cli_argv(), "serve", "--host", self.host, "--port", str(self.port), "--no-tls"]
+        argv = [*self.cli_argv(), "serve", "--host", self.host, "--port", str(self.port)]
+        argv += ["--cert", str(self.tls[0]), "--key", str(self.tls[1])] if self.tls else ["--no-tls"]
         argv += self.serve_args
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
@@ -261,7 +265,10 @@ class ConsultServer:
 
     def _wait_ready(self) -> None:
         # No proxy from the environment: the address is only on our bridge.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if self.tls:  # a self-signed development certificate
+            handlers.append(urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))  # noqa: S323
+        opener = urllib.request.build_opener(*handlers)
         deadline = time.monotonic() + self.startup_timeout
         while True:
             assert self.proc is not None

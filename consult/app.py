@@ -86,6 +86,7 @@ def create_app(settings: Settings) -> web.Application:
 
     # Resources and background jobs, started in this order and stopped in reverse.
     app.cleanup_ctx.append(_database_ctx)
+    app.cleanup_ctx.append(metrics.stall_monitor)  # event-loop lag and GC pauses, for /metrics
     app.cleanup_ctx.append(booking.hold_reaper)  # expires holds, queues reminders
     app.cleanup_ctx.append(reports.files_ctx)  # upload temp files and report files left by a crash
     app.cleanup_ctx.append(payments.payments_ctx)  # providers and payment tasks
