@@ -83,8 +83,8 @@ async def join_call(patient: Page, doctor: Page, link: str, room: str, origin: s
 
 async def test_too_early_page_shows_the_visit_tests_devices_and_opens_by_itself(
     consult_server: ConsultServer,
-    zh_phone: BrowserContext,
-    pages: PageRecorder,  # noqa: F811
+    zh_phone: BrowserContext,  # noqa: F811
+    pages: PageRecorder,
 ) -> None:
     screens = Screens()
     async with asyncio.timeout(TEST_TIMEOUT):

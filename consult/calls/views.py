@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -56,8 +55,8 @@ def error_strings(host: bool) -> dict[str, str]:
 def warning_strings(warning_s: float) -> dict[str, str]:
     """The end-of-visit warning in minutes, one text per whole minute the warning can show
     (`warning_minutes_<n>`, plurals by the catalogue), and `warning_soon` under a minute.
-    The server's `warning` says seconds; the page rounds them up to minutes."""
-    most = min(60, max(1, math.ceil(warning_s / 60)))
+    The server's `warning` says seconds; the page rounds them to whole minutes."""
+    most = min(60, max(1, round(warning_s / 60)))
     out = {
         f"warning_minutes_{n}": ngettext(
             "The visit ends in %(minutes)d minute.", "The visit ends in %(minutes)d minutes.", n

@@ -164,8 +164,9 @@
   function warningText(secondsLeft) {
     // The server counts seconds; people count minutes ("2 minutes left", never "120 seconds").
     // One text per whole minute, plurals done by the catalogue (calls/views.py warning_strings).
-    const minutes = Math.ceil(Math.max(0, Number(secondsLeft) || 0) / 60);
-    if (minutes < 1) return t("warning_soon");
+    const seconds = Math.max(0, Number(secondsLeft) || 0);
+    if (seconds < 60) return t("warning_soon");
+    const minutes = Math.round(seconds / 60);
     let n = minutes;
     while (n > 1 && !T["warning_minutes_" + n]) n -= 1;
     return t("warning_minutes_" + n);
