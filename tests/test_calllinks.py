@@ -123,6 +123,12 @@ async def test_call_route(aiohttp_server, aiohttp_client, make_settings, make_us
     assert "call-early.js" in page and "call.js" not in page and "signaling-client.js" not in page
     assert "Asia/" not in page and "UTC" not in page  # no time-zone names for patients
     assert resp.headers["Cache-Control"] == "no-store"
+    # The doctor's early link leads to the consult room (whose own window is earlier).
+    doctor_early = calllinks.make_token(
+        keyed, public_id, "doctor", "rotated", time.time() + 86400, time.time() + 87000
+    )
+    resp = await anon.get(f"/call/{doctor_early}", allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == f"/doctor/visits/{public_id}/room"
     # An early link of a moved visit is refused like any replaced link.
     moved = calllinks.make_token(keyed, public_id, "patient", "old", time.time() + 86400, time.time() + 87000)
     resp = await anon.get(f"/call/{moved}")

@@ -191,8 +191,12 @@ async def call_page(request: web.Request) -> web.Response:
     try:
         token = calllinks.decode(settings, raw, now)
     except calllinks.CallLinkNotYetValid as exc:
-        if exc.token is None or exc.token.role != "patient":
+        if exc.token is None:
             raise
+        if exc.token.role == "doctor":  # the consult room has its own (earlier) window
+            raise web.HTTPSeeOther(
+                str(request.app.router["consult_room"].url_for(public_id=exc.token.public_id))
+            ) from None
         visit = await _patient_visit(request, exc.token)
         if visit["status"] != "confirmed":
             raise calllinks.CallLinkInvalid(_("This visit is not confirmed or was cancelled.")) from None
