@@ -157,6 +157,7 @@ async def test_remote_mute_and_camera_off_show_on_both_sides_and_the_phone_turns
         await expect(doctor.get_by_test_id("remote-camera-off")).to_be_visible(timeout=WAIT_MS)
         await expect(doctor.get_by_test_id("remote-camera-off")).to_have_text("患者已关闭摄像头。")
         await screens.read(doctor, "consult room, patient muted with camera off")
+        await save_screenshot(doctor, "room-patient-muted-camera-off")
         # Still known after the doctor's page reloads (a new connection is told again).
         await doctor.reload()
         await wait_frames(doctor, 5, 40)
@@ -175,6 +176,7 @@ async def test_remote_mute_and_camera_off_show_on_both_sides_and_the_phone_turns
         await expect(patient.get_by_test_id("remote-camera-off")).to_be_visible(timeout=WAIT_MS)
         await expect(patient.get_by_test_id("remote-camera-off")).to_have_text("医生已关闭摄像头。")
         await screens.read(patient, "in call, doctor muted with camera off")
+        await save_screenshot(patient, "call-phone-doctor-muted-camera-off")
         await doctor.get_by_test_id("mute").click()
         await doctor.get_by_test_id("camera").click()
         await expect(patient.get_by_test_id("remote-muted")).to_be_hidden(timeout=WAIT_MS)
