@@ -10,8 +10,11 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import socket
+import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -40,6 +43,58 @@ async def wait_ready(base: str, proc: subprocess.Popen, within: float = 60) -> N
                 pass
             await asyncio.sleep(0.1)
     raise RuntimeError("server did not become ready")
+
+
+PATIENT_PASSWORD = "bench patient password 1"
+CSRF_RE = re.compile(r'name="csrf_token" value="([0-9a-f]+)"')
+
+
+def add_patients(db_path: Path, count: int, prefix: str = "139") -> list[str]:
+    """`count` patient accounts written straight into SQLite; returns their mobile numbers.
+
+    One argon2 hash with the parameters the benchmarks give the server (CONSULT_ARGON2_TIME_COST=1,
+    CONSULT_ARGON2_MEMORY_KIB=1024), so that signing in does not rehash. Sign-up itself is not
+    benchmarked: it needs an SMS code and is throttled per address, as it should be.
+    """
+    from argon2 import PasswordHasher
+
+    hashed = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(PATIENT_PASSWORD)
+    now = time.time()
+    phones = [f"{prefix}{i:08d}" for i in range(count)]
+    conn = sqlite3.connect(db_path)
+    with conn:
+        conn.executemany(
+            "INSERT INTO users (role, phone, display_name, password_hash, created, password_changed)"
+            " VALUES ('patient', ?, ?, ?, ?, ?)",
+            [(p, f"患者{p[-4:]}", hashed, now, now) for p in phones],
+        )
+    conn.close()
+    return phones
+
+
+async def sign_in(session: aiohttp.ClientSession, base: str, identifier: str, password: str) -> str:
+    """Sign in through the real form; returns the CSRF token of the signed-in session."""
+    async with session.get(base + "/login") as r:
+        token = CSRF_RE.search(await r.text()).group(1)
+    data = {"identifier": identifier, "password": password, "csrf_token": token}
+    async with session.post(base + "/login", data=data, allow_redirects=False) as r:
+        if r.status != 303:
+            raise RuntimeError(f"sign-in of {identifier} failed: {r.status} {(await r.text())[:300]}")
+        location = r.headers.get("Location", "/")
+    async with session.get(base + location if location.startswith("/") else location) as r:
+        found = CSRF_RE.search(await r.text())
+    return found.group(1) if found else token
+
+
+def loadavg() -> list[float]:
+    """The machine's 1, 5 and 15-minute load averages: a benchmark prints them before and after."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of `values`."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 # -- a private network namespace ----------------------------------------------------------------
@@ -118,8 +173,10 @@ class ConsultServer:
         startup_timeout: float = 20.0,
         stop_timeout: float = 5.0,
         serve_args: Sequence[str] = (),
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.tls = tls  # (certificate, key): serve https/wss instead of --no-tls
         self.serve_args = list(serve_args)  # e.g. --demo: demo mode without `consult demo` data
         self.log_dir = Path(log_dir)
         self.host = host
@@ -135,7 +192,7 @@ class ConsultServer:
 
     @property
     def origin(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def url(self, path: str = "/") -> str:
         return self.origin + (path if path.startswith("/") else "/" + path)
@@ -186,7 +243,8 @@ class ConsultServer:
             self.cli("demo")
 
     def start(self) -> None:
-        argv = [*self.cli_argv(), "serve", "--host", self.host, "--port", str(self.port), "--no-tls"]
+        argv = [*self.cli_argv(), "serve", "--host", self.host, "--port", str(self.port)]
+        argv += ["--cert", str(self.tls[0]), "--key", str(self.tls[1])] if self.tls else ["--no-tls"]
         argv += self.serve_args
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
@@ -207,7 +265,10 @@ class ConsultServer:
 
     def _wait_ready(self) -> None:
         # No proxy from the environment: the address is only on our bridge.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if self.tls:  # a self-signed development certificate
+            handlers.append(urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))  # noqa: S323
+        opener = urllib.request.build_opener(*handlers)
         deadline = time.monotonic() + self.startup_timeout
         while True:
             assert self.proc is not None

@@ -8,6 +8,8 @@ else). Nothing happens at import time.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -30,7 +32,7 @@ from consult.clinical import prescription_views, report_views, reports, uploads
 from consult.clinical.signing import SIGNING_KEY, KeyHolder
 from consult.core import jobs, keys, metrics, proxy, security
 from consult.core.config import Settings, ensure_secrets, for_mode
-from consult.core.db import Database
+from consult.core.db import Database, keep_statistics
 from consult.core.middleware import context_middleware, csrf_middleware, errors_middleware
 from consult.core.migrations import migrate
 from consult.core.outbox import OutboxNotifier, OutboxSms
@@ -84,6 +86,7 @@ def create_app(settings: Settings) -> web.Application:
 
     # Resources and background jobs, started in this order and stopped in reverse.
     app.cleanup_ctx.append(_database_ctx)
+    app.cleanup_ctx.append(metrics.stall_monitor)  # event-loop lag and GC pauses, for /metrics
     app.cleanup_ctx.append(booking.hold_reaper)  # expires holds, queues reminders
     app.cleanup_ctx.append(reports.files_ctx)  # upload temp files and report files left by a crash
     app.cleanup_ctx.append(payments.payments_ctx)  # providers and payment tasks
@@ -136,7 +139,13 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
         window_s=settings.sms_code_window_minutes * 60,
         max_pending=settings.sms_code_max_pending,
     )
+    # The planner's statistics, now and every db_optimize_hours: without them SQLite may pick a
+    # poor index for the session log and visit lists once tables hold millions of rows.
+    stats = asyncio.create_task(keep_statistics(db, settings.db_optimize_hours * 3600), name="db-statistics")
     try:
         yield
     finally:
+        stats.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stats
         db.close()

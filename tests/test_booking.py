@@ -648,3 +648,21 @@ async def test_homes_list_visits(aiohttp_client, server, clinic, settings, make_
     assert "Li Lei" in text and f"/visits/{public_id}" in text
     other = await signed_in(aiohttp_client, server, "doc1")
     assert "Li Lei" not in await (await other.get("/doctor")).text()
+
+
+def test_slot_marking_sweep_agrees_with_pairwise_check():
+    """The one-pass overlap sweep marks exactly the slots a visit overlaps (random visits, odd lengths)."""
+    import random
+
+    from consult.booking.schedules import Slot, _overlapped
+
+    rng = random.Random(7)
+    for _ in range(200):
+        start = rng.randrange(0, 1000)
+        slots = [Slot(start + 15 * k, start + 15 * k + 15) for k in range(rng.randrange(0, 40))]
+        busy = []
+        for _v in range(rng.randrange(0, 30)):
+            b = rng.randrange(start - 60, start + 700)
+            busy.append((b, b + rng.choice((5, 15, 20, 30, 45))))
+        expected = [any(s.starts_at < e and s.ends_at > b for b, e in busy) for s in slots]
+        assert _overlapped(slots, busy) == expected

@@ -129,3 +129,27 @@ def test_access_log_lines_are_json_with_fields_and_no_tokens(settings):
     assert line["http"]["ms"] == 12.3
     assert "abcdefghijklmnop" not in line["http"]["path"] and "secret123" not in line["http"]["path"]
     assert "secret123" not in line["msg"]
+
+
+async def test_event_loop_lag_and_gc_pauses_are_measured(aiohttp_client, make_settings):
+    """A loop blocked for 150 ms shows in the lag histogram and its max; a collection in the GC's."""
+    import asyncio
+    import gc
+    import re
+    import time
+
+    client = await aiohttp_client(create_app(make_settings(metrics_allow=("127.0.0.0/8", "::1"))))
+    await asyncio.sleep(0.1)  # the monitor's first samples
+    time.sleep(0.15)  # noqa: ASYNC251 - the loop is stuck, as a slow handler would leave it
+    gc.collect()
+    await asyncio.sleep(0.1)
+    text = await (await client.get("/metrics")).text()
+    lag_max = float(re.search(r"^consult_event_loop_lag_max_seconds (\S+)$", text, re.M).group(1))
+    assert 0.12 <= lag_max < 5, lag_max
+    over_100ms = float(
+        re.search(r'^consult_event_loop_lag_seconds_bucket\{le="0.1"\} (\S+)$', text, re.M).group(1)
+    )
+    total = float(re.search(r"^consult_event_loop_lag_seconds_count (\S+)$", text, re.M).group(1))
+    assert total - over_100ms >= 1  # at least one sample above 100 ms
+    assert re.search(r'^consult_gc_pause_seconds_count\{generation="2"\} [1-9]', text, re.M), text[-2000:]
+    assert float(re.search(r"^consult_gc_pause_max_seconds (\S+)$", text, re.M).group(1)) > 0

@@ -245,3 +245,43 @@ async def test_a_full_disk_from_sqlite_is_the_storage_full_error(database: Datab
     assert is_storage_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
     assert not is_storage_full(OSError(errno.EACCES, "Permission denied"))
     assert (await database.query_one("SELECT count(*) AS n FROM outbox"))["n"] == 0
+
+
+async def test_a_running_app_keeps_planner_statistics(aiohttp_client, settings, make_user):
+    """At start-up the app refreshes SQLite's planner statistics (bounded ANALYZE / PRAGMA optimize):
+    the session list's indexes are chosen from real row counts, not guesses, as tables grow."""
+    from consult.app import create_app
+
+    for i in range(3):
+        make_user("patient", login=f"1390000000{i}")
+    path = settings.data_dir / "consult.db"
+    await aiohttp_client(create_app(settings))
+    deadline = time.monotonic() + 20
+    rows = []
+    while time.monotonic() < deadline:
+        conn = sqlite3.connect(path)
+        try:
+            has_table = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'").fetchone()
+            rows = conn.execute("SELECT tbl, idx FROM sqlite_stat1").fetchall() if has_table else []
+        finally:
+            conn.close()
+        if rows:
+            break
+        await asyncio.sleep(0.1)
+    assert "users" in {tbl for tbl, _idx in rows}, rows
+
+
+def test_optimize_is_bounded_and_repeatable(tmp_path):
+    from consult.core.db import optimize_sync
+
+    path = tmp_path / "c.db"
+    migrate(path)
+    db = Database(path)
+    try:
+        ran = db.write_sync(optimize_sync)
+        assert ran in ("optimize", "analyze")
+        assert db.write_sync(optimize_sync) == ran
+        limit = db.read_sync(lambda d: d.execute("PRAGMA analysis_limit").fetchone()[0])
+        assert limit == 0  # a per-connection setting: the writer's, not left on other connections
+    finally:
+        db.close()

@@ -49,6 +49,12 @@ class Settings:
     timezone: str = setting("Asia/Shanghai", "Time zone in which times are shown to people.")
     default_locale: str = setting("zh_CN", "Language when the browser expresses no preference (zh_CN or en).")
     session_key: str = setting("", "Key that signs CSRF tokens and call links.", secret=True)
+    db_optimize_hours: float = setting(
+        6.0,
+        "Refresh the database's query-planner statistics (PRAGMA optimize, bounded) at start-up and"
+        " then every this many hours, so list and search pages keep their indexes as tables grow."
+        " 0: only at start-up.",
+    )
     session_idle_minutes: int = setting(60, "A session ends after this much inactivity.")
     session_absolute_hours: int = setting(12, "A session ends this long after sign-in, however active.")
     login_max_failures: int = setting(

@@ -66,6 +66,43 @@ def run_in_transaction(db: sqlite_utils.Database, fn: Callable[[sqlite_utils.Dat
     return result
 
 
+# Rows ANALYZE samples per index: statistics good enough for the planner, in milliseconds even
+# at millions of rows (SQLite's own advice for PRAGMA optimize on long-lived connections).
+ANALYSIS_LIMIT = 1000
+
+
+def optimize_sync(db: sqlite_utils.Database) -> str:
+    """Keep the query planner's statistics current, at a bounded cost; returns what ran.
+
+    On SQLite 3.46+ this is ``PRAGMA optimize=0x10002``, which analyses every table whose
+    statistics are missing or stale. Older versions (Debian 12 ships 3.40) only analyse tables that
+    this connection has queried, so the writer (which mostly inserts) would never refresh the
+    statistics the readers' queries need: there a bounded ``ANALYZE`` does the same job.
+    """
+    db.execute(f"PRAGMA analysis_limit = {ANALYSIS_LIMIT}")
+    if sqlite3.sqlite_version_info >= (3, 46, 0):
+        db.execute("PRAGMA optimize = 0x10002")
+        return "optimize"
+    db.execute("ANALYZE")
+    return "analyze"
+
+
+async def keep_statistics(db: Database, every_s: float) -> None:
+    """Run `optimize_sync` now and then every `every_s` seconds (0: once), through the writer."""
+    while True:
+        started = time.monotonic()
+        try:
+            ran = await db.execute_write_fn(optimize_sync)
+            log.info("planner statistics refreshed (%s) in %.0f ms", ran, (time.monotonic() - started) * 1000)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("refreshing planner statistics failed")
+        if every_s <= 0:
+            return
+        await asyncio.sleep(every_s)
+
+
 def rollback_quietly(conn: sqlite3.Connection) -> bool:
     """End any open transaction; True if the connection is clean afterwards.
 

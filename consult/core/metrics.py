@@ -7,10 +7,13 @@ zero. Gauges of live state are read when Prometheus scrapes; counters are fed by
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -54,6 +57,9 @@ LIVE = {
     "jobs_dead": "Background jobs given up on, waiting for an admin (as of the last sweep).",
 }
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Event-loop lag and garbage-collector pauses: a stalled loop delays every call's signaling at once.
+STALL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+LAG_SAMPLE_S = 0.02
 
 
 class _LiveCollector(Collector):
@@ -76,6 +82,16 @@ class _LiveCollector(Collector):
             for reason, n in sorted(server.seats.dropped.items()):
                 dropped.add_metric([reason], n)
         yield dropped
+        yield GaugeMetricFamily(
+            "consult_event_loop_lag_max_seconds",
+            "The longest event-loop lag seen since the server started.",
+            value=self._metrics.loop_lag_max,
+        )
+        yield GaugeMetricFamily(
+            "consult_gc_pause_max_seconds",
+            "The longest garbage-collector pause seen since the server started.",
+            value=self._metrics.gc_pause_max,
+        )
 
 
 class Metrics:
@@ -92,6 +108,22 @@ class Metrics:
             key: Counter(name, help_text, registry=self.registry)
             for key, (name, help_text) in COUNTERS.items()
         }
+        self.loop_lag = Histogram(
+            "consult_event_loop_lag_seconds",
+            f"How late the event loop ran a timer due every {LAG_SAMPLE_S * 1000:g} ms (sampled"
+            " continuously): every request and signaling message waits this long too.",
+            buckets=STALL_BUCKETS,
+            registry=self.registry,
+        )
+        self.gc_pause = Histogram(
+            "consult_gc_pause_seconds",
+            "Time the garbage collector stopped the process, by generation collected.",
+            ["generation"],
+            buckets=STALL_BUCKETS,
+            registry=self.registry,
+        )
+        self.loop_lag_max = 0.0
+        self.gc_pause_max = 0.0
         self.providers: dict[str, Callable[[], float]] = {}
         self.registry.register(_LiveCollector(app, self))
         try:
@@ -196,6 +228,43 @@ async def metrics_view(request: web.Request) -> web.Response:
     response = web.Response(body=body)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
+
+
+async def stall_monitor(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``: measures event-loop lag (a timer every LAG_SAMPLE_S) and GC pauses."""
+    metrics = app.get(METRICS)
+    if metrics is None:
+        yield
+        return
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+        elif started:
+            pause = time.perf_counter() - started.pop()
+            metrics.gc_pause.labels(str(info.get("generation", "?"))).observe(pause)
+            metrics.gc_pause_max = max(metrics.gc_pause_max, pause)
+
+    async def sample() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LAG_SAMPLE_S
+            await asyncio.sleep(LAG_SAMPLE_S)
+            lag = max(0.0, loop.time() - due)
+            metrics.loop_lag.observe(lag)
+            metrics.loop_lag_max = max(metrics.loop_lag_max, lag)
+
+    gc.callbacks.append(on_gc)
+    task = asyncio.create_task(sample(), name="stall-monitor")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(on_gc)
 
 
 def setup(app: web.Application) -> None:
