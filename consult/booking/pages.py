@@ -70,6 +70,19 @@ def earlier_visits(db: sqlite_utils.Database, visit: dict[str, Any]) -> list[Any
     ).fetchall()
 
 
+def refund_preview(db: sqlite_utils.Database, visit_id: int) -> dict | None:
+    """What cancelling would refund: the paid payments of the visit, not yet refunded, as
+    ``{"minor": ..., "currency": ...}``; None when nothing was paid."""
+    row = db.execute(
+        "SELECT coalesce(sum(amount_minor - refund_minor), 0), min(currency) FROM payments"
+        " WHERE visit_id = ? AND status = 'paid'",
+        [visit_id],
+    ).fetchone()
+    if not row[0]:
+        return None
+    return {"minor": int(row[0]), "currency": row[1]}
+
+
 # -- home pages -----------------------------------------------------------------------------
 
 
