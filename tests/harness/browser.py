@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -165,6 +166,19 @@ async def save_page_artifacts(dest: Path, logs: Iterable[PageLog]) -> list[Path]
         except Exception as e:  # a crashed page must not hide the test's own failure
             _write(text_path, log.text() + f"## screenshot failed\n{e!r}\n")
     return written
+
+
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
+
+
+async def save_screenshot(page: Page, name: str) -> Path:
+    """A full-page screenshot kept whether the test passes or not, for people to look at:
+    `test-artifacts/screenshots/{name}.png` (under $CONSULT_TEST_ARTIFACTS when it is set)."""
+    root = os.environ.get("CONSULT_TEST_ARTIFACTS")
+    folder = Path(root) / "screenshots" if root else SCREENSHOTS
+    path = folder / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
+    _write(path, await page.screenshot(full_page=True, timeout=15_000))
+    return path
 
 
 def _write(path: Path, data: str | bytes) -> None:
