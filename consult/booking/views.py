@@ -45,11 +45,10 @@ def weekday_names() -> list[str]:
 
 
 def group_by_day(slots: list[schedules.Slot], tz: str) -> list[dict]:
-    names = weekday_names()
     days: list[dict] = []
     for s in slots:
         local = to_local(s.starts_at, tz)
-        label = f"{local:%m-%d} {names[local.weekday()]}"
+        label = day_words(local)
         if not days or days[-1]["label"] != label:
             days.append({"label": label, "date": local.date().isoformat(), "slots": []})
         days[-1]["slots"].append({"starts_at": s.starts_at, "ends_at": s.ends_at, "taken": s.taken})
