@@ -18,8 +18,10 @@ import asyncio
 import re
 import sqlite3
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
+import pytest
 from playwright.async_api import BrowserContext, Page, Route, expect
 
 from tests.harness.browser import PageRecorder, assert_only_local_requests, save_screenshot
@@ -61,6 +63,12 @@ FREE_SLOTS = """() => ({
   slots: Array.from(document.querySelectorAll("[data-testid=slots] button.slot:not([disabled])"))
     .map((b) => [Number(b.value), b.hasAttribute("data-late")]),
 })"""
+
+
+@pytest.fixture
+def consult_env() -> Mapping[str, str]:
+    # A small limit, so that a too-large file is quick to make: the 2 MB PDF fits, 3.5 MB does not.
+    return {"CONSULT_UPLOAD_MAX_MB": "3"}
 
 
 def daily_sessions(db_path: Path, username: str) -> tuple[int, int]:
@@ -232,6 +240,15 @@ async def test_booking_and_uploads_on_the_phone(
         )
         await expect(failed).to_have_count(1)
         await expect(failed.locator(".upload-error")).to_contain_text("无法上传这种文件")
+        assert await failed.get_by_test_id("upload-retry").count() == 0
+        assert len([u for u in pages.log(page).requests if upload_url.search(u)]) == requests_before
+        await failed.get_by_test_id("upload-dismiss").tap()
+        await expect(failed).to_have_count(0)
+        # Too large: refused on the phone too, with the limit in the message.
+        await page.get_by_test_id("reports-file").set_input_files(
+            [{"name": "CT.pdf", "mimeType": "application/pdf", "buffer": make_pdf(3 * MB + MB // 2)}]
+        )
+        await expect(failed.locator(".upload-error")).to_contain_text("文件超过 3 MB")
         assert await failed.get_by_test_id("upload-retry").count() == 0
         assert len([u for u in pages.log(page).requests if upload_url.search(u)]) == requests_before
         await failed.get_by_test_id("upload-dismiss").tap()

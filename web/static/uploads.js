@@ -36,7 +36,8 @@
   function refusal(file, panel) {
     const max = Number(panel.dataset.maxBytes || 0);
     if (max && file.size > max) return panel.dataset.msgTooLarge;
-    if (!TYPES.includes(file.type) && !EXTENSIONS.test(file.name)) return panel.dataset.msgWrongType;
+    // A file the phone could not name a type for goes to the server, which looks at its content.
+    if (file.type && !TYPES.includes(file.type) && !EXTENSIONS.test(file.name)) return panel.dataset.msgWrongType;
     return null;
   }
 
