@@ -73,7 +73,7 @@ async def test_cancelling_a_paid_visit_asks_first_and_says_the_refund(patient, c
     assert resp.status == 303 and resp.headers["Location"].endswith("?m=cancelled_refunded")
     assert visit_row(settings, public_id)["status"] == "cancelled"
     done = await (await patient.get(resp.headers["Location"])).text()
-    assert "就诊已取消，款项已退还。" in done
+    assert "就诊已取消，¥50.00 已退回原支付方式。" in done
     # Asking again about a cancelled visit: a clear refusal.
     again = await patient.get(f"/visits/{public_id}/cancel")
     assert again.status == 409 and "无法取消" in await again.text()

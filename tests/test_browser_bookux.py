@@ -326,7 +326,7 @@ async def test_booking_and_uploads_on_the_phone(
         await page.get_by_test_id("cancel-confirm-button").tap()
         await page.wait_for_url(re.compile(r"\?m=cancelled_refund(ed|_pending)$"), timeout=WAIT_MS)
         await expect(page.get_by_test_id("message")).to_have_text(
-            re.compile("^就诊已取消，款项(已退还|正在退还)。$")
+            re.compile("^就诊已取消，¥80.00 (已|正在)退回原支付方式。$")
         )
         assert time.time() - started < 20
         await expect(page.get_by_test_id("status-cancelled")).to_be_visible()

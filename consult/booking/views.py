@@ -298,6 +298,11 @@ async def visit_page(request: web.Request) -> web.Response:
         "earlier_visits": [],
         "message": request.query.get("m", ""),
     }
+    ctx["refund"] = None
+    if ctx["message"] in ("cancelled_refunded", "cancelled_refund_pending"):  # say how much
+        ctx["refund"] = await request.app[keys.DB].execute_fn(
+            lambda db: pages.refund_amounts(db, visit["id"])
+        )
     if status == "confirmed" and user.role in ("patient", "doctor"):
         ctx["call_url"] = _call_url(request, visit, user.role)
     ctx["visit"] = {k: v for k, v in visit.items() if k != "call_nonce"}  # templates never need it
