@@ -8,8 +8,8 @@ server refuses by content shows a Chinese error with "retry" and can be removed;
 wrong kind is refused before it is sent; a good PDF shows its percentage; an upload cut by a
 lost connection succeeds on "retry" and its error goes; the remove control of a report is
 visible and large. Then the patient pays and cancels: the confirmation names the refund. No
-page shows a time-zone name or an English sentence. Screenshots of the slot page and the
-upload panel go to test-artifacts/screenshots/.
+page shows a time-zone name or an English sentence. Screenshots of the slot page, the upload
+panel and the cancel confirmation go to test-artifacts/screenshots/.
 """
 
 from __future__ import annotations
@@ -322,6 +322,7 @@ async def test_booking_and_uploads_on_the_phone(
         await page.wait_for_url(visit_url + "/cancel")
         await expect(page.get_by_test_id("cancel-refund")).to_have_text("取消后将退款 ¥80.00 到原支付方式。")
         await screens.read(page, "cancel a paid visit")
+        await save_screenshot(page, "cancel-paid-visit-390x844")
         started = time.time()
         await page.get_by_test_id("cancel-confirm-button").tap()
         await page.wait_for_url(re.compile(r"\?m=cancelled_refund(ed|_pending)$"), timeout=WAIT_MS)
