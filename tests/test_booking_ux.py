@@ -207,3 +207,18 @@ async def test_no_time_zone_name_on_any_patient_page(patient, clinic, settings):
         text = await resp.text()
         assert resp.status == 200, path
         assert zone not in text and "Asia/" not in text and "UTC" not in text, path
+
+
+@pytest.mark.locale("en")  # asserts English texts
+async def test_the_same_pages_in_english(patient, clinic, settings):
+    text = await (await patient.get(slots_path(clinic))).text()
+    assert "Today" in text and "Tomorrow" in text and "no changes" in text and "Morning" in text
+    assert re.search(r'<span class="day-free">\d+ free</span>', text)
+    far = free_slots(settings, clinic.doctor_ids[0], 2 * DAY)[0]
+    public_id = (await (await hold(patient, clinic, far.starts_at)).json())["public_id"]
+    pay(settings, public_id)
+    text = await (await patient.get(f"/visits/{public_id}/cancel")).text()
+    assert "If you cancel, ¥50.00 will be refunded to the original payment method." in text
+    resp = await post(patient, f"/visits/{public_id}/cancel", {"confirm": "yes"})
+    done = await (await patient.get(resp.headers["Location"])).text()
+    assert "The visit was cancelled and ¥50.00 was refunded to the original payment method." in done
