@@ -68,7 +68,7 @@ def day_strip(
 ) -> tuple[list[dict], dict | None]:
     """Every local day from today to ``until``, each with its slots grouped by part of the day,
     how many are free and whether any is inside the no-change window (``late_s`` from ``now``);
-    and the day shown: ``chosen`` (an ISO date) if it has slots, else the first day with a free one."""
+    and the day shown: ``chosen`` (an ISO date) if it has a free slot, else the first day with one."""
     today, last = to_local(now, tz).date(), to_local(until, tz).date()
     days: dict[date, dict] = {}
     day = today
@@ -345,6 +345,7 @@ async def cancel_page(request: web.Request) -> web.Response:
     user = security.require(request)
     visit = await _cancellable(request, user)
     refund = await request.app[keys.DB].execute_fn(lambda db: pages.refund_preview(db, visit["id"]))
+    await audit_read(request, "visit.view", "visit", visit["id"], visit["patient_id"])
     ctx = {
         "visit": {k: v for k, v in visit.items() if k != "call_nonce"},
         "is_owner": user.role == "patient" and visit["patient_id"] == user.id,
