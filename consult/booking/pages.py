@@ -70,6 +70,31 @@ def earlier_visits(db: sqlite_utils.Database, visit: dict[str, Any]) -> list[Any
     ).fetchall()
 
 
+def refund_preview(db: sqlite_utils.Database, visit_id: int) -> dict | None:
+    """What cancelling would refund: the paid payments of the visit, not yet refunded, as
+    ``{"minor": ..., "currency": ...}``; None when nothing was paid."""
+    row = db.execute(
+        "SELECT coalesce(sum(amount_minor - refund_minor), 0), min(currency) FROM payments"
+        " WHERE visit_id = ? AND status = 'paid'",
+        [visit_id],
+    ).fetchone()
+    if not row[0]:
+        return None
+    return {"minor": int(row[0]), "currency": row[1]}
+
+
+def refund_amounts(db: sqlite_utils.Database, visit_id: int) -> dict:
+    """After a cancellation: how much of the visit's payments is back (``refunded``) and how much
+    a refund still has to return (``due``), in minor units, with the currency."""
+    row = db.execute(
+        "SELECT coalesce(sum(refund_minor), 0),"
+        " coalesce(sum(CASE WHEN status = 'paid' THEN amount_minor - refund_minor ELSE 0 END), 0),"
+        " min(currency) FROM payments WHERE visit_id = ?",
+        [visit_id],
+    ).fetchone()
+    return {"refunded": int(row[0]), "due": int(row[1]), "currency": row[2]}
+
+
 # -- home pages -----------------------------------------------------------------------------
 
 

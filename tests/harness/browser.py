@@ -180,7 +180,7 @@ async def save_screenshot(page: Page, name: str) -> Path:
     passes or not (screenshots a reviewer looks at: the phone's pages, both orientations)."""
     safe = re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_")[:120] or "page"
     path = screenshots_dir() / f"{safe}.png"
-    _write(path, await page.screenshot(timeout=10_000))
+    _write(path, await page.screenshot(full_page=True, timeout=15_000))
     return path
 
 
