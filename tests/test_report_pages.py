@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import pytest
 from PIL import Image
 
-from consult.clinical import pages, reports
+from consult.clinical import pages, reports, uploads
 from tests.test_reports import DOCTOR, OTHER_DOCTOR, OTHER_PATIENT, PATIENT, World, sign_in, upload
 from tests.test_reports import world as world  # the fixture
 
@@ -232,3 +233,38 @@ async def test_a_doctor_treating_the_patient_later_reads_earlier_reports(world, 
     assert (await world.client.get("/api/visits/later-visit/reports")).status == 200
     await sign_in(world.client, DOCTOR)
     assert (await world.client.get("/api/visits/later-visit/reports")).status == 404
+
+
+async def test_pages_past_the_byte_budget_are_refused(world, monkeypatch):
+    report_id = await uploaded(world, three_page_pdf())
+    monkeypatch.setattr(pages, "RENDER_MAX_BYTES", 20_000)  # a page of it is more
+    await sign_in(world.client, DOCTOR)
+    resp = await world.client.get(f"/api/reports/{report_id}/pages")
+    assert resp.status == 415
+    assert (await resp.json())["error"] == "pdf_too_large"
+    assert not any(pages.cache_root(world.data_dir).iterdir())  # nothing half-rendered is kept
+
+
+async def test_the_cache_stays_bounded_and_the_sweep_removes_pages_of_gone_reports(world):
+    first = await uploaded(world, three_page_pdf())
+    second = await uploaded(world, handmade_pdf(2))
+    await sign_in(world.client, DOCTOR)
+    for report_id in (first, second):
+        assert (await world.client.get(f"/api/reports/{report_id}/pages")).status == 200
+    root = pages.cache_root(world.data_dir)
+    first_dir, second_dir = sorted(root.iterdir(), key=lambda p: (p / "meta.json").stat().st_mtime)
+    # Over the bound: the least recently shown report's pages go, the one just shown stays.
+    assert pages.prune_cache(world.data_dir, 1, keep=second_dir.name) == 1
+    assert not first_dir.exists() and second_dir.exists()
+    assert (await world.client.get(f"/api/reports/{first}/pages")).status == 200  # rendered again
+
+    # A report row gone without its cleanup (a crash): the sweep removes its pages and thumbnail.
+    assert (await world.client.get(f"/reports/{second}/thumb")).status == 200
+    world.db.write_sync(lambda d: d.execute("DELETE FROM reports WHERE id = ?", [second]))
+    app = world.client.server.app
+    result = await reports.converge_files(
+        world.db, world.data_dir, app[uploads.IN_FLIGHT], grace_s=0, now=time.time() + 1
+    )
+    assert result.cache_removed == 2  # its pages and its thumbnail
+    assert not second_dir.exists()
+    assert len(list(root.iterdir())) == 1

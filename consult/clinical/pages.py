@@ -36,6 +36,8 @@ MAX_PAGE_SIDE = 4000
 WORKER_MEMORY = 1024 * 1024 * 1024
 WORKER_CPU_S = 30
 WORKER_WALL_S = 45.0
+RENDER_MAX_BYTES = 200 * 1024 * 1024  # one PDF's pages together
+CACHE_MAX_BYTES = 2 * 1024 * 1024 * 1024  # all rendered pages: least recently shown go first
 WORKER = Path(__file__).with_name("pdf_worker.py")
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -119,10 +121,43 @@ def sweep_cache(data_dir: Path, live_stored_names: set[str], older_than: float) 
 
 def _read_meta(directory: Path) -> PageSet | None:
     try:
-        meta = json.loads((directory / "meta.json").read_text())
-        return PageSet(int(meta["pages"]), [tuple(s) for s in meta["sizes"]])
+        meta_path = directory / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        found = PageSet(int(meta["pages"]), [tuple(s) for s in meta["sizes"]])
+        os.utime(meta_path)  # recently shown: the last to go when the cache is pruned
+        return found
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def prune_cache(data_dir: Path, max_bytes: int, keep: str | None = None) -> int:
+    """Keep the rendered pages under ``max_bytes`` in all: remove the least recently shown
+    reports' pages (they are rendered again when next opened). Returns how many were removed."""
+    root = cache_root(data_dir)
+    if not root.is_dir():
+        return 0
+    entries = []
+    total = 0
+    for entry in root.iterdir():
+        if entry.name.startswith("."):
+            continue
+        try:
+            size = sum(f.stat().st_size for f in entry.iterdir())
+            used = (entry / "meta.json").stat().st_mtime
+        except OSError:
+            continue
+        entries.append((used, entry, size))
+        total += size
+    removed = 0
+    for _used, entry, size in sorted(entries, key=lambda e: e[0]):
+        if total <= max_bytes:
+            break
+        if entry.name == keep:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= size
+        removed += 1
+    return removed
 
 
 def _refusal(error: str, pages: int) -> UnsupportedMediaType:
@@ -135,6 +170,11 @@ def _refusal(error: str, pages: int) -> UnsupportedMediaType:
             % {"n": pages, "max": MAX_PAGES},
             code="pdf_too_many_pages",
         )
+    if error == "too_large":
+        return UnsupportedMediaType(
+            _("The pages of this PDF are too large to show here. Download it to read it."),
+            code="pdf_too_large",
+        )
     if error == "page_size":
         return UnsupportedMediaType(
             _("A page of this PDF has an impossible size. Download it to read it."), code="pdf_page_size"
@@ -146,7 +186,8 @@ def _refusal(error: str, pages: int) -> UnsupportedMediaType:
 
 
 async def _run_worker(source: Path, out_dir: Path) -> dict:
-    args = [str(a) for a in (MAX_PAGES, MAX_PAGE_PIXELS, MAX_PAGE_SIDE, WORKER_MEMORY, WORKER_CPU_S)]
+    limits = (MAX_PAGES, MAX_PAGE_PIXELS, MAX_PAGE_SIDE, WORKER_MEMORY, WORKER_CPU_S, RENDER_MAX_BYTES)
+    args = [str(a) for a in limits]
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-I",
@@ -209,6 +250,7 @@ async def pdf_pages(renderer: Renderer, data_dir: Path, stored_name: str) -> Pag
                 work.rename(target)  # whole or not at all: meta.json is there only with every page
 
             await asyncio.to_thread(publish)
+            await asyncio.to_thread(prune_cache, data_dir, CACHE_MAX_BYTES, target.name)
             return pages
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)

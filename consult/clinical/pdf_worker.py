@@ -1,6 +1,6 @@
 """Render one PDF's pages to PNG files: run as its own process, never imported by the server.
 
-    python -I pdf_worker.py SOURCE OUT_DIR MAX_PAGES MAX_PIXELS MAX_SIDE MEMORY_BYTES CPU_SECONDS
+    python -I pdf_worker.py SOURCE OUT_DIR MAX_PAGES MAX_PIXELS MAX_SIDE MEMORY_BYTES CPU_SECONDS MAX_BYTES
 
 A patient's PDF is hostile input to a C library (PDFium), so it is opened only here, in a child
 process that limits its own address space and CPU time before reading a byte of it, and that
@@ -8,7 +8,8 @@ imports nothing of the application. The parent (``consult.clinical.pages``) adds
 timeout and treats any death of this process as "could not be read".
 
 Prints one JSON line: ``{"ok": true, "pages": N, "sizes": [[w, h], ...]}`` or
-``{"ok": false, "error": "too_many_pages" | "unreadable" | "page_size", "pages": N}``.
+``{"ok": false, "error": "too_many_pages" | "unreadable" | "page_size" | "too_large", "pages": N}``
+(``too_large``: the PNGs together would pass MAX_BYTES).
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ import resource
 import sys
 
 
-def _limit(memory_bytes: int, cpu_seconds: int) -> None:
+def _limit(memory_bytes: int, cpu_seconds: int, max_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    # PNGs of at most MAX_PAGES pages of MAX_PIXELS each; nothing bigger is ever written.
-    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024 * 1024, 256 * 1024 * 1024))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))  # no one file passes the budget
     os.nice(5)
 
 
@@ -38,8 +38,8 @@ def _scale(width_pt: float, height_pt: float, max_pixels: int, max_side: int) ->
 
 def main(argv: list[str]) -> int:
     source, out_dir = argv[1], argv[2]
-    max_pages, max_pixels, max_side, memory, cpu = (int(a) for a in argv[3:8])
-    _limit(memory, cpu)
+    max_pages, max_pixels, max_side, memory, cpu, max_bytes = (int(a) for a in argv[3:9])
+    _limit(memory, cpu, max_bytes)
 
     import pypdfium2 as pdfium  # after the limits: its own allocations count too
 
@@ -57,6 +57,7 @@ def main(argv: list[str]) -> int:
     if count > max_pages:
         return answer(ok=False, error="too_many_pages", pages=count)
     sizes = []
+    written = 0
     for index in range(count):
         try:
             page = doc[index]
@@ -72,7 +73,11 @@ def main(argv: list[str]) -> int:
             image = page.render(scale=scale, may_draw_forms=False).to_pil()
         except Exception:
             return answer(ok=False, error="unreadable", pages=count)
-        image.save(os.path.join(out_dir, f"{index + 1}.png"), "PNG", optimize=False)
+        path = os.path.join(out_dir, f"{index + 1}.png")
+        image.save(path, "PNG", optimize=False)
+        written += os.path.getsize(path)
+        if written > max_bytes:
+            return answer(ok=False, error="too_large", pages=count)
         sizes.append(list(image.size))
         page.close()
     doc.close()
