@@ -209,6 +209,9 @@ async def test_photos_fit_zoom_rotate_and_a_pdf_pages_through(
         old = await asyncio.to_thread(
             store_report, consult_server, earlier, photo((3024, 4032)), "上次 photo.jpg"
         )
+        # Passes the upload's checks, but no reader can open it.
+        broken = b"%PDF-1.7\n1 0 obj\n<< /Type /Catalog /Pages 9 0 R\nstartxref\n999999\n%%EOF\n"
+        await asyncio.to_thread(store_report, consult_server, earlier, broken, "坏的.pdf")
         await sign_in_doctor(doctor_page, app_origin)
         await doctor_page.goto(call.room_url)
         items = doctor_page.get_by_test_id("report-item")
@@ -308,15 +311,27 @@ async def test_photos_fit_zoom_rotate_and_a_pdf_pages_through(
 
         # An earlier visit's reports from the same panel.
         await doctor_page.get_by_test_id("viewer-visit").select_option(index=1)
-        await expect(thumbs).to_have_count(1, timeout=WAIT_MS)
+        await expect(thumbs).to_have_count(2, timeout=WAIT_MS)
         g = await wait_loaded(doctor_page, "1", re.compile(rf"/reports/{old}$"))
         await expect(doctor_page.get_by_test_id("viewer-title")).to_have_text("上次 photo.jpg")
         assert fitted(g), g
+        # A PDF the server cannot render: its clear message in the viewer, and the room goes on.
+        await doctor_page.keyboard.press("]")
+        await expect(doctor_page.get_by_test_id("viewer-status")).to_have_text(
+            "无法读取此 PDF。请患者重新上传，或下载后查看。", timeout=WAIT_MS
+        )
+        await expect(doctor_page.get_by_test_id("viewer-image")).to_be_hidden()
+        await save_screenshot(doctor_page, "viewer-pdf-unreadable")
+        await doctor_page.keyboard.press("[")
+        await wait_loaded(doctor_page, "1", re.compile(rf"/reports/{old}$"))
 
         await doctor_page.get_by_test_id("viewer-close").click()
         await expect(viewer).to_be_hidden()
         await expect(doctor_page.get_by_test_id("reports-list")).to_be_visible()
         assert_only_local_requests(pages, app_origin)
+        log = pages.log(doctor_page)
+        assert not log.errors, log.errors
+        assert not [line for line in log.console if "Content Security Policy" in line], log.console
 
 
 async def until(page: Page, ok, timeout_s: float = WAIT_MS / 1000) -> dict:
