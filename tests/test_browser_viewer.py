@@ -308,13 +308,18 @@ async def test_photos_fit_zoom_rotate_and_a_pdf_pages_through(
         await save_screenshot(doctor_page, "viewer-pdf-page-3")
         await doctor_page.keyboard.press("PageUp")
         await wait_loaded(doctor_page, "2", re.compile(rf"/reports/{pdf}/pages/2$"))
+        # A rotation chosen for a PDF (a landscape table) stays while paging through it.
+        await doctor_page.keyboard.press("r")
+        await doctor_page.keyboard.press("PageDown")
+        g = await wait_loaded(doctor_page, "3", re.compile(rf"/reports/{pdf}/pages/3$"))
+        assert g["rotation"] == "90" and g["img"]["w"] > g["img"]["h"] and fitted(g), g
 
         # An earlier visit's reports from the same panel.
         await doctor_page.get_by_test_id("viewer-visit").select_option(index=1)
         await expect(thumbs).to_have_count(2, timeout=WAIT_MS)
         g = await wait_loaded(doctor_page, "1", re.compile(rf"/reports/{old}$"))
         await expect(doctor_page.get_by_test_id("viewer-title")).to_have_text("上次 photo.jpg")
-        assert fitted(g), g
+        assert g["rotation"] == "0" and fitted(g), g
         # A PDF the server cannot render: its clear message in the viewer, and the room goes on.
         await doctor_page.keyboard.press("]")
         await expect(doctor_page.get_by_test_id("viewer-status")).to_have_text(

@@ -143,7 +143,6 @@
       root.dataset.pages = String(pages.length);
       $("[data-viewer=prev-page]").disabled = state.page === 0;
       $("[data-viewer=next-page]").disabled = state.page === pages.length - 1;
-      state.rotation = 0;
       img.hidden = true;
       delete root.dataset.loaded;
       setStatus(root.dataset.msgLoading);
@@ -175,6 +174,7 @@
       const token = ++state.token;
       state.index = index;
       state.report = null;
+      state.rotation = 0; // a report opens upright; its pages keep the rotation chosen for it
       title.textContent = item.name;
       download.href = item.download_url;
       img.hidden = true;
