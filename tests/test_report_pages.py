@@ -268,3 +268,16 @@ async def test_the_cache_stays_bounded_and_the_sweep_removes_pages_of_gone_repor
     assert result.cache_removed == 2  # its pages and its thumbnail
     assert not second_dir.exists()
     assert len(list(root.iterdir())) == 1
+
+
+async def test_the_worker_runs_under_its_memory_limit(world, monkeypatch):
+    # The poster page renders at the real limit (above); under 48 MB its 6 MP bitmap cannot be
+    # had, and the refusal is the ordinary one: the child fails, never the server.
+    report_id = await uploaded(world, handmade_pdf(1, (14400, 14400)))
+    monkeypatch.setattr(pages, "WORKER_MEMORY", 48 * 1024 * 1024)
+    await sign_in(world.client, DOCTOR)
+    resp = await world.client.get(f"/api/reports/{report_id}/pages")
+    assert resp.status == 415
+    assert (await resp.json())["error"] == "pdf_unreadable"
+    monkeypatch.setattr(pages, "WORKER_MEMORY", 1024 * 1024 * 1024)
+    assert (await world.client.get(f"/api/reports/{report_id}/pages")).status == 200
