@@ -212,7 +212,8 @@
           title: r.name,
           "aria-label": r.name,
         });
-        const picture = el("img", { src: r.thumb_url, alt: "", loading: "lazy", draggable: "false" });
+        // Loaded once the opened report shows: a PDF's thumbnail is a render, and renders queue.
+        const picture = el("img", { "data-src": r.thumb_url, alt: "", draggable: "false" });
         picture.addEventListener("error", () => picture.remove());
         button.append(picture, el("span", { class: "viewer-thumb-kind" },
           isPdf ? root.dataset.msgPdf : root.dataset.msgPhoto));
@@ -235,8 +236,13 @@
       renderThumbs();
       let index = state.reports.findIndex((r) => String(r.id) === String(openId));
       if (index < 0) index = 0;
-      if (state.reports.length) await openReport(index);
-      else {
+      if (state.reports.length) {
+        await openReport(index);
+        for (const picture of thumbs.querySelectorAll("img[data-src]")) {
+          picture.src = picture.dataset.src;
+          picture.removeAttribute("data-src");
+        }
+      } else {
         title.textContent = "";
         img.hidden = true;
         pager.hidden = true;
