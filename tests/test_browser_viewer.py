@@ -333,6 +333,15 @@ async def test_photos_fit_zoom_rotate_and_a_pdf_pages_through(
         await doctor_page.get_by_test_id("viewer-close").click()
         await expect(viewer).to_be_hidden()
         await expect(doctor_page.get_by_test_id("reports-list")).to_be_visible()
+
+        # From the earlier visits tab: "view its reports" opens that visit's in the viewer.
+        await doctor_page.get_by_test_id("tab-earlier").click()
+        await doctor_page.get_by_test_id("earlier-reports").click()
+        await expect(doctor_page.get_by_test_id("panel-reports")).to_be_visible()
+        await wait_loaded(doctor_page, "1", re.compile(rf"/reports/{old}$"))
+        await expect(thumbs).to_have_count(2)
+        await doctor_page.keyboard.press("Escape")
+        await expect(viewer).to_be_hidden()
         assert_only_local_requests(pages, app_origin)
         log = pages.log(doctor_page)
         assert not log.errors, log.errors

@@ -5,18 +5,29 @@
 
   const Consult = (window.Consult = window.Consult || {});
 
+  function select(tabs, tab) {
+    for (const other of tabs.querySelectorAll("[data-tab]")) {
+      other.setAttribute("aria-selected", other === tab ? "true" : "false");
+    }
+    for (const panel of tabs.querySelectorAll("[data-tab-panel]")) {
+      panel.hidden = panel.dataset.tabPanel !== tab.dataset.tab;
+    }
+  }
+
   function setupTabs() {
     const tabs = document.querySelector("[data-tabs]");
     if (!tabs) return;
     tabs.addEventListener("click", (event) => {
+      // An earlier visit's reports open in the viewer, on the reports tab.
+      const earlier = event.target.closest("[data-earlier-reports]");
+      if (earlier && Consult.reportViewer) {
+        select(tabs, tabs.querySelector("[data-tab=reports]"));
+        Consult.reportViewer.openList(earlier.dataset.earlierReports);
+        return;
+      }
       const tab = event.target.closest("[data-tab]");
       if (!tab) return;
-      for (const other of tabs.querySelectorAll("[data-tab]")) {
-        other.setAttribute("aria-selected", other === tab ? "true" : "false");
-      }
-      for (const panel of tabs.querySelectorAll("[data-tab-panel]")) {
-        panel.hidden = panel.dataset.tabPanel !== tab.dataset.tab;
-      }
+      select(tabs, tab);
       if (tab.dataset.tab === "chat") {
         const unread = tab.querySelector("[data-unread]");
         if (unread) unread.hidden = true;

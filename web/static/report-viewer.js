@@ -252,12 +252,13 @@
 
     // -- opening, closing, full screen ----------------------------------------------------------
 
-    async function open(reportId) {
+    async function open(reportId, listUrl) {
+      const url = listUrl || root.dataset.listUrl;
       root.hidden = false;
       room.classList.add("viewing");
-      if (visitSelect) visitSelect.value = root.dataset.listUrl;
+      if (visitSelect) visitSelect.value = url;
       root.focus({ preventScroll: true });
-      await loadList(root.dataset.listUrl, reportId);
+      await loadList(url, reportId);
     }
 
     function close() {
@@ -390,6 +391,14 @@
       if (!root) return false;
       viewer = viewer || create(root);
       viewer.open(reportId);
+      return true;
+    },
+    // The reports of one visit (a report list URL): an earlier visit's, from its sidebar entry.
+    openList(listUrl) {
+      const root = document.querySelector("[data-report-viewer]");
+      if (!root) return false;
+      viewer = viewer || create(root);
+      viewer.open(null, listUrl);
       return true;
     },
     close() {
