@@ -148,7 +148,7 @@ async def test_a_hostile_pdf_gets_a_clear_error_and_the_server_goes_on(world, da
     body = await resp.json()
     assert body["error"] == code
     assert words in body["message"] and "download it" in body["message"].lower()
-    assert (await world.client.get(f"/reports/{report_id}/pages/1")).status == 415
+    assert (await world.client.get(f"/reports/{report_id}/pages/1")).status == 415  # the kept refusal
     good = await uploaded(world, three_page_pdf())
     await sign_in(world.client, DOCTOR)
     assert (await world.client.get(f"/api/reports/{good}/pages")).status == 200
@@ -175,6 +175,9 @@ async def test_the_worker_is_killed_past_its_wall_clock(world, monkeypatch):
     resp = await world.client.get(f"/api/reports/{report_id}/pages")
     assert resp.status == 415
     assert (await resp.json())["error"] == "pdf_unreadable"
+    # A timeout may be the machine's fault, not the file's: it is not kept.
+    monkeypatch.setattr(pages, "WORKER_WALL_S", 45.0)
+    assert (await world.client.get(f"/api/reports/{report_id}/pages")).status == 200
 
 
 async def test_thumbnails_of_a_photo_and_a_pdf(world):
@@ -242,7 +245,12 @@ async def test_pages_past_the_byte_budget_are_refused(world, monkeypatch):
     resp = await world.client.get(f"/api/reports/{report_id}/pages")
     assert resp.status == 415
     assert (await resp.json())["error"] == "pdf_too_large"
-    assert not any(pages.cache_root(world.data_dir).iterdir())  # nothing half-rendered is kept
+    # Nothing half-rendered is kept: only the refusal, so the next asking is answered at once.
+    (entry,) = pages.cache_root(world.data_dir).iterdir()
+    assert [p.name for p in entry.iterdir()] == ["meta.json"]
+    assert json.loads((entry / "meta.json").read_text()) == {"refused": "too_large", "pages": 3}
+    monkeypatch.setattr(pages, "RENDER_MAX_BYTES", 10**9)
+    assert (await world.client.get(f"/api/reports/{report_id}/pages")).status == 415
 
 
 async def test_the_cache_stays_bounded_and_the_sweep_removes_pages_of_gone_reports(world):
@@ -280,4 +288,6 @@ async def test_the_worker_runs_under_its_memory_limit(world, monkeypatch):
     assert resp.status == 415
     assert (await resp.json())["error"] == "pdf_unreadable"
     monkeypatch.setattr(pages, "WORKER_MEMORY", 1024 * 1024 * 1024)
+    stored = world.db.read_sync(lambda d: d.execute("SELECT stored_name FROM reports").fetchone()[0])
+    pages.remove_cached(world.data_dir, stored)  # the refusal was kept; this test changed the limit
     assert (await world.client.get(f"/api/reports/{report_id}/pages")).status == 200

@@ -120,9 +120,12 @@ def sweep_cache(data_dir: Path, live_stored_names: set[str], older_than: float) 
 
 
 def _read_meta(directory: Path) -> PageSet | None:
+    """The cached pages, or None; raises the cached refusal of a PDF the renderer refused."""
+    meta_path = directory / "meta.json"
     try:
-        meta_path = directory / "meta.json"
         meta = json.loads(meta_path.read_text())
+        if "refused" in meta:
+            raise _refusal(str(meta["refused"]), int(meta.get("pages") or 0))
         found = PageSet(int(meta["pages"]), [tuple(s) for s in meta["sizes"]])
         os.utime(meta_path)  # recently shown: the last to go when the cache is pruned
         return found
@@ -215,9 +218,12 @@ async def _run_worker(source: Path, out_dir: Path) -> dict:
         log.warning("PDF renderer exited %s on %s: %s", proc.returncode, source.name, tail)
         return {"ok": False, "error": "unreadable", "pages": 0}
     try:
-        return json.loads(out.decode().strip().splitlines()[-1])
+        answer = json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
         return {"ok": False, "error": "unreadable", "pages": 0}
+    # A refusal the worker answered is kept (asking again gives the same); a crash or a timeout,
+    # which a busy machine can cause, is not.
+    return {**answer, "answered": True} if isinstance(answer, dict) else {"ok": False, "error": "unreadable"}
 
 
 async def pdf_pages(renderer: Renderer, data_dir: Path, stored_name: str) -> PageSet:
@@ -238,18 +244,24 @@ async def pdf_pages(renderer: Renderer, data_dir: Path, stored_name: str) -> Pag
         work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=".render-", dir=root))
         try:
             result = await _run_worker(source, work)
-            if not result.get("ok"):
-                raise _refusal(str(result.get("error")), int(result.get("pages") or 0))
-            pages = PageSet(int(result["pages"]), [tuple(s) for s in result["sizes"]])
 
-            def publish() -> None:
-                (work / "meta.json").write_text(json.dumps({"pages": pages.count, "sizes": pages.sizes}))
+            def publish(meta: dict) -> None:
+                for p in work.iterdir():
+                    if "refused" in meta:
+                        p.unlink()  # what a refused render wrote before it stopped
+                (work / "meta.json").write_text(json.dumps(meta))
                 for p in work.iterdir():
                     os.chmod(p, 0o600)
                 shutil.rmtree(target, ignore_errors=True)
                 work.rename(target)  # whole or not at all: meta.json is there only with every page
 
-            await asyncio.to_thread(publish)
+            if not result.get("ok"):
+                error, count = str(result.get("error")), int(result.get("pages") or 0)
+                if result.get("answered"):  # the worker's own verdict on the file: it will not change
+                    await asyncio.to_thread(publish, {"refused": error, "pages": count})
+                raise _refusal(error, count)
+            pages = PageSet(int(result["pages"]), [tuple(s) for s in result["sizes"]])
+            await asyncio.to_thread(publish, {"pages": pages.count, "sizes": pages.sizes})
             await asyncio.to_thread(prune_cache, data_dir, CACHE_MAX_BYTES, target.name)
             return pages
         finally:
