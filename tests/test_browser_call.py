@@ -451,10 +451,9 @@ async def test_doctor_sidebar_shows_the_uploaded_report_and_earlier_visits(
             await item.get_by_role("link", name=re.compile("Blood test")).click()
         assert (await response.value).status == 200
         await expect(doctor_page.get_by_test_id("report-viewer")).to_be_visible()
-        frame = doctor_page.get_by_test_id("report-frame")
-        assert await frame.get_attribute("src") == f"/reports/{report_id}"
-        img = doctor_page.frame_locator("[data-testid=report-frame]").locator("img")
-        await expect(img).to_have_count(1, timeout=WAIT_MS)  # Chromium's own image document
+        img = doctor_page.get_by_test_id("viewer-image")
+        await expect(img).to_have_attribute("src", f"/reports/{report_id}", timeout=WAIT_MS)
+        await expect(img).to_be_visible(timeout=WAIT_MS)  # the viewer's (tests/test_browser_viewer.py)
         assert len(doctor_page.context.pages) == 1  # inline, not a new tab
 
         await doctor_page.get_by_test_id("tab-earlier").click()
