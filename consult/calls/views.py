@@ -254,9 +254,7 @@ async def consult_room(request: web.Request) -> web.Response:
                 request.app.router["room_recording_consent"].url_for(public_id=visit["public_id"])
             ),
             "auto_admit": auto_admit,
-            "next_url": str(
-                request.app.router["doctor_next"].url_for().with_query(after=visit["public_id"])
-            ),
+            "next_url": str(request.app.router["doctor_next"].url_for().with_query(after=visit["public_id"])),
         },
     )
 
