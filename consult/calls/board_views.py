@@ -86,7 +86,9 @@ async def _snapshot(request: web.Request, doctor_id: int) -> dict[str, Any]:
                 "reports": v["reports"],
                 "new_reports": v["new_reports"],
                 "reports_label": (
-                    ngettext("%(num)d new", "%(num)d new", v["new_reports"]) if v["new_reports"] else ""
+                    ngettext("%(num)d new", "%(num)d new", v["new_reports"]) % {"num": v["new_reports"]}
+                    if v["new_reports"]
+                    else ""
                 ),
                 "visit_url": str(url["visit"].url_for(public_id=pid)),
                 "room_url": str(url["consult_room"].url_for(public_id=pid))

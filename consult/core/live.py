@@ -18,13 +18,8 @@ from collections.abc import Hashable
 
 from aiohttp import web
 
-from consult.core.errors import ConsultError
+from consult.core.errors import TooManyRequests
 from consult.core.i18n import _
-
-
-class TooManyStreams(ConsultError):
-    status = 429
-    code = "too_many_streams"
 
 
 class Subscription:
@@ -70,7 +65,9 @@ class Live:
         if len(subs) >= (limit or self.limit):
             if not subs:
                 self._topics.pop(topic, None)
-            raise TooManyStreams(_("Too many windows are following this page. Close one and reload."))
+            raise TooManyRequests(
+                _("Too many windows are following this page. Close one and reload."), code="too_many_streams"
+            )
         sub = Subscription()
         subs.add(sub)
         try:
