@@ -52,9 +52,14 @@
     return tr;
   }
 
+  // The running-late choice follows the server too (set from another tab or device), unless
+  // the doctor is choosing right now.
+  const lateSelect = document.querySelector("[data-testid=late-minutes]");
+
   function draw(board) {
     rows.replaceChildren(...board.visits.map(row));
     if (empty) empty.hidden = board.visits.length > 0;
+    if (lateSelect && document.activeElement !== lateSelect) lateSelect.value = String(board.late);
   }
 
   function status(live) {
