@@ -20,6 +20,8 @@ from tests.booking_helpers import make_clinic, post, signed_in
 from tests.call_helpers import host_token, keyed_settings, patient_token, seed_visit
 from tests.conftest import login
 
+SSE = {"Accept": "text/event-stream"}  # what EventSource sends
+
 
 def db_path(settings):
     return settings.data_dir / "consult.db"
@@ -91,10 +93,10 @@ async def test_board_stream_follows_the_doctors_rooms_and_only_theirs(
 
     board0 = await signed_in(aiohttp_client, server, "doc0")
     board1 = await signed_in(aiohttp_client, server, "doc1")
-    stream0 = await board0.get("/doctor/board/events")
+    stream0 = await board0.get("/doctor/board/events", headers=SSE)
     assert stream0.status == 200 and stream0.headers["Content-Type"].startswith("text/event-stream")
     assert stream0.headers["Cache-Control"] == "no-store"
-    stream1 = await board1.get("/doctor/board/events")
+    stream1 = await board1.get("/doctor/board/events", headers=SSE)
     frame = await frame_where(stream0, lambda f: True)
     assert [v["public_id"] for v in frame["visits"]] == [first.public_id, second.public_id]  # time order
     assert [v["state"] for v in frame["visits"]] == ["booked", "booked"]
@@ -130,29 +132,34 @@ async def test_only_doctors_follow_a_board_and_only_a_few_streams_each(
     aiohttp_client, server, settings, clinic, monkeypatch
 ):
     patient = await signed_in(aiohttp_client, server, "13900000000")
-    assert (await patient.get("/doctor/board/events")).status == 403
+    assert (await patient.get("/doctor/board/events", headers=SSE)).status == 403
+    doctor = await signed_in(aiohttp_client, server, "doc0")
+    plain = await doctor.get("/doctor/board/events")  # not EventSource: refused, not an endless body
+    assert plain.status == 400 and "实时更新" in await plain.text()
     admin = await signed_in(aiohttp_client, server, "boss")
-    assert (await admin.get("/doctor/board/events")).status == 403
+    assert (await admin.get("/doctor/board/events", headers=SSE)).status == 403
     anon = await aiohttp_client(server)
-    resp = await anon.get("/doctor/board/events", allow_redirects=False)
+    resp = await anon.get("/doctor/board/events", headers=SSE, allow_redirects=False)
     assert resp.status == 303 and resp.headers["Location"].startswith("/login")
 
-    doctor = await signed_in(aiohttp_client, server, "doc0")
-    streams = [await doctor.get("/doctor/board/events") for _ in range(board_views.BOARD_STREAMS_PER_DOCTOR)]
+    streams = [
+        await doctor.get("/doctor/board/events", headers=SSE)
+        for _ in range(board_views.BOARD_STREAMS_PER_DOCTOR)
+    ]
     assert all(s.status == 200 for s in streams)
-    refused = await doctor.get("/doctor/board/events")
+    refused = await doctor.get("/doctor/board/events", headers=SSE)
     assert refused.status == 429
     assert "打开此页面的窗口过多" in await refused.text()
     # Another doctor's boards are counted apart.
     other = await signed_in(aiohttp_client, server, "doc1")
-    extra = await other.get("/doctor/board/events")
+    extra = await other.get("/doctor/board/events", headers=SSE)
     assert extra.status == 200
     for s in [*streams, extra]:
         s.close()
     # A closed stream frees its place.
     async with asyncio.timeout(20):
         while True:
-            again = await doctor.get("/doctor/board/events")
+            again = await doctor.get("/doctor/board/events", headers=SSE)
             if again.status == 200:
                 again.close()
                 break
@@ -209,10 +216,10 @@ async def test_running_late_reaches_the_waiting_page_and_the_outbox(aiohttp_clie
     other = seed_visit(db_path(settings), doctor_id=clinic.doctor_ids[1], patient_id=clinic.patients[1])
     keyed = keyed_settings(settings.data_dir)
     anon = await aiohttp_client(server)
-    notices = await anon.get(f"/call/{patient_token(keyed, later)}/notices")
+    notices = await anon.get(f"/call/{patient_token(keyed, later)}/notices", headers=SSE)
     assert notices.status == 200
     assert (await frame_where(notices, lambda f: True)) == {"late": 0, "text": ""}
-    others = await anon.get(f"/call/{patient_token(keyed, other)}/notices")
+    others = await anon.get(f"/call/{patient_token(keyed, other)}/notices", headers=SSE)
 
     doctor = await signed_in(aiohttp_client, server, "doc0")
     bad = await post(doctor, "/doctor/running-late", {"minutes": "7"})
@@ -232,7 +239,7 @@ async def test_running_late_reaches_the_waiting_page_and_the_outbox(aiohttp_clie
     audit = rows(settings, "SELECT action, detail FROM audit_log WHERE action = 'clinic.running_late'")
     assert json.loads(audit[0]["detail"])["minutes"] == 20
     # A stale or forged link follows nothing.
-    assert (await anon.get("/call/forged.token/notices")).status == 404
+    assert (await anon.get("/call/forged.token/notices", headers=SSE)).status == 404
     notices.close()
     others.close()
 
@@ -277,7 +284,7 @@ async def test_new_reports_count_until_the_doctor_looks(aiohttp_client, server, 
             [visit.id, clinic.patients[0], f"r{n}.pdf", f"stored-{n}", time.time()],
         )
     doctor = await signed_in(aiohttp_client, server, "doc0")
-    stream = await doctor.get("/doctor/board/events")
+    stream = await doctor.get("/doctor/board/events", headers=SSE)
     frame = await frame_where(stream, lambda f: True)
     assert (frame["visits"][0]["reports"], frame["visits"][0]["new_reports"]) == (2, 2)
     assert frame["visits"][0]["reports_label"] == "新增 2 份"

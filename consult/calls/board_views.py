@@ -19,7 +19,7 @@ from consult.calls import board
 from consult.calls import links as calllinks
 from consult.calls.policy import SIGNALING
 from consult.core import keys, live, security
-from consult.core.errors import Conflict, NotFound
+from consult.core.errors import BadRequest, Conflict, NotFound
 from consult.core.formatting import to_local
 from consult.core.forms import form
 from consult.core.i18n import _, ngettext, pgettext
@@ -37,11 +37,12 @@ STREAM_MAX_S = 300.0
 def setup(app: web.Application) -> None:
     r = app.router
     r.add_get("/doctor", doctor_home, name="doctor_home")
-    r.add_get("/doctor/board/events", board_events, name="board_events")
+    # Event streams: no HEAD (a stream has no length to announce).
+    r.add_get("/doctor/board/events", board_events, name="board_events", allow_head=False)
     r.add_post("/doctor/visits/{public_id}/admit", admit, name="board_admit")
     r.add_get("/doctor/next", next_patient, name="doctor_next")
     r.add_post("/doctor/running-late", running_late, name="running_late")
-    r.add_get("/call/{token}/notices", call_notices, name="call_notices")
+    r.add_get("/call/{token}/notices", call_notices, name="call_notices", allow_head=False)
 
 
 def state_labels() -> dict[str, str]:
@@ -131,6 +132,9 @@ async def _stream(
 ) -> web.StreamResponse:
     """Server-sent events: what ``read`` returns, again whenever ``topic`` is nudged (sent only
     when it changed), a comment line when nothing did."""
+    if "text/event-stream" not in request.headers.get("Accept", ""):
+        # EventSource always asks for a stream; anything else would hang on an endless response.
+        raise BadRequest(_("This address sends live updates to an open page only."), code="not_event_stream")
     loop = asyncio.get_running_loop()
     with request.app[live.LIVE].subscribe(topic, limit) as sub:
         response = web.StreamResponse(
