@@ -238,6 +238,15 @@ async def test_running_late_reaches_the_waiting_page_and_the_outbox(aiohttp_clie
     assert sent[0]["recipient"] == "13900000000" and "20" in sent[0]["body"]
     audit = rows(settings, "SELECT action, detail FROM audit_log WHERE action = 'clinic.running_late'")
     assert json.loads(audit[0]["detail"])["minutes"] == 20
+    # One link holds a few streams at most, whatever its holder opens.
+    more = [
+        await anon.get(f"/call/{patient_token(keyed, later)}/notices", headers=SSE)
+        for _ in range(board_views.NOTICE_STREAMS_PER_VISIT - 1)
+    ]
+    assert [m.status for m in more] == [200] * len(more)
+    assert (await anon.get(f"/call/{patient_token(keyed, later)}/notices", headers=SSE)).status == 429
+    for m in more:
+        m.close()
     # A stale or forged link follows nothing.
     assert (await anon.get("/call/forged.token/notices", headers=SSE)).status == 404
     notices.close()

@@ -28,6 +28,7 @@ from consult.core.ids import is_public_id
 # Open boards per doctor (a PC and a tablet, a few tabs); waiting pages per doctor's clinic day.
 BOARD_STREAMS_PER_DOCTOR = 4
 NOTICE_STREAMS_PER_DOCTOR = 64
+NOTICE_STREAMS_PER_VISIT = 3  # so that one leaked link cannot take the doctor's other patients' places
 # A stream re-reads at least this often (a booking paid elsewhere nudges nobody) and ends after
 # STREAM_MAX_S: the browser reconnects, and the session and the link are checked again.
 POLL_S = 15.0
@@ -263,4 +264,6 @@ async def call_notices(request: web.Request) -> web.StreamResponse:
         minutes = await db.execute_fn(minutes_sync)
         return {"late": minutes, "text": late_text(minutes)}
 
-    return await _stream(request, live.late_topic(visit["doctor_id"]), NOTICE_STREAMS_PER_DOCTOR, read)
+    # Counted per visit as well (this topic is never nudged: it only holds the count).
+    with request.app[live.LIVE].subscribe(("notice-visit", visit["id"]), NOTICE_STREAMS_PER_VISIT):
+        return await _stream(request, live.late_topic(visit["doctor_id"]), NOTICE_STREAMS_PER_DOCTOR, read)
