@@ -310,3 +310,4 @@ async def test_board_page_lists_today_in_zh(aiohttp_client, server, settings, cl
     page = await (await client.get("/doctor")).text()
     assert 'data-testid="board"' in page and "王芳" in page and "已预约" in page
     assert 'data-events-url="/doctor/board/events"' in page and "board.js" in page
+    assert "推迟约 20 分钟" in page and "%(num)" not in page  # the running-late choices

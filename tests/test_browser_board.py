@@ -150,6 +150,8 @@ async def test_clinic_board_follows_four_patients_live(
         await work.get_by_test_id("late-minutes").select_option("20")
         await work.get_by_test_id("late-send").click()
         await expect(work.get_by_test_id("message")).to_have_text("已通知今天等候中的患者。")
+        # The board tab (not reloaded) shows the notice in force too.
+        await expect(board.get_by_test_id("late-minutes")).to_have_value("20", timeout=WAIT_MS)
         for phone in (phone1, phone2):
             notice = phone.get_by_test_id("late-notice")
             await expect(notice).to_be_visible(timeout=WAIT_MS)

@@ -62,7 +62,7 @@ def late_choices() -> list[tuple[int, str]]:
             m,
             _("On time")
             if m == 0
-            else ngettext("About %(num)d minute late", "About %(num)d minutes late", m),
+            else ngettext("About %(num)d minute late", "About %(num)d minutes late", m) % {"num": m},
         )
         for m in late.CHOICES
     ]

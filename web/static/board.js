@@ -38,7 +38,9 @@
       reports.append(el("span", { class: "badge warn" }, v.reports_label));
     }
     tr.append(reports);
-    const actions = el("td", { class: "actions" });
+    const cell = el("td");
+    const actions = el("div", { class: "actions" });
+    cell.append(actions);
     if (v.admit_url) {
       const form = el("form", { method: "post", action: v.admit_url, class: "inline" });
       form.append(el("input", { type: "hidden", name: "csrf_token", value: msg.csrf }));
@@ -48,7 +50,7 @@
     if (v.room_url) {
       actions.append(el("a", { class: "button", href: v.room_url, "data-testid": "board-room" }, msg.msgRoom));
     }
-    tr.append(actions);
+    tr.append(cell);
     return tr;
   }
 
