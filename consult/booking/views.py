@@ -12,7 +12,8 @@ from consult import booking
 from consult.audit.reads import audit_read
 from consult.booking import catalogue, ics, pages, schedules
 from consult.calls import links as calllinks
-from consult.core import keys, metrics, qr, security
+from consult.clinical import reports
+from consult.core import keys, live, metrics, qr, security
 from consult.core.errors import BadRequest, Conflict, ConsultError, Forbidden, NotFound
 from consult.core.formatting import day_words, to_local, weekday_name
 from consult.core.forms import form, small_int
@@ -303,15 +304,19 @@ async def visit_page(request: web.Request) -> web.Response:
         ctx["refund"] = await request.app[keys.DB].execute_fn(
             lambda db: pages.refund_amounts(db, visit["id"])
         )
-    if status == "confirmed" and user.role in ("patient", "doctor"):
-        ctx["call_url"] = _call_url(request, visit, user.role)
     ctx["visit"] = {k: v for k, v in visit.items() if k != "call_nonce"}  # templates never need it
-    if user.role in ("doctor", "admin"):
+    if user.role == "doctor":
+        # The visit's own doctor (``_visit_for`` shows a doctor only their visits): the doctor's
+        # view, never the patient's page (no call link, QR code or "no sign-in needed").
+        return await _doctor_visit_page(request, user, visit, ctx)
+    if status == "confirmed" and user.role == "patient":
+        ctx["call_url"] = _call_url(request, visit, user.role)
+    if user.role == "admin":
         ctx["earlier_visits"] = await request.app[keys.DB].execute_fn(
             lambda db: pages.earlier_visits(db, visit)
         )
     ctx["recordings"] = []
-    if user.role in ("doctor", "admin"):  # _visit_for: a doctor sees only their own visits
+    if user.role == "admin":
         from consult.calls import recordings
 
         ctx["recordings"] = await request.app[keys.DB].execute_fn(
@@ -352,6 +357,24 @@ async def cancel_page(request: web.Request) -> web.Response:
         "refund": refund,
     }
     return aiohttp_jinja2.render_template("visit_cancel.html", request, ctx)
+async def _doctor_visit_page(request: web.Request, user, visit: dict, ctx: dict) -> web.Response:
+    from consult.calls import recordings
+
+    now = time.time()
+    db = request.app[keys.DB]
+    found = await db.execute_fn(lambda d: pages.doctor_visit(d, visit))
+    ctx.update(found)
+    ctx["recordings"] = await db.execute_fn(lambda d: recordings.for_visit_sync(d, visit["id"]))
+    ctx["room_url"] = (
+        str(request.app.router["consult_room"].url_for(public_id=visit["public_id"]))
+        if ctx["status"] == "confirmed"
+        else None
+    )
+    # The reports are in front of the doctor now: the board stops counting them as new.
+    await db.execute_write_fn(lambda d: reports.mark_looked_sync(d, visit["id"], user.id, now))
+    live.publish(request.app, live.board_topic(user.id))
+    await audit_read(request, "visit.view", "visit", visit["id"], visit["patient_id"])
+    return aiohttp_jinja2.render_template("visit_doctor.html", request, ctx)
 
 
 async def cancel_submit(request: web.Request) -> web.Response:
@@ -368,6 +391,7 @@ async def cancel_submit(request: web.Request) -> web.Response:
         reason=(data.get("reason") or "").strip()[:500],
         remote=security.client_address(request),
     )
+    live.publish(request.app, live.board_topic(visit["doctor_id"]))
     # Only money that is back is called refunded; a refund still queued is said to be under way.
     note = {"refunded": "cancelled_refunded", "pending": "cancelled_refund_pending"}.get(
         result["refund_state"], "cancelled"
@@ -416,13 +440,15 @@ async def reschedule_submit(request: web.Request) -> web.Response:
     except ConsultError as exc:
         ctx = await _reschedule_context(request, user, visit, exc.message)
         return aiohttp_jinja2.render_template("visit_reschedule.html", request, ctx, status=exc.status)
+    live.publish(request.app, live.board_topic(visit["doctor_id"]))
     raise web.HTTPSeeOther(f"{request.app.router['visit'].url_for(public_id=visit['public_id'])}?m=moved")
 
 
 async def visit_qr(request: web.Request) -> web.Response:
     user = security.require(request)
     visit = await _visit_for(request, user)
-    if visit["status"] != "confirmed" or user.role not in ("patient", "doctor"):
+    # The patient's own link only: a doctor enters through the consult room, not a phone.
+    if visit["status"] != "confirmed" or user.role != "patient":
         raise NotFound(_("There is no call link for this visit yet."))
     body = qr.svg(_call_url(request, visit, user.role))
     return web.Response(body=body, content_type="image/svg+xml", headers={"Cache-Control": "no-store"})

@@ -9,11 +9,12 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from consult import booking
+from consult.calls import board, recordings, sidebar
 from consult.calls import links as calllinks
 from consult.calls import policy as calls
 from consult.calls import recordings, sidebar
-from consult.clinical import prescriptions
-from consult.core import formatting, keys, security
+from consult.clinical import prescriptions, reports
+from consult.core import formatting, keys, live, security
 from consult.core.errors import Forbidden, NotFound
 from consult.core.i18n import _, ngettext, pgettext
 from consult.core.ids import is_public_id
@@ -337,6 +338,15 @@ async def _own_visit(request: web.Request) -> tuple[Any, dict[str, Any]]:
 async def consult_room(request: web.Request) -> web.Response:
     user, visit = await _own_visit(request)
     settings = request.app[keys.SETTINGS]
+    now = time.time()
+    # Opened from the board's admit (a POST with CSRF): the room admits the waiting patient.
+    auto_admit = board.admit_ticket_valid(
+        settings, request.query.get("admit", ""), visit["public_id"], user.id, now
+    )
+    await request.app[keys.DB].execute_write_fn(
+        lambda db: reports.mark_looked_sync(db, visit["id"], user.id, now)
+    )
+    live.publish(request.app, live.board_topic(user.id))  # its reports are no longer new
     view = booking.visit_view(visit, request[keys.LOCALE])
     view.pop("call_nonce", None)
     return aiohttp_jinja2.render_template(
@@ -356,6 +366,8 @@ async def consult_room(request: web.Request) -> web.Response:
             "consent_url": str(
                 request.app.router["room_recording_consent"].url_for(public_id=visit["public_id"])
             ),
+            "auto_admit": auto_admit,
+            "next_url": str(request.app.router["doctor_next"].url_for().with_query(after=visit["public_id"])),
         },
     )
 

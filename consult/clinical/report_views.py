@@ -11,7 +11,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from consult.audit.reads import audit_read
 from consult.clinical import pages, reports, uploads
-from consult.core import keys, metrics, security
+from consult.core import keys, live, metrics, security
 from consult.core.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 from consult.core.i18n import _
 
@@ -123,6 +123,7 @@ async def upload_report(request: web.Request) -> web.Response:
         in_flight=request.app[uploads.IN_FLIGHT],
     )
     metrics.count(request.app, "uploads")
+    live.publish(request.app, live.board_topic(visit["doctor_id"]))  # the board's report count
     return web.json_response({"report": _report_json(request, report, True)}, status=201)
 
 
@@ -158,6 +159,7 @@ async def delete_report(request: web.Request) -> web.Response:
         security.client_address(request),
         in_flight=request.app[uploads.IN_FLIGHT],
     )
+    live.publish(request.app, live.board_topic(visit["doctor_id"]))
     return web.json_response({"deleted": report.id})
 
 

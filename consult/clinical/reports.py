@@ -502,3 +502,14 @@ def _mb(n: int) -> str:
     if value >= 10:
         return f"{value:.0f}"
     return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def mark_looked_sync(db: sqlite_utils.Database, visit_id: int, doctor_id: int, now: float) -> None:
+    """The visit's doctor has its reports in front of them (visit page, consult room): the clinic
+    board counts only reports uploaded after this as new. Writer thread."""
+    db.execute(
+        "INSERT INTO report_looks (visit_id, doctor_id, looked_at) VALUES (?, ?, ?)"
+        " ON CONFLICT(visit_id) DO UPDATE SET doctor_id = excluded.doctor_id,"
+        " looked_at = max(report_looks.looked_at, excluded.looked_at)",
+        [visit_id, doctor_id, now],
+    )
