@@ -12,7 +12,6 @@ from consult import booking
 from consult.calls import board, recordings, sidebar
 from consult.calls import links as calllinks
 from consult.calls import policy as calls
-from consult.calls import recordings, sidebar
 from consult.clinical import prescriptions, reports
 from consult.core import formatting, keys, live, security
 from consult.core.errors import Forbidden, NotFound
