@@ -235,14 +235,3 @@ def assert_only_local_requests(
         urls = list(page_log)
     bad = foreign_requests(urls, allowed_origin)
     assert not bad, f"requests left {allowed_origin}: {bad}"
-
-
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
-
-
-async def save_screenshot(page: Page, name: str) -> Path:
-    """A full-page PNG of ``page`` at test-artifacts/screenshots/{name}.png (kept after the run)."""
-    path = SCREENSHOTS / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(path), full_page=True)
-    return path
