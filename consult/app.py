@@ -25,12 +25,12 @@ from consult.accounts.users import Sessions
 from consult.audit import views as audit_views
 from consult.booking import catalogue_views, home_views
 from consult.booking import views as booking_views
-from consult.calls import recording_views
+from consult.calls import board_views, recording_views
 from consult.calls import views as call_views
 from consult.calls.policy import room_sweeper, setup_calls
 from consult.clinical import prescription_views, report_views, reports, uploads
 from consult.clinical.signing import SIGNING_KEY, KeyHolder
-from consult.core import jobs, keys, metrics, proxy, security
+from consult.core import jobs, keys, live, metrics, proxy, security
 from consult.core.config import Settings, ensure_secrets, for_mode
 from consult.core.db import Database, keep_statistics
 from consult.core.middleware import context_middleware, csrf_middleware, errors_middleware
@@ -54,6 +54,7 @@ VIEWS = (
     report_views,
     payment_views,
     call_views,
+    board_views,
     metrics,
     session_views,
     audit_views,
@@ -81,6 +82,7 @@ def create_app(settings: Settings) -> web.Application:
     payments.register_jobs(runner)  # "refund", and the sweep for paid payments left unrefunded
     booking.register_jobs(runner)  # "notify": confirmations, cancellations, moves, reminders
     app[uploads.IN_FLIGHT] = uploads.InFlight()
+    live.setup(app)  # pages that update themselves: the clinic board, the running-late notice
     setup_templates(app, settings)
     app.on_response_prepare.append(security.add_security_headers)
 

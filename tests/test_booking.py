@@ -352,7 +352,7 @@ async def test_cancel_rules_and_refunds(aiohttp_client, server, clinic, settings
     pay(settings, far_id)
     pay(settings, near_id)
     # More than 24 h ahead: the patient cancels, the payment is refunded (and said so only once done).
-    resp = await post(c, f"/visits/{far_id}/cancel", {})
+    resp = await post(c, f"/visits/{far_id}/cancel", {"confirm": "yes"})
     assert resp.status == 303 and resp.headers["Location"].endswith("m=cancelled_refunded")
     assert visit_row(settings, far_id)["status"] == "cancelled"
     assert refunds(settings) == [(visit_row(settings, far_id)["id"], "cancelled by patient", "patient")]
@@ -360,13 +360,13 @@ async def test_cancel_rules_and_refunds(aiohttp_client, server, clinic, settings
     # Within 24 h: refused, with the rule in the message; nothing changes.
     text = await (await c.get(f"/visits/{near_id}")).text()
     assert 'data-testid="cancel"' not in text and "less than 24 hours" in text
-    resp = await post(c, f"/visits/{near_id}/cancel", {})
+    resp = await post(c, f"/visits/{near_id}/cancel", {"confirm": "yes"})
     assert resp.status == 403
     assert "until 24 hours before" in await resp.text()
     assert visit_row(settings, near_id)["status"] == "confirmed"
     # The doctor may always cancel, and that always refunds.
     doctor = await signed_in(aiohttp_client, server, "doc0")
-    resp = await post(doctor, f"/visits/{near_id}/cancel", {"reason": "Doctor unwell"})
+    resp = await post(doctor, f"/visits/{near_id}/cancel", {"confirm": "yes", "reason": "Doctor unwell"})
     assert resp.status == 303
     row = visit_row(settings, near_id)
     assert (
@@ -376,7 +376,7 @@ async def test_cancel_rules_and_refunds(aiohttp_client, server, clinic, settings
     )
     assert refunds(settings)[-1] == (row["id"], "Doctor unwell", "doctor")
     # Cancelling twice is refused; every cancellation is in the audit log.
-    assert (await post(doctor, f"/visits/{near_id}/cancel", {})).status == 409
+    assert (await post(doctor, f"/visits/{near_id}/cancel", {"confirm": "yes"})).status == 409
     actions = read(
         settings,
         lambda d: [r[0] for r in d.execute("SELECT action FROM audit_log WHERE object_type = 'visit'")],
@@ -394,7 +394,7 @@ async def test_a_patient_may_cancel_an_unpaid_hold_without_refund(
     c = await signed_in(aiohttp_client, server, "13900000001")
     near = free_slots(settings, clinic.doctor_ids[0], 3600)[0]
     public_id = (await (await hold(c, clinic, near.starts_at)).json())["public_id"]
-    resp = await post(c, f"/visits/{public_id}/cancel", {})
+    resp = await post(c, f"/visits/{public_id}/cancel", {"confirm": "yes"})
     assert resp.status == 303 and resp.headers["Location"].endswith("m=cancelled")
     assert refunds(settings) == [] and refund_jobs(settings) == []
 
@@ -531,11 +531,13 @@ async def test_visit_pages_are_only_for_the_patient_the_doctor_and_admins(
     for who, expected in [("13900000002", 404), ("doc1", 404), ("doc0", 200), ("boss", 200)]:
         c = await signed_in(aiohttp_client, server, who)
         for path in paths:
-            if who == "boss" and path.endswith("qr.svg"):
-                continue  # admins have no call link of their own
+            if who in ("boss", "doc0") and path.endswith("qr.svg"):
+                # Staff have no call link of their own: the doctor enters the consult room.
+                assert (await c.get(path)).status == 404, (who, path)
+                continue
             assert (await c.get(path)).status == expected, (who, path)
         if expected == 404:
-            assert (await post(c, f"/visits/{public_id}/cancel", {})).status == 404
+            assert (await post(c, f"/visits/{public_id}/cancel", {"confirm": "yes"})).status == 404
             assert visit_row(settings, public_id)["status"] == "confirmed"
     anon = await aiohttp_client(server)
     resp = await anon.get(f"/visits/{public_id}", allow_redirects=False)

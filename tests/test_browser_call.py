@@ -277,11 +277,15 @@ async def test_short_visit_warns_and_the_server_ends_it_on_both_pages(
         for page in (patient_page, doctor_page):
             warning = page.get_by_test_id("call-warning")
             await expect(warning).to_be_visible(timeout=5000)
-            await expect(warning).to_contain_text("The visit ends in 1 seconds")
+            # In minutes, as people count: under one, "less than a minute" (never "1 seconds").
+            await expect(warning).to_have_text("The visit ends in less than a minute.")
         for page in (patient_page, doctor_page):
             await expect(page.get_by_test_id("call-ended")).to_be_visible(timeout=5000)
             await expect(page.get_by_test_id("ended-reason")).to_have_text("The visit time is over.")
-            await state(page, "ended", 1000)
+            # The end screen says it; the header's status line, warning and countdown are gone.
+            await expect(page.get_by_test_id("call-status")).to_have_attribute("data-state", "ended")
+            await expect(page.get_by_test_id("call-status")).to_be_hidden()
+            await expect(page.get_by_test_id("call-warning")).to_be_hidden()
         elapsed = time.monotonic() - admitted
         assert 2.0 < elapsed < 6.0, elapsed
         assert await patient_page.evaluate("window.__consultPc") is None  # media torn down
@@ -447,10 +451,9 @@ async def test_doctor_sidebar_shows_the_uploaded_report_and_earlier_visits(
             await item.get_by_role("link", name=re.compile("Blood test")).click()
         assert (await response.value).status == 200
         await expect(doctor_page.get_by_test_id("report-viewer")).to_be_visible()
-        frame = doctor_page.get_by_test_id("report-frame")
-        assert await frame.get_attribute("src") == f"/reports/{report_id}"
-        img = doctor_page.frame_locator("[data-testid=report-frame]").locator("img")
-        await expect(img).to_have_count(1, timeout=WAIT_MS)  # Chromium's own image document
+        img = doctor_page.get_by_test_id("viewer-image")
+        await expect(img).to_have_attribute("src", f"/reports/{report_id}", timeout=WAIT_MS)
+        await expect(img).to_be_visible(timeout=WAIT_MS)  # the viewer's (tests/test_browser_viewer.py)
         assert len(doctor_page.context.pages) == 1  # inline, not a new tab
 
         await doctor_page.get_by_test_id("tab-earlier").click()

@@ -113,7 +113,26 @@ async def test_call_route(aiohttp_server, aiohttp_client, make_settings, make_us
         keyed, public_id, "patient", "rotated", time.time() + 86400, time.time() + 87000
     )
     resp = await anon.get(f"/call/{later}")
-    assert resp.status == 403 and "The link opens at" in await resp.text()
+    page = await resp.text()
+    # Too early is a page, not an error: the visit, a countdown to the opening (which the page
+    # follows by itself: call-early.js), a local device test; no signaling, nothing cached.
+    assert resp.status == 200 and 'data-testid="call-early"' in page
+    assert f'data-opens-at="{int(time.time() + 86400) - calllinks.EARLY_S}"' in page
+    assert "opens 15 minutes before the visit" in page and 'data-action="test-devices"' in page
+    assert "Today at" in page or "Tomorrow at" in page  # the visit's start, in words
+    assert "call-early.js" in page and "call.js" not in page and "signaling-client.js" not in page
+    assert "Asia/" not in page and "UTC" not in page  # no time-zone names for patients
+    assert resp.headers["Cache-Control"] == "no-store"
+    # The doctor's early link leads to the consult room (whose own window is earlier).
+    doctor_early = calllinks.make_token(
+        keyed, public_id, "doctor", "rotated", time.time() + 86400, time.time() + 87000
+    )
+    resp = await anon.get(f"/call/{doctor_early}", allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == f"/doctor/visits/{public_id}/room"
+    # An early link of a moved visit is refused like any replaced link.
+    moved = calllinks.make_token(keyed, public_id, "patient", "old", time.time() + 86400, time.time() + 87000)
+    resp = await anon.get(f"/call/{moved}")
+    assert resp.status == 403 and "replaced" in await resp.text()
     # Over: gone.
     old = calllinks.make_token(keyed, public_id, "patient", "rotated", time.time() - 7200, time.time() - 6000)
     resp = await anon.get(f"/call/{old}")

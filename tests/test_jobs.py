@@ -340,7 +340,9 @@ async def test_cancel_says_refunded_only_when_the_money_is_back(aiohttp_client, 
     client = await aiohttp_client(create_app(settings))
     token = await sign_in(client, PATIENT)
     resp = await client.post(
-        f"/visits/{world.public_id}/cancel", data={"csrf_token": token}, allow_redirects=False
+        f"/visits/{world.public_id}/cancel",
+        data={"csrf_token": token, "confirm": "yes"},
+        allow_redirects=False,
     )
     assert resp.status == 303 and resp.headers["Location"].endswith("m=cancelled_refund_pending")
     page = await (await client.get(resp.headers["Location"])).text()

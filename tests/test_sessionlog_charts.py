@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -66,6 +67,42 @@ def test_bar_heights_are_proportional_and_capped():
     assert heights[2] == heights[1]  # beyond the axis: drawn to the top, not off the chart
 
 
-@pytest.mark.parametrize(("value", "top"), [(0, 1), (0.3, 0.5), (7, 10), (12, 20), (240, 250), (1001, 2000)])
+@pytest.mark.parametrize(("value", "top"), [(0, 1), (0.3, 0.3), (7, 8), (12, 15), (240, 250), (1001, 1500)])
 def test_nice_axis_tops(value, top):
-    assert charts.nice_max(value) == top
+    assert charts.nice_max(value) == pytest.approx(top)
+
+
+def _round_step(step: float) -> bool:
+    mantissa = step / 10 ** math.floor(math.log10(step) + 1e-9)
+    return any(abs(mantissa - m) < 1e-9 for m in (1, 2, 5))
+
+
+@pytest.mark.parametrize("value", [0.01, 0.3, 0.75, 1, 2.5, 3, 7, 12, 37, 99.5, 100, 240, 1001, 123456])
+@pytest.mark.parametrize("integer", [False, True])
+def test_axis_steps_are_round(value, integer):
+    found = charts.axis(value, integer=integer)
+    assert _round_step(found.step), found
+    assert found.top >= value and found.top - found.step < value
+    assert 1 <= len(found.ticks) - 1 <= 5
+    if integer:
+        assert found.step >= 1 and all(t == int(t) for t in found.ticks)
+
+
+def y_labels(root: ET.Element) -> list[str]:
+    return [t.text or "" for t in root.iter(f"{SVG}text") if t.get("text-anchor") == "end"]
+
+
+def test_counts_have_whole_ticks():
+    # A quiet week: one, two or no visits a day. The axis reads 0 1 2, never 0.5 or 0.8.
+    bars = [("11-01", 1), ("11-02", 0), ("11-03", 2), ("11-04", None)]
+    labels = y_labels(parse(charts.bar_chart(bars, title="Visits per day", integer=True)))
+    assert labels == ["0", "1", "2"]
+
+
+def test_fraction_ticks_are_round_and_printed_exactly():
+    labels = y_labels(parse(charts.bar_chart([("a", 0.9)], title="t")))
+    assert labels == ["0", "0.2", "0.4", "0.6", "0.8", "1.0"]
+    labels = y_labels(parse(charts.bar_chart([("a", 30)], title="t", y_max=100)))
+    assert labels == ["0", "20", "40", "60", "80", "100"]
+    labels = y_labels(parse(charts.line_chart([charts.Series("x", [(0, 1.0), (1, 2.2)])], title="t")))
+    assert labels == ["0", "0.5", "1.0", "1.5", "2.0", "2.5"]

@@ -191,3 +191,4 @@ async def test_admin_home_links_to_sessions_and_audit(client, world):
     await login(client, "boss")
     html = await (await client.get("/admin")).text()
     assert 'href="/admin/sessions"' in html and 'href="/admin/audit"' in html
+    assert 'href="/admin/payments"' in html  # refunds and marking paid, from the admin menu

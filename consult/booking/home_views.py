@@ -1,9 +1,9 @@
-"""Landing page, health check and each role's home page."""
+"""Landing page, health check and the patient's home page (the doctor's is the clinic board,
+``consult.calls.board_views``)."""
 
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta
 
 import aiohttp_jinja2
 from aiohttp import web
@@ -11,7 +11,7 @@ from aiohttp import web
 from consult import booking
 from consult.accounts.users import HOME_BY_ROLE
 from consult.audit.reads import audit_read
-from consult.booking import pages, schedules
+from consult.booking import pages
 from consult.core import health, keys, security
 
 
@@ -20,7 +20,6 @@ def setup(app: web.Application) -> None:
     r.add_get("/", index, name="index")
     r.add_get("/healthz", healthz, name="healthz")
     r.add_get("/patient", patient_home, name="patient_home")
-    r.add_get("/doctor", doctor_home, name="doctor_home")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -56,24 +55,4 @@ async def patient_home(request: web.Request) -> web.Response:
     await audit_read(request, "visit.list", "visit", None, user.id)
     return aiohttp_jinja2.render_template(
         "patient_home.html", request, {"me": user, "upcoming": upcoming, "past": past}
-    )
-
-
-async def doctor_home(request: web.Request) -> web.Response:
-    user = security.require(request, "doctor")
-    settings = request.app[keys.SETTINGS]
-    now = time.time()
-    today = schedules.local_date(now, settings.timezone)
-    tz = schedules.zone(settings.timezone)
-    day_start = datetime(today.year, today.month, today.day, tzinfo=tz).timestamp()
-    tomorrow = today + timedelta(days=1)
-    day_end = datetime(tomorrow.year, tomorrow.month, tomorrow.day, tzinfo=tz).timestamp()
-    visits = await request.app[keys.DB].execute_fn(
-        lambda db: pages.doctor_agenda(db, user.id, since=day_start, until=now + 30 * 86400)
-    )
-    today_visits = [v for v in visits if v["starts_at"] < day_end]
-    later = [v for v in visits if v["starts_at"] >= day_end]
-    await audit_read(request, "visit.list", "visit", None, None, doctor=user.id)
-    return aiohttp_jinja2.render_template(
-        "doctor_home.html", request, {"me": user, "today": today_visits, "later": later}
     )

@@ -27,7 +27,13 @@ NOTIFY_JOB = "notify"
 
 
 def enqueue_notice_sync(
-    db: sqlite_utils.Database, visit: Any, kind: str, *, now: float, level: int | None = None
+    db: sqlite_utils.Database,
+    visit: Any,
+    kind: str,
+    *,
+    now: float,
+    level: int | None = None,
+    minutes: int | None = None,
 ) -> bool:
     """Queue a message about a visit in the caller's transaction (once per visit, kind and time).
 
@@ -42,6 +48,8 @@ def enqueue_notice_sync(
     if level is not None:
         key += f":{level}"
         payload["level"] = level
+    if minutes is not None:  # "late": how late the doctor is running
+        payload["minutes"] = minutes
     return jobs.enqueue_sync(db, NOTIFY_JOB, payload, key=key, now=now)
 
 
@@ -97,7 +105,7 @@ def speaking(locale: str | None) -> Iterator[None]:
         i18n._current.reset(token)
 
 
-def visit_message(settings: Any, visit: dict, kind: str, origin: str) -> Message:
+def visit_message(settings: Any, visit: dict, kind: str, origin: str, minutes: int = 0) -> Message:
     locale = visit.get("patient_locale") or settings.default_locale
     with speaking(locale):
         when = to_local(visit["starts_at"], settings.timezone).strftime("%Y-%m-%d %H:%M")
@@ -110,6 +118,7 @@ def visit_message(settings: Any, visit: dict, kind: str, origin: str) -> Message
             "doctor": visit["doctor_name"],
             "department": dep,
             "url": f"{origin}/visits/{visit['public_id']}",
+            "minutes": minutes,
         }
         if kind == "confirmed":
             subject = _("Visit confirmed")
@@ -127,6 +136,13 @@ def visit_message(settings: Any, visit: dict, kind: str, origin: str) -> Message
             subject = _("Visit moved")
             body = _(
                 "%(hospital)s: your online visit with %(doctor)s now starts at %(when)s. Details: %(url)s"
+            )
+        elif kind == "late":
+            subject = _("Your doctor is running late")
+            body = _(
+                "%(hospital)s: %(doctor)s is running about %(minutes)d minutes late. Your visit at"
+                " %(when)s will start later; keep your call page open and you will be admitted."
+                " Details: %(url)s"
             )
         else:
             subject = _("Visit reminder")
@@ -163,9 +179,12 @@ async def perform_notice(app: web.Application, job: jobs.Job) -> str:
     level = int(payload.get("level") or 0)
     if kind == "reminder" and (visit["status"] != "confirmed" or visit["reminder_sent"] >= level):
         return "stale"
+    if kind == "late" and visit["status"] != "confirmed":
+        return "stale"  # seen, cancelled or missed meanwhile
     if visit["patient_phone"]:
         settings = app[keys.SETTINGS]
-        await app[keys.NOTIFIER].send(visit_message(settings, visit, kind, base_url(settings)))
+        minutes = int(payload.get("minutes") or 0)
+        await app[keys.NOTIFIER].send(visit_message(settings, visit, kind, base_url(settings), minutes))
     if kind == "reminder":
         await db.execute_write_fn(lambda d: mark_reminded_sync(d, visit_id, visit["starts_at"], level))
     return "sent"

@@ -7,6 +7,7 @@ prescriptions) are kept here, next to the visit lists they annotate.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import sqlite_utils
@@ -68,6 +69,55 @@ def earlier_visits(db: sqlite_utils.Database, visit: dict[str, Any]) -> list[Any
         " ORDER BY v.starts_at DESC LIMIT 20",
         [visit["patient_id"], visit["id"], visit["starts_at"]],
     ).fetchall()
+
+
+def refund_preview(db: sqlite_utils.Database, visit_id: int) -> dict | None:
+    """What cancelling would refund: the paid payments of the visit, not yet refunded, as
+    ``{"minor": ..., "currency": ...}``; None when nothing was paid."""
+    row = db.execute(
+        "SELECT coalesce(sum(amount_minor - refund_minor), 0), min(currency) FROM payments"
+        " WHERE visit_id = ? AND status = 'paid'",
+        [visit_id],
+    ).fetchone()
+    if not row[0]:
+        return None
+    return {"minor": int(row[0]), "currency": row[1]}
+
+
+def refund_amounts(db: sqlite_utils.Database, visit_id: int) -> dict:
+    """After a cancellation: how much of the visit's payments is back (``refunded``) and how much
+    a refund still has to return (``due``), in minor units, with the currency."""
+    row = db.execute(
+        "SELECT coalesce(sum(refund_minor), 0),"
+        " coalesce(sum(CASE WHEN status = 'paid' THEN amount_minor - refund_minor ELSE 0 END), 0),"
+        " min(currency) FROM payments WHERE visit_id = ?",
+        [visit_id],
+    ).fetchone()
+    return {"refunded": int(row[0]), "due": int(row[1]), "currency": row[2]}
+def patient_facts(db: sqlite_utils.Database, patient_id: int) -> dict[str, Any]:
+    """What is known of the patient beyond their name: sex and age as written on their latest
+    prescription (the accounts hold neither), else nothing."""
+    row = db.execute(
+        "SELECT document FROM prescriptions WHERE patient_id = ? ORDER BY id DESC LIMIT 1", [patient_id]
+    ).fetchone()
+    facts: dict[str, Any] = {"sex": None, "age": None}
+    if row is None:
+        return facts
+    try:
+        patient = json.loads(row[0]).get("patient") or {}
+    except (ValueError, AttributeError):
+        return facts
+    if isinstance(patient, dict):
+        for name in ("sex", "age"):
+            value = patient.get(name)
+            if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
+                facts[name] = str(value)[:20]
+    return facts
+
+
+def doctor_visit(db: sqlite_utils.Database, visit: dict[str, Any]) -> dict[str, Any]:
+    """The doctor's view of a visit: the patient's known facts and earlier visits."""
+    return {"facts": patient_facts(db, visit["patient_id"]), "earlier_visits": earlier_visits(db, visit)}
 
 
 # -- home pages -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import date, datetime, timedelta
 
 import aiohttp_jinja2
 from aiohttp import web
@@ -11,11 +12,12 @@ from consult import booking
 from consult.audit.reads import audit_read
 from consult.booking import catalogue, ics, pages, schedules
 from consult.calls import links as calllinks
-from consult.core import keys, metrics, qr, security
-from consult.core.errors import BadRequest, ConsultError, NotFound
-from consult.core.formatting import to_local
+from consult.clinical import reports
+from consult.core import keys, live, metrics, qr, security
+from consult.core.errors import BadRequest, Conflict, ConsultError, Forbidden, NotFound
+from consult.core.formatting import day_words, to_local, weekday_name
 from consult.core.forms import form, small_int
-from consult.core.i18n import _
+from consult.core.i18n import _, pgettext
 from consult.core.ids import is_public_id
 
 BOOKING_DAYS = 14
@@ -31,7 +33,8 @@ def setup(app: web.Application) -> None:
     )
     r.add_post("/book/hold", hold_submit, name="book_hold")
     r.add_get("/visits/{public_id}", visit_page, name="visit")
-    r.add_post("/visits/{public_id}/cancel", cancel_submit, name="visit_cancel")
+    r.add_get("/visits/{public_id}/cancel", cancel_page, name="visit_cancel")
+    r.add_post("/visits/{public_id}/cancel", cancel_submit)
     r.add_get("/visits/{public_id}/reschedule", reschedule_page, name="visit_reschedule")
     r.add_post("/visits/{public_id}/reschedule", reschedule_submit)
     r.add_get("/visits/{public_id}/qr.svg", visit_qr, name="visit_qr")
@@ -39,19 +42,74 @@ def setup(app: web.Application) -> None:
 
 
 def weekday_names() -> list[str]:
-    return [_("Mon"), _("Tue"), _("Wed"), _("Thu"), _("Fri"), _("Sat"), _("Sun")]
+    return [weekday_name(i) for i in range(7)]
 
 
 def group_by_day(slots: list[schedules.Slot], tz: str) -> list[dict]:
-    names = weekday_names()
     days: list[dict] = []
     for s in slots:
         local = to_local(s.starts_at, tz)
-        label = f"{local:%m-%d} {names[local.weekday()]}"
+        label = day_words(local)
         if not days or days[-1]["label"] != label:
             days.append({"label": label, "date": local.date().isoformat(), "slots": []})
         days[-1]["slots"].append({"starts_at": s.starts_at, "ends_at": s.ends_at, "taken": s.taken})
     return days
+
+
+def _part_of_day(hour: int) -> str:
+    if hour < 12:
+        return pgettext("time of day", "Morning")
+    if hour < 18:
+        return pgettext("time of day", "Afternoon")
+    return pgettext("time of day", "Evening")
+
+
+def day_strip(
+    slots: list[schedules.Slot], tz: str, *, now: float, until: float, late_s: float, chosen: str | None
+) -> tuple[list[dict], dict | None]:
+    """Every local day from today to ``until``, each with its slots grouped by part of the day,
+    how many are free and whether any is inside the no-change window (``late_s`` from ``now``);
+    and the day shown: ``chosen`` (an ISO date) if it has a free slot, else the first day with one."""
+    today, last = to_local(now, tz).date(), to_local(until, tz).date()
+    days: dict[date, dict] = {}
+    day = today
+    while day <= last:
+        if day == today:
+            name = _("Today")
+        elif day == today + timedelta(days=1):
+            name = _("Tomorrow")
+        else:
+            name = weekday_name(day.weekday())
+        days[day] = {
+            "date": day.isoformat(),
+            "name": name,
+            "short": _("%(month)d/%(day)d") % {"month": day.month, "day": day.day},
+            "words": day_words(datetime(day.year, day.month, day.day)),
+            "groups": [],
+            "free": 0,
+            "late": False,
+        }
+        day += timedelta(days=1)
+    for s in slots:
+        local = to_local(s.starts_at, tz)
+        entry = days.get(local.date())
+        if entry is None:
+            continue
+        late = not s.taken and s.starts_at - now < late_s
+        part = _part_of_day(local.hour)
+        if not entry["groups"] or entry["groups"][-1]["name"] != part:
+            entry["groups"].append({"name": part, "slots": []})
+        entry["groups"][-1]["slots"].append(
+            {"starts_at": s.starts_at, "label": f"{local:%H:%M}", "taken": s.taken, "late": late}
+        )
+        entry["free"] += 0 if s.taken else 1
+        entry["late"] = entry["late"] or late
+    strip = list(days.values())
+    shown = next((d for d in strip if d["date"] == chosen and d["free"]), None)
+    shown = shown or next((d for d in strip if d["free"]), None)
+    for d in strip:
+        d["shown"] = d is shown
+    return strip, shown
 
 
 def _int(value: str | None, what: str) -> int:
@@ -105,25 +163,38 @@ async def doctors_page(request: web.Request) -> web.Response:
     )
 
 
-async def _slots_context(request: web.Request, department_id: int, doctor_id: int) -> dict:
+async def _slots_context(
+    request: web.Request, department_id: int, doctor_id: int, chosen: str | None = None
+) -> dict:
     settings = request.app[keys.SETTINGS]
     locale = request[keys.LOCALE]
     now = time.time()
+    horizon = now + BOOKING_DAYS * 86400
     found = await request.app[keys.DB].execute_fn(
         lambda db: pages.doctor_slots(
             db,
             department_id,
             doctor_id,
             now=now,
-            horizon=now + BOOKING_DAYS * 86400,
+            horizon=horizon,
             tz=settings.timezone,
             lead_s=settings.booking_lead_minutes * 60,
         )
     )
+    days, shown = day_strip(
+        found["slots"],
+        settings.timezone,
+        now=now,
+        until=horizon,
+        late_s=settings.cancel_free_hours * 3600,
+        chosen=chosen,
+    )
     return {
         "department": catalogue.department_view(found["dep"], locale),
         "doctor": catalogue.doctor_view(found["doc"], locale),
-        "days": group_by_day(found["slots"], settings.timezone),
+        "days": days,
+        "shown": shown,
+        "change_hours": round(settings.cancel_free_hours),
         "hold_minutes": settings.hold_minutes,
         "error": None,
     }
@@ -132,7 +203,10 @@ async def _slots_context(request: web.Request, department_id: int, doctor_id: in
 async def slots_page(request: web.Request) -> web.Response:
     security.require(request, "patient")
     ctx = await _slots_context(
-        request, int(request.match_info["department_id"]), int(request.match_info["doctor_id"])
+        request,
+        int(request.match_info["department_id"]),
+        int(request.match_info["doctor_id"]),
+        request.query.get("day"),
     )
     return aiohttp_jinja2.render_template("book_slots.html", request, ctx)
 
@@ -155,7 +229,11 @@ async def hold_submit(request: web.Request) -> web.StreamResponse:
     except ConsultError as exc:
         if wants_json(request):
             return web.json_response({"error": exc.code, "message": exc.message}, status=exc.status)
-        ctx = await _slots_context(request, department_id, doctor_id)
+        tried = small_int(data.get("starts_at"), signed=True)
+        day = None
+        if tried is not None and 0 <= tried < 2**40:  # back to the day of the time that was refused
+            day = to_local(tried, request.app[keys.SETTINGS].timezone).date().isoformat()
+        ctx = await _slots_context(request, department_id, doctor_id, day)
         ctx["error"] = exc.message
         return aiohttp_jinja2.render_template("book_slots.html", request, ctx, status=exc.status)
     metrics.count(request.app, "bookings")
@@ -214,20 +292,31 @@ async def visit_page(request: web.Request) -> web.Response:
         "can_cancel": booking.can_cancel(user, visit, now, free_s),
         "can_reschedule": booking.can_reschedule(user, visit, now, free_s) and visit["starts_at"] > now,
         "cancel_free_hours": round(settings.cancel_free_hours),
+        # Booked inside the no-change window: once paid, the patient cannot change it themselves.
+        "no_change_window": is_owner and status == "held" and visit["starts_at"] - now < free_s,
         "hold_seconds": max(0, int((visit["hold_expires"] or 0) - now)) if status == "held" else 0,
         "call_url": None,
         "earlier_visits": [],
         "message": request.query.get("m", ""),
     }
-    if status == "confirmed" and user.role in ("patient", "doctor"):
-        ctx["call_url"] = _call_url(request, visit, user.role)
+    ctx["refund"] = None
+    if ctx["message"] in ("cancelled_refunded", "cancelled_refund_pending"):  # say how much
+        ctx["refund"] = await request.app[keys.DB].execute_fn(
+            lambda db: pages.refund_amounts(db, visit["id"])
+        )
     ctx["visit"] = {k: v for k, v in visit.items() if k != "call_nonce"}  # templates never need it
-    if user.role in ("doctor", "admin"):
+    if user.role == "doctor":
+        # The visit's own doctor (``_visit_for`` shows a doctor only their visits): the doctor's
+        # view, never the patient's page (no call link, QR code or "no sign-in needed").
+        return await _doctor_visit_page(request, user, visit, ctx)
+    if status == "confirmed" and user.role == "patient":
+        ctx["call_url"] = _call_url(request, visit, user.role)
+    if user.role == "admin":
         ctx["earlier_visits"] = await request.app[keys.DB].execute_fn(
             lambda db: pages.earlier_visits(db, visit)
         )
     ctx["recordings"] = []
-    if user.role in ("doctor", "admin"):  # _visit_for: a doctor sees only their own visits
+    if user.role == "admin":
         from consult.calls import recordings
 
         ctx["recordings"] = await request.app[keys.DB].execute_fn(
@@ -237,10 +326,64 @@ async def visit_page(request: web.Request) -> web.Response:
     return aiohttp_jinja2.render_template("visit_detail.html", request, ctx)
 
 
+async def _cancellable(request: web.Request, user) -> dict:
+    """The visit named in the URL, if this user may cancel it now; a clear refusal otherwise."""
+    visit = await _visit_for(request, user)
+    settings = request.app[keys.SETTINGS]
+    now = time.time()
+    if booking.shown_status(visit, now) not in booking.OPEN_STATUSES:
+        raise Conflict(_("This visit can no longer be cancelled."), code="not_cancellable")
+    if not booking.can_cancel(user, visit, now, settings.cancel_free_hours * 3600):
+        raise Forbidden(
+            _(
+                "Visits can be cancelled only until %(hours)d hours before they start."
+                " Please contact the clinic."
+            )
+            % {"hours": round(settings.cancel_free_hours)},
+            code="too_late_to_cancel",
+        )
+    return visit
+
+
+async def cancel_page(request: web.Request) -> web.Response:
+    """The confirmation step before a cancellation: what it means, and the refund if paid."""
+    user = security.require(request)
+    visit = await _cancellable(request, user)
+    refund = await request.app[keys.DB].execute_fn(lambda db: pages.refund_preview(db, visit["id"]))
+    await audit_read(request, "visit.view", "visit", visit["id"], visit["patient_id"])
+    ctx = {
+        "visit": {k: v for k, v in visit.items() if k != "call_nonce"},
+        "is_owner": user.role == "patient" and visit["patient_id"] == user.id,
+        "refund": refund,
+    }
+    return aiohttp_jinja2.render_template("visit_cancel.html", request, ctx)
+async def _doctor_visit_page(request: web.Request, user, visit: dict, ctx: dict) -> web.Response:
+    from consult.calls import recordings
+
+    now = time.time()
+    db = request.app[keys.DB]
+    found = await db.execute_fn(lambda d: pages.doctor_visit(d, visit))
+    ctx.update(found)
+    ctx["recordings"] = await db.execute_fn(lambda d: recordings.for_visit_sync(d, visit["id"]))
+    ctx["room_url"] = (
+        str(request.app.router["consult_room"].url_for(public_id=visit["public_id"]))
+        if ctx["status"] == "confirmed"
+        else None
+    )
+    # The reports are in front of the doctor now: the board stops counting them as new.
+    await db.execute_write_fn(lambda d: reports.mark_looked_sync(d, visit["id"], user.id, now))
+    live.publish(request.app, live.board_topic(user.id))
+    await audit_read(request, "visit.view", "visit", visit["id"], visit["patient_id"])
+    return aiohttp_jinja2.render_template("visit_doctor.html", request, ctx)
+
+
 async def cancel_submit(request: web.Request) -> web.Response:
     user = security.require(request)
     visit = await _visit_for(request, user)
     data = await form(request)
+    page = request.app.router["visit"].url_for(public_id=visit["public_id"])
+    if data.get("confirm") != "yes":  # only the confirmation page's button cancels
+        raise web.HTTPSeeOther(request.app.router["visit_cancel"].url_for(public_id=visit["public_id"]))
     result = await booking.cancel(
         request.app,
         visit["id"],
@@ -248,11 +391,12 @@ async def cancel_submit(request: web.Request) -> web.Response:
         reason=(data.get("reason") or "").strip()[:500],
         remote=security.client_address(request),
     )
+    live.publish(request.app, live.board_topic(visit["doctor_id"]))
     # Only money that is back is called refunded; a refund still queued is said to be under way.
     note = {"refunded": "cancelled_refunded", "pending": "cancelled_refund_pending"}.get(
         result["refund_state"], "cancelled"
     )
-    raise web.HTTPSeeOther(f"{request.app.router['visit'].url_for(public_id=visit['public_id'])}?m={note}")
+    raise web.HTTPSeeOther(f"{page}?m={note}")
 
 
 async def _reschedule_context(request: web.Request, user, visit: dict, error: str | None) -> dict:
@@ -296,13 +440,15 @@ async def reschedule_submit(request: web.Request) -> web.Response:
     except ConsultError as exc:
         ctx = await _reschedule_context(request, user, visit, exc.message)
         return aiohttp_jinja2.render_template("visit_reschedule.html", request, ctx, status=exc.status)
+    live.publish(request.app, live.board_topic(visit["doctor_id"]))
     raise web.HTTPSeeOther(f"{request.app.router['visit'].url_for(public_id=visit['public_id'])}?m=moved")
 
 
 async def visit_qr(request: web.Request) -> web.Response:
     user = security.require(request)
     visit = await _visit_for(request, user)
-    if visit["status"] != "confirmed" or user.role not in ("patient", "doctor"):
+    # The patient's own link only: a doctor enters through the consult room, not a phone.
+    if visit["status"] != "confirmed" or user.role != "patient":
         raise NotFound(_("There is no call link for this visit yet."))
     body = qr.svg(_call_url(request, visit, user.role))
     return web.Response(body=body, content_type="image/svg+xml", headers={"Cache-Control": "no-store"})

@@ -33,9 +33,10 @@ class CallLinkExpired(Gone):
 class CallLinkNotYetValid(Forbidden):
     code = "call_link_early"
 
-    def __init__(self, message: str, opens_at: int) -> None:
+    def __init__(self, message: str, opens_at: int, token: CallToken | None = None) -> None:
         super().__init__(message)
         self.opens_at = opens_at
+        self.token = token  # genuine (signature checked), only early: the page may show its visit
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,9 @@ def decode(settings: Settings, token: str, now: float) -> CallToken:
         raise CallLinkExpired(_("This call link has expired: the visit is over."))
     if now < parsed.not_before:
         raise CallLinkNotYetValid(
-            _("This call link opens 15 minutes before the visit starts."), opens_at=parsed.not_before
+            _("This call link opens 15 minutes before the visit starts."),
+            opens_at=parsed.not_before,
+            token=parsed,
         )
     return parsed
 

@@ -39,7 +39,7 @@ from aiohttp import web
 from consult import sessionlog
 from consult.calls import closing, recordings
 from consult.calls import links as calllinks
-from consult.core import keys, metrics
+from consult.core import keys, live, metrics
 from consult.core.config import Settings
 from consult.core.db import Database
 from consult.core.i18n import _
@@ -74,6 +74,10 @@ EVENT_ROW_BYTES = 32
 SAMPLE_ROW_BYTES = 48
 # Once per visit, by the server's own doing: never refused.
 ALWAYS_STORED = frozenset({"admitted", "clock_started", "warning", "ended", "recording_stopped"})
+# Events that change a visit's state on its doctor's clinic board (consult.calls.board).
+BOARD_EVENTS = frozenset(
+    {"room_opened", "joined", "left", "replaced", "waiting", "admitted", "ready", "clock_started", "ended"}
+)
 # Folded into the summary even when over budget (they change no row count): presence, ICE.
 _FOLD_OVER_BUDGET = sessionlog.FOLDED_EVENTS - {"stats"}
 
@@ -174,6 +178,7 @@ class ConsultPolicy:
         self.db: Database | None = None  # set when the app's database opens
         self.app: web.Application | None = None  # for metrics; set by setup_calls
         self._visit_ids: dict[str, int] = {}
+        self._doctor_ids: dict[str, int] = {}  # whose clinic board a room's events change
         # The last client seen per seat: `joined` events carry its user agent into the log.
         self._peers: dict[tuple[str, str], PeerInfo] = {}
         self.seat_budget = SEAT_BUDGET
@@ -228,6 +233,9 @@ class ConsultPolicy:
         self._visit_ids[room_id] = visit["id"]
         if len(self._visit_ids) > _VISIT_IDS_MAX:
             self._visit_ids.pop(next(iter(self._visit_ids)))
+        self._doctor_ids[room_id] = visit["doctor_id"]
+        if len(self._doctor_ids) > _VISIT_IDS_MAX:
+            self._doctor_ids.pop(next(iter(self._doctor_ids)))
         terms = await self._database().execute_fn(
             lambda db: recordings.terms_sync(db, visit["id"], self.settings.recording_policy)
         )
@@ -321,8 +329,28 @@ class ConsultPolicy:
             data["remote"] = mask_address(str(data["remote"]))
         return data
 
+    async def _nudge_board(self, event: RoomEvent) -> None:
+        """Open clinic boards of the room's doctor read the room's state again."""
+        if self.app is None or event.name not in BOARD_EVENTS:
+            return
+        doctor_id = self._doctor_ids.get(event.room_id)
+        if doctor_id is None:
+            row = await self._database().query_one(
+                "SELECT doctor_id FROM visits WHERE public_id = ?", [event.room_id]
+            )
+            if row is None:
+                return
+            doctor_id = row[0]
+        live.publish(self.app, live.board_topic(doctor_id))
+
     async def on_event(self, event: RoomEvent) -> bool | None:
         """Store the event; False when its seat's budget is used up (see the module doc)."""
+        try:
+            return await self._store_event(event)
+        finally:
+            await self._nudge_board(event)
+
+    async def _store_event(self, event: RoomEvent) -> bool | None:
         visit_id = await self._visit_id(event.room_id)
         if visit_id is None:
             return None

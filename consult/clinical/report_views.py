@@ -10,8 +10,8 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from consult.audit.reads import audit_read
-from consult.clinical import reports, uploads
-from consult.core import keys, metrics, security
+from consult.clinical import pages, reports, uploads
+from consult.core import keys, live, metrics, security
 from consult.core.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 from consult.core.i18n import _
 
@@ -27,6 +27,10 @@ def setup(app: web.Application) -> None:
     r.add_delete("/api/reports/{report_id:[0-9]{1,18}}", delete_report, name="report_delete")
     r.add_get("/reports/{report_id:[0-9]{1,18}}", view_report, name="report_view")
     r.add_get("/reports/{report_id:[0-9]{1,18}}/download", download_report, name="report_download")
+    r.add_get("/api/reports/{report_id:[0-9]{1,18}}/pages", report_pages, name="report_pages")
+    r.add_get("/reports/{report_id:[0-9]{1,18}}/pages/{page:[0-9]{1,3}}", report_page, name="report_page")
+    r.add_get("/reports/{report_id:[0-9]{1,18}}/thumb", report_thumb, name="report_thumb")
+    app[pages.RENDERER] = pages.Renderer()
 
 
 def _limits(request: web.Request) -> tuple[int, int]:
@@ -46,6 +50,8 @@ def _report_json(request: web.Request, report: reports.Report, editable: bool) -
     out = report.public()
     out["url"] = str(request.app.router["report_view"].url_for(report_id=rid))
     out["download_url"] = str(request.app.router["report_download"].url_for(report_id=rid))
+    out["pages_url"] = str(request.app.router["report_pages"].url_for(report_id=rid))
+    out["thumb_url"] = str(request.app.router["report_thumb"].url_for(report_id=rid))
     out["delete_url"] = str(request.app.router["report_delete"].url_for(report_id=rid)) if editable else None
     return out
 
@@ -53,9 +59,9 @@ def _report_json(request: web.Request, report: reports.Report, editable: bool) -
 async def list_reports(request: web.Request) -> web.Response:
     user = security.require(request)
     visit = await _visit(request)
-    if not reports.can_read(user, visit):
-        raise NotFound(_("This visit does not exist."))
     db = request.app[keys.DB]
+    if not await reports.may_read(db, user, visit):
+        raise NotFound(_("This visit does not exist."))
     editable = reports.can_edit(user, visit, time.time())
     items = await reports.list_for_visit(db, visit["id"])
     max_file, max_visit = _limits(request)
@@ -117,6 +123,7 @@ async def upload_report(request: web.Request) -> web.Response:
         in_flight=request.app[uploads.IN_FLIGHT],
     )
     metrics.count(request.app, "uploads")
+    live.publish(request.app, live.board_topic(visit["doctor_id"]))  # the board's report count
     return web.json_response({"report": _report_json(request, report, True)}, status=201)
 
 
@@ -134,7 +141,7 @@ async def _load(request: web.Request) -> tuple[reports.Report, dict]:
     user = security.require(request)
     found = await reports.get_with_visit(request.app[keys.DB], int(request.match_info["report_id"]))
     # 404 rather than 403: a stranger learns nothing about which report ids exist.
-    if found is None or not reports.can_read(user, found[1]):
+    if found is None or not await reports.may_read(request.app[keys.DB], user, found[1]):
         raise NotFound(_("This report does not exist."))
     return found
 
@@ -152,6 +159,7 @@ async def delete_report(request: web.Request) -> web.Response:
         security.client_address(request),
         in_flight=request.app[uploads.IN_FLIGHT],
     )
+    live.publish(request.app, live.board_topic(visit["doctor_id"]))
     return web.json_response({"deleted": report.id})
 
 
@@ -213,3 +221,98 @@ async def view_report(request: web.Request) -> web.StreamResponse:
 
 async def download_report(request: web.Request) -> web.StreamResponse:
     return await _serve(request, download=True)
+
+
+# -- the consult room's viewer: every report as pages of pixels ------------------------------
+
+
+async def _page_set(request: web.Request, report: reports.Report) -> pages.PageSet:
+    settings = request.app[keys.SETTINGS]
+    try:
+        return await pages.pdf_pages(request.app[pages.RENDERER], settings.data_dir, report.stored_name)
+    except ValueError:
+        raise NotFound(_("This report does not exist.")) from None
+
+
+async def report_pages(request: web.Request) -> web.Response:
+    """What the viewer shows of one report: a photo is one page (the file itself), a PDF its
+    pages rendered on the server. Refusals (a PDF that cannot be shown) come back translated."""
+    report, _visit_row = await _load(request)
+    rid = str(report.id)
+    router = request.app.router
+    if report.content_type == uploads.PDF:
+        found = await _page_set(request, report)
+        items = [
+            {
+                "url": str(router["report_page"].url_for(report_id=rid, page=str(n))),
+                "width": w,
+                "height": h,
+            }
+            for n, (w, h) in enumerate(found.sizes, start=1)
+        ]
+        kind = "pdf"
+    else:
+        items = [{"url": str(router["report_view"].url_for(report_id=rid)), "width": None, "height": None}]
+        kind = "image"
+    return web.json_response(
+        {
+            # No file name: what the viewer asks for here is pixels; the list (audited) names it.
+            "id": report.id,
+            "kind": kind,
+            "pages": items,
+            "download_url": str(router["report_download"].url_for(report_id=rid)),
+        },
+        headers={"Cache-Control": "private, no-store"},
+    )
+
+
+async def report_page(request: web.Request) -> web.StreamResponse:
+    """One rendered page of a PDF report, to whoever may read the report, audited like the report."""
+    user = security.require(request)
+    report, visit = await _load(request)
+    if report.content_type != uploads.PDF:
+        raise NotFound(_("This page does not exist."))
+    found = await _page_set(request, report)
+    data_dir = request.app[keys.SETTINGS].data_dir
+    path = pages.page_path(data_dir, report.stored_name, int(request.match_info["page"]), found.count)
+    if not path.is_file():
+        raise NotFound(_("This page does not exist."))
+    await reports.record_view(
+        request.app[keys.DB],
+        report,
+        visit,
+        user,
+        security.client_address(request),
+        False,
+        page=int(request.match_info["page"]),
+    )
+    return _png(path)
+
+
+PNG_HEADERS = {
+    "Content-Type": "image/png",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "private, no-store",
+    "Content-Security-Policy": "sandbox; default-src 'none'",
+}
+
+
+def _png(path) -> web.FileResponse:
+    return web.FileResponse(path, headers=PNG_HEADERS)
+
+
+async def report_thumb(request: web.Request) -> web.StreamResponse:
+    """A small picture of a report for the viewer's strip, audited as a reading of the report."""
+    user = security.require(request)
+    report, visit = await _load(request)
+    data_dir = request.app[keys.SETTINGS].data_dir
+    try:
+        path = await pages.thumbnail(
+            request.app[pages.RENDERER], data_dir, report.stored_name, report.content_type
+        )
+    except ValueError:
+        raise NotFound(_("This report does not exist.")) from None
+    await reports.record_view(
+        request.app[keys.DB], report, visit, user, security.client_address(request), False, thumbnail=True
+    )
+    return _png(path)

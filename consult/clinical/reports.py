@@ -22,7 +22,7 @@ from aiohttp import web
 
 from consult.accounts.users import User
 from consult.audit import chain as audit
-from consult.clinical import uploads
+from consult.clinical import pages, uploads
 from consult.core import keys, metrics
 from consult.core.db import Database
 from consult.core.errors import Conflict, Forbidden, NotFound, PayloadTooLarge
@@ -83,6 +83,26 @@ def can_read(user: User | None, visit: dict[str, Any]) -> bool:
         or (user.role == "patient" and user.id == visit["patient_id"])
         or (user.role == "doctor" and user.id == visit["doctor_id"])
     )
+
+
+# The visits listed as "earlier" in a consult room's sidebar (consult.calls.sidebar), and the
+# visits whose doctor that makes a treating doctor.
+EARLIER_STATUSES = ("confirmed", "completed", "no_show")
+
+
+async def may_read(db: Database, user: User | None, visit: dict[str, Any]) -> bool:
+    """``can_read``, and a doctor treating the patient in a later visit: the consult room shows
+    that doctor the patient's earlier visits (notes, prescriptions), and their reports with them."""
+    if can_read(user, visit):
+        return True
+    if user is None or user.role != "doctor" or visit["status"] not in EARLIER_STATUSES:
+        return False
+    row = await db.query_one(
+        "SELECT 1 FROM visits WHERE doctor_id = ? AND patient_id = ? AND id != ? AND starts_at > ?"
+        " AND status IN ('confirmed', 'completed') LIMIT 1",
+        [user.id, visit["patient_id"], visit["id"], visit["starts_at"]],
+    )
+    return row is not None
 
 
 def editable(visit: dict[str, Any], now: float) -> bool:
@@ -331,11 +351,26 @@ async def _delete_report(
     await db.execute_write_fn(write)
     # The row is gone first: a crash between the two leaves an orphan file, never a dangling row.
     await asyncio.to_thread(uploads.remove_quietly, uploads.stored_path(data_dir, report.stored_name))
+    await asyncio.to_thread(pages.remove_cached, data_dir, report.stored_name)
 
 
 async def record_view(
-    db: Database, report: Report, visit: dict[str, Any], user: User, remote: str | None, download: bool
+    db: Database,
+    report: Report,
+    visit: dict[str, Any],
+    user: User,
+    remote: str | None,
+    download: bool,
+    page: int | None = None,
+    thumbnail: bool = False,
 ) -> None:
+    """One audit entry per reading: the file, one rendered page of a PDF (``page``), or the
+    viewer's small picture of it (``thumbnail``)."""
+    detail: dict[str, Any] = {"visit": visit["public_id"], "download": download}
+    if page is not None:
+        detail["page"] = page
+    if thumbnail:
+        detail["thumbnail"] = True
     created = time.time()  # when the report was viewed, not when the write queue got to it
     await db.execute_write_fn(
         lambda d: audit.record(
@@ -346,7 +381,7 @@ async def record_view(
             actor=user,
             remote=remote,
             subject_user_id=visit["patient_id"],
-            detail={"visit": visit["public_id"], "download": download},
+            detail=detail,
             created=created,
         )
     )
@@ -362,6 +397,7 @@ class Convergence:
     temp_removed: int = 0
     quarantined: list[str] = field(default_factory=list)  # stored names moved to quarantine
     missing: list[tuple[int, str]] = field(default_factory=list)  # (report id, stored name)
+    cache_removed: int = 0  # rendered pages of reports that are gone
 
 
 async def converge_files(
@@ -399,6 +435,7 @@ async def converge_files(
         if moved is not None:
             result.quarantined.append(name)
             log.warning("report file %s has no row: moved to %s", name, moved)
+    result.cache_removed = await asyncio.to_thread(pages.sweep_cache, data_dir, set(rows), now - grace_s)
     unseen = [(rid, name) for name, rid in rows.items() if name not in on_disk]
     if unseen:  # stored after the listing, or really missing: look again
         exists = await asyncio.to_thread(
@@ -465,3 +502,14 @@ def _mb(n: int) -> str:
     if value >= 10:
         return f"{value:.0f}"
     return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def mark_looked_sync(db: sqlite_utils.Database, visit_id: int, doctor_id: int, now: float) -> None:
+    """The visit's doctor has its reports in front of them (visit page, consult room): the clinic
+    board counts only reports uploaded after this as new. Writer thread."""
+    db.execute(
+        "INSERT INTO report_looks (visit_id, doctor_id, looked_at) VALUES (?, ?, ?)"
+        " ON CONFLICT(visit_id) DO UPDATE SET doctor_id = excluded.doctor_id,"
+        " looked_at = max(report_looks.looked_at, excluded.looked_at)",
+        [visit_id, doctor_id, now],
+    )

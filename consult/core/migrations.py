@@ -693,3 +693,27 @@ def m0017_instance_marks(db: sqlite_utils.Database) -> None:
         );
         """,
     )
+
+
+@migration("0019_clinic_board")
+def m0019_clinic_board(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- When the visit's doctor last looked at its reports (their visit page or consult room):
+        -- the clinic board counts reports uploaded since as new.
+        CREATE TABLE report_looks (
+            visit_id INTEGER PRIMARY KEY REFERENCES visits(id) ON DELETE CASCADE,
+            doctor_id INTEGER NOT NULL REFERENCES users(id),
+            looked_at REAL NOT NULL
+        );
+        -- "Running about N minutes late" for one doctor on one local day (0: on time again).
+        CREATE TABLE running_late (
+            doctor_id INTEGER NOT NULL REFERENCES users(id),
+            day TEXT NOT NULL,
+            minutes INTEGER NOT NULL CHECK (minutes >= 0),
+            created REAL NOT NULL,
+            PRIMARY KEY (doctor_id, day)
+        );
+        """,
+    )

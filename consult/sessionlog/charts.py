@@ -30,16 +30,48 @@ def _e(value: object) -> str:
     return escape(str(value), quote=True)
 
 
-def nice_max(value: float) -> float:
-    """The smallest 1/2/2.5/5 x 10^n at or above ``value`` (axis tops people can read)."""
+@dataclass(frozen=True)
+class Axis:
+    """A value axis from 0 to ``top`` in ticks ``step`` apart; ``step`` is 1, 2 or 5 x 10^n."""
+
+    top: float
+    step: float
+
+    @property
+    def ticks(self) -> list[float]:
+        count = round(self.top / self.step)
+        return [self.step * i for i in range(count + 1)]
+
+    def label(self, value: float) -> str:
+        # As many decimals as the step has, no more: 0.2 0.4 0.6, never 0.2 0.5 0.8 for 0.25.
+        if value == 0:
+            return "0"
+        decimals = max(0, -math.floor(math.log10(self.step) + 1e-9))
+        return f"{value:.{decimals}f}"
+
+
+def axis(value: float, *, integer: bool = False, intervals: int = 5) -> Axis:
+    """The axis for data up to ``value``: a round step (1, 2 or 5 x 10^n) giving at most
+    ``intervals`` intervals, and the first multiple of it at or above ``value``. ``integer``
+    (counts) never steps by less than 1, so no tick reads 0.5 visits."""
     if value <= 0 or not math.isfinite(value):
-        return 1.0
-    exp = math.floor(math.log10(value))
-    for m in (1, 2, 2.5, 5, 10):
-        top = m * 10**exp
-        if top >= value * 0.999999:
-            return float(top)
-    return float(10 ** (exp + 1))
+        value = 1.0
+    raw = value / intervals
+    exp = math.floor(math.log10(raw))
+    step = 10.0 ** (exp + 1)
+    for m in (1, 2, 5):
+        if m * 10.0**exp >= raw * 0.999999:
+            step = m * 10.0**exp
+            break
+    if integer:
+        step = max(1.0, float(round(step)))
+    top = math.ceil(value / step - 1e-9) * step
+    return Axis(top=float(top), step=float(step))
+
+
+def nice_max(value: float) -> float:
+    """The top of ``axis(value)``."""
+    return axis(value).top
 
 
 def _fmt(value: float) -> str:
@@ -58,13 +90,13 @@ def _svg_open(width: int, height: int, title: str) -> list[str]:
     ]
 
 
-def _y_axis(out: list[str], left: int, top: int, right: int, bottom: int, y_max: float, unit: str) -> None:
-    for i in range(5):
-        value = y_max * i / 4
-        y = bottom - (bottom - top) * i / 4
+def _y_axis(out: list[str], left: int, top: int, right: int, bottom: int, y_axis: Axis, unit: str) -> None:
+    for value in y_axis.ticks:
+        y = bottom - (bottom - top) * value / y_axis.top
         out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="{GRID}"/>')
         out.append(
-            f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" fill="{AXIS}">{_e(_fmt(value))}</text>'
+            f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" fill="{AXIS}">'
+            f"{_e(y_axis.label(value))}</text>"
         )
     if unit:
         out.append(f'<text x="{left}" y="{top - 6}" fill="{AXIS}">{_e(unit)}</text>')
@@ -81,6 +113,7 @@ def line_chart(
     x_label: Callable[[float], str] = _fmt,
     y_max: float | None = None,
     empty_text: str = "No data",
+    integer: bool = False,
 ) -> Markup:
     """Lines over a shared x axis (e.g. seconds since the call started)."""
     left, right, top, bottom = 44, width - 10, 32, height - 34
@@ -96,7 +129,8 @@ def line_chart(
     x_min, x_max = min(xs), max(xs)
     if x_max == x_min:
         x_max = x_min + 1
-    top_y = y_max if y_max is not None else nice_max(max(ys))
+    y_axis = axis(y_max if y_max is not None else max(ys), integer=integer)
+    top_y = y_axis.top
 
     def px(x: float) -> float:
         return left + (right - left) * (x - x_min) / (x_max - x_min)
@@ -104,7 +138,7 @@ def line_chart(
     def py(y: float) -> float:
         return bottom - (bottom - top) * min(max(y, 0.0), top_y) / top_y
 
-    _y_axis(out, left, top, right, bottom, top_y, unit)
+    _y_axis(out, left, top, right, bottom, y_axis, unit)
     for i in range(5):
         x = x_min + (x_max - x_min) * i / 4
         out.append(
@@ -149,13 +183,16 @@ def bar_chart(
     y_max: float | None = None,
     value_format: Callable[[float], str] = _fmt,
     label_every: int | None = None,
+    integer: bool = False,
 ) -> Markup:
-    """One bar per label (e.g. per day); None draws no bar (no data, not zero)."""
+    """One bar per label (e.g. per day); None draws no bar (no data, not zero). ``integer``:
+    the values are counts (whole-number ticks)."""
     left, right, top, bottom = 44, width - 10, 32, height - 24
     out = _svg_open(width, height, title)
     values = [v for _label, v in bars if v is not None]
-    top_y = y_max if y_max is not None else nice_max(max(values) if values else 0)
-    _y_axis(out, left, top, right, bottom, top_y, unit)
+    y_axis = axis(y_max if y_max is not None else (max(values) if values else 0), integer=integer)
+    top_y = y_axis.top
+    _y_axis(out, left, top, right, bottom, y_axis, unit)
     n = max(1, len(bars))
     slot = (right - left) / n
     every = label_every or max(1, math.ceil(n / 8))

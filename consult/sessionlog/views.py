@@ -283,7 +283,7 @@ async def sessions_overview(request: web.Request) -> web.Response:
         return f"{v:.0f}%"
 
     chart_list = [
-        charts.bar_chart(bars([d.visits for d in days]), title=_("Visits per day")),
+        charts.bar_chart(bars([d.visits for d in days]), title=_("Visits per day"), integer=True),
         charts.bar_chart(
             bars([_pct(d.completion_rate) for d in days]),
             title=_("Completion rate"),

@@ -10,12 +10,27 @@
     const chatLog = ctx.$("[data-chat-log]");
     let lastChatSent = 0;
 
-    function addChat(who, text, system) {
+    function clockTime(ms) {
+      const d = new Date(ms);
+      return String(d.getHours()).padStart(2, "0") + ":" + String(d.getMinutes()).padStart(2, "0");
+    }
+
+    function addChat(who, text, system, atMs) {
       if (!chatLog) return;
       const item = document.createElement("li");
       item.className = system ? "system" : who ? "mine" : "theirs";
       item.dataset.testid = "chat-message";
-      item.textContent = text;
+      const body = document.createElement("span");
+      body.className = "chat-text";
+      body.textContent = text;
+      // Each message shows when it was sent (HH:MM, the phone's own clock and time zone).
+      const when = document.createElement("time");
+      when.className = "chat-time";
+      when.dataset.testid = "chat-time";
+      const at = new Date(atMs || Date.now());
+      when.dateTime = at.toISOString();
+      when.textContent = clockTime(at.getTime());
+      item.append(body, when);
       chatLog.append(item);
       chatLog.scrollTop = chatLog.scrollHeight;
       if (!who && !system) {
@@ -58,7 +73,9 @@
     }
 
     function onMessage(message) {
-      addChat(message.from === (ctx.isHost ? "host" : "guest") ? ctx.t("you") : "", message.text, false);
+      // `at`: the server's unix time; the page's clock may differ a little, minutes are enough.
+      const atMs = typeof message.at === "number" ? message.at * 1000 : Date.now();
+      addChat(message.from === (ctx.isHost ? "host" : "guest") ? ctx.t("you") : "", message.text, false, atMs);
     }
 
     function onPeerAbsent() {

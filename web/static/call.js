@@ -38,6 +38,10 @@
   const remoteVideo = $("[data-remote-video]");
   const stageNote = $("[data-stage-note]");
   const admitButton = $("[data-action=admit]");
+  const captionEl = $("[data-caption]");
+  const qualityEl = $("[data-quality]");
+  const remoteCameraOff = $("[data-remote-camera-off]");
+  const remoteMuted = $("[data-remote-muted]");
 
   let admitted = false;
   let peerPresent = false;
@@ -46,6 +50,7 @@
   let clockOffsetMs = 0;
   let endsAtMs = null;
   let countdownTimer = null;
+  let captionTimer = null;
   let queue = Promise.resolve();
 
   // What the parts share; they read and set these fields.
@@ -99,10 +104,21 @@
     return text;
   }
 
+  // The connection's state as a large caption over the video, for the states someone
+  // watching the call must understand (connecting, a shaky network, back again); "restored"
+  // fades after a few seconds, the rest last until the next state.
+  const CAPTIONED = { peer_connecting: true, reconnecting: true, restored: true };
+
   function setStatus(key, values) {
     if (!statusEl) return;
     statusEl.dataset.state = key;
     statusEl.textContent = t(key, values);
+    if (!captionEl) return;
+    clearTimeout(captionTimer);
+    captionEl.hidden = !CAPTIONED[key] || ctx.ended;
+    captionEl.dataset.state = key;
+    captionEl.textContent = CAPTIONED[key] ? t(key) : "";
+    if (key === "restored") captionTimer = setTimeout(() => (captionEl.hidden = true), 4000);
   }
 
   function show(screen) {
@@ -145,6 +161,45 @@
     countdownEl.dataset.secondsLeft = String(left);
   }
 
+  function warningText(secondsLeft) {
+    // The server counts seconds; people count minutes ("2 minutes left", never "120 seconds").
+    // One text per whole minute, plurals done by the catalogue (calls/views.py warning_strings).
+    const seconds = Math.max(0, Number(secondsLeft) || 0);
+    if (seconds < 60) return t("warning_soon");
+    const minutes = Math.round(seconds / 60);
+    let n = minutes;
+    while (n > 1 && !T["warning_minutes_" + n]) n -= 1;
+    return t("warning_minutes_" + n);
+  }
+
+  // -- the other side's microphone and camera ---------------------------------------------------
+  // Each side tells the other when it mutes or turns its camera off, in a `signal` whose data is
+  // `{media: {audio, video}}` (docs/protocol.md): a disabled track still sends (silence, black
+  // frames), so the receiving side cannot see it. Said again after every description received,
+  // so a new or restarted connection learns the state too.
+
+  function localMediaState() {
+    const stream = ctx.localStream;
+    const on = (tracks) => tracks.length > 0 && tracks.some((track) => track.enabled);
+    return {
+      audio: stream ? on(stream.getAudioTracks()) : false,
+      video: stream ? on(stream.getVideoTracks()) : false,
+    };
+  }
+
+  function sendMediaState() {
+    if (!ctx.sig || ctx.ended || !ctx.joined || !inCall()) return;
+    ctx.sig.send({ type: "signal", data: { media: localMediaState() } });
+  }
+
+  function showRemoteMedia(state) {
+    const audio = !state || state.audio !== false;
+    const video = !state || state.video !== false;
+    if (remoteMuted) remoteMuted.hidden = audio || ctx.ended;
+    if (remoteCameraOff) remoteCameraOff.hidden = video || ctx.ended;
+    root.dataset.remoteVideo = video ? "on" : "off";
+  }
+
   // -- the room's life -----------------------------------------------------------------------
 
   function updateAdmit() {
@@ -154,6 +209,7 @@
   function peerGone(reasonKey) {
     peerPresent = false;
     peer.closePc();
+    showRemoteMedia(null);
     if (ctx.ended) return;
     setStatus(reasonKey);
     if (stageNote) {
@@ -261,9 +317,17 @@
         }
         peerGone("peer_left");
         break;
-      case "signal":
+      case "signal": {
         if (!ctx.joined) return; // never answer with media before Join (the server relays none)
-        return peer.onSignal(message.data || {});
+        const data = message.data || {};
+        if (data.media) {
+          showRemoteMedia(data.media);
+          break;
+        }
+        return peer.onSignal(data).then(() => {
+          if (data.description) sendMediaState();
+        });
+      }
       case "recording":
         return recording.onRecording(message);
       case "record_answer":
@@ -272,8 +336,8 @@
         onClock(message);
         break;
       case "warning":
-        if (warningEl) {
-          warningEl.textContent = t("warning", { seconds: message.seconds_left });
+        if (warningEl && !ctx.ended) {
+          warningEl.textContent = warningText(message.seconds_left);
           warningEl.hidden = false;
         }
         break;
@@ -298,21 +362,34 @@
     ctx.ended = true;
     peer.stopStats();
     clearInterval(countdownTimer);
+    clearTimeout(captionTimer);
     recording.reset();
     peer.closePc();
     media.stopMedia();
+    // The camera's light goes off: no element keeps the stopped stream.
+    for (const video of $$("[data-local-video]")) video.srcObject = null;
     updateAdmit();
+    const over = reasonKey.startsWith("ended");
+    // One end screen: its title says what happened once; the reason adds only what the title
+    // does not (why it ended, or the server's refusal), and the header's live parts go away.
     const titleEl = $("[data-ended-title]");
     if (titleEl && title) titleEl.textContent = title;
     const reasonEl = $("[data-ended-reason]");
     if (reasonEl) {
-      reasonEl.textContent = T[reasonKey] ? t(reasonKey) : "";
+      const said = !title && reasonKey !== "ended_room_ended" && T[reasonKey] ? t(reasonKey) : "";
+      reasonEl.textContent = said;
+      reasonEl.hidden = !said;
       reasonEl.dataset.reason = reasonKey;
     }
-    if (countdownEl && reasonKey.startsWith("ended")) countdownEl.textContent = "0:00";
+    const nextSteps = $("[data-next-steps]");
+    if (nextSteps) nextSteps.hidden = !over;
+    for (const el of [warningEl, qualityEl, statusEl, countdownEl, captionEl, stageNote]) {
+      if (el) el.hidden = true;
+    }
+    showRemoteMedia(null);
     const rejoin = $("[data-action=rejoin]");
     if (rejoin) rejoin.hidden = reasonKey !== "left";
-    setStatus(reasonKey.startsWith("ended") ? "ended" : reasonKey);
+    if (statusEl) statusEl.dataset.state = over ? "ended" : reasonKey;
     show("ended");
   }
 
@@ -328,7 +405,10 @@
       // reader's language (its `message` is an English note for developers).
       const reasonEl = $("[data-ended-reason]");
       const key = error && error.code ? "error_" + error.code : "";
-      if (reasonEl && key && T[key]) reasonEl.textContent = t(key);
+      if (reasonEl && key && T[key]) {
+        reasonEl.textContent = t(key);
+        reasonEl.hidden = false;
+      }
     }
   }
 
@@ -357,9 +437,12 @@
           break;
         case "mute":
           media.toggleTrack("audio", button, "mute", "unmute");
+          serial(sendMediaState);
           break;
         case "camera":
           media.toggleTrack("video", button, "camera_off", "camera_on");
+          root.dataset.selfVideo = button.getAttribute("aria-pressed") === "true" ? "off" : "on";
+          serial(sendMediaState);
           break;
         case "flip":
           media.flipCamera();
