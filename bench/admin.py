@@ -242,7 +242,8 @@ async def measure(base: str, built: dict, args: argparse.Namespace) -> dict:
     finally:
         for session in sessions:
             await session.close()
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+    no_limit = aiohttp.ClientTimeout(total=None)  # a million-row CSV takes minutes on a loaded machine
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True), timeout=no_limit) as session:
         await sign_in(session, base)
         overview_ms, _body = await timed_get(session, base + "/admin/sessions/overview")
         start = time.perf_counter()
@@ -263,6 +264,35 @@ async def measure(base: str, built: dict, args: argparse.Namespace) -> dict:
     }
 
 
+def create(consult: list[str], env: dict, data_dir: Path, args: argparse.Namespace) -> dict:
+    """A fresh data directory with the admin and the synthetic sessions."""
+    subprocess.run([*consult, "init"], check=True, env=env, stdout=subprocess.DEVNULL)
+    add_admin = ["user", "add", "--role", "admin", "--username", ADMIN, "--name", "Bench Admin"]
+    subprocess.run(
+        [*consult, *add_admin, "--password", ADMIN_PASSWORD], check=True, env=env, stdout=subprocess.DEVNULL
+    )
+    t0 = time.perf_counter()
+    built = build(
+        data_dir / "consult.db", args.sessions, args.doctors, args.departments, args.patients, args.seed
+    )
+    print(f"built {args.sessions} sessions in {time.perf_counter() - t0:.1f} s", flush=True)
+    return built
+
+
+def existing(db_path: Path) -> dict:
+    """What `build` returned, read back from a data directory kept by an earlier --keep run."""
+    conn = sqlite3.connect(db_path)
+    try:
+        doctors = [r[0] for r in conn.execute("SELECT user_id FROM doctors")]
+        patients = [r[0] for r in conn.execute("SELECT id FROM users WHERE role = 'patient'")]
+        oldest, sessions = conn.execute(
+            "SELECT min(scheduled_start), count(*) FROM session_summaries"
+        ).fetchone()
+    finally:
+        conn.close()
+    return {"doctor_ids": doctors, "patient_ids": patients, "oldest": oldest, "sessions": sessions}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sessions", type=int, default=1_000_000, help="synthetic sessions (default 1,000,000)")
@@ -273,10 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=60, help="list pages each admin loads (default 60)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--keep", action="store_true", help="keep the data directory")
+    p.add_argument(
+        "--reuse",
+        metavar="DIR",
+        help="measure a data directory kept by an earlier --keep run instead of building one (its"
+        " planner statistics are then those the product left there, as on a server that has run)",
+    )
     args = p.parse_args(argv)
 
     load_before = loadavg()
-    data_dir = Path(tempfile.mkdtemp(prefix="consult-bench-admin-"))
+    data_dir = Path(args.reuse) if args.reuse else Path(tempfile.mkdtemp(prefix="consult-bench-admin-"))
     env = {
         **os.environ,
         "CONSULT_ARGON2_TIME_COST": "1",
@@ -286,31 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     consult = [sys.executable, "-m", "consult", "--data-dir", str(data_dir)]
     proc: subprocess.Popen | None = None
     try:
-        subprocess.run([*consult, "init"], check=True, env=env, stdout=subprocess.DEVNULL)
-        subprocess.run(
-            [
-                *consult,
-                "user",
-                "add",
-                "--role",
-                "admin",
-                "--username",
-                ADMIN,
-                "--name",
-                "Bench Admin",
-                "--password",
-                ADMIN_PASSWORD,
-            ],
-            check=True,
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
-        t0 = time.perf_counter()
-        built = build(
-            data_dir / "consult.db", args.sessions, args.doctors, args.departments, args.patients, args.seed
-        )
-        build_s = time.perf_counter() - t0
-        print(f"built {args.sessions} sessions in {build_s:.1f} s", flush=True)
+        if args.reuse:
+            built = existing(data_dir / "consult.db")
+            args.sessions = built["sessions"]
+        else:
+            built = create(consult, env, data_dir, args)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen(
@@ -328,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if not args.keep:
+        if not args.keep and not args.reuse:
             shutil.rmtree(data_dir, ignore_errors=True)
         else:
             print(f"data kept in {data_dir}")
