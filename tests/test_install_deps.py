@@ -31,6 +31,7 @@ def test_the_script_checks_exactly_what_programs_py_lists():
         *BOOTSTRAP,
         *(f"program {name} {package}" for name, package in programs.PROGRAMS.items()),
         *(f"font {language} {package}" for language, package in programs.FONTS.items()),
+        *(f"npm {name} {version}" for name, version in programs.NPM_PACKAGES.items()),
     ]
     assert listed.stdout.splitlines() == expected
 
@@ -39,10 +40,17 @@ def test_check_agrees_with_the_harness_and_names_what_is_missing():
     checked = run(SCRIPT, "--check")
     missing = [p for name, p in programs.PROGRAMS.items() if programs.find_program(name) is None]
     missing += [p for language, p in programs.FONTS.items() if not programs.has_font(language)]
-    if missing:
+    npm_missing = [
+        f"{name}@{version}"
+        for name, version in programs.NPM_PACKAGES.items()
+        if programs.npm_version(name) != version
+    ]
+    if missing or npm_missing:
         assert checked.returncode == 1, checked.stdout
         for package in missing:
             assert f"Debian package {package}" in checked.stdout
+        for package in npm_missing:
+            assert f"npm package {package} under {programs.NPM_PREFIX}" in checked.stdout
     else:
         assert checked.returncode == 0, checked.stdout
         assert checked.stdout.splitlines()[-1] == "test dependencies: all present"
