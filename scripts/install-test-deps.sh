@@ -101,9 +101,9 @@ if [[ ${#missing[@]} -eq 0 && ${#npm_missing[@]} -eq 0 ]]; then
     exit 0
 fi
 if [[ $MODE == check ]]; then
-    [[ ${#missing[@]} -eq 0 ]] || echo "test dependencies missing: apt-get install ${missing[*]} (or run $0 as root)"
     [[ ${#npm_missing[@]} -eq 0 ]] ||
         echo "test dependencies missing: npm install --prefix $NPM_PREFIX ${npm_missing[*]} (or run $0)"
+    [[ ${#missing[@]} -eq 0 ]] || echo "test dependencies missing: apt-get install ${missing[*]} (or run $0 as root)"
     exit 1
 fi
 if [[ ${#missing[@]} -eq 0 ]]; then

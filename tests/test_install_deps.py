@@ -9,6 +9,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.harness import programs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,3 +86,12 @@ def test_make_test_and_ci_use_the_script():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "scripts/install-test-deps.sh" in ci
     assert "apt-get" not in ci  # one place installs packages
+
+
+def test_a_missing_npm_package_fails_the_test_naming_the_install_command(monkeypatch):
+    monkeypatch.setitem(programs.NPM_PACKAGES, "axe-core", "0.0.1-not-this-one")
+    with pytest.raises(pytest.fail.Exception) as failed:
+        programs.require_npm_package("axe-core")
+    message = str(failed.value)
+    assert f"npm install --prefix {programs.NPM_PREFIX} axe-core@0.0.1-not-this-one" in message
+    assert "scripts/install-test-deps.sh" in message
