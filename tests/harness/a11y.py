@@ -56,12 +56,22 @@ TEXT_200_JS = """() => {
 }"""
 TEXT_100_JS = """() => { document.documentElement.style.removeProperty("font-size"); }"""
 
-OVERFLOW_JS = """() => {
-  const width = window.innerWidth;
+# The phone's width is the viewport's, given by the test: innerWidth is no measure on a mobile
+# viewport, where Chromium widens the layout viewport to fit content that is too wide.
+OVERFLOW_JS = """(width) => {
   const problems = [];
   const body = parseFloat(getComputedStyle(document.querySelector("main") || document.body).fontSize);
   const scroll = document.scrollingElement.scrollWidth;
-  if (scroll > width) problems.push(`the page scrolls sideways: ${scroll} px wide in a ${width} px window`);
+  if (scroll > width) {
+    // Name the innermost elements that reach past the screen: where the fix goes.
+    const wide = (el) => el.getBoundingClientRect().right > width + 1;
+    const culprits = Array.from(document.body.querySelectorAll("*"))
+      .filter((el) => wide(el) && !Array.from(el.children).some(wide))
+      .slice(0, 5)
+      .map((el) => el.tagName.toLowerCase() + (el.className ? "." + String(el.className).split(" ")[0] : ""));
+    problems.push(`the page scrolls sideways: ${scroll} px wide in a ${width} px window`
+                  + ` (${culprits.join(", ")})`);
+  }
   const selector = "button, input:not([type=hidden]), select, textarea, a.button, [role=button], label";
   for (const el of document.querySelectorAll(selector)) {
     if (el.getClientRects().length === 0) continue;
@@ -87,15 +97,17 @@ async def small_targets(page: Page) -> list[str]:
 async def text_200_problems(page: Page, screenshot: str | None = None) -> list[str]:
     """Doubles the text size, lists what breaks (and saves a screenshot of it under that name),
     and puts the size back."""
-    normal = await page.evaluate(OVERFLOW_JS)
+    width = page.viewport_size["width"]
+    normal = await page.evaluate(OVERFLOW_JS, width)
     await page.evaluate(TEXT_200_JS)
     try:
-        doubled = await page.evaluate(OVERFLOW_JS)
+        doubled = await page.evaluate(OVERFLOW_JS, width)
         if screenshot:
             await save_screenshot(page, screenshot)
     finally:
         await page.evaluate(TEXT_100_JS)
-    problems = list(doubled["problems"])
+    problems = [f"already at 100 %: {p}" for p in normal["problems"]]
+    problems += doubled["problems"]
     if doubled["fontSize"] < 1.9 * normal["fontSize"]:
         problems.append(f"the text did not grow: {normal['fontSize']} px -> {doubled['fontSize']} px")
     return problems
