@@ -25,7 +25,7 @@ from tests.account_helpers import texted_code
 from tests.call_helpers import keyed_settings, patient_token, seed_visit
 from tests.harness.a11y import PageAudit, text_200_problems
 from tests.harness.axe import axe_check
-from tests.harness.browser import PATIENT_CONTEXT, PageRecorder, assert_only_local_requests
+from tests.harness.browser import PATIENT_CONTEXT, PageRecorder, assert_only_local_requests, save_screenshot
 from tests.harness.fixtures import FailureArtifacts, _context
 from tests.harness.programs import NPM_PACKAGES, require_font
 from tests.harness.server import ConsultServer
@@ -231,6 +231,7 @@ async def test_the_large_text_switch_stays_on_every_page_without_a_flash(
         await expect(page.get_by_test_id("text-size")).to_have_attribute("aria-pressed", "true")
         large = await page.evaluate(MAIN_FONT_JS)
         assert large >= 1.2 * normal, (normal, large)
+        await save_screenshot(page, "large-text-home")
         # Other pages come from the server already large: the class is in the HTML itself, so
         # nothing is drawn small first (no script decides it after the page appeared).
         for path in ("/login", "/register", "/book", "/password/forgot"):

@@ -16,8 +16,9 @@ from tests.harness.browser import save_screenshot
 MIN_TARGET_PX = 44
 
 # Every control a finger must hit: buttons, form controls, links that stand alone (a link inside
-# a sentence is excepted, as WCAG 2.5.5 allows). A check box or radio button inside its label is
-# measured as the label, which is what takes the tap.
+# a sentence is excepted, as WCAG 2.5.5 allows), anything styled as a button (a label around a
+# hidden file input). A check box or radio button inside its label is measured as the label,
+# which is what takes the tap.
 SMALL_TARGETS_JS = """(min) => {
   const inSentence = (a) => Array.from(a.parentElement ? a.parentElement.childNodes : [])
     .some((n) => n.nodeType === Node.TEXT_NODE && /[^\\s·|()（）]/.test(n.textContent));
@@ -29,7 +30,8 @@ SMALL_TARGETS_JS = """(min) => {
     return `${el.tagName.toLowerCase()}${cls} "${text.slice(0, 30)}" ${size}`;
   };
   const small = [];
-  const selector = "button, input:not([type=hidden]), select, textarea, a[href], [role=button], summary";
+  const selector = "button, .button, input:not([type=hidden]), select, textarea, a[href], [role=button],"
+    + " summary";
   for (const el of document.querySelectorAll(selector)) {
     if (el.getClientRects().length === 0) continue;  // not rendered (hidden, or in a closed part)
     const style = getComputedStyle(el);
