@@ -88,6 +88,17 @@ OVERFLOW_JS = """(width) => {
       problems.push(`${what} cuts its text off (${el.scrollWidth} > ${el.clientWidth})`);
     }
   }
+  // Text cut off by its box (an ellipsis, or overflow hidden): words the reader cannot see.
+  const ownText = (el) => Array.from(el.childNodes)
+    .some((n) => n.nodeType === Node.TEXT_NODE && n.textContent.trim());
+  for (const el of document.body.querySelectorAll("*")) {
+    if (el.matches("input, select, textarea") || el.getClientRects().length === 0 || !ownText(el)) continue;
+    const style = getComputedStyle(el);
+    if (!["hidden", "clip"].includes(style.overflowX) && style.textOverflow !== "ellipsis") continue;
+    if (el.scrollWidth > el.clientWidth + 1) {
+      problems.push(`${el.tagName.toLowerCase()} "${el.textContent.trim().slice(0, 30)}" is cut off`);
+    }
+  }
   return { problems, fontSize: body };
 }"""
 
