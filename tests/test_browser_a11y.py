@@ -253,7 +253,7 @@ async def test_axe_runs_under_the_pages_csp_and_fails_on_a_serious_violation(
     consult_server: ConsultServer, app_origin: str, zh_phone: BrowserContext, pages: PageRecorder
 ) -> None:
     """The check itself: axe loads past the strict CSP (which still holds for the page's own
-    scripts) and a nameless button and an image without alt text fail it."""
+    scripts) and a nameless button, an image without alt text and white text on white fail it."""
     async with asyncio.timeout(60):
         page = await pages.new_page(zh_phone, "patient")
         response = await page.goto(app_origin + "/login")
@@ -265,11 +265,14 @@ async def test_axe_runs_under_the_pages_csp_and_fails_on_a_serious_violation(
               const main = document.querySelector("main");
               main.insertAdjacentHTML("beforeend", '<button type="button" id="nameless"></button>');
               main.insertAdjacentHTML("beforeend", '<img id="no-alt" src="/static/icon.svg">');
+              main.insertAdjacentHTML("beforeend", '<button type="button" id="faint">删除</button>');
+              document.getElementById("faint").style.color = "#fafafa";  // white on white
             }"""
         )
         with pytest.raises(AssertionError) as failed:
             await axe_check(page, "selftest-broken")
-        assert "button-name" in str(failed.value) and "image-alt" in str(failed.value)
+        for rule in ("button-name", "image-alt", "color-contrast"):
+            assert rule in str(failed.value), rule
         assert "#nameless" in str(failed.value)
         # The page's own inline script is still refused: axe got in through DevTools, not a hole.
         assert await page.evaluate(
