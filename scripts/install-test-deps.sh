@@ -9,9 +9,11 @@
 #
 # What it checks comes from tests/harness/programs.py, the one list the test harness also
 # uses (require_program names the package to install): PROGRAMS ("program": "package") and
-# FONTS ("fontconfig language": "package"), one entry a line; tests/test_install_deps.py
-# keeps this script's reading of them equal to the Python dicts. On top of those, what the
-# test command itself needs: make, python3 and its venv module.
+# FONTS ("fontconfig language": "package"), one entry a line, and NPM_PACKAGES ("name":
+# "version"), installed with npm (itself one of PROGRAMS) at exactly that version under
+# NPM_PREFIX in the repository; tests/test_install_deps.py keeps this script's reading of them
+# equal to the Python dicts. On top of those, what the test command itself needs: make, python3
+# and its venv module.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -48,6 +50,8 @@ add_checks() {
 CHECKS+=("program make make" "program python3 python3" "module ensurepip python3-venv")
 add_checks program PROGRAMS
 add_checks font FONTS
+add_checks npm NPM_PACKAGES
+NPM_PREFIX=$(sed -n 's/^NPM_PREFIX = "\([^"]*\)"$/\1/p' "$PROGRAMS_PY")
 
 if [[ $MODE == list ]]; then
     printf '%s\n' "${CHECKS[@]}"
@@ -62,28 +66,59 @@ present() {
         program) command -v "$name" >/dev/null 2>&1 || [[ -x /usr/sbin/$name || -x /sbin/$name ]] ;;
         module) command -v python3 >/dev/null 2>&1 && python3 -c "import $name" >/dev/null 2>&1 ;;
         font) command -v fc-list >/dev/null 2>&1 && [[ -n $(fc-list ":lang=$name" family 2>/dev/null) ]] ;;
+        # npm: "name version"; that version's package.json under NPM_PREFIX.
+        npm) grep -Eq "^  \"version\": \"$3\"," "$NPM_PREFIX/node_modules/$name/package.json" 2>/dev/null ;;
         *) return 1 ;;
     esac
 }
 
 missing=()
+npm_missing=()
 for check in "${CHECKS[@]}"; do
     read -r kind name package <<<"$check"
-    if present "$kind" "$name"; then
+    if present "$kind" "$name" "$package"; then
         echo "  ok       $kind $name ($package)"
+    elif [[ $kind == npm ]]; then
+        echo "  MISSING  npm $name: npm package $name@$package under $NPM_PREFIX"
+        npm_missing+=("$name@$package")
     else
         echo "  MISSING  $kind $name: Debian package $package"
         [[ " ${missing[*]} " == *" $package "* ]] || missing+=("$package")
     fi
 done
 
-if [[ ${#missing[@]} -eq 0 ]]; then
+# npm packages go into the repository's NPM_PREFIX: no root needed, nothing system-wide.
+npm_install() {
+    [[ ${#npm_missing[@]} -eq 0 ]] && return 0
+    echo "installing with npm into $NPM_PREFIX: ${npm_missing[*]}"
+    mkdir -p "$NPM_PREFIX"
+    npm install --prefix "$NPM_PREFIX" --no-save --no-package-lock --no-audit --no-fund --ignore-scripts \
+        "${npm_missing[@]}"
+}
+
+if [[ ${#missing[@]} -eq 0 && ${#npm_missing[@]} -eq 0 ]]; then
     echo "test dependencies: all present"
     exit 0
 fi
 if [[ $MODE == check ]]; then
-    echo "test dependencies missing: apt-get install ${missing[*]} (or run $0 as root)"
+    [[ ${#npm_missing[@]} -eq 0 ]] ||
+        echo "test dependencies missing: npm install --prefix $NPM_PREFIX ${npm_missing[*]} (or run $0)"
+    [[ ${#missing[@]} -eq 0 ]] || echo "test dependencies missing: apt-get install ${missing[*]} (or run $0 as root)"
     exit 1
+fi
+if [[ ${#missing[@]} -eq 0 ]]; then
+    npm_install
+    still=()
+    for check in "${CHECKS[@]}"; do
+        read -r kind name package <<<"$check"
+        present "$kind" "$name" "$package" || still+=("$kind $name ($package)")
+    done
+    if [[ ${#still[@]} -gt 0 ]]; then
+        echo "still missing after the install: ${still[*]}" >&2
+        exit 1
+    fi
+    echo "test dependencies: installed ${npm_missing[*]}"
+    exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
     echo "no apt-get on this machine: install the Debian packages ${missing[*]} (or their equivalents)" >&2
@@ -130,14 +165,15 @@ elif ! apt_install "${missing[@]}"; then
     as_root apt-get update -q
     apt_install "${missing[@]}"
 fi
+npm_install
 
 still=()
 for check in "${CHECKS[@]}"; do
     read -r kind name package <<<"$check"
-    present "$kind" "$name" || still+=("$kind $name ($package)")
+    present "$kind" "$name" "$package" || still+=("$kind $name ($package)")
 done
 if [[ ${#still[@]} -gt 0 ]]; then
     echo "still missing after the install: ${still[*]}" >&2
     exit 1
 fi
-echo "test dependencies: installed ${missing[*]}"
+echo "test dependencies: installed ${missing[*]} ${npm_missing[*]}"

@@ -9,6 +9,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.harness import programs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +33,7 @@ def test_the_script_checks_exactly_what_programs_py_lists():
         *BOOTSTRAP,
         *(f"program {name} {package}" for name, package in programs.PROGRAMS.items()),
         *(f"font {language} {package}" for language, package in programs.FONTS.items()),
+        *(f"npm {name} {version}" for name, version in programs.NPM_PACKAGES.items()),
     ]
     assert listed.stdout.splitlines() == expected
 
@@ -39,10 +42,17 @@ def test_check_agrees_with_the_harness_and_names_what_is_missing():
     checked = run(SCRIPT, "--check")
     missing = [p for name, p in programs.PROGRAMS.items() if programs.find_program(name) is None]
     missing += [p for language, p in programs.FONTS.items() if not programs.has_font(language)]
-    if missing:
+    npm_missing = [
+        f"{name}@{version}"
+        for name, version in programs.NPM_PACKAGES.items()
+        if programs.npm_version(name) != version
+    ]
+    if missing or npm_missing:
         assert checked.returncode == 1, checked.stdout
         for package in missing:
             assert f"Debian package {package}" in checked.stdout
+        for package in npm_missing:
+            assert f"npm package {package} under {programs.NPM_PREFIX}" in checked.stdout
     else:
         assert checked.returncode == 0, checked.stdout
         assert checked.stdout.splitlines()[-1] == "test dependencies: all present"
@@ -76,3 +86,12 @@ def test_make_test_and_ci_use_the_script():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "scripts/install-test-deps.sh" in ci
     assert "apt-get" not in ci  # one place installs packages
+
+
+def test_a_missing_npm_package_fails_the_test_naming_the_install_command(monkeypatch):
+    monkeypatch.setitem(programs.NPM_PACKAGES, "axe-core", "0.0.1-not-this-one")
+    with pytest.raises(pytest.fail.Exception) as failed:
+        programs.require_npm_package("axe-core")
+    message = str(failed.value)
+    assert f"npm install --prefix {programs.NPM_PREFIX} axe-core@0.0.1-not-this-one" in message
+    assert "scripts/install-test-deps.sh" in message

@@ -18,6 +18,7 @@ from consult.core.errors import BadRequest, Conflict, ConsultError, TooManyReque
 from consult.core.forms import field, form, redirect, safe_next
 from consult.core.i18n import _, ngettext
 from consult.core.middleware import LANG_COOKIE
+from consult.core.templates import TEXT_SIZE_COOKIE
 
 
 def setup(app: web.Application) -> None:
@@ -37,6 +38,7 @@ def setup(app: web.Application) -> None:
     r.add_post("/logout", logout, name="logout")
     r.add_post("/logout-all", logout_all, name="logout_all")
     r.add_post("/lang", set_language, name="lang")
+    r.add_post("/text-size", set_text_size, name="text_size")
     r.add_get("/account", account_page, name="account")
     r.add_post("/account/password", change_password, name="change_password")
 
@@ -421,6 +423,28 @@ async def set_language(request: web.Request) -> web.Response:
         secure=security.is_https(request),
         path="/",
     )
+    return response
+
+
+async def set_text_size(request: web.Request) -> web.Response:
+    """The header's large-text switch: a cookie the pages are written from (core/templates.py)."""
+    data = await form(request)
+    size = data.get("size", "")
+    if size not in ("large", "normal"):
+        raise BadRequest(_("Unknown text size."))
+    response = redirect(safe_next(data.get("next"), "/"))
+    if size == "large":
+        response.set_cookie(
+            TEXT_SIZE_COOKIE,
+            "large",
+            max_age=365 * 86400,
+            samesite="Lax",
+            httponly=True,
+            secure=security.is_https(request),
+            path="/",
+        )
+    else:
+        response.del_cookie(TEXT_SIZE_COOKIE, path="/")
     return response
 
 

@@ -26,6 +26,9 @@ from consult.core import formatting, i18n, keys, security
 from consult.core.config import Settings
 
 WEB_DIR = Path(web_assets.__file__).parent
+# The reader's large-text switch (set by accounts/views.set_text_size): "large" or absent. Read
+# here so that every page is written large from the start, with no script and no flash.
+TEXT_SIZE_COOKIE = "consult_text"
 
 
 def template_context(request: web.Request) -> dict:
@@ -36,6 +39,7 @@ def template_context(request: web.Request) -> dict:
         "csrf_token": security.csrf_token(request),
         "locale": request.get(keys.LOCALE, "en"),
         "locale_names": i18n.LOCALE_NAMES,
+        "large_text": request.cookies.get(TEXT_SIZE_COOKIE) == "large",
         "settings": request.app[keys.SETTINGS],
     }
 

@@ -15,6 +15,7 @@ from tests.harness.programs import require_program
 from tests.harness.server import BRIDGE_ADDR
 
 CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[2]
 
 MOBILE_CHROME_UA = (
     "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 "
@@ -142,6 +143,20 @@ def _console_line(msg: ConsoleMessage) -> str:
     loc = msg.location or {}
     where = f" ({loc.get('url')}:{loc.get('lineNumber')})" if loc.get("url") else ""
     return f"[{msg.type}] {msg.text}{where}"
+
+
+def artifacts_path() -> Path:
+    """`test-artifacts/` in the repository, or $CONSULT_TEST_ARTIFACTS (as the fixture's)."""
+    env = os.environ.get("CONSULT_TEST_ARTIFACTS")
+    return Path(env) if env else ROOT / "test-artifacts"
+
+
+async def save_screenshot(page: Page, name: str) -> Path:
+    """The whole page as `test-artifacts/screenshots/{name}.png` (kept whether or not the test
+    fails: pictures of the pages as the phone shows them)."""
+    path = artifacts_path() / "screenshots" / f"{name}.png"
+    _write(path, await page.screenshot(full_page=True, scale="css", timeout=30_000))
+    return path
 
 
 def artifact_dir(root: Path, nodeid: str) -> Path:

@@ -2,7 +2,9 @@
 
 These dicts are the one list: scripts/install-test-deps.sh (run by `make test` and `.ci/run`)
 reads them and installs whatever is missing, so keep one `"name": "package",` entry a line
-(tests/test_install_deps.py checks that the script reads exactly these).
+(tests/test_install_deps.py checks that the script reads exactly these). NPM_PACKAGES are the
+npm packages of the tests (axe-core), installed at their pinned versions under NPM_PREFIX;
+`require_npm_package(name)` fails a test that needs one with the command that installs it.
 
 A run that includes browser or WebRTC tests checks all of them when it starts (tests/conftest.py:
 `missing_packages`) and stops naming the packages to install; a test that needs a program calls
@@ -12,9 +14,11 @@ inside a fixture.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +31,7 @@ PROGRAMS = {
     "nginx": "nginx",
     "fc-list": "fontconfig",  # the font check below
     "setpriv": "util-linux",  # tests/test_architecture.py: unit tests run without root's capabilities
+    "npm": "npm",  # installs NPM_PACKAGES below (Debian's npm brings nodejs)
 }
 
 # fontconfig language -> Debian package with a font for it (any installed font for it will do):
@@ -34,6 +39,14 @@ PROGRAMS = {
 FONTS = {
     "zh-cn": "fonts-wqy-microhei",
 }
+
+# npm package -> exact version, installed with npm into NPM_PREFIX (in the repository, ignored by
+# git) by the same script. The app never serves them: the harness hands them to the page itself.
+NPM_PACKAGES = {
+    "axe-core": "4.10.2",  # tests/harness/axe.py: WCAG checks of the patient pages
+}
+NPM_PREFIX = ".cache/npm"
+ROOT = Path(__file__).resolve().parents[2]
 
 INSTALL_HINT = "`make test` as root installs it (scripts/install-test-deps.sh)"
 _SBIN = os.pathsep.join(["/usr/local/sbin", "/usr/sbin", "/sbin"])
@@ -73,3 +86,29 @@ def require_font(language: str) -> None:
     if not has_font(language):
         package = FONTS.get(language, f"a font for {language}")
         pytest.fail(f"no font for {language}: `apt-get install {package}`; {INSTALL_HINT}", pytrace=False)
+
+
+def npm_package_dir(name: str) -> Path:
+    return ROOT / NPM_PREFIX / "node_modules" / name
+
+
+def npm_version(name: str) -> str | None:
+    """The version of npm package `name` installed under NPM_PREFIX, or None."""
+    try:
+        return json.loads((npm_package_dir(name) / "package.json").read_text()).get("version")
+    except (OSError, ValueError):
+        return None
+
+
+def require_npm_package(name: str) -> Path:
+    """The installed package's folder, or a clear test failure saying how to install it."""
+    want = NPM_PACKAGES[name]
+    have = npm_version(name)
+    if have != want:
+        state = "is not installed" if have is None else f"is version {have}, not {want}"
+        pytest.fail(
+            f"npm package {name} {state} under {NPM_PREFIX}: "
+            f"`npm install --prefix {NPM_PREFIX} {name}@{want}`; {INSTALL_HINT}",
+            pytrace=False,
+        )
+    return npm_package_dir(name)
