@@ -154,7 +154,8 @@ def artifacts_path() -> Path:
 async def save_screenshot(page: Page, name: str) -> Path:
     """The whole page as `test-artifacts/screenshots/{name}.png` (kept whether or not the test
     fails: pictures of the pages as the phone shows them)."""
-    path = artifacts_path() / "screenshots" / f"{name}.png"
+    safe = re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_")[:120] or "page"
+    path = artifacts_path() / "screenshots" / f"{safe}.png"
     _write(path, await page.screenshot(full_page=True, scale="css", timeout=30_000))
     return path
 
@@ -181,22 +182,6 @@ async def save_page_artifacts(dest: Path, logs: Iterable[PageLog]) -> list[Path]
         except Exception as e:  # a crashed page must not hide the test's own failure
             _write(text_path, log.text() + f"## screenshot failed\n{e!r}\n")
     return written
-
-
-def screenshots_dir() -> Path:
-    """`test-artifacts/screenshots/` of the repository (or of $CONSULT_TEST_ARTIFACTS)."""
-    env = os.environ.get("CONSULT_TEST_ARTIFACTS")
-    root = Path(env) if env else Path(__file__).resolve().parents[2] / "test-artifacts"
-    return root / "screenshots"
-
-
-async def save_screenshot(page: Page, name: str) -> Path:
-    """Save what `page` shows now as `test-artifacts/screenshots/<name>.png`, whether the test
-    passes or not (screenshots a reviewer looks at: the phone's pages, both orientations)."""
-    safe = re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_")[:120] or "page"
-    path = screenshots_dir() / f"{safe}.png"
-    _write(path, await page.screenshot(full_page=True, timeout=15_000))
-    return path
 
 
 def _write(path: Path, data: str | bytes) -> None:
