@@ -46,6 +46,9 @@ def action_names() -> dict[str, str]:
         "prescription.issue": _("Prescription issued"),
         "prescription.verify": _("Prescription verified"),
         "prescription.view": _("Prescription viewed"),
+        "prescription.pdf": _("Prescription PDF opened"),
+        "prescription.approve": _("Prescription approved by the pharmacist"),
+        "prescription.return": _("Prescription returned by the pharmacist"),
         "recording.delete": _("Recording deleted"),
         "recording.play": _("Recording played"),
         "report.delete": _("Test report deleted"),
@@ -74,6 +77,7 @@ def role_names() -> dict[str, str]:
         "patient": _("Patient"),
         "doctor": _("Doctor"),
         "admin": _("Administrator"),
+        "pharmacist": _("Pharmacist"),
         "system": _("System"),
         "cli": _("Command line"),
     }

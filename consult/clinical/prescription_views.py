@@ -385,6 +385,7 @@ async def verify_page(request: web.Request) -> dict[str, Any]:
                 message=verdict_message(result.code),
                 reason=result.reason,
                 doc=result.document if result.valid else None,
+                **(_sheet_context(result.document) if result.valid and result.document else {}),
             )
             # Someone holding the paper looked it up: the patient may ask who did. The entry is
             # built by hand because the reader is anonymous and is stored with actor_role NULL;
@@ -421,6 +422,7 @@ async def verify_submit(request: web.Request) -> web.Response:
         reason=result.reason,
         # Only a valid document is shown back, and only what the file itself holds.
         doc=result.document if result.valid else None,
+        **(_sheet_context(result.document) if result.valid and result.document else {}),
     )
     return aiohttp_jinja2.render_template("rx_verify.html", request, ctx, status=200)
 

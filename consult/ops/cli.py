@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("user", help="manage accounts")
     usub = s.add_subparsers(dest="user_command", metavar="ACTION", required=True)
     a = usub.add_parser("add", help="create an account")
-    a.add_argument("--role", choices=["patient", "doctor", "admin"], required=True)
+    a.add_argument("--role", choices=["patient", "doctor", "admin", "pharmacist"], required=True)
     a.add_argument("--username", help="staff sign-in name")
     a.add_argument("--phone", help="patient mobile number")
     a.add_argument("--name", required=True, help="full name as shown to others")
