@@ -373,6 +373,9 @@ async def test_pharmacist_approves_or_returns_before_the_patient_sees_it(review_
     assert (await client.get(second["url"])).status == 404
 
     # Audited, with who and why.
+    looks = clinic.audit("prescription.review_queue")
+    assert looks and {e["actor_id"] for e in looks} == {clinic.pharmacist_id}
+    assert first["number"] in json.loads(looks[0]["detail"])["numbers"]
     approve = clinic.audit("prescription.approve")
     returned = clinic.audit("prescription.return")
     assert [(e["actor_id"], e["actor_role"], e["object_id"]) for e in approve] == [

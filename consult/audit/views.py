@@ -47,6 +47,7 @@ def action_names() -> dict[str, str]:
         "prescription.verify": _("Prescription verified"),
         "prescription.view": _("Prescription viewed"),
         "prescription.pdf": _("Prescription PDF opened"),
+        "prescription.review_queue": _("Prescription review queue viewed"),
         "prescription.approve": _("Prescription approved by the pharmacist"),
         "prescription.return": _("Prescription returned by the pharmacist"),
         "recording.delete": _("Recording deleted"),

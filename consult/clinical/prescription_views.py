@@ -309,10 +309,12 @@ async def rx_download(request: web.Request) -> web.Response:
 
 @aiohttp_jinja2.template("pharmacy.html")
 async def pharmacy_page(request: web.Request) -> dict[str, Any]:
-    security.require(request, "pharmacist")
+    user = security.require(request, "pharmacist")
     db = request.app[keys.DB]
     queue = await prescriptions.pending_review(db)
     done = await prescriptions.recently_reviewed(db)
+    shown = [p.number for p in queue] + [p.number for p in done]
+    await prescriptions.record_queue_view(db, user, security.client_address(request), shown)
     return {
         "queue": [(p, p.document, _sheet_context(p.document)) for p in queue],
         "done": [(p, p.document, _status_label(p.status)) for p in done],

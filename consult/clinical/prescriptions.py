@@ -787,6 +787,21 @@ async def review(
     )
 
 
+async def record_queue_view(db: Database, user: User, remote: str | None, shown: list[str]) -> None:
+    """The review queue shows patients' prescriptions: one audit entry per look, naming them."""
+    await db.execute_write_fn(
+        lambda d: audit.record(
+            d,
+            "prescription.review_queue",
+            "prescription",
+            None,
+            actor=user,
+            remote=remote,
+            detail={"numbers": shown[:50], "count": len(shown)},
+        )
+    )
+
+
 async def record_access(
     db: Database, prescription: Prescription, user: User, remote: str | None, action: str
 ) -> None:
