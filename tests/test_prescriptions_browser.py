@@ -171,6 +171,8 @@ async def test_doctor_previews_and_signs_and_the_patient_phone_shows_it_verified
         mine = phone.get_by_test_id("rx-list").get_by_test_id("rx-item")
         await expect(mine).to_have_count(1, timeout=WAIT_MS)
         await expect(mine).to_contain_text("阿莫西林胶囊 0.25 g × 24 粒")
+        pdf = await phone.request.get(app_origin + await mine.get_by_test_id("rx-pdf").get_attribute("href"))
+        assert pdf.ok and (await pdf.body()).startswith(b"%PDF-")
         await expect(phone.get_by_test_id("rx-advice")).to_have_text("多休息，多喝温水。")
         assert await overflow(phone) <= 0
         # ... and the prescription itself fits, with a verified mark and no signature bytes.

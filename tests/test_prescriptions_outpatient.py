@@ -232,7 +232,9 @@ async def test_a_tampered_new_format_file_fails_everywhere(clinic, tmp_path):
     assert result.returncode == 1 and result.stdout.startswith("INVALID")
     good = tmp_path / "good.json"
     good.write_text(json.dumps(signed, ensure_ascii=False))
-    assert run_cli(clinic.data_dir, "verify", str(good)).returncode == 0
+    result = run_cli(clinic.data_dir, "verify", str(good))
+    assert result.returncode == 0 and result.stdout.startswith("VALID")
+    assert "diagnosis 急性鼻窦炎" in result.stdout and "阿莫西林胶囊 0.25 g × 24 粒" in result.stdout
 
 
 async def test_a_prescription_of_the_old_format_still_shows_and_verifies(clinic):
@@ -384,3 +386,76 @@ async def test_pharmacist_approves_or_returns_before_the_patient_sees_it(review_
     assert [(e["object_id"], json.loads(e["detail"])["reason"]) for e in returned] == [
         (second["number"], "与阿莫西林重复，请核对")
     ]
+
+
+# -- migration 0018 ---------------------------------------------------------------------------------
+
+
+def test_migration_0018_keeps_old_prescriptions_issued_and_admits_pharmacists(tmp_path):
+    """A database at 0017 with a prescription and sessions: after 0018 the row is issued, the
+    sessions survive (no cascade from rebuilding users) and a pharmacist account can be made."""
+    import sqlite3
+
+    from consult.core import migrations
+    from consult.core.db import Database
+
+    path = tmp_path / "old.db"
+    db = Database(path)
+    try:
+        db.write_sync(migrations._ensure_table)
+        for name, fn in migrations.MIGRATIONS:
+            if name.startswith("0018"):
+                break
+
+            def step(d, fn=fn, name=name) -> None:
+                fn(d)
+                d.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, 0)", [name])
+
+            db.write_sync(step)
+
+        def old_rows(d) -> None:
+            for i, role in enumerate(("patient", "doctor")):
+                d.execute(
+                    "INSERT INTO users (id, role, username, display_name, password_hash, created,"
+                    " password_changed) VALUES (?, ?, ?, 'x', 'h', 0, 0)",
+                    [i + 1, role, f"u{i}"],
+                )
+            d.execute("INSERT INTO sessions (token_hash, user_id, created, last_seen) VALUES ('t', 1, 0, 0)")
+            d.execute("INSERT INTO departments (code, name_zh, name_en) VALUES ('x', '内科', 'Medicine')")
+            d.execute("INSERT INTO doctors (user_id) VALUES (2)")
+            d.execute(
+                "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at,"
+                " status, fee_minor, currency, created, updated, call_nonce)"
+                " VALUES ('v', 1, 2, 1, 0, 900, 'completed', 0, 'CNY', 0, 0, 'n')"
+            )
+            d.execute(
+                "INSERT INTO prescriptions (number, visit_id, doctor_id, patient_id, issued_at, document,"
+                " signature, key_id) VALUES ('RX-2025-000001', 1, 2, 1, 0, '{}', 's', 'k')"
+            )
+
+        db.write_sync(old_rows)
+        with pytest.raises(sqlite3.IntegrityError):
+            db.write_sync(lambda d: d.execute(
+                "INSERT INTO users (role, username, display_name, password_hash, created, password_changed)"
+                " VALUES ('pharmacist', 'ph', 'P', 'h', 0, 0)"))  # fmt: skip
+    finally:
+        db.close()
+
+    assert migrations.migrate(path)[-1] == "0018_prescription_review"
+    conn = sqlite3.connect(path)
+    try:
+        row = conn.execute("SELECT status, reviewed_by, review_note FROM prescriptions").fetchone()
+        assert row == ("issued", None, None)
+        assert conn.execute("SELECT count(*) FROM sessions").fetchone()[0] == 1
+        conn.execute(
+            "INSERT INTO users (role, username, display_name, password_hash, created, password_changed)"
+            " VALUES ('pharmacist', 'ph', 'P', 'h', 0, 0)"
+        )
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute(
+                "INSERT INTO users (role, username, display_name, password_hash, created, password_changed)"
+                " VALUES ('nurse', 'n', 'N', 'h', 0, 0)"
+            )
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()

@@ -423,6 +423,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"  issued  {doc.get('issued_at')}")
     print(f"  doctor  {(doc.get('doctor') or {}).get('name')}")
     print(f"  patient {(doc.get('patient') or {}).get('name')}")
+    if "diagnosis" in doc:  # format 2: the outpatient prescription
+        print(f"  diagnosis {doc.get('diagnosis')}")
+        print(f"  allergies {doc.get('allergies')}")
+    for item in doc.get("items") or []:
+        if isinstance(item, dict):
+            print(f"  - {item.get('drug', '')} {item.get('strength', '')}".rstrip())
     print(f"  key     {verdict.key_id}")
     return 0
 

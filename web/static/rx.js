@@ -48,6 +48,7 @@
     li.append(ul);
     const links = el("p", { class: "actions" });
     links.append(el("a", { href: rx.url, class: "button", "data-testid": "rx-open" }, msg.msgOpen || rx.number));
+    if (msg.msgPdf) links.append(el("a", { href: rx.pdf_url, class: "button", "data-testid": "rx-pdf" }, msg.msgPdf));
     links.append(el("a", { href: rx.download_url, class: "button", download: "" }, msg.msgDownload || ".json"));
     li.append(links);
     return li;
