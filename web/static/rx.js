@@ -196,7 +196,10 @@
       if (rows.children.length < Number(rows.dataset.max || 5)) addRow();
     });
     // Any change after the preview withdraws it: what is signed is always what was seen.
-    form.addEventListener("input", closePreview);
+    form.addEventListener("input", (event) => {
+      closePreview();
+      if (event.target && event.target.removeAttribute) event.target.removeAttribute("aria-invalid");
+    });
     form.addEventListener("change", closePreview);
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
