@@ -315,6 +315,8 @@ async def test_pharmacist_approves_or_returns_before_the_patient_sees_it(review_
     await sign_in(client, PATIENT)
     listed = await (await client.get(f"/api/visits/{clinic.public_id}/prescriptions")).json()
     assert listed["prescriptions"] == []
+    home = await (await client.get("/patient")).text()
+    assert first["number"] not in home and second["number"] not in home
     assert (await client.get(first["url"])).status == 404
     assert (await client.get(first["pdf_url"])).status == 404
     # Doctors cannot review, nor can patients.
@@ -373,6 +375,8 @@ async def test_pharmacist_approves_or_returns_before_the_patient_sees_it(review_
     assert [p["number"] for p in listed["prescriptions"]] == [first["number"]]
     assert (await client.get(first["url"])).status == 200
     assert (await client.get(second["url"])).status == 404
+    home = await (await client.get("/patient")).text()
+    assert first["number"] in home and second["number"] not in home
 
     # Audited, with who and why.
     looks = clinic.audit("prescription.review_queue")
