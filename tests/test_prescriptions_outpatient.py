@@ -463,3 +463,29 @@ def test_migration_0018_keeps_old_prescriptions_issued_and_admits_pharmacists(tm
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         conn.close()
+
+
+async def test_the_consult_room_lists_earlier_prescriptions_in_words(review_clinic):
+    """The next doctor reads what the patient was given: approved ones, worded, not codes."""
+    clinic = review_clinic
+    client = clinic.client
+    earlier = clinic.add_visit(status="completed", starts_in=-86400)
+    token = await sign_in(client, DOCTOR)
+    given = (await (await issue(client, earlier, token, [ZH_ITEM], head=ZH_HEAD)).json())["prescription"]
+    other = {**ZH_ITEM, "drug": "氯雷他定片"}
+    returned = (await (await issue(client, earlier, token, [other], head=ZH_HEAD)).json())["prescription"]
+    await sign_in(client, PHARMACIST)
+    token = await csrf_of(client, "/pharmacy")
+    for number, data in (
+        (given["number"], {"decision": "approve"}),
+        (returned["number"], {"decision": "return", "reason": "重复"}),
+    ):
+        resp = await client.post(
+            f"/pharmacy/{number}", data={**data, "csrf_token": token}, allow_redirects=False
+        )
+        assert resp.status == 303
+    await sign_in(client, DOCTOR)
+    page = await (await client.get(f"/doctor/visits/{clinic.public_id}/room")).text()
+    assert given["number"] in page
+    assert "阿莫西林胶囊 0.25 g × 24 粒 · 每次 0.5 g，口服，每日三次（tid），共 7 天；总量 2 盒" in page
+    assert returned["number"] not in page and "氯雷他定片" not in page

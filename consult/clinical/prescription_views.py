@@ -25,7 +25,9 @@ NUMBER = r"{number:RX-[0-9]{4}-[0-9]{6,}}"
 
 def setup(app: web.Application) -> None:
     # The form's choices (route, frequency, sex) in the page's language, wherever the form is included.
-    aiohttp_jinja2.get_env(app).globals["rx_labels"] = prescriptions.labels
+    env = aiohttp_jinja2.get_env(app)
+    env.globals["rx_labels"] = prescriptions.labels
+    env.globals["rx_line"] = rx_pdf.item_line  # (drug and strength, how to take it), either format
     r = app.router
     r.add_get("/api/visits/{public_id}/notes", notes_get, name="visit_notes")
     r.add_put("/api/visits/{public_id}/notes", notes_put)
