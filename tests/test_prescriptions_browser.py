@@ -76,6 +76,29 @@ async def sign_in(page: Page, origin: str, login: str, password: str) -> None:
     await page.wait_for_load_state()
 
 
+async def fill_prescription(page: Page, diagnosis: str = "") -> None:
+    """The consult room's form: a 58-year-old woman, amoxicillin; the diagnosis only if given."""
+    form = page.locator("[data-rx-form]")
+    row = form.locator("[data-rx-row]").nth(0)
+    await form.locator("select[name=sex]").select_option("female")
+    await form.locator("input[name=age]").fill("58")
+    await form.locator("input[name=allergies]").fill("青霉素过敏")
+    for name, value in (
+        ("drug", "阿莫西林胶囊"),
+        ("strength", "0.25 g × 24 粒"),
+        ("dose", "0.5"),
+        ("dose_unit", "g"),
+        ("days", "7"),
+        ("quantity", "2"),
+        ("quantity_unit", "盒"),
+    ):
+        await row.locator(f"[name={name}]").fill(value)
+    await row.locator("select[name=route]").select_option("oral")
+    await row.locator("select[name=frequency]").select_option("tid")
+    if diagnosis:
+        await form.locator("input[name=diagnosis]").fill(diagnosis)
+
+
 async def overflow(page: Page) -> int:
     """How many CSS pixels the page is wider than the screen (0: no sideways scrolling)."""
     return await page.evaluate(
@@ -112,22 +135,8 @@ async def test_doctor_previews_and_signs_and_the_patient_phone_shows_it_verified
         form = page.locator("[data-rx-form]")
         rows = form.locator("[data-rx-row]")
         await expect(rows).to_have_count(1)
-        await form.locator("select[name=sex]").select_option("female")
-        await form.locator("input[name=age]").fill("58")
-        await form.locator("input[name=allergies]").fill("青霉素过敏")
         row = rows.nth(0)
-        for name, value in (
-            ("drug", "阿莫西林胶囊"),
-            ("strength", "0.25 g × 24 粒"),
-            ("dose", "0.5"),
-            ("dose_unit", "g"),
-            ("days", "7"),
-            ("quantity", "2"),
-            ("quantity_unit", "盒"),
-        ):
-            await row.locator(f"[name={name}]").fill(value)
-        await row.locator("select[name=route]").select_option("oral")
-        await row.locator("select[name=frequency]").select_option("tid")
+        await fill_prescription(page)
         await page.get_by_test_id("rx-preview").click()
         await expect(page.get_by_test_id("rx-status")).to_contain_text("请填写临床诊断", timeout=WAIT_MS)
         assert await form.locator("input[name=diagnosis]").get_attribute("aria-invalid") == "true"
