@@ -145,6 +145,13 @@ async def test_preview_shows_what_is_signed_and_signing_needs_that_preview(clini
     assert (await resp.json())["message"] == "预览后处方内容有改动，请重新预览后再签名。"
     assert clinic.audit("prescription.issue") == []
 
+    # What the server adds is covered too: a patient renamed since the preview is not signed unseen.
+    rename = "UPDATE users SET display_name = ? WHERE id = ?"
+    clinic.db.write_sync(lambda d: d.execute(rename, ["Zhang Sanfeng", clinic.patient_id]))
+    resp = await client.post(url, json={**form, "preview_hash": shown["preview_hash"]}, headers=headers)
+    assert resp.status == 409 and (await resp.json())["error"] == "preview_stale"
+    clinic.db.write_sync(lambda d: d.execute(rename, ["Zhang San", clinic.patient_id]))
+
     # Exactly what was previewed: signed and issued.
     resp = await client.post(url, json={**form, "preview_hash": shown["preview_hash"]}, headers=headers)
     assert resp.status == 201

@@ -189,7 +189,7 @@ async def rx_preview(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "html": html,
-            "preview_hash": prescriptions.content_hash(visit["public_id"], content),
+            "preview_hash": prescriptions.preview_hash(doc),
             "review": settings.pharmacist_review,
         }
     )

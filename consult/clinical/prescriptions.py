@@ -4,8 +4,10 @@ signed with the hospital key, optionally reviewed by a pharmacist; and who may r
 The doctor's form is checked here (``validate``) into a *content*: the patient's sex and age,
 the clinical diagnosis, the allergy history and up to five medicine lines, each with strength,
 dose and unit, route, frequency, days and total quantity. The preview shows that content and
-carries its hash (``content_hash``); signing refuses a content whose hash differs from the one
-the doctor saw, so a form changed after its preview is never signed unseen.
+carries the hash of the whole previewed document (``preview_hash``: the form's content and what the
+server adds, patient and doctor names, department, hospital); signing rebuilds that document in
+its write transaction and refuses it if the hash differs from the one the doctor saw, so neither
+a form changed after its preview nor a renamed patient is ever signed unseen.
 
 The number is allocated, the document built and signed, and the row and its audit entry written
 in one write transaction, so numbers are unique, increase in issue order and are never skipped
@@ -335,9 +337,10 @@ def validate(body: Any) -> dict[str, Any]:
     return content
 
 
-def content_hash(visit_public_id: str, content: dict[str, Any]) -> str:
-    """What the preview showed, as a hash: signing compares it with the content it is sent."""
-    return hashlib.sha256(signing.canonical({"visit": visit_public_id, "content": content})).hexdigest()
+def preview_hash(document: dict[str, Any]) -> str:
+    """What the preview showed, as a hash: the document without the number and time signing adds."""
+    shown = {**document, "number": "", "issued_at": ""}
+    return hashlib.sha256(signing.canonical(shown)).hexdigest()
 
 
 def mask_phone(phone: str | None) -> str:
@@ -590,6 +593,7 @@ def issue_sync(
     tz: str,
     locale: str = "zh_CN",
     review: bool = False,
+    seen_hash: str | None = None,
     client_ref: str | None = None,
     remote: str | None = None,
     now: float | None = None,
@@ -610,6 +614,21 @@ def issue_sync(
         raise Conflict(
             _("A prescription can only be issued for a confirmed or completed visit."), code="visit_not_open"
         )
+    if seen_hash is not None:
+        shown = build_document(
+            visit,
+            content,
+            doctor_id=doctor.id,
+            hospital_name=hospital_name,
+            locale=locale,
+            number="",
+            issued_at="",
+        )
+        if not hmac.compare_digest(seen_hash, preview_hash(shown)):
+            raise Conflict(
+                _("The prescription was changed after its preview. Preview it again, then sign."),
+                code="preview_stale",
+            )
     now = time.time() if now is None else now
     year = datetime.fromtimestamp(now, ZoneInfo(tz)).year
     counter = db.execute(
@@ -702,11 +721,6 @@ async def issue(
     seen = body.get("preview_hash")
     if not isinstance(seen, str) or not HASH_RE.match(seen):
         raise BadRequest(_("Preview the prescription before signing it."), code="preview_required")
-    if not hmac.compare_digest(seen, content_hash(visit["public_id"], content)):
-        raise Conflict(
-            _("The prescription was changed after its preview. Preview it again, then sign."),
-            code="preview_stale",
-        )
     return await db.execute_write_fn(
         lambda d: issue_sync(
             d,
@@ -718,6 +732,7 @@ async def issue(
             tz=tz,
             locale=locale,
             review=review,
+            seen_hash=seen,
             client_ref=client_ref,
             remote=remote,
         )
