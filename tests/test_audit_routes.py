@@ -43,6 +43,7 @@ PATIENT_DATA = {
     "rx_list",
     "rx_view",
     "rx_download",
+    "rx_pdf",
     "consult_room",
     "recording",
 }
@@ -127,7 +128,25 @@ def seed_clinical(settings, world, public_id: str) -> dict[str, str]:
         return {}
     key = signing.load_or_create(settings.data_dir)
     doctor = User(world.doctor_id, "doctor", "Dr Wang", "drwang", None, None)
-    item = {"drug": "Amlodipine", "dose": "5 mg", "frequency": "once daily", "quantity": "28"}
+    form = {
+        "sex": "male",
+        "age": 60,
+        "diagnosis": "Hypertension",
+        "allergies": "None",
+        "items": [
+            {
+                "drug": "Amlodipine",
+                "strength": "5 mg x 28",
+                "dose": "5",
+                "dose_unit": "mg",
+                "route": "oral",
+                "frequency": "qd",
+                "days": 28,
+                "quantity": 1,
+                "quantity_unit": "box",
+            }
+        ],
+    }
 
     def fn(db) -> dict[str, str]:
         visit_id = db.execute("SELECT id FROM visits WHERE public_id = ?", [public_id]).fetchone()[0]
@@ -136,7 +155,7 @@ def seed_clinical(settings, world, public_id: str) -> dict[str, str]:
             key,
             visit_id=visit_id,
             doctor=doctor,
-            items=prescriptions.validate_items([item]),
+            content=prescriptions.validate(form),
             hospital_name=settings.hospital_name,
             tz=settings.timezone,
         )

@@ -218,13 +218,35 @@ async def world(aiohttp_server, aiohttp_client, settings, make_user) -> World:
         lambda d: d.execute("SELECT order_id FROM payments ORDER BY id DESC").fetchone()[0]
     )
 
+    rx_form = {
+        "sex": "female",
+        "age": 40,
+        "diagnosis": XSS_NAME,
+        "allergies": "无",
+        "items": [
+            {
+                "drug": XSS_NAME,
+                "strength": "1 mg",
+                "dose": "1",
+                "dose_unit": "mg",
+                "route": "oral",
+                "frequency": "qd",
+                "days": 1,
+                "quantity": 1,
+                "quantity_unit": "box",
+            }
+        ],
+    }
+    resp = await w.clients["doctor"].post(
+        f"/api/visits/{w.ids['live']}/prescriptions/preview",
+        json=rx_form,
+        headers={"X-CSRF-Token": w.csrf["doctor"]},
+    )
+    assert resp.status == 200, await resp.text()
+    seen = (await resp.json())["preview_hash"]
     resp = await w.clients["doctor"].post(
         f"/api/visits/{w.ids['live']}/prescriptions",
-        json={
-            "items": [
-                {"drug": XSS_NAME, "dose": "1", "frequency": "daily", "duration": "1 day", "quantity": "1"}
-            ]
-        },
+        json={**rx_form, "preview_hash": seen},
         headers={"X-CSRF-Token": w.csrf["doctor"]},
     )
     assert resp.status == 201, await resp.text()

@@ -28,13 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 ITEM = {
     "drug": "Amoxicillin",
-    "strength": "500 mg",
-    "dose": "1 capsule",
-    "frequency": "3 times a day",
-    "duration": "7 days",
-    "quantity": "21 capsules",
+    "strength": "0.25 g x 24",
+    "dose": "0.5",
+    "dose_unit": "g",
+    "route": "oral",
+    "frequency": "tid",
+    "days": 7,
+    "quantity": 2,
+    "quantity_unit": "box",
     "instructions": "After meals.\nFinish the course.",
 }
+HEAD = {"sex": "female", "age": 45, "diagnosis": "Acute sinusitis", "allergies": "Penicillin: none known"}
 
 
 @dataclass
@@ -120,10 +124,23 @@ async def sign_in(client, identifier: str) -> str:
     return await csrf_of(client, "/")
 
 
-async def issue(client, public_id: str, token: str, items=None, **extra):
+async def preview(client, public_id: str, token: str, items=None, **head):
+    form = {**HEAD, **head, "items": [ITEM] if items is None else items}
+    resp = await client.post(
+        f"/api/visits/{public_id}/prescriptions/preview", json=form, headers={"X-CSRF-Token": token}
+    )
+    return resp, form
+
+
+async def issue(client, public_id: str, token: str, items=None, head=None, **extra):
+    """What the doctor's page does: preview, then sign what the preview showed."""
+    resp, form = await preview(client, public_id, token, items, **(head or {}))
+    if resp.status != 200:
+        return resp
+    seen = (await resp.json())["preview_hash"]
     return await client.post(
         f"/api/visits/{public_id}/prescriptions",
-        json={"items": [ITEM] if items is None else items, **extra},
+        json={**form, "preview_hash": seen, **extra},
         headers={"X-CSRF-Token": token},
     )
 
@@ -155,7 +172,7 @@ async def test_issue_download_and_verify_everywhere(clinic, tmp_path):
     client = clinic.client
     token = await sign_in(client, DOCTOR)
     resp = await issue(
-        client, clinic.public_id, token, items=[ITEM, {**ITEM, "drug": "布洛芬", "strength": ""}]
+        client, clinic.public_id, token, items=[ITEM, {**ITEM, "drug": "布洛芬", "instructions": ""}]
     )
     assert resp.status == 201, await resp.text()
     rx = (await resp.json())["prescription"]
@@ -174,7 +191,16 @@ async def test_issue_download_and_verify_everywhere(clinic, tmp_path):
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", doc["issued_at"])
     assert doc["hospital"]["name"] == "Consult Hospital"
     assert doc["doctor"] == {"id": clinic.doctor_id, "name": "Dr Wang"}
-    assert doc["patient"] == {"id": clinic.patient_id, "name": "Zhang San", "phone": "139****0001"}
+    assert doc["format"] == "consult-prescription/2"
+    assert doc["patient"] == {
+        "id": clinic.patient_id,
+        "name": "Zhang San",
+        "phone": "139****0001",
+        "sex": "female",
+        "age": 45,
+    }
+    assert doc["department"] == {"name": "Respiratory"}
+    assert (doc["diagnosis"], doc["allergies"]) == ("Acute sinusitis", "Penicillin: none known")
     assert doc["visit"] == {"public_id": clinic.public_id}
     assert doc["items"][0] == ITEM
 
@@ -219,7 +245,7 @@ async def test_issue_download_and_verify_everywhere(clinic, tmp_path):
 
 def tamper_document(signed: dict) -> dict:
     doc = json.loads(json.dumps(signed["document"]))
-    doc["items"][0]["quantity"] = "210 capsules"
+    doc["items"][0]["quantity"] = 20
     return {**signed, "document": doc}
 
 
@@ -348,11 +374,18 @@ async def test_issue_needs_sign_in_csrf_and_an_open_visit(clinic):
 @pytest.mark.parametrize(
     ("items", "field", "fragment"),
     [
-        ([{**ITEM, "drug": "  "}], "drug", "enter the drug"),
-        ([{**ITEM, "dose": ""}], "dose", "enter the dose"),
-        ([ITEM, {**ITEM, "quantity": None}], "quantity", "Medicine 2: enter the quantity"),
-        ([{**ITEM, "drug": "x" * 201}], "drug", "too long"),
-        ([{**ITEM, "frequency": ["bid"]}], "frequency", "must be text"),
+        ([{**ITEM, "drug": "  "}], "drug", "enter the drug name"),
+        ([{**ITEM, "dose": ""}], "dose", "the dose must be a number greater than 0"),
+        ([{**ITEM, "dose": "0"}], "dose", "the dose must be a number greater than 0"),
+        ([{**ITEM, "dose": "1e3"}], "dose", "the dose must be a number greater than 0"),
+        ([ITEM, {**ITEM, "quantity": None}], "quantity", "Medicine 2: the total quantity must be a whole"),
+        ([{**ITEM, "quantity": 10000}], "quantity", "from 1 to 9999"),
+        ([{**ITEM, "days": 91}], "days", "from 1 to 90"),
+        ([{**ITEM, "days": 2.5}], "days", "from 1 to 90"),
+        ([{**ITEM, "drug": "x" * 101}], "drug", "too long"),
+        ([{**ITEM, "strength": ["bid"]}], "strength", "must be text"),
+        ([{**ITEM, "frequency": "thrice"}], "frequency", "choose how often"),
+        ([{**ITEM, "route": ""}], "route", "choose the route"),
         ([{**ITEM, "drug": "Aspirin\x07"}], "drug", "cannot be printed"),
     ],
 )
@@ -367,7 +400,7 @@ async def test_invalid_items_are_refused_with_clear_messages(clinic, items, fiel
     assert body["errors"][0]["field"] == field
 
 
-@pytest.mark.parametrize("items", [[], "Aspirin", [ITEM] * 21])
+@pytest.mark.parametrize("items", [[], "Aspirin", [ITEM] * 6])
 async def test_empty_or_oversized_prescriptions_are_refused(clinic, items):
     token = await sign_in(clinic.client, DOCTOR)
     resp = await issue(clinic.client, clinic.public_id, token, items=items)
@@ -408,12 +441,18 @@ async def test_printable_page_shows_signature_and_verification_link(clinic):
             "SELECT signature, key_id FROM prescriptions WHERE number = ?", [number]
         ).fetchone()
     )
-    assert row["signature"] in page and row["key_id"] in page
+    # The patient sees a "verified" mark and a link to the public check page, never the raw bytes.
+    assert row["signature"] not in page and row["key_id"] not in page
+    assert 'data-testid="rx-verified-mark"' in page and "Verified" in page
     assert "print.css" in page and 'data-testid="rx-qr"' in page and "data:image/svg+xml;base64," in page
-    m = re.search(r'data-testid="rx-verify-url">([^<]+)<', page)
+    m = re.search(r'href="([^"]+)" data-testid="rx-verify-link"', page)
     assert m
     url = m.group(1).replace("&amp;", "&")
     assert f"/verify?number={number}&code=" in url
+    # The doctor (staff) can still read the signature itself.
+    await sign_in(clinic.client, DOCTOR)
+    page = await (await clinic.client.get(f"/prescriptions/{number}")).text()
+    assert row["signature"] in page and row["key_id"] in page
 
     # Scanning the paper's code (anonymously) confirms it, showing only what the paper shows.
     clinic.client.session.cookie_jar.clear()
@@ -432,7 +471,7 @@ async def test_visit_list_shows_prescriptions_and_advice_to_the_patient(clinic):
     resp = await clinic.client.put(
         f"/api/visits/{clinic.public_id}/notes",
         json={
-            "text": "Chest clear. Suspect bacterial sinusitis.",
+            "text": "Chest clear. Suspect dental origin.",
             "advice": "Drink plenty of water.",
             "version": 0,
         },
@@ -446,7 +485,7 @@ async def test_visit_list_shows_prescriptions_and_advice_to_the_patient(clinic):
     assert body["prescriptions"][0]["url"] == f"/prescriptions/{number}"
     assert body["advice"] == "Drink plenty of water."
     assert body["can_issue"] is False
-    assert "sinusitis" not in await resp.text()  # the clinical note stays with the doctors
+    assert "dental" not in await resp.text()  # the clinical note stays with the doctors
     await sign_in(clinic.client, OTHER_PATIENT)
     assert (await clinic.client.get(f"/api/visits/{clinic.public_id}/prescriptions")).status == 404
 

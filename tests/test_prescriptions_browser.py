@@ -1,26 +1,59 @@
-"""Notes and prescriptions in a real browser: the consult room's partials, the printable page,
-the patient's list and the verification page's file picker (notes.js and rx.js at work)."""
+"""Notes and prescriptions in a real browser, in Chinese: the consult room's form (fill in, a
+refused diagnosis, preview, sign), the patient's prescription on a 360 px phone (no sideways
+scroll, a "verified" mark and the public check page instead of signature bytes), the signed file
+checked on the verification page (notes.js and rx.js at work). Screenshots are saved."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sqlite3
+from collections.abc import AsyncIterator
 
 import pytest
-from playwright.async_api import Page, expect
+from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from tests.call_helpers import seed_visit
-from tests.harness.browser import PageRecorder, assert_only_local_requests
+from tests.harness.browser import (
+    DOCTOR_CONTEXT,
+    PATIENT_CONTEXT,
+    PageRecorder,
+    assert_only_local_requests,
+    save_screenshot,
+)
+from tests.harness.fixtures import FailureArtifacts, _context
 from tests.harness.server import ConsultServer
 
 pytestmark = pytest.mark.browser
-WAIT_MS = 20_000
+WAIT_MS = 30_000
 DOCTOR, PASSWORD = "dr.wang", "Browser-rx-pass-2024"
 PATIENT_PASSWORD = "Browser-rx-patient-2024"
+PHONE_360 = {
+    **PATIENT_CONTEXT,
+    "viewport": {"width": 360, "height": 740},
+    "screen": {"width": 360, "height": 740},
+}
 
 
-def prepare(server: ConsultServer, tmp_dir) -> tuple[str, str, str]:
+@pytest.fixture
+async def zh_desktop(
+    browser: Browser, pages: PageRecorder, failure_artifacts: FailureArtifacts
+) -> AsyncIterator[BrowserContext]:
+    async with _context(
+        browser, pages, failure_artifacts, "doctor", {**DOCTOR_CONTEXT, "locale": "zh-CN"}
+    ) as c:
+        yield c
+
+
+@pytest.fixture
+async def zh_phone_360(
+    browser: Browser, pages: PageRecorder, failure_artifacts: FailureArtifacts
+) -> AsyncIterator[BrowserContext]:
+    async with _context(browser, pages, failure_artifacts, "patient", {**PHONE_360, "locale": "zh-CN"}) as c:
+        yield c
+
+
+def prepare(server: ConsultServer) -> tuple[str, str, str]:
     """A visit of dr.wang with the demo patient: (public id, room URL, the patient's phone)."""
     server.cli("user", "passwd", DOCTOR, "--password", PASSWORD)
     conn = sqlite3.connect(server.data_dir / "consult.db")
@@ -43,17 +76,47 @@ async def sign_in(page: Page, origin: str, login: str, password: str) -> None:
     await page.wait_for_load_state()
 
 
-async def test_doctor_writes_notes_and_issues_a_prescription_that_verifies(
+async def fill_prescription(page: Page, diagnosis: str = "") -> None:
+    """The consult room's form: a 58-year-old woman, amoxicillin; the diagnosis only if given."""
+    form = page.locator("[data-rx-form]")
+    row = form.locator("[data-rx-row]").nth(0)
+    await form.locator("select[name=sex]").select_option("female")
+    await form.locator("input[name=age]").fill("58")
+    await form.locator("input[name=allergies]").fill("青霉素过敏")
+    for name, value in (
+        ("drug", "阿莫西林胶囊"),
+        ("strength", "0.25 g × 24 粒"),
+        ("dose", "0.5"),
+        ("dose_unit", "g"),
+        ("days", "7"),
+        ("quantity", "2"),
+        ("quantity_unit", "盒"),
+    ):
+        await row.locator(f"[name={name}]").fill(value)
+    await row.locator("select[name=route]").select_option("oral")
+    await row.locator("select[name=frequency]").select_option("tid")
+    if diagnosis:
+        await form.locator("input[name=diagnosis]").fill(diagnosis)
+
+
+async def overflow(page: Page) -> int:
+    """How many CSS pixels the page is wider than the screen (0: no sideways scrolling)."""
+    return await page.evaluate(
+        "() => Math.max(document.documentElement.scrollWidth, document.body.scrollWidth) - window.innerWidth"
+    )
+
+
+async def test_doctor_previews_and_signs_and_the_patient_phone_shows_it_verified(
     consult_server: ConsultServer,
     app_origin: str,
-    doctor_page: Page,
-    patient_page: Page,
+    zh_desktop: BrowserContext,
+    zh_phone_360: BrowserContext,
     pages: PageRecorder,
     tmp_path,
 ) -> None:
-    async with asyncio.timeout(120):
-        public_id, room_url, patient_phone = await asyncio.to_thread(prepare, consult_server, tmp_path)
-        page = doctor_page
+    async with asyncio.timeout(180):
+        public_id, room_url, patient_phone = await asyncio.to_thread(prepare, consult_server)
+        page = await pages.new_page(zh_desktop, "doctor")
         await sign_in(page, app_origin, DOCTOR, PASSWORD)
         await page.goto(room_url)
 
@@ -61,85 +124,92 @@ async def test_doctor_writes_notes_and_issues_a_prescription_that_verifies(
         await page.get_by_test_id("tab-notes").click()
         text = page.get_by_test_id("notes-text")
         await expect(text).to_be_enabled(timeout=WAIT_MS)
-        await text.fill("Dry cough for 3 days, chest clear.")
-        await page.get_by_test_id("notes-advice").fill("Rest and drink warm water.")
+        await text.fill("咳嗽三天，双肺呼吸音清。")
+        await page.get_by_test_id("notes-advice").fill("多休息，多喝温水。")
         await expect(page.locator("[data-testid=notes-status][data-state=saved]")).to_be_visible(
             timeout=WAIT_MS
         )
-        await page.reload()
-        await page.get_by_test_id("tab-notes").click()
-        await expect(page.get_by_test_id("notes-text")).to_have_value(
-            "Dry cough for 3 days, chest clear.", timeout=WAIT_MS
-        )
 
-        # Prescription: a missing field is pointed at, then two rows are issued.
+        # The prescription form: the medicine is filled in, the diagnosis forgotten.
         await page.get_by_test_id("tab-rx").click()
         form = page.locator("[data-rx-form]")
         rows = form.locator("[data-rx-row]")
         await expect(rows).to_have_count(1)
-        await rows.nth(0).locator("[name=drug]").fill("Amoxicillin")
+        row = rows.nth(0)
+        await fill_prescription(page)
+        await page.get_by_test_id("rx-preview").click()
+        await expect(page.get_by_test_id("rx-status")).to_contain_text("请填写临床诊断", timeout=WAIT_MS)
+        assert await form.locator("input[name=diagnosis]").get_attribute("aria-invalid") == "true"
+        await expect(page.get_by_test_id("rx-preview-panel")).to_be_hidden()
+        await form.locator("input[name=diagnosis]").fill("急性支气管炎")
+        await save_screenshot(page, "rx-doctor-form")
+
+        # Preview: the sheet as it will be signed; sign only from there.
+        await page.get_by_test_id("rx-preview").click()
+        panel = page.get_by_test_id("rx-preview-panel")
+        await expect(panel).to_be_visible(timeout=WAIT_MS)
+        sheet = panel.get_by_test_id("rx-sheet")
+        await expect(sheet).to_contain_text("急性支气管炎")
+        await expect(sheet).to_contain_text("青霉素过敏")
+        await expect(sheet).to_contain_text("每次 0.5 g，口服，每日三次（tid），共 7 天；总量 2 盒")
+        await expect(sheet.get_by_test_id("rx-number")).to_have_text("签名时生成")
+        await save_screenshot(page, "rx-doctor-preview")
+        # A change after the preview withdraws it ...
+        await row.locator("[name=quantity]").fill("3")
+        await expect(panel).to_be_hidden()
+        # ... and the new preview is what gets signed.
+        await page.get_by_test_id("rx-preview").click()
+        await expect(panel).to_be_visible(timeout=WAIT_MS)
+        await expect(panel.get_by_test_id("rx-sheet")).to_contain_text("总量 3 盒")
         await page.get_by_test_id("rx-issue").click()
-        await expect(page.get_by_test_id("rx-status")).to_contain_text("Medicine 1", timeout=WAIT_MS)
-        assert await rows.nth(0).locator("[name=dose]").get_attribute("aria-invalid") == "true"
-        for name, value in (("strength", "500 mg"), ("dose", "1 capsule"), ("frequency", "3 times a day")):
-            await rows.nth(0).locator(f"[name={name}]").fill(value)
-        await rows.nth(0).locator("[name=quantity]").fill("21 capsules")
-        await page.get_by_test_id("rx-add-row").click()
-        await expect(rows).to_have_count(2)
-        for name, value in (
-            ("drug", "布洛芬"),
-            ("dose", "1 片"),
-            ("frequency", "必要时"),
-            ("quantity", "6 片"),
-        ):
-            await rows.nth(1).locator(f"[name={name}]").fill(value)
-        await page.get_by_test_id("rx-issue").click()
-        await expect(page.get_by_test_id("rx-status")).to_contain_text("issued", timeout=WAIT_MS)
+        await expect(page.get_by_test_id("rx-status")).to_contain_text("已开具", timeout=WAIT_MS)
         issued = page.get_by_test_id("rx-issued").get_by_test_id("rx-item")
         await expect(issued).to_have_count(1, timeout=WAIT_MS)
         number = await issued.get_attribute("data-number")
         assert number and number.startswith("RX-")
-        await expect(rows).to_have_count(1)  # a fresh form for the next one
-
-        # The printable page, and its signed file.
-        await page.goto(app_origin + f"/prescriptions/{number}")
-        await expect(page.get_by_test_id("rx-items")).to_contain_text("布洛芬")
-        await expect(page.get_by_test_id("rx-signature")).not_to_be_empty()
+        await expect(panel).to_be_hidden()
         resp = await page.request.get(app_origin + f"/prescriptions/{number}.json")
-        signed = await resp.body()
-        assert json.loads(signed)["document"]["number"] == number
+        signed = json.loads(await resp.body())
+        assert signed["document"]["diagnosis"] == "急性支气管炎"
+        assert signed["document"]["items"][0]["quantity"] == 3
 
-        # The patient's list on their visit page (what _rx_list.html shows).
-        resp = await page.request.get(app_origin + f"/api/visits/{public_id}/prescriptions")
-        assert (await resp.json())["advice"] == "Rest and drink warm water."
-
-        # The patient, signed in on the phone, finds it on the visit page with the advice ...
-        phone = patient_page
+        # The patient's phone, 360 px wide: the visit page lists it ...
+        phone = await pages.new_page(zh_phone_360, "patient")
         await sign_in(phone, app_origin, patient_phone, PATIENT_PASSWORD)
         await phone.goto(app_origin + f"/visits/{public_id}")
         mine = phone.get_by_test_id("rx-list").get_by_test_id("rx-item")
         await expect(mine).to_have_count(1, timeout=WAIT_MS)
-        assert await mine.get_attribute("data-number") == number
-        await expect(mine).to_contain_text("Amoxicillin · 500 mg · 1 capsule · 3 times a day")
-        await expect(mine).to_contain_text("布洛芬")
-        await expect(phone.get_by_test_id("rx-advice")).to_have_text("Rest and drink warm water.")
-        # ... downloads the signed file there, and it verifies with the hospital's key.
-        async with phone.expect_download() as download_info:
-            await mine.locator("a[download]").click()
-        download = await download_info.value
-        path = tmp_path / f"{number}.json"
-        await download.save_as(path)
-        assert path.read_bytes() == signed  # the same signed document the doctor printed
-        result = await asyncio.to_thread(consult_server.cli, "verify", str(path))
-        assert result.stdout.startswith("VALID"), result.stdout
-        assert number in result.stdout
+        await expect(mine).to_contain_text("阿莫西林胶囊 0.25 g × 24 粒")
+        pdf = await phone.request.get(app_origin + await mine.get_by_test_id("rx-pdf").get_attribute("href"))
+        assert pdf.ok and (await pdf.body()).startswith(b"%PDF-")
+        await expect(phone.get_by_test_id("rx-advice")).to_have_text("多休息，多喝温水。")
+        assert await overflow(phone) <= 0
+        # ... and the prescription itself fits, with a verified mark and no signature bytes.
+        await mine.get_by_test_id("rx-open").click()
+        await expect(phone.get_by_test_id("rx-verified-mark")).to_be_visible(timeout=WAIT_MS)
+        await expect(phone.get_by_test_id("rx-verified-mark")).to_contain_text("已验证")
+        await expect(phone.get_by_test_id("rx-diagnosis")).to_have_text("急性支气管炎")
+        assert await phone.get_by_test_id("rx-signature").count() == 0
+        body = await phone.evaluate("() => document.body.innerText")
+        assert signed["signature"] not in body and signed["signature"][:16] not in body
+        assert await overflow(phone) <= 0, "the prescription scrolls sideways on a 360 px phone"
+        await save_screenshot(phone, "rx-patient-phone-360")
+        # The mark links to the public check page, which verifies it.
+        await phone.get_by_test_id("rx-verify-link").click()
+        verdict = phone.get_by_test_id("rx-verdict")
+        await expect(verdict).to_have_attribute("data-verdict", "valid", timeout=WAIT_MS)
+        await expect(phone.get_by_test_id("rx-verified")).to_contain_text("急性支气管炎")
+        assert await overflow(phone) <= 0
 
-        # A pharmacy chooses that file on the verification page; rx.js reads it into the form.
+        # A pharmacy chooses the signed file on the verification page; rx.js reads it into the form.
+        path = tmp_path / f"{number}.json"
+        path.write_text(json.dumps(signed, ensure_ascii=False))
         await page.context.clear_cookies()
         await page.goto(app_origin + "/verify")
         await page.get_by_test_id("rx-verify-file").set_input_files(str(path))
         await expect(page.get_by_test_id("rx-verify-text")).not_to_have_value("", timeout=WAIT_MS)
         await page.get_by_test_id("rx-verify-submit").click()
-        verdict = page.get_by_test_id("rx-verdict")
-        await expect(verdict).to_have_attribute("data-verdict", "valid", timeout=WAIT_MS)
+        await expect(page.get_by_test_id("rx-verdict")).to_have_attribute(
+            "data-verdict", "valid", timeout=WAIT_MS
+        )
         assert_only_local_requests(pages, app_origin)

@@ -51,8 +51,8 @@ async def create_staff(request: web.Request) -> web.Response:
     ctx["values"] = {k: data.get(k, "") for k in ("username", "display_name", "role")}
     try:
         role = data.get("role", "")
-        if role not in ("doctor", "admin"):
-            raise BadRequest(_("Choose a role: doctor or admin."))
+        if role not in ("doctor", "admin", "pharmacist"):
+            raise BadRequest(_("Choose a role: doctor, pharmacist or admin."))
         username = accounts.normalize_username(data.get("username", ""))
         name = field(data, "display_name", max_len=100)
         password = data.get("password") or ""

@@ -19,7 +19,7 @@ def count_by_role(db: sqlite_utils.Database) -> dict[str, int]:
 def list_staff(db: sqlite_utils.Database) -> list[sqlite3.Row]:
     return db.execute(
         "SELECT id, role, username, phone, display_name, active, created FROM users"
-        " WHERE role IN ('doctor', 'admin') ORDER BY role, display_name"
+        " WHERE role IN ('doctor', 'admin', 'pharmacist') ORDER BY role, display_name"
     ).fetchall()
 
 

@@ -19,8 +19,8 @@ from consult.core.db import Database
 from consult.core.errors import BadRequest, Conflict
 from consult.core.i18n import _
 
-ROLES = ("patient", "doctor", "admin")
-HOME_BY_ROLE = {"patient": "/patient", "doctor": "/doctor", "admin": "/admin"}
+ROLES = ("patient", "doctor", "admin", "pharmacist")
+HOME_BY_ROLE = {"patient": "/patient", "doctor": "/doctor", "admin": "/admin", "pharmacist": "/pharmacy"}
 # Which mobile numbers a new account may use (the ``phone_region`` setting). Numbers already
 # stored are never checked again: an account made under another rule still signs in.
 PHONE_REGIONS = ("CN", "international")

@@ -46,6 +46,10 @@ def action_names() -> dict[str, str]:
         "prescription.issue": _("Prescription issued"),
         "prescription.verify": _("Prescription verified"),
         "prescription.view": _("Prescription viewed"),
+        "prescription.pdf": _("Prescription PDF opened"),
+        "prescription.review_queue": _("Prescription review queue viewed"),
+        "prescription.approve": _("Prescription approved by the pharmacist"),
+        "prescription.return": _("Prescription returned by the pharmacist"),
         "recording.delete": _("Recording deleted"),
         "recording.play": _("Recording played"),
         "report.delete": _("Test report deleted"),
@@ -74,6 +78,7 @@ def role_names() -> dict[str, str]:
         "patient": _("Patient"),
         "doctor": _("Doctor"),
         "admin": _("Administrator"),
+        "pharmacist": _("Pharmacist"),
         "system": _("System"),
         "cli": _("Command line"),
     }

@@ -152,7 +152,9 @@ def patient_extras(db: sqlite_utils.Database, patient_id: int) -> dict[int, dict
     ):
         slot(r[0])["receipt"] = {"order_id": r[1], "status": r[2]}
     for r in db.execute(
-        "SELECT visit_id, number FROM prescriptions WHERE patient_id = ? ORDER BY id", [patient_id]
+        # Only issued ones: one waiting for (or returned by) the pharmacist is not the patient's yet.
+        "SELECT visit_id, number FROM prescriptions WHERE patient_id = ? AND status = 'issued' ORDER BY id",
+        [patient_id],
     ):
         slot(r[0])["prescriptions"].append(r[1])
     return out

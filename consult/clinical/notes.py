@@ -188,7 +188,10 @@ async def earlier_for_patient(db: Database, visit: dict[str, Any]) -> list[dict[
         out = []
         for r in rows:
             rx = d.execute(
-                "SELECT number, document FROM prescriptions WHERE visit_id = ? ORDER BY id", [r["id"]]
+                # What the patient was given: not one a pharmacist returned or has yet to approve.
+                "SELECT number, document FROM prescriptions WHERE visit_id = ? AND status = 'issued'"
+                " ORDER BY id",
+                [r["id"]],
             ).fetchall()
             out.append(
                 {

@@ -46,6 +46,11 @@ class Settings:
         " demo mode; in demo mode, if empty, links use the address the browser used.",
     )
     hospital_name: str = setting("Consult Hospital", "Hospital name shown on pages and documents.")
+    pharmacist_review: bool = setting(
+        False,
+        "A signed prescription waits for a pharmacist's approval (staff role pharmacist, page"
+        " /pharmacy) before the patient sees it; a pharmacist may return it to the doctor with a reason.",
+    )
     timezone: str = setting("Asia/Shanghai", "Time zone in which times are shown to people.")
     default_locale: str = setting("zh_CN", "Language when the browser expresses no preference (zh_CN or en).")
     session_key: str = setting("", "Key that signs CSRF tokens and call links.", secret=True)

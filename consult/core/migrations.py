@@ -695,6 +695,44 @@ def m0017_instance_marks(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration("0018_prescription_review")
+def m0018_prescription_review(db: sqlite_utils.Database) -> None:
+    run_script(
+        db,
+        """
+        -- A prescription waits for a pharmacist when review is on (setting pharmacist_review):
+        -- issued = the patient sees it; pending = waiting; returned = refused with review_note.
+        -- Rows written before this migration were issued at once and keep their format-1 document.
+        ALTER TABLE prescriptions ADD COLUMN status TEXT NOT NULL DEFAULT 'issued'
+            CHECK (status IN ('issued', 'pending', 'returned'));
+        ALTER TABLE prescriptions ADD COLUMN reviewed_by INTEGER REFERENCES users(id);
+        ALTER TABLE prescriptions ADD COLUMN reviewed_at REAL;
+        ALTER TABLE prescriptions ADD COLUMN review_note TEXT;
+        ALTER TABLE prescriptions ADD COLUMN diagnosis TEXT;   -- a copy of the document's, for lists
+        CREATE INDEX prescriptions_pending ON prescriptions(status, id) WHERE status = 'pending';
+        """,
+    )
+    # The pharmacist role. SQLite cannot alter a CHECK constraint, and rebuilding `users` would
+    # fire every ON DELETE CASCADE that points at it; widening the CHECK in the stored schema is
+    # the documented shortcut for loosening a constraint (sqlite.org/lang_altertable.html,
+    # "making other kinds of table schema changes"): every existing row still satisfies it.
+    old = "role TEXT NOT NULL CHECK (role IN ('patient', 'doctor', 'admin'))"
+    new = "role TEXT NOT NULL CHECK (role IN ('patient', 'doctor', 'admin', 'pharmacist'))"
+    sql = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'users'").fetchone()[0]
+    if old not in sql:
+        raise ValueError("users.role is not as migration 0001 made it; widen its CHECK by hand")
+    version = db.execute("PRAGMA schema_version").fetchone()[0]
+    db.execute("PRAGMA writable_schema = ON")
+    try:
+        db.execute(
+            "UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'users'",
+            [sql.replace(old, new)],
+        )
+        db.execute(f"PRAGMA schema_version = {int(version) + 1}")
+    finally:
+        db.execute("PRAGMA writable_schema = OFF")
+
+
 @migration("0019_clinic_board")
 def m0019_clinic_board(db: sqlite_utils.Database) -> None:
     run_script(

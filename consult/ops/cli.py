@@ -423,6 +423,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"  issued  {doc.get('issued_at')}")
     print(f"  doctor  {(doc.get('doctor') or {}).get('name')}")
     print(f"  patient {(doc.get('patient') or {}).get('name')}")
+    if "diagnosis" in doc:  # format 2: the outpatient prescription
+        print(f"  diagnosis {doc.get('diagnosis')}")
+        print(f"  allergies {doc.get('allergies')}")
+    for item in doc.get("items") or []:
+        if isinstance(item, dict):
+            print(f"  - {item.get('drug', '')} {item.get('strength', '')}".rstrip())
     print(f"  key     {verdict.key_id}")
     return 0
 
@@ -501,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("user", help="manage accounts")
     usub = s.add_subparsers(dest="user_command", metavar="ACTION", required=True)
     a = usub.add_parser("add", help="create an account")
-    a.add_argument("--role", choices=["patient", "doctor", "admin"], required=True)
+    a.add_argument("--role", choices=["patient", "doctor", "admin", "pharmacist"], required=True)
     a.add_argument("--username", help="staff sign-in name")
     a.add_argument("--phone", help="patient mobile number")
     a.add_argument("--name", required=True, help="full name as shown to others")

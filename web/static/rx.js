@@ -6,7 +6,9 @@
   if (window.__consultRx) return; // several partials may each include this script
   window.__consultRx = true;
 
-  const FIELDS = ["drug", "strength", "dose", "frequency", "duration", "quantity", "instructions"];
+  const FIELDS = ["drug", "strength", "dose", "dose_unit", "route", "frequency", "days", "quantity",
+    "quantity_unit", "instructions"];
+  const HEAD = ["sex", "age", "diagnosis", "allergies"];
 
   function el(tag, attrs, text) {
     const node = document.createElement(tag);
@@ -25,14 +27,18 @@
   }
 
   function itemSummary(item) {
-    return [item.drug, item.strength, item.dose, item.frequency, item.duration, item.quantity]
-      .filter(Boolean)
-      .join(" · ");
+    // The server words each line in the reader's language (format 1 and 2 alike).
+    return [item.head, item.how].filter(Boolean).join(" · ");
   }
 
   function renderPrescription(rx, msg) {
-    const li = el("li", { "data-testid": "rx-item", "data-number": rx.number });
+    const li = el("li", { "data-testid": "rx-item", "data-number": rx.number, "data-status": rx.status });
     li.append(el("strong", {}, rx.number), " ", el("span", { class: "muted" }, rx.doctor_name));
+    if (rx.diagnosis) li.append(el("div", { class: "rx-dx" }, rx.diagnosis));
+    if (rx.status !== "issued") {
+      const note = rx.status_label + (rx.review_note ? ": " + rx.review_note : "");
+      li.append(el("div", { class: "alert warn", "data-testid": "rx-item-status" }, note));
+    }
     const ul = el("ul", {});
     for (const item of rx.items) {
       const line = el("li", {}, itemSummary(item));
@@ -42,6 +48,7 @@
     li.append(ul);
     const links = el("p", { class: "actions" });
     links.append(el("a", { href: rx.url, class: "button", "data-testid": "rx-open" }, msg.msgOpen || rx.number));
+    if (msg.msgPdf) links.append(el("a", { href: rx.pdf_url, class: "button", "data-testid": "rx-pdf" }, msg.msgPdf));
     links.append(el("a", { href: rx.download_url, class: "button", download: "" }, msg.msgDownload || ".json"));
     li.append(links);
     return li;
@@ -83,7 +90,7 @@
         const data = await getJSON(msg.listUrl);
         issued.replaceChildren();
         if (!data.prescriptions.length) issued.append(el("li", { class: "muted" }, msg.msgEmpty));
-        for (const rx of data.prescriptions) issued.append(renderPrescription(rx, {}));
+        for (const rx of data.prescriptions) issued.append(renderPrescription(rx, msg));
       } catch (e) {
         /* the list is a convenience; the form still works */
       }
@@ -137,44 +144,128 @@
       }
     }
 
-    form.querySelector("[data-rx-add-row]").addEventListener("click", addRow);
-    form.addEventListener("submit", async (event) => {
-      event.preventDefault();
-      clearErrors();
-      const items = Array.from(rows.querySelectorAll("[data-rx-row]"), (row) => {
+    const previewPanel = panel.querySelector("[data-rx-preview]");
+    const sheet = panel.querySelector("[data-rx-preview-sheet]");
+    const sign = panel.querySelector("[data-rx-sign]");
+    const signStatus = panel.querySelector("[data-rx-sign-status]");
+    const headError = form.querySelector("[data-rx-head-error]");
+    let previewed = null; // {body, hash}: what the preview showed; signing sends exactly that
+
+    function collect() {
+      const body = {};
+      for (const f of HEAD) body[f] = form.querySelector("[name=" + f + "]").value;
+      body.items = Array.from(rows.querySelectorAll("[data-rx-row]"), (row) => {
         const item = {};
         for (const f of FIELDS) item[f] = row.querySelector("[name=" + f + "]").value;
         return item;
       });
+      return body;
+    }
+
+    function closePreview() {
+      previewed = null;
+      previewPanel.hidden = true;
+      sheet.replaceChildren();
+      signStatus.textContent = "";
+      signStatus.className = "";
+    }
+
+    function showHeadErrors(errors) {
+      for (const err of errors || []) {
+        if (err.item !== null && err.item !== undefined) continue;
+        headError.textContent = headError.textContent ? headError.textContent + " " + err.message : err.message;
+        headError.hidden = false;
+        if (err.field) {
+          const input = form.querySelector("[data-rx-head][name=" + err.field + "]");
+          if (input) input.setAttribute("aria-invalid", "true");
+        }
+      }
+    }
+
+    async function post(url, body) {
+      const resp = await fetch(url, {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { "Content-Type": "application/json", "X-CSRF-Token": msg.csrf, Accept: "application/json" },
+        body: JSON.stringify(body),
+      });
+      return [resp, await resp.json().catch(() => ({}))];
+    }
+
+    form.querySelector("[data-rx-add-row]").addEventListener("click", () => {
+      if (rows.children.length < Number(rows.dataset.max || 5)) addRow();
+    });
+    // Any change after the preview withdraws it: what is signed is always what was seen.
+    form.addEventListener("input", (event) => {
+      closePreview();
+      if (event.target && event.target.removeAttribute) event.target.removeAttribute("aria-invalid");
+    });
+    form.addEventListener("change", closePreview);
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      clearErrors();
+      headError.hidden = true;
+      headError.textContent = "";
+      closePreview();
+      const body = collect();
       submit.disabled = true;
       status.className = "";
-      status.textContent = msg.msgIssuing;
+      status.textContent = msg.msgPreviewing;
       try {
-        const resp = await fetch(msg.issueUrl, {
-          method: "POST",
-          credentials: "same-origin",
-          headers: { "Content-Type": "application/json", "X-CSRF-Token": msg.csrf, Accept: "application/json" },
-          body: JSON.stringify({ items: items, client_ref: clientRef }),
-        });
-        const data = await resp.json().catch(() => ({}));
+        const [resp, data] = await post(msg.previewUrl, body);
         if (resp.ok) {
-          status.className = "alert ok";
-          status.textContent = msg.msgIssued.replace("{number}", data.prescription.number);
-          clientRef = submissionId(); // the next prescription is a new one
-          rows.replaceChildren();
-          addRow();
-          refresh();
+          status.textContent = "";
+          sheet.innerHTML = data.html; // rendered and escaped by the server's template
+          previewed = { body: body, hash: data.preview_hash };
+          previewPanel.hidden = false;
+          previewPanel.scrollIntoView({ block: "start" });
+          sign.focus();
         } else {
           status.className = "alert error";
           status.textContent = data.message || msg.msgFailed;
           showErrors(data.errors);
+          showHeadErrors(data.errors);
         }
       } catch (e) {
-        // Same submission id on retry: the server returns the first one instead of a duplicate.
         status.className = "alert error";
         status.textContent = msg.msgNetwork;
       } finally {
         submit.disabled = false;
+      }
+    });
+    panel.querySelector("[data-rx-edit]").addEventListener("click", () => {
+      closePreview();
+      form.querySelector("[name=diagnosis]").focus();
+    });
+    sign.addEventListener("click", async () => {
+      if (!previewed) return;
+      sign.disabled = true;
+      signStatus.className = "";
+      signStatus.textContent = msg.msgIssuing;
+      try {
+        const body = Object.assign({}, previewed.body, { preview_hash: previewed.hash, client_ref: clientRef });
+        const [resp, data] = await post(msg.issueUrl, body);
+        if (resp.ok) {
+          const rx = data.prescription;
+          const text = rx.status === "issued" ? msg.msgIssued : msg.msgPending;
+          closePreview();
+          status.className = "alert ok";
+          status.textContent = text.replace("{number}", rx.number);
+          clientRef = submissionId(); // the next prescription is a new one
+          form.reset();
+          rows.replaceChildren();
+          addRow();
+          refresh();
+        } else {
+          signStatus.className = "alert error";
+          signStatus.textContent = data.message || msg.msgFailed;
+        }
+      } catch (e) {
+        // Same submission id on retry: the server returns the first one instead of a duplicate.
+        signStatus.className = "alert error";
+        signStatus.textContent = msg.msgNetwork;
+      } finally {
+        sign.disabled = false;
       }
     });
     addRow();
