@@ -235,18 +235,3 @@ def assert_only_local_requests(
         urls = list(page_log)
     bad = foreign_requests(urls, allowed_origin)
     assert not bad, f"requests left {allowed_origin}: {bad}"
-
-
-def screenshots_dir() -> Path:
-    """test-artifacts/screenshots (under $CONSULT_TEST_ARTIFACTS when set, like failure artifacts)."""
-    env = os.environ.get("CONSULT_TEST_ARTIFACTS")
-    root = Path(env) if env else Path(__file__).resolve().parents[2] / "test-artifacts"
-    return root / "screenshots"
-
-
-async def save_screenshot(page: Page, name: str) -> Path:
-    """A full-page PNG at test-artifacts/screenshots/{name}.png, kept whether the test passes or not."""
-    path = screenshots_dir() / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(path), full_page=True)
-    return path
