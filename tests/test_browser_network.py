@@ -50,6 +50,9 @@ async () => {
   return n;
 }
 """
+NOT_POOR_JS = """
+() => ["good", "fair"].includes(document.querySelector("[data-testid=quality]").dataset.level)
+"""
 VIDEO_SENDING_JS = """
 () => window.__consultPc.getSenders().filter((s) => s.track && s.track.kind === "video")
   .every((s) => s.getParameters().encodings.every((e) => e.active !== false))
@@ -167,8 +170,8 @@ async def test_a_starved_uplink_is_poor_on_both_pages_and_audio_only_is_offered(
         call = await asyncio.to_thread(prepare_call, consult_server)
         await connect_both(call, patient_page, doctor_page, app_origin)
         for page in (patient_page, doctor_page):
-            quality = page.get_by_test_id("quality")
-            await expect(quality).to_have_attribute("data-level", "good", timeout=WAIT_MS)
+            # Not poor before the cap (good, or fair when this shared machine drops frames).
+            await page.wait_for_function(NOT_POOR_JS, timeout=WAIT_MS)
             await expect(page.get_by_test_id("audio-only")).to_be_hidden()
         ports = await patient_page.evaluate(LOCAL_UDP_PORTS_JS)
         undo = await asyncio.to_thread(cap_udp_uplink, ports, 150)
@@ -178,7 +181,9 @@ async def test_a_starved_uplink_is_poor_on_both_pages_and_audio_only_is_offered(
                 quality = page.get_by_test_id("quality")
                 await expect(quality).to_have_attribute("data-level", "poor", timeout=60_000)
                 await expect(page.get_by_test_id("audio-only")).to_be_visible(timeout=20_000)
-            assert await patient_page.get_by_test_id("quality").get_attribute("data-poor-side") == "self"
+            # The phone's page knows it is its own uplink.
+            quality = patient_page.get_by_test_id("quality")
+            await expect(quality).to_have_attribute("data-poor-side", "self", timeout=WAIT_MS)
             # Audio keeps arriving at the doctor's side.
             heard = await doctor_page.evaluate(AUDIO_PACKETS_JS)
             more = f"async () => ({AUDIO_PACKETS_JS})() > {heard + 50}"

@@ -65,6 +65,8 @@
     let myUplink = "good";
     let peerUplink = "good";
     let downlink = "good";
+    let upHistory = [0, 0];
+    let downHistory = [0, 0];
     let verySlow = 0; // consecutive verdicts under AUDIO_ONLY_BELOW_BPS
     let lastToldUplink = null;
     let toldAt = 0;
@@ -115,6 +117,8 @@
       stalled = false;
       probing = false;
       lastFreezes = null;
+      upHistory = [0, 0];
+      downHistory = [0, 0];
       const localStream = ctx.localStream;
       if (localStream && localStream.getTracks().length) {
         for (const track of localStream.getTracks()) conn.addTrack(track, localStream);
@@ -407,12 +411,12 @@
       const available = pair && pair.availableOutgoingBitrate;
       const limited = out && out.qualityLimitationReason === "bandwidth";
       const sentHeight = (out && out.frameHeight) || 0;
-      // Uplink: what this side can send.
+      // Uplink: what this side can send. A low estimate counts only while the encoder is held
+      // back by bandwidth (not while it is just ramping up at the start of a call).
       let up = 0;
-      if (available && available < POOR_BELOW_BPS) up = 2;
-      else if (available && available < FAIR_BELOW_BPS) up = 1;
+      if (limited && available && available < POOR_BELOW_BPS) up = 2;
+      else if (limited && available && available < FAIR_BELOW_BPS) up = 1;
       if (limited && sentHeight && sentHeight <= 180) up = Math.max(up, 2);
-      else if (limited) up = Math.max(up, 1);
       if (remoteLoss > 0.1 || remoteRtt > 1) up = 2;
       else if (remoteLoss > 0.03 || remoteRtt > 0.4) up = Math.max(up, 1);
       // Downlink: what arrives here (not while the call is audio only: no video comes).
@@ -426,15 +430,18 @@
           const got = inVideo.packetsReceived - before.packetsReceived;
           const lost = inVideo.packetsLost - before.packetsLost;
           const loss = got + lost > 0 ? lost / (got + lost) : 0;
-          if (loss > 0.08 || fps < 8 || (height && height < 180)) down = 2;
-          else if (loss > 0.02 || fps < 15 || (lastFreezes !== null && freezes > lastFreezes)) down = 1;
+          if (loss > 0.08 || fps < 5 || (height && height < 180)) down = 2;
+          else if (loss > 0.02 || fps < 10 || (lastFreezes !== null && freezes > lastFreezes)) down = 1;
         }
         lastFreezes = freezes;
       }
       lastQualityReport = report;
-      myUplink = LEVELS[up];
-      downlink = LEVELS[down];
-      verySlow = available && available < AUDIO_ONLY_BELOW_BPS ? verySlow + 1 : 0;
+      // A verdict holds once seen twice in a row (4 s): one bad reading is not a bad network.
+      upHistory = [up, upHistory[0]];
+      downHistory = [down, downHistory[0]];
+      myUplink = LEVELS[Math.min(upHistory[0], upHistory[1])];
+      downlink = LEVELS[Math.min(downHistory[0], downHistory[1])];
+      verySlow = limited && available && available < AUDIO_ONLY_BELOW_BPS ? verySlow + 1 : 0;
       if (verySlow >= 2 && !ctx.audioOnly && !ctx.audioOnlyDeclined) setAudioOnly(true, true);
       tellUplink(false);
       showLevel();
@@ -495,8 +502,9 @@
           }
         }
       }
+      // Also when following the other side: its echo tells it that this side switched too.
       if (fromPeer) peerAudioOnly = on;
-      else tellUplink(true);
+      tellUplink(true);
       if (ctx.onAudioOnly) ctx.onAudioOnly(on, ctx.audioOnlyAuto);
     }
 
