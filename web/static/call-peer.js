@@ -36,7 +36,7 @@
   // A phone's video: enough for a face at 640x480, leaving room for audio on weak uplinks.
   const VIDEO_MAX_BITRATE = 800000;
   // Uplink verdicts from the available outgoing bitrate (bits/s).
-  const POOR_BELOW_BPS = 250000;
+  const POOR_BELOW_BPS = 200000;
   const FAIR_BELOW_BPS = 500000;
   const AUDIO_ONLY_BELOW_BPS = 100000;
   const LEVELS = ["good", "fair", "poor"];

@@ -274,12 +274,17 @@
         startPcIfInCall(true); // a new page instance: a fresh connection
         enterCallIfReady();
         break;
-      case "peer_ready":
+      case "peer_ready": {
         if (!isHost) break;
         guestReady = true;
         if (stageNote) stageNote.hidden = true;
+        const kept = pcAlive();
         startPcIfInCall(false);
+        // The patient's page came back on a new socket with its connection: an ICE restart
+        // offer of ours that went nowhere meanwhile goes out again now.
+        if (kept) peer.onSignalingBack();
         break;
+      }
       case "peer_away":
         // Its socket dropped; media between the pages does not need it (peer_left follows
         // only if it does not come back within the grace).
