@@ -432,7 +432,13 @@ async def conditions(
             offered = [await p.get_by_test_id("audio-only").is_visible() for p in (call.patient, call.doctor)]
             out[f"uplink_{kbit}_level"] = levels
             out[f"uplink_{kbit}_audio_only_offered"] = offered
-            log(f"{name}: quality patient/doctor {levels}, audio only offered {offered}")
+            # "auto": switched by itself (available bitrate under 100 kbit/s twice in a row).
+            out[f"uplink_{kbit}_audio_only"] = [
+                await p.evaluate("document.querySelector('[data-call]').dataset.audioOnly || null")
+                for p in (call.patient, call.doctor)
+            ]
+            switched = out[f"uplink_{kbit}_audio_only"]
+            log(f"{name}: quality patient/doctor {levels}, audio only offered {offered}, on {switched}")
         finally:
             uncap()
             await call.close()
@@ -463,6 +469,7 @@ async def conditions(
             rules = udp_drop_rules((await call.stats(call.patient))["udp"])
             rules += [r for p in mine for r in tcp_blackhole_rules(p)]
             await call.wait_frames(call.patient, 5, 10)
+            cut_ms = await call.patient.evaluate("performance.now()")
             iptables("-I", rules)
             try:
                 t0 = time.monotonic()
@@ -473,6 +480,9 @@ async def conditions(
             finally:
                 iptables("-D", rules)
             out["switch_recovery_s"] = round(t, 2) if t < 45 else None
+            for name, page in (("patient", call.patient), ("doctor", call.doctor)):
+                log(f"switch: {name}'s trace:", await page.evaluate("window.__consultTrace.slice(-14)"))
+            log(f"switch: cut at {cut_ms:.0f} ms of the patient's page")
             log(f"switch (socket of port {sorted(mine)} silenced): video back on both pages after {t:.2f} s")
         finally:
             await call.close()

@@ -41,6 +41,14 @@
   const AUDIO_ONLY_BELOW_BPS = 100000;
   const LEVELS = ["good", "fair", "poor"];
 
+  // What the connection went through (the last 100 steps, ms since the page started), for
+  // support and the network tests: window.__consultTrace.
+  const trace = (window.__consultTrace = []);
+  function note(what) {
+    trace.push(Math.round(performance.now()) + " " + what);
+    if (trace.length > 100) trace.shift();
+  }
+
   Consult.callPeer = function (ctx) {
     const remoteVideo = ctx.$("[data-remote-video]");
     const stageNote = ctx.$("[data-stage-note]");
@@ -144,6 +152,7 @@
         try {
           makingOffer = true;
           await conn.setLocalDescription();
+          note("offer sent");
           // Not sent if the socket is down: onSignalingBack sends the pending offer again.
           sig.send({ type: "signal", data: { description: conn.localDescription.toJSON() } });
         } catch (err) {
@@ -165,6 +174,7 @@
       const conn = ctx.pc;
       if (data.description) {
         const description = data.description;
+        note(description.type + " received");
         const readyForOffer = !makingOffer && (conn.signalingState === "stable" || settingRemoteAnswer);
         const collision = description.type === "offer" && !readyForOffer;
         ignoreOffer = !ctx.polite && collision;
@@ -196,6 +206,7 @@
 
     function onIceState(conn) {
       const state = conn.iceConnectionState;
+      note("ice " + state);
       ctx.sig.send({ type: "ice_state", state: state });
       if (state === "connected" || state === "completed") {
         // After an interruption "restored" waits for decoded frames (watchTransport).
@@ -212,6 +223,7 @@
     }
 
     function recovered() {
+      note("decoding");
       clearTimeout(restartTimer);
       restartTimer = null;
       silentChecks = 0;
@@ -235,6 +247,7 @@
       if (!pc || ctx.ended) return;
       const state = pc.iceConnectionState;
       if (!stalled && (state === "connected" || state === "completed")) return;
+      note("ice restart (" + pc.signalingState + ")");
       ctx.sig.send({ type: "ice_restart" });
       if (pc.signalingState === "have-local-offer") {
         resendOffer(pc); // the last offer (maybe already a restart) got no answer
@@ -255,7 +268,9 @@
     async function onStall() {
       if (probing || !ctx.sig) return;
       probing = true;
+      note("stalled: probing the socket");
       const alive = await ctx.sig.probe(PROBE_MS);
+      note(alive ? "socket alive" : "socket dead: replaced");
       probing = false;
       if (alive && stalled) restartIce();
     }
@@ -264,6 +279,7 @@
     function onSignalingBack() {
       const pc = ctx.pc;
       if (!pc || ctx.ended) return;
+      note("signaling back");
       if (stalled || pc.iceConnectionState === "failed" || pc.iceConnectionState === "disconnected") {
         restartIce();
       } else if (pc.signalingState === "have-local-offer") {
