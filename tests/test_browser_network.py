@@ -129,7 +129,7 @@ async def test_network_switch_with_a_silently_dead_socket_recovers_by_itself(
         await patient_page.evaluate("window.__oldWs = window.__consultSignaling.ws; window.__oldWs.close()")
         await patient_page.wait_for_function(
             "() => window.__consultSignaling.isOpen && window.__consultSignaling.ws !== window.__oldWs",
-            timeout=20_000,
+            timeout=30_000,
         )
         new = await asyncio.to_thread(client_tcp_ports, consult_server.port) - before
         assert len(new) == 1, (before, new)
