@@ -65,6 +65,8 @@
     let silentChecks = 0;
     let stalled = false;
     let probing = false;
+    let keyframeKicked = false; // once per stall: see sendKeyframe
+    let stallPair = null; // the candidate pair that went silent
     let lastFrames = -1;
     let lastAudioPackets = -1;
     let qualityTimer = null;
@@ -211,11 +213,14 @@
       if (state === "connected" || state === "completed") {
         // After an interruption "restored" waits for decoded frames (watchTransport).
         if (!stalled && !ctx.interrupted) recovered();
+        else kickOnce(conn);
       } else if (state === "disconnected") {
+        keyframeKicked = false;
         ctx.interrupted = true;
         ctx.setStatus("reconnecting");
         scheduleRestart(RESTART_AFTER_DISCONNECTED_MS);
       } else if (state === "failed") {
+        keyframeKicked = false;
         ctx.interrupted = true;
         ctx.setStatus("reconnecting");
         restartIce();
@@ -255,6 +260,34 @@
         pc.restartIce(); // fires negotiationneeded: a new offer with fresh ICE credentials
       }
       scheduleRestart(RESTART_RETRY_MS); // and again if this one does not get through
+    }
+
+    // The path is back after a stall: the other side's decoder needs a keyframe, and its own
+    // request (PLI) comes only once retransmissions were given up. Pausing the video encoding
+    // for a moment restarts the encoder, which starts with a keyframe.
+    async function sendKeyframe(conn) {
+      if (ctx.audioOnly) return;
+      for (const sender of conn.getSenders()) {
+        if (!sender.track || sender.track.kind !== "video") continue;
+        try {
+          const params = sender.getParameters();
+          if (!params.encodings || !params.encodings.length) continue;
+          for (const encoding of params.encodings) encoding.active = false;
+          await sender.setParameters(params);
+          const again = sender.getParameters();
+          for (const encoding of again.encodings) encoding.active = !ctx.audioOnly;
+          await sender.setParameters(again);
+          note("keyframe asked of the encoder");
+        } catch (err) {
+          console.warn("keyframe", err);
+        }
+      }
+    }
+
+    function kickOnce(conn) {
+      if (keyframeKicked) return;
+      keyframeKicked = true;
+      sendKeyframe(conn);
     }
 
     function resendOffer(pc) {
@@ -301,9 +334,11 @@
       let bytes = 0;
       let frames = 0;
       let audioPackets = 0;
+      let pairId = null;
       try {
         (await conn.getStats()).forEach((s) => {
           if (s.type === "transport") bytes += s.bytesReceived || 0;
+          if (s.type === "transport" && s.selectedCandidatePairId) pairId = s.selectedCandidatePairId;
           if (s.type === "inbound-rtp" && s.kind === "video") frames += s.framesDecoded || 0;
           if (s.type === "inbound-rtp" && s.kind === "audio") audioPackets += s.packetsReceived || 0;
         });
@@ -321,6 +356,8 @@
       lastAudioPackets = audioPackets;
       const state = conn.iceConnectionState;
       const up = state === "connected" || state === "completed";
+      // Media arrives again over a new path (ICE restarted): our video needs a keyframe too.
+      if (stalled && up && flowing && pairId && pairId !== stallPair) kickOnce(conn);
       if ((stalled || ctx.interrupted) && up && decoding) {
         recovered();
         return;
@@ -332,6 +369,8 @@
       silentChecks = flowing ? 0 : silentChecks + 1;
       if (silentChecks === SILENT_CHECKS) {
         stalled = true;
+        keyframeKicked = false;
+        stallPair = pairId;
         ctx.interrupted = true;
         ctx.setStatus("reconnecting");
         onStall();
