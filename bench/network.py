@@ -81,8 +81,18 @@ STATS_JS = """
 async () => {
   const pc = window.__consultPc;
   if (!pc) return null;
-  const out = {frames: 0, concealed: 0, samples: 0, state: pc.connectionState, udp: []};
-  (await pc.getStats()).forEach((s) => {
+  const out = {frames: 0, concealed: 0, samples: 0, state: pc.connectionState, udp: [], audioCodec: null};
+  const report = await pc.getStats();
+  report.forEach((s) => {
+    if (s.type === "outbound-rtp" && s.kind === "audio" && s.codecId && report.get(s.codecId)) {
+      const c = report.get(s.codecId);
+      out.audioCodec = c.mimeType + (c.sdpFmtpLine ? " " + c.sdpFmtpLine : "");
+    }
+    // What the answer put first on the audio line (RED when both sides prefer it).
+    const sdp = (pc.remoteDescription && pc.remoteDescription.sdp) || "";
+    const m = sdp.match(/m=audio \\S+ \\S+ (\\d+)/);
+    const map = m && sdp.match(new RegExp("a=rtpmap:" + m[1] + " ([^\\r\\n]+)"));
+    out.audioFirst = map ? map[1] : null;
     if (s.type === "inbound-rtp" && s.kind === "video") out.frames += s.framesDecoded || 0;
     if (s.type === "inbound-rtp" && s.kind === "audio") {
       out.concealed += s.concealedSamples || 0;
@@ -563,7 +573,11 @@ async def conditions(
             samples = sum(a["samples"] - b["samples"] for a, b in zip(after, before, strict=True))
             pct = 100 * concealed / samples if samples else None
             out["audio_concealment_pct_loss5"] = round(pct, 2) if pct is not None else None
-            log(f"loss5: {concealed} of {samples} audio samples concealed ({pct})")
+            out["audio_codec_loss5"] = (
+                f"{after[0]['audioCodec']} (first offered/answered: {after[0]['audioFirst']})"
+            )
+            codec = out["audio_codec_loss5"]
+            log(f"loss5: {concealed} of {samples} audio samples concealed ({pct}); sent as {codec}")
         finally:
             emulator.loss, emulator.delay_s = 0.0, 0.0
             await call.close()
