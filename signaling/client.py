@@ -61,13 +61,22 @@ class SignalingClient:
         return cls(ws)
 
     async def hello(
-        self, token: str, *, version: int = 1, timeout_s: float = 5, join: bool = True
+        self,
+        token: str,
+        *,
+        version: int = 1,
+        timeout_s: float = 5,
+        join: bool = True,
+        instance: str | None = None,
     ) -> dict[str, Any]:
         """Send hello and return the welcome (raises ErrorReply on an error frame).
 
         A guest then sends `join` at once unless `join=False`: this client has no pre-call
         check, so it is in the call as soon as it is admitted (docs/protocol.md)."""
-        await self.send({"type": "hello", "version": version, "token": token})
+        hello: dict[str, Any] = {"type": "hello", "version": version, "token": token}
+        if instance is not None:
+            hello["instance"] = instance
+        await self.send(hello)
         message = await self.next_message(timeout=timeout_s)
         if message["type"] != "welcome":
             raise ErrorReply(message)

@@ -39,6 +39,10 @@ class SignalingConfig:
     stats_max_fields: int = 16
     # Error events recorded per seat and code; after that only counts (10, 100, 1000...).
     error_events_per_code: int = 3
+    # A participant whose socket drops (without `leave`) is announced `peer_away` at once and
+    # `peer_left` only if no new connection took its seat within this grace: media between
+    # the pages goes on without signaling, so a brief outage must not tear it down.
+    peer_grace_s: float = 30
     # Messages queued for one client before it is considered too slow and dropped.
     send_queue_max: int = 256
 

@@ -133,6 +133,9 @@ class Connection:
         # A guest is ready once it sent `join` on this connection (its patient pressed Join):
         # before that the room relays no signal to or from it and the clock does not start.
         self.ready = False
+        # The page instance this connection comes from (hello's `instance`): a new connection
+        # of the same instance keeps its media; a new instance means a new peer connection.
+        self.instance: str | None = None
         # Whether this connection was told `recording` (once per connection).
         self.recording_told = False
         self.closing = False

@@ -19,7 +19,9 @@ ICE_STATES: Final = frozenset(
 # type -> {field: (accepted python types, required)}
 _NUMBER = (int, float)
 _SCHEMA: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
-    "hello": {"version": ((int,), True), "token": ((str,), True)},
+    # `instance`: an id of this page instance (a reload is a new one); see "Media survives
+    # signaling" in docs/protocol.md.
+    "hello": {"version": ((int,), True), "token": ((str,), True), "instance": ((str, type(None)), False)},
     "signal": {"data": ((dict,), True)},
     "chat": {"text": ((str,), True)},
     "admit": {},
@@ -35,11 +37,15 @@ _SCHEMA: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     },
     "ice_restart": {},
     "stats": {"sample": ((dict,), True)},
+    # This side's uplink verdict and whether it asks for audio only; relayed to the other side.
+    "quality": {"uplink": ((str,), True), "audio_only": ((bool,), False)},
     # The recording leg (docs/recording.md): a send-only connection to the server.
     "record_offer": {"sdp": ((str,), True)},
     "record_candidate": {"candidate": ((dict, type(None)), True)},
 }
 CLIENT_TYPES: Final = frozenset(_SCHEMA)
+MAX_INSTANCE_CHARS: Final = 64
+UPLINK_VERDICTS: Final = frozenset({"good", "fair", "poor"})
 
 # Error codes the server itself sends (a policy's `Refused` codes come on top of these).
 ERROR_CODES: Final = frozenset(
@@ -117,6 +123,11 @@ def parse(text: str) -> dict[str, Any]:
         pair_type = message.get("pair_type")
         if pair_type is not None and pair_type not in PAIR_TYPES:
             raise ProtocolError("bad_field", "pair_type must be host, srflx, prflx or relay.")
+    if kind == "hello" and message.get("instance") is not None:
+        if not 0 < len(message["instance"]) <= MAX_INSTANCE_CHARS:
+            raise ProtocolError("bad_field", f"instance must be 1 to {MAX_INSTANCE_CHARS} characters.")
+    if kind == "quality" and message["uplink"] not in UPLINK_VERDICTS:
+        raise ProtocolError("bad_field", "uplink must be good, fair or poor.")
     if kind == "record_offer" and not message["sdp"].startswith("v=0"):
         raise ProtocolError("bad_field", "record_offer needs an SDP offer.")
     return message

@@ -81,6 +81,9 @@ class Room:
         self._recorder: RecordingSession | None = None
         self._recording_announced = False
         self._recorded_roles: set[str] = set()
+        # Seats whose socket dropped (no `leave`) and whose grace has not run out: the other
+        # side was told `peer_away` and keeps its media; `peer_left` follows at the end.
+        self._away: dict[Role, asyncio.TimerHandle] = {}
 
     # ----- state -------------------------------------------------------------------------
 
@@ -203,7 +206,7 @@ class Room:
         conn = self.slots[role]
         if conn is None or conn.admission is None:
             return None
-        return {"role": role, "participant": conn.admission.participant}
+        return {"role": role, "participant": conn.admission.participant, "instance": conn.instance}
 
     # ----- joining and leaving -------------------------------------------------------------
 
@@ -247,6 +250,7 @@ class Room:
                 return "refused"
 
             old = self.slots[role]
+            self._back(role)
             self.slots[role] = conn
             conn.admission = admission
             conn.room = self
@@ -272,6 +276,8 @@ class Room:
                     "recording": admission.recording,
                     "peer_present": peer_visible,
                     "peer": self._peer_info(_OTHER[role]) if peer_visible else None,
+                    # The other party's socket dropped moments ago: keep the media with it.
+                    "peer_away": _OTHER[role] in self._away,
                     # Whether the guest pressed Join (a new guest connection has not yet).
                     "peer_ready": peer_visible and (role == "guest" or self.guest_ready),
                     "admitted": self.admitted,
@@ -293,6 +299,7 @@ class Room:
                         "admitted": self.admitted,
                         "ready": role == "host",
                         "reconnected": rejoin,
+                        "instance": conn.instance,
                     }
                 )
             if self.started:
@@ -315,11 +322,41 @@ class Room:
             self.slots[role] = None
             self._emit("left", role, reason=reason)
             other = self.slots[_OTHER[role]]
-            if other is not None and other_saw_it:
+            if reason == "disconnected" and not self.ended:
+                # Maybe only the socket died (a phone changing networks, a proxy restarting):
+                # the media between the pages may well be fine. peer_left after the grace.
+                self._back(role)
+                self._away[role] = asyncio.get_running_loop().call_later(
+                    self.config.peer_grace_s, self._grace_over, role
+                )
+                if other is not None and other_saw_it:
+                    other.send({"type": "peer_away", "role": role, "grace_s": self.config.peer_grace_s})
+            elif other is not None and other_saw_it:
+                self._back(role)
                 other.send({"type": "peer_left", "role": role, "reason": reason})
             if reason == "left":
                 conn.close(CLOSE_NORMAL, "left")
             self._discard_if_idle()
+
+    def _back(self, role: Role) -> None:
+        """`role` is back (or left for good): its grace no longer runs."""
+        handle = self._away.pop(role, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _grace_over(self, role: Role) -> None:
+        self._away.pop(role, None)
+        if self.slots[role] is not None or self.ended:
+            return
+        viewer = _OTHER[role]
+        other = self.slots[viewer]
+        # The host always saw the guest; the guest saw the host once admitted.
+        if other is not None and (viewer == "host" or self.admitted):
+            other.send({"type": "peer_left", "role": role, "reason": "disconnected"})
+
+    def _cancel_graces(self) -> None:
+        for role in list(self._away):
+            self._back(role)
 
     def _discard_if_idle(self) -> None:
         # A running clock keeps the room (and its timer) alive with nobody in it, so that the
@@ -327,6 +364,7 @@ class Room:
         idle = self.empty and (not self.started or self._timer is None)
         if (self.ended or idle) and not self.discarded:
             self.discarded = True
+            self._cancel_graces()
             self._on_idle(self)
 
     # ----- admission and the clock -----------------------------------------------------------
@@ -424,6 +462,13 @@ class Room:
             other.send({"type": "signal", "data": message["data"]})
         elif kind == "ping":
             conn.send({"type": "pong"})
+        elif kind == "quality":
+            # Relayed only (not recorded): each side shows the worse of the two uplinks.
+            other = self.slots[_OTHER[role]]
+            if other is not None and self.in_call:
+                out = {"type": "quality", "from": role, "uplink": message["uplink"]}
+                out["audio_only"] = message.get("audio_only") is True
+                other.send(out)
         elif kind == "chat":
             other = self.slots[_OTHER[role]]
             if other is None or not self.admitted:
@@ -568,6 +613,7 @@ class Room:
             return
         self.state.ended_at = ended_at
         self.state.end_reason = reason
+        self._cancel_graces()
         timer, self._timer = self._timer, None
         if timer is not None and timer is not asyncio.current_task():
             timer.cancel()
@@ -593,6 +639,7 @@ class Room:
     async def shutdown(self) -> None:
         """Stop the timer without ending the visit (server shutdown; state is persisted)."""
         self.discarded = True
+        self._cancel_graces()
         timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()

@@ -238,6 +238,7 @@ class SignalingServer:
             # A policy bug must not let a token into another room or invent a third role.
             self._reject(conn, "invalid_role", "This link cannot join this room.", CLOSE_REFUSED)
             return None
+        conn.instance = hello.get("instance")
         while True:
             room = await self.get_room(room_id)
             result = await room.join(conn, admission)

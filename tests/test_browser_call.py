@@ -86,14 +86,6 @@ RECOVERED_JS = """
   return last.startsWith("restored@") || (last.startsWith("in_call@") && log.length === 1);
 }
 """
-# True once the page said "reconnecting" and, after that, "connection restored".
-RECONNECTED_JS = """
-() => {
-  const log = window.__statusLog || [];
-  const i = log.findIndex((s) => s.startsWith("reconnecting@"));
-  return i >= 0 && log.slice(i).some((s) => s.startsWith("restored@"));
-}
-"""
 
 
 @dataclass
@@ -333,6 +325,17 @@ async def said_reconnecting(watched: tuple[Page, ...], timeout_s: float) -> None
     raise AssertionError("no page said it was reconnecting")
 
 
+async def restarted_ice(watched: tuple[Page, ...], timeout_s: float) -> None:
+    """Wait until one of the pages restarted ICE (window.__consultTrace, call-peer.js)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for page in watched:
+            if any("ice restart" in step for step in await page.evaluate("window.__consultTrace")):
+                return
+        await asyncio.sleep(0.1)
+    raise AssertionError("no page restarted ICE")
+
+
 def iptables(*args: str) -> None:
     subprocess.run([require_program("iptables"), "-w", *args], check=True, capture_output=True)
 
@@ -366,11 +369,11 @@ async def test_network_switch_recovers_by_itself(
             cut = time.monotonic()
             await asyncio.gather(patient_page.evaluate(STATUS_LOG_JS), doctor_page.evaluate(STATUS_LOG_JS))
             # The media path is really gone: decoding stalls and the pages say so (both, or
-            # the one whose ICE restart then fixes it for the other: whichever noticed first).
+            # the one whose ICE restart then fixes it for the other: whichever noticed first),
+            # and ICE restarts. (Recovery now takes about 2 s: too quick to catch the stall
+            # itself by polling frames; the new local port below shows the path changed.)
             await said_reconnecting((patient_page, doctor_page), timeout_s=10)
-            stalled = (await media(doctor_page))["frames"]
-            await asyncio.sleep(0.5)
-            assert (await media(doctor_page))["frames"] - stalled < 3
+            await restarted_ice((patient_page, doctor_page), timeout_s=10)
             # ... and comes back by itself, over another port, within 10 s of the cut.
             left = 10 - (time.monotonic() - cut)
             after, _ = await asyncio.gather(
@@ -387,12 +390,19 @@ async def test_network_switch_recovers_by_itself(
         for name, page in (("patient", patient_page), ("doctor", doctor_page)):
             print(name, await page.evaluate("window.__statusLog"))
 
-        # The signaling socket closes under the page (the server only sees it go away).
+        # The signaling socket closes under the page (the server only sees it go away): it
+        # reconnects, and the media, which never needed it, goes on on the same connection.
         await patient_page.evaluate(STATUS_LOG_JS)
-        await patient_page.evaluate("window.__consultSignaling.ws.close()")
-        await patient_page.wait_for_function(RECONNECTED_JS, timeout=15_000)
+        await patient_page.evaluate("window.__consultPc.__kept = true")
+        await patient_page.evaluate("window.__oldWs = window.__consultSignaling.ws")
+        await patient_page.evaluate("window.__oldWs.close()")
+        await patient_page.wait_for_function(
+            "() => window.__consultSignaling.isOpen && window.__consultSignaling.ws !== window.__oldWs",
+            timeout=30_000,
+        )
         print("patient status after the socket dropped:", await patient_page.evaluate("window.__statusLog"))
         await asyncio.gather(frames_grow(patient_page, 20), frames_grow(doctor_page, 20))
+        assert await patient_page.evaluate("window.__consultPc.__kept === true")
 
 
 PNG_1X1 = bytes.fromhex(

@@ -172,7 +172,7 @@ async def test_waiting_room(aiohttp_client):
     host = await join(client, "host")
     assert host.welcome is not None
     assert host.welcome["peer_present"] is True  # the host sees who is waiting
-    assert host.welcome["peer"] == {"role": "guest", "participant": "guest"}
+    assert host.welcome["peer"] == {"role": "guest", "participant": "guest", "instance": None}
     # Not admitted yet: the guest learns nothing about the host, nothing is relayed.
     await host.send({"type": "signal", "data": {}})
     assert (await host.next_message("error"))["code"] == "peer_absent"
@@ -539,8 +539,8 @@ def test_configuration_is_validated():
 def test_protocol_doc_covers_every_message_event_and_close_code():
     text = DOCS.read_text()
     server_types = {
-        "welcome", "waiting", "admitted", "peer_joined", "peer_ready", "peer_left", "signal", "chat",
-        "clock", "warning", "ended", "replaced", "pong", "error",
+        "welcome", "waiting", "admitted", "peer_joined", "peer_ready", "peer_away", "peer_left", "signal",
+        "chat", "clock", "warning", "ended", "replaced", "pong", "error",
     }  # fmt: skip
     for kind in CLIENT_TYPES | server_types:
         assert f'"type": "{kind}"' in text, kind
@@ -637,3 +637,53 @@ async def test_admission_alone_starts_nothing_the_guests_join_does(aiohttp_clien
     await host.next_message("peer_ready")
     await host.send({"type": "signal", "data": offer})
     assert (await again.next_message("signal"))["data"] == offer
+
+
+async def test_a_dropped_socket_is_away_first_and_left_only_after_the_grace(aiohttp_client):
+    """Media goes peer to peer: a socket that drops (no `leave`) must not make the other page
+    tear its media down. It hears `peer_away` at once and `peer_left` only after the grace;
+    a connection of the same page instance within the grace says which instance it is."""
+    app, server = make_app(make_policy(), SignalingConfig(peer_grace_s=0.6))
+    client = await aiohttp_client(app)
+    host, guest = await pair(client)
+    clock = server.rooms["r1"].clock_message()
+    await guest.close()  # the socket dies; the page (and its peer connection) lives on
+    away = await host.next_message("peer_away")
+    assert away["role"] == "guest" and away["grace_s"] == 0.6
+    again = await connect(client)
+    welcome = await again.hello("guest-r1", instance="page-1")
+    assert welcome["clock"]["started_at"] == clock["started_at"]  # the visit clock ran on
+    rejoined = await host.next_message("peer_joined")
+    assert rejoined["reconnected"] is True and rejoined["instance"] == "page-1"
+    await asyncio.sleep(1.0)  # past the grace: it was cancelled by the return
+    assert "peer_left" not in [m["type"] for m in host.buffered()]
+
+    # The host's socket drops: the guest sees it away, then, with nobody back, left.
+    await host.close()
+    assert (await again.next_message("peer_away"))["role"] == "host"
+    host2 = await connect(client)
+    welcome = await host2.hello("host-r1", instance="room-1")
+    assert welcome["peer"]["instance"] == "page-1" and welcome["peer_away"] is False
+    await host2.close()
+    await again.next_message("peer_away")
+    left = await again.next_message("peer_left", timeout=3)
+    assert left == {"type": "peer_left", "role": "host", "reason": "disconnected"}
+
+    # An explicit leave is announced at once, without a grace.
+    host3 = await join(client, "host")
+    await again.next_message("peer_joined")
+    await again.send({"type": "leave"})
+    assert (await host3.next_message("peer_left"))["reason"] == "left"
+
+
+async def test_quality_is_relayed_to_the_other_side(aiohttp_client):
+    app, _ = make_app(make_policy())
+    client = await aiohttp_client(app)
+    host, guest = await pair(client)
+    await guest.send({"type": "quality", "uplink": "poor", "audio_only": True})
+    relayed = await host.next_message("quality")
+    assert relayed == {"type": "quality", "from": "guest", "uplink": "poor", "audio_only": True}
+    await host.send({"type": "quality", "uplink": "bad"})
+    assert (await host.next_message("error"))["code"] == "bad_field"
+    await host.send({"type": "quality", "uplink": "good"})
+    assert (await guest.next_message("quality"))["audio_only"] is False

@@ -28,6 +28,8 @@ PROGRAMS = {
     "turnserver": "coturn",
     "ip": "iproute2",
     "iptables": "iptables",
+    "tc": "iproute2",  # tests/harness/impair.py: rate caps
+    "ss": "iproute2",  # tests/harness/impair.py: resetting TCP connections
     "nginx": "nginx",
     "fc-list": "fontconfig",  # the font check below
     "setpriv": "util-linux",  # tests/test_architecture.py: unit tests run without root's capabilities

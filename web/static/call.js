@@ -13,8 +13,11 @@
 // They share one context object (`ctx` below): the signaling client, the local stream, the
 // two connections, the room's flags, and the small UI helpers.
 //
-// When the signaling socket had to reconnect, the other side throws its connection away
-// (protocol), so this side starts a fresh one too.
+// Signaling and media are independent: when a socket reconnects, each side keeps its peer
+// connection as long as the other page is the same instance (the instance id in hello and
+// `peer_joined`); only a reloaded page gets a fresh one (docs/protocol.md, "Media survives
+// signaling"). The socket connects while getUserMedia is still asking for the camera; its
+// messages are handled once the camera is settled.
 //
 // Nothing leaves the patient's phone before the patient presses Join: the pre-call check uses
 // the camera locally only; the socket connects early (to wait and be admitted), but the peer
@@ -47,6 +50,7 @@
   let peerPresent = false;
   let guestWaiting = false;
   let guestReady = false; // host: the patient pressed Join (the server said peer_ready)
+  let peerInstance = null; // the other page's instance id: a new one needs a new connection
   let clockOffsetMs = 0;
   let endsAtMs = null;
   let countdownTimer = null;
@@ -146,6 +150,8 @@
 
   function onClock(message) {
     clockOffsetMs = message.now * 1000 - Date.now();
+    // While the visit runs, a lost socket is retried quickly (at most every 2 s).
+    if (ctx.sig) ctx.sig.maxDelayMs = 2000;
     endsAtMs = message.ends_at * 1000;
     clearInterval(countdownTimer);
     tick();
@@ -223,9 +229,22 @@
     return peerPresent && admitted && (isHost ? guestReady : ctx.joined);
   }
 
-  function startPcIfInCall() {
+  function pcAlive() {
+    const pc = ctx.pc;
+    return !!pc && pc.connectionState !== "closed" && pc.connectionState !== "failed";
+  }
+
+  // The other page's instance: true when it is the one our peer connection talks to.
+  function samePeer(instance) {
+    const same = !!instance && instance === peerInstance;
+    if (instance) peerInstance = instance;
+    return same;
+  }
+
+  // `fresh`: the other page is a new instance, its old connection is gone.
+  function startPcIfInCall(fresh) {
     if (inCall()) {
-      peer.newPc();
+      if (fresh || !pcAlive()) peer.newPc();
     } else {
       peer.closePc();
       if (isHost && peerPresent && admitted) setStatus("patient_admitted_not_joined");
@@ -259,11 +278,17 @@
       guestReady = peerPresent && welcome.peer_ready === true;
       updateAdmit();
     }
-    if (reconnected) ctx.interrupted = true;
     sendJoin(); // a new socket is a new seat connection: say it again
-    if (peerPresent && admitted) {
-      // A fresh connection on a (re)join: the other side starts a new one for us too.
-      startPcIfInCall();
+    const same = samePeer(welcome.peer && welcome.peer.instance);
+    if (reconnected && pcAlive() && (welcome.peer_away || (peerPresent && admitted && same))) {
+      // Only this socket was gone: the media went on (or recovers over the new socket).
+      peerPresent = true;
+      if (isHost) guestReady = true;
+      peer.onSignalingBack();
+      if (!peer.mediaFlowing()) setStatus("reconnecting");
+    } else if (peerPresent && admitted) {
+      if (reconnected) ctx.interrupted = true;
+      startPcIfInCall(!same);
     } else {
       peer.closePc();
       if (isHost) setStatus(peerPresent ? "patient_waiting" : "waiting_patient");
@@ -283,11 +308,16 @@
         if (isHost && message.ready === true) guestReady = true;
         updateAdmit();
         // The host offers once the patient is in the call: admitted and pressed Join.
-        if (isHost && peerPresent) startPcIfInCall();
+        if (isHost && peerPresent) startPcIfInCall(false);
         enterCallIfReady();
         break;
       case "peer_joined":
         peerPresent = true;
+        if (samePeer(message.instance) && pcAlive() && message.admitted) {
+          // The same page on a new socket: its peer connection still talks to ours. (A
+          // guest's new socket says `join` again; peer_ready follows.)
+          break;
+        }
         if (message.admitted) admitted = true;
         if (isHost) guestReady = message.ready === true; // a new connection joins again
         if (isHost && !message.admitted) {
@@ -297,14 +327,26 @@
           break;
         }
         if (stageNote) stageNote.hidden = true;
-        startPcIfInCall(); // a new or reconnected peer: always a fresh connection
+        startPcIfInCall(true); // a new page instance: a fresh connection
         enterCallIfReady();
         break;
-      case "peer_ready":
+      case "peer_ready": {
         if (!isHost) break;
         guestReady = true;
         if (stageNote) stageNote.hidden = true;
-        startPcIfInCall();
+        const kept = pcAlive();
+        startPcIfInCall(false);
+        // The patient's page came back on a new socket with its connection: an ICE restart
+        // offer of ours that went nowhere meanwhile goes out again now.
+        if (kept) peer.onSignalingBack();
+        break;
+      }
+      case "peer_away":
+        // Its socket dropped; media between the pages does not need it (peer_left follows
+        // only if it does not come back within the grace).
+        break;
+      case "quality":
+        peer.onPeerQuality(message);
         break;
       case "peer_left":
         if (isHost) guestReady = false; // its next connection says join again
@@ -356,6 +398,28 @@
         break;
     }
   }
+
+  // -- poor network and audio only -------------------------------------------------------------
+
+  const audioOnlyButton = $("[data-action=audio-only]");
+
+  ctx.onQuality = (level) => {
+    // Offered when the network is poor, and shown while audio only is on (to turn it off).
+    if (audioOnlyButton) audioOnlyButton.hidden = !(level === "poor" || ctx.audioOnly) || ctx.ended;
+  };
+
+  ctx.onAudioOnly = (on, auto) => {
+    if (audioOnlyButton) {
+      audioOnlyButton.hidden = false;
+      audioOnlyButton.setAttribute("aria-pressed", on ? "true" : "false");
+      audioOnlyButton.textContent = t(on ? "video_back" : "audio_only");
+    }
+    root.dataset.audioOnly = on ? (auto ? "auto" : "on") : "";
+    if (stageNote) {
+      stageNote.textContent = on ? t(auto ? "audio_only_auto" : "audio_only_on") : "";
+      stageNote.hidden = !on;
+    }
+  };
 
   function finish(reasonKey, title) {
     if (ctx.ended && reasonKey !== "refused") return;
@@ -447,6 +511,9 @@
         case "flip":
           media.flipCamera();
           break;
+        case "audio-only":
+          peer.setAudioOnly(!ctx.audioOnly, false);
+          break;
         case "chat":
           chat.toggle(button.getAttribute("aria-pressed") !== "true");
           break;
@@ -502,7 +569,9 @@
     show(isHost ? "call" : "precheck");
     setStatus("connecting");
     setCheck("connect", "pending", "checking");
-    await media.startMedia();
+    // The camera and the socket start together; messages wait for the camera (serial), so
+    // that a peer connection is never made without the local tracks.
+    serial(() => media.startMedia());
     const scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
     const url = scheme + window.location.host + root.dataset.wsPath;
     const sig = new window.SignalingClient(url, isHost ? hostToken : () => root.dataset.token);
@@ -517,6 +586,7 @@
     });
     sig.addEventListener("reconnecting", () => {
       if (ctx.ended) return;
+      if (peer.mediaFlowing()) return; // the call goes on without the socket
       ctx.interrupted = true;
       setStatus("reconnecting");
       if (!sig.everOpened) setCheck("connect", "failed", "cannot_connect");

@@ -8,6 +8,11 @@
 //   sig.addEventListener("reconnecting", (e) => e.detail.delay);
 //   sig.addEventListener("closed", (e) => e.detail.code, e.detail.error);  // final
 //   sig.connect();  sig.send({type: "chat", text: "hi"});  sig.close();
+//   await sig.probe(1000);   // true if the socket answered a ping in time; else it is replaced
+//
+// Every page instance has its own random `instance` id, sent in each hello: the other side
+// keeps its media when this page merely reconnects (docs/protocol.md, "Media survives
+// signaling").
 (function (global) {
   "use strict";
 
@@ -25,6 +30,7 @@
       this.getToken = getToken;
       this.minDelayMs = o.minDelayMs || 500;
       this.maxDelayMs = o.maxDelayMs || 8000;
+      this.instance = o.instance || randomId();
       this.helloTimeoutMs = o.helloTimeoutMs || 10000;
       this.pingIntervalMs = o.pingIntervalMs || 10000;
       // No message for this long (pongs included) means a dead path, e.g. a phone that
@@ -41,6 +47,7 @@
       this._lastHeard = 0;
       this._stopped = false;
       this._leaving = false;
+      this._probes = [];
       this._onOnline = () => {
         if (this.state === "reconnecting") this._retryNow();
       };
@@ -116,12 +123,14 @@
           return;
         }
         if (this.ws === ws && ws.readyState === WebSocket.OPEN) {
-          ws.send(JSON.stringify({ type: "hello", version: PROTOCOL_VERSION, token: token }));
+          const hello = { type: "hello", version: PROTOCOL_VERSION, token: token, instance: this.instance };
+          ws.send(JSON.stringify(hello));
         }
       };
       ws.onmessage = (event) => {
         if (this.ws !== ws) return;
         this._lastHeard = Date.now();
+        this._settleProbes(true);
         let message;
         try {
           message = JSON.parse(event.data);
@@ -158,6 +167,40 @@
       };
     }
 
+    // Is this socket alive? Sends a ping and resolves true when anything arrives within
+    // `timeoutMs`; otherwise the socket is given up (a dead path, e.g. after a network
+    // switch: send() would still return true) and a new one is opened at once. Resolves
+    // false too when there is no open socket.
+    probe(timeoutMs) {
+      const ws = this.ws;
+      if (!this.isOpen) {
+        if (this.state === "reconnecting") this._retryNow();
+        return Promise.resolve(false);
+      }
+      return new Promise((resolve) => {
+        const entry = { resolve: resolve, timer: null };
+        entry.timer = setTimeout(() => {
+          this._probes = this._probes.filter((p) => p !== entry);
+          resolve(false);
+          if (this.ws === ws) {
+            this._abandon(ws, "probe unanswered");
+            this._retryNow();
+          }
+        }, timeoutMs);
+        this._probes.push(entry);
+        ws.send(JSON.stringify({ type: "ping" }));
+      });
+    }
+
+    _settleProbes(answered) {
+      const probes = this._probes;
+      this._probes = [];
+      for (const p of probes) {
+        clearTimeout(p.timer);
+        p.resolve(answered);
+      }
+    }
+
     _startPinger(ws) {
       clearInterval(this._pinger);
       this._lastHeard = Date.now();
@@ -177,6 +220,7 @@
       if (this.ws !== ws) return;
       this.ws = null;
       clearInterval(this._pinger);
+      this._settleProbes(false);
       try {
         ws.close();
       } catch (err) {
@@ -208,6 +252,12 @@
       this._clearTimers();
       this._emit("closed", { code: code, reason: reason, error: this.lastError });
     }
+  }
+
+  function randomId() {
+    const bytes = new Uint8Array(12);
+    global.crypto.getRandomValues(bytes);
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
   }
 
   global.SignalingClient = SignalingClient;
