@@ -4,6 +4,7 @@
 - `tests.harness.turn`: `TurnServer` (coturn with TURN REST credentials).
 - `tests.harness.nginx`: `NginxProxy` (nginx with the site block of docs/install.md, TLS).
 - `tests.harness.browser`: Chromium launch, per-page request/console logs, failure artifacts.
+- `tests.harness.firefox`: `Firefox` (headless Firefox ESR over WebDriver BiDi, the second engine).
 - `tests.harness.fixtures`: the pytest fixtures; `from tests.harness.fixtures import *` in
   `tests/conftest.py` (this also imports the `pytest_runtest_makereport` hook).
 
