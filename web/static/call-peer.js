@@ -79,6 +79,7 @@
         conn.addTransceiver("audio", { direction: "recvonly" });
         conn.addTransceiver("video", { direction: "recvonly" });
       }
+      for (const transceiver of conn.getTransceivers()) Consult.preferCodecs(transceiver); // H.264 first
       conn.ontrack = (event) => {
         if (conn !== ctx.pc || !remoteVideo) return;
         const stream = event.streams[0] || new MediaStream([event.track]);
