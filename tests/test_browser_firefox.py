@@ -19,7 +19,15 @@ import pytest
 from playwright.async_api import Page, expect
 
 from tests.harness.firefox import Firefox
-from tests.test_browser_call import DOCTOR, MEDIA_JS, PASSWORD, WAIT_MS, prepare_call, sign_in_doctor
+from tests.test_browser_call import (
+    DOCTOR,
+    MEDIA_JS,
+    PASSWORD,
+    STATUS_LOG_JS,
+    WAIT_MS,
+    prepare_call,
+    sign_in_doctor,
+)
 
 TEST_TIMEOUT = 180
 # Long enough for a slow machine to connect and check everything before the visit ends.
@@ -193,6 +201,9 @@ async def whole_visit(
     await patient.visible("stage")
     await asyncio.gather(patient.frames(20), doctor.frames(20))
     await asyncio.gather(patient.status("in_call"), doctor.status("in_call"))
+    # From here on every status each page shows is logged: a healthy call stays "in_call"
+    # (no ICE restart from a stats reading that one engine does not give).
+    await asyncio.gather(patient.run(STATUS_LOG_JS), doctor.run(STATUS_LOG_JS))
     # Both sides agree on the codec; between Gecko and Chromium here that is VP8 (this
     # Firefox has no OpenH264 plugin: it would be downloaded).
     codecs = await asyncio.gather(patient.run(CODECS_JS), doctor.run(CODECS_JS))
@@ -206,6 +217,9 @@ async def whole_visit(
     # Mute both ways.
     await mute_is_heard(patient, doctor)
     await mute_is_heard(doctor, patient)
+    for side in (patient, doctor):
+        log = await side.run("() => window.__statusLog")
+        assert all(entry.startswith("in_call@") for entry in log), (side.name, log)
     # The server ends the visit on time, on both pages.
     left = VISIT_S - (time.monotonic() - started)
     assert left > 0, f"the checks took longer than the visit ({VISIT_S} s): raise VISIT_S"

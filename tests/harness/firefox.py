@@ -31,7 +31,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.harness.programs import find_program, require_program
+from tests.harness.programs import require_program
 
 LISTENING_RE = re.compile(r"WebDriver BiDi listening on (ws://\S+)")
 START_TIMEOUT_S = 60
@@ -372,7 +372,3 @@ class Firefox:
 def _write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-
-
-def firefox_available() -> bool:
-    return find_program("firefox-esr") is not None

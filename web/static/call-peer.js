@@ -200,13 +200,22 @@
         return;
       }
       let bytes = 0;
+      let transports = 0;
+      let otherBytes = 0;
       try {
         (await conn.getStats()).forEach((s) => {
-          if (s.type === "transport") bytes += s.bytesReceived || 0;
+          if (s.type === "transport" && s.bytesReceived !== undefined) {
+            transports += 1;
+            bytes += s.bytesReceived;
+          } else if (s.type === "inbound-rtp" || (s.type === "candidate-pair" && (s.selected || s.nominated))) {
+            otherBytes += s.bytesReceived || 0;
+          }
         });
       } catch (err) {
         return;
       }
+      // Firefox's "transport" stats have no byte counts: the pair's and the media's tell the same.
+      if (!transports) bytes = otherBytes;
       if (conn !== ctx.pc) return;
       const flowing = bytes !== lastTransportBytes;
       silentChecks = flowing ? 0 : silentChecks + 1;
