@@ -224,25 +224,35 @@ class Firefox:
         raise BiDiError(f"firefox did not open WebDriver BiDi in {START_TIMEOUT_S} s:\n{text[-3000:]}")
 
     async def close(self) -> None:
-        if self._ws is not None and not self._ws.closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.command("session.end", {}), 5)
-            await self._ws.close()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-        if self._http is not None:
-            await self._http.close()
-        if self.proc is not None and self.proc.poll() is None:
+        """End the session, then the whole process group, whatever state the browser is in (a
+        hung page, a cancelled test): the process is stopped in any case."""
+        try:
+            if self._ws is not None and not self._ws.closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.command("session.end", {}), 5)
+        finally:
+            await asyncio.to_thread(self._stop_process)
+            if self._reader is not None:
+                self._reader.cancel()
+            if self._ws is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._ws.close(), 5)
+            if self._http is not None:
+                await self._http.close()
+
+    def _stop_process(self) -> None:
+        if self.proc is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
+                os.killpg(self.proc.pid, sig)  # children (content processes) too
             try:
-                await asyncio.to_thread(self.proc.wait, 10)
+                self.proc.wait(10)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                await asyncio.to_thread(self.proc.wait, 10)
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # any content process left behind
+            return
 
     # -- the protocol --------------------------------------------------------------------------
 
