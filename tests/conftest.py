@@ -26,6 +26,7 @@ NETNS_FIXTURES = {
     "consult_server_factory",
     "coturn",
     "doctor_page",
+    "firefox",
     "nginx_proxy",
     "patient_page",
     "playwright",

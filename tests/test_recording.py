@@ -317,3 +317,30 @@ def test_bitstream_helpers() -> None:
     )
     assert vp8_keyframe(key) == (True, (640, 480))
     assert vp8_keyframe(bytes([0x51, 0, 0])) == (False, None)
+
+
+def _offer(video_payloads: str, rtpmaps: str) -> str:
+    return (
+        "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+        f"m=video 9 UDP/TLS/RTP/SAVPF {video_payloads}\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\n"
+        "a=sendonly\r\na=rtcp-mux\r\n" + rtpmaps
+    )
+
+
+def test_the_server_answers_in_the_offers_codec_order() -> None:
+    """A page that puts H.264 first (iPhones; web/static/call-media.js) is recorded in H.264, one
+    that puts VP8 first in VP8: the answer keeps the offer's order, not the server's."""
+    from signaling.recording.session import VIDEO_CODECS, _in_offer_order, _preferences
+
+    preferences = _preferences("video", VIDEO_CODECS)
+    h264_first = _offer(
+        "102 96",
+        "a=rtpmap:102 H264/90000\r\na=fmtp:102 packetization-mode=1;profile-level-id=42e01f\r\n"
+        "a=rtpmap:96 VP8/90000\r\n",
+    )
+    vp8_first = _offer("96 102", "a=rtpmap:96 VP8/90000\r\na=rtpmap:102 H264/90000\r\n")
+    assert _in_offer_order(preferences, h264_first, "video")[0].mimeType == "video/H264"
+    assert _in_offer_order(preferences, vp8_first, "video")[0].mimeType == "video/VP8"
+    reordered = _in_offer_order(preferences, h264_first, "video")
+    assert sorted(map(repr, reordered)) == sorted(map(repr, preferences))  # nothing lost
+    assert _in_offer_order(preferences, "not sdp", "video") == preferences

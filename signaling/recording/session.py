@@ -30,7 +30,7 @@ from aiortc import (
 )
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
-from aiortc.sdp import candidate_from_sdp
+from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from signaling.recording import passthrough
 from signaling.recording.writer import ParticipantWriter, RecordingFile
@@ -89,6 +89,22 @@ def _preferences(kind: str, names: Iterable[str]) -> list[Any]:
     capabilities = RTCRtpReceiver.getCapabilities(kind)
     assert capabilities is not None
     return [c for name in names for c in capabilities.codecs if c.mimeType.lower() == name.lower()]
+
+
+def _in_offer_order(preferences: list[Any], sdp: str, kind: str) -> list[Any]:
+    """`preferences` reordered as the offer lists their codecs: the browser's choice stands (a
+    page that puts H.264 first is recorded in H.264, as it sends it on the call)."""
+    try:
+        media = next(m for m in SessionDescription.parse(sdp).media if m.kind == kind)
+    except (StopIteration, ValueError, KeyError, IndexError):
+        return preferences  # no such m-line, or unparsable: setRemoteDescription will say so
+    order = [c.mimeType.lower() for c in media.rtp.codecs]
+
+    def rank(codec: Any) -> int:
+        name = codec.mimeType.lower()
+        return order.index(name) if name in order else len(order)
+
+    return sorted(preferences, key=rank)
 
 
 class RecordingSession:
@@ -227,7 +243,7 @@ class RecordingSession:
         audio = pc.addTransceiver("audio", direction="recvonly")
         audio.setCodecPreferences(_preferences("audio", AUDIO_CODECS))
         video = pc.addTransceiver("video", direction="recvonly")
-        video.setCodecPreferences(_preferences("video", VIDEO_CODECS))
+        video.setCodecPreferences(_in_offer_order(_preferences("video", VIDEO_CODECS), sdp, "video"))
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
 
         leg.writer.expect_audio = self._receiving(audio)

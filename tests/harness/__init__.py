@@ -7,6 +7,7 @@
   `save_screenshot(page, name)` (test-artifacts/screenshots/).
 - `tests.harness.axe`: `axe_check(page, name)`, axe-core's WCAG 2 A/AA rules on the open page.
 - `tests.harness.a11y`: touch targets, text at 200 %, and `PageAudit` (all checks on each page).
+- `tests.harness.firefox`: `Firefox` (headless Firefox ESR over WebDriver BiDi, the second engine).
 - `tests.harness.fixtures`: the pytest fixtures; `from tests.harness.fixtures import *` in
   `tests/conftest.py` (this also imports the `pytest_runtest_makereport` hook).
 

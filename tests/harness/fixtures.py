@@ -31,6 +31,7 @@ from tests.harness.browser import (
     launch_chromium,
     save_page_artifacts,
 )
+from tests.harness.firefox import Firefox, default_route
 from tests.harness.nginx import NginxProxy
 from tests.harness.server import BRIDGE_ADDR, ConsultServer, free_port
 from tests.harness.turn import TurnServer
@@ -48,6 +49,7 @@ __all__ = [
     "doctor_context",
     "doctor_page",
     "failure_artifacts",
+    "firefox",
     "nginx_proxy",
     "pages",
     "patient_context",
@@ -307,3 +309,25 @@ async def patient_page(patient_context: BrowserContext, pages: PageRecorder) -> 
 @pytest.fixture
 async def doctor_page(doctor_context: BrowserContext, pages: PageRecorder) -> Page:
     return await pages.new_page(doctor_context, "doctor")
+
+
+@pytest.fixture
+async def firefox(
+    tmp_path: Path, app_origin: str, failure_artifacts: FailureArtifacts
+) -> AsyncIterator[Firefox]:
+    """Headless Firefox ESR (fresh profile, fake camera and microphone, `app_origin` trusted as
+    a secure context), driven over WebDriver BiDi; a default route in the namespace meanwhile."""
+    with default_route():
+        browser = Firefox(tmp_path / "firefox-profile", secure_origins=[app_origin])
+        try:
+            await browser.start()
+            yield browser
+        finally:
+            try:
+                if failure_artifacts.failed:
+                    failure_artifacts.dir.mkdir(parents=True, exist_ok=True)
+                    (failure_artifacts.dir / "firefox.console.log").write_text(browser.log_text())
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(browser.screenshot(failure_artifacts.dir / "firefox.png"), 10)
+            finally:
+                await browser.close()

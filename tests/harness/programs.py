@@ -25,6 +25,7 @@ import pytest
 # program -> Debian package
 PROGRAMS = {
     "chromium": "chromium",
+    "firefox-esr": "firefox-esr",  # the second engine (tests/harness/firefox.py)
     "turnserver": "coturn",
     "ip": "iproute2",
     "iptables": "iptables",

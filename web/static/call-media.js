@@ -7,6 +7,33 @@
 
   const Consult = (window.Consult = window.Consult || {});
 
+  // H.264 first when this browser has it, so that two browsers that both have it agree on it
+  // (the other side's answer or offer decides what is common; VP8 stays as the fallback):
+  // iPhones encode H.264 in hardware. Within H.264, packetization-mode=1 and Constrained
+  // Baseline first (what Safari and the server's recorder take). Applied to the call's and the
+  // recording leg's video transceivers before their offers and answers. Where the browser
+  // lacks setCodecPreferences or getCapabilities (Safari before 13.1), nothing changes.
+  Consult.preferCodecs = function (transceiver) {
+    const receiver = transceiver.receiver;
+    const kind = receiver && receiver.track && receiver.track.kind;
+    if (kind !== "video" || typeof transceiver.setCodecPreferences !== "function") return;
+    if (!window.RTCRtpReceiver || typeof RTCRtpReceiver.getCapabilities !== "function") return;
+    const capabilities = RTCRtpReceiver.getCapabilities("video");
+    if (!capabilities || !capabilities.codecs) return;
+    const rank = (codec) => {
+      if (codec.mimeType.toLowerCase() !== "video/h264") return 9;
+      const fmtp = codec.sdpFmtpLine || "";
+      return (fmtp.includes("packetization-mode=1") ? 0 : 2) + (fmtp.includes("profile-level-id=42e0") ? 0 : 1);
+    };
+    const codecs = capabilities.codecs.map((codec, i) => ({ codec, i }));
+    codecs.sort((a, b) => rank(a.codec) - rank(b.codec) || a.i - b.i);
+    try {
+      transceiver.setCodecPreferences(codecs.map((x) => x.codec));
+    } catch (err) {
+      console.warn("codec preferences refused", err);
+    }
+  };
+
   Consult.callMedia = function (ctx) {
     let facing = "user";
     let audioContext = null;

@@ -137,6 +137,7 @@
         conn.addTransceiver("video", { direction: "recvonly" });
       }
       preferAudioRed(conn);
+      for (const transceiver of conn.getTransceivers()) Consult.preferCodecs(transceiver); // H.264 first
       conn.ontrack = (event) => {
         if (conn !== ctx.pc || !remoteVideo) return;
         const stream = event.streams[0] || new MediaStream([event.track]);
@@ -335,16 +336,27 @@
       let frames = 0;
       let audioPackets = 0;
       let pairId = null;
+      let transports = 0;
+      let otherBytes = 0;
       try {
         (await conn.getStats()).forEach((s) => {
-          if (s.type === "transport") bytes += s.bytesReceived || 0;
+          if (s.type === "transport" && s.bytesReceived !== undefined) {
+            transports += 1;
+            bytes += s.bytesReceived;
+          } else if (s.type === "inbound-rtp" || (s.type === "candidate-pair" && (s.selected || s.nominated))) {
+            otherBytes += s.bytesReceived || 0;
+          }
           if (s.type === "transport" && s.selectedCandidatePairId) pairId = s.selectedCandidatePairId;
+          // Firefox names its selected pair on the pair itself, not on a transport.
+          if (s.type === "candidate-pair" && s.selected && !pairId) pairId = s.id;
           if (s.type === "inbound-rtp" && s.kind === "video") frames += s.framesDecoded || 0;
           if (s.type === "inbound-rtp" && s.kind === "audio") audioPackets += s.packetsReceived || 0;
         });
       } catch (err) {
         return;
       }
+      // Firefox's "transport" stats have no byte counts: the pair's and the media's tell the same.
+      if (!transports) bytes = otherBytes;
       if (conn !== ctx.pc) return;
       const flowing = bytes !== lastTransportBytes;
       lastTransportBytes = bytes;

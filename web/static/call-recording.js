@@ -56,6 +56,7 @@
       for (const track of localStream.getTracks()) {
         const transceiver = conn.addTransceiver(track, { direction: "sendonly", streams: [localStream] });
         if (track.kind === "video") capRecordingBitrate(transceiver.sender);
+        Consult.preferCodecs(transceiver); // the call's preference: H.264 is recorded as it comes
       }
       let offered = false;
       const early = [];
