@@ -496,3 +496,16 @@ async def test_the_consult_room_lists_earlier_prescriptions_in_words(review_clin
     assert given["number"] in page
     assert "阿莫西林胶囊 0.25 g × 24 粒 · 每次 0.5 g，口服，每日三次（tid），共 7 天；总量 2 盒" in page
     assert returned["number"] not in page and "氯雷他定片" not in page
+
+
+async def test_the_doctors_visit_page_gives_sex_and_age_from_the_prescription_in_words(clinic):
+    """The doctor's own view of a visit reads the patient's sex and age off the latest
+    prescription, in the reader's language ("男", not the stored code "male")."""
+    client = clinic.client
+    token = await sign_in(client, DOCTOR)
+    resp = await issue(client, clinic.public_id, token, [ZH_ITEM], head=ZH_HEAD)
+    assert resp.status == 201, await resp.text()
+    page = await (await client.get(f"/visits/{clinic.public_id}")).text()
+    assert 'data-testid="patient-sex">男<' in page, page[page.find("patient-sex") - 200 :][:400]
+    assert 'data-testid="patient-age">67<' in page
+    assert ">male<" not in page

@@ -13,6 +13,7 @@ from typing import Any
 import sqlite_utils
 
 from consult.booking import catalogue, schedules, visits
+from consult.clinical.prescriptions import sex_label
 from consult.core.errors import NotFound
 from consult.core.i18n import _
 
@@ -112,6 +113,8 @@ def patient_facts(db: sqlite_utils.Database, patient_id: int) -> dict[str, Any]:
             value = patient.get(name)
             if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
                 facts[name] = str(value)[:20]
+        if facts["sex"]:  # stored as a code ("female"): shown in the reader's words
+            facts["sex"] = sex_label(facts["sex"])
     return facts
 
 
