@@ -70,20 +70,46 @@ async def issue_prescription(page: Page, origin: str, public_id: str) -> str:
     await form.locator("button[type=submit]").click()
     await page.wait_for_url(origin + "/doctor")
     token = await page.locator("input[name=csrf_token]").first.input_value()
-    items = [
-        {
-            "drug": "阿莫西林胶囊",
-            "strength": "0.25 g",
-            "dose": "2 粒",
-            "frequency": "每日 3 次",
-            "quantity": "24 粒",
-        },
-        {"drug": "布洛芬缓释胶囊", "dose": "1 粒", "frequency": "必要时", "quantity": "6 粒"},
-    ]
+    form = {
+        "sex": "female",
+        "age": 67,
+        "diagnosis": "急性鼻窦炎",
+        "allergies": "无",
+        "items": [
+            {
+                "drug": "阿莫西林胶囊",
+                "strength": "0.25 g × 24 粒",
+                "dose": "0.5",
+                "dose_unit": "g",
+                "route": "oral",
+                "frequency": "tid",
+                "days": 7,
+                "quantity": 2,
+                "quantity_unit": "盒",
+                "instructions": "饭后服用",
+            },
+            {
+                "drug": "布洛芬缓释胶囊",
+                "strength": "0.3 g × 20 粒",
+                "dose": "1",
+                "dose_unit": "粒",
+                "route": "oral",
+                "frequency": "prn",
+                "days": 3,
+                "quantity": 1,
+                "quantity_unit": "盒",
+            },
+        ],
+    }
+    headers = {"Content-Type": "application/json", "X-CSRF-Token": token, "Accept": "application/json"}
+    # As the doctor's page does: preview, then sign exactly what the preview showed.
+    shown = await page.request.post(
+        f"{origin}/api/visits/{public_id}/prescriptions/preview", data=json.dumps(form), headers=headers
+    )
+    assert shown.status == 200, await shown.text()
+    form["preview_hash"] = (await shown.json())["preview_hash"]
     response = await page.request.post(
-        f"{origin}/api/visits/{public_id}/prescriptions",
-        data=json.dumps({"items": items}),
-        headers={"Content-Type": "application/json", "X-CSRF-Token": token, "Accept": "application/json"},
+        f"{origin}/api/visits/{public_id}/prescriptions", data=json.dumps(form), headers=headers
     )
     assert response.status == 201, await response.text()
     return (await response.json())["prescription"]["number"]
