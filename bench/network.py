@@ -34,7 +34,11 @@ Conditions and what each figure measures:
                  are refused for 20 s; the longest stretch, on either page, without a newly
                  decoded video frame during those 20 s (polled every 100 ms). Target < 1.
 
-`firefox_chromium_connected` is null: the Firefox driver is another branch's work.
+  firefox        `firefox_chromium_connected`: the two-engine calls of the test suite, run as
+                 they are (`pytest tests/test_browser_firefox.py` in a subprocess, its own
+                 namespace): a patient on Firefox ESR calls a doctor on Chromium and the
+                 reverse, through the real pages; true when both calls negotiated a codec,
+                 decoded video both ways, carried mute and ended on time.
 stderr has each condition's details; the load average is printed before and after; the last
 line of stdout is one JSON object with the figures above.
 
@@ -59,9 +63,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import BRIDGE_ADDR, ConsultServer, enter_private_netns, free_port  # bench/ is on sys.path
+from common import (  # bench/ is on sys.path
+    BRIDGE_ADDR,
+    ROOT,
+    ConsultServer,
+    enter_private_netns,
+    free_port,
+    loadavg,
+)
 from join import (
-    AUTO_ADMIT_JS,
     DOCTOR_CONTEXT,
     MEDIA_PERMISSIONS,
     PATIENT_CONTEXT,
@@ -75,7 +85,20 @@ from join import (
 WAIT_MS = 30_000
 STALL_S = 0.7  # no new frame for this long: the cut has reached the decoder
 BACK_FRAMES = 3  # video is back once this many frames are decoded after the stall
-CONDITIONS = ("clean", "loss5", "uplink300", "uplink150", "relay2", "udp_drop", "switch", "outage")
+# The doctor's page admits the patient the moment the button shows: these conditions measure the
+# network, not a person's reaction (bench/join.py measures the join with the click in the UI).
+AUTO_ADMIT_JS = """
+(() => {
+  const tick = () => {
+    const button = document.querySelector("[data-action=admit]");
+    if (button && !button.hidden) button.click();
+    setTimeout(tick, 5);
+  };
+  tick();
+})();
+"""
+
+CONDITIONS = ("clean", "loss5", "uplink300", "uplink150", "relay2", "udp_drop", "switch", "outage", "firefox")
 
 STATS_JS = """
 async () => {
@@ -120,10 +143,6 @@ FIRST_FRAME_JS = """
 
 def sh(*argv: str, check: bool = True) -> None:
     subprocess.run(argv, check=check, capture_output=True)
-
-
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 # -- impairments (the same as tests/harness/impair.py, in the form a benchmark needs) -----------
@@ -360,6 +379,19 @@ async def longest_gap(call: CallUnderTest, seconds: float) -> float:
 # -- the conditions -----------------------------------------------------------------------------
 
 
+def firefox_calls() -> bool:
+    """Both two-engine calls of the test suite, run as they are; True if both passed."""
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_browser_firefox.py"]
+    env = {k: v for k, v in os.environ.items() if k != "CONSULT_TEST_NETNS"}  # its own namespace
+    try:
+        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        log("firefox: the two-engine calls did not finish within 900 s")
+        return False
+    log("firefox: " + (done.stdout.strip().splitlines() or ["no output"])[-1])
+    return done.returncode == 0
+
+
 async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from playwright.async_api import async_playwright
 
@@ -372,8 +404,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "signaling_outage_media_gap_s": None,
         "relay_only_connected": None,
         "firefox_chromium_connected": None,
-        "firefox_note": "not measured here: the Firefox driver is the 'firefox' branch's work",
     }
+    if "firefox" in wanted:
+        out["firefox_chromium_connected"] = await asyncio.to_thread(firefox_calls)
     secret = secrets.token_hex(16)
     turn_port = free_port(BRIDGE_ADDR)
     coturn = None
