@@ -384,11 +384,17 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
             "CONSULT_SESSION_KEY": key,
             "CONSULT_METRICS_ALLOW": "127.0.0.1/32",
             "CONSULT_MAX_CONNECTIONS_PER_ADDRESS": "0",  # every client is 127.0.0.1 here
-            "PYTHONPATH": str(ROOT),
+            # A profiler's hook (sitecustomize) may ride along on an outer PYTHONPATH.
+            "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
         },
         tls=(workdir / "dev-cert.pem", workdir / "dev-key.pem"),
         startup_timeout=120,
     )
+    # The load generator's own TLS sockets: 16 KiB read buffers like the server's, not 256 KiB
+    # each (20,000 of those would be 5 GiB in this process).
+    from consult.ops.edge import shrink_tls_read_buffer
+
+    shrink_tls_read_buffer()
     try:
         server.init()
         server.cli("certs", "--dir", str(workdir))

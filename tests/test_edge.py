@@ -8,15 +8,28 @@ times a second. The access log against any bytes: tests/test_access_log.py.
 from __future__ import annotations
 
 import asyncio
+import gc
+import hashlib
 import logging
 import socket
+import ssl
 import subprocess
 import time
+import weakref
+from asyncio import sslproto
 from pathlib import Path
 
 import pytest
 
-from consult.ops.edge import AcceptErrorLimiter, ConnectionLimiter, address_key
+from consult.ops import certs
+from consult.ops.edge import (
+    TLS_READ_BUFFER,
+    AcceptErrorLimiter,
+    ConnectionLimiter,
+    GcFreezer,
+    address_key,
+    shrink_tls_read_buffer,
+)
 from tests.harness.server import ConsultServer
 
 OTHER_ADDR = "127.0.0.1"  # a second client address inside the test namespace
@@ -109,6 +122,73 @@ def test_accept_errors_are_logged_once_per_interval(caplog: pytest.LogCaptureFix
     assert len(accept) == 2
     assert "9999 more" in accept[1].getMessage()
     assert any("something else entirely" in r.getMessage() for r in caplog.records)
+
+
+class Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_gc_freezer_freezes_full_collection_survivors_and_hands_them_back_hourly() -> None:
+    now = [0.0]
+    freezer = GcFreezer(3600, clock=lambda: now[0])
+    gc.unfreeze()
+    freezer.install()
+    try:
+        gc.collect(1)
+        assert gc.get_freeze_count() == 0  # only full collections freeze
+        survivor = Cycle()
+        dead = weakref.ref(survivor)
+        gc.collect(2)
+        assert gc.get_freeze_count() > 0 and freezer.freezes == 1
+        del survivor
+        gc.collect(2)
+        assert dead() is not None  # frozen cyclic garbage waits for the hourly hand-back
+        now[0] += 3601
+        gc.collect(2)
+        assert gc.get_freeze_count() == 0
+        gc.collect(2)
+        assert dead() is None
+        assert gc.get_freeze_count() > 0  # and the survivors of that pass are frozen again
+    finally:
+        freezer.uninstall()
+        gc.unfreeze()
+    assert freezer not in gc.callbacks
+
+
+async def test_tls_connections_read_through_small_buffers_without_losing_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sslproto.SSLProtocol, "max_size", sslproto.SSLProtocol.max_size)  # restored after
+    shrink_tls_read_buffer()
+    cert, key, _created = certs.generate(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    client_ctx.check_hostname = False
+    body = bytes(range(256)) * 8192  # 2 MiB: many TLS records, many reads
+    buffers: list[int] = []
+
+    async def echo_digest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buffers.append(len(writer.transport._ssl_protocol._ssl_buffer))  # asyncio's per-connection buffer
+        data = await reader.readexactly(len(body))
+        writer.write(hashlib.sha256(data).digest())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo_digest, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with asyncio.timeout(60):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
+            writer.write(body)
+            await writer.drain()
+            assert await reader.readexactly(32) == hashlib.sha256(body).digest()
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert buffers == [TLS_READ_BUFFER]
 
 
 # -- real server ------------------------------------------------------------------------------

@@ -18,6 +18,17 @@ The rest aiohttp has no knob for, so it lives here:
   descriptors, asyncio reports the failed ``accept()`` once per queued connection and retries
   every second, which floods the log (tens of MB in 30 s); this logs it once per interval with a
   count of what it held back.
+- ``shrink_tls_read_buffer``: asyncio gives every TLS connection its own zero-filled 256 KiB read
+  buffer (``asyncio.sslproto.SSLProtocol.max_size``), resident from the handshake on: 2,000
+  signaling sockets held 500 MiB of it. Each read is copied straight into the connection's TLS
+  input, so an 8 KiB buffer only splits large request bodies into more reads.
+- ``GcFreezer``: every full garbage collection scans every live container object; with thousands
+  of open sockets (~100 objects each) one pass held the loop for hundreds of milliseconds, and
+  while sockets connect the heap grows and triggers one pass after another. After each full
+  pass the freezer moves its survivors out of the collector's way (``gc.freeze()``), so the
+  next pass scans only what was made since. Cyclic garbage among frozen objects is not
+  reclaimed until they are handed back (``gc.unfreeze()``) every ``GC_UNFREEZE_INTERVAL_S``:
+  that one full pass an hour is what remains of the stall.
 - ``raise_fd_limit`` lifts the soft file-descriptor limit to the hard one at start (1,024 is the
   usual soft default; systemd's unit in docs/install.md raises the hard one).
 """
@@ -25,6 +36,7 @@ The rest aiohttp has no knob for, so it lives here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import ipaddress
@@ -32,6 +44,7 @@ import logging
 import resource
 import signal
 import time
+from asyncio import sslproto
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,6 +61,14 @@ BACKLOG = 2048
 log = logging.getLogger("consult.edge")
 
 ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+# How often the objects frozen after full collections are handed back to the collector: the
+# bound on how long cyclic garbage among them waits to be reclaimed.
+GC_UNFREEZE_INTERVAL_S = 3600.0
+
+# Bytes each TLS connection reads from its socket at once (asyncio's default: 256 KiB, allocated
+# per connection); see the module docstring.
+TLS_READ_BUFFER = 8 * 1024
 
 
 def address_key(address: str | None) -> str | None:
@@ -190,6 +211,46 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, hard
 
 
+def shrink_tls_read_buffer(size: int = TLS_READ_BUFFER) -> None:
+    """Every TLS connection asyncio creates from now on in this process allocates `size` bytes
+    to read its socket into, not 256 KiB (a class attribute: there is no per-server setting)."""
+    if sslproto.SSLProtocol.max_size > size:
+        sslproto.SSLProtocol.max_size = size
+
+
+class GcFreezer:
+    """Freezes the survivors of every full collection; unfreezes them every `unfreeze_interval_s`."""
+
+    def __init__(
+        self, unfreeze_interval_s: float = GC_UNFREEZE_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.unfreeze_interval_s = unfreeze_interval_s
+        self._clock = clock
+        self._unfrozen_at = clock()
+        self.freezes = 0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        # A gc callback: runs in whichever thread collected, after the collection, without
+        # allocating enough to start another.
+        if phase != "stop" or info.get("generation") != 2:
+            return
+        if self._clock() - self._unfrozen_at >= self.unfreeze_interval_s:
+            # Hand the frozen objects back: the next full pass scans (and frees) them all.
+            gc.unfreeze()
+            self._unfrozen_at = self._clock()
+            return
+        gc.freeze()
+        self.freezes += 1
+
+    def install(self) -> None:
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+
+    def uninstall(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self)
+
+
 def handler_kwargs(settings: Any, access_log_class: type) -> dict[str, Any]:
     """What every connection's RequestHandler is built with."""
     return {
@@ -211,6 +272,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(AcceptErrorLimiter(settings.accept_error_log_interval_seconds))
     soft, _hard = raise_fd_limit()
+    if ssl_context is not None:
+        shrink_tls_read_buffer()
     limiter = ConnectionLimiter(
         settings.max_connections_per_address, proxy.parse_networks(settings.trusted_proxies)
     )
@@ -222,6 +285,8 @@ async def serve(
     # What start-up loaded (modules, templates, catalogues, settings) lives as long as the process:
     # moved out of the collector's way, a full collection scans only what calls and requests made.
     gc.freeze()
+    freezer = GcFreezer()
+    freezer.install()
 
     def protocol() -> EdgeRequestHandler:
         return EdgeRequestHandler(server, loop=loop, limiter=limiter, **kwargs)
@@ -255,3 +320,4 @@ async def serve(
         if listener is not None:
             listener.close()
         await runner.cleanup()
+        freezer.uninstall()
