@@ -23,6 +23,7 @@ import pytest
 
 from consult.ops import certs
 from consult.ops.edge import (
+    GC_FULL_EVERY,
     TLS_READ_BUFFER,
     AcceptErrorLimiter,
     ConnectionLimiter,
@@ -133,8 +134,10 @@ def test_gc_freezer_freezes_full_collection_survivors_and_hands_them_back_hourly
     now = [0.0]
     freezer = GcFreezer(3600, clock=lambda: now[0])
     gc.unfreeze()
+    thresholds = gc.get_threshold()
     freezer.install()
     try:
+        assert gc.get_threshold() == (*thresholds[:2], GC_FULL_EVERY)
         gc.collect(1)
         assert gc.get_freeze_count() == 0  # only full collections freeze
         survivor = Cycle()
@@ -153,7 +156,7 @@ def test_gc_freezer_freezes_full_collection_survivors_and_hands_them_back_hourly
     finally:
         freezer.uninstall()
         gc.unfreeze()
-    assert freezer not in gc.callbacks
+    assert freezer not in gc.callbacks and gc.get_threshold() == thresholds
 
 
 async def test_tls_connections_read_through_small_buffers_without_losing_bytes(
