@@ -191,6 +191,11 @@ class Room:
 
 
 async def drive(args: argparse.Namespace, base: str, rooms: list[Room], server_pid: int) -> dict[str, Any]:
+    # The load generator's own TLS sockets share one read buffer like the server's, not 256 KiB
+    # each (20,000 of those would be 5 GiB in this process).
+    from consult.ops.edge import share_tls_read_buffer
+
+    share_tls_read_buffer(asyncio.get_running_loop())
     stats = Stats()
     sent_before = 0
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
@@ -390,11 +395,6 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
         tls=(workdir / "dev-cert.pem", workdir / "dev-key.pem"),
         startup_timeout=120,
     )
-    # The load generator's own TLS sockets: 16 KiB read buffers like the server's, not 256 KiB
-    # each (20,000 of those would be 5 GiB in this process).
-    from consult.ops.edge import shrink_tls_read_buffer
-
-    shrink_tls_read_buffer()
     try:
         server.init()
         server.cli("certs", "--dir", str(workdir))

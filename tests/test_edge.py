@@ -29,7 +29,7 @@ from consult.ops.edge import (
     ConnectionLimiter,
     GcFreezer,
     address_key,
-    shrink_tls_read_buffer,
+    share_tls_read_buffer,
 )
 from tests.harness.server import ConsultServer
 
@@ -159,39 +159,49 @@ def test_gc_freezer_freezes_full_collection_survivors_and_hands_them_back_hourly
     assert freezer not in gc.callbacks and gc.get_threshold() == thresholds
 
 
-async def test_tls_connections_read_through_small_buffers_without_losing_bytes(
+async def test_tls_connections_share_one_read_buffer_without_mixing_their_bytes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sslproto.SSLProtocol, "max_size", sslproto.SSLProtocol.max_size)  # restored after
-    shrink_tls_read_buffer()
+    # Restored after the test: the change is process-wide.
+    monkeypatch.setattr(sslproto.SSLProtocol, "max_size", sslproto.SSLProtocol.max_size)
+    monkeypatch.setattr(sslproto.SSLProtocol, "__init__", sslproto.SSLProtocol.__init__)
+    share_tls_read_buffer(asyncio.get_running_loop())
+    share_tls_read_buffer(asyncio.get_running_loop())  # idempotent: not wrapped twice
     cert, key, _created = certs.generate(tmp_path)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
     client_ctx = ssl.create_default_context(cafile=str(cert))
     client_ctx.check_hostname = False
-    body = bytes(range(256)) * 8192  # 2 MiB: many TLS records, many reads
-    buffers: list[int] = []
+    size = 2 << 20  # 2 MiB each: many TLS records, many reads, interleaved between clients
+    buffers: list[bytearray] = []
 
     async def echo_digest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        buffers.append(len(writer.transport._ssl_protocol._ssl_buffer))  # asyncio's per-connection buffer
-        data = await reader.readexactly(len(body))
+        buffers.append(writer.transport._ssl_protocol._ssl_buffer)  # asyncio's read buffer
+        data = await reader.readexactly(size)
         writer.write(hashlib.sha256(data).digest())
         await writer.drain()
         writer.close()
 
+    async def client(n: int) -> bool:
+        body = bytes([n]) * size
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
+        for i in range(0, size, 100_000):
+            writer.write(body[i : i + 100_000])
+            await writer.drain()
+        digest = await reader.readexactly(32)
+        writer.close()
+        return digest == hashlib.sha256(body).digest()
+
     server = await asyncio.start_server(echo_digest, "127.0.0.1", 0, ssl=server_ctx)
     port = server.sockets[0].getsockname()[1]
     try:
-        async with asyncio.timeout(60):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
-            writer.write(body)
-            await writer.drain()
-            assert await reader.readexactly(32) == hashlib.sha256(body).digest()
-            writer.close()
+        async with asyncio.timeout(120):
+            assert await asyncio.gather(*(client(n) for n in range(6))) == [True] * 6
     finally:
         server.close()
         await server.wait_closed()
-    assert buffers == [TLS_READ_BUFFER]
+    assert len(buffers) == 6 and all(b is buffers[0] for b in buffers)
+    assert len(buffers[0]) == TLS_READ_BUFFER
 
 
 # -- real server ------------------------------------------------------------------------------

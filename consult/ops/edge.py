@@ -18,10 +18,11 @@ The rest aiohttp has no knob for, so it lives here:
   descriptors, asyncio reports the failed ``accept()`` once per queued connection and retries
   every second, which floods the log (tens of MB in 30 s); this logs it once per interval with a
   count of what it held back.
-- ``shrink_tls_read_buffer``: asyncio gives every TLS connection its own zero-filled 256 KiB read
-  buffer (``asyncio.sslproto.SSLProtocol.max_size``), resident from the handshake on: 2,000
-  signaling sockets held 500 MiB of it. Each read is copied straight into the connection's TLS
-  input, so an 8 KiB buffer only splits large request bodies into more reads.
+- ``share_tls_read_buffer``: asyncio gives every TLS connection its own zero-filled 256 KiB read
+  buffer (``asyncio.sslproto.SSLProtocol``), resident from the handshake on: 2,000 signaling
+  sockets held 500 MiB of it. A selector loop reads a socket into that buffer and copies the
+  bytes into the connection's TLS input (a MemoryBIO) in the same call, before any other
+  connection can read, so one 16 KiB buffer serves every connection of the process.
 - ``GcFreezer``: every full garbage collection scans every live container object; with thousands
   of open sockets (~100 objects each) one pass held the loop for hundreds of milliseconds, and
   while sockets connect the heap grows and triggers one pass after another. After each full
@@ -39,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import gc
 import ipaddress
 import logging
@@ -69,9 +71,9 @@ GC_UNFREEZE_INTERVAL_S = 3600.0
 # gc.set_threshold's third value while the freezer runs (Python's default: 10).
 GC_FULL_EVERY = 2
 
-# Bytes each TLS connection reads from its socket at once (asyncio's default: 256 KiB, allocated
-# per connection); see the module docstring.
-TLS_READ_BUFFER = 8 * 1024
+# Bytes a TLS connection reads from its socket at once (asyncio's default: 256 KiB, allocated per
+# connection; here one buffer for all of them); see the module docstring.
+TLS_READ_BUFFER = 16 * 1024
 
 
 def address_key(address: str | None) -> str | None:
@@ -214,11 +216,30 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, hard
 
 
-def shrink_tls_read_buffer(size: int = TLS_READ_BUFFER) -> None:
-    """Every TLS connection asyncio creates from now on in this process allocates `size` bytes
-    to read its socket into, not 256 KiB (a class attribute: there is no per-server setting)."""
-    if sslproto.SSLProtocol.max_size > size:
-        sslproto.SSLProtocol.max_size = size
+def share_tls_read_buffer(loop: asyncio.AbstractEventLoop, size: int = TLS_READ_BUFFER) -> None:
+    """From now on every TLS connection asyncio creates in this process reads its socket into one
+    shared `size`-byte buffer (or, on a loop that is not a selector loop, where reads complete
+    later, into its own `size`-byte buffer) instead of 256 KiB of its own. Idempotent."""
+    protocol = sslproto.SSLProtocol
+    protocol.max_size = min(protocol.max_size, size)
+    if getattr(protocol.__init__, "shares_read_buffer", False) or not isinstance(
+        loop, asyncio.selector_events.BaseSelectorEventLoop
+    ):
+        return
+    shared = bytearray(protocol.max_size)
+    view = memoryview(shared)
+    original = protocol.__init__
+
+    @functools.wraps(original)
+    def __init__(self: sslproto.SSLProtocol, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        # get_buffer() hands this out; buffer_updated() copies from it into the MemoryBIO
+        # synchronously, right after the selector loop's recv_into filled it.
+        self._ssl_buffer = shared
+        self._ssl_buffer_view = view
+
+    __init__.shares_read_buffer = True  # type: ignore[attr-defined]
+    protocol.__init__ = __init__  # type: ignore[method-assign]
 
 
 class GcFreezer:
@@ -282,7 +303,7 @@ async def serve(
     loop.set_exception_handler(AcceptErrorLimiter(settings.accept_error_log_interval_seconds))
     soft, _hard = raise_fd_limit()
     if ssl_context is not None:
-        shrink_tls_read_buffer()
+        share_tls_read_buffer(loop)
     limiter = ConnectionLimiter(
         settings.max_connections_per_address, proxy.parse_networks(settings.trusted_proxies)
     )
