@@ -17,6 +17,9 @@ between the pairs at ``--rate`` in total.
 Figures (the last stdout line is one JSON object):
 - ``through_app``: true when Consult's policy and event sink were in the path.
 - ``participants``: connected and admitted; ``connect_s``: how long connecting all took.
+- ``server_cpu_connect_s``/``server_cpu_relay_s``: the server's CPU seconds while connecting,
+  and while relaying (warm-up and measured time): on a loaded machine the latencies mostly
+  measure the other processes, these the server's own work.
 - ``rss_mib``: the server's largest resident memory during the run.
 - ``relay_p50_ms``/``relay_p99_ms``: from the sender's send to the receiver's read, over
   ``--duration`` seconds after a ``--warmup`` (the warm-up does NOT hide stalls: the loop-lag
@@ -74,6 +77,13 @@ def raise_fd_limit(needed: int) -> int:
     if target > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used: unlike latencies, barely moved by other
+    processes competing for the cores."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -202,6 +212,7 @@ async def drive(args: argparse.Namespace, base: str, rooms: list[Room], server_p
     rss_samples: list[float] = []
     async with aiohttp.ClientSession(connector=connector) as session:
         gate = asyncio.Semaphore(args.connect_concurrency)
+        cpu0 = cpu_s(server_pid)
         t0 = time.perf_counter()
         results = await asyncio.gather(
             *(open_pair(session, base, room, stats, gate) for room in rooms),
@@ -212,6 +223,8 @@ async def drive(args: argparse.Namespace, base: str, rooms: list[Room], server_p
             if isinstance(r, BaseException):
                 stats.error(f"connect_{type(r).__name__}")
         connect_s = time.perf_counter() - t0
+        connect_cpu_s = cpu_s(server_pid) - cpu0
+        cpu1 = cpu_s(server_pid)
         print(
             f"connected {2 * len(pairs)} participants in {connect_s:.1f}s; "
             f"server RSS {rss_mib(server_pid):.0f} MiB",
@@ -248,6 +261,7 @@ async def drive(args: argparse.Namespace, base: str, rooms: list[Room], server_p
                 next_rss = now + 1
             await asyncio.sleep(tick)
         elapsed = time.perf_counter() - measure_from
+        relay_cpu_s = cpu_s(server_pid) - cpu1
         await asyncio.sleep(0.5)  # let the last relays arrive
         stats.measuring = False
         rss_samples.append(rss_mib(server_pid))
@@ -281,6 +295,8 @@ async def drive(args: argparse.Namespace, base: str, rooms: list[Room], server_p
         "errors": stats.errors,
         "rate_msg_s": round(measured_sent / elapsed),
         "connect_s": round(connect_s, 1),
+        "server_cpu_connect_s": round(connect_cpu_s, 2),
+        "server_cpu_relay_s": round(relay_cpu_s, 2),
     }
 
 
