@@ -28,7 +28,8 @@ Figures (the last stdout line is one JSON object):
   histogram (``consult_event_loop_lag_seconds``, a 20 ms timer sampled continuously) over the
   whole run from before the first connection to the end, read from /metrics; each is the upper
   bound of the histogram bucket it falls in (1, 2, 5, 10, 20, 50, 100, 200, 500 ms...).
-  ``gc_pause_max_ms``: the same for the server's garbage-collector pauses.
+  ``gc_pause_max_ms``: the same for the server's garbage-collector pauses
+  (``gc_pause_max_ms_by_generation``: per generation; 2 is a full collection).
 - ``errors``: refused or failed connections, error frames, lost messages.
 - ``load_before``/``load_after``: the machine's load averages (client and server share it).
 Targets: 20,000 participants < 1 GiB RSS; relay p99 < 5 ms at 2,000 msg/s; loop lag max < 50 ms.
@@ -373,6 +374,10 @@ async def scrape(origin: str) -> dict[str, dict[str, float]]:
                     labels, value = line[len(name) + 1 :].rsplit("} ", 1)
                     le = labels.split('le="', 1)[1].split('"', 1)[0]
                     found[name][le] = found[name].get(le, 0.0) + float(value)
+                    if 'generation="' in labels:  # also per collector generation
+                        gen = labels.split('generation="', 1)[1].split('"', 1)[0]
+                        per = found.setdefault(f"{name}/{gen}", {})
+                        per[le] = per.get(le, 0.0) + float(value)
     return found
 
 
@@ -431,12 +436,18 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
     gc_max, _gc_p99 = stall_figures(
         before["consult_gc_pause_seconds_bucket"], after["consult_gc_pause_seconds_bucket"]
     )
+    by_generation = {
+        key.rsplit("/", 1)[1]: stall_figures(before.get(key, {}), after[key])[0]
+        for key in sorted(after)
+        if key.startswith("consult_gc_pause_seconds_bucket/")
+    }
     return {
         "through_app": True,
         **result,
         "loop_lag_max_ms": lag_max,
         "loop_lag_p99_ms": lag_p99,
         "gc_pause_max_ms": gc_max,
+        "gc_pause_max_ms_by_generation": by_generation,
     }
 
 
