@@ -17,6 +17,9 @@ between the pairs at ``--rate`` in total.
 Figures (the last stdout line is one JSON object):
 - ``through_app``: true when Consult's policy and event sink were in the path.
 - ``participants``: connected and admitted; ``connect_s``: how long connecting all took.
+- ``server_cpu_connect_s``/``server_cpu_relay_s``: the server's CPU seconds while connecting,
+  and while relaying (warm-up and measured time): on a loaded machine the latencies mostly
+  measure the other processes, these the server's own work.
 - ``rss_mib``: the server's largest resident memory during the run.
 - ``relay_p50_ms``/``relay_p99_ms``: from the sender's send to the receiver's read, over
   ``--duration`` seconds after a ``--warmup`` (the warm-up does NOT hide stalls: the loop-lag
@@ -25,7 +28,8 @@ Figures (the last stdout line is one JSON object):
   histogram (``consult_event_loop_lag_seconds``, a 20 ms timer sampled continuously) over the
   whole run from before the first connection to the end, read from /metrics; each is the upper
   bound of the histogram bucket it falls in (1, 2, 5, 10, 20, 50, 100, 200, 500 ms...).
-  ``gc_pause_max_ms``: the same for the server's garbage-collector pauses.
+  ``gc_pause_max_ms``: the same for the server's garbage-collector pauses
+  (``gc_pause_max_ms_by_generation``: per generation; 2 is a full collection).
 - ``errors``: refused or failed connections, error frames, lost messages.
 - ``load_before``/``load_after``: the machine's load averages (client and server share it).
 Targets: 20,000 participants < 1 GiB RSS; relay p99 < 5 ms at 2,000 msg/s; loop lag max < 50 ms.
@@ -74,6 +78,13 @@ def raise_fd_limit(needed: int) -> int:
     if target > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used: unlike latencies, barely moved by other
+    processes competing for the cores."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -191,12 +202,18 @@ class Room:
 
 
 async def drive(args: argparse.Namespace, base: str, rooms: list[Room], server_pid: int) -> dict[str, Any]:
+    # The load generator's own TLS sockets share one read buffer like the server's, not 256 KiB
+    # each (20,000 of those would be 5 GiB in this process).
+    from consult.ops.edge import share_tls_read_buffer
+
+    share_tls_read_buffer(asyncio.get_running_loop())
     stats = Stats()
     sent_before = 0
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     rss_samples: list[float] = []
     async with aiohttp.ClientSession(connector=connector) as session:
         gate = asyncio.Semaphore(args.connect_concurrency)
+        cpu0 = cpu_s(server_pid)
         t0 = time.perf_counter()
         results = await asyncio.gather(
             *(open_pair(session, base, room, stats, gate) for room in rooms),
@@ -207,6 +224,8 @@ async def drive(args: argparse.Namespace, base: str, rooms: list[Room], server_p
             if isinstance(r, BaseException):
                 stats.error(f"connect_{type(r).__name__}")
         connect_s = time.perf_counter() - t0
+        connect_cpu_s = cpu_s(server_pid) - cpu0
+        cpu1 = cpu_s(server_pid)
         print(
             f"connected {2 * len(pairs)} participants in {connect_s:.1f}s; "
             f"server RSS {rss_mib(server_pid):.0f} MiB",
@@ -243,6 +262,7 @@ async def drive(args: argparse.Namespace, base: str, rooms: list[Room], server_p
                 next_rss = now + 1
             await asyncio.sleep(tick)
         elapsed = time.perf_counter() - measure_from
+        relay_cpu_s = cpu_s(server_pid) - cpu1
         await asyncio.sleep(0.5)  # let the last relays arrive
         stats.measuring = False
         rss_samples.append(rss_mib(server_pid))
@@ -276,6 +296,8 @@ async def drive(args: argparse.Namespace, base: str, rooms: list[Room], server_p
         "errors": stats.errors,
         "rate_msg_s": round(measured_sent / elapsed),
         "connect_s": round(connect_s, 1),
+        "server_cpu_connect_s": round(connect_cpu_s, 2),
+        "server_cpu_relay_s": round(relay_cpu_s, 2),
     }
 
 
@@ -352,6 +374,10 @@ async def scrape(origin: str) -> dict[str, dict[str, float]]:
                     labels, value = line[len(name) + 1 :].rsplit("} ", 1)
                     le = labels.split('le="', 1)[1].split('"', 1)[0]
                     found[name][le] = found[name].get(le, 0.0) + float(value)
+                    if 'generation="' in labels:  # also per collector generation
+                        gen = labels.split('generation="', 1)[1].split('"', 1)[0]
+                        per = found.setdefault(f"{name}/{gen}", {})
+                        per[le] = per.get(le, 0.0) + float(value)
     return found
 
 
@@ -384,7 +410,8 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
             "CONSULT_SESSION_KEY": key,
             "CONSULT_METRICS_ALLOW": "127.0.0.1/32",
             "CONSULT_MAX_CONNECTIONS_PER_ADDRESS": "0",  # every client is 127.0.0.1 here
-            "PYTHONPATH": str(ROOT),
+            # A profiler's hook (sitecustomize) may ride along on an outer PYTHONPATH.
+            "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
         },
         tls=(workdir / "dev-cert.pem", workdir / "dev-key.pem"),
         startup_timeout=120,
@@ -409,12 +436,18 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
     gc_max, _gc_p99 = stall_figures(
         before["consult_gc_pause_seconds_bucket"], after["consult_gc_pause_seconds_bucket"]
     )
+    by_generation = {
+        key.rsplit("/", 1)[1]: stall_figures(before.get(key, {}), after[key])[0]
+        for key in sorted(after)
+        if key.startswith("consult_gc_pause_seconds_bucket/")
+    }
     return {
         "through_app": True,
         **result,
         "loop_lag_max_ms": lag_max,
         "loop_lag_p99_ms": lag_p99,
         "gc_pause_max_ms": gc_max,
+        "gc_pause_max_ms_by_generation": by_generation,
     }
 
 

@@ -6,6 +6,11 @@ timer, and an exception in it is logged, never propagated into a room. A room th
 (`delivered`) until the events it emitted before have reached the policy, so that the policy
 records the end after everything that led to it. When the policy answers an event with False
 (not stored: that seat's storage budget is used up), `over_budget(event)` is called.
+
+A policy that also has `on_events(events) -> list[bool | None]` is handed everything queued at
+once (up to `BATCH_MAX`, in order), so that a burst (a clinic's sockets connecting together) is
+stored in one write; it answers for each event what `on_event` would and must keep one event's
+failure from losing the others (an exception loses the whole batch, logged).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ log = logging.getLogger(__name__)
 
 # Telemetry may be shed under pressure; state-changing events are never dropped on purpose.
 _SHEDDABLE: Final = frozenset({"stats", "ice_state"})
+# Events handed to `policy.on_events` at once, at most.
+BATCH_MAX: Final = 256
 
 
 class EventDispatcher:
@@ -79,18 +86,43 @@ class EventDispatcher:
             await asyncio.wait({self._task})
 
     async def _run(self) -> None:
+        on_events = getattr(self._policy, "on_events", None)
         while True:
-            event = await self._queue.get()
-            if isinstance(event, asyncio.Future):
-                if not event.done():
-                    event.set_result(None)
-                self._queue.task_done()
+            item = await self._queue.get()
+            if isinstance(item, asyncio.Future):
+                self._reached(item)
                 continue
+            batch = [item]
+            marker: asyncio.Future[None] | None = None
+            while on_events is not None and len(batch) < BATCH_MAX and not self._queue.empty():
+                queued = self._queue.get_nowait()
+                if isinstance(queued, asyncio.Future):
+                    marker = queued  # resolved once the events before it are delivered
+                    break
+                batch.append(queued)
             try:
-                stored = await self._policy.on_event(event)
-                if stored is False and self._over_budget is not None:
-                    self._over_budget(event)
+                if on_events is not None:
+                    results = await on_events(batch)
+                else:
+                    results = [await self._policy.on_event(item)]
+                if self._over_budget is not None:
+                    for event, stored in zip(batch, results, strict=True):
+                        if stored is False:
+                            self._over_budget(event)
             except Exception:
-                log.exception("policy.on_event failed for %s in room %s", event.name, event.room_id)
+                log.exception(
+                    "policy.on_event failed for %s in room %s%s",
+                    item.name,
+                    item.room_id,
+                    f" (and {len(batch) - 1} events after it)" if len(batch) > 1 else "",
+                )
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
+            if marker is not None:
+                self._reached(marker)
+
+    def _reached(self, marker: asyncio.Future[None]) -> None:
+        if not marker.done():
+            marker.set_result(None)
+        self._queue.task_done()

@@ -299,3 +299,39 @@ async def test_two_aiortc_peers_exchange_media_through_the_app(aiohttp_client, s
         assert host_peer.frames_received >= 10 and guest_peer.frames_received >= 10
     finally:
         await asyncio.gather(host_peer.close(), guest_peer.close())
+
+
+async def test_a_burst_of_room_events_is_stored_in_one_write_in_order(
+    aiohttp_client, settings, clinic, monkeypatch
+):
+    """Events queued while the writer was busy (a clinic's sockets connecting at once) reach the
+    database in one transaction, in order; an event of a room that is no visit is skipped without
+    losing the others, and a seat over its budget is still told so."""
+    from consult.calls.policy import POLICY, SIGNALING, Budget
+    from signaling import RoomEvent
+
+    client, _keyed = await open_app(aiohttp_client, settings)
+    visit = seed_visit(db_path(settings), doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
+    server, policy = client.app[SIGNALING], client.app[POLICY]
+    policy.seat_budget = Budget(rows=60, bytes=1 << 20)
+    writes = []
+    real_write = policy.db.execute_write_fn
+
+    async def counted_write(fn):  # counts the writes, and still makes them
+        writes.append(fn)
+        return await real_write(fn)
+
+    monkeypatch.setattr(policy.db, "execute_write_fn", counted_write)
+    now = time.time()
+    for i in range(100):
+        server.emit(RoomEvent("chat", visit.public_id, "host", now + i, {"text": f"m{i}"}))
+        if i == 30:
+            server.emit(RoomEvent("chat", "no-such-visit", "host", now, {"text": "lost"}))
+    assert not server.seats.get(visit.public_id, "host").muted
+    await flush_events(client)
+
+    sql = "SELECT data FROM session_events WHERE visit_id = ? AND name = 'chat' ORDER BY id"
+    texts = [json.loads(r["data"])["text"] for r in rows(settings, sql, [visit.id])]
+    assert texts == [f"m{i}" for i in range(60)]  # the budget's 60 rows, in order
+    assert len(writes) == 1
+    assert server.seats.get(visit.public_id, "host").muted  # the other 40 answered False

@@ -8,15 +8,29 @@ times a second. The access log against any bytes: tests/test_access_log.py.
 from __future__ import annotations
 
 import asyncio
+import gc
+import hashlib
 import logging
 import socket
+import ssl
 import subprocess
 import time
+import weakref
+from asyncio import sslproto
 from pathlib import Path
 
 import pytest
 
-from consult.ops.edge import AcceptErrorLimiter, ConnectionLimiter, address_key
+from consult.ops import certs
+from consult.ops.edge import (
+    GC_FULL_EVERY,
+    TLS_READ_BUFFER,
+    AcceptErrorLimiter,
+    ConnectionLimiter,
+    GcFreezer,
+    address_key,
+    share_tls_read_buffer,
+)
 from tests.harness.server import ConsultServer
 
 OTHER_ADDR = "127.0.0.1"  # a second client address inside the test namespace
@@ -109,6 +123,85 @@ def test_accept_errors_are_logged_once_per_interval(caplog: pytest.LogCaptureFix
     assert len(accept) == 2
     assert "9999 more" in accept[1].getMessage()
     assert any("something else entirely" in r.getMessage() for r in caplog.records)
+
+
+class Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_gc_freezer_freezes_full_collection_survivors_and_hands_them_back_hourly() -> None:
+    now = [0.0]
+    freezer = GcFreezer(3600, clock=lambda: now[0])
+    gc.unfreeze()
+    thresholds = gc.get_threshold()
+    freezer.install()
+    try:
+        assert gc.get_threshold() == (*thresholds[:2], GC_FULL_EVERY)
+        gc.collect(1)
+        assert gc.get_freeze_count() == 0  # only full collections freeze
+        survivor = Cycle()
+        dead = weakref.ref(survivor)
+        gc.collect(2)
+        assert gc.get_freeze_count() > 0 and freezer.freezes == 1
+        del survivor
+        gc.collect(2)
+        assert dead() is not None  # frozen cyclic garbage waits for the hourly hand-back
+        now[0] += 3601
+        gc.collect(2)
+        assert gc.get_freeze_count() == 0
+        gc.collect(2)
+        assert dead() is None
+        assert gc.get_freeze_count() > 0  # and the survivors of that pass are frozen again
+    finally:
+        freezer.uninstall()
+        gc.unfreeze()
+    assert freezer not in gc.callbacks and gc.get_threshold() == thresholds
+
+
+async def test_tls_connections_share_one_read_buffer_without_mixing_their_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Restored after the test: the change is process-wide.
+    monkeypatch.setattr(sslproto.SSLProtocol, "max_size", sslproto.SSLProtocol.max_size)
+    monkeypatch.setattr(sslproto.SSLProtocol, "__init__", sslproto.SSLProtocol.__init__)
+    share_tls_read_buffer(asyncio.get_running_loop())
+    share_tls_read_buffer(asyncio.get_running_loop())  # idempotent: not wrapped twice
+    cert, key, _created = certs.generate(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    client_ctx.check_hostname = False
+    size = 2 << 20  # 2 MiB each: many TLS records, many reads, interleaved between clients
+    buffers: list[bytearray] = []
+
+    async def echo_digest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buffers.append(writer.transport._ssl_protocol._ssl_buffer)  # asyncio's read buffer
+        data = await reader.readexactly(size)
+        writer.write(hashlib.sha256(data).digest())
+        await writer.drain()
+        writer.close()
+
+    async def client(n: int) -> bool:
+        body = bytes([n]) * size
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
+        for i in range(0, size, 100_000):
+            writer.write(body[i : i + 100_000])
+            await writer.drain()
+        digest = await reader.readexactly(32)
+        writer.close()
+        return digest == hashlib.sha256(body).digest()
+
+    server = await asyncio.start_server(echo_digest, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with asyncio.timeout(120):
+            assert await asyncio.gather(*(client(n) for n in range(6))) == [True] * 6
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert len(buffers) == 6 and all(b is buffers[0] for b in buffers)
+    assert len(buffers[0]) == TLS_READ_BUFFER
 
 
 # -- real server ------------------------------------------------------------------------------

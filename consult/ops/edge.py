@@ -18,6 +18,19 @@ The rest aiohttp has no knob for, so it lives here:
   descriptors, asyncio reports the failed ``accept()`` once per queued connection and retries
   every second, which floods the log (tens of MB in 30 s); this logs it once per interval with a
   count of what it held back.
+- ``share_tls_read_buffer``: asyncio gives every TLS connection its own zero-filled 256 KiB read
+  buffer (``asyncio.sslproto.SSLProtocol``), resident from the handshake on: 2,000 signaling
+  sockets held 500 MiB of it. A selector loop reads a socket into that buffer and copies the
+  bytes into the connection's TLS input (a MemoryBIO) in the same call, before any other
+  connection can read, so one 16 KiB buffer serves every connection of the process.
+- ``GcFreezer``: every full garbage collection scans every live container object; with thousands
+  of open sockets (~100 objects each) one pass held the loop for hundreds of milliseconds, and
+  while sockets connect the heap grows and triggers one pass after another. After each full
+  pass the freezer moves its survivors out of the collector's way (``gc.freeze()``), so the
+  next pass scans only what was made since. Cyclic garbage among frozen objects is not
+  reclaimed until they are handed back (``gc.unfreeze()``) every ``GC_UNFREEZE_INTERVAL_S``:
+  that one full pass an hour is what remains of the stall. A full pass also comes every
+  ``GC_FULL_EVERY`` + 1 middle-generation passes instead of 11, so each scans fewer new objects.
 - ``raise_fd_limit`` lifts the soft file-descriptor limit to the hard one at start (1,024 is the
   usual soft default; systemd's unit in docs/install.md raises the hard one).
 """
@@ -25,13 +38,16 @@ The rest aiohttp has no knob for, so it lives here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import functools
 import gc
 import ipaddress
 import logging
 import resource
 import signal
 import time
+from asyncio import sslproto
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,6 +64,16 @@ BACKLOG = 2048
 log = logging.getLogger("consult.edge")
 
 ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+# How often the objects frozen after full collections are handed back to the collector: the
+# bound on how long cyclic garbage among them waits to be reclaimed.
+GC_UNFREEZE_INTERVAL_S = 3600.0
+# gc.set_threshold's third value while the freezer runs (Python's default: 10).
+GC_FULL_EVERY = 2
+
+# Bytes a TLS connection reads from its socket at once (asyncio's default: 256 KiB, allocated per
+# connection; here one buffer for all of them); see the module docstring.
+TLS_READ_BUFFER = 16 * 1024
 
 
 def address_key(address: str | None) -> str | None:
@@ -190,6 +216,71 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, hard
 
 
+def share_tls_read_buffer(loop: asyncio.AbstractEventLoop, size: int = TLS_READ_BUFFER) -> None:
+    """From now on every TLS connection asyncio creates in this process reads its socket into one
+    shared `size`-byte buffer (or, on a loop that is not a selector loop, where reads complete
+    later, into its own `size`-byte buffer) instead of 256 KiB of its own. Idempotent."""
+    protocol = sslproto.SSLProtocol
+    protocol.max_size = min(protocol.max_size, size)
+    if getattr(protocol.__init__, "shares_read_buffer", False) or not isinstance(
+        loop, asyncio.selector_events.BaseSelectorEventLoop
+    ):
+        return
+    shared = bytearray(protocol.max_size)
+    view = memoryview(shared)
+    original = protocol.__init__
+
+    @functools.wraps(original)
+    def __init__(self: sslproto.SSLProtocol, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        # get_buffer() hands this out; buffer_updated() copies from it into the MemoryBIO
+        # synchronously, right after the selector loop's recv_into filled it.
+        self._ssl_buffer = shared
+        self._ssl_buffer_view = view
+
+    __init__.shares_read_buffer = True  # type: ignore[attr-defined]
+    protocol.__init__ = __init__  # type: ignore[method-assign]
+
+
+class GcFreezer:
+    """Freezes the survivors of every full collection; unfreezes them every `unfreeze_interval_s`."""
+
+    def __init__(
+        self, unfreeze_interval_s: float = GC_UNFREEZE_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.unfreeze_interval_s = unfreeze_interval_s
+        self._clock = clock
+        self._unfrozen_at = clock()
+        self.freezes = 0
+        self._thresholds: tuple[int, int, int] | None = None
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        # A gc callback: runs in whichever thread collected, after the collection, without
+        # allocating enough to start another.
+        if phase != "stop" or info.get("generation") != 2:
+            return
+        if self._clock() - self._unfrozen_at >= self.unfreeze_interval_s:
+            # Hand the frozen objects back: the next full pass scans (and frees) them all.
+            gc.unfreeze()
+            self._unfrozen_at = self._clock()
+            return
+        gc.freeze()
+        self.freezes += 1
+
+    def install(self) -> None:
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+            self._thresholds = gc.get_threshold()
+            gc.set_threshold(self._thresholds[0], self._thresholds[1], GC_FULL_EVERY)
+
+    def uninstall(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self)
+        if self._thresholds is not None:
+            gc.set_threshold(*self._thresholds)
+            self._thresholds = None
+
+
 def handler_kwargs(settings: Any, access_log_class: type) -> dict[str, Any]:
     """What every connection's RequestHandler is built with."""
     return {
@@ -211,6 +302,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(AcceptErrorLimiter(settings.accept_error_log_interval_seconds))
     soft, _hard = raise_fd_limit()
+    if ssl_context is not None:
+        share_tls_read_buffer(loop)
     limiter = ConnectionLimiter(
         settings.max_connections_per_address, proxy.parse_networks(settings.trusted_proxies)
     )
@@ -222,6 +315,8 @@ async def serve(
     # What start-up loaded (modules, templates, catalogues, settings) lives as long as the process:
     # moved out of the collector's way, a full collection scans only what calls and requests made.
     gc.freeze()
+    freezer = GcFreezer()
+    freezer.install()
 
     def protocol() -> EdgeRequestHandler:
         return EdgeRequestHandler(server, loop=loop, limiter=limiter, **kwargs)
@@ -255,3 +350,4 @@ async def serve(
         if listener is not None:
             listener.close()
         await runner.cleanup()
+        freezer.uninstall()
