@@ -406,11 +406,16 @@ async def notify(load: Load, order_id: str, *, late: bool = False) -> bool:
 
 
 async def cancel(load: Load, p: Patient, public_id: str) -> None:
-    status, _h, _b = await load.request(
-        p.session, "POST", f"/visits/{public_id}/cancel", data={"csrf_token": p.csrf, "reason": "chaos"}
+    status, headers, _b = await load.request(
+        p.session,
+        "POST",
+        f"/visits/{public_id}/cancel",
+        data={"csrf_token": p.csrf, "reason": "chaos", "confirm": "yes"},  # the confirmation page's button
     )
-    if status == 303:
+    if status == 303 and not headers.get("Location", "").endswith("/cancel"):
         load.acked.cancels.add(public_id)
+    elif status == 303:
+        raise Unanswered("cancel with confirm=yes was sent back to its confirmation page")
     elif 400 <= status < 500:
         load.refused("cancel")
     else:
