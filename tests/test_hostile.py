@@ -919,3 +919,22 @@ async def test_another_user_cannot_change_records(world, role):
             failures.append(f"{role} {method} {path} -> {status}")
     report(failures)
     assert w.read(state) == before
+
+
+def test_json_deeper_than_any_form_is_refused_before_parsing():
+    """Deep nesting never reaches the recursive parser: refused in well under a millisecond a KiB."""
+    import time
+
+    from consult.core.forms import json_value
+
+    assert json_value('{"items": [{"drug": "x", "days": 7}], "a": [[1], [2]]}')["a"] == [[1], [2]]
+    assert json_value("[" * 32 + "]" * 32)
+    for deep in (
+        "[" * 100_000 + "]" * 100_000,
+        '{"a": ' * 40 + "1" + "}" * 40,
+        "[1, " * 3000 + "1" + "]" * 3000,
+    ):
+        started = time.perf_counter()
+        with pytest.raises(ValueError, match="too deeply"):
+            json_value(deep)
+        assert time.perf_counter() - started < 1.0

@@ -15,6 +15,7 @@ from consult.calls import policy as calls
 from consult.clinical import prescriptions, reports
 from consult.core import formatting, keys, live, security
 from consult.core.errors import Forbidden, NotFound
+from consult.core.forms import json_body
 from consult.core.i18n import _, ngettext, pgettext
 from consult.core.ids import is_public_id
 
@@ -282,8 +283,8 @@ async def _store_consent(
     request: web.Request, visit: dict[str, Any], role: str, actor_id: int | None
 ) -> web.Response:
     try:
-        body = await request.json()
-    except (ValueError, RecursionError):  # not JSON, or nested beyond the parser's recursion limit
+        body = await json_body(request)
+    except ValueError:  # not JSON, or nested deeper than any form of ours
         body = None
     consent = body.get("consent") if isinstance(body, dict) else None
     if not isinstance(consent, bool):

@@ -18,6 +18,7 @@ from consult.clinical.signing import SIGNING_KEY
 from consult.core import keys, qr, security
 from consult.core.errors import BadRequest, NotFound, UnsupportedMediaType
 from consult.core.formatting import to_local
+from consult.core.forms import json_body
 from consult.core.i18n import _, pgettext
 
 NUMBER = r"{number:RX-[0-9]{4}-[0-9]{6,}}"
@@ -56,8 +57,8 @@ async def _json_body(request: web.Request) -> Any:
     if request.content_type != "application/json":
         raise UnsupportedMediaType(_("Send JSON."), code="not_json")
     try:
-        return await request.json()
-    except (ValueError, RecursionError):  # RecursionError: "[[[[…" nested past Python's stack
+        return await json_body(request)
+    except ValueError:  # not JSON, or "[[[[…" nested deeper than any form of ours
         raise BadRequest(_("The request was not valid JSON."), code="bad_json") from None
 
 

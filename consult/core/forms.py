@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,6 +17,27 @@ from consult.core.i18n import _
 async def form(request: web.Request) -> dict[str, str]:
     data = await security.read_form(request)
     return {k: v for k, v in data.items() if isinstance(v, str)}
+
+
+# No form of ours nests deeper than a few levels. Refused before parsing: the parser would recurse
+# once per level, and a finalizer that the garbage collector runs at the bottom of such a stack
+# (hundreds of thousands of "[") fails for lack of stack itself.
+_DEEP_JSON = re.compile(r"(?:[\[{]\s*(?:\"(?:[^\"\\]|\\.)*\"\s*:\s*)?){33}")
+
+
+def json_value(text: str) -> Any:
+    """`text` parsed as JSON; ValueError if it is not JSON or nests deeper than 32 levels."""
+    if _DEEP_JSON.search(text):
+        raise ValueError("JSON nested too deeply")
+    try:
+        return json.loads(text)
+    except RecursionError:  # nesting with other values between the brackets
+        raise ValueError("JSON nested too deeply") from None
+
+
+async def json_body(request: web.Request) -> Any:
+    """The request's JSON body; ValueError for anything that is not JSON of a sane depth."""
+    return json_value(await request.text())
 
 
 def field(data: dict[str, Any], name: str, *, required: bool = True, max_len: int = 200) -> str:
