@@ -28,9 +28,13 @@ Per side and step: CPU of the recording server process (utime + stime of all its
 /proc/PID/stat, over `--duration` s after a 2 s warm-up), as % of one core, divided by the
 number of streams (`cpu_pct_per_stream`; one stream = one participant's leg: VGA video + Opus
 audio; a visit has 2). Frame loss: frames the bench's clients sent against frames found by
-demuxing every written file with PyAV; the frames aiortc's jitter buffers still hold when a
-leg closes (1 video frame, 4 audio packets per leg) are allowed for on every side. A step is
-lossless when no stream lost a frame and every expected file exists.
+demuxing every written file with PyAV, per stream, with no allowance for Consult (it writes
+the frames aiortc's jitter buffers still hold when a leg closes); the baselines are allowed
+those (1 video frame, 4 audio packets per stream), which aiortc never releases to them. A step
+is lossless when no stream lost a frame and every expected file exists. The clients skip
+frames rather than burst when they fall behind (as a camera does); skipped frames are not
+"sent". For a lossy Consult stream stderr shows the recorder's counters, audio holes and how
+many video frames are missing before the file's first frame and after its last.
 
 Stepping: each side tries its steps in increasing order and stops at the first lossy step;
 `max_visits_without_loss` is the highest step such that it AND every lower step lost nothing
@@ -182,6 +186,9 @@ class RealtimeRecorderSession:
         tasks = [c.task for r in self.recorders for c in r._MediaRecorder__tracks.values() if c.task]
         if tasks:
             await asyncio.wait(tasks, timeout=60)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log(f"a MediaRecorder task failed: {task.exception()!r}")
         for recorder in self.recorders:
             await recorder.stop()
         return self.files
@@ -359,7 +366,11 @@ def encode_clip(width: int, height: int, fps: int, kbps: int, seconds: int) -> d
 
 
 class PacketTrack(MediaStreamTrack):
-    """Loops pre-encoded packets in real time; aiortc's RTCRtpSender sends av.Packet as is."""
+    """Loops pre-encoded packets in real time; aiortc's RTCRtpSender sends av.Packet as is.
+
+    Like a camera, a late sender skips the frames whose time has passed (more than two
+    intervals late) instead of sending a catch-up burst: `sent` counts what was really sent,
+    `scheduled` what the clock called for (their ratio is `clients_sent_ratio`)."""
 
     def __init__(self, kind: str, packets: list[bytes], rate: int, go: asyncio.Event, phase: int) -> None:
         super().__init__()
@@ -372,19 +383,29 @@ class PacketTrack(MediaStreamTrack):
         self.phase = phase
         self.stopped = False
         self.sent = 0
+        self.n = 0  # the next frame's index in the schedule
+        self.first_n: int | None = None
+        self.last_n: int | None = None
         self.start = 0.0
 
     async def recv(self) -> av.Packet:
-        if self.sent == 0:
+        if self.first_n is None and self.n == 0:
             await self.go.wait()
             self.start = time.monotonic()
         if self.stopped:
             await asyncio.Event().wait()  # the sender is torn down with the connection
             raise MediaStreamError
-        await asyncio.sleep(max(0.0, self.start + self.sent * self.interval - time.monotonic()))
-        packet = av.Packet(self.packets[(self.phase + self.sent) % len(self.packets)])
-        packet.pts = self.sent * self.ticks
+        late = time.monotonic() - (self.start + self.n * self.interval)
+        if late > 2 * self.interval:
+            self.n += int(late / self.interval)
+        await asyncio.sleep(max(0.0, self.start + self.n * self.interval - time.monotonic()))
+        packet = av.Packet(self.packets[(self.phase + self.n) % len(self.packets)])
+        packet.pts = self.n * self.ticks
         packet.time_base = self.time_base
+        if self.first_n is None:
+            self.first_n = self.n
+        self.last_n = self.n
+        self.n += 1
         self.sent += 1
         return packet
 
@@ -443,6 +464,7 @@ def account_loss(
     expected_files: int,
     files: int,
     details: dict[tuple[int, str], dict[str, Any]] | None = None,
+    holdback: dict[str, int] = HOLDBACK,
 ) -> None:
     """Frames sent against frames demuxed from the files, per stream; fills `result`."""
     lost = {"audio": 0, "video": 0}
@@ -451,7 +473,7 @@ def account_loss(
         missing = {}
         for kind in ("audio", "video"):
             got = written.get(key, {}).get(kind, 0)
-            missing[kind] = max(0, p.tracks[kind].sent - got - HOLDBACK[kind])
+            missing[kind] = max(0, p.tracks[kind].sent - got - holdback[kind])
             lost[kind] += missing[kind]
         if any(missing.values()):
             entry = {"visit": key[0], "role": key[1], "sent": {k: t.sent for k, t in p.tracks.items()}}
@@ -733,9 +755,12 @@ class Seat:
         await self.client.close()
 
 
-def count_written(path: Path) -> tuple[dict[str, int], list[list[float]]]:
+def count_written(
+    path: Path, ends: dict[str, bytes] | None = None
+) -> tuple[dict[str, int], list[list[float]]]:
     """Frames per kind in a recorded file, counted by demuxing it with PyAV; and where the
-    audio has holes (`[at_s, missing_ms]`, for a diagnosis of lost frames)."""
+    audio has holes (`[at_s, missing_ms]`, for a diagnosis of lost frames). `ends` gets the
+    file's first and last video frames (to tell loss at the start from loss at the end)."""
     counts = {"audio": 0, "video": 0}
     holes: list[list[float]] = []
     last_audio: float | None = None
@@ -744,6 +769,9 @@ def count_written(path: Path) -> tuple[dict[str, int], list[list[float]]]:
             if packet.size == 0 or packet.pts is None:
                 continue
             counts[packet.stream.type] = counts.get(packet.stream.type, 0) + 1
+            if packet.stream.type == "video" and ends is not None:
+                ends.setdefault("first", bytes(packet))
+                ends["last"] = bytes(packet)
             if packet.stream.type == "audio":
                 t = float(packet.pts * packet.time_base)
                 if last_audio is not None and t - last_audio > 0.030:
@@ -754,12 +782,34 @@ def count_written(path: Path) -> tuple[dict[str, int], list[list[float]]]:
     return counts, holes
 
 
+def video_gaps(track: PacketTrack, ends: dict[str, bytes], clip: dict[str, list[bytes]]) -> list[int] | None:
+    """Video frames sent but missing before the file's first frame and after its last one
+    (modulo the clip's length; the clip's VP8 frames are all distinct)."""
+    frames = clip["video"]
+    if "first" not in ends or track.first_n is None or track.last_n is None:
+        return None
+    try:
+        first, last = frames.index(ends["first"]), frames.index(ends["last"])
+    except ValueError:
+        return None
+    at_start = (first - track.phase - track.first_n) % len(frames)
+    at_end = (track.phase + track.last_n - last) % len(frames)
+    return [at_start, at_end]
+
+
 def decode_check(path: Path) -> dict[str, int]:
-    """Decode one file completely (a sample per step): every frame must decode."""
-    counts = {"audio": 0, "video": 0}
+    """Decode one file completely (a sample per step). `errors` counts packets the decoder
+    refused: expected only after frames the clients skipped (a gap in the VP8 chain)."""
+    counts = {"audio": 0, "video": 0, "errors": 0}
     with av.open(str(path)) as container:
-        for frame in container.decode(*container.streams):
-            counts["video" if isinstance(frame, av.VideoFrame) else "audio"] += 1
+        for packet in container.demux():
+            try:
+                frames = packet.decode()
+            except av.FFmpegError:
+                counts["errors"] += 1
+                continue
+            for frame in frames:
+                counts["video" if isinstance(frame, av.VideoFrame) else "audio"] += 1
     return counts
 
 
@@ -859,10 +909,12 @@ async def run_consult_step(
     written: dict[tuple[int, str], dict[str, int]] = {}
     reports: dict[tuple[int, str], list[dict[str, Any]]] = {}
     holes: dict[tuple[int, str], list[list[float]]] = {}
+    video_ends: dict[tuple[int, str], dict[str, bytes]] = {}
     mismatches = 0
     for row in rows:
         key = (index[row["visit_id"]], seat_of[row["role"]])
-        counted, found = await asyncio.to_thread(count_written, data_dir / row["path"])
+        ends = video_ends.setdefault(key, {})
+        counted, found = await asyncio.to_thread(count_written, data_dir / row["path"], ends)
         holes.setdefault(key, []).extend(found)
         tracks = json.loads(row["tracks"])
         reports.setdefault(key, []).extend(tracks)
@@ -876,10 +928,14 @@ async def run_consult_step(
         key: {
             "tracks": [{k: t.get(k) for k in keep} for t in reports.get(key, [])],
             "audio_holes_and_end": holes.get(key, []),
+            "video_missing_at_start_end": video_gaps(
+                people[key].tracks["video"], video_ends.get(key, {}), clip
+            ),
         }
         for key in people
     }
-    account_loss(result, people, written, 2 * visits, len(rows), details)
+    # No allowance for Consult: it writes what aiortc's jitter buffers hold at the end too.
+    account_loss(result, people, written, 2 * visits, len(rows), details, {"audio": 0, "video": 0})
     result["rows_vs_demux_mismatches"] = mismatches
     if rows:
         result["sample_decoded"] = await asyncio.to_thread(decode_check, data_dir / rows[0]["path"])
@@ -942,6 +998,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     clip = await asyncio.to_thread(encode_clip, args.width, args.height, args.fps, args.kbps, 3)
     kbps = sum(map(len, clip["video"])) * 8 / 3 / 1000
     log(f"clip: {len(clip['video'])} VP8 frames ({kbps:.0f} kbit/s), {len(clip['audio'])} Opus packets")
+    if len(set(clip["video"])) != len(clip["video"]):
+        log("the clip's VP8 frames are not all distinct: video_missing_at_start_end is unreliable")
     workdir = Path(tempfile.mkdtemp(prefix="recbench-"))
     try:
         runs = [await consult_run(args, i + 1, clip, workdir) for i in range(args.runs)]
@@ -987,7 +1045,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         ],
         "realtime_mediarecorder": brief(realtime),
         "pyav_remux": brief(remux),
-        "holdback_allowed_per_stream": HOLDBACK,
+        "holdback_allowed_per_stream": {"consult": {"audio": 0, "video": 0}, "baselines": HOLDBACK},
         "video": f"{args.width}x{args.height}@{args.fps} VP8 ~{kbps:.0f} kbit/s + Opus 20 ms",
         "cores": os.cpu_count(),
         "duration_s": args.duration,
