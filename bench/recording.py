@@ -118,6 +118,17 @@ def udp_errors() -> int:
     return stats["RcvbufErrors"]
 
 
+def udp_unread_bytes() -> int:
+    """Bytes waiting unread in this namespace's UDP sockets (/proc/net/udp rx_queue): what a
+    server that fell behind real time still has to read."""
+    total = 0
+    for name in ("udp", "udp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+                total += int(line.split()[4].split(":")[1], 16)
+    return total
+
+
 def log(*args: Any) -> None:
     print(*args, file=sys.stderr, flush=True)
 
@@ -455,6 +466,24 @@ def stop_tracks(people: dict[Any, Participant], result: dict[str, Any]) -> None:
                 scheduled += (now - track.start) / track.interval
                 sent += track.sent
     result["clients_sent_ratio"] = round(sent / scheduled, 3) if scheduled else None
+
+
+async def rtcp_loss(people: dict[Any, Participant]) -> dict[str, int]:
+    """Packets the clients sent, and how many of them the server's receivers say (RTCP receiver
+    reports, counted from RTP sequence numbers) never reached them: loss before the receiver
+    (network, kernel, DTLS/SRTP) as opposed to loss inside it (jitter buffer) or the writer."""
+    out = {"packets_sent": 0, "reported_lost": 0, "streams_reporting_loss": 0}
+    for p in people.values():
+        for sender in p.pc.getSenders():
+            lost = 0
+            for stat in (await sender.getStats()).values():
+                if stat.type == "outbound-rtp":
+                    out["packets_sent"] += stat.packetsSent
+                elif stat.type == "remote-inbound-rtp":
+                    lost = max(lost, stat.packetsLost)
+            out["reported_lost"] += lost
+            out["streams_reporting_loss"] += lost > 0
+    return out
 
 
 def account_loss(
@@ -885,6 +914,9 @@ async def run_consult_step(
             result["udp_rcvbuf_drops"] = udp_errors() - drops0
             stop_tracks(people, result)
             await asyncio.sleep(1.0)  # in-flight packets land
+            await asyncio.sleep(1.5)  # and the server's next RTCP receiver reports (every ~1 s)
+            result["rtcp"] = await rtcp_loss(people)
+            result["udp_unread_bytes_at_end"] = udp_unread_bytes()
             # The host ends each visit: the room finishes the files (recording_stopped), the
             # application stores their rows, then both sockets get `ended`.
             for v in range(visits):
