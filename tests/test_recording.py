@@ -49,8 +49,11 @@ class SyntheticVideo(MediaStreamTrack):
         self.sent = 0
         self.first: float | None = None  # capture time of the first and after the last frame
         self.end = 0.0
+        self.hold = False  # True: no more frames (recv() waits until the connection closes)
 
     async def recv(self) -> av.VideoFrame:
+        if self.hold:
+            await asyncio.Event().wait()
         if self.n is None:
             self.n = max(0, math.ceil((time.time() - self.start) * FPS))
         else:
@@ -88,6 +91,7 @@ class SyntheticAudio(MediaStreamTrack):
         self.sent = 0
         self.first: float | None = None
         self.end = 0.0
+        self.hold = False
         self.silence = bytes(self.SAMPLES * 2)
         self.tone = b"".join(
             struct.pack("<h", int(12000 * math.sin(2 * math.pi * 1000 * i / 48000)))
@@ -95,6 +99,8 @@ class SyntheticAudio(MediaStreamTrack):
         )
 
     async def recv(self) -> av.AudioFrame:
+        if self.hold:
+            await asyncio.Event().wait()
         if self.n is None:
             self.n = max(0, math.ceil((time.time() - self.start) * 50))
         else:
@@ -259,6 +265,30 @@ async def test_two_participants_recorded_without_decoding(
     assert counters.taps - before[0] == 4
     written = sum(t["frames"] + t["dropped_before_keyframe"] for f in files for t in f.tracks)
     assert counters.frames - before[1] == written
+
+
+async def test_the_last_frames_of_a_leg_are_kept(tmp_path: Path) -> None:
+    """Every frame sent before the end is in the file: aiortc's jitter buffers hold the last
+    audio frames (4) and video frame until later packets come, which never do once the
+    participant stops; closing the session must still write them."""
+    session = RecordingSession(tmp_path / "rec", ice_servers=[], label="visit-2")
+    (tmp_path / "rec").mkdir()
+    client = Client(time.time() + 0.5)
+    async with asyncio.timeout(30):
+        await client.connect(session, "guest")
+        await asyncio.sleep(3.5)
+        client.audio.hold = client.video.hold = True
+        await asyncio.sleep(1.0)  # what was sent has arrived; nothing more comes
+        files = await session.close()
+        await client.close()
+    [f] = files
+    tracks = {t["kind"]: t for t in f.tracks}
+    # The frame recv()'d just before the hold may be in the encoder still: at most 1 short.
+    assert client.audio.sent - 1 <= tracks["audio"]["frames"] <= client.audio.sent, tracks
+    video = tracks["video"]["frames"] + tracks["video"]["dropped_before_keyframe"]
+    assert client.video.sent - 1 <= video <= client.video.sent, tracks
+    info = decode_all(f.path)
+    assert info["video"] == tracks["video"]["frames"]
 
 
 async def test_files_are_private_and_named_by_the_server(tmp_path: Path) -> None:

@@ -19,10 +19,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiortc import RTCRtpReceiver
+from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
-# Name-mangled attribute of RTCRtpReceiver holding the decoder input queue (aiortc 1.x).
+# Name-mangled attributes of RTCRtpReceiver (aiortc 1.x): the decoder input queue, and what
+# `flush()` needs to finish the frames its jitter buffer still holds.
 _QUEUE_ATTR = "_RTCRtpReceiver__decoder_queue"
+_JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
+_MAPPER_ATTR = "_RTCRtpReceiver__timestamp_mapper"
+_CODECS_ATTR = "_RTCRtpReceiver__codecs"
 
 
 class FrameSink(Protocol):
@@ -90,3 +95,41 @@ def on_first_packet(receiver: RTCRtpReceiver, callback: Any) -> None:
         await original(packet, arrival_time_ms)
 
     receiver._handle_rtp_packet = first  # type: ignore[method-assign]
+
+
+def flush(receiver: RTCRtpReceiver) -> int:
+    """Hand the sink the complete frames `receiver`'s jitter buffer still holds; return how many.
+
+    aiortc releases a frame only once later packets arrive (audio: 4 more frames, video: the
+    next frame's first packet), so when a leg ends its last ~80 ms of audio and last video
+    frame are still in the buffer and would be lost. Call this after the receiver is stopped
+    (the connection closed: no packet can arrive meanwhile). A video frame counts as complete
+    when its last packet carries the RTP marker bit; nothing after a missing packet is taken.
+    """
+    tap = getattr(receiver, _QUEUE_ATTR, None)
+    buffer = getattr(receiver, _JITTER_ATTR, None)
+    mapper = getattr(receiver, _MAPPER_ATTR, None)
+    codecs = getattr(receiver, _CODECS_ATTR, None)
+    if not isinstance(tap, FrameTap) or buffer is None or mapper is None or not codecs:
+        return 0
+    video = receiver.track.kind == "video"
+    frames: list[list[Any]] = []
+    for count in range(buffer.capacity):
+        packet = buffer._packets[(buffer._origin + count) % buffer.capacity]
+        if packet is None:
+            break
+        if not frames or frames[-1][0].timestamp != packet.timestamp:
+            frames.append([])
+        frames[-1].append(packet)
+    if frames and video and not frames[-1][-1].marker:
+        frames.pop()  # its last packets never came
+    done = 0
+    for packets in frames:
+        codec = codecs.get(packets[0].payload_type)
+        data = b"".join(getattr(p, "_data", b"") for p in packets)
+        if codec is None or not data:
+            continue
+        tap.put((codec, JitterFrame(data=data, timestamp=mapper.map(packets[0].timestamp))))
+        done += 1
+    buffer.remove(sum(len(p) for p in frames))
+    return done

@@ -79,6 +79,7 @@ class _Leg:
     pc: RTCPeerConnection
     writer: ParticipantWriter
     video: RTCRtpReceiver | None = None
+    receivers: list[RTCRtpReceiver] = field(default_factory=list)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     finished: asyncio.Future[RecordingFile | None] | None = None
     last_pli: float = 0.0
@@ -257,6 +258,7 @@ class RecordingSession:
                 continue
             receiver = transceiver.receiver
             passthrough.attach(receiver, _TrackSink(leg.writer, kind))
+            leg.receivers.append(receiver)
             passthrough.on_first_packet(receiver, lambda k=kind: leg.writer.note_first_packet(k))
         leg.video = video.receiver if video_codec else None
 
@@ -341,6 +343,12 @@ class RecordingSession:
             await leg.pc.close()
         except Exception:
             log.exception("recording %s/%s: error closing the connection", self.label, leg.role)
+        # The last frames aiortc's jitter buffers still hold (~80 ms of audio, a video frame).
+        for receiver in leg.receivers:
+            try:
+                passthrough.flush(receiver)
+            except Exception:
+                log.exception("recording %s/%s: could not flush a jitter buffer", self.label, leg.role)
         result: RecordingFile | None = None
         try:
             result = await asyncio.to_thread(leg.writer.close)
