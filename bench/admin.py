@@ -32,7 +32,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -44,11 +43,10 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import aiohttp
-from common import loadavg, pct, wait_ready  # bench/ is on sys.path when run as a script
+from common import free_port, loadavg, pct, sign_in, wait_ready  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 TZ = "Asia/Shanghai"
-CSRF_RE = re.compile(r'name="csrf_token" value="([0-9a-f]+)"')
 OLDER_RE = re.compile(r'<a href="([^"]+)" data-testid="older">')
 ROW_RE = re.compile(r'<tr data-visit="')
 ADMIN, ADMIN_PASSWORD = "benchadmin", "bench-admin-password"
@@ -61,12 +59,6 @@ OUTCOMES = (
     ("no_show", "no_show", 10),
     ("cancelled", None, 5),
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build(db_path: Path, sessions: int, doctors: int, departments: int, patients: int, seed: int) -> dict:
@@ -157,19 +149,6 @@ def build(db_path: Path, sessions: int, doctors: int, departments: int, patients
     return {"doctor_ids": doctor_ids, "patient_ids": patient_ids, "oldest": oldest}
 
 
-async def sign_in(session: aiohttp.ClientSession, base: str) -> None:
-    async with session.get(base + "/login") as r:
-        token = CSRF_RE.search(await r.text())
-    assert token, "no CSRF token on /login"
-    async with session.post(
-        base + "/login",
-        data={"identifier": ADMIN, "password": ADMIN_PASSWORD, "csrf_token": token.group(1)},
-        allow_redirects=False,
-    ) as r:
-        if r.status != 303:
-            raise SystemExit(f"admin sign-in failed: {r.status}")
-
-
 async def timed_get(session: aiohttp.ClientSession, url: str) -> tuple[float, str]:
     start = time.perf_counter()
     async with session.get(url) as r:
@@ -233,7 +212,7 @@ async def measure(base: str, built: dict, args: argparse.Namespace) -> dict:
     sessions = [aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) for _ in range(args.clients)]
     try:
         for session in sessions:  # one after another: sign-in is not what is measured
-            await sign_in(session, base)
+            await sign_in(session, base, ADMIN, ADMIN_PASSWORD)
         started = time.perf_counter()
         await asyncio.gather(
             *(admin_client(n, s, base, built, args, timings) for n, s in enumerate(sessions))
@@ -244,7 +223,7 @@ async def measure(base: str, built: dict, args: argparse.Namespace) -> dict:
             await session.close()
     no_limit = aiohttp.ClientTimeout(total=None)  # a million-row CSV takes minutes on a loaded machine
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True), timeout=no_limit) as session:
-        await sign_in(session, base)
+        await sign_in(session, base, ADMIN, ADMIN_PASSWORD)
         overview_ms, _body = await timed_get(session, base + "/admin/sessions/overview")
         start = time.perf_counter()
         rows = -1  # the header
@@ -327,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             args.sessions = built["sessions"]
         else:
             built = create(consult, env, data_dir, args)
-        port = free_port()
+        port = free_port("127.0.0.1")
         base = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen(
             [*consult, "serve", "--no-tls", "--host", "127.0.0.1", "--port", str(port)],

@@ -24,10 +24,8 @@ import asyncio
 import json
 import math
 import os
-import re
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -42,6 +40,7 @@ import aiohttp
 from common import (  # bench/ is on sys.path when run as a script
     PATIENT_PASSWORD,
     add_patients,
+    free_port,
     loadavg,
     sign_in,
     wait_ready,
@@ -51,13 +50,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TZ = "Asia/Shanghai"
 DAY_START, DAY_END, SLOT_MIN = "08:00", "20:00", 15
 SLOTS_PER_DAY = (20 - 8) * 60 // SLOT_MIN
-CSRF_RE = re.compile(r'name="csrf_token" value="([0-9a-f]+)"')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_catalogue(db_path: Path, doctors: int, days: int) -> tuple[int, list[int], date]:
@@ -235,7 +227,7 @@ def run(args: argparse.Namespace) -> dict:
     dep, doctor_ids, first_day = build_catalogue(db_path, args.doctors, days)
     work = plan(doctor_ids, first_day, args.visits, args.concurrency)
     phones = add_patients(db_path, args.concurrency)
-    port = args.port or free_port()
+    port = args.port or free_port("127.0.0.1")
     base = f"http://127.0.0.1:{port}"
     serve = [*consult, "serve", "--no-tls", "--host", "127.0.0.1", "--port", str(port)]
     with open(data_dir / "server.log", "wb") as log:

@@ -55,6 +55,7 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 from common import (  # bench/ is on sys.path when run as a script
+    CSRF_RE,
     PATIENT_PASSWORD,
     ROOT,
     ConsultServer,
@@ -67,7 +68,6 @@ from common import (  # bench/ is on sys.path when run as a script
 TZ = "Asia/Shanghai"
 SLOT_MIN = 15
 DAYS = 5  # a working week opens at once
-CSRF_RE = re.compile(r'name="csrf_token" value="([0-9a-f]+)"')
 SLOT_RE = re.compile(r'data-testid="slot-(\d+)"([^>]*)>')
 
 

@@ -16,7 +16,6 @@ import asyncio
 import json
 import re
 import sqlite3
-from collections.abc import AsyncIterator
 
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, expect
@@ -25,8 +24,7 @@ from tests.account_helpers import texted_code
 from tests.call_helpers import keyed_settings, patient_token, seed_visit
 from tests.harness.a11y import PageAudit, text_200_problems
 from tests.harness.axe import axe_check
-from tests.harness.browser import PATIENT_CONTEXT, PageRecorder, assert_only_local_requests, save_screenshot
-from tests.harness.fixtures import FailureArtifacts, _context
+from tests.harness.browser import PageRecorder, assert_only_local_requests, save_screenshot
 from tests.harness.programs import NPM_PACKAGES, require_font
 from tests.harness.server import ConsultServer
 from tests.test_browser_booking import make_pdf
@@ -39,16 +37,6 @@ PATIENT_PHONE = "13811112222"
 PATIENT_PASSWORD = "Guilan-2024-follow"
 DOCTOR, DOCTOR_PASSWORD = "dr.wang", "Doctor-a11y-pass-2024"
 MAIN_FONT_JS = "parseFloat(getComputedStyle(document.querySelector('main')).fontSize)"
-
-
-@pytest.fixture
-async def zh_phone(
-    browser: Browser, pages: PageRecorder, failure_artifacts: FailureArtifacts
-) -> AsyncIterator[BrowserContext]:
-    async with _context(
-        browser, pages, failure_artifacts, "patient", {**PATIENT_CONTEXT, "locale": "zh-CN"}
-    ) as context:
-        yield context
 
 
 def ids_of(server: ConsultServer) -> tuple[int, int]:

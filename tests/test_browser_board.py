@@ -20,7 +20,7 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from tests.call_helpers import SeededVisit, keyed_settings, patient_token, seed_visit
-from tests.harness.browser import DOCTOR_CONTEXT, PATIENT_CONTEXT, PageRecorder, save_screenshot
+from tests.harness.browser import PATIENT_CONTEXT, PageRecorder, save_screenshot
 from tests.harness.fixtures import FailureArtifacts, _context
 from tests.harness.server import ConsultServer
 from tests.test_browser_call import DOCTOR, PASSWORD, sign_in_doctor, wait_frames
@@ -66,16 +66,6 @@ def prepare_clinic(server: ConsultServer) -> Clinic:
     ]
     keyed = keyed_settings(server.data_dir)
     return Clinic(visits, [f"{server.origin}/call/{patient_token(keyed, v)}" for v in visits])
-
-
-@pytest.fixture
-async def zh_desktop(
-    browser: Browser, pages: PageRecorder, failure_artifacts: FailureArtifacts
-) -> AsyncIterator[BrowserContext]:
-    async with _context(
-        browser, pages, failure_artifacts, "doctor", {**DOCTOR_CONTEXT, "locale": "zh-CN"}
-    ) as c:
-        yield c
 
 
 @pytest.fixture

@@ -14,15 +14,12 @@ import asyncio
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 
-import pytest
-from playwright.async_api import Browser, BrowserContext, Page, expect
+from playwright.async_api import BrowserContext, Page, expect
 
 from tests.account_helpers import texted_code
 from tests.call_helpers import keyed_settings, patient_token, seed_visit
-from tests.harness.browser import DOCTOR_CONTEXT, PATIENT_CONTEXT, PageRecorder
-from tests.harness.fixtures import FailureArtifacts, _context
+from tests.harness.browser import PageRecorder
 from tests.harness.server import ConsultServer
 from tests.language_check import latin_sentences
 from tests.test_browser_call import DOCTOR, PASSWORD, sign_in_doctor, state, wait_frames
@@ -32,26 +29,6 @@ WAIT_MS = 20_000
 PATIENT_NAME = "张小明"
 PATIENT_PHONE = "13987654321"
 PATIENT_PASSWORD = "Xiaoming-2024-follow"
-
-
-@pytest.fixture
-async def zh_phone(
-    browser: Browser, pages: PageRecorder, failure_artifacts: FailureArtifacts
-) -> AsyncIterator[BrowserContext]:
-    async with _context(
-        browser, pages, failure_artifacts, "patient", {**PATIENT_CONTEXT, "locale": "zh-CN"}
-    ) as c:
-        yield c
-
-
-@pytest.fixture
-async def zh_desktop(
-    browser: Browser, pages: PageRecorder, failure_artifacts: FailureArtifacts
-) -> AsyncIterator[BrowserContext]:
-    async with _context(
-        browser, pages, failure_artifacts, "doctor", {**DOCTOR_CONTEXT, "locale": "zh-CN"}
-    ) as c:
-        yield c
 
 
 class Screens:

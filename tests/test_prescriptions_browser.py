@@ -15,7 +15,6 @@ from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from tests.call_helpers import seed_visit
 from tests.harness.browser import (
-    DOCTOR_CONTEXT,
     PATIENT_CONTEXT,
     PageRecorder,
     assert_only_local_requests,
@@ -33,16 +32,6 @@ PHONE_360 = {
     "viewport": {"width": 360, "height": 740},
     "screen": {"width": 360, "height": 740},
 }
-
-
-@pytest.fixture
-async def zh_desktop(
-    browser: Browser, pages: PageRecorder, failure_artifacts: FailureArtifacts
-) -> AsyncIterator[BrowserContext]:
-    async with _context(
-        browser, pages, failure_artifacts, "doctor", {**DOCTOR_CONTEXT, "locale": "zh-CN"}
-    ) as c:
-        yield c
 
 
 @pytest.fixture

@@ -337,7 +337,8 @@ def _code_context(request: web.Request, pending: tuple[str, str, int], **extra: 
     }
 
 
-def _verify_page(
+def _code_page(
+    template: str,
     request: web.Request,
     pending: tuple[str, str, int],
     *,
@@ -346,35 +347,21 @@ def _verify_page(
     status: int = 200,
     exc: ConsultError | None = None,
 ) -> web.Response:
+    """A page that asks for the texted code (sign-up or password reset)."""
     response = aiohttp_jinja2.render_template(
-        "register_verify.html",
-        request,
-        _code_context(request, pending, error=error, notice=notice),
-        status=status,
+        template, request, _code_context(request, pending, error=error, notice=notice), status=status
     )
     if isinstance(exc, TooManyRequests):
         response.headers["Retry-After"] = str(exc.retry_after)
     return response
 
 
-def _reset_page(
-    request: web.Request,
-    pending: tuple[str, str, int],
-    *,
-    error: str | None = None,
-    notice: str | None = None,
-    status: int = 200,
-    exc: ConsultError | None = None,
-) -> web.Response:
-    response = aiohttp_jinja2.render_template(
-        "password_reset.html",
-        request,
-        _code_context(request, pending, error=error, notice=notice),
-        status=status,
-    )
-    if isinstance(exc, TooManyRequests):
-        response.headers["Retry-After"] = str(exc.retry_after)
-    return response
+def _verify_page(request: web.Request, pending: tuple[str, str, int], **kwargs) -> web.Response:
+    return _code_page("register_verify.html", request, pending, **kwargs)
+
+
+def _reset_page(request: web.Request, pending: tuple[str, str, int], **kwargs) -> web.Response:
+    return _code_page("password_reset.html", request, pending, **kwargs)
 
 
 def _form_error(template: str, request: web.Request, exc: ConsultError, context: dict) -> web.Response:

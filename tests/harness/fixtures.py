@@ -57,6 +57,8 @@ __all__ = [
     "playwright",
     "pytest_runtest_makereport",
     "server_port",
+    "zh_desktop",
+    "zh_phone",
 ]
 
 DEFAULT_TIMEOUT_MS = 15_000
@@ -298,6 +300,28 @@ async def doctor_context(
 ) -> AsyncIterator[BrowserContext]:
     """Desktop 1366x800; camera + microphone granted."""
     async with _context(browser, pages, failure_artifacts, "doctor", DOCTOR_CONTEXT) as context:
+        yield context
+
+
+@pytest.fixture
+async def zh_phone(
+    browser: Browser, pages: PageRecorder, failure_artifacts: FailureArtifacts
+) -> AsyncIterator[BrowserContext]:
+    """The patient's phone as `patient_context`, its browser asking for Chinese."""
+    async with _context(
+        browser, pages, failure_artifacts, "patient", {**PATIENT_CONTEXT, "locale": "zh-CN"}
+    ) as context:
+        yield context
+
+
+@pytest.fixture
+async def zh_desktop(
+    browser: Browser, pages: PageRecorder, failure_artifacts: FailureArtifacts
+) -> AsyncIterator[BrowserContext]:
+    """The doctor's PC as `doctor_context`, its browser asking for Chinese."""
+    async with _context(
+        browser, pages, failure_artifacts, "doctor", {**DOCTOR_CONTEXT, "locale": "zh-CN"}
+    ) as context:
         yield context
 
 
