@@ -26,7 +26,7 @@ from tests.call_helpers import keyed_settings, patient_token, seed_visit
 from tests.harness.browser import PageRecorder, save_screenshot
 from tests.harness.server import ConsultServer
 from tests.test_browser_call import DOCTOR, PASSWORD, sign_in_doctor, state, wait_frames
-from tests.test_browser_zh import Screens, zh_desktop, zh_phone  # noqa: F401 (fixtures)
+from tests.test_browser_zh import Screens
 
 TEST_TIMEOUT = 150
 WAIT_MS = 30_000
@@ -83,7 +83,7 @@ async def join_call(patient: Page, doctor: Page, link: str, room: str, origin: s
 
 async def test_too_early_page_shows_the_visit_tests_devices_and_opens_by_itself(
     consult_server: ConsultServer,
-    zh_phone: BrowserContext,  # noqa: F811
+    zh_phone: BrowserContext,
     pages: PageRecorder,
 ) -> None:
     screens = Screens()
@@ -129,8 +129,8 @@ async def test_too_early_page_shows_the_visit_tests_devices_and_opens_by_itself(
 async def test_remote_mute_and_camera_off_show_on_both_sides_and_the_phone_turns(
     consult_server: ConsultServer,
     app_origin: str,
-    zh_phone: BrowserContext,  # noqa: F811
-    zh_desktop: BrowserContext,  # noqa: F811
+    zh_phone: BrowserContext,
+    zh_desktop: BrowserContext,
     pages: PageRecorder,
 ) -> None:
     screens = Screens()
@@ -244,8 +244,8 @@ async def settled_layout(page: Page, timeout_s: float = 10) -> dict:
 async def test_warning_in_minutes_then_one_end_screen_with_next_steps(
     consult_server_factory,
     app_origin: str,
-    zh_phone: BrowserContext,  # noqa: F811
-    zh_desktop: BrowserContext,  # noqa: F811
+    zh_phone: BrowserContext,
+    zh_desktop: BrowserContext,
     pages: PageRecorder,
 ) -> None:
     screens = Screens()

@@ -21,7 +21,6 @@ from tests.test_prescriptions_browser import (
     overflow,
     prepare,
     sign_in,
-    zh_desktop,  # noqa: F401  (fixture)
     zh_phone_360,  # noqa: F401  (fixture)
 )
 
@@ -37,7 +36,7 @@ def consult_env() -> Mapping[str, str]:
 async def test_pharmacist_approves_before_the_patient_sees_the_prescription(
     consult_server: ConsultServer,
     app_origin: str,
-    zh_desktop: BrowserContext,  # noqa: F811
+    zh_desktop: BrowserContext,
     zh_phone_360: BrowserContext,  # noqa: F811
     pages: PageRecorder,
 ) -> None:
