@@ -33,6 +33,7 @@ from tests.harness.browser import (
 )
 from tests.harness.firefox import Firefox, default_route
 from tests.harness.nginx import NginxProxy
+from tests.harness.postgres import PostgresServer
 from tests.harness.server import BRIDGE_ADDR, ConsultServer, free_port
 from tests.harness.turn import TurnServer
 
@@ -55,6 +56,8 @@ __all__ = [
     "patient_context",
     "patient_page",
     "playwright",
+    "postgres_server",
+    "postgres_url",
     "pytest_runtest_makereport",
     "server_port",
     "zh_desktop",
@@ -107,6 +110,27 @@ def failure_artifacts(artifacts_root: Path, request: pytest.FixtureRequest) -> F
 
 
 # -- servers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL for the whole session (tests/harness/postgres.py), on 127.0.0.1
+    and a unix socket; started when the first test asks for it, gone when the session ends."""
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer, failure_artifacts: FailureArtifacts) -> Iterator[str]:
+    """`postgresql://postgres@127.0.0.1:PORT/test_<random>`: this test's own fresh database,
+    dropped afterwards; the server's log goes to the test's artifacts when it failed."""
+    name = postgres_server.create_database()
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)
+    if failure_artifacts.failed:
+        failure_artifacts.copy(postgres_server.log_path)
 
 
 @pytest.fixture
