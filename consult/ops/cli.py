@@ -37,8 +37,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     from consult.core.migrations import migrate
 
     settings = ensure_secrets(_settings(args))
-    for sub in ("uploads", "recordings", "keys"):
-        (settings.data_dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+    (settings.data_dir / "keys").mkdir(parents=True, exist_ok=True, mode=0o700)
+    for sub in ("uploads", "recordings"):  # on the shared file system if there is one
+        (settings.files_dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
     applied = migrate(settings.data_dir / "consult.db")
     print(
         f"Database {settings.data_dir / 'consult.db'}: "
@@ -400,7 +401,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     try:
-        result = backup(settings.data_dir, Path(args.path))
+        result = backup(settings.data_dir, Path(args.path), files_dir=settings.files_dir)
     except (FileNotFoundError, FileExistsError) as exc:
         raise CLIError(str(exc)) from None
     print(
@@ -488,7 +489,7 @@ def cmd_recordings_purge(args: argparse.Namespace) -> int:
     if days == 0 and args.older_than_days is None:
         print("recording_retention_days is 0: recordings are kept forever; nothing deleted.")
         return 0
-    found = recordings.purge(Database(path), settings.data_dir, days, dry_run=args.dry_run, now=time.time())
+    found = recordings.purge(Database(path), settings.files_dir, days, dry_run=args.dry_run, now=time.time())
     verb = "Would delete" if args.dry_run else "Deleted"
     for item in found:
         print(f"{verb} recording {item['id']} (visit {item['visit_id']}, {item['role']}): {item['path']}")
