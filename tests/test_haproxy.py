@@ -5,11 +5,12 @@ two missed health checks."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -23,26 +24,23 @@ FAILOVER_BOUND_S = 4.0
 
 
 @pytest.fixture
-def cluster(
-    tmp_path: Path, failure_artifacts: FailureArtifacts
-) -> Iterator[tuple[HAProxy, dict[str, StandInNode]]]:
+async def cluster(
+    tmp_path: Path, haproxy, failure_artifacts: FailureArtifacts
+) -> AsyncIterator[tuple[HAProxy, dict[str, StandInNode]]]:
     nodes = {name: StandInNode(tmp_path, name) for name in ("node-a", "node-b")}
-    proxy = HAProxy(tmp_path / "haproxy", [n.address for n in nodes.values()])
-    started = []
     try:
-        for server in (*nodes.values(), proxy):
-            server.start()
-            started.append(server)
-        _wait_all_up(proxy, nodes)
+        for node in nodes.values():
+            await node.astart()
+        # On the loopback address: this needs no private network namespace.
+        proxy = await haproxy([n.address for n in nodes.values()], host="127.0.0.1")
+        await asyncio.to_thread(_wait_all_up, proxy, nodes)
         yield proxy, nodes
     finally:
-        for server in reversed(started):
-            server.stop()
+        for node in nodes.values():
+            node.stop()
         if failure_artifacts.failed:
-            failure_artifacts.copy(proxy.conf_path)
-            for server in (*nodes.values(), proxy):
-                failure_artifacts.copy(server.stdout_path)
-                failure_artifacts.copy(server.stderr_path)
+            for node in nodes.values():
+                failure_artifacts.copy(node.stderr_path)
 
 
 def _node(proxy: HAProxy, path: str) -> str:
@@ -79,7 +77,7 @@ def test_the_shipped_file_renders_and_haproxy_accepts_it(tmp_path: Path):
         render_config(host="127.0.0.1", port=1, redirect_port=2, pem=tmp_path / "x.pem", nodes=[], path=doc)
 
 
-def test_a_room_always_reaches_the_same_node_and_rooms_spread(cluster):
+async def test_a_room_always_reaches_the_same_node_and_rooms_spread(cluster):
     proxy, nodes = cluster
     placed = {}
     for room in _rooms(24):
@@ -119,7 +117,7 @@ async def test_both_participants_websockets_reach_the_rooms_node(cluster):
     assert answers == [f"{expected} {room} host", f"{expected} {room} guest"]
 
 
-def test_a_dead_nodes_rooms_reach_the_other_node_quickly_and_stay_there(cluster):
+async def test_a_dead_nodes_rooms_reach_the_other_node_quickly_and_stay_there(cluster):
     proxy, nodes = cluster
     rooms = _rooms(16)
     placed = {room: _node(proxy, room) for room in rooms}
@@ -135,7 +133,7 @@ def test_a_dead_nodes_rooms_reach_the_other_node_quickly_and_stay_there(cluster)
         if status == 200 and json.loads(body)["node"] == survivor:
             break
         assert time.monotonic() - killed < FAILOVER_BOUND_S, f"still {status} {body}\n{proxy.logs()}"
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
     took = time.monotonic() - killed
     print(f"room reached {survivor} {took:.2f} s after {victim} was killed")
     assert all(_node(proxy, room) == survivor for room in moved)
@@ -144,7 +142,7 @@ def test_a_dead_nodes_rooms_reach_the_other_node_quickly_and_stay_there(cluster)
     # The dead node comes back: its rooms stay where they were taken over (the stick table),
     # so a participant reconnecting later meets the other one on the same node.
     nodes[victim].start()
-    _wait_all_up(proxy, nodes)
+    await asyncio.to_thread(_wait_all_up, proxy, nodes)
     assert all(_node(proxy, room) == survivor for room in moved)
     # A new room may go to either: the hash still uses the returned node.
     fresh = {_node(proxy, room) for room in _rooms(24)}

@@ -32,6 +32,7 @@ from tests.harness.browser import (
     save_page_artifacts,
 )
 from tests.harness.firefox import Firefox, default_route
+from tests.harness.haproxy import HAProxy
 from tests.harness.nginx import NginxProxy
 from tests.harness.postgres import PostgresServer
 from tests.harness.server import BRIDGE_ADDR, ConsultServer, free_port
@@ -51,6 +52,7 @@ __all__ = [
     "doctor_page",
     "failure_artifacts",
     "firefox",
+    "haproxy",
     "nginx_proxy",
     "pages",
     "patient_context",
@@ -238,6 +240,32 @@ async def nginx_proxy(tmp_path: Path, failure_artifacts: FailureArtifacts) -> As
     if failure_artifacts.failed:
         for proxy in proxies:
             for path in (proxy.error_log, proxy.access_log, proxy.site_path):
+                failure_artifacts.copy(path, f"{proxy.directory.name}-{path.name}")
+
+
+HAProxyFactory = Callable[..., Awaitable[HAProxy]]
+
+
+@pytest.fixture
+async def haproxy(tmp_path: Path, failure_artifacts: FailureArtifacts) -> AsyncIterator[HAProxyFactory]:
+    """`await haproxy([(host, port), ...], host=BRIDGE_ADDR) -> HAProxy`: deploy/haproxy.cfg as
+    shipped on https://<host>:<port> (`.origin`, `.url(path)`) in front of those nodes (Consult
+    servers with trusted_proxies set, or `StandInNode`s). Stopped in teardown; its config and
+    log join the failure artifacts."""
+    proxies: list[HAProxy] = []
+
+    async def make(nodes: Sequence[tuple[str, int]], *, host: str = BRIDGE_ADDR) -> HAProxy:
+        proxy = HAProxy(tmp_path / f"haproxy{len(proxies) + 1}", nodes, host=host)
+        proxies.append(proxy)
+        await proxy.astart()
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()
+    if failure_artifacts.failed:
+        for proxy in proxies:
+            for path in (proxy.conf_path, proxy.stdout_path, proxy.stderr_path):
                 failure_artifacts.copy(path, f"{proxy.directory.name}-{path.name}")
 
 
