@@ -18,6 +18,7 @@ import pytest
 
 from tests.harness.fixtures import FailureArtifacts
 from tests.harness.haproxy import INSECURE, HAProxy, StandInNode, fetch, render_config
+from tests.harness.server import ConsultServer
 
 # Two missed checks 500 ms apart take a node out; the rest is this loaded machine's slack.
 FAILOVER_BOUND_S = 4.0
@@ -147,3 +148,41 @@ async def test_a_dead_nodes_rooms_reach_the_other_node_quickly_and_stay_there(cl
     # A new room may go to either: the hash still uses the returned node.
     fresh = {_node(proxy, room) for room in _rooms(24)}
     assert fresh == set(nodes)
+
+
+async def test_a_real_node_behind_it_sees_the_client_over_https(tmp_path: Path, haproxy):
+    """The headers the shipped file sets are the ones Consult believes from a trusted proxy:
+    Secure __Host- cookies and HSTS (the scheme), and the call's WebSocket origin check (the host)."""
+    node = ConsultServer(
+        tmp_path / "node-data",
+        log_dir=tmp_path,
+        host="127.0.0.1",
+        env={"CONSULT_TRUSTED_PROXIES": "127.0.0.1"},
+    )
+    await asyncio.to_thread(node.init, demo=True)
+    await node.astart()
+    try:
+        proxy = await haproxy([(node.host, node.port)], host="127.0.0.1")
+        deadline = time.monotonic() + 30
+        while fetch(proxy.url("/healthz"))[0] != 200:
+            assert time.monotonic() < deadline, proxy.logs()
+            await asyncio.sleep(0.1)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(proxy.url("/login"), ssl=INSECURE) as resp:
+                assert resp.status == 200
+                assert resp.headers["Strict-Transport-Security"].startswith("max-age=")
+                cookies = resp.headers.getall("Set-Cookie")
+                assert any(c.startswith("__Host-") and "Secure" in c for c in cookies), cookies
+            room = proxy.url("/ws/rooms/AAAAAAAAAAAAAAAAAAAAAA?token=not-a-token")
+            with pytest.raises(aiohttp.WSServerHandshakeError) as foreign:
+                await session.ws_connect(room, ssl=INSECURE, origin="https://elsewhere.example")
+            assert foreign.value.status == 403
+            # From the page's own origin the origin check passes (the token is what fails then).
+            try:
+                ws = await session.ws_connect(room, ssl=INSECURE, origin=proxy.origin)
+            except aiohttp.WSServerHandshakeError as exc:
+                assert exc.status != 403, exc
+            else:
+                await ws.close()
+    finally:
+        node.stop()
