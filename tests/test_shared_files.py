@@ -53,7 +53,11 @@ def test_files_dir_is_the_shared_dir_or_the_data_dir(tmp_path: Path):
     assert shared.files_dir == Path("/mnt/consult")
 
 
-async def test_reports_are_stored_on_the_shared_dir_and_served_from_it(world: World, shared_dir: Path):
+async def test_reports_are_stored_on_the_shared_dir_and_served_and_backed_up_from_it(
+    world: World, shared_dir: Path, tmp_path: Path, capsys, monkeypatch
+):
+    backup_dir = tmp_path / "backup"
+    monkeypatch.setenv("CONSULT_SHARED_DIR", str(shared_dir))
     client = world.client
     token = await sign_in(client, PATIENT)
     pdf = pdf_bytes()
@@ -72,6 +76,13 @@ async def test_reports_are_stored_on_the_shared_dir_and_served_from_it(world: Wo
     assert not tmp.exists() or not any(tmp.iterdir())
     resp = await client.get(f"/reports/{rows[0]['id']}")
     assert resp.status == 200 and await resp.read() == pdf
+    # `consult backup` takes them from the shared directory, as if they were in the data directory.
+    capsys.readouterr()
+    assert cli.main(["--data-dir", str(world.data_dir), "backup", str(backup_dir)]) == 0, capsys.readouterr()
+    for row in rows:
+        assert (backup_dir / "uploads" / row["stored_name"]).read_bytes() == (
+            shared_dir / "uploads" / row["stored_name"]
+        ).read_bytes()
 
 
 async def test_recordings_of_a_shared_dir_are_found_and_served_there(world: World, shared_dir: Path):
