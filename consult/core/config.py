@@ -32,6 +32,11 @@ def setting(default: Any, help: str, secret: bool = False) -> Any:
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = setting(Path("data"), "Directory for the database, uploads, recordings, keys.")
+    shared_dir: str = setting(
+        "",
+        "Directory for uploaded reports and recordings that every node of a cluster mounts (NFS):"
+        " each node writes whole files under names no other node picks. Empty: the data directory.",
+    )
     host: str = setting("0.0.0.0", "Address the HTTP server listens on.")  # noqa: S104
     port: int = setting(8443, "Port the HTTP server listens on.")
     tls: bool = setting(
@@ -229,6 +234,11 @@ class Settings:
                 value = "********"
             out[f.name] = str(value) if isinstance(value, Path) else value
         return out
+
+    @property
+    def files_dir(self) -> Path:
+        """Where uploads and recordings live: `shared_dir`, or the data directory."""
+        return Path(self.shared_dir) if self.shared_dir else self.data_dir
 
 
 def describe() -> list[tuple[str, Any, str]]:
