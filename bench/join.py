@@ -8,9 +8,14 @@ doctor signs in through the login page.
 Each run seeds a fresh confirmed visit; the doctor opens its consult room (and waits there, as a
 doctor at the start of a visit does); a fresh phone context (cold cache, no cookies) opens the
 signed patient link over HTTPS. Both sides act as people would, with zero reaction time:
-  - the patient taps "Join" as soon as the button can be tapped (Playwright's actionability:
-    visible, enabled, stable), and nothing is sent before that tap;
-  - the doctor clicks "Admit" in the room's UI as soon as it appears (no script in the page).
+  - the patient taps "Join" as soon as the button can be tapped (shown and enabled: the page
+    enables it once call.js listens), and nothing is sent before that tap;
+  - the doctor clicks "Admit" in the room's UI as soon as it appears.
+A watcher in each page reports the moment the control is usable (an exposed binding) and the
+bench touches or clicks its middle through CDP (Input.dispatchTouchEvent / dispatchMouseEvent:
+real input events, a user activation). Playwright's own click()/tap() waits retry an unusable
+control after 20, 100, 100 and then every 500 ms, which put up to half a second of the
+driver's into the "reaction".
 
 In the patient's page, an init script records `performance.now()` (milliseconds since the
 navigation started, i.e. since the link was opened) at:
@@ -20,7 +25,14 @@ navigation started, i.e. since the link was opened) at:
   - `tap`: the tap on "Join"; `pipeline` = seen - tap: what the product's media path adds after
     the tap (signaling, ICE, DTLS, first keyframe, decode).
   - `connected`, `decoded` (first getStats() with framesDecoded > 0), `stage`: cross-checks.
-The breakdown of each run is printed on stderr.
+The breakdown of each run is printed on stderr, step by step on the patient's clock (STEPS):
+navigation timing (HTML first byte, loaded), the last stylesheet and script loaded, first
+paint, then the pages' own User Timing marks (`consult:<step>`, web/static/call-media.js
+Consult.mark): socket opening (call-boot.js), call.js running, Join enabled, the welcome,
+camera on, admitted, the offer, ICE connected; the doctor's page's marks (Admit shown, offer
+made, the held offer sent, answer received) are put on the patient's clock through the two
+pages' performance.timeOrigin. With --detail, each resource's timing too. The medians of every
+step are in the JSON line (`breakdown_ms_median`) and printed as a table.
 
 Warm-up runs (default 1) are not counted: the first run also pays for the server's template
 compilation and Chromium's first media pipeline. The last line of stdout is one JSON object:
