@@ -307,13 +307,16 @@ async def sign_in_doctor(page: Any, origin: str) -> None:
     await page.wait_for_url(origin + "/doctor", timeout=WAIT_MS)
 
 
-# Zero reaction time. The page itself watches for the control (every DOM change and every
-# 4 ms) and, the moment it can be used, tells the bench where it is (an exposed binding); the
-# bench then touches or clicks that point through CDP: one round trip. (Playwright's click() and
-# tap() retry a control that is not usable yet after 20, 100, 100, then every 500 ms, and take
-# several more round trips for their checks: a reaction time that is the driver's.)
+# Zero reaction time. The page itself watches for the control (every change of an element's
+# `disabled` or `hidden`, and every 50 ms) and, the moment it can be used, tells the bench
+# where it is (an exposed binding); the bench then touches or clicks that point through CDP:
+# one round trip. (Playwright's click() and tap() retry a control that is not usable yet after
+# 20, 100, 100, then every 500 ms, and take several more round trips for their checks: a
+# reaction time that is the driver's.)
 REACT_JS = """
 (([selector, binding]) => {
+  // Cheap until the control may be usable (no layout forced while the page is parsed): the
+  // observer sees `disabled` and `hidden` change; the slow poll covers the rest.
   let done = false;
   const check = () => {
     if (done) return;
@@ -323,12 +326,12 @@ REACT_JS = """
       const r = b.getBoundingClientRect();
       done = true;
       window[binding](r.left + r.width / 2, r.top + r.height / 2);
-      return;
     }
-    setTimeout(check, 4);
   };
-  new MutationObserver(check).observe(document, { attributes: true, childList: true, subtree: true });
-  check();
+  const watch = { attributes: true, attributeFilter: ["disabled", "hidden"], childList: true, subtree: true };
+  new MutationObserver(check).observe(document, watch);
+  const poll = () => { check(); if (!done) setTimeout(poll, 50); };
+  poll();
 })(%s);
 """
 
