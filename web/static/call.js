@@ -11,7 +11,7 @@
 //   call-recording.js  recording consent and the send-only recording connection (only on
 //                      the pages of a visit with a recording policy: see noRecording)
 //   call-chat.js       the text chat
-//   call-sidebar.js    the doctor's sidebar tabs and inline reports
+//   call-sidebar.js    the doctor's sidebar tabs and inline reports (the consult room only)
 // They share one context object (`ctx` below): the signaling client, the local stream, the
 // two connections, the room's flags, and the small UI helpers.
 //
@@ -87,7 +87,8 @@
   // consent box); without it nothing is ever recorded, and joining needs no consent.
   const recording = Consult.callRecording ? Consult.callRecording(ctx) : noRecording();
   const chat = Consult.callChat(ctx);
-  const sidebar = Consult.callSidebar;
+  // The doctor's sidebar (call-sidebar.js): only the consult room loads it.
+  const sidebar = Consult.callSidebar || { setup() {}, closeReport() {} };
 
   // -- small helpers ----------------------------------------------------------------------
 
