@@ -28,6 +28,7 @@ from consult.ops.edge import (
     AcceptErrorLimiter,
     ConnectionLimiter,
     GcFreezer,
+    SlowCallbackProbe,
     address_key,
     share_tls_read_buffer,
 )
@@ -157,6 +158,36 @@ def test_gc_freezer_freezes_full_collection_survivors_and_hands_them_back_hourly
         freezer.uninstall()
         gc.unfreeze()
     assert freezer not in gc.callbacks and gc.get_threshold() == thresholds
+
+
+async def test_slow_callback_probe_names_the_callbacks_that_held_the_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def busy_task() -> None:
+        time.sleep(0.03)  # noqa: ASYNC251 (holds the loop, as a long callback would)
+
+    def busy_callback() -> None:
+        time.sleep(0.03)
+
+    loop = asyncio.get_running_loop()
+    original = asyncio.events.Handle._run
+    probe = SlowCallbackProbe(0.02)
+    probe.install()
+    try:
+        with caplog.at_level(logging.WARNING, logger="consult.edge"):
+            await asyncio.create_task(busy_task())
+            done = loop.create_future()
+            loop.call_soon(busy_callback)
+            loop.call_soon(done.set_result, None)
+            await done
+            await asyncio.sleep(0)  # a quick callback is not logged
+    finally:
+        probe.uninstall()
+    lines = [r.getMessage() for r in caplog.records if "slow callback" in r.getMessage()]
+    assert probe.slow == 2 and len(lines) == 2, lines
+    assert "task " in lines[0] and "busy_task" in lines[0] and "(CPU " in lines[0]
+    assert "busy_callback" in lines[1]
+    assert asyncio.events.Handle._run is original and probe._on_gc not in gc.callbacks  # handed back
 
 
 async def test_tls_connections_share_one_read_buffer_without_mixing_their_bytes(

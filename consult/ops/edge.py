@@ -31,6 +31,11 @@ The rest aiohttp has no knob for, so it lives here:
   reclaimed until they are handed back (``gc.unfreeze()``) every ``GC_UNFREEZE_INTERVAL_S``:
   that one full pass an hour is what remains of the stall. A full pass also comes every
   ``GC_FULL_EVERY`` + 1 middle-generation passes instead of 11, so each scans fewer new objects.
+- ``SlowCallbackProbe`` (diagnostics, off unless ``CONSULT_SLOW_CALLBACK_MS`` is set in the
+  server's environment): logs every event-loop callback that held the loop longer than that
+  many milliseconds, with its CPU time (wall time far above CPU time means the process was
+  waiting for a core, not working) and what it was (a task's coroutine, a socket's protocol and
+  TLS state). asyncio's own debug mode does the same but slows every callback down.
 - ``raise_fd_limit`` lifts the soft file-descriptor limit to the hard one at start (1,024 is the
   usual soft default; systemd's unit in docs/install.md raises the hard one).
 """
@@ -44,6 +49,7 @@ import functools
 import gc
 import ipaddress
 import logging
+import os
 import resource
 import signal
 import time
@@ -281,6 +287,79 @@ class GcFreezer:
             self._thresholds = None
 
 
+class SlowCallbackProbe:
+    """Times every callback the event loop runs (``asyncio.Handle._run``) and logs the slow ones."""
+
+    def __init__(self, threshold_s: float) -> None:
+        self.threshold_s = threshold_s
+        self.slow = 0
+        self._original: Callable[..., Any] | None = None
+        self._gc_started = 0.0
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        took = time.perf_counter() - self._gc_started
+        if took >= self.threshold_s:
+            log.warning(
+                "slow callback %.1f ms: garbage collection of generation %s (%s collected)",
+                took * 1000,
+                info.get("generation"),
+                info.get("collected"),
+            )
+
+    @staticmethod
+    def describe(handle: asyncio.Handle) -> str:
+        callback = getattr(handle, "_callback", None)
+        owner = getattr(callback, "__self__", None)
+        if isinstance(owner, asyncio.Task):
+            coro = owner.get_coro()
+            frame = getattr(coro, "cr_frame", None)
+            where = f" at {frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else ""
+            return f"task {getattr(coro, '__qualname__', coro)}{where}"
+        protocol = getattr(owner, "_protocol", None)
+        if protocol is not None:
+            app = getattr(protocol, "_app_protocol", None)
+            state = getattr(protocol, "_state", None)
+            name = getattr(callback, "__qualname__", repr(callback))
+            if app is not None:
+                return f"{name} TLS {getattr(state, 'name', state)} -> {type(app).__name__}"
+            return f"{name} -> {type(protocol).__name__}"
+        return repr(handle)
+
+    def install(self) -> None:
+        if self._original is not None:
+            return
+        original = self._original = asyncio.events.Handle._run
+        probe = self
+
+        def _run(handle: asyncio.Handle) -> None:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                original(handle)
+            finally:
+                took = time.perf_counter() - wall
+                if took >= probe.threshold_s:
+                    probe.slow += 1
+                    log.warning(
+                        "slow callback %.1f ms (CPU %.1f ms): %s",
+                        took * 1000,
+                        (time.thread_time() - cpu) * 1000,
+                        probe.describe(handle),
+                    )
+
+        asyncio.events.Handle._run = _run  # type: ignore[method-assign]
+        gc.callbacks.append(self._on_gc)
+
+    def uninstall(self) -> None:
+        if self._original is not None:
+            asyncio.events.Handle._run = self._original  # type: ignore[method-assign]
+            self._original = None
+            with contextlib.suppress(ValueError):
+                gc.callbacks.remove(self._on_gc)
+
+
 def handler_kwargs(settings: Any, access_log_class: type) -> dict[str, Any]:
     """What every connection's RequestHandler is built with."""
     return {
@@ -302,6 +381,10 @@ async def serve(
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(AcceptErrorLimiter(settings.accept_error_log_interval_seconds))
     soft, _hard = raise_fd_limit()
+    probe = None
+    if os.environ.get("CONSULT_SLOW_CALLBACK_MS"):
+        probe = SlowCallbackProbe(float(os.environ["CONSULT_SLOW_CALLBACK_MS"]) / 1000)
+        probe.install()
     if ssl_context is not None:
         share_tls_read_buffer(loop)
     limiter = ConnectionLimiter(
@@ -351,3 +434,5 @@ async def serve(
             listener.close()
         await runner.cleanup()
         freezer.uninstall()
+        if probe is not None:
+            probe.uninstall()
