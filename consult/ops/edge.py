@@ -31,6 +31,14 @@ The rest aiohttp has no knob for, so it lives here:
   reclaimed until they are handed back (``gc.unfreeze()``) every ``GC_UNFREEZE_INTERVAL_S``:
   that one full pass an hour is what remains of the stall. A full pass also comes every
   ``GC_FULL_EVERY`` + 1 middle-generation passes instead of 11, so each scans fewer new objects.
+- ``pace_tls_handshakes``: a clinic's phones connecting at once send their TLS ClientHellos
+  within the same milliseconds; asyncio answers every one that arrived in the same loop
+  iteration (about half a millisecond of CPU each, the key exchange), so a burst of 100 held
+  the loop, and every call's signaling, for 50-100 ms. Paced, at most ``HANDSHAKES_PER_TICK``
+  are worked on per iteration and the rest wait their turn in arrival order (their bytes are
+  kept), with the relays of open calls running in between. Likewise the listening socket
+  accepts at most ``ACCEPTS_PER_TICK`` connections per iteration (asyncio's batch is the
+  listen backlog, 2,048 here), while the kernel still queues ``BACKLOG``.
 - ``SlowCallbackProbe`` (diagnostics, off unless ``CONSULT_SLOW_CALLBACK_MS`` is set in the
   server's environment): logs every event-loop callback that held the loop longer than that
   many milliseconds, with its CPU time (wall time far above CPU time means the process was
@@ -43,6 +51,7 @@ The rest aiohttp has no knob for, so it lives here:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import functools
@@ -52,6 +61,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import time
 from asyncio import sslproto
 from collections import Counter
@@ -76,6 +86,11 @@ ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 GC_UNFREEZE_INTERVAL_S = 3600.0
 # gc.set_threshold's third value while the freezer runs (Python's default: 10).
 GC_FULL_EVERY = 2
+
+# TLS handshakes worked on per event-loop iteration, and connections accepted per iteration;
+# see pace_tls_handshakes.
+HANDSHAKES_PER_TICK = 8
+ACCEPTS_PER_TICK = 32
 
 # Bytes a TLS connection reads from its socket at once (asyncio's default: 256 KiB, allocated per
 # connection; here one buffer for all of them); see the module docstring.
@@ -248,6 +263,83 @@ def share_tls_read_buffer(loop: asyncio.AbstractEventLoop, size: int = TLS_READ_
     protocol.__init__ = __init__  # type: ignore[method-assign]
 
 
+class HandshakePacer:
+    """At most `per_tick` TLS handshake steps per event-loop iteration; the others are queued."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, per_tick: int = HANDSHAKES_PER_TICK) -> None:
+        self.loop = loop
+        self.per_tick = per_tick
+        self.waiting: collections.deque[sslproto.SSLProtocol] = collections.deque()
+        self.done_this_tick = 0
+        self.deferred = 0  # handshake steps that waited a turn (for tests and diagnostics)
+        self._scheduled = False
+
+    def admit(self, protocol: sslproto.SSLProtocol) -> bool:
+        """Whether `protocol` may do its handshake step now; if not, it is queued."""
+        if not self.waiting and self.done_this_tick < self.per_tick:
+            self.done_this_tick += 1
+            self._schedule()
+            return True
+        if protocol not in self.waiting:
+            self.waiting.append(protocol)
+            self.deferred += 1
+        self._schedule()
+        return False
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        # Runs first thing in the next iteration (call_soon goes before what the selector
+        # reports), so the budget is per iteration.
+        self._scheduled = False
+        self.done_this_tick = 0
+        while self.waiting and self.done_this_tick < self.per_tick:
+            protocol = self.waiting.popleft()
+            if protocol._state is not sslproto.SSLProtocolState.DO_HANDSHAKE:
+                continue  # closed or timed out meanwhile
+            self.done_this_tick += 1
+            protocol._do_handshake()
+        if self.waiting or self.done_this_tick:
+            self._schedule()
+
+
+def pace_tls_handshakes(
+    loop: asyncio.AbstractEventLoop, per_tick: int = HANDSHAKES_PER_TICK
+) -> HandshakePacer:
+    """From now on TLS servers and clients on `loop` work on at most `per_tick` handshakes per
+    loop iteration (see the module docstring). Returns the pacer (one per loop)."""
+    protocol = sslproto.SSLProtocol
+    pacers: dict[asyncio.AbstractEventLoop, HandshakePacer] = getattr(protocol, "_consult_pacers", {})
+    if pacers.get(loop) is None:
+        pacers[loop] = HandshakePacer(loop, per_tick)
+    if not hasattr(protocol, "_consult_pacers"):
+        original = protocol.buffer_updated
+
+        @functools.wraps(original)
+        def buffer_updated(self: sslproto.SSLProtocol, nbytes: int) -> None:
+            if self._state is sslproto.SSLProtocolState.DO_HANDSHAKE:
+                pacer = pacers.get(self._loop)
+                if pacer is not None and not pacer.admit(self):
+                    # Keep the bytes (the read buffer may be shared); the handshake step
+                    # runs in the pacer's turn.
+                    self._incoming.write(self._ssl_buffer_view[:nbytes])
+                    return
+            original(self, nbytes)
+
+        protocol._consult_pacers = pacers  # type: ignore[attr-defined]
+        protocol.buffer_updated = buffer_updated  # type: ignore[method-assign]
+    return pacers[loop]
+
+
+def unpace_tls_handshakes(loop: asyncio.AbstractEventLoop) -> None:
+    pacers = getattr(sslproto.SSLProtocol, "_consult_pacers", None)
+    if pacers is not None:
+        pacers.pop(loop, None)
+
+
 class GcFreezer:
     """Freezes the survivors of every full collection; unfreezes them every `unfreeze_interval_s`."""
 
@@ -387,6 +479,7 @@ async def serve(
         probe.install()
     if ssl_context is not None:
         share_tls_read_buffer(loop)
+        pace_tls_handshakes(loop)
     limiter = ConnectionLimiter(
         settings.max_connections_per_address, proxy.parse_networks(settings.trusted_proxies)
     )
@@ -415,9 +508,14 @@ async def serve(
             port=settings.port,
             ssl=ssl_context,
             ssl_handshake_timeout=settings.header_timeout_seconds if ssl_context else None,
-            backlog=BACKLOG,
+            # asyncio accepts up to `backlog` connections per iteration: a small batch here,
+            # then the kernel's queue is set to BACKLOG below.
+            backlog=ACCEPTS_PER_TICK,
             reuse_address=True,
         )
+        for sock in listener.sockets:
+            with socket.socket(fileno=os.dup(sock.fileno())) as same:
+                same.listen(BACKLOG)
         log.info(
             "listening on %s:%s; header timeout %g s, %s connections per address, %d file descriptors",
             settings.host,
@@ -434,5 +532,6 @@ async def serve(
             listener.close()
         await runner.cleanup()
         freezer.uninstall()
+        unpace_tls_handshakes(loop)
         if probe is not None:
             probe.uninstall()
