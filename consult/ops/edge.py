@@ -33,12 +33,12 @@ The rest aiohttp has no knob for, so it lives here:
   ``GC_FULL_EVERY`` + 1 middle-generation passes instead of 11, so each scans fewer new objects.
 - ``pace_tls_handshakes``: a clinic's phones connecting at once send their TLS ClientHellos
   within the same milliseconds; asyncio answers every one that arrived in the same loop
-  iteration (about half a millisecond of CPU each, the key exchange), so a burst of 100 held
-  the loop, and every call's signaling, for 50-100 ms. Paced, at most ``HANDSHAKES_PER_TICK``
-  are worked on per iteration and the rest wait their turn in arrival order (their bytes are
-  kept), with the relays of open calls running in between. Likewise the listening socket
-  accepts at most ``ACCEPTS_PER_TICK`` connections per iteration (asyncio's batch is the
-  listen backlog, 2,048 here), while the kernel still queues ``BACKLOG``.
+  iteration (0.5-1.5 ms of CPU each, the key exchange), so a burst of 100 held the loop, and
+  every call's signaling, for 50-150 ms (more on a busy machine). Paced, at most
+  ``HANDSHAKES_PER_TICK`` are worked on per iteration and the rest wait their turn in arrival
+  order (their bytes are kept), with the relays of open calls running in between. Likewise the
+  listening socket accepts at most ``ACCEPTS_PER_TICK`` connections per iteration (asyncio's
+  batch is the listen backlog, 2,048 here), while the kernel still queues ``BACKLOG``.
 - ``SlowCallbackProbe`` (diagnostics, off unless ``CONSULT_SLOW_CALLBACK_MS`` is set in the
   server's environment): logs every event-loop callback that held the loop longer than that
   many milliseconds, with its CPU time (wall time far above CPU time means the process was
@@ -89,7 +89,7 @@ GC_FULL_EVERY = 2
 
 # TLS handshakes worked on per event-loop iteration, and connections accepted per iteration;
 # see pace_tls_handshakes.
-HANDSHAKES_PER_TICK = 8
+HANDSHAKES_PER_TICK = 4
 ACCEPTS_PER_TICK = 32
 
 # Bytes a TLS connection reads from its socket at once (asyncio's default: 256 KiB, allocated per
@@ -387,16 +387,19 @@ class SlowCallbackProbe:
         self.slow = 0
         self._original: Callable[..., Any] | None = None
         self._gc_started = 0.0
+        self._gc_cpu = 0.0
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._gc_started = time.perf_counter()
+            self._gc_cpu = time.thread_time()
             return
         took = time.perf_counter() - self._gc_started
         if took >= self.threshold_s:
             log.warning(
-                "slow callback %.1f ms: garbage collection of generation %s (%s collected)",
+                "slow callback %.1f ms (CPU %.1f ms): garbage collection of generation %s (%s collected)",
                 took * 1000,
+                (time.thread_time() - self._gc_cpu) * 1000,
                 info.get("generation"),
                 info.get("collected"),
             )
