@@ -3,6 +3,7 @@
     .venv/bin/python bench/signaling.py                                   # 20,000 through Consult
     .venv/bin/python bench/signaling.py --participants 4000 --duration 10  # a quick run
     .venv/bin/python bench/signaling.py --bare                            # the package alone
+    .venv/bin/python bench/signaling.py --participants 2000 --slow-callback-ms 20  # what stalls
 
 Through Consult (the default): a throw-away data directory (``consult init``, a self-signed
 certificate from ``consult certs``), N/2 confirmed visits (N/2 doctors, N/2 patients) written into
@@ -10,29 +11,44 @@ SQLite, and ``python -m consult serve`` with TLS on 127.0.0.1 in production mode
 connects over wss:// with the token the pages would use (the patient's call link, the doctor's
 room token), so Consult's policy checks each admission against the database and its SQLite event
 sink stores every room event. Each doctor admits the patient; then ``signal`` messages are relayed
-between the pairs at ``--rate`` in total.
+between the pairs at ``--rate`` in total, round robin over all participants.
 
 ``--bare``: the ``signaling`` package alone in a subprocess, an in-memory policy, plain ws://.
+
+The load generator (bench/sigclient.py) runs in process(es) of its own, one per 15,000 sockets
+(``--clients``), plain asyncio with raw WebSocket frames: it shares the two cores with the
+server, so it is kept cheap (no JSON on the relay path, precomputed frame parts) and its CPU is
+reported beside the server's. Each process paces its sends against the wall clock (every 2 ms);
+sender and receiver of a pair are in the same process, so one clock times both ends.
 
 Figures (the last stdout line is one JSON object):
 - ``through_app``: true when Consult's policy and event sink were in the path.
 - ``participants``: connected and admitted; ``connect_s``: how long connecting all took.
 - ``server_cpu_connect_s``/``server_cpu_relay_s``: the server's CPU seconds while connecting,
   and while relaying (warm-up and measured time): on a loaded machine the latencies mostly
-  measure the other processes, these the server's own work.
-- ``rss_mib``: the server's largest resident memory during the run.
-- ``relay_p50_ms``/``relay_p99_ms``: from the sender's send to the receiver's read, over
-  ``--duration`` seconds after a ``--warmup`` (the warm-up does NOT hide stalls: the loop-lag
-  figures below cover the whole run, connect phase included).
+  measure the other processes, these the server's own work. ``client_cpu_connect_s``/
+  ``client_cpu_relay_s``: the same for the load generator. ``server_cores_measured``/
+  ``client_cores_measured``: CPU over the measured seconds as a share of one core (the machine
+  has ``os.cpu_count()``); a core the load generator uses is not the server's.
+- ``rss_mib``: the server's largest resident memory during the run (sampled every second).
+- ``relay_p50_ms``/``relay_p99_ms``/``relay_max_ms``: from the sender's write of the frame to
+  the receiver's reading of the relayed frame (TLS both ways, the server's parse, checks and
+  relay in between), over ``--duration`` seconds after a ``--warmup`` (the warm-up does NOT
+  hide stalls: the loop-lag figures below cover the whole run, connect phase included).
 - ``loop_lag_max_ms``/``loop_lag_p99_ms`` (through Consult): the server's own event-loop lag
-  histogram (``consult_event_loop_lag_seconds``, a 20 ms timer sampled continuously) over the
-  whole run from before the first connection to the end, read from /metrics; each is the upper
-  bound of the histogram bucket it falls in (1, 2, 5, 10, 20, 50, 100, 200, 500 ms...).
+  histogram (``consult_event_loop_lag_seconds``, a 20 ms timer sampled continuously) from
+  before the first connection until the last relayed message, read from /metrics; each is the
+  upper bound of the histogram bucket it falls in (1, 2, 5, 10, 20, 50, 100, 200, 500 ms, 1, 2,
+  5, 10, 30 s). ``loop_lag_max_ms_hangup``: the same for the 2 s after every participant hangs
+  up at once (not part of the figures above: a mass disconnect, reported apart).
   ``gc_pause_max_ms``: the same for the server's garbage-collector pauses
   (``gc_pause_max_ms_by_generation``: per generation; 2 is a full collection).
-- ``errors``: refused or failed connections, error frames, lost messages.
+- ``errors``: refused or failed connections, error frames, closed sockets, lost messages
+  (``error_kinds``: by kind).
 - ``load_before``/``load_after``: the machine's load averages (client and server share it).
 Targets: 20,000 participants < 1 GiB RSS; relay p99 < 5 ms at 2,000 msg/s; loop lag max < 50 ms.
+File descriptors: the server raises its soft limit to the hard one (``ulimit -Hn``); 20,000
+participants need 20,000 sockets plus the database, logs and listener in the server process.
 """
 
 from __future__ import annotations
