@@ -25,6 +25,8 @@ import pytest
 from consult.ops import certs
 from consult.ops.edge import (
     GC_FULL_EVERY,
+    GC_MIDDLE_EVERY,
+    GC_YOUNG_THRESHOLD,
     TLS_READ_BUFFER,
     AcceptErrorLimiter,
     ConnectionLimiter,
@@ -141,7 +143,7 @@ def test_gc_freezer_freezes_full_collection_survivors_and_hands_them_back_hourly
     thresholds = gc.get_threshold()
     freezer.install()
     try:
-        assert gc.get_threshold() == (*thresholds[:2], GC_FULL_EVERY)
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, GC_MIDDLE_EVERY, GC_FULL_EVERY)
         gc.collect(1)
         assert gc.get_freeze_count() == 0  # only full collections freeze
         survivor = Cycle()
