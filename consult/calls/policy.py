@@ -50,6 +50,7 @@ from signaling import Admission, PeerInfo, Refused, RoomEvent, RoomState, Signal
 # Room events prepared (or their boards nudged) per event-loop step: a batch of 256 from a
 # burst of connections took 30-60 ms of CPU in one step, holding every call's signaling.
 EVENTS_PER_STEP = 32
+
 log = logging.getLogger(__name__)
 
 HOST_TOKEN_TTL_S = 600

@@ -286,7 +286,8 @@ class HandshakePacer:
             self.done_this_tick += 1
             self._schedule()
             return True
-        if protocol not in self.waiting:
+        if not getattr(protocol, "_consult_waiting", False):  # not `in self.waiting`: O(n)
+            protocol._consult_waiting = True  # type: ignore[attr-defined]
             self.waiting.append(protocol)
             self.deferred += 1
         self._schedule()
@@ -304,6 +305,7 @@ class HandshakePacer:
         self.done_this_tick = 0
         while self.waiting and self.done_this_tick < self.per_tick:
             protocol = self.waiting.popleft()
+            protocol._consult_waiting = False  # type: ignore[attr-defined]
             if protocol._state is not sslproto.SSLProtocolState.DO_HANDSHAKE:
                 continue  # closed or timed out meanwhile
             self.done_this_tick += 1
