@@ -135,6 +135,42 @@ async def test_list_filters_and_paginates_through_older_links(client, world):
 
 
 @pytest.mark.locale("en")  # asserts English texts
+@pytest.mark.parametrize("tz", ["Asia/Shanghai", "America/New_York"])
+async def test_list_rows_show_local_times_labels_and_links_with_names_escaped(
+    aiohttp_client, make_settings, make_user, tz
+):
+    """The rows are made in Python (sessionlog.views.ListRow) and written unescaped by the
+    template: every cell must still be escaped, in the clinic's time and the reader's words."""
+    settings = make_settings(timezone=tz)
+    hostile = "<b id=\"x\">Li & 'Lei'</b>"
+    world = make_world(settings, make_user, patient_name=hostile)
+    make_user("admin", login="boss", name="Admin")
+    client = await aiohttp_client(create_app(settings))
+    t0 = 1_710_054_000  # 2024-03-10 07:00 UTC: New York's clocks went forward that morning
+    visit_id, public_id = write(world.path, lambda db: add_visit(db, world, t0))
+    write(world.path, lambda db: record(db, visit_id, full_call(t0)))
+    await login(client, "boss")
+    html = await (await client.get("/admin/sessions")).text()
+    assert hostile not in html
+    row = re.search(rf'<tr data-visit="{public_id}">(.*?)</tr>', html, flags=re.S).group(1)
+    cells = [c.strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, flags=re.S)]
+    local = {"Asia/Shanghai": "2024-03-10 15:00", "America/New_York": "2024-03-10 03:00"}[tz]
+    assert cells == [
+        f'<a href="/admin/sessions/{public_id}">{local}</a>',
+        "Cardiology",
+        "Dr Wang",
+        "&lt;b id=&#34;x&#34;&gt;Li &amp; &#39;Lei&#39;&lt;/b&gt;",
+        '<span class="badge ok">Completed</span>',
+        "Time limit reached",
+        "15.0",
+        "yes",
+        "0",
+    ]
+    page = await client.get(f"/admin/sessions/{public_id}")
+    assert page.status == 200
+
+
+@pytest.mark.locale("en")  # asserts English texts
 async def test_csv_export_streams_all_rows_with_formula_cells_escaped(client, settings, make_user, world):
     evil = make_user("patient", login="13700000000", name='=HYPERLINK("http://evil","x")')
     now = int(time.time())
