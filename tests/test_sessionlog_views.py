@@ -170,6 +170,34 @@ async def test_list_rows_show_local_times_labels_and_links_with_names_escaped(
     assert page.status == 200
 
 
+async def test_list_filter_form_keeps_the_chosen_doctor_and_department_with_names_escaped(
+    client, world, make_user
+):
+    """The selects' options are made in Python (sessionlog.views.options) and written unescaped."""
+    hostile = make_user("doctor", login="drevil", name='Dr <i>"Evil"</i> & Co')
+
+    def add(db):
+        db.execute("INSERT INTO doctors (user_id) VALUES (?)", [hostile])
+        return db.execute(
+            "INSERT INTO departments (code, name_zh, name_en) VALUES ('x', '<眼科>', '<Eyes>')"
+        ).lastrowid
+
+    eyes = write(world.path, add)
+    await login(client, "boss")
+    html = await (await client.get(f"/admin/sessions?doctor={hostile}&department={eyes}")).text()
+    assert "<i>" not in html and "<眼科>" not in html
+    doctors = re.search(r'<select name="doctor">(.*?)</select>', html, flags=re.S).group(1)
+    assert (
+        f'<option value="{hostile}" selected>Dr &lt;i&gt;&#34;Evil&#34;&lt;/i&gt; &amp; Co</option>'
+        in doctors
+    )
+    assert f'<option value="{world.doctor_id}">Dr Wang</option>' in doctors
+    departments = re.search(r'<select name="department">(.*?)</select>', html, flags=re.S).group(1)
+    assert f'<option value="{eyes}" selected>&lt;眼科&gt;</option>' in departments  # zh_CN: the Chinese name
+    assert f'<option value="{world.department_id}">心内科</option>' in departments
+    assert departments.count(" selected") == 1 and doctors.count(" selected") == 1
+
+
 @pytest.mark.locale("en")  # asserts English texts
 async def test_csv_export_streams_all_rows_with_formula_cells_escaped(client, settings, make_user, world):
     evil = make_user("patient", login="13700000000", name='=HYPERLINK("http://evil","x")')

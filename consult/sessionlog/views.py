@@ -165,7 +165,7 @@ def local_minutes(tz: str) -> Callable[[float], str]:
     return fmt
 
 
-def list_rows(rows: list[dict], request: web.Request, tz: str) -> list[ListRow]:
+def list_rows(rows: list[sessionlog.PageRow], request: web.Request, tz: str) -> list[ListRow]:
     """The page's rows in the reader's language, escaped, with the link to each session."""
     outcomes = {k: escape(v) for k, v in _outcome_labels().items()}
     reasons = {k: escape(v) for k, v in _end_reason_labels().items()}
@@ -177,32 +177,50 @@ def list_rows(rows: list[dict], request: web.Request, tz: str) -> list[ListRow]:
     marker = "PUBLICIDMARK"
     link = escape(str(request.app.router["session_admin"].url_for(public_id=marker)))
     out = []
-    for r in rows:
-        public_id = escape(r["public_id"])
+    for (
+        _v,
+        start,
+        outcome,
+        end_reason,
+        seconds,
+        turn,
+        reconnects,
+        public_id,
+        patient,
+        doctor,
+        dep_en,
+        dep_zh,
+    ) in rows:
+        public_id = escape(public_id)
         out.append(
             ListRow(
                 public_id=public_id,
                 href=link.replace(marker, public_id),
-                scheduled=escape(when(r["scheduled_start"])),
-                department=escape(r["department_name_zh"] if zh else r["department_name_en"]),
-                doctor=escape(r["doctor_name"]),
-                patient=escape(r["patient_name"]),
-                outcome=outcomes.get(r["outcome"]) or escape(r["outcome"]),
-                badge=_BADGES.get(r["outcome"], nothing),
-                end_reason=reasons.get(r["end_reason"] or "", nothing),
-                minutes=escape(f"{r['connected_seconds'] / 60:.1f}"),
-                turn=yes if r["used_turn"] else nothing,
-                reconnects=escape(r["reconnects"]),
+                scheduled=escape(when(start)),
+                department=escape(dep_zh if zh else dep_en),
+                doctor=escape(doctor),
+                patient=escape(patient),
+                badge=_BADGES.get(outcome, nothing),
+                outcome=outcomes.get(outcome) or escape(outcome),
+                end_reason=reasons.get(end_reason or "", nothing),
+                minutes=escape(f"{seconds / 60:.1f}"),
+                turn=yes if turn else nothing,
+                reconnects=escape(reconnects),
             )
         )
     return out
 
 
+def options(choices: list[tuple[int, str]], selected: int | None) -> list[tuple[Markup, Markup, bool]]:
+    """A select's options as (value, label, selected), escaped: 60 doctors on every list page."""
+    return [(escape(value), escape(label), value == selected) for value, label in choices]
+
+
 def _list_page_sync(
     db: sqlite_utils.Database, f: sessionlog.Filters, cursor: tuple[int, int] | None, tz: str
-) -> tuple[list[dict], tuple[int, int] | None, dict]:
+) -> tuple[list[sessionlog.PageRow], tuple[int, int] | None, dict]:
     """The page and the filter form's choices in one read (one trip to the reader pool)."""
-    rows, next_cursor = sessionlog.list_sessions_sync(db, f, cursor, tz=tz)
+    rows, next_cursor = sessionlog.list_page_sync(db, f, cursor, tz=tz)
     return rows, next_cursor, sessionlog.filter_choices_sync(db)
 
 
@@ -218,6 +236,7 @@ async def sessions_list(request: web.Request) -> web.Response:
     # The list shows patients' names: one read entry per page, naming the search that was made.
     await audit_read(request, "session.list", "session", None, None, filters=f.to_query(), page=bool(cursor))
     base = f.to_query()
+    zh = request.get(keys.LOCALE) == "zh_CN"
     admin_url = str(request.app.router["sessions_admin"].url_for())
     return aiohttp_jinja2.render_template(
         "sessions_list.html",
@@ -226,7 +245,11 @@ async def sessions_list(request: web.Request) -> web.Response:
             "rows": list_rows(rows, request, settings.timezone),
             "filters": f,
             "query": base,
-            "choices": choices,
+            "departments": options(
+                [(d["id"], d["name_zh"] if zh else d["name_en"]) for d in choices["departments"]],
+                f.department_id,
+            ),
+            "doctors": options([(d["id"], d["display_name"]) for d in choices["doctors"]], f.doctor_id),
             "outcomes": _outcome_labels(),
             "end_reasons": _end_reason_labels(),
             "next_url": (
