@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import time
 import xml.etree.ElementTree as ET
@@ -12,8 +13,9 @@ import pytest
 
 from consult import sessionlog
 from consult.app import create_app
+from consult.audit import chain
 from tests.conftest import login
-from tests.sessionlog_helpers import add_visit, full_call, make_world, read, record, write
+from tests.sessionlog_helpers import add_visit, full_call, make_world, open_db, read, record, write
 
 ADMIN_ONLY = [
     "/admin/sessions",
@@ -251,8 +253,54 @@ async def test_reads_of_session_pages_are_audited(client, world, call):
     ]
 
 
+async def test_each_list_page_is_audited_once_before_it_is_sent(client, world, call):
+    """The audit entry is written while the page is read: committed when the page arrives, one
+    per page, and the chain still verifies."""
+    await login(client, "boss")
+    before = read(world.path, "SELECT max(id) AS n FROM audit_log")[0]["n"] or 0
+    for url, detail in (
+        ("/admin/sessions", {"filters": {}, "page": False}),
+        (
+            "/admin/sessions?outcome=completed&cursor=99999999999.1",
+            {"filters": {"outcome": "completed"}, "page": True},
+        ),
+    ):
+        resp = await client.get(url)
+        assert resp.status == 200
+        # Read as soon as the page arrived: the entry is there already, not on its way.
+        rows = read(world.path, "SELECT * FROM audit_log WHERE id > ?", [before])
+        assert [(r["action"], r["actor_role"], json.loads(r["detail"])) for r in rows] == [
+            ("session.list", "admin", detail)
+        ]
+        before = rows[-1]["id"]
+    ok, _message = read_sync_verify(world.path)
+    assert ok
+
+
+async def test_list_page_is_not_shown_when_its_audit_entry_cannot_be_written(client, world, call):
+    await login(client, "boss")
+    write(
+        world.path,
+        lambda db: db.execute(
+            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        ),
+    )
+    resp = await client.get("/admin/sessions")
+    html = await resp.text()
+    assert resp.status == 500
+    assert "Li Lei" not in html and call[1] not in html
+
+
 async def test_admin_home_links_to_sessions_and_audit(client, world):
     await login(client, "boss")
     html = await (await client.get("/admin")).text()
     assert 'href="/admin/sessions"' in html and 'href="/admin/audit"' in html
     assert 'href="/admin/payments"' in html  # refunds and marking paid, from the admin menu
+
+
+def read_sync_verify(path) -> tuple[bool, str]:
+    db = open_db(path)
+    try:
+        return chain.verify(db)
+    finally:
+        db.conn.close()

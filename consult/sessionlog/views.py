@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import logging
@@ -230,11 +231,13 @@ async def sessions_list(request: web.Request) -> web.Response:
     db = request.app[keys.DB]
     f = _filters(request)
     cursor = sessionlog.decode_cursor(request.query.get("cursor"))
-    rows, next_cursor, choices = await db.execute_fn(
-        lambda d: _list_page_sync(d, f, cursor, settings.timezone)
-    )
     # The list shows patients' names: one read entry per page, naming the search that was made.
-    await audit_read(request, "session.list", "session", None, None, filters=f.to_query(), page=bool(cursor))
+    # It is written (by the writer thread) while a reader fetches the page, and committed before
+    # the page is sent: neither waits for the other, and a page is never shown unaudited.
+    (rows, next_cursor, choices), _entry = await asyncio.gather(
+        db.execute_fn(lambda d: _list_page_sync(d, f, cursor, settings.timezone)),
+        audit_read(request, "session.list", "session", None, None, filters=f.to_query(), page=bool(cursor)),
+    )
     base = f.to_query()
     zh = request.get(keys.LOCALE) == "zh_CN"
     admin_url = str(request.app.router["sessions_admin"].url_for())
