@@ -130,29 +130,31 @@ def _filters(request: web.Request) -> sessionlog.Filters:
 
 
 class ListRow(NamedTuple):
-    """One line of the session list, every cell already escaped HTML: the template only places them.
+    """One line of the session list, every cell HTML-safe already: the template only places them.
 
     Made here because the page shows 50 of them per request, 8 admins at once (bench/admin.py):
     the labels, links and local times the template used to work out cell by cell, and Jinja's
     escaping and attribute lookup for each cell, were most of the page's cost. Build it with
     `list_rows` only: the template unpacks it and writes the fields without escaping them again.
+    Text from the database or the catalogue is escaped there; times and numbers are made of
+    digits and punctuation only.
     """
 
-    public_id: Markup
-    href: Markup
-    scheduled: Markup
-    department: Markup
-    doctor: Markup
-    patient: Markup
-    badge: Markup  # the badge's CSS class: ok, warn or nothing
-    outcome: Markup
-    end_reason: Markup
-    minutes: Markup
-    turn: Markup
-    reconnects: Markup
+    public_id: str
+    href: str
+    scheduled: str
+    department: str
+    doctor: str
+    patient: str
+    badge: str  # the badge's CSS class: ok, warn or nothing
+    outcome: str
+    end_reason: str
+    minutes: str
+    turn: str
+    reconnects: str
 
 
-_BADGES = {"completed": Markup("ok"), "failed": Markup("warn"), "no_show": Markup("warn")}
+_BADGES = {"completed": "ok", "failed": "warn", "no_show": "warn"}
 
 
 def local_minutes(tz: str) -> Callable[[float], str]:
@@ -168,15 +170,24 @@ def local_minutes(tz: str) -> Callable[[float], str]:
 
 def list_rows(rows: list[sessionlog.PageRow], request: web.Request, tz: str) -> list[ListRow]:
     """The page's rows in the reader's language, escaped, with the link to each session."""
-    outcomes = {k: escape(v) for k, v in _outcome_labels().items()}
-    reasons = {k: escape(v) for k, v in _end_reason_labels().items()}
+    outcomes = {k: str(escape(v)) for k, v in _outcome_labels().items()}
+    reasons = {k: str(escape(v)) for k, v in _end_reason_labels().items()}
     zh = request.get(keys.LOCALE) == "zh_CN"
-    yes = escape(_("yes"))
-    nothing = Markup("")
+    yes = str(escape(_("yes")))
     when = local_minutes(tz)
     # Every row's link from one URL built by the router, with the row's (escaped) id put in.
     marker = "PUBLICIDMARK"
-    link = escape(str(request.app.router["session_admin"].url_for(public_id=marker)))
+    head, _m, tail = str(escape(request.app.router["session_admin"].url_for(public_id=marker))).partition(
+        marker
+    )
+    names: dict[str, str] = {}  # a page names a few doctors and departments many times: escape each once
+
+    def name(text: str) -> str:
+        safe = names.get(text)
+        if safe is None:
+            safe = names[text] = str(escape(text))
+        return safe
+
     out = []
     for (
         _v,
@@ -192,21 +203,21 @@ def list_rows(rows: list[sessionlog.PageRow], request: web.Request, tz: str) -> 
         dep_en,
         dep_zh,
     ) in rows:
-        public_id = escape(public_id)
+        public_id = str(escape(public_id))
         out.append(
             ListRow(
                 public_id=public_id,
-                href=link.replace(marker, public_id),
-                scheduled=escape(when(start)),
-                department=escape(dep_zh if zh else dep_en),
-                doctor=escape(doctor),
-                patient=escape(patient),
-                badge=_BADGES.get(outcome, nothing),
-                outcome=outcomes.get(outcome) or escape(outcome),
-                end_reason=reasons.get(end_reason or "", nothing),
-                minutes=escape(f"{seconds / 60:.1f}"),
-                turn=yes if turn else nothing,
-                reconnects=escape(reconnects),
+                href=head + public_id + tail,
+                scheduled=when(start),
+                department=name(dep_zh if zh else dep_en),
+                doctor=name(doctor),
+                patient=str(escape(patient)),
+                badge=_BADGES.get(outcome, ""),
+                outcome=outcomes.get(outcome) or str(escape(outcome)),
+                end_reason=reasons.get(end_reason or "", ""),
+                minutes=f"{seconds / 60:.1f}",
+                turn=yes if turn else "",
+                reconnects=str(int(reconnects)),
             )
         )
     return out
