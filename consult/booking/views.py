@@ -31,6 +31,11 @@ def setup(app: web.Application) -> None:
     r.add_get(
         "/book/{department_id:[0-9]{1,18}}/doctors/{doctor_id:[0-9]{1,18}}", slots_page, name="book_doctor"
     )
+    r.add_get(
+        "/book/{department_id:[0-9]{1,18}}/doctors/{doctor_id:[0-9]{1,18}}/days/{day}",
+        slots_day_fragment,
+        name="book_doctor_day",
+    )
     r.add_post("/book/hold", hold_submit, name="book_hold")
     r.add_get("/visits/{public_id}", visit_page, name="visit")
     r.add_get("/visits/{public_id}/cancel", cancel_page, name="visit_cancel")
@@ -64,52 +69,79 @@ def _part_of_day(hour: int) -> str:
     return pgettext("time of day", "Evening")
 
 
-def day_strip(
-    slots: list[schedules.Slot], tz: str, *, now: float, until: float, late_s: float, chosen: str | None
-) -> tuple[list[dict], dict | None]:
-    """Every local day from today to ``until``, each with its slots grouped by part of the day,
-    how many are free and whether any is inside the no-change window (``late_s`` from ``now``);
-    and the day shown: ``chosen`` (an ISO date) if it has a free slot, else the first day with one."""
-    today, last = to_local(now, tz).date(), to_local(until, tz).date()
-    days: dict[date, dict] = {}
-    day = today
-    while day <= last:
-        if day == today:
-            name = _("Today")
-        elif day == today + timedelta(days=1):
-            name = _("Tomorrow")
-        else:
-            name = weekday_name(day.weekday())
-        days[day] = {
-            "date": day.isoformat(),
-            "name": name,
-            "short": _("%(month)d/%(day)d") % {"month": day.month, "day": day.day},
-            "words": day_words(datetime(day.year, day.month, day.day)),
-            "groups": [],
-            "free": 0,
-            "late": False,
-        }
-        day += timedelta(days=1)
+def _day_names(day: date, today: date) -> dict:
+    if day == today:
+        name = _("Today")
+    elif day == today + timedelta(days=1):
+        name = _("Tomorrow")
+    else:
+        name = weekday_name(day.weekday())
+    return {
+        "date": day.isoformat(),
+        "name": name,
+        "short": _("%(month)d/%(day)d") % {"month": day.month, "day": day.day},
+        "words": day_words(datetime(day.year, day.month, day.day)),
+    }
+
+
+def day_groups(slots: list[schedules.Slot], tz: str, *, now: float, late_s: float) -> list[dict]:
+    """One day's slots grouped by part of the day, each labelled and marked taken or late."""
+    groups: list[dict] = []
     for s in slots:
         local = to_local(s.starts_at, tz)
-        entry = days.get(local.date())
-        if entry is None:
-            continue
         late = not s.taken and s.starts_at - now < late_s
         part = _part_of_day(local.hour)
-        if not entry["groups"] or entry["groups"][-1]["name"] != part:
-            entry["groups"].append({"name": part, "slots": []})
-        entry["groups"][-1]["slots"].append(
+        if not groups or groups[-1]["name"] != part:
+            groups.append({"name": part, "slots": []})
+        groups[-1]["slots"].append(
             {"starts_at": s.starts_at, "label": f"{local:%H:%M}", "taken": s.taken, "late": late}
         )
-        entry["free"] += 0 if s.taken else 1
-        entry["late"] = entry["late"] or late
-    strip = list(days.values())
+    return groups
+
+
+def day_strip(
+    by_day: dict[date, list[schedules.Slot]],
+    tz: str,
+    *,
+    now: float,
+    until: float,
+    late_s: float,
+    chosen: str | None,
+) -> tuple[list[dict], dict | None]:
+    """Every local day from today to ``until`` with how many slots it has, how many are free and
+    whether a free one is inside the no-change window (``late_s`` from ``now``); and the day shown,
+    ``chosen`` (an ISO date) if it has a free slot, else the first day with one. Only the shown
+    day gets its slots labelled and grouped (``groups``); the others are fetched when chosen."""
+    today, last = to_local(now, tz).date(), to_local(until, tz).date()
+    strip: list[dict] = []
+    day = today
+    while day <= last:
+        found = by_day.get(day, [])
+        entry = _day_names(day, today)
+        entry["slots"] = found
+        entry["total"] = len(found)
+        entry["free"] = sum(1 for s in found if not s.taken)
+        entry["late"] = any(not s.taken and s.starts_at - now < late_s for s in found)
+        entry["groups"] = []
+        strip.append(entry)
+        day += timedelta(days=1)
     shown = next((d for d in strip if d["date"] == chosen and d["free"]), None)
     shown = shown or next((d for d in strip if d["free"]), None)
     for d in strip:
         d["shown"] = d is shown
+    if shown is not None:
+        shown["groups"] = day_groups(shown["slots"], tz, now=now, late_s=late_s)
     return strip, shown
+
+
+def parse_day(value: str | None) -> date | None:
+    """An ISO date (YYYY-MM-DD) from a URL, or None for anything else."""
+    if not value or len(value) != 10:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        return None
 
 
 def _int(value: str | None, what: str) -> int:
@@ -182,7 +214,7 @@ async def _slots_context(
         )
     )
     days, shown = day_strip(
-        found["slots"],
+        found["by_day"],
         settings.timezone,
         now=now,
         until=horizon,
@@ -200,6 +232,46 @@ async def _slots_context(
     }
 
 
+async def _day_context(request: web.Request, department_id: int, doctor_id: int, day: date | None) -> dict:
+    """One day of the slot page (the panel the date strip shows), read fresh: only that day's
+    slots and bookings. A day that is not one of the strip's is refused with a clear message."""
+    settings = request.app[keys.SETTINGS]
+    tz = settings.timezone
+    locale = request[keys.LOCALE]
+    now = time.time()
+    horizon = now + BOOKING_DAYS * 86400
+    today = to_local(now, tz).date()
+    if day is None or not today <= day <= to_local(horizon, tz).date():
+        raise BadRequest(_("Please pick a day from the list."), code="bad_day")
+    since = max(now, schedules.local_ts(day, "00:00", tz))
+    until = min(horizon, schedules.local_ts(day + timedelta(days=1), "00:00", tz))
+    found = await request.app[keys.DB].execute_fn(
+        lambda db: pages.doctor_slots(
+            db,
+            department_id,
+            doctor_id,
+            now=now,
+            since=since,
+            horizon=until,
+            tz=tz,
+            lead_s=settings.booking_lead_minutes * 60,
+        )
+    )
+    slots = found["by_day"].get(day, [])
+    late_s = settings.cancel_free_hours * 3600
+    entry = _day_names(day, today)
+    entry["free"] = sum(1 for s in slots if not s.taken)
+    entry["late"] = any(not s.taken and s.starts_at - now < late_s for s in slots)
+    entry["groups"] = day_groups(slots, tz, now=now, late_s=late_s)
+    return {
+        "department": catalogue.department_view(found["dep"], locale),
+        "doctor": catalogue.doctor_view(found["doc"], locale),
+        "d": entry,
+        "change_hours": round(settings.cancel_free_hours),
+        "error": None,
+    }
+
+
 async def slots_page(request: web.Request) -> web.Response:
     security.require(request, "patient")
     ctx = await _slots_context(
@@ -209,6 +281,21 @@ async def slots_page(request: web.Request) -> web.Response:
         request.query.get("day"),
     )
     return aiohttp_jinja2.render_template("book_slots.html", request, ctx)
+
+
+async def slots_day_fragment(request: web.Request) -> web.Response:
+    """One day's panel of the slot page, for the date strip to show without reloading the page;
+    the same permission as the page. Without script the strip's ``?day=`` links do the same."""
+    security.require(request, "patient")
+    ctx = await _day_context(
+        request,
+        int(request.match_info["department_id"]),
+        int(request.match_info["doctor_id"]),
+        parse_day(request.match_info["day"]),
+    )
+    response = aiohttp_jinja2.render_template("_slot_day.html", request, ctx)
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 async def hold_submit(request: web.Request) -> web.StreamResponse:
@@ -229,13 +316,7 @@ async def hold_submit(request: web.Request) -> web.StreamResponse:
     except ConsultError as exc:
         if wants_json(request):
             return web.json_response({"error": exc.code, "message": exc.message}, status=exc.status)
-        tried = small_int(data.get("starts_at"), signed=True)
-        day = None
-        if tried is not None and 0 <= tried < 2**40:  # back to the day of the time that was refused
-            day = to_local(tried, request.app[keys.SETTINGS].timezone).date().isoformat()
-        ctx = await _slots_context(request, department_id, doctor_id, day)
-        ctx["error"] = exc.message
-        return aiohttp_jinja2.render_template("book_slots.html", request, ctx, status=exc.status)
+        return await _refused_hold(request, exc, department_id, doctor_id, data.get("starts_at"))
     metrics.count(request.app, "bookings")
     location = request.app.router["visit"].url_for(public_id=visit["public_id"])
     if wants_json(request):
@@ -244,6 +325,34 @@ async def hold_submit(request: web.Request) -> web.StreamResponse:
             status=201,
         )
     raise web.HTTPSeeOther(location)
+
+
+async def _refused_hold(
+    request: web.Request, exc: ConsultError, department_id: int, doctor_id: int, tried_value: str | None
+) -> web.Response:
+    """A refused hold (most often: the time was just taken) answers with a short page: why, and
+    the fresh times of the day that was tried, to pick another at once; not the whole two weeks."""
+    tz = request.app[keys.SETTINGS].timezone
+    tried = small_int(tried_value, signed=True)
+    day = None
+    if tried is not None and 0 <= tried < 2**40:  # back to the day of the time that was refused
+        day = to_local(tried, tz).date()
+    try:
+        ctx = await _day_context(request, department_id, doctor_id, day)
+    except BadRequest:  # a time outside the strip: the page says why and leads back to every day
+        settings = request.app[keys.SETTINGS]
+        dep, doc = await request.app[keys.DB].execute_fn(
+            lambda db: pages.department_doctor(db, department_id, doctor_id)
+        )
+        locale = request[keys.LOCALE]
+        ctx = {
+            "department": catalogue.department_view(dep, locale),
+            "doctor": catalogue.doctor_view(doc, locale),
+            "d": None,
+            "change_hours": round(settings.cancel_free_hours),
+        }
+    ctx["error"] = exc.message
+    return aiohttp_jinja2.render_template("book_slot_refused.html", request, ctx, status=exc.status)
 
 
 # -- a visit --------------------------------------------------------------------------
@@ -357,6 +466,8 @@ async def cancel_page(request: web.Request) -> web.Response:
         "refund": refund,
     }
     return aiohttp_jinja2.render_template("visit_cancel.html", request, ctx)
+
+
 async def _doctor_visit_page(request: web.Request, user, visit: dict, ctx: dict) -> web.Response:
     from consult.calls import recordings
 
