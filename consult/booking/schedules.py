@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from datetime import time as dtime
-from functools import cache
+from functools import cache, lru_cache
 from zoneinfo import ZoneInfo
 
 import sqlite_utils
@@ -40,10 +40,13 @@ def zone(tz: str) -> ZoneInfo:
 
 
 def local_date(ts: float, tz: str) -> date:
-    return datetime.fromtimestamp(ts, UTC).astimezone(zone(tz)).date()
+    return datetime.fromtimestamp(ts, zone(tz)).date()
 
 
+@lru_cache(maxsize=8192)
 def local_ts(day: date, hhmm: str, tz: str) -> int:
+    """The UTC second of ``hhmm`` on a local ``day``; remembered, since every hold and slot page
+    asks again for the same few days and session times."""
     h, m = (int(x) for x in hhmm.split(":"))
     return int(datetime.combine(day, dtime(h, m), tzinfo=zone(tz)).timestamp())
 
