@@ -4,6 +4,7 @@ with a short page of that day's fresh times. In process, in Chinese as patients 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from datetime import timedelta
@@ -12,7 +13,7 @@ import pytest
 
 from consult.app import create_app
 from consult.core.formatting import to_local
-from tests.booking_helpers import free_slots, hold, make_clinic, post, signed_in
+from tests.booking_helpers import free_slots, hold, make_clinic, post, signed_in, write
 
 DAY = 86400
 PANEL = re.compile(r'<section class="day-panel" data-day-panel="([0-9-]+)"')
@@ -150,3 +151,55 @@ async def test_a_hold_refused_for_a_time_outside_the_strip_leads_back(patient, c
     assert "请" in text and PANEL.findall(text) == []
     slots_page = f"/book/{clinic.department_id}/doctors/{clinic.doctor_ids[0]}"
     assert f'href="{slots_page}" data-testid="other-days"' in text
+
+
+async def test_the_kept_slot_page_changes_with_a_hold_at_once(patient, other, clinic, settings):
+    """The strip and the day are rendered once for everybody and kept; a hold drops them."""
+    page = f"/book/{clinic.department_id}/doctors/{clinic.doctor_ids[0]}"
+    text = await (await patient.get(page)).text()
+    shown = PANEL.findall(text)[0]
+    free = [int(v) for v, rest in BUTTON.findall(text) if "disabled" not in rest]
+    assert (await hold(other, clinic, free[-1], json=False)).status == 303
+    again = dict(BUTTON.findall(await (await patient.get(f"{page}?day={shown}")).text()))
+    assert "disabled" in again[str(free[-1])]
+    again = dict(BUTTON.findall(await (await patient.get(page)).text()))
+    assert "disabled" in again[str(free[-1])]
+    # Each patient's own form token, though the rest of the page was kept.
+    assert f'name="csrf_token" value="{other.csrf}"' in await (await other.get(page)).text()
+
+
+async def test_a_change_made_elsewhere_shows_within_a_second_or_so(patient, clinic, settings, make_user):
+    """A visit written by another process (no signal reaches this one): the kept page is at most
+    a second old, and the hold itself is decided by the database whatever the page said."""
+    page = f"/book/{clinic.department_id}/doctors/{clinic.doctor_ids[0]}"
+    text = await (await patient.get(page)).text()
+    target = [int(v) for v, rest in BUTTON.findall(text) if "disabled" not in rest][-1]
+    elsewhere = make_user("patient", login="13900000003", name="王芳")
+
+    def book(d):
+        d.execute(
+            "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at,"
+            " status, hold_expires, fee_minor, currency, created, updated, call_nonce)"
+            " VALUES ('elsewhere0000000000000', ?, ?, ?, ?, ?, 'held', ?, 5000, 'CNY', ?, ?, 'n')",
+            [
+                elsewhere,
+                clinic.doctor_ids[0],
+                clinic.department_id,
+                target,
+                target + 900,
+                time.time() + 900,
+                time.time(),
+                time.time(),
+            ],
+        )
+
+    write(settings, book)
+    deadline = time.monotonic() + 20
+    while True:
+        buttons = dict(BUTTON.findall(await (await patient.get(page)).text()))
+        if "disabled" in buttons[str(target)]:
+            break
+        assert time.monotonic() < deadline, "the kept page never showed the visit made elsewhere"
+        await asyncio.sleep(0.1)
+    resp = await hold(patient, clinic, target)
+    assert resp.status == 409 and (await resp.json())["error"] == "slot_taken"

@@ -22,7 +22,7 @@ import sqlite_utils
 from aiohttp import web
 
 from consult.audit import chain as audit
-from consult.booking import schedules
+from consult.booking import schedules, slotcache
 from consult.booking.notices import REMINDER_DAY, enqueue_notice_sync, reminders_due_sync
 from consult.core import jobs, keys
 from consult.core.errors import BadRequest, Conflict, NotFound
@@ -269,7 +269,7 @@ async def hold(
 ) -> dict:
     settings = app[keys.SETTINGS]
     now = time.time() if now is None else now
-    return await app[keys.DB].execute_write_fn(
+    visit = await app[keys.DB].execute_write_fn(
         lambda db: hold_sync(
             db,
             patient=patient,
@@ -283,6 +283,8 @@ async def hold(
             remote=remote,
         )
     )
+    slotcache.changed(app, doctor_id)
+    return visit
 
 
 async def housekeeping(app: web.Application, now: float | None = None) -> dict[str, int]:
@@ -290,6 +292,8 @@ async def housekeeping(app: web.Application, now: float | None = None) -> dict[s
     now = time.time() if now is None else now
     db = app[keys.DB]
     expired = await db.execute_write_fn(lambda d: expire_holds_sync(d, now))
+    if expired:
+        slotcache.changed(app)
     due = await db.execute_write_fn(lambda d: reminders_due_sync(d, now))
     if due:
         jobs.wake(app)

@@ -7,10 +7,11 @@ from datetime import date, datetime, timedelta
 
 import aiohttp_jinja2
 from aiohttp import web
+from markupsafe import Markup
 
 from consult import booking
 from consult.audit.reads import audit_read
-from consult.booking import catalogue, ics, pages, schedules
+from consult.booking import catalogue, ics, pages, schedules, slotcache
 from consult.calls import links as calllinks
 from consult.clinical import reports
 from consult.core import keys, live, metrics, qr, security
@@ -25,6 +26,7 @@ NEXT_SLOTS = 4
 
 
 def setup(app: web.Application) -> None:
+    slotcache.setup(app)
     r = app.router
     r.add_get("/book", departments_page, name="book")
     r.add_get("/book/{department_id:[0-9]{1,18}}", doctors_page, name="book_department")
@@ -198,43 +200,69 @@ async def doctors_page(request: web.Request) -> web.Response:
 async def _slots_context(
     request: web.Request, department_id: int, doctor_id: int, chosen: str | None = None
 ) -> dict:
+    """The slot page: the doctor, the date strip and the chosen day's times. The strip and the
+    day are the same for every patient, so they are rendered once and kept (``slotcache``)
+    until a booking changes the doctor's visits or a second has passed."""
     settings = request.app[keys.SETTINGS]
     locale = request[keys.LOCALE]
     now = time.time()
     horizon = now + BOOKING_DAYS * 86400
-    found = await request.app[keys.DB].execute_fn(
-        lambda db: pages.doctor_slots(
-            db,
-            department_id,
-            doctor_id,
-            now=now,
-            horizon=horizon,
-            tz=settings.timezone,
-            lead_s=settings.booking_lead_minutes * 60,
+    wanted = parse_day(chosen)
+    if wanted is not None and not (
+        to_local(now, settings.timezone).date() <= wanted <= to_local(horizon, settings.timezone).date()
+    ):
+        wanted = None  # a day not on the strip: the first day with a free time, as for none
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    key = ("page", department_id, locale, wanted)
+    shown = cache.get(doctor_id, key) if cache is not None else None
+    if shown is None:
+        version = cache.version(doctor_id) if cache is not None else None
+        found = await request.app[keys.DB].execute_fn(
+            lambda db: pages.doctor_slots(
+                db,
+                department_id,
+                doctor_id,
+                now=now,
+                horizon=horizon,
+                tz=settings.timezone,
+                lead_s=settings.booking_lead_minutes * 60,
+            )
         )
-    )
-    days, shown = day_strip(
-        found["by_day"],
-        settings.timezone,
-        now=now,
-        until=horizon,
-        late_s=settings.cancel_free_hours * 3600,
-        chosen=chosen,
-    )
-    return {
-        "department": catalogue.department_view(found["dep"], locale),
-        "doctor": catalogue.doctor_view(found["doc"], locale),
-        "days": days,
-        "shown": shown,
-        "change_hours": round(settings.cancel_free_hours),
-        "hold_minutes": settings.hold_minutes,
-        "error": None,
-    }
+        days, day = day_strip(
+            found["by_day"],
+            settings.timezone,
+            now=now,
+            until=horizon,
+            late_s=settings.cancel_free_hours * 3600,
+            chosen=wanted.isoformat() if wanted else None,
+        )
+        parts = {
+            "department": catalogue.department_view(found["dep"], locale),
+            "doctor": catalogue.doctor_view(found["doc"], locale),
+            "days": days,
+            "d": day,
+            "change_hours": round(settings.cancel_free_hours),
+        }
+        shown = {
+            "department": parts["department"],
+            "doctor": parts["doctor"],
+            "strip_html": _rendered("_slot_strip.html", request, parts),
+            "panel_html": _rendered("_slot_day.html", request, parts) if day else None,
+        }
+        if cache is not None:
+            cache.put(doctor_id, key, shown, version)
+    return {**shown, "hold_minutes": settings.hold_minutes, "error": None}
+
+
+def _rendered(template: str, request: web.Request, context: dict) -> Markup:
+    """A partial rendered by the autoescaping environment, to be placed in a page as it is."""
+    return Markup(aiohttp_jinja2.render_string(template, request, context))  # noqa: S704 - escaped
 
 
 async def _day_context(request: web.Request, department_id: int, doctor_id: int, day: date | None) -> dict:
-    """One day of the slot page (the panel the date strip shows), read fresh: only that day's
-    slots and bookings. A day that is not one of the strip's is refused with a clear message."""
+    """One day of the slot page (the panel the date strip shows, rendered: ``panel_html``): only
+    that day's slots and bookings, kept like the page's (``slotcache``). A day that is not one of
+    the strip's is refused with a clear message."""
     settings = request.app[keys.SETTINGS]
     tz = settings.timezone
     locale = request[keys.LOCALE]
@@ -243,33 +271,41 @@ async def _day_context(request: web.Request, department_id: int, doctor_id: int,
     today = to_local(now, tz).date()
     if day is None or not today <= day <= to_local(horizon, tz).date():
         raise BadRequest(_("Please pick a day from the list."), code="bad_day")
-    since = max(now, schedules.local_ts(day, "00:00", tz))
-    until = min(horizon, schedules.local_ts(day + timedelta(days=1), "00:00", tz))
-    found = await request.app[keys.DB].execute_fn(
-        lambda db: pages.doctor_slots(
-            db,
-            department_id,
-            doctor_id,
-            now=now,
-            since=since,
-            horizon=until,
-            tz=tz,
-            lead_s=settings.booking_lead_minutes * 60,
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    key = ("day", department_id, locale, day)
+    kept = cache.get(doctor_id, key) if cache is not None else None
+    if kept is None:
+        version = cache.version(doctor_id) if cache is not None else None
+        since = max(now, schedules.local_ts(day, "00:00", tz))
+        until = min(horizon, schedules.local_ts(day + timedelta(days=1), "00:00", tz))
+        found = await request.app[keys.DB].execute_fn(
+            lambda db: pages.doctor_slots(
+                db,
+                department_id,
+                doctor_id,
+                now=now,
+                since=since,
+                horizon=until,
+                tz=tz,
+                lead_s=settings.booking_lead_minutes * 60,
+            )
         )
-    )
-    slots = found["by_day"].get(day, [])
-    late_s = settings.cancel_free_hours * 3600
-    entry = _day_names(day, today)
-    entry["free"] = sum(1 for s in slots if not s.taken)
-    entry["late"] = any(not s.taken and s.starts_at - now < late_s for s in slots)
-    entry["groups"] = day_groups(slots, tz, now=now, late_s=late_s)
-    return {
-        "department": catalogue.department_view(found["dep"], locale),
-        "doctor": catalogue.doctor_view(found["doc"], locale),
-        "d": entry,
-        "change_hours": round(settings.cancel_free_hours),
-        "error": None,
-    }
+        slots = found["by_day"].get(day, [])
+        late_s = settings.cancel_free_hours * 3600
+        entry = _day_names(day, today)
+        entry["free"] = sum(1 for s in slots if not s.taken)
+        entry["late"] = any(not s.taken and s.starts_at - now < late_s for s in slots)
+        entry["groups"] = day_groups(slots, tz, now=now, late_s=late_s)
+        parts = {"d": entry, "change_hours": round(settings.cancel_free_hours)}
+        kept = {
+            "department": catalogue.department_view(found["dep"], locale),
+            "doctor": catalogue.doctor_view(found["doc"], locale),
+            "d": {"date": entry["date"]},
+            "panel_html": _rendered("_slot_day.html", request, parts),
+        }
+        if cache is not None:
+            cache.put(doctor_id, key, kept, version)
+    return {**kept, "error": None}
 
 
 async def slots_page(request: web.Request) -> web.Response:
@@ -293,9 +329,9 @@ async def slots_day_fragment(request: web.Request) -> web.Response:
         int(request.match_info["doctor_id"]),
         parse_day(request.match_info["day"]),
     )
-    response = aiohttp_jinja2.render_template("_slot_day.html", request, ctx)
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    return web.Response(
+        text=str(ctx["panel_html"]), content_type="text/html", headers={"Cache-Control": "no-store"}
+    )
 
 
 async def hold_submit(request: web.Request) -> web.StreamResponse:
@@ -342,7 +378,6 @@ async def _refused_hold(
     try:
         ctx = await _day_context(request, department_id, doctor_id, day)
     except BadRequest:  # a time outside the strip: the page says why and leads back to every day
-        settings = request.app[keys.SETTINGS]
         dep, doc = await request.app[keys.DB].execute_fn(
             lambda db: pages.department_doctor(db, department_id, doctor_id)
         )
@@ -351,7 +386,6 @@ async def _refused_hold(
             "department": catalogue.department_view(dep, locale),
             "doctor": catalogue.doctor_view(doc, locale),
             "d": None,
-            "change_hours": round(settings.cancel_free_hours),
         }
     ctx["error"] = exc.message
     return aiohttp_jinja2.render_template("book_slot_refused.html", request, ctx, status=exc.status)
