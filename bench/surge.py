@@ -15,8 +15,9 @@ as they would behind nginx):
    towards the start (t = window x u^2, as people refreshing at 8:00:00). It loads the doctor's
    slot page, then books: it tries its preferred slots in turn. Preferences collide: every patient
    ranks slots by one shared popularity (earlier days and mornings first) plus a little personal
-   noise. A refused hold re-renders the slot page; the patient reads which slots it shows as
-   taken and skips them, as a person would. It stops after a booking, after ``--tries`` attempts,
+   noise. The slot page shows the first day with a free time; a refused hold answers with a
+   short page of the tried day's fresh times; the patient reads which slots they show as taken
+   and skips them, as a person would. It stops after a booking, after ``--tries`` attempts,
    or when it knows every slot is taken.
 
 Figures (last stdout line, one JSON object):
@@ -30,6 +31,8 @@ Figures (last stdout line, one JSON object):
 - ``slots_left``: free slots in the database at the end; ``starved``: patients who used all their
   tries and went home without a booking although slots were still free at the end (unfair
   retries) — both should be 0 whenever patients outnumber slots.
+- ``server_cpu_s``: the server's CPU time (every thread) over the surge, steadier than the
+  latencies when other work shares the machine.
 - ``load_before``/``load_after``: the machine's 1-minute load average (the client runs on the
   same machine and competes with the server for CPU).
 Targets: 0 double bookings, 0 errors, p99 < 1 s. Exit status 1 if any double booking, error or
@@ -60,6 +63,7 @@ from common import (  # bench/ is on sys.path when run as a script
     ROOT,
     ConsultServer,
     add_patients,
+    cpu_seconds,
     loadavg,
     pct,
     sign_in,
@@ -127,6 +131,7 @@ class Stats:
         self.refused = 0
         self.errors: list[str] = []
         self.gave_up = 0  # used every try without a booking
+        self.server_cpu_s = 0.0
 
 
 class Patient:
@@ -253,8 +258,10 @@ async def drive(server: ConsultServer, built: dict, args: argparse.Namespace) ->
             await p.surge(built, slots_url, prefs, args.tries, stats)
 
         plans = [(args.window * rng.random() ** 2, preferences(built["released"], rng)) for _ in patients]
+        cpu0 = cpu_seconds(server.pid)
         release = time.perf_counter()
         await asyncio.gather(*(arrive(p, at, prefs) for p, (at, prefs) in zip(patients, plans, strict=True)))
+        stats.server_cpu_s = cpu_seconds(server.pid) - cpu0
         return stats, time.perf_counter() - release
     finally:
         await asyncio.gather(*(p.close() for p in patients))
@@ -322,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ms": round(pct(stats.hold_ms, 99), 1) if stats.hold_ms else None,
         "page_p99_ms": round(pct(stats.page_ms, 99), 1) if stats.page_ms else None,
         "surge_s": round(seconds, 2),
+        "server_cpu_s": round(stats.server_cpu_s, 2),
         "load_before": load_before,
         "load_after": loadavg(),
     }
