@@ -251,6 +251,10 @@ async def _slots_context(
         }
         if cache is not None:
             cache.put(doctor_id, key, shown, version)
+            taken = frozenset(
+                s.starts_at for found_day in found["by_day"].values() for s in found_day if s.taken
+            )
+            cache.put(doctor_id, TAKEN_KEY, taken, version)
     return {**shown, "hold_minutes": settings.hold_minutes, "error": None}
 
 
@@ -341,6 +345,7 @@ async def hold_submit(request: web.Request) -> web.StreamResponse:
     department_id = _int(data.get("department_id"), "department")
     try:
         starts_at = _int(data.get("starts_at"), "time")
+        _refuse_if_known_taken(request, doctor_id, starts_at)
         visit = await booking.hold(
             request.app,
             patient,
@@ -363,6 +368,21 @@ async def hold_submit(request: web.Request) -> web.StreamResponse:
     # Returned, not raised: an exception through every middleware costs a rush's hold more than
     # the redirect itself.
     return web.Response(status=303, headers={"Location": location})
+
+
+TAKEN_KEY = ("taken",)
+
+
+def _refuse_if_known_taken(request: web.Request, doctor_id: int, starts_at: int) -> None:
+    """A time the kept slot page already shows as taken is refused here, without a turn of the
+    one writer: in a rush most holds are for times just taken, and they queued behind the holds
+    that could succeed. The kept page is dropped by every hold, cancellation and release in
+    this process, so it only errs for a second at most, and only ever towards "taken"; a time
+    not known taken goes to the database, where the UNIQUE index decides."""
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    taken = cache.get(doctor_id, TAKEN_KEY) if cache is not None else None
+    if taken is not None and starts_at in taken:
+        raise Conflict(booking.taken_message(), code="slot_taken")
 
 
 async def _refused_hold(
