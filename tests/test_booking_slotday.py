@@ -164,6 +164,10 @@ async def test_the_kept_slot_page_changes_with_a_hold_at_once(patient, other, cl
     assert "disabled" in again[str(free[-1])]
     again = dict(BUTTON.findall(await (await patient.get(page)).text()))
     assert "disabled" in again[str(free[-1])]
+    # A time the kept page shows taken is refused at once, with the same clear answer.
+    resp = await hold(patient, clinic, free[-1])
+    assert resp.status == 409 and (await resp.json())["error"] == "slot_taken"
+    assert (await hold(patient, clinic, free[-2])).status == 201  # and a free one is held
     # Each patient's own form token, though the rest of the page was kept.
     assert f'name="csrf_token" value="{other.csrf}"' in await (await other.get(page)).text()
 
