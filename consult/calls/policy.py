@@ -46,6 +46,7 @@ from consult.core.i18n import _
 from consult.core.seats import ROLE_OF_SEAT
 from consult.core.security import mask_address
 from signaling import Admission, PeerInfo, Refused, RoomEvent, RoomState, SignalingConfig, SignalingServer
+from signaling.recording.pool import RecordingPool
 
 log = logging.getLogger(__name__)
 
@@ -480,10 +481,13 @@ def setup_calls(app: web.Application) -> None:
     policy = ConsultPolicy(settings)
     policy.app = app
     data_dir = settings.data_dir
+    # Recording legs run in worker processes (started on the first leg), not on this loop.
+    pool = RecordingPool(settings.recording_workers or None)
     server = SignalingServer(
         policy,
         signaling_config(settings),
         recording_dir=lambda room_id: recordings.room_dir(data_dir, room_id),
+        recording_pool=pool,
     )
     app[POLICY] = policy
     app[SIGNALING] = server
@@ -509,6 +513,12 @@ def setup_calls(app: web.Application) -> None:
     # Before the server's own context: its teardown flushes events into the still-open database.
     app.cleanup_ctx.append(attach_database)
     server.setup(app, WS_PATH)
+
+    async def stop_recording_workers(app: web.Application) -> None:
+        # After the server's shutdown closed every room (and so every recording leg).
+        await pool.close()
+
+    app.on_cleanup.append(stop_recording_workers)
 
 
 async def room_sweeper(app: web.Application) -> AsyncIterator[None]:

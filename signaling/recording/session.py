@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import socket
 import time
 from collections.abc import Iterable, Mapping
@@ -33,11 +32,11 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from signaling.recording import passthrough
+from signaling.recording.errors import ROLE_RE, RecordingError
 from signaling.recording.writer import ParticipantWriter, RecordingFile
 
 log = logging.getLogger(__name__)
 
-ROLE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # VP8 first: every browser sends it and WebM holds it; H.264 only if VP8 is not offered.
 VIDEO_CODECS = ("video/VP8", "video/H264", "video/rtx")
 AUDIO_CODECS = ("audio/opus",)
@@ -50,10 +49,6 @@ DRAIN_S = 0.5
 # of the event loop (garbage collection, a burst of new legs) does not make the kernel drop
 # media. The kernel caps it at net.core.rmem_max (docs/recording.md).
 RCVBUF_BYTES = 1 << 20
-
-
-class RecordingError(Exception):
-    """A request the recorder refuses (bad role, closed session, unusable offer)."""
 
 
 def _ice_server(entry: RTCIceServer | Mapping[str, Any]) -> RTCIceServer:
