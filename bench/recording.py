@@ -102,16 +102,46 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOLDBACK = {"video": 1, "audio": 4}
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (Consult's recording workers are its children)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of `pid`, its live descendants, and its children already reaped (cutime + cstime)."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+        if p == pid:
+            total += (int(fields[13]) + int(fields[14])) / CLK_TCK
+    return total
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    total = 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+    return total or float("nan")
 
 
 def udp_errors() -> int:
@@ -525,7 +555,8 @@ def account_loss(
 
 
 def measure(result: dict[str, Any], pid: int, streams: int, cpu0: float, t0: float, self0: float) -> None:
-    cpu1, t1, self1 = cpu_seconds(pid), time.monotonic(), time.process_time()
+    cpu1, t1, self1 = tree_cpu_seconds(pid), time.monotonic(), time.process_time()
+    result["server_processes"] = len(process_tree(pid))
     result["server_cpu_pct"] = round(100 * (cpu1 - cpu0) / (t1 - t0), 1)
     result["cpu_pct_per_stream"] = round(result["server_cpu_pct"] / streams, 3)
     result["clients_cpu_pct"] = round(100 * (self1 - self0) / (t1 - t0), 1)
@@ -557,7 +588,7 @@ async def run_baseline_step(
             await asyncio.sleep(0.5)  # as for Consult: let the receivers start
             go.set()
             await asyncio.sleep(2.0)  # warm-up
-            cpu0, t0, self0 = cpu_seconds(pid), time.monotonic(), time.process_time()
+            cpu0, t0, self0 = tree_cpu_seconds(pid), time.monotonic(), time.process_time()
             drops0 = udp_errors()
             await asyncio.sleep(duration)
             measure(result, pid, 2 * visits, cpu0, t0, self0)
@@ -912,7 +943,7 @@ async def run_consult_step(
             await asyncio.sleep(0.5)  # let the server's receivers start before the first keyframe
             go.set()
             await asyncio.sleep(2.0)  # warm-up
-            cpu0, t0, self0 = cpu_seconds(server.pid), time.monotonic(), time.process_time()
+            cpu0, t0, self0 = tree_cpu_seconds(server.pid), time.monotonic(), time.process_time()
             drops0 = udp_errors()
             await asyncio.sleep(duration)
             measure(result, server.pid, 2 * visits, cpu0, t0, self0)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from aiortc.codecs import vpx
 
 from signaling.recording import RecordingError
 from signaling.recording.pool import WORKER_DIED, RecordingPool
@@ -45,6 +46,11 @@ async def test_legs_spread_over_workers_and_write_the_same_files(tmp_path: Path)
             pids = {session.status()[role]["worker"] for role in clients}
             assert len(pids) == 2 and os.getpid() not in pids
             await wait_for(lambda: all(frames(session.status(), r) > 20 for r in clients), "frames written")
+            # The recorder's fixed REMB (instead of aiortc's per-packet estimate) reached the
+            # senders: their VP8 encoders took it as their target (clamped to aiortc's maximum).
+            senders = [s for c in clients.values() for s in c.pc.getSenders() if s.kind == "video"]
+            encoders = [s._RTCRtpSender__encoder for s in senders]
+            await wait_for(lambda: all(e and e.target_bitrate == vpx.MAX_BITRATE for e in encoders), "REMB")
             for client in clients.values():
                 await client.close()
             files = await session.close()

@@ -49,6 +49,16 @@ DRAIN_S = 0.5
 # of the event loop (garbage collection, a burst of new legs) does not make the kernel drop
 # media. The kernel caps it at net.core.rmem_max (docs/recording.md).
 RCVBUF_BYTES = 1 << 20
+# The REMB the recorder sends instead of aiortc's estimate (passthrough.skip_bandwidth_estimation):
+# a ceiling above what a recording leg sends (the page caps it at 600 kbit/s), once a second.
+REMB_BPS = 2_500_000
+REMB_INTERVAL_S = 1.0
+
+
+def drain(writers: Iterable[ParticipantWriter]) -> None:
+    """Mux what each writer queued (blocking: run it in a thread)."""
+    for writer in writers:
+        writer.drain()
 
 
 def _ice_server(entry: RTCIceServer | Mapping[str, Any]) -> RTCIceServer:
@@ -119,8 +129,12 @@ class RecordingSession:
         pli_interval_s: float = 5.0,
         video_wait_s: float = 3.0,
         label: str = "",
+        drain: bool = True,
     ) -> None:
+        """`drain=False`: the caller muxes the queued frames (`writers()`, every `DRAIN_S`), as a
+        recording worker does for all its legs in one thread hand-off."""
         self.directory = Path(directory)
+        self._drains = drain
         self.ice_servers = [_ice_server(s) for s in ice_servers]
         self.relay_only = relay_only
         self.pli_interval_s = pli_interval_s
@@ -154,7 +168,7 @@ class RecordingSession:
                 await self._finish(old)
             leg = self._new_leg(role)
             self._legs[role] = leg
-            if self._drainer is None:
+            if self._drainer is None and self._drains:
                 self._drainer = asyncio.get_running_loop().create_task(self._drain_forever())
             try:
                 answer = await self._negotiate(leg, sdp)
@@ -205,10 +219,14 @@ class RecordingSession:
             for role, leg in self._legs.items()
         }
 
+    def writers(self) -> list[ParticipantWriter]:
+        """The writers of the live legs (whose queued frames `drain()` muxes)."""
+        return [leg.writer for leg in self._legs.values()]
+
     async def _drain_forever(self) -> None:
         while True:
             await asyncio.sleep(DRAIN_S)
-            writers = [leg.writer for leg in self._legs.values()]
+            writers = self.writers()
             if writers:
                 try:
                     await asyncio.to_thread(self._drain, writers)
@@ -217,8 +235,7 @@ class RecordingSession:
 
     @staticmethod
     def _drain(writers: list[ParticipantWriter]) -> None:
-        for writer in writers:
-            writer.drain()
+        drain(writers)
 
     # ----- legs ------------------------------------------------------------------------------
 
@@ -253,6 +270,8 @@ class RecordingSession:
                 continue
             receiver = transceiver.receiver
             passthrough.attach(receiver, _TrackSink(leg.writer, kind))
+            if kind == "video":
+                passthrough.skip_bandwidth_estimation(receiver)
             leg.receivers.append(receiver)
             passthrough.on_first_packet(receiver, lambda k=kind: leg.writer.note_first_packet(k))
         leg.video = video.receiver if video_codec else None
@@ -305,12 +324,18 @@ class RecordingSession:
 
     async def _keyframes(self, leg: _Leg) -> None:
         """Ask for keyframes: until the first one (the file starts there), then every
-        `pli_interval_s` so that a long recording stays seekable and recovers from damage."""
+        `pli_interval_s` so that a long recording stays seekable and recovers from damage.
+        Also sends the fixed REMB (see `REMB_BPS`)."""
         receiver = leg.video
         assert receiver is not None
+        last_remb = 0.0
         while True:
             await asyncio.sleep(0.25)
             now = time.monotonic()
+            if now - last_remb >= REMB_INTERVAL_S:
+                ssrcs = [source.source for source in receiver.getSynchronizationSources()]
+                if await passthrough.send_remb(receiver, REMB_BPS, ssrcs):
+                    last_remb = now
             writer = leg.writer
             if writer.video_started:
                 last = writer.last_keyframe_at or 0.0

@@ -32,7 +32,7 @@ import os
 import sys
 from typing import Any
 
-from signaling.recording.session import RecordingError, RecordingSession
+from signaling.recording.session import DRAIN_S, RecordingError, RecordingSession, drain
 
 log = logging.getLogger("signaling.recording.worker")
 
@@ -77,6 +77,7 @@ class Worker:
                 pli_interval_s=float(request.get("pli_interval_s", 5.0)),
                 video_wait_s=float(request.get("video_wait_s", 3.0)),
                 label=str(request.get("label", "")),
+                drain=False,  # drain_forever muxes every leg of this worker in one hand-off
             )
             self.legs[leg] = session
             try:
@@ -127,6 +128,16 @@ class Worker:
                 self.send({"progress": self.progress()})
                 await self.out.drain()
 
+    async def drain_forever(self) -> None:
+        while True:
+            await asyncio.sleep(DRAIN_S)
+            writers = [w for session in self.legs.values() for w in session.writers()]
+            if writers:
+                try:
+                    await asyncio.to_thread(drain, writers)
+                except Exception:
+                    log.exception("recording worker: muxing failed")
+
     async def close_all(self) -> None:
         legs, self.legs = list(self.legs.values()), {}
         await asyncio.gather(*(s.close() for s in legs), return_exceptions=True)
@@ -144,6 +155,7 @@ async def serve() -> None:
     out = asyncio.StreamWriter(transport, protocol, None, loop)
     worker = Worker(out)
     reporter = loop.create_task(worker.report_forever())
+    drainer = loop.create_task(worker.drain_forever())
     worker.send({"ready": os.getpid()})
     try:
         while line := await reader.readline():
@@ -157,6 +169,7 @@ async def serve() -> None:
             task.add_done_callback(worker.tasks.discard)
     finally:
         reporter.cancel()
+        drainer.cancel()
         if worker.tasks:
             await asyncio.gather(*worker.tasks, return_exceptions=True)
         await worker.close_all()
