@@ -131,3 +131,37 @@ async def test_pooled_session_refusals(tmp_path: Path) -> None:
     finally:
         await pool.close()
     assert await asyncio.to_thread(os.listdir, tmp_path) == []
+
+
+async def test_a_worker_behind_real_time_reads_its_sockets_to_the_end(tmp_path: Path) -> None:
+    """A worker paused 1.5 s (a loaded machine) has the media of that time unread in its
+    sockets when the visit ends; finishing the leg reads it before closing, so the file still
+    holds every frame sent."""
+    directory = tmp_path / "rec"
+    directory.mkdir()
+    pool = RecordingPool(1)
+    session = pool.session(directory, ice_servers=[], label="visit-3")
+    client = Client(time.time())
+    try:
+        async with asyncio.timeout(90):
+            await client.connect(session, "guest")
+            await wait_for(lambda: frames(session.status(), "guest") > 20, "frames written")
+            [worker] = pool.pids()
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(1.5)  # the client keeps sending into the paused worker's sockets
+                client.audio.hold = client.video.hold = True
+                await asyncio.sleep(0.3)
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            files = await session.close()  # at once: the backlog is still in the sockets
+            await client.close()
+    finally:
+        await pool.close()
+    [f] = files
+    tracks = {t["kind"]: t for t in f.tracks}
+    # As for an in-process leg (test_the_last_frames_of_a_leg_are_kept): at most the frame
+    # that was in the encoder when the client held is missing.
+    assert client.audio.sent - 1 <= tracks["audio"]["frames"] <= client.audio.sent, tracks
+    video = tracks["video"]["frames"] + tracks["video"]["dropped_before_keyframe"]
+    assert client.video.sent - 1 <= video <= client.video.sent, tracks

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import socket
+import sys
+import termios
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -52,7 +55,19 @@ RCVBUF_BYTES = 1 << 20
 # The REMB the recorder sends instead of aiortc's estimate (passthrough.skip_bandwidth_estimation):
 # a ceiling above what a recording leg sends (the page caps it at 600 kbit/s), once a second.
 REMB_BPS = 2_500_000
+# How long finishing a leg waits for its sockets' unread datagrams to be read (_read_to_end).
+END_READ_S = 5.0
 REMB_INTERVAL_S = 1.0
+
+
+def _unread(sock: Any) -> int:
+    """Size of the next datagram waiting in `sock` (0: none, or the socket is closed)."""
+    fd = sock.fileno()
+    if fd < 0:
+        return 0
+    buf = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return int.from_bytes(buf, sys.byteorder)
 
 
 def drain(writers: Iterable[ParticipantWriter]) -> None:
@@ -89,6 +104,7 @@ class _Leg:
     finished: asyncio.Future[RecordingFile | None] | None = None
     last_pli: float = 0.0
     plis: int = 0
+    sockets: list[Any] = field(default_factory=list)
 
 
 def _preferences(kind: str, names: Iterable[str]) -> list[Any]:
@@ -287,21 +303,48 @@ class RecordingSession:
                 task.add_done_callback(self._finishing.discard)
 
         await pc.setLocalDescription(await pc.createAnswer())
-        self._enlarge_receive_buffers(pc)
+        leg.sockets = self._enlarge_receive_buffers(pc)
         if leg.video is not None:
             self._spawn(leg, self._keyframes(leg))
         return pc.localDescription.sdp
 
-    def _enlarge_receive_buffers(self, pc: RTCPeerConnection) -> None:
+    def _enlarge_receive_buffers(self, pc: RTCPeerConnection) -> list[Any]:
+        """Enlarge the leg's UDP receive buffers; return its sockets."""
         # Best effort through aioice internals: a smaller buffer is not an error.
+        sockets = []
         for transceiver in pc.getTransceivers():
             try:
                 connection = transceiver.receiver.transport.transport.iceGatherer._connection
                 for protocol in connection._protocols:
                     sock = protocol.transport.get_extra_info("socket")
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
+                    if sock not in sockets:
+                        sockets.append(sock)
             except (AttributeError, OSError) as exc:
                 log.warning("recording %s: could not enlarge a receive buffer: %s", self.label, exc)
+        return sockets
+
+    async def _read_to_end(self, leg: _Leg) -> None:
+        """Wait (at most `END_READ_S`) until the leg's sockets hold no unread datagram.
+
+        A server running behind real time (a burst of legs, a loaded machine) would otherwise
+        close the sockets with the last seconds of media still in them, unrecorded. The
+        browser closes its recording connection on `ended`, so the sockets go quiet soon.
+        """
+        if not leg.sockets or leg.pc.connectionState in ("failed", "closed"):
+            return
+        deadline = time.monotonic() + END_READ_S
+        quiet = 0
+        while time.monotonic() < deadline:
+            try:
+                unread = sum(_unread(s) for s in leg.sockets)
+            except OSError:
+                return
+            quiet = quiet + 1 if unread == 0 else 0
+            if quiet >= 2:  # twice in a row: what was queued has gone through the loop too
+                return
+            await asyncio.sleep(0.05)
+        log.warning("recording %s/%s: sockets still not read after %s s", self.label, leg.role, END_READ_S)
 
     @staticmethod
     def _receiving(transceiver: RTCRtpTransceiver) -> bool:
@@ -358,6 +401,7 @@ class RecordingSession:
         leg.finished = asyncio.get_running_loop().create_future()
         for task in list(leg.tasks):
             task.cancel()
+        await self._read_to_end(leg)
         try:
             # Stops the receivers, which joins their decoder threads: no more writes after.
             await leg.pc.close()
