@@ -514,10 +514,18 @@ def setup_calls(app: web.Application) -> None:
     app.cleanup_ctx.append(attach_database)
     server.setup(app, WS_PATH)
 
+    async def start_recording_workers(app: web.Application) -> None:
+        # When the hospital records, the workers start with the server (in the background: a
+        # visit's first leg need not wait for them to import aiortc); else on the first leg
+        # (a department or doctor that records).
+        if settings.recording_policy != "off":
+            pool.start_soon()
+
     async def stop_recording_workers(app: web.Application) -> None:
         # After the server's shutdown closed every room (and so every recording leg).
         await pool.close()
 
+    app.on_startup.append(start_recording_workers)
     app.on_cleanup.append(stop_recording_workers)
 
 

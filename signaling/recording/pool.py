@@ -272,6 +272,18 @@ class RecordingPool:
                 await worker.start()
                 self.workers.append(worker)
 
+    def start_soon(self) -> None:
+        """Start the workers in the background (e.g. when the server starts)."""
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._restarting.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("could not start the recording workers: %s", task.exception())
+
+        task = asyncio.get_running_loop().create_task(self.start())
+        self._restarting.add(task)
+        task.add_done_callback(done)
+
     def loads(self) -> list[int]:
         """Live legs per worker (for logs, tests and benchmarks)."""
         return [sum(not leg.closed for leg in w.legs.values()) for w in self.workers]
