@@ -24,8 +24,9 @@ What is measured (every figure in the JSON says which side and which step it com
   and muxed at once into Matroska by PyAV on the event loop (per-frame `mux()`, no batching,
   no worker thread, no keyframe or timestamp handling beyond RTP time).
 
-Per side and step: CPU of the recording server process (utime + stime of all its threads from
-/proc/PID/stat, over `--duration` s after a 2 s warm-up), as % of one core, divided by the
+Per side and step: CPU of the recording server process and its children (Consult's recording
+workers; utime + stime of all their threads from /proc/PID/stat, over `--duration` s after a 2 s
+warm-up), as % of one core, divided by the
 number of streams (`cpu_pct_per_stream`; one stream = one participant's leg: VGA video + Opus
 audio; a visit has 2). Frame loss: frames the bench's clients sent against frames found by
 demuxing every written file with PyAV, per stream, with no allowance for Consult (it writes
@@ -1089,8 +1090,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     "visits",
                     "server_cpu_pct",
                     "cpu_pct_per_stream",
+                    "server_processes",
+                    "clients_cpu_pct",
                     "frames_lost",
                     "udp_rcvbuf_drops",
+                    "udp_unread_bytes_at_end",
                     "clients_sent_ratio",
                     "lossless",
                 )
@@ -1112,6 +1116,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "pyav_remux": remux["sustained"] and all(r["sustained"] for r in runs),
         },
         "consult_cpu_pct_per_stream": ours,
+        # The load generator shares the cores: its CPU (% of one core, the bench process) at
+        # Consult's steps, so that the server's figures can be read against what was left.
+        "sender_cpu_pct_max": max(
+            (s.get("clients_cpu_pct") or 0 for r in runs for s in r["steps"]), default=None
+        ),
         "consult_steps": args.steps,
         "consult_runs": [
             {**brief(r), "run": r["run"], "lossy": r["lossy"], "server_tracebacks": r["server_tracebacks"]}
