@@ -502,6 +502,11 @@ def stop_tracks(people: dict[Any, Participant], result: dict[str, Any]) -> None:
                 scheduled += (now - track.start) / track.interval
                 sent += track.sent
     result["clients_sent_ratio"] = round(sent / scheduled, 3) if scheduled else None
+    # The CPU per stream the server would need at the full schedule (a starved sender sends
+    # fewer frames, and the server then shows less CPU than a real load would cost it).
+    per_stream, ratio = result.get("cpu_pct_per_stream"), result["clients_sent_ratio"]
+    if per_stream is not None and ratio:
+        result["cpu_pct_per_stream_at_schedule"] = round(per_stream / ratio, 3)
 
 
 async def rtcp_loss(people: dict[Any, Participant]) -> dict[str, int]:
@@ -1090,6 +1095,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     "visits",
                     "server_cpu_pct",
                     "cpu_pct_per_stream",
+                    "cpu_pct_per_stream_at_schedule",
                     "server_processes",
                     "clients_cpu_pct",
                     "frames_lost",

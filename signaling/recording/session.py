@@ -56,7 +56,7 @@ RCVBUF_BYTES = 1 << 20
 # a ceiling above what a recording leg sends (the page caps it at 600 kbit/s), once a second.
 REMB_BPS = 2_500_000
 # How long finishing a leg waits for its sockets' unread datagrams to be read (_read_to_end).
-END_READ_S = 5.0
+END_READ_S = 10.0
 REMB_INTERVAL_S = 1.0
 
 
