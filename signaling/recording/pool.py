@@ -176,6 +176,10 @@ class _Worker:
 
     def _died(self) -> None:
         was_alive, self.alive = self.alive, False
+        if self.proc is not None and self.proc.returncode is None and not self.pool.closing:
+            # Its channel broke but it runs on (an unreadable reply): it must not keep legs.
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
         if not self.ready.done():
             self.ready.set_exception(WorkerDied(WORKER_DIED))
             self.ready.exception()  # retrieved: nobody may be waiting
@@ -422,8 +426,8 @@ class PooledRecordingSession:
             self._closed = True
             legs = list(self._legs.values())
             self._legs.clear()
-        for leg in legs:
-            await self._finish(leg)
+        # In parallel: each may wait for its worker to read its sockets to the end.
+        await asyncio.gather(*(self._finish(leg) for leg in legs))
         return list(self.files)
 
     def status(self) -> dict[str, Any]:

@@ -105,6 +105,8 @@ class _Leg:
     last_pli: float = 0.0
     plis: int = 0
     sockets: list[Any] = field(default_factory=list)
+    # aioice's queues of datagrams read from the sockets, not yet handled (DTLS, SRTP, RTP).
+    ice_queues: list[Any] = field(default_factory=list)
 
 
 def _preferences(kind: str, names: Iterable[str]) -> list[Any]:
@@ -303,18 +305,22 @@ class RecordingSession:
                 task.add_done_callback(self._finishing.discard)
 
         await pc.setLocalDescription(await pc.createAnswer())
-        leg.sockets = self._enlarge_receive_buffers(pc)
+        leg.sockets, leg.ice_queues = self._enlarge_receive_buffers(pc)
         if leg.video is not None:
             self._spawn(leg, self._keyframes(leg))
         return pc.localDescription.sdp
 
-    def _enlarge_receive_buffers(self, pc: RTCPeerConnection) -> list[Any]:
-        """Enlarge the leg's UDP receive buffers; return its sockets."""
+    def _enlarge_receive_buffers(self, pc: RTCPeerConnection) -> tuple[list[Any], list[Any]]:
+        """Enlarge the leg's UDP receive buffers; return its sockets and aioice's queues."""
         # Best effort through aioice internals: a smaller buffer is not an error.
-        sockets = []
+        sockets: list[Any] = []
+        queues: list[Any] = []
         for transceiver in pc.getTransceivers():
             try:
                 connection = transceiver.receiver.transport.transport.iceGatherer._connection
+                queue = getattr(connection, "_queue", None)
+                if queue is not None and all(queue is not q for q in queues):
+                    queues.append(queue)
                 for protocol in connection._protocols:
                     sock = protocol.transport.get_extra_info("socket")
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
@@ -322,10 +328,11 @@ class RecordingSession:
                         sockets.append(sock)
             except (AttributeError, OSError) as exc:
                 log.warning("recording %s: could not enlarge a receive buffer: %s", self.label, exc)
-        return sockets
+        return sockets, queues
 
     async def _read_to_end(self, leg: _Leg) -> None:
-        """Wait (at most `END_READ_S`) until the leg's sockets hold no unread datagram.
+        """Wait (at most `END_READ_S`) until the leg's sockets hold no unread datagram, and
+        aioice's queue between the sockets and the RTP receivers is empty.
 
         A server running behind real time (a burst of legs, a loaded machine) would otherwise
         close the sockets with the last seconds of media still in them, unrecorded. The
@@ -337,7 +344,7 @@ class RecordingSession:
         quiet = 0
         while time.monotonic() < deadline:
             try:
-                unread = sum(_unread(s) for s in leg.sockets)
+                unread = sum(_unread(s) for s in leg.sockets) + sum(q.qsize() for q in leg.ice_queues)
             except OSError:
                 return
             quiet = quiet + 1 if unread == 0 else 0
