@@ -28,6 +28,7 @@ from signaling.seats import SeatRegistry, SeatState
 
 if TYPE_CHECKING:
     from signaling.recording import RecordingSession
+    from signaling.recording.pool import PooledRecordingSession, RecordingPool
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Room:
         clock: Callable[[], float],
         on_idle: Callable[[Room], None],
         recording_dir: RecordingDir | None = None,
+        recording_pool: RecordingPool | None = None,
         delivered: Callable[[], Awaitable[None]] | None = None,
         seats: SeatRegistry | None = None,
     ) -> None:
@@ -58,6 +60,7 @@ class Room:
         # Waits until the events emitted so far have reached the policy (EventDispatcher).
         self._delivered = delivered
         self.recording_dir = recording_dir
+        self.recording_pool = recording_pool
         self.policy = policy
         self.config = config
         self._emit_event = emit
@@ -78,7 +81,7 @@ class Room:
         # True once the room has left the server's registry; a join then has to retry.
         self.discarded = False
         # The visit's recorder (signaling.recording), created on the first record_offer.
-        self._recorder: RecordingSession | None = None
+        self._recorder: RecordingSession | PooledRecordingSession | None = None
         self._recording_announced = False
         self._recorded_roles: set[str] = set()
         # Seats whose socket dropped (no `leave`) and whose grace has not run out: the other
@@ -567,7 +570,10 @@ class Room:
             assert self.recording_dir is not None
             directory = self.recording_dir(self.room_id)
             # The server's side uses its own addresses only (never a default public STUN).
-            self._recorder = RecordingSession(directory, ice_servers=[], label=self.room_id)
+            if self.recording_pool is not None:
+                self._recorder = self.recording_pool.session(directory, ice_servers=[], label=self.room_id)
+            else:
+                self._recorder = RecordingSession(directory, ice_servers=[], label=self.room_id)
         recorder = self._recorder
         try:
             answer = await recorder.add_participant_offer(role, sdp)

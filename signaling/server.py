@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
@@ -29,6 +29,9 @@ from signaling.policy import ROLES, PeerInfo, Refused, RoomEvent, RoomPolicy
 from signaling.protocol import PROTOCOL_VERSION, ProtocolError, parse, too_large
 from signaling.room import RecordingDir, Room
 from signaling.seats import SeatRegistry
+
+if TYPE_CHECKING:
+    from signaling.recording.pool import RecordingPool
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +53,15 @@ class SignalingServer:
         clock: Callable[[], float] = time.time,
         *,
         recording_dir: RecordingDir | None = None,
+        recording_pool: RecordingPool | None = None,
     ) -> None:
         """`recording_dir(room_id)` gives the directory of a room's recordings (the application
-        creates it, private); without it, this server refuses every record_offer."""
+        creates it, private); without it, this server refuses every record_offer.
+        `recording_pool`: recording legs run in its worker processes (signaling.recording.pool);
+        without it, in this process."""
         self.policy = policy
         self.recording_dir = recording_dir
+        self.recording_pool = recording_pool
         self.config = config or SignalingConfig()
         self.clock = clock
         self.rooms: dict[str, Room] = {}
@@ -155,6 +162,7 @@ class SignalingServer:
             clock=self.clock,
             on_idle=self._forget_room,
             recording_dir=self.recording_dir,
+            recording_pool=self.recording_pool,
             delivered=self.events.delivered,
             seats=self.seats,
         )

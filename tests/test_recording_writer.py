@@ -3,6 +3,7 @@ thread loses none, and a write that fails leaves a file described as incomplete.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import threading
@@ -82,3 +83,26 @@ def test_a_write_that_fails_leaves_an_incomplete_file_with_its_reason(tmp_path, 
     assert result.as_dict()["complete"] is False
     assert result.size == result.path.stat().st_size > 0
     assert any("No space left" in r.getMessage() for r in caplog.records)
+
+
+def test_a_late_server_keeps_the_senders_timing_and_a_clock_jump_reanchors(tmp_path):
+    """Frames handled ever later (a loaded server, 2.5 s behind after 10 s) keep the sender's RTP
+    timing: no holes in the file. A jump of the RTP clock (a restarted sender) re-anchors."""
+    now = [100.0]
+    writer = ParticipantWriter(tmp_path, "guest", audio=True, video_codec=None, monotonic=lambda: now[0])
+    writer.note_first_packet("audio")
+    for i in range(500):  # 10 s of 20 ms packets, each handled 5 ms later than the one before
+        now[0] = 100.0 + i * 0.025
+        writer.write("audio", 48000, OPUS, i * 960)
+    assert writer.stats["audio"].resyncs == 0
+    now[0] += 0.02
+    writer.write("audio", 48000, OPUS, 500 * 960 + 48000 * 30)  # the RTP clock jumps 30 s
+    assert writer.stats["audio"].resyncs == 1
+    result = writer.close()
+    assert result is not None and result.complete
+    with av.open(str(result.path)) as container:
+        pts = [p.pts for p in container.demux() if p.size]
+    assert len(pts) == 501
+    steps = {b - a for a, b in itertools.pairwise(pts[:-1])}
+    assert steps == {20}, steps  # every 20 ms, although the server fell behind
+    assert pts[-1] == round((now[0] - 100.0) * 1000)  # after the jump: re-anchored at its arrival

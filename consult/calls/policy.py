@@ -46,6 +46,7 @@ from consult.core.i18n import _
 from consult.core.seats import ROLE_OF_SEAT
 from consult.core.security import mask_address
 from signaling import Admission, PeerInfo, Refused, RoomEvent, RoomState, SignalingConfig, SignalingServer
+from signaling.recording.pool import RecordingPool
 
 # Room events prepared (or their boards nudged) per event-loop step: a batch of 256 from a
 # burst of connections took 30-60 ms of CPU in one step, holding every call's signaling.
@@ -488,10 +489,13 @@ def setup_calls(app: web.Application) -> None:
     policy = ConsultPolicy(settings)
     policy.app = app
     data_dir = settings.files_dir
+    # Recording legs run in worker processes (started on the first leg), not on this loop.
+    pool = RecordingPool(settings.recording_workers or None)
     server = SignalingServer(
         policy,
         signaling_config(settings),
         recording_dir=lambda room_id: recordings.room_dir(data_dir, room_id),
+        recording_pool=pool,
     )
     app[POLICY] = policy
     app[SIGNALING] = server
@@ -522,6 +526,20 @@ def setup_calls(app: web.Application) -> None:
     # Before the server's own context: its teardown flushes events into the still-open database.
     app.cleanup_ctx.append(attach_database)
     server.setup(app, WS_PATH)
+
+    async def start_recording_workers(app: web.Application) -> None:
+        # When the hospital records, the workers start with the server (in the background: a
+        # visit's first leg need not wait for them to import aiortc); else on the first leg
+        # (a department or doctor that records).
+        if settings.recording_policy != "off":
+            pool.start_soon()
+
+    async def stop_recording_workers(app: web.Application) -> None:
+        # After the server's shutdown closed every room (and so every recording leg).
+        await pool.close()
+
+    app.on_startup.append(start_recording_workers)
+    app.on_cleanup.append(stop_recording_workers)
 
 
 async def room_sweeper(app: web.Application) -> AsyncIterator[None]:

@@ -186,6 +186,12 @@ class Settings:
         "Record visits: off, on_request (if both consent) or always (a visit is held only if both"
         " consent). Departments and doctors may override it.",
     )
+    recording_workers: int = setting(
+        0,
+        "Worker processes that receive and write recording legs (each new leg goes to the one with"
+        " the fewest); 0: one per CPU core. A worker that dies cuts its legs (kept as incomplete"
+        " files) and is restarted.",
+    )
     recording_retention_days: int = setting(
         3650, "`consult recordings purge` deletes recordings older than this many days (0: never)."
     )

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from aiortc import RTCRtpReceiver
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, pack_remb_fci
 
 # Name-mangled attributes of RTCRtpReceiver (aiortc 1.x): the decoder input queue, and what
 # `flush()` needs to finish the frames its jitter buffer still holds.
@@ -28,6 +29,8 @@ _QUEUE_ATTR = "_RTCRtpReceiver__decoder_queue"
 _JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
 _MAPPER_ATTR = "_RTCRtpReceiver__timestamp_mapper"
 _CODECS_ATTR = "_RTCRtpReceiver__codecs"
+_ESTIMATOR_ATTR = "_RTCRtpReceiver__remote_bitrate_estimator"
+_RTCP_SSRC_ATTR = "_RTCRtpReceiver__rtcp_ssrc"
 
 
 class FrameSink(Protocol):
@@ -79,6 +82,31 @@ def attach(receiver: RTCRtpReceiver, sink: FrameSink) -> None:
         raise RuntimeError("unsupported aiortc version: no decoder queue on RTCRtpReceiver")
     setattr(receiver, _QUEUE_ATTR, FrameTap(sink))
     counters.taps += 1
+
+
+def skip_bandwidth_estimation(receiver: RTCRtpReceiver) -> None:
+    """Take aiortc's receive-side bandwidth estimator off `receiver`'s packet path.
+
+    It runs Python per video packet (inter-arrival filter, overuse detector) and, under load,
+    sends a REMB (SRTP + sendto) for many of them: measured about a quarter of a recording
+    worker's CPU. A recording leg does not need an estimate: the page caps its bit rate, and
+    the browser's own loss-based control still reacts to the receiver reports' losses. The
+    session sends a fixed REMB instead (`send_remb`, once a second), which the browser takes
+    as a ceiling.
+    """
+    if hasattr(receiver, _ESTIMATOR_ATTR):
+        setattr(receiver, _ESTIMATOR_ATTR, None)
+
+
+async def send_remb(receiver: RTCRtpReceiver, bitrate: int, ssrcs: list[int]) -> bool:
+    """Send one REMB of `bitrate` bit/s for `ssrcs`; False if the receiver cannot send RTCP yet."""
+    rtcp_ssrc = getattr(receiver, _RTCP_SSRC_ATTR, None)
+    if rtcp_ssrc is None or not ssrcs:
+        return False
+    fci = pack_remb_fci(bitrate, ssrcs)
+    packet = RtcpPsfbPacket(fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=fci)
+    await receiver._send_rtcp(packet)
+    return True
 
 
 def on_first_packet(receiver: RTCRtpReceiver, callback: Any) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
-import re
 import socket
+import sys
+import termios
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,11 +35,11 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from signaling.recording import passthrough
+from signaling.recording.errors import ROLE_RE, RecordingError
 from signaling.recording.writer import ParticipantWriter, RecordingFile
 
 log = logging.getLogger(__name__)
 
-ROLE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # VP8 first: every browser sends it and WebM holds it; H.264 only if VP8 is not offered.
 VIDEO_CODECS = ("video/VP8", "video/H264", "video/rtx")
 AUDIO_CODECS = ("audio/opus",)
@@ -50,10 +52,28 @@ DRAIN_S = 0.5
 # of the event loop (garbage collection, a burst of new legs) does not make the kernel drop
 # media. The kernel caps it at net.core.rmem_max (docs/recording.md).
 RCVBUF_BYTES = 1 << 20
+# The REMB the recorder sends instead of aiortc's estimate (passthrough.skip_bandwidth_estimation):
+# a ceiling above what a recording leg sends (the page caps it at 600 kbit/s), once a second.
+REMB_BPS = 2_500_000
+# How long finishing a leg waits for its sockets' unread datagrams to be read (_read_to_end).
+END_READ_S = 10.0
+REMB_INTERVAL_S = 1.0
 
 
-class RecordingError(Exception):
-    """A request the recorder refuses (bad role, closed session, unusable offer)."""
+def _unread(sock: Any) -> int:
+    """Size of the next datagram waiting in `sock` (0: none, or the socket is closed)."""
+    fd = sock.fileno()
+    if fd < 0:
+        return 0
+    buf = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def drain(writers: Iterable[ParticipantWriter]) -> None:
+    """Mux what each writer queued (blocking: run it in a thread)."""
+    for writer in writers:
+        writer.drain()
 
 
 def _ice_server(entry: RTCIceServer | Mapping[str, Any]) -> RTCIceServer:
@@ -84,6 +104,9 @@ class _Leg:
     finished: asyncio.Future[RecordingFile | None] | None = None
     last_pli: float = 0.0
     plis: int = 0
+    sockets: list[Any] = field(default_factory=list)
+    # aioice's queues of datagrams read from the sockets, not yet handled (DTLS, SRTP, RTP).
+    ice_queues: list[Any] = field(default_factory=list)
 
 
 def _preferences(kind: str, names: Iterable[str]) -> list[Any]:
@@ -124,8 +147,12 @@ class RecordingSession:
         pli_interval_s: float = 5.0,
         video_wait_s: float = 3.0,
         label: str = "",
+        drain: bool = True,
     ) -> None:
+        """`drain=False`: the caller muxes the queued frames (`writers()`, every `DRAIN_S`), as a
+        recording worker does for all its legs in one thread hand-off."""
         self.directory = Path(directory)
+        self._drains = drain
         self.ice_servers = [_ice_server(s) for s in ice_servers]
         self.relay_only = relay_only
         self.pli_interval_s = pli_interval_s
@@ -159,7 +186,7 @@ class RecordingSession:
                 await self._finish(old)
             leg = self._new_leg(role)
             self._legs[role] = leg
-            if self._drainer is None:
+            if self._drainer is None and self._drains:
                 self._drainer = asyncio.get_running_loop().create_task(self._drain_forever())
             try:
                 answer = await self._negotiate(leg, sdp)
@@ -210,10 +237,14 @@ class RecordingSession:
             for role, leg in self._legs.items()
         }
 
+    def writers(self) -> list[ParticipantWriter]:
+        """The writers of the live legs (whose queued frames `drain()` muxes)."""
+        return [leg.writer for leg in self._legs.values()]
+
     async def _drain_forever(self) -> None:
         while True:
             await asyncio.sleep(DRAIN_S)
-            writers = [leg.writer for leg in self._legs.values()]
+            writers = self.writers()
             if writers:
                 try:
                     await asyncio.to_thread(self._drain, writers)
@@ -222,8 +253,7 @@ class RecordingSession:
 
     @staticmethod
     def _drain(writers: list[ParticipantWriter]) -> None:
-        for writer in writers:
-            writer.drain()
+        drain(writers)
 
     # ----- legs ------------------------------------------------------------------------------
 
@@ -258,6 +288,8 @@ class RecordingSession:
                 continue
             receiver = transceiver.receiver
             passthrough.attach(receiver, _TrackSink(leg.writer, kind))
+            if kind == "video":
+                passthrough.skip_bandwidth_estimation(receiver)
             leg.receivers.append(receiver)
             passthrough.on_first_packet(receiver, lambda k=kind: leg.writer.note_first_packet(k))
         leg.video = video.receiver if video_codec else None
@@ -273,21 +305,53 @@ class RecordingSession:
                 task.add_done_callback(self._finishing.discard)
 
         await pc.setLocalDescription(await pc.createAnswer())
-        self._enlarge_receive_buffers(pc)
+        leg.sockets, leg.ice_queues = self._enlarge_receive_buffers(pc)
         if leg.video is not None:
             self._spawn(leg, self._keyframes(leg))
         return pc.localDescription.sdp
 
-    def _enlarge_receive_buffers(self, pc: RTCPeerConnection) -> None:
+    def _enlarge_receive_buffers(self, pc: RTCPeerConnection) -> tuple[list[Any], list[Any]]:
+        """Enlarge the leg's UDP receive buffers; return its sockets and aioice's queues."""
         # Best effort through aioice internals: a smaller buffer is not an error.
+        sockets: list[Any] = []
+        queues: list[Any] = []
         for transceiver in pc.getTransceivers():
             try:
                 connection = transceiver.receiver.transport.transport.iceGatherer._connection
+                queue = getattr(connection, "_queue", None)
+                if queue is not None and all(queue is not q for q in queues):
+                    queues.append(queue)
                 for protocol in connection._protocols:
                     sock = protocol.transport.get_extra_info("socket")
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
+                    if sock not in sockets:
+                        sockets.append(sock)
             except (AttributeError, OSError) as exc:
                 log.warning("recording %s: could not enlarge a receive buffer: %s", self.label, exc)
+        return sockets, queues
+
+    async def _read_to_end(self, leg: _Leg) -> None:
+        """Wait (at most `END_READ_S`) until the leg's sockets hold no unread datagram, and
+        aioice's queue between the sockets and the RTP receivers is empty.
+
+        A server running behind real time (a burst of legs, a loaded machine) would otherwise
+        close the sockets with the last seconds of media still in them, unrecorded. The
+        browser closes its recording connection on `ended`, so the sockets go quiet soon.
+        """
+        if not leg.sockets or leg.pc.connectionState in ("failed", "closed"):
+            return
+        deadline = time.monotonic() + END_READ_S
+        quiet = 0
+        while time.monotonic() < deadline:
+            try:
+                unread = sum(_unread(s) for s in leg.sockets) + sum(q.qsize() for q in leg.ice_queues)
+            except OSError:
+                return
+            quiet = quiet + 1 if unread == 0 else 0
+            if quiet >= 2:  # twice in a row: what was queued has gone through the loop too
+                return
+            await asyncio.sleep(0.05)
+        log.warning("recording %s/%s: sockets still not read after %s s", self.label, leg.role, END_READ_S)
 
     @staticmethod
     def _receiving(transceiver: RTCRtpTransceiver) -> bool:
@@ -310,12 +374,18 @@ class RecordingSession:
 
     async def _keyframes(self, leg: _Leg) -> None:
         """Ask for keyframes: until the first one (the file starts there), then every
-        `pli_interval_s` so that a long recording stays seekable and recovers from damage."""
+        `pli_interval_s` so that a long recording stays seekable and recovers from damage.
+        Also sends the fixed REMB (see `REMB_BPS`)."""
         receiver = leg.video
         assert receiver is not None
+        last_remb = 0.0
         while True:
             await asyncio.sleep(0.25)
             now = time.monotonic()
+            if now - last_remb >= REMB_INTERVAL_S:
+                ssrcs = [source.source for source in receiver.getSynchronizationSources()]
+                if await passthrough.send_remb(receiver, REMB_BPS, ssrcs):
+                    last_remb = now
             writer = leg.writer
             if writer.video_started:
                 last = writer.last_keyframe_at or 0.0
@@ -338,6 +408,7 @@ class RecordingSession:
         leg.finished = asyncio.get_running_loop().create_future()
         for task in list(leg.tasks):
             task.cancel()
+        await self._read_to_end(leg)
         try:
             # Stops the receivers, which joins their decoder threads: no more writes after.
             await leg.pc.close()

@@ -8,8 +8,11 @@ decodes or encodes: VP8/H.264 frames and Opus packets are muxed as they came.
 Timing: each track's RTP clock is anchored to the server's monotonic clock at the arrival of
 its first packet; a frame's time is `anchor + rtp_ticks / clock_rate`. Audio and video of one
 browser share its capture clock, so this keeps them in sync to within the difference of their
-network and encoder delays (a few tens of ms). A time that strays from the arrival time by
-more than `RESYNC_S` (sender restarted, SSRC changed) re-anchors the track.
+network and encoder delays (a few tens of ms). A discontinuity of the RTP clock (more than
+`RESYNC_S` between consecutive frames: sender restarted, SSRC changed) or a time more than
+`RESYNC_S` ahead of the arrival re-anchors the track. A time *behind* the arrival does not: that
+is this server running late (a loaded machine), and the sender's own clock is the better one;
+re-anchoring there cut the file's timeline into 2 s holes while every frame was still in it.
 
 Crash safety: the file is written progressively (clusters of at most `CLUSTER_MS`, each written
 out as it closes; the OS has the bytes even if the process is killed), so a file cut by
@@ -142,6 +145,7 @@ class ParticipantWriter:
         self._wall = wall
         self._lock = threading.Lock()
         self._anchor: dict[str, float] = {}
+        self._last_ts: dict[str, int] = {}  # RTP time of each track's previous frame
         self._queue: deque[_Pending] = deque()
         self._first_frame_at: float | None = None
         self._t0: float | None = None
@@ -174,7 +178,9 @@ class ParticipantWriter:
         stats = self.stats[kind]
         anchor = self._anchor.setdefault(kind, now - timestamp / clock_rate)
         t = anchor + timestamp / clock_rate
-        if abs(t - now) > RESYNC_S:
+        last = self._last_ts.get(kind)
+        self._last_ts[kind] = timestamp
+        if t - now > RESYNC_S or (last is not None and abs(timestamp - last) > RESYNC_S * clock_rate):
             self._anchor[kind] = now - timestamp / clock_rate
             t = now
             stats.resyncs += 1
