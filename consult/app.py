@@ -32,9 +32,10 @@ from consult.clinical import prescription_views, report_views, reports, uploads
 from consult.clinical.signing import SIGNING_KEY, KeyHolder
 from consult.core import jobs, keys, live, metrics, proxy, security
 from consult.core.config import Settings, ensure_secrets, for_mode
-from consult.core.db import Database, keep_statistics
+from consult.core.db import keep_statistics
+from consult.core.engine import open_database
 from consult.core.middleware import context_middleware, csrf_middleware, errors_middleware
-from consult.core.migrations import migrate
+from consult.core.migrations import migrate_settings
 from consult.core.outbox import OutboxNotifier, OutboxSms
 from consult.core.templates import setup_static, setup_templates
 from consult.payments import views as payment_views
@@ -107,9 +108,8 @@ def create_app(settings: Settings) -> web.Application:
 async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    path = settings.data_dir / "consult.db"
-    migrate(path)
-    db = Database(path)
+    migrate_settings(settings)
+    db = open_database(settings)
     app[keys.DB] = db
     app[keys.SESSIONS] = Sessions(
         db, settings.session_idle_minutes * 60, settings.session_absolute_hours * 3600

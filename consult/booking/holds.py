@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,6 +24,7 @@ from consult.audit import chain as audit
 from consult.booking import schedules
 from consult.booking.notices import REMINDER_DAY, enqueue_notice_sync, reminders_due_sync
 from consult.core import jobs, keys
+from consult.core.db import IntegrityError
 from consult.core.errors import BadRequest, Conflict, NotFound
 from consult.core.i18n import _
 from consult.core.ids import new_public_id
@@ -162,12 +162,12 @@ def hold_sync(
             "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at, status,"
             " hold_expires, fee_minor, currency, created, updated, call_nonce) VALUES (:public_id,"
             " :patient_id, :doctor_id, :department_id, :starts_at, :ends_at, :status, :hold_expires,"
-            " :fee_minor, :currency, :created, :updated, :call_nonce)",
+            " :fee_minor, :currency, :created, :updated, :call_nonce) RETURNING id",
             visit,
         )
-    except sqlite3.IntegrityError:
+    except IntegrityError:
         raise Conflict(taken_message(), code="slot_taken") from None
-    visit["id"] = cur.lastrowid
+    visit["id"] = cur.fetchone()[0]
     if doctor_busy(db, doctor_id, slot.starts_at, slot.ends_at, exclude=visit["id"]):
         raise Conflict(taken_message(), code="slot_taken")  # rolls the insert back
     audit_visit(db, patient, "visit.hold", visit, remote, starts_at=slot.starts_at, doctor_id=doctor_id)
@@ -197,7 +197,7 @@ def confirm_paid_sync(db: sqlite_utils.Database, visit_id: int, now: float) -> N
             " reminder_sent = CASE WHEN starts_at - ? <= 86400 THEN ? ELSE 0 END WHERE id = ?",
             [now, now, REMINDER_DAY, visit_id],
         )
-    except sqlite3.IntegrityError:
+    except IntegrityError:
         raise Conflict(lost_slot_message(), code="slot_taken") from None
     if doctor_busy(db, v["doctor_id"], v["starts_at"], v["ends_at"], exclude=visit_id):
         raise Conflict(lost_slot_message(), code="slot_taken")

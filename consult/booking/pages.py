@@ -95,6 +95,8 @@ def refund_amounts(db: sqlite_utils.Database, visit_id: int) -> dict:
         [visit_id],
     ).fetchone()
     return {"refunded": int(row[0]), "due": int(row[1]), "currency": row[2]}
+
+
 def patient_facts(db: sqlite_utils.Database, patient_id: int) -> dict[str, Any]:
     """What is known of the patient beyond their name: sex and age as written on their latest
     prescription (the accounts hold neither), else nothing."""

@@ -357,6 +357,8 @@ async def cancel_page(request: web.Request) -> web.Response:
         "refund": refund,
     }
     return aiohttp_jinja2.render_template("visit_cancel.html", request, ctx)
+
+
 async def _doctor_visit_page(request: web.Request, user, visit: dict, ctx: dict) -> web.Response:
     from consult.calls import recordings
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -26,6 +25,7 @@ import sqlite_utils
 
 from consult import booking, sessionlog
 from consult.calls import links as calllinks
+from consult.core.db import DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def end_room_sync(
         db.execute("SAVEPOINT summary")
         try:
             sessionlog.apply_event_sync(db, visit_id, "ended", None, ended_at, data, tz=tz)
-        except (sqlite3.Error, ValueError, TypeError, KeyError):
+        except (DatabaseError, ValueError, TypeError, KeyError):
             log.exception("session summary failed for the end of visit %s", visit_id)
             db.execute("ROLLBACK TO summary")
         db.execute("RELEASE summary")

@@ -26,7 +26,6 @@ import hashlib
 import hmac
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from consult.calls import closing, recordings
 from consult.calls import links as calllinks
 from consult.core import keys, live, metrics
 from consult.core.config import Settings
-from consult.core.db import Database
+from consult.core.db import Database, DatabaseError
 from consult.core.i18n import _
 from consult.core.seats import ROLE_OF_SEAT
 from consult.core.security import mask_address
@@ -375,7 +374,7 @@ class ConsultPolicy:
                 db.execute("SAVEPOINT room_event")
                 try:
                     results.append(write(db))
-                except (sqlite3.Error, ValueError, TypeError, KeyError, OSError):
+                except (DatabaseError, ValueError, TypeError, KeyError, OSError):
                     log.exception("room event %s in room %s not stored", event.name, event.room_id)
                     db.execute("ROLLBACK TO room_event")
                     results.append(None)
@@ -431,7 +430,7 @@ class ConsultPolicy:
             db.execute("SAVEPOINT summary")
             try:
                 sessionlog.apply_event_sync(db, visit_id, event.name, event.role, event.created, data, tz=tz)
-            except (sqlite3.Error, ValueError, TypeError, KeyError):
+            except (DatabaseError, ValueError, TypeError, KeyError):
                 log.exception("session summary failed for %s in visit %s", event.name, visit_id)
                 db.execute("ROLLBACK TO summary")
             db.execute("RELEASE summary")

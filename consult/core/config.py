@@ -32,6 +32,12 @@ def setting(default: Any, help: str, secret: bool = False) -> Any:
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = setting(Path("data"), "Directory for the database, uploads, recordings, keys.")
+    database_url: str = setting(
+        "",
+        "PostgreSQL for several nodes (postgresql://user:password@host/db); empty: the embedded"
+        " SQLite database in data_dir (one node). `consult migrate-to-postgres` copies one into the other.",
+        secret=True,
+    )
     host: str = setting("0.0.0.0", "Address the HTTP server listens on.")  # noqa: S104
     port: int = setting(8443, "Port the HTTP server listens on.")
     tls: bool = setting(
