@@ -58,12 +58,14 @@ if [[ $MODE == list ]]; then
     exit 0
 fi
 
-# Present: a program on PATH or in an sbin directory (nginx, iptables for ordinary users), a
+# Present: a program on PATH, in an sbin directory (nginx, iptables for ordinary users) or in
+# Debian's versioned PostgreSQL directory (initdb, pg_ctl: /usr/lib/postgresql/<major>/bin), a
 # Python module python3 can import, any font fontconfig has for the language.
 present() {
     local kind=$1 name=$2
     case $kind in
-        program) command -v "$name" >/dev/null 2>&1 || [[ -x /usr/sbin/$name || -x /sbin/$name ]] ;;
+        program) command -v "$name" >/dev/null 2>&1 || [[ -x /usr/sbin/$name || -x /sbin/$name ]] ||
+            compgen -G "/usr/lib/postgresql/*/bin/$name" >/dev/null ;;
         module) command -v python3 >/dev/null 2>&1 && python3 -c "import $name" >/dev/null 2>&1 ;;
         font) command -v fc-list >/dev/null 2>&1 && [[ -n $(fc-list ":lang=$name" family 2>/dev/null) ]] ;;
         # npm: "name version"; that version's package.json under NPM_PREFIX.

@@ -406,7 +406,7 @@ class ConsultPolicy:
             return None
         data = self._event_data(event)
         files: list[dict[str, Any]] = []
-        data_dir = self.settings.data_dir
+        data_dir = self.settings.files_dir
         if event.name == "recording_stopped":
             files = list(data.get("files") or [])
             # The log keeps file names, not the server's absolute paths.
@@ -478,7 +478,7 @@ def setup_calls(app: web.Application) -> None:
     settings = app[keys.SETTINGS]
     policy = ConsultPolicy(settings)
     policy.app = app
-    data_dir = settings.data_dir
+    data_dir = settings.files_dir
     server = SignalingServer(
         policy,
         signaling_config(settings),
@@ -493,7 +493,12 @@ def setup_calls(app: web.Application) -> None:
         # once and given its row (complete = 0) before any room opens. Listing is a quick read;
         # the remux and hashing run in a thread, off the database's threads.
         try:
-            interrupted = await policy.db.execute_fn(lambda db: recordings.interrupted_sync(db, data_dir))
+            # A shared directory: files another node is still recording into are not this
+            # start's to repair.
+            grace = recordings.LIVE_GRACE_S if settings.shared_dir else 0.0
+            interrupted = await policy.db.execute_fn(
+                lambda db: recordings.interrupted_sync(db, data_dir, live_grace_s=grace)
+            )
             if interrupted:
                 found = await asyncio.to_thread(recordings.recover_files, interrupted, time.time())
                 stored = await policy.db.execute_write_fn(

@@ -22,7 +22,7 @@ async def play_recording(request: web.Request) -> web.StreamResponse:
     if row is None:  # missing, or not this user's to play: the same answer either way
         raise NotFound(_("No such recording."))
     try:
-        path = recordings.stored_path(request.app[keys.SETTINGS].data_dir, row["path"])
+        path = recordings.stored_path(request.app[keys.SETTINGS].files_dir, row["path"])
     except ValueError:
         raise NotFound(_("No such recording.")) from None
     if not path.is_file():

@@ -28,6 +28,7 @@ import sqlite_utils
 
 from consult.audit import chain as audit
 from consult.core.db import Database
+from consult.core.files import temp_name
 from consult.core.seats import ROLE_OF_SEAT
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ POLICIES = ("off", "on_request", "always")
 # Signaling seats to the application's roles (and back: file names start with the seat).
 SUBDIR = "recordings"
 _ROOM_DIR_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+# A recording leg writes continuously; one not written to for this long is not being recorded.
+LIVE_GRACE_S = 120.0
 _FILE_RE = re.compile(r"^(host|guest)-[0-9TZ]+-[0-9a-f]{12}\.(webm|mkv)$")
 
 
@@ -284,13 +287,19 @@ class Interrupted:
     relative: str
 
 
-def interrupted_sync(db: sqlite_utils.Database, data_dir: Path) -> list[Interrupted]:
+def interrupted_sync(
+    db: sqlite_utils.Database, data_dir: Path, *, live_grace_s: float = 0.0
+) -> list[Interrupted]:
     """On a reader, quick: the files that need recovery. A file needs it when it has no row (the
     server died while recording) or an incomplete row never repaired (a write failed, or an older
-    version stored it); a repaired or complete file is never read again."""
+    version stored it); a repaired or complete file is never read again.
+
+    With `live_grace_s` (a directory shared by several nodes), a file written to within that
+    many seconds is left alone: another node may be recording into it right now."""
     root = root_dir(data_dir)
     if not root.is_dir():
         return []
+    written_before = time.time() - live_grace_s
     done = {
         r[0]
         for r in db.execute(
@@ -307,6 +316,8 @@ def interrupted_sync(db: sqlite_utils.Database, data_dir: Path) -> list[Interrup
             if match is None or not path.is_file() or path.is_symlink():
                 continue
             relative = _relative(data_dir, path)
+            if live_grace_s and path.stat().st_mtime > written_before:
+                continue
             if relative not in done:
                 found.append(Interrupted(visit[0], ROLE_OF_SEAT[match.group(1)], path, relative))
     return found
@@ -319,8 +330,9 @@ def repair_file(path: Path) -> bool:
     untouched) if nothing could be read. Blocking: run it in a thread."""
     import av
 
-    repaired = path.with_name(path.name + ".repair")  # not a recording name: never picked up
-    repaired.unlink(missing_ok=True)  # left by a crash during an earlier repair
+    # Not a recording name (never picked up), and no other node's: two nodes starting at once
+    # may both repair the same file; each writes its own copy and the last rename wins.
+    repaired = temp_name(path)
     packets = 0
     try:
         with av.open(str(path)) as source:

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from consult.clinical import uploads
 from consult.core.errors import NotFound, UnsupportedMediaType
+from consult.core.files import temp_name
 from consult.core.i18n import _
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,12 @@ async def pdf_pages(renderer: Renderer, data_dir: Path, stored_name: str) -> Pag
                 for p in work.iterdir():
                     os.chmod(p, 0o600)
                 shutil.rmtree(target, ignore_errors=True)
-                work.rename(target)  # whole or not at all: meta.json is there only with every page
+                try:
+                    work.rename(target)  # whole or not at all: meta.json is there only with every page
+                except OSError:
+                    # Another node (over a shared directory) published the same pages meanwhile.
+                    if not (target / "meta.json").is_file():
+                        raise
 
             if not result.get("ok"):
                 error, count = str(result.get("error")), int(result.get("pages") or 0)
@@ -272,7 +278,7 @@ def _make_thumb(source: Path, target: Path) -> None:
     from PIL import Image
 
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    work = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    work = temp_name(target)  # never another node's (a pid is not unique across nodes)
     try:
         with Image.open(source) as im:
             im.draft("RGB", (THUMB_SIDE, THUMB_SIDE))  # JPEG: decode at a fraction of the size

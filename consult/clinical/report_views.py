@@ -112,7 +112,7 @@ async def upload_report(request: web.Request) -> web.Response:
             raise UnsupportedMediaType(_("Send one file per request."), code="nested_multipart")
     report = await reports.add_report(
         request.app[keys.DB],
-        request.app[keys.SETTINGS].data_dir,
+        request.app[keys.SETTINGS].files_dir,
         visit=visit,
         user=user,
         source=part,
@@ -152,7 +152,7 @@ async def delete_report(request: web.Request) -> web.Response:
     reports.require_editable(user, visit, time.time())
     await reports.delete_report(
         request.app[keys.DB],
-        request.app[keys.SETTINGS].data_dir,
+        request.app[keys.SETTINGS].files_dir,
         report,
         visit,
         user,
@@ -171,7 +171,7 @@ def content_disposition(kind: str, filename: str) -> str:
 async def _serve(request: web.Request, download: bool) -> web.StreamResponse:
     user = security.require(request)
     report, visit = await _load(request)
-    data_dir = request.app[keys.SETTINGS].data_dir
+    data_dir = request.app[keys.SETTINGS].files_dir
     try:
         path = uploads.stored_path(data_dir, report.stored_name)
     except ValueError:
@@ -229,7 +229,7 @@ async def download_report(request: web.Request) -> web.StreamResponse:
 async def _page_set(request: web.Request, report: reports.Report) -> pages.PageSet:
     settings = request.app[keys.SETTINGS]
     try:
-        return await pages.pdf_pages(request.app[pages.RENDERER], settings.data_dir, report.stored_name)
+        return await pages.pdf_pages(request.app[pages.RENDERER], settings.files_dir, report.stored_name)
     except ValueError:
         raise NotFound(_("This report does not exist.")) from None
 
@@ -273,7 +273,7 @@ async def report_page(request: web.Request) -> web.StreamResponse:
     if report.content_type != uploads.PDF:
         raise NotFound(_("This page does not exist."))
     found = await _page_set(request, report)
-    data_dir = request.app[keys.SETTINGS].data_dir
+    data_dir = request.app[keys.SETTINGS].files_dir
     path = pages.page_path(data_dir, report.stored_name, int(request.match_info["page"]), found.count)
     if not path.is_file():
         raise NotFound(_("This page does not exist."))
@@ -305,7 +305,7 @@ async def report_thumb(request: web.Request) -> web.StreamResponse:
     """A small picture of a report for the viewer's strip, audited as a reading of the report."""
     user = security.require(request)
     report, visit = await _load(request)
-    data_dir = request.app[keys.SETTINGS].data_dir
+    data_dir = request.app[keys.SETTINGS].files_dir
     try:
         path = await pages.thumbnail(
             request.app[pages.RENDERER], data_dir, report.stored_name, report.content_type

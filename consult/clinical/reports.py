@@ -451,7 +451,7 @@ async def files_ctx(app: web.Application) -> AsyncIterator[None]:
     and counted (``consult_report_files_quarantined_total``); each row without its file is
     logged once per process and shown by the ``consult_report_files_missing`` gauge."""
     settings = app[keys.SETTINGS]
-    db, data_dir, in_flight = app[keys.DB], settings.data_dir, app[uploads.IN_FLIGHT]
+    db, data_dir, in_flight = app[keys.DB], settings.files_dir, app[uploads.IN_FLIGHT]
     interval = settings.files_sweep_interval_seconds
     missing: dict[int, str] = {}
     if metrics.METRICS in app:

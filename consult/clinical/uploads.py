@@ -32,6 +32,7 @@ from typing import Protocol
 from aiohttp import web
 
 from consult.core.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from consult.core.files import fsync_dir, fsync_file
 from consult.core.i18n import _
 
 log = logging.getLogger(__name__)
@@ -472,9 +473,12 @@ def store_sync(received: Received, data_dir: Path, stored_name: str | None = Non
         prefix, name = stored_name.split("/")
         target_dir = _private_dir(uploads_root(data_dir) / prefix)
         target = target_dir / name
-        # link() fails if the name exists, unlike rename(): never overwrite another report.
+        fsync_file(final_src)  # the bytes are on disk (or the NFS server) before the name
+        # link() fails if the name exists, unlike rename(): never overwrite another report,
+        # whichever node wrote it. The temp file is in the same file system (uploads/tmp).
         os.link(final_src, target)
         os.chmod(target, 0o600)
+        fsync_dir(target_dir)
         return Stored(stored_name, target, content_type, size, sha)
     finally:
         remove_quietly(received.path)

@@ -38,6 +38,11 @@ class Settings:
         " SQLite database in data_dir (one node). `consult migrate-to-postgres` copies one into the other.",
         secret=True,
     )
+    shared_dir: str = setting(
+        "",
+        "Directory for uploaded reports and recordings that every node of a cluster mounts (NFS):"
+        " each node writes whole files under names no other node picks. Empty: the data directory.",
+    )
     host: str = setting("0.0.0.0", "Address the HTTP server listens on.")  # noqa: S104
     port: int = setting(8443, "Port the HTTP server listens on.")
     tls: bool = setting(
@@ -235,6 +240,11 @@ class Settings:
                 value = "********"
             out[f.name] = str(value) if isinstance(value, Path) else value
         return out
+
+    @property
+    def files_dir(self) -> Path:
+        """Where uploads and recordings live: `shared_dir`, or the data directory."""
+        return Path(self.shared_dir) if self.shared_dir else self.data_dir
 
 
 def describe() -> list[tuple[str, Any, str]]:

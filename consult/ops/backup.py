@@ -251,13 +251,17 @@ def backup(
     link: bool = True,
     on_stage: Stage | None = None,
     max_snapshots: int = MAX_SNAPSHOTS,
+    files_dir: Path | None = None,
 ) -> BackupResult:
     """Back ``data_dir`` up into the new directory ``target`` (see the module's docstring).
+    Uploads and recordings are read from ``files_dir`` (the `shared_dir` setting) if given; the
+    backup holds them as if they were in the data directory.
 
     ``on_stage(name)`` is called before each step ("secrets", "database", "files", "manifest",
     "rename"); tests use it to delete files or fail at a chosen moment.
     """
     data_dir, target = Path(data_dir), Path(target)
+    files_dir = Path(files_dir) if files_dir is not None else data_dir
     source_db = data_dir / DB_NAME
     if not source_db.exists():
         raise FileNotFoundError(f"no database at {source_db}; run 'consult init' first")
@@ -268,8 +272,9 @@ def backup(
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))  # mode 0700
     try:
-        same_device = link and os.stat(data_dir).st_dev == os.stat(parent).st_dev
-        result = _fill(data_dir, tmp, target, same_device, on_stage or (lambda _name: None), max_snapshots)
+        same_device = link and os.stat(files_dir).st_dev == os.stat(parent).st_dev
+        stage = on_stage or (lambda _name: None)
+        result = _fill(data_dir, tmp, target, same_device, stage, max_snapshots, files_dir)
         (on_stage or (lambda _name: None))("rename")
         _fsync_tree(tmp)
         try:
@@ -287,7 +292,7 @@ def backup(
 
 
 def _fill(
-    data_dir: Path, tmp: Path, target: Path, try_link: bool, stage: Stage, max_snapshots: int
+    data_dir: Path, tmp: Path, target: Path, try_link: bool, stage: Stage, max_snapshots: int, files_dir: Path
 ) -> BackupResult:
     from consult import __version__
 
@@ -354,7 +359,7 @@ def _fill(
             if dst.exists():
                 continue
             try:
-                if _link_or_copy(data_dir / ref.path, dst, try_link):
+                if _link_or_copy(files_dir / ref.path, dst, try_link):
                     linked += 1
                 else:
                     copied += 1

@@ -1,5 +1,6 @@
 """The ``consult`` command: serve | init | demo | user add | user passwd | certs | config | backup |
-backup verify | restore | audit verify | verify | turn-config | recordings purge (each with --help)."""
+backup verify | restore | audit verify | verify | turn-config | recordings purge | secrets export |
+secrets import | secrets fingerprint | secrets accept (each with --help)."""
 
 from __future__ import annotations
 
@@ -57,8 +58,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     from consult.core.config import ensure_secrets
 
     settings = ensure_secrets(_settings(args))
-    for sub in ("uploads", "recordings", "keys"):
-        (settings.data_dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+    (settings.data_dir / "keys").mkdir(parents=True, exist_ok=True, mode=0o700)
+    for sub in ("uploads", "recordings"):  # on the shared file system if there is one
+        (settings.files_dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
     applied = migrate_settings(settings)
     print(f"Database {_where(settings)}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
     return 0
@@ -145,6 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["tls_key"] = args.key
     settings = _settings(args, **overrides)
     marked, demo_accounts = _mode_of(settings)
+    check_cluster_secrets(settings)
     settings = dataclasses.replace(settings, demo=bool(args.demo or marked))
     if not settings.demo:
         problems = production_problems(settings, demo_accounts)
@@ -183,6 +186,97 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for h in hosts:
         print(f"  {scheme}://{h}:{settings.port}/", flush=True)
     asyncio.run(edge.serve(app, settings, ssl_context=ssl_context, access_log_class=RedactingAccessLogger))
+    return 0
+
+
+def _fingerprints(settings: Any) -> tuple[str, str | None]:
+    """(this node's secrets' fingerprint, the one recorded in the database: the cluster's)."""
+    from consult.core import cluster
+    from consult.ops import secrets_bundle
+
+    mine = secrets_bundle.current(settings).fingerprint()
+    migrate_settings(settings)
+    return mine, open_database(settings).read_sync(cluster.recorded_fingerprint_sync)
+
+
+def check_cluster_secrets(settings: Any) -> None:
+    """At every start: record this node's secrets' fingerprint if none is recorded, refuse to
+    start if the recorded one (the cluster's) is another."""
+    from consult.core import cluster
+    from consult.ops import secrets_bundle
+
+    mine = secrets_bundle.current(settings).fingerprint()
+    recorded = open_database(settings).write_sync(lambda d: cluster.record_fingerprint_sync(d, mine))
+    if recorded != mine:
+        raise CLIError(
+            f"refusing to start: this node's secrets (fingerprint {mine}) are not the cluster's"
+            f" (fingerprint {recorded}, recorded in the database by the first node that started).\n"
+            "  Call links, sessions and prescriptions signed here would fail on every other node.\n"
+            "  Fix: on a node that runs, 'consult secrets export FILE'; copy FILE here and run"
+            " 'consult secrets import FILE' (with --force to replace these secrets), then start again.\n"
+            "  If the cluster's secrets were changed on purpose on every node, record the new ones"
+            " once with 'consult secrets accept'."
+        )
+
+
+def cmd_secrets_export(args: argparse.Namespace) -> int:
+    from consult.ops import secrets_bundle
+
+    bundle = secrets_bundle.current(_settings(args))
+    path = Path(args.file)
+    try:
+        secrets_bundle.export(bundle, path, force=args.force)
+    except FileExistsError:
+        raise CLIError(f"{path} exists: choose another name, or --force to replace it") from None
+    print(f"Wrote {path} (mode 0600): every secret and key a node needs. Fingerprint {bundle.fingerprint()}.")
+    print(
+        "Copy it to each node over a secure channel, run 'consult secrets import FILE' there, then delete it."
+    )
+    return 0
+
+
+def cmd_secrets_import(args: argparse.Namespace) -> int:
+    from consult.ops import secrets_bundle
+
+    settings = _settings(args)
+    try:
+        bundle = secrets_bundle.read(Path(args.file))
+    except FileNotFoundError:
+        raise CLIError(f"{args.file}: no such file") from None
+    except secrets_bundle.BundleError as exc:
+        raise CLIError(f"{args.file}: {exc}") from None
+    different = secrets_bundle.differences(bundle, settings.data_dir)
+    if different and not args.force:
+        raise CLIError(
+            f"{settings.data_dir} already has other secrets ({', '.join(different)}); importing would"
+            " end every session and call link made with them. Pass --force to replace them."
+        )
+    secrets_bundle.install(bundle, settings.data_dir)
+    print(f"Imported the secrets into {settings.data_dir}. Fingerprint {bundle.fingerprint()}.")
+    for name in secrets_bundle.overridden(bundle, settings):
+        print(
+            f"warning: {name} is also set in consult.toml or CONSULT_{name.upper()}, to another value,"
+            " and that one wins: remove it there, or this node keeps refusing to start.",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_secrets_fingerprint(args: argparse.Namespace) -> int:
+    mine, recorded = _fingerprints(_settings(args))
+    print(f"this node:   {mine}")
+    print(f"the cluster: {recorded or '(none recorded yet: the first start records it)'}")
+    return 0 if recorded in (None, mine) else 1
+
+
+def cmd_secrets_accept(args: argparse.Namespace) -> int:
+    from consult.core import cluster
+
+    settings = _settings(args)
+    mine, recorded = _fingerprints(settings)
+    open_database(settings).write_sync(lambda d: cluster.replace_fingerprint_sync(d, mine))
+    print(f"The cluster's secrets are now this node's (fingerprint {mine}; was {recorded or 'none'}).")
+    print("Every other node must have them too ('consult secrets export' / 'import') or it will not start.")
     return 0
 
 
@@ -308,7 +402,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     try:
-        result = backup(settings.data_dir, Path(args.path))
+        result = backup(settings.data_dir, Path(args.path), files_dir=settings.files_dir)
     except (FileNotFoundError, FileExistsError) as exc:
         raise CLIError(str(exc)) from None
     print(
@@ -389,7 +483,7 @@ def cmd_recordings_purge(args: argparse.Namespace) -> int:
     if days == 0 and args.older_than_days is None:
         print("recording_retention_days is 0: recordings are kept forever; nothing deleted.")
         return 0
-    found = recordings.purge(database, settings.data_dir, days, dry_run=args.dry_run, now=time.time())
+    found = recordings.purge(database, settings.files_dir, days, dry_run=args.dry_run, now=time.time())
     verb = "Would delete" if args.dry_run else "Deleted"
     for item in found:
         print(f"{verb} recording {item['id']} (visit {item['visit_id']}, {item['role']}): {item['path']}")
@@ -553,6 +647,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--ignore-problems", action="store_true", help="restore even if verification finds problems"
     )
     s.set_defaults(func=cmd_restore)
+
+    s = sub.add_parser("secrets", help="the secrets and keys every node of a cluster shares")
+    ssub = s.add_subparsers(dest="secrets_command", metavar="ACTION", required=True)
+    e = ssub.add_parser("export", help="write every secret and key a node needs into FILE (mode 0600)")
+    e.add_argument("file", metavar="FILE")
+    e.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    e.set_defaults(func=cmd_secrets_export)
+    i = ssub.add_parser(
+        "import", help="install the secrets of FILE (from 'secrets export') into the data directory"
+    )
+    i.add_argument("file", metavar="FILE")
+    i.add_argument("--force", action="store_true", help="replace secrets the data directory already has")
+    i.set_defaults(func=cmd_secrets_import)
+    f = ssub.add_parser(
+        "fingerprint", help="this node's secrets' fingerprint and the cluster's (exit 1 if they differ)"
+    )
+    f.set_defaults(func=cmd_secrets_fingerprint)
+    a = ssub.add_parser(
+        "accept", help="record this node's secrets as the cluster's (after changing them everywhere)"
+    )
+    a.set_defaults(func=cmd_secrets_accept)
 
     s = sub.add_parser("audit", help="audit trail tools")
     asub = s.add_subparsers(dest="audit_command", metavar="ACTION", required=True)

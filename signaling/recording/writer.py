@@ -346,6 +346,12 @@ class ParticipantWriter:
                 try:
                     self._file.flush()
                     os.fsync(self._file.fileno())
+                    if self.path is not None:  # its name too (a shared directory's server)
+                        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                        try:
+                            os.fsync(dir_fd)
+                        finally:
+                            os.close(dir_fd)
                 except OSError as exc:
                     self._fail(f"could not flush the file: {exc}")
                 finally:

@@ -2,6 +2,8 @@
 
 - `tests.harness.server`: `ServerProcess` (any command + HTTP health URL) and `ConsultServer`.
 - `tests.harness.turn`: `TurnServer` (coturn with TURN REST credentials).
+- `tests.harness.postgres`: `PostgresServer` (a throwaway PostgreSQL cluster, a database per test).
+- `tests.harness.haproxy`: `HAProxy` (deploy/haproxy.cfg as shipped) and `StandInNode` (routing tests).
 - `tests.harness.nginx`: `NginxProxy` (nginx with the site block of docs/install.md, TLS).
 - `tests.harness.browser`: Chromium launch, per-page request/console logs, failure artifacts,
   `save_screenshot(page, name)` (test-artifacts/screenshots/).

@@ -18,7 +18,7 @@ ENGINE = os.environ.get("CONSULT_TEST_ENGINE", "sqlite")
 if ENGINE not in ("sqlite", "postgresql"):
     raise RuntimeError(f"CONSULT_TEST_ENGINE must be sqlite or postgresql, not {ENGINE!r}")
 _numbers = itertools.count(1)
-__all__ = ["database_url", "make_database_url", "postgres_server", "postgres_template"]
+__all__ = ["database_url", "make_database_url", "postgres_template"]
 
 
 def on_postgresql() -> bool:
@@ -27,21 +27,21 @@ def on_postgresql() -> bool:
 
 @pytest.fixture(scope="session")
 def postgres_template(request: pytest.FixtureRequest) -> Iterator[tuple[object, str]]:
-    """(server, template database name): the schema migrated once, copied for each test."""
+    """(server, template database name): the schema migrated once, copied for each test
+    (`postgres_server` is the session's throwaway PostgreSQL, tests/harness/postgres.py)."""
     from consult.core.migrations import migrate
     from consult.core.pg import PgDatabase
 
     server = request.getfixturevalue("postgres_server")
-    name = f"consult_template_{os.getpid()}"
-    server.admin(f'DROP DATABASE IF EXISTS "{name}"')
-    server.admin(f'CREATE DATABASE "{name}"')
-    db = PgDatabase(server.url(name))
+    name = f"consult_migrated_{os.getpid()}"
+    server.create_database(name)
+    db = PgDatabase(server.socket_url(name))
     try:
         migrate(db)
     finally:
         db.close()
     yield server, name
-    server.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    server.drop_database(name)
 
 
 @pytest.fixture
@@ -55,14 +55,13 @@ def make_database_url(request: pytest.FixtureRequest) -> Iterator[Callable[[], s
     made: list[str] = []
 
     def make() -> str:
-        name = f"consult_test_{os.getpid()}_{next(_numbers)}"
-        server.admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        name = server.create_database(f"consult_test_{os.getpid()}_{next(_numbers)}", template=template)
         made.append(name)
-        return server.url(name)
+        return server.socket_url(name)
 
     yield make
     for name in made:
-        server.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        server.drop_database(name)
 
 
 @pytest.fixture
@@ -70,28 +69,3 @@ def database_url(make_database_url: Callable[[], str]) -> str:
     """Empty on SQLite (the file in data_dir); on PostgreSQL a fresh database for this test."""
     return make_database_url()
 
-
-class _ExistingServer:
-    """A PostgreSQL server the developer runs already (CONSULT_TEST_PG_SERVER=its URL)."""
-
-    def __init__(self, url: str) -> None:
-        self.base = url
-
-    def url(self, dbname: str) -> str:
-        from psycopg.conninfo import make_conninfo
-
-        return make_conninfo(self.base, dbname=dbname)
-
-    def admin(self, sql: str) -> None:
-        import psycopg
-
-        with psycopg.connect(self.base, autocommit=True) as conn:
-            conn.execute(sql)
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[_ExistingServer]:
-    url = os.environ.get("CONSULT_TEST_PG_SERVER")
-    if not url:
-        pytest.fail("CONSULT_TEST_PG_SERVER is not set")
-    yield _ExistingServer(url)

@@ -32,7 +32,9 @@ from tests.harness.browser import (
     save_page_artifacts,
 )
 from tests.harness.firefox import Firefox, default_route
+from tests.harness.haproxy import HAProxy
 from tests.harness.nginx import NginxProxy
+from tests.harness.postgres import PostgresServer
 from tests.harness.server import BRIDGE_ADDR, ConsultServer, free_port
 from tests.harness.turn import TurnServer
 
@@ -50,11 +52,14 @@ __all__ = [
     "doctor_page",
     "failure_artifacts",
     "firefox",
+    "haproxy",
     "nginx_proxy",
     "pages",
     "patient_context",
     "patient_page",
     "playwright",
+    "postgres_server",
+    "postgres_url",
     "pytest_runtest_makereport",
     "server_port",
     "zh_desktop",
@@ -107,6 +112,27 @@ def failure_artifacts(artifacts_root: Path, request: pytest.FixtureRequest) -> F
 
 
 # -- servers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL for the whole session (tests/harness/postgres.py), on 127.0.0.1
+    and a unix socket; started when the first test asks for it, gone when the session ends."""
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer, failure_artifacts: FailureArtifacts) -> Iterator[str]:
+    """`postgresql://postgres@127.0.0.1:PORT/test_<random>`: this test's own fresh database,
+    dropped afterwards; the server's log goes to the test's artifacts when it failed."""
+    name = postgres_server.create_database()
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)
+    if failure_artifacts.failed:
+        failure_artifacts.copy(postgres_server.log_path)
 
 
 @pytest.fixture
@@ -220,6 +246,32 @@ async def nginx_proxy(tmp_path: Path, failure_artifacts: FailureArtifacts) -> As
     if failure_artifacts.failed:
         for proxy in proxies:
             for path in (proxy.error_log, proxy.access_log, proxy.site_path):
+                failure_artifacts.copy(path, f"{proxy.directory.name}-{path.name}")
+
+
+HAProxyFactory = Callable[..., Awaitable[HAProxy]]
+
+
+@pytest.fixture
+async def haproxy(tmp_path: Path, failure_artifacts: FailureArtifacts) -> AsyncIterator[HAProxyFactory]:
+    """`await haproxy([(host, port), ...], host=BRIDGE_ADDR) -> HAProxy`: deploy/haproxy.cfg as
+    shipped on https://<host>:<port> (`.origin`, `.url(path)`) in front of those nodes (Consult
+    servers with trusted_proxies set, or `StandInNode`s). Stopped in teardown; its config and
+    log join the failure artifacts."""
+    proxies: list[HAProxy] = []
+
+    async def make(nodes: Sequence[tuple[str, int]], *, host: str = BRIDGE_ADDR) -> HAProxy:
+        proxy = HAProxy(tmp_path / f"haproxy{len(proxies) + 1}", nodes, host=host)
+        proxies.append(proxy)
+        await proxy.astart()
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()
+    if failure_artifacts.failed:
+        for proxy in proxies:
+            for path in (proxy.conf_path, proxy.stdout_path, proxy.stderr_path):
                 failure_artifacts.copy(path, f"{proxy.directory.name}-{path.name}")
 
 

@@ -35,6 +35,9 @@ PROGRAMS = {
     "fc-list": "fontconfig",  # the font check below
     "setpriv": "util-linux",  # tests/test_architecture.py: unit tests run without root's capabilities
     "npm": "npm",  # installs NPM_PACKAGES below (Debian's npm brings nodejs)
+    "initdb": "postgresql",  # tests/harness/postgres.py: a throwaway PostgreSQL (pg_bin_dirs)
+    "pg_ctl": "postgresql",
+    "haproxy": "haproxy",  # tests/harness/haproxy.py: deploy/haproxy.cfg in front of two nodes
 }
 
 # fontconfig language -> Debian package with a font for it (any installed font for it will do):
@@ -53,11 +56,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 INSTALL_HINT = "`make test` as root installs it (scripts/install-test-deps.sh)"
 _SBIN = os.pathsep.join(["/usr/local/sbin", "/usr/sbin", "/sbin"])
+# Debian keeps PostgreSQL's server programs (initdb, pg_ctl, postgres) out of PATH, one directory
+# per major version; the newest installed wins (scripts/install-test-deps.sh looks there too).
+
+
+def pg_bin_dirs() -> list[str]:
+    """The installed PostgreSQL versions' program directories, newest first."""
+    dirs = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if p.is_dir()]
+    dirs.sort(key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True)
+    return [str(p) for p in dirs]
 
 
 def find_program(name: str) -> str | None:
-    """On PATH, or in an sbin directory (not on an ordinary user's PATH: nginx, iptables)."""
-    return shutil.which(name) or shutil.which(name, path=_SBIN)
+    """On PATH, in an sbin directory (not on an ordinary user's PATH: nginx, iptables), or in
+    PostgreSQL's versioned program directory (initdb, pg_ctl)."""
+    found = shutil.which(name) or shutil.which(name, path=_SBIN)
+    if found is None and pg_bin_dirs():
+        found = shutil.which(name, path=os.pathsep.join(pg_bin_dirs()))
+    return found
 
 
 def require_program(name: str) -> str:
