@@ -272,9 +272,15 @@ class Handle:
             self.execute(sql, row)
 
 
+# A write waits this long for the cluster's write lock or a row lock, as SQLite's busy timeout
+# does, then fails as "database unavailable" (503) instead of hanging the request.
+LOCK_TIMEOUT_MS = 5000
+
+
 def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection:
-    conn = psycopg.connect(url, autocommit=autocommit)
+    conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
     configure(conn)
+    conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
     return conn
 
 
@@ -310,13 +316,16 @@ def _column_types(code: str) -> str:
     return code
 
 
-def schema_statements(sqlite_db: sqlite3.Connection) -> list[str]:
-    """PostgreSQL DDL for every table and index of a SQLite database, tables in dependency order."""
-    rows = sqlite_db.execute(
+def _schema_rows(sqlite_db: sqlite3.Connection) -> list[tuple[str, str, str, str]]:
+    return sqlite_db.execute(
         "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE sql IS NOT NULL"
         " AND name NOT LIKE 'sqlite_%' ORDER BY rowid"
     ).fetchall()
-    tables = {name: sql for kind, name, _t, sql in rows if kind == "table"}
+
+
+def table_order(sqlite_db: sqlite3.Connection) -> list[str]:
+    """The tables of a SQLite database, each after every table it references."""
+    tables = {name: sql for kind, name, _t, sql in _schema_rows(sqlite_db) if kind == "table"}
     ordered: list[str] = []
     visiting: set[str] = set()
 
@@ -332,7 +341,14 @@ def schema_statements(sqlite_db: sqlite3.Connection) -> list[str]:
 
     for name in tables:
         visit(name)
-    statements = [_table_ddl(tables[name]) for name in ordered]
+    return ordered
+
+
+def schema_statements(sqlite_db: sqlite3.Connection) -> list[str]:
+    """PostgreSQL DDL for every table and index of a SQLite database, tables in dependency order."""
+    rows = _schema_rows(sqlite_db)
+    tables = {name: sql for kind, name, _t, sql in rows if kind == "table"}
+    statements = [_table_ddl(tables[name]) for name in table_order(sqlite_db)]
     statements += [sql.strip() for kind, _n, _t, sql in rows if kind == "index"]
     return statements
 

@@ -461,6 +461,27 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate_to_postgres(args: argparse.Namespace) -> int:
+    from consult.core.engine import database_path
+    from consult.core.pg import redact
+    from consult.ops.to_postgres import CopyError, copy_sqlite_to_postgres
+
+    settings = _settings(args)
+    url = args.to or settings.database_url
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise CLIError("give the PostgreSQL database with --to postgresql://... or the database_url setting")
+    source = database_path(settings)
+    print(f"Copying {source} into {redact(url)} ...")
+    try:
+        report = copy_sqlite_to_postgres(source, url, progress=lambda t, n: print(f"  {t}: {n} rows"))
+    except CopyError as exc:
+        raise CLIError(f"nothing copied: {exc}") from None
+    rows = sum(report.tables.values())
+    print(f"Done: {rows} rows in {len(report.tables)} tables; audit trail {report.audit}.")
+    print("Set database_url on every node to serve from PostgreSQL.")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from consult.audit import chain as audit
 
@@ -669,6 +690,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.set_defaults(func=cmd_secrets_accept)
 
+    s = sub.add_parser(
+        "migrate-to-postgres",
+        help="copy this data directory's SQLite database into an empty PostgreSQL database"
+        " (database_url or --to), verified, in one transaction",
+    )
+    s.add_argument("--to", metavar="URL", help="postgresql://... (default: the database_url setting)")
+    s.set_defaults(func=cmd_migrate_to_postgres)
     s = sub.add_parser("audit", help="audit trail tools")
     asub = s.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     v = asub.add_parser("verify", help="check the hash chain of the audit trail")
