@@ -824,3 +824,10 @@ def m0019_clinic_board(db: sqlite_utils.Database) -> None:
         );
         """,
     )
+
+
+@migration("0020_room_leases")
+def m0020_room_leases(db: sqlite_utils.Database) -> None:
+    """Which node runs a room, and until when its lease holds (consult.calls.leases)."""
+    db.execute("ALTER TABLE rooms ADD COLUMN node TEXT")
+    db.execute("ALTER TABLE rooms ADD COLUMN lease_until REAL")

@@ -64,6 +64,7 @@ _TOKEN = re.compile(
 _LIKE = re.compile(r"\bNOT\s+LIKE\b|\bLIKE\b", re.IGNORECASE)
 _MAX2 = re.compile(r"\b(max|min)\(\s*([^(),]+?)\s*,\s*([^(),]+?)\s*\)", re.IGNORECASE)
 _CREATE_TABLE = re.compile(r"\s*CREATE\s+TABLE\b", re.IGNORECASE)
+_ADD_COLUMN = re.compile(r"\s*ALTER\s+TABLE\s+\S+\s+ADD\s+COLUMN\b", re.IGNORECASE)
 _CAST_REAL = re.compile(r"\bAS\s+REAL\b", re.IGNORECASE)
 
 
@@ -80,7 +81,7 @@ def _rewrite_code(code: str) -> str:
 @lru_cache(maxsize=4096)
 def translate(sql: str) -> str:
     """``sql`` in SQLite's dialect (as the domain writes it) → PostgreSQL with psycopg placeholders."""
-    if _CREATE_TABLE.match(sql):
+    if _CREATE_TABLE.match(sql) or _ADD_COLUMN.match(sql):
         sql = _table_ddl(sql)
     out: list[str] = []
     pos = 0
