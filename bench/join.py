@@ -8,9 +8,14 @@ doctor signs in through the login page.
 Each run seeds a fresh confirmed visit; the doctor opens its consult room (and waits there, as a
 doctor at the start of a visit does); a fresh phone context (cold cache, no cookies) opens the
 signed patient link over HTTPS. Both sides act as people would, with zero reaction time:
-  - the patient taps "Join" as soon as the button can be tapped (Playwright's actionability:
-    visible, enabled, stable), and nothing is sent before that tap;
-  - the doctor clicks "Admit" in the room's UI as soon as it appears (no script in the page).
+  - the patient taps "Join" as soon as the button can be tapped (shown and enabled: the page
+    enables it once call.js listens), and nothing is sent before that tap;
+  - the doctor clicks "Admit" in the room's UI as soon as it appears.
+A watcher in each page reports the moment the control is usable (an exposed binding) and the
+bench touches or clicks its middle through CDP (Input.dispatchTouchEvent / dispatchMouseEvent:
+real input events, a user activation). Playwright's own click()/tap() waits retry an unusable
+control after 20, 100, 100 and then every 500 ms, which put up to half a second of the
+driver's into the "reaction".
 
 In the patient's page, an init script records `performance.now()` (milliseconds since the
 navigation started, i.e. since the link was opened) at:
@@ -20,7 +25,14 @@ navigation started, i.e. since the link was opened) at:
   - `tap`: the tap on "Join"; `pipeline` = seen - tap: what the product's media path adds after
     the tap (signaling, ICE, DTLS, first keyframe, decode).
   - `connected`, `decoded` (first getStats() with framesDecoded > 0), `stage`: cross-checks.
-The breakdown of each run is printed on stderr.
+The breakdown of each run is printed on stderr, step by step on the patient's clock (STEPS):
+navigation timing (HTML first byte, loaded), the last stylesheet and script loaded, first
+paint, then the pages' own User Timing marks (`consult:<step>`, web/static/call-media.js
+Consult.mark): socket opening (call-boot.js), call.js running, Join enabled, the welcome,
+camera on, admitted, the offer, ICE connected; the doctor's page's marks (Admit shown, offer
+made, the held offer sent, answer received) are put on the patient's clock through the two
+pages' performance.timeOrigin. With --detail, each resource's timing too. The medians of every
+step are in the JSON line (`breakdown_ms_median`) and printed as a table.
 
 Warm-up runs (default 1) are not counted: the first run also pays for the server's template
 compilation and Chromium's first media pipeline. The last line of stdout is one JSON object:
@@ -120,6 +132,78 @@ PATIENT_PROBE_JS = """
   tick();
 })();
 """
+
+
+# Doctor's room: when the "Admit" button shows (epoch ms, as performance.timeOrigin + now()).
+DOCTOR_PROBE_JS = """
+(() => {
+  const seen = () => {
+    const b = document.querySelector("[data-testid=admit]");
+    if (b && !b.hidden && window.__admitShown === undefined) {
+      window.__admitShown = performance.timeOrigin + performance.now();
+    }
+  };
+  const watch = { attributes: true, attributeFilter: ["hidden"], subtree: true, childList: true };
+  new MutationObserver(seen).observe(document, watch);
+})();
+"""
+
+# Both pages' own timings, read after the frame: navigation and resource timing, first paint,
+# and the product's User Timing marks ("consult:<step>", web/static/call-media.js Consult.mark).
+TIMINGS_JS = """
+() => {
+  const out = { origin: performance.timeOrigin, marks: {} };
+  const nav = performance.getEntriesByType("navigation")[0];
+  if (nav) {
+    for (const k of ["connectEnd", "requestStart", "responseStart", "responseEnd", "domInteractive",
+                     "domContentLoadedEventEnd"]) out[k] = nav[k];
+  }
+  for (const p of performance.getEntriesByType("paint")) out[p.name] = p.startTime;
+  let css = 0, js = 0;
+  for (const r of performance.getEntriesByType("resource")) {
+    if (r.name.includes(".css")) css = Math.max(css, r.responseEnd);
+    if (r.name.includes(".js")) js = Math.max(js, r.responseEnd);
+  }
+  out.cssLoaded = css;
+  const round = (v) => (typeof v === "number" ? Math.round(v) : v);
+  out.resources = performance.getEntriesByType("resource").map((r) =>
+    [r.name.split("/").pop().split("?")[0], r.startTime, r.connectStart, r.secureConnectionStart,
+     r.connectEnd, r.requestStart, r.responseStart, r.responseEnd, r.nextHopProtocol].map(round));
+  out.jsLoaded = js;
+  for (const m of performance.getEntriesByType("mark")) {
+    const step = m.name.slice(8);
+    if (m.name.startsWith("consult:") && out.marks[step] === undefined) out.marks[step] = m.startTime;
+  }
+  return out;
+}
+"""
+
+# The breakdown, in the order a join goes (patient's clock: ms since the link was opened).
+# "dr:" steps happen on the doctor's page, put on the patient's clock.
+STEPS = (
+    ("responseStart", "HTML first byte"),
+    ("responseEnd", "HTML loaded"),
+    ("cssLoaded", "CSS loaded"),
+    ("first-contentful-paint", "first paint"),
+    ("jsLoaded", "scripts loaded"),
+    ("start", "call.js runs"),
+    ("join-ready", "Join enabled"),
+    ("socket", "socket opening"),
+    ("tap", "tap"),
+    ("welcome", "socket welcomed"),
+    ("dr:admitShown", "dr: Admit shows"),
+    ("admitClick", "dr: Admit clicked"),
+    ("media", "camera on"),
+    ("admitted", "admitted"),
+    ("dr:offer sent", "dr: offer made"),
+    ("dr:held offer released", "dr: held offer sent"),
+    ("offer received", "offer received"),
+    ("ice connected", "ICE connected"),
+    ("dr:answer received", "dr: answer received"),
+    ("connected", "pc connected"),
+    ("decoded", "first frame decoded"),
+    ("seen", "first frame drawn"),
+)
 
 
 def log(*args: Any) -> None:
@@ -223,13 +307,81 @@ async def sign_in_doctor(page: Any, origin: str) -> None:
     await page.wait_for_url(origin + "/doctor", timeout=WAIT_MS)
 
 
-async def admit_when_shown(doctor: Any) -> float:
-    """The doctor clicks "Admit" the moment it shows; returns when (monotonic seconds)."""
-    await doctor.get_by_test_id("admit").click(timeout=WAIT_MS)
-    return time.monotonic()
+# Zero reaction time. The page itself watches for the control (every change of an element's
+# `disabled` or `hidden`, and every 50 ms) and, the moment it can be used, tells the bench
+# where it is (an exposed binding); the bench then touches or clicks that point through CDP:
+# one round trip. (Playwright's click() and tap() retry a control that is not usable yet after
+# 20, 100, 100, then every 500 ms, and take several more round trips for their checks: a
+# reaction time that is the driver's.)
+REACT_JS = """
+(([selector, binding]) => {
+  // Cheap until the control may be usable (no layout forced while the page is parsed): the
+  // observer sees `disabled` and `hidden` change; the slow poll covers the rest.
+  let done = false;
+  const check = () => {
+    if (done) return;
+    const b = document.querySelector(selector);
+    if (b && !b.disabled && !b.hidden && b.getClientRects().length > 0) {
+      b.scrollIntoView({ block: "center" });
+      const r = b.getBoundingClientRect();
+      done = true;
+      window[binding](r.left + r.width / 2, r.top + r.height / 2);
+    }
+  };
+  const watch = { attributes: true, attributeFilter: ["disabled", "hidden"], childList: true, subtree: true };
+  new MutationObserver(check).observe(document, watch);
+  const poll = () => { check(); if (!done) setTimeout(poll, 50); };
+  poll();
+})(%s);
+"""
 
 
-async def one_run(browser: Any, doctor: Any, server: Any, doctor_id: int, timeout_s: float) -> dict:
+class Reactor:
+    """A person with zero reaction time on one page: touches (a phone) or clicks the control
+    with `testid` the moment it becomes usable, in every document the page loads; `arm()`
+    gives a future of when (monotonic seconds) for the next one."""
+
+    def __init__(self, testid: str, touch: bool) -> None:
+        self.testid, self.touch = testid, touch
+        self.pending: asyncio.Future | None = None
+
+    async def attach(self, page: Any) -> Reactor:
+        self.cdp = await page.context.new_cdp_session(page)
+        binding = "__benchReact_" + self.testid
+        await page.expose_binding(binding, self._act)
+        await page.add_init_script(REACT_JS % json.dumps([f"[data-testid={self.testid}]", binding]))
+        return self
+
+    def arm(self) -> asyncio.Future:
+        self.pending = asyncio.get_running_loop().create_future()
+        return self.pending
+
+    async def _act(self, _source: Any, x: float, y: float) -> None:
+        done = self.pending
+        if done is None or done.done():
+            return
+        if self.touch:
+            point = [{"x": x, "y": y}]
+            await self.cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": point})
+            await self.cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        else:
+            for kind in ("mousePressed", "mouseReleased"):
+                await self.cdp.send(
+                    "Input.dispatchMouseEvent",
+                    {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1},
+                )
+        done.set_result(time.monotonic())
+
+
+async def one_run(
+    browser: Any,
+    doctor: Any,
+    admitter: Reactor,
+    server: Any,
+    doctor_id: int,
+    timeout_s: float,
+    detail: bool = False,
+) -> dict:
     patient_url, room_url = await asyncio.to_thread(new_visit, server, doctor_id)
     await doctor.goto(room_url)
     # The doctor is in the room (signaling open, nobody there yet).
@@ -238,17 +390,18 @@ async def one_run(browser: Any, doctor: Any, server: Any, doctor_id: int, timeou
     context = await browser.new_context(
         permissions=MEDIA_PERMISSIONS, ignore_https_errors=True, **PATIENT_CONTEXT
     )
-    admitting = asyncio.create_task(admit_when_shown(doctor))
+    admitting = admitter.arm()
     try:
         context.set_default_timeout(WAIT_MS)
         await context.add_init_script(PATIENT_PROBE_JS)
         page = await context.new_page()
+        tapped = (await Reactor("join", touch=True).attach(page)).arm()
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         wall0 = time.monotonic()
         await page.goto(patient_url, wait_until="commit")
         # A real touch the moment the button can take it (it also unlocks audio playback).
-        await page.get_by_test_id("join").tap()
+        await asyncio.wait_for(asyncio.shield(tapped), WAIT_MS / 1000)
         await page.wait_for_function(
             "() => ['seen', 'decoded'].every((k) => window.__joinMarks[k] !== undefined)",
             polling=10,
@@ -256,7 +409,22 @@ async def one_run(browser: Any, doctor: Any, server: Any, doctor_id: int, timeou
         )
         wall_ms = (time.monotonic() - wall0) * 1000
         marks = await page.evaluate("window.__joinMarks")
-        admitted = await admitting
+        admitted = await asyncio.wait_for(asyncio.shield(admitting), WAIT_MS / 1000)
+        timings = await page.evaluate(TIMINGS_JS)
+        origin = timings.pop("origin")
+        resources = timings.pop("resources")
+        if detail:
+            log("  resource: start, connect, tls, connected, request, first byte, end")
+            for r in resources:
+                log("   ", *r)
+        marks.update({k: v for k, v in timings.pop("marks").items() if k not in marks})
+        marks.update({k: v for k, v in timings.items() if isinstance(v, int | float) and v > 0})
+        dr = await doctor.evaluate(TIMINGS_JS)
+        for k, v in dr["marks"].items():
+            marks["dr:" + k] = dr["origin"] + v - origin
+        shown = await doctor.evaluate("window.__admitShown")
+        if isinstance(shown, int | float):
+            marks["dr:admitShown"] = shown - origin
         if errors:
             log("patient page errors:", errors)
         marks["wall"] = wall_ms
@@ -285,31 +453,26 @@ async def bench(args: argparse.Namespace, work: Path) -> dict:
                     permissions=MEDIA_PERMISSIONS, ignore_https_errors=True, **DOCTOR_CONTEXT
                 )
                 doctor_context.set_default_timeout(WAIT_MS)
+                await doctor_context.add_init_script(DOCTOR_PROBE_JS)
                 doctor = await doctor_context.new_page()
+                admitter = await Reactor("admit", touch=False).attach(doctor)
                 await sign_in_doctor(doctor, server.origin)
                 results: list[dict] = []
                 for i in range(args.warmup + args.runs):
-                    marks = await one_run(browser, doctor, server, doctor_id, args.timeout)
+                    marks = await one_run(
+                        browser, doctor, admitter, server, doctor_id, args.timeout, args.detail
+                    )
                     counted = i >= args.warmup
                     if counted:
                         results.append(marks)
                     log(
                         f"{'run' if counted else 'warm-up'} {i + 1 - (args.warmup if counted else 0)}: "
                         + ", ".join(
-                            f"{k} {marks[k]:.0f}"
-                            for k in (
-                                "tap",
-                                "admitClick",
-                                "pc",
-                                "connected",
-                                "decoded",
-                                "seen",
-                                "pipeline",
-                                "wall",
-                            )
+                            f"{label} {marks[k]:.0f}"
+                            for k, label in (*STEPS, ("pipeline", "pipeline"), ("wall", "wall"))
                             if isinstance(marks.get(k), int | float)
                         )
-                        + f" ms ({marks.get('frameSize')})"
+                        + f" ms ({marks.get('frameSize')}), load {loadavg()[0]}"
                     )
             finally:
                 await browser.close()
@@ -326,6 +489,14 @@ async def bench(args: argparse.Namespace, work: Path) -> dict:
         "pipeline_ms_median": round(statistics.median(pipeline), 1) if pipeline else None,
         "runs": len(results),
     }
+    # The breakdown's medians, in the order of a join (also printed as a table on stderr).
+    breakdown: dict[str, float] = {}
+    for key, label in STEPS:
+        values = [r[key] for r in results if isinstance(r.get(key), int | float)]
+        if values:
+            breakdown[key] = round(statistics.median(values), 1)
+            log(f"  {label:<22} {breakdown[key]:8.0f} ms  (median of {len(values)})")
+    out["breakdown_ms_median"] = breakdown
     for key in ("tap", "admitClick", "connected", "decoded", "stage", "wall"):
         values = [r[key] for r in results if isinstance(r.get(key), int | float)]
         if values:
@@ -344,6 +515,7 @@ def main() -> int:
     parser.add_argument(
         "--timeout", type=float, default=30.0, help="seconds one run may take to its first frame (default 30)"
     )
+    parser.add_argument("--detail", action="store_true", help="print each run's resource timings")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (server logs, data dir)")
     args = parser.parse_args()
     if args.runs < 1 or args.warmup < 0:

@@ -3,6 +3,7 @@
     .venv/bin/python bench/signaling.py                                   # 20,000 through Consult
     .venv/bin/python bench/signaling.py --participants 4000 --duration 10  # a quick run
     .venv/bin/python bench/signaling.py --bare                            # the package alone
+    .venv/bin/python bench/signaling.py --participants 2000 --slow-callback-ms 20  # what stalls
 
 Through Consult (the default): a throw-away data directory (``consult init``, a self-signed
 certificate from ``consult certs``), N/2 confirmed visits (N/2 doctors, N/2 patients) written into
@@ -10,29 +11,44 @@ SQLite, and ``python -m consult serve`` with TLS on 127.0.0.1 in production mode
 connects over wss:// with the token the pages would use (the patient's call link, the doctor's
 room token), so Consult's policy checks each admission against the database and its SQLite event
 sink stores every room event. Each doctor admits the patient; then ``signal`` messages are relayed
-between the pairs at ``--rate`` in total.
+between the pairs at ``--rate`` in total, round robin over all participants.
 
 ``--bare``: the ``signaling`` package alone in a subprocess, an in-memory policy, plain ws://.
+
+The load generator (bench/sigclient.py) runs in process(es) of its own, one per 15,000 sockets
+(``--clients``), plain asyncio with raw WebSocket frames: it shares the two cores with the
+server, so it is kept cheap (no JSON on the relay path, precomputed frame parts) and its CPU is
+reported beside the server's. Each process paces its sends against the wall clock (every 2 ms);
+sender and receiver of a pair are in the same process, so one clock times both ends.
 
 Figures (the last stdout line is one JSON object):
 - ``through_app``: true when Consult's policy and event sink were in the path.
 - ``participants``: connected and admitted; ``connect_s``: how long connecting all took.
 - ``server_cpu_connect_s``/``server_cpu_relay_s``: the server's CPU seconds while connecting,
   and while relaying (warm-up and measured time): on a loaded machine the latencies mostly
-  measure the other processes, these the server's own work.
-- ``rss_mib``: the server's largest resident memory during the run.
-- ``relay_p50_ms``/``relay_p99_ms``: from the sender's send to the receiver's read, over
-  ``--duration`` seconds after a ``--warmup`` (the warm-up does NOT hide stalls: the loop-lag
-  figures below cover the whole run, connect phase included).
+  measure the other processes, these the server's own work. ``client_cpu_connect_s``/
+  ``client_cpu_relay_s``: the same for the load generator. ``server_cores_measured``/
+  ``client_cores_measured``: CPU over the measured seconds as a share of one core (the machine
+  has ``os.cpu_count()``); a core the load generator uses is not the server's.
+- ``rss_mib``: the server's largest resident memory during the run (sampled every second).
+- ``relay_p50_ms``/``relay_p99_ms``/``relay_max_ms``: from the sender's write of the frame to
+  the receiver's reading of the relayed frame (TLS both ways, the server's parse, checks and
+  relay in between), over ``--duration`` seconds after a ``--warmup`` (the warm-up does NOT
+  hide stalls: the loop-lag figures below cover the whole run, connect phase included).
 - ``loop_lag_max_ms``/``loop_lag_p99_ms`` (through Consult): the server's own event-loop lag
-  histogram (``consult_event_loop_lag_seconds``, a 20 ms timer sampled continuously) over the
-  whole run from before the first connection to the end, read from /metrics; each is the upper
-  bound of the histogram bucket it falls in (1, 2, 5, 10, 20, 50, 100, 200, 500 ms...).
+  histogram (``consult_event_loop_lag_seconds``, a 20 ms timer sampled continuously) from
+  before the first connection until the last relayed message, read from /metrics; each is the
+  upper bound of the histogram bucket it falls in (1, 2, 5, 10, 20, 50, 100, 200, 500 ms, 1, 2,
+  5, 10, 30 s). ``loop_lag_max_ms_hangup``: the same for the 2 s after every participant hangs
+  up at once (not part of the figures above: a mass disconnect, reported apart).
   ``gc_pause_max_ms``: the same for the server's garbage-collector pauses
   (``gc_pause_max_ms_by_generation``: per generation; 2 is a full collection).
-- ``errors``: refused or failed connections, error frames, lost messages.
+- ``errors``: refused or failed connections, error frames, closed sockets, lost messages
+  (``error_kinds``: by kind).
 - ``load_before``/``load_after``: the machine's load averages (client and server share it).
 Targets: 20,000 participants < 1 GiB RSS; relay p99 < 5 ms at 2,000 msg/s; loop lag max < 50 ms.
+File descriptors: the server raises its soft limit to the hard one (``ulimit -Hn``); 20,000
+participants need 20,000 sockets plus the database, logs and listener in the server process.
 """
 
 from __future__ import annotations
@@ -40,7 +56,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import resource
@@ -53,6 +68,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,79 +135,11 @@ async def serve(port: int, rooms: int) -> None:
     await runner.cleanup()
 
 
-# ----- load generator --------------------------------------------------------------------------
+# ----- load generator (bench/sigclient.py, in processes of its own) ---------------------------
 
-
-class Stats:
-    def __init__(self) -> None:
-        self.latencies_ms: list[float] = []
-        self.errors = 0
-        self.error_kinds: dict[str, int] = {}
-        self.sent = 0
-        self.received = 0
-        self.measuring = False
-
-    def error(self, kind: str) -> None:
-        self.errors += 1
-        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
-
-
-class Participant:
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, stats: Stats) -> None:
-        self.ws = ws
-        self.stats = stats
-        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.ready = False
-        self.reader: asyncio.Task[None] | None = None
-
-    async def read(self) -> None:
-        async for msg in self.ws:
-            if msg.type is not aiohttp.WSMsgType.TEXT:
-                continue
-            message = json.loads(msg.data)
-            if message["type"] == "signal":
-                self.stats.received += 1
-                if self.stats.measuring:
-                    sent = message["data"]["t"]
-                    self.stats.latencies_ms.append((time.perf_counter() - sent) * 1000)
-            elif message["type"] == "error":
-                self.stats.error(message["code"])
-            elif not self.ready:
-                self.inbox.put_nowait(message)
-        if self.ws.close_code not in (1000, 1001, None) or self.stats.measuring:
-            self.stats.error(f"closed_{self.ws.close_code}")
-
-    async def expect(self, kind: str, timeout_s: float = 30) -> dict[str, Any]:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                message = await self.inbox.get()
-                if message["type"] == kind:
-                    return message
-
-
-async def open_participant(session: aiohttp.ClientSession, url: str, token: str, stats: Stats) -> Participant:
-    ws = await session.ws_connect(url, autoping=True, max_msg_size=1 << 20, ssl=False)
-    participant = Participant(ws, stats)
-    participant.reader = asyncio.get_running_loop().create_task(participant.read())
-    await ws.send_str(json.dumps({"type": "hello", "version": 1, "token": token}))
-    await participant.expect("welcome")
-    return participant
-
-
-async def open_pair(
-    session: aiohttp.ClientSession, base: str, room: Room, stats: Stats, gate: asyncio.Semaphore
-) -> tuple[Participant, Participant]:
-    async with gate:
-        url = f"{base}/ws/rooms/{room.room_id}"
-        host = await open_participant(session, url, room.host_token, stats)
-        guest = await open_participant(session, url, room.guest_token, stats)
-        await guest.ws.send_str('{"type":"join"}')  # no pre-call check: in the call once admitted
-        await host.expect("peer_joined")
-        await host.ws.send_str('{"type":"admit"}')
-        await guest.expect("clock")
-        await host.expect("clock")
-        host.ready = guest.ready = True
-        return host, guest
+CLIENT = Path(__file__).resolve().parent / "sigclient.py"
+# Sockets one load-generator process holds at most (the file-descriptor limit is per process).
+SOCKETS_PER_CLIENT = 15_000
 
 
 @dataclass
@@ -201,103 +149,137 @@ class Room:
     guest_token: str
 
 
-async def drive(args: argparse.Namespace, base: str, rooms: list[Room], server_pid: int) -> dict[str, Any]:
-    # The load generator's own TLS sockets share one read buffer like the server's, not 256 KiB
-    # each (20,000 of those would be 5 GiB in this process).
-    from consult.ops.edge import share_tls_read_buffer
+def read_tagged(proc: subprocess.Popen, tag: str) -> dict[str, Any]:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith(tag + " "):
+            return json.loads(line[len(tag) + 1 :])
+    raise SystemExit(f"load generator {proc.pid} ended (status {proc.wait()}) before {tag}")
 
-    share_tls_read_buffer(asyncio.get_running_loop())
-    stats = Stats()
-    sent_before = 0
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    rss_samples: list[float] = []
-    async with aiohttp.ClientSession(connector=connector) as session:
-        gate = asyncio.Semaphore(args.connect_concurrency)
+
+def drive(
+    args: argparse.Namespace,
+    host: str,
+    port: int,
+    tls: bool,
+    rooms: list[Room],
+    server_pid: int,
+    on_done: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    clients = args.clients or max(1, -(-len(rooms) * 2 // SOCKETS_PER_CLIENT))
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "PYTHONPATH": path}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(CLIENT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(clients)
+    ]
+    try:
         cpu0 = cpu_s(server_pid)
         t0 = time.perf_counter()
-        results = await asyncio.gather(
-            *(open_pair(session, base, room, stats, gate) for room in rooms),
-            return_exceptions=True,
-        )
-        pairs = [r for r in results if isinstance(r, tuple)]
-        for r in results:
-            if isinstance(r, BaseException):
-                stats.error(f"connect_{type(r).__name__}")
+        for i, proc in enumerate(procs):
+            job = {
+                "host": host,
+                "port": port,
+                "tls": tls,
+                "rooms": [[r.room_id, r.host_token, r.guest_token] for r in rooms[i::clients]],
+                "rate": args.rate / clients,
+                "warmup": args.warmup,
+                "duration": args.duration,
+                "concurrency": max(1, args.connect_concurrency // clients),
+            }
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(job) + "\n")
+            proc.stdin.flush()
+        connected = [read_tagged(p, "CONNECTED") for p in procs]
         connect_s = time.perf_counter() - t0
         connect_cpu_s = cpu_s(server_pid) - cpu0
-        cpu1 = cpu_s(server_pid)
+        client_connect_cpu_s = sum(cpu_s(p.pid) for p in procs)
+        participants = sum(c["participants"] for c in connected)
         print(
-            f"connected {2 * len(pairs)} participants in {connect_s:.1f}s; "
-            f"server RSS {rss_mib(server_pid):.0f} MiB",
+            f"connected {participants} participants in {connect_s:.1f}s; "
+            f"server RSS {rss_mib(server_pid):.0f} MiB; {clients} load-generator process(es)",
             file=sys.stderr,
         )
-        senders = [p for pair in pairs for p in pair]
-        # The load generator holds ~10 objects per socket; without this its own full
-        # collections (hundreds of ms at 10,000 sockets) would be measured as relay latency.
-        gc.collect()
-        gc.freeze()
-        # Pace against the wall clock (not per tick) so the offered load is exactly --rate,
-        # sent in small batches every few milliseconds.
-        tick = 0.002
-        start = time.perf_counter()
-        measure_from = start + args.warmup
-        index = 0
-        next_rss = start
-        while (now := time.perf_counter()) - start < args.warmup + args.duration:
-            if not stats.measuring and now >= measure_from:
-                stats.measuring = True
-                sent_before = stats.sent
-            due = int((now - start) * args.rate) - index
-            for _ in range(due):
-                sender = senders[index % len(senders)]
-                index += 1
-                payload = {"type": "signal", "data": {"t": time.perf_counter(), "n": index}}
-                try:
-                    await sender.ws.send_str(json.dumps(payload))
-                    stats.sent += 1
-                except (ConnectionError, RuntimeError):
-                    stats.error("send_failed")
-            if now >= next_rss:
-                rss_samples.append(rss_mib(server_pid))
-                next_rss = now + 1
-            await asyncio.sleep(tick)
-        elapsed = time.perf_counter() - measure_from
+        cpu1 = cpu_s(server_pid)
+        client_cpu1 = sum(cpu_s(p.pid) for p in procs)
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("GO\n")
+            proc.stdin.flush()
+        rss_samples = [rss_mib(server_pid)]
+        relay_t0 = time.perf_counter()
+        measure_cpu: tuple[float, float, float] | None = None
+        while (elapsed := time.perf_counter() - relay_t0) < args.warmup + args.duration:
+            if measure_cpu is None and elapsed >= args.warmup:
+                measure_cpu = (time.perf_counter(), cpu_s(server_pid), sum(cpu_s(p.pid) for p in procs))
+            rss_samples.append(rss_mib(server_pid))
+            time.sleep(min(1.0, max(0.05, args.warmup + args.duration - elapsed)))
         relay_cpu_s = cpu_s(server_pid) - cpu1
-        await asyncio.sleep(0.5)  # let the last relays arrive
-        stats.measuring = False
+        client_relay_cpu_s = sum(cpu_s(p.pid) for p in procs) - client_cpu1
+        if measure_cpu is None:
+            measure_cpu = (relay_t0, cpu1, client_cpu1)
+        measure_wall = time.perf_counter() - measure_cpu[0]
+        server_share = (cpu_s(server_pid) - measure_cpu[1]) / measure_wall
+        client_share = (sum(cpu_s(p.pid) for p in procs) - measure_cpu[2]) / measure_wall
+        for proc in procs:
+            assert proc.stdout is not None
+            while proc.stdout.readline().strip() not in ("DONE", ""):
+                pass
+        if on_done is not None:
+            on_done()  # the server's stall histograms before everyone hangs up at once
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("CLOSE\n")
+            proc.stdin.flush()
+        results = [read_tagged(p, "RESULT") for p in procs]
         rss_samples.append(rss_mib(server_pid))
-        for pair in pairs:
-            for p in pair:
-                await p.ws.close()
-                if p.reader is not None:
-                    p.reader.cancel()
-
-    lat = sorted(stats.latencies_ms)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+    lat = sorted(x for r in results for x in r["latencies_ms"])
 
     def pct(q: float) -> float | None:
         return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
 
-    lost = stats.sent - stats.received
-    measured_sent = stats.sent - sent_before
+    error_kinds: dict[str, int] = {}
+    for r in results:
+        for kind, n in r["errors"].items():
+            error_kinds[kind] = error_kinds.get(kind, 0) + n
+    sent = sum(r["sent"] for r in results)
+    received = sum(r["received"] for r in results)
+    measured_sent = sum(r["sent_measured"] for r in results)
+    lost = sent - received
     if lost > 0:
-        stats.error("lost")
-        stats.errors += lost - 1
+        error_kinds["lost"] = lost
+    errors = sum(error_kinds.values())  # failed connections are among them (connect_*)
     print(
-        f"sent {stats.sent} ({measured_sent / elapsed:.0f}/s measured), received {stats.received}, "
+        f"sent {sent} ({measured_sent / args.duration:.0f}/s measured), received {received}, "
         f"mean {statistics.fmean(lat) if lat else float('nan'):.2f} ms, "
-        f"max {lat[-1] if lat else float('nan'):.1f} ms, errors {stats.error_kinds}",
+        f"max {lat[-1] if lat else float('nan'):.1f} ms, errors {error_kinds}",
         file=sys.stderr,
     )
     return {
-        "participants": 2 * len(pairs),
+        "participants": participants,
         "rss_mib": round(max(rss_samples), 1),
         "relay_p50_ms": pct(0.50),
         "relay_p99_ms": pct(0.99),
-        "errors": stats.errors,
-        "rate_msg_s": round(measured_sent / elapsed),
+        "relay_max_ms": lat[-1] if lat else None,
+        "errors": errors,
+        "error_kinds": error_kinds,
+        "rate_msg_s": round(measured_sent / args.duration),
         "connect_s": round(connect_s, 1),
         "server_cpu_connect_s": round(connect_cpu_s, 2),
         "server_cpu_relay_s": round(relay_cpu_s, 2),
+        "client_processes": clients,
+        "client_cpu_connect_s": round(client_connect_cpu_s, 2),
+        "client_cpu_relay_s": round(client_relay_cpu_s, 2),
+        "server_cores_measured": round(server_share, 3),
+        "client_cores_measured": round(client_share, 3),
     }
 
 
@@ -399,6 +381,26 @@ def stall_figures(before: dict[str, float], after: dict[str, float]) -> tuple[fl
     return (top if top is not None else float("inf")), (p99 if p99 is not None else float("inf"))
 
 
+def slow_callbacks(log_path: Path) -> None:
+    """What the server's slow-callback probe logged, grouped (stderr)."""
+    seen: dict[str, list[tuple[float, float]]] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "slow callback " not in line:
+            continue
+        text = line.split("slow callback ", 1)[1]
+        took = float(text.split(" ms", 1)[0])
+        cpu = float(text.split("(CPU ", 1)[1].split(" ms", 1)[0]) if "(CPU " in text else float("nan")
+        what = text.split(": ", 1)[1] if ": " in text else text
+        what = what.split(" (", 1)[0] if what.startswith("garbage") else what
+        seen.setdefault(what, []).append((took, cpu))
+    print(f"slow callbacks ({sum(map(len, seen.values()))}), longest wall (its CPU) ms:", file=sys.stderr)
+    for what, took in sorted(seen.items(), key=lambda kv: -max(kv[1])[0])[:25]:
+        wall, cpu = max(took)
+        most_cpu = max((c for _w, c in took if c == c), default=float("nan"))
+        line = f"  {len(took):5d}x max {wall:7.1f} ({cpu:6.1f}), max CPU {most_cpu:6.1f}  {what}"
+        print(line, file=sys.stderr)
+
+
 def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="consult-bench-signaling-"))
     key = secrets.token_urlsafe(32)
@@ -410,6 +412,7 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
             "CONSULT_SESSION_KEY": key,
             "CONSULT_METRICS_ALLOW": "127.0.0.1/32",
             "CONSULT_MAX_CONNECTIONS_PER_ADDRESS": "0",  # every client is 127.0.0.1 here
+            **({"CONSULT_SLOW_CALLBACK_MS": str(args.slow_callback_ms)} if args.slow_callback_ms else {}),
             # A profiler's hook (sitecustomize) may ride along on an outer PYTHONPATH.
             "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
         },
@@ -422,8 +425,21 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
         rooms = consult_rooms(server.data_dir / "consult.db", key, args.participants // 2)
         server.start()
         before = asyncio.run(scrape(server.origin))
-        result = asyncio.run(drive(args, server.origin.replace("https", "wss"), rooms, server.pid))
-        after = asyncio.run(scrape(server.origin))
+        scraped: list[dict[str, dict[str, float]]] = []
+        result = drive(
+            args,
+            HOST,
+            server.port,
+            True,
+            rooms,
+            server.pid,
+            lambda: scraped.append(asyncio.run(scrape(server.origin))),
+        )
+        after = scraped[0]
+        time.sleep(2)  # the hang-up burst handled
+        hung_up = asyncio.run(scrape(server.origin))
+        if args.slow_callback_ms:
+            slow_callbacks(server.stderr_path)
     except BaseException:
         print(server.logs(), file=sys.stderr)
         raise
@@ -432,6 +448,9 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
     lag_max, lag_p99 = stall_figures(
         before["consult_event_loop_lag_seconds_bucket"], after["consult_event_loop_lag_seconds_bucket"]
+    )
+    hangup_lag_max, _ = stall_figures(
+        after["consult_event_loop_lag_seconds_bucket"], hung_up["consult_event_loop_lag_seconds_bucket"]
     )
     gc_max, _gc_p99 = stall_figures(
         before["consult_gc_pause_seconds_bucket"], after["consult_gc_pause_seconds_bucket"]
@@ -447,6 +466,7 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
         "loop_lag_max_ms": lag_max,
         "loop_lag_p99_ms": lag_p99,
         "gc_pause_max_ms": gc_max,
+        "loop_lag_max_ms_hangup": hangup_lag_max,
         "gc_pause_max_ms_by_generation": by_generation,
     }
 
@@ -468,7 +488,7 @@ def run_bare(args: argparse.Namespace) -> dict[str, Any]:
         line = server.stdout.readline()
         if line.strip() != "READY":
             raise SystemExit(f"server did not start: {line!r}")
-        result = asyncio.run(drive(args, f"ws://{HOST}:{port}", rooms, server.pid))
+        result = drive(args, HOST, port, False, rooms, server.pid)
     finally:
         server.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -494,7 +514,22 @@ def main() -> None:
         help="seconds of relaying before the relay latencies are recorded (default 5); the loop-lag"
         " figures cover it and the connect phase anyway",
     )
-    parser.add_argument("--connect-concurrency", type=int, default=100)
+    parser.add_argument(
+        "--connect-concurrency", type=int, default=100, help="pairs connecting at once (default 100)"
+    )
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=0,
+        help=f"load-generator processes (default: one per {SOCKETS_PER_CLIENT:,} sockets)",
+    )
+    parser.add_argument(
+        "--slow-callback-ms",
+        type=float,
+        default=0,
+        help="diagnostics: the server logs every event-loop callback and GC pass longer than this"
+        " (CONSULT_SLOW_CALLBACK_MS); a summary is printed to stderr",
+    )
     parser.add_argument("--bare", action="store_true", help="the signaling package alone, not Consult")
     parser.add_argument("--serve", action="store_true", help="internal: run the bare server")
     parser.add_argument("--port", type=int, default=0)

@@ -160,8 +160,35 @@ class Connection:
             log.warning("dropping %s: send queue full", self.remote)
             self.abort()
             return False
-        self._queue.append(json.dumps(message, separators=(",", ":")))
+        text = json.dumps(message, separators=(",", ":"))
+        if self._writer is None and not self._queue and self._send_now(text):
+            return True
+        self._queue.append(text)
         self._wake_writer()
+        return True
+
+    def _send_now(self, text: str) -> bool:
+        """Write `text` at once when nothing is waiting to go out (the common case: one relayed
+        message every few seconds): no writer task, no watchdog entry, no loop round trip. With
+        an empty transport buffer aiohttp's send never waits (it waits only while the transport
+        is paused, which needs a full buffer), so the coroutine finishes in its first step.
+        False: not written, queue it."""
+        transport = self._transport
+        buffered = getattr(transport, "get_write_buffer_size", None)
+        if buffered is None or transport.is_closing() or buffered():  # type: ignore[union-attr]
+            return False
+        step = self.ws.send_str(text)
+        try:
+            step.send(None)
+        except StopIteration:
+            return True
+        except Exception as exc:  # the socket died under us; the reader will notice too
+            log.debug("send to %s failed: %r", self.remote, exc)
+            self.closing = True
+            return True
+        # It waited after all (the transport paused: aiohttp writes the frame, then waits for
+        # the buffer to drain): the frame is out; the next send finds the buffer full and queues.
+        step.close()
         return True
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:

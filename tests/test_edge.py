@@ -8,6 +8,7 @@ times a second. The access log against any bytes: tests/test_access_log.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import logging
@@ -24,12 +25,17 @@ import pytest
 from consult.ops import certs
 from consult.ops.edge import (
     GC_FULL_EVERY,
+    GC_MIDDLE_EVERY,
+    GC_YOUNG_THRESHOLD,
     TLS_READ_BUFFER,
     AcceptErrorLimiter,
     ConnectionLimiter,
     GcFreezer,
+    SlowCallbackProbe,
     address_key,
+    pace_tls_handshakes,
     share_tls_read_buffer,
+    unpace_tls_handshakes,
 )
 from tests.harness.server import ConsultServer
 
@@ -137,7 +143,7 @@ def test_gc_freezer_freezes_full_collection_survivors_and_hands_them_back_hourly
     thresholds = gc.get_threshold()
     freezer.install()
     try:
-        assert gc.get_threshold() == (*thresholds[:2], GC_FULL_EVERY)
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, GC_MIDDLE_EVERY, GC_FULL_EVERY)
         gc.collect(1)
         assert gc.get_freeze_count() == 0  # only full collections freeze
         survivor = Cycle()
@@ -157,6 +163,36 @@ def test_gc_freezer_freezes_full_collection_survivors_and_hands_them_back_hourly
         freezer.uninstall()
         gc.unfreeze()
     assert freezer not in gc.callbacks and gc.get_threshold() == thresholds
+
+
+async def test_slow_callback_probe_names_the_callbacks_that_held_the_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def busy_task() -> None:
+        time.sleep(0.03)  # noqa: ASYNC251 (holds the loop, as a long callback would)
+
+    def busy_callback() -> None:
+        time.sleep(0.03)
+
+    loop = asyncio.get_running_loop()
+    original = asyncio.events.Handle._run
+    probe = SlowCallbackProbe(0.02)
+    probe.install()
+    try:
+        with caplog.at_level(logging.WARNING, logger="consult.edge"):
+            await asyncio.create_task(busy_task())
+            done = loop.create_future()
+            loop.call_soon(busy_callback)
+            loop.call_soon(done.set_result, None)
+            await done
+            await asyncio.sleep(0)  # a quick callback is not logged
+    finally:
+        probe.uninstall()
+    lines = [r.getMessage() for r in caplog.records if "slow callback" in r.getMessage()]
+    assert probe.slow == 2 and len(lines) == 2, lines
+    assert "task " in lines[0] and "busy_task" in lines[0] and "(CPU " in lines[0]
+    assert "busy_callback" in lines[1]
+    assert asyncio.events.Handle._run is original and probe._on_gc not in gc.callbacks  # handed back
 
 
 async def test_tls_connections_share_one_read_buffer_without_mixing_their_bytes(
@@ -202,6 +238,67 @@ async def test_tls_connections_share_one_read_buffer_without_mixing_their_bytes(
         await server.wait_closed()
     assert len(buffers) == 6 and all(b is buffers[0] for b in buffers)
     assert len(buffers[0]) == TLS_READ_BUFFER
+
+
+async def test_tls_handshakes_are_paced_and_all_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Process-wide patches, undone after the test.
+    monkeypatch.setattr(sslproto.SSLProtocol, "max_size", sslproto.SSLProtocol.max_size)
+    monkeypatch.setattr(sslproto.SSLProtocol, "__init__", sslproto.SSLProtocol.__init__)
+    monkeypatch.setattr(sslproto.SSLProtocol, "buffer_updated", sslproto.SSLProtocol.buffer_updated)
+    loop = asyncio.get_running_loop()
+    share_tls_read_buffer(loop)  # as serve() does: the paced bytes must survive the shared buffer
+    pacer = pace_tls_handshakes(loop, per_tick=2)
+    assert pace_tls_handshakes(loop) is pacer  # one per loop, not wrapped twice
+    cert, key, _created = certs.generate(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    client_ctx.check_hostname = False
+    steps_per_tick: list[int] = []
+    original_tick = pacer._tick
+
+    def counting_tick() -> None:
+        original_tick()
+        steps_per_tick.append(pacer.done_this_tick)
+
+    monkeypatch.setattr(pacer, "_tick", counting_tick)
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            writer.write(await reader.readexactly(64))
+            await writer.drain()
+        writer.close()
+
+    async def client(n: int) -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
+        body = bytes([n]) * 64
+        writer.write(body)
+        answer = await reader.readexactly(64)
+        writer.close()
+        return answer == body
+
+    def quitter() -> None:
+        # A handshake that never finishes: its turn comes after it is gone.
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"\x16\x03\x01\x00\x05hello")
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with asyncio.timeout(120):
+            results = await asyncio.gather(
+                *(client(n) for n in range(40)), *(asyncio.to_thread(quitter) for _ in range(5))
+            )
+        assert results[:40] == [True] * 40
+    finally:
+        server.close()
+        await server.wait_closed()
+        unpace_tls_handshakes(loop)
+        del sslproto.SSLProtocol._consult_pacers
+    assert pacer.deferred > 0  # the burst was paced
+    assert max(steps_per_tick) <= 2
 
 
 # -- real server ------------------------------------------------------------------------------

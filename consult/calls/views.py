@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -227,11 +228,18 @@ async def call_page(request: web.Request) -> web.Response:
         raise web.HTTPSeeOther(str(request.app.router["consult_room"].url_for(public_id=token.public_id)))
     view = booking.visit_view(visit, request[keys.LOCALE])
     view.pop("call_nonce", None)
+    if visit["status"] == "completed":
+        next_steps, recording = await _next_steps(request, visit), {}
+    else:
+        # Two independent reads at once: this page is the first step of a patient's join.
+        next_steps, recording = await asyncio.gather(
+            _next_steps(request, visit), _recording_context(request, visit, "patient")
+        )
     context: dict[str, Any] = {
         "host_view": False,
         "visit": view,
         "when": _spoken_when(visit["starts_at"], settings.timezone, now),
-        **await _next_steps(request, visit),
+        **next_steps,
     }
     if visit["status"] == "completed":
         return aiohttp_jinja2.render_template("call_patient.html", request, {**context, "state": "ended"})
@@ -244,7 +252,7 @@ async def call_page(request: web.Request) -> web.Response:
             "ws_path": _ws_path(request, visit["public_id"]),
             "hello_token": raw,
             "strings": call_strings(warning_s=settings.warning_minutes * 60),
-            **await _recording_context(request, visit, "patient"),
+            **recording,
             "consent_url": str(request.app.router["call_recording_consent"].url_for(token=raw)),
             "reschedule_url": str(
                 request.app.router["visit_reschedule"].url_for(public_id=visit["public_id"])

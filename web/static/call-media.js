@@ -7,6 +7,19 @@
 
   const Consult = (window.Consult = window.Consult || {});
 
+  // The join's milestones as User Timing marks ("consult:<what>", the first of each name only),
+  // for bench/join.py and support: how long the page took to each step of a join.
+  const marked = new Set();
+  Consult.mark = function (what) {
+    if (marked.has(what) || marked.size > 50 || !window.performance || !performance.mark) return;
+    marked.add(what);
+    try {
+      performance.mark("consult:" + what);
+    } catch (err) {
+      /* a name the browser refuses: no mark */
+    }
+  };
+
   // H.264 first when this browser has it, so that two browsers that both have it agree on it
   // (the other side's answer or offer decides what is common; VP8 stays as the fallback):
   // iPhones encode H.264 in hardware. Within H.264, packetization-mode=1 and Constrained

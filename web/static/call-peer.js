@@ -40,6 +40,10 @@
   const FAIR_BELOW_BPS = 500000;
   const AUDIO_ONLY_BELOW_BPS = 100000;
   const LEVELS = ["good", "fair", "poor"];
+  // The doctor's page prepares its connection (tracks, offer, candidates) while the patient
+  // waits, and sends it the moment the patient is in the call; one older than this is made
+  // afresh instead (TURN credentials and allocations age).
+  const HELD_MAX_MS = 60000;
 
   // What the connection went through (the last 100 steps, ms since the page started), for
   // support and the network tests: window.__consultTrace.
@@ -47,6 +51,7 @@
   function note(what) {
     trace.push(Math.round(performance.now()) + " " + what);
     if (trace.length > 100) trace.shift();
+    Consult.mark(what);
   }
 
   Consult.callPeer = function (ctx) {
@@ -81,6 +86,10 @@
     let lastToldUplink = null;
     let toldAt = 0;
     let peerAudioOnly = false; // the other side's last word on audio only
+    // Signals of a connection prepared ahead (newPc({hold: true})): kept here, not sent, until
+    // release(); null when not holding. The server relays none before the patient's Join anyway.
+    let held = null;
+    let heldSince = 0;
     ctx.audioOnly = false;
     ctx.audioOnlyAuto = false; // switched by itself: the user may turn video back on
 
@@ -89,6 +98,7 @@
     function closePc() {
       clearTimeout(restartTimer);
       restartTimer = null;
+      held = null;
       if (!ctx.pc) return;
       const old = ctx.pc;
       ctx.pc = null;
@@ -104,9 +114,19 @@
       if (remoteVideo) remoteVideo.srcObject = null;
     }
 
-    function newPc() {
+    function sendSignal(data) {
+      if (held) held.push(data);
+      else ctx.sig.send({ type: "signal", data: data });
+    }
+
+    // `hold`: prepare the connection but keep its offer and candidates until release().
+    function newPc(options) {
       closePc();
       const sig = ctx.sig;
+      if (options && options.hold) {
+        held = [];
+        heldSince = Date.now();
+      }
       const welcome = sig.welcome;
       const config = {
         iceServers: welcome.ice_servers || [],
@@ -146,7 +166,7 @@
       };
       conn.onicecandidate = (event) => {
         if (conn !== ctx.pc) return;
-        sig.send({ type: "signal", data: { candidate: event.candidate ? event.candidate.toJSON() : null } });
+        sendSignal({ candidate: event.candidate ? event.candidate.toJSON() : null });
       };
       conn.onnegotiationneeded = async () => {
         // The polite side leaves the first offer to the host; later ones (ICE restarts) are
@@ -157,7 +177,7 @@
           await conn.setLocalDescription();
           note("offer sent");
           // Not sent if the socket is down: onSignalingBack sends the pending offer again.
-          sig.send({ type: "signal", data: { description: conn.localDescription.toJSON() } });
+          sendSignal({ description: conn.localDescription.toJSON() });
         } catch (err) {
           console.warn("offer failed", err);
         } finally {
@@ -167,8 +187,26 @@
       conn.oniceconnectionstatechange = () => {
         if (conn === ctx.pc) onIceState(conn);
       };
-      ctx.setStatus("peer_connecting");
+      if (!held) ctx.setStatus("peer_connecting");
       return conn;
+    }
+
+    // The other side is in the call: a connection prepared ahead sends what it held (its offer
+    // and candidates, in order); none, or one too old, is made now.
+    function release() {
+      if (!held || !ctx.pc || Date.now() - heldSince > HELD_MAX_MS) {
+        newPc();
+        return;
+      }
+      const out = held;
+      held = null;
+      note("held offer released");
+      for (const data of out) ctx.sig.send({ type: "signal", data: data });
+      ctx.setStatus("peer_connecting");
+    }
+
+    function holding() {
+      return held !== null && !!ctx.pc;
     }
 
     async function onSignal(data) {
@@ -393,7 +431,7 @@
 
     async function sendStats() {
       const conn = ctx.pc;
-      if (!conn) return;
+      if (!conn || held) return;
       let report;
       try {
         report = await conn.getStats();
@@ -648,6 +686,8 @@
 
     return {
       newPc,
+      release,
+      holding,
       closePc,
       onSignal,
       startSampling,

@@ -4,12 +4,14 @@
 // This file holds the page's state and wires the parts together; the pages load them first,
 // in this order, each adding a factory to `window.Consult`:
 //   call-media.js      the camera and microphone, the mic meter, mute and camera switch
+//   call-boot.js       (the patient's page only) opens the signaling socket before the other
+//                      scripts have run; start() takes it over with the events it missed
 //   call-peer.js       the peer connection: perfect negotiation, trickle ICE, ICE restarts,
 //                      stats samples
 //   call-recording.js  recording consent and the send-only recording connection (only on
 //                      the pages of a visit with a recording policy: see noRecording)
 //   call-chat.js       the text chat
-//   call-sidebar.js    the doctor's sidebar tabs and inline reports
+//   call-sidebar.js    the doctor's sidebar tabs and inline reports (the consult room only)
 // They share one context object (`ctx` below): the signaling client, the local stream, the
 // two connections, the room's flags, and the small UI helpers.
 //
@@ -23,7 +25,9 @@
 // the camera locally only; the socket connects early (to wait and be admitted), but the peer
 // connection (with its tracks) is made only once the patient pressed Join, which is also when
 // the page tells the server `join` (the visit clock starts then; docs/protocol.md, "Joining
-// the call"). The doctor's page negotiates only once the server says the patient is ready.
+// the call"). The doctor's page negotiates only once the server says the patient is ready;
+// it prepares its connection (tracks, offer, candidates) while the patient waits and holds it
+// (call-peer.js, newPc({hold: true})), so that the offer goes out the moment the patient is in.
 (function () {
   "use strict";
 
@@ -83,7 +87,8 @@
   // consent box); without it nothing is ever recorded, and joining needs no consent.
   const recording = Consult.callRecording ? Consult.callRecording(ctx) : noRecording();
   const chat = Consult.callChat(ctx);
-  const sidebar = Consult.callSidebar;
+  // The doctor's sidebar (call-sidebar.js): only the consult room loads it.
+  const sidebar = Consult.callSidebar || { setup() {}, closeReport() {} };
 
   // -- small helpers ----------------------------------------------------------------------
 
@@ -245,9 +250,22 @@
   function startPcIfInCall(fresh) {
     if (inCall()) {
       if (fresh || !pcAlive()) peer.newPc();
+      else if (peer.holding()) peer.release(); // prepared while waiting: its offer goes now
+    } else {
+      prepareOrClose(fresh);
+      if (isHost && peerPresent && admitted) setStatus("patient_admitted_not_joined");
+    }
+  }
+
+  // The doctor's page, while the patient is there but not yet in the call (waiting to be
+  // admitted, or admitted and still on the pre-call check): its connection is made and its
+  // offer and candidates gathered now, and held (call-peer.js) until the patient is in the
+  // call, so that the call starts one step sooner. Nothing leaves either page before that.
+  function prepareOrClose(fresh) {
+    if (isHost && peerPresent && !ctx.ended) {
+      if (fresh || !pcAlive() || !peer.holding()) peer.newPc({ hold: true });
     } else {
       peer.closePc();
-      if (isHost && peerPresent && admitted) setStatus("patient_admitted_not_joined");
     }
   }
 
@@ -290,7 +308,7 @@
       if (reconnected) ctx.interrupted = true;
       startPcIfInCall(!same);
     } else {
-      peer.closePc();
+      prepareOrClose(!same);
       if (isHost) setStatus(peerPresent ? "patient_waiting" : "waiting_patient");
       else setStatus("waiting_doctor");
     }
@@ -303,6 +321,7 @@
         if (!isHost) setStatus("waiting_doctor");
         break;
       case "admitted":
+        Consult.mark("admitted");
         admitted = true;
         guestWaiting = false;
         if (isHost && message.ready === true) guestReady = true;
@@ -323,6 +342,7 @@
         if (isHost && !message.admitted) {
           guestWaiting = true;
           updateAdmit();
+          prepareOrClose(true); // a new page instance: a fresh connection, held
           setStatus("patient_waiting");
           break;
         }
@@ -334,7 +354,7 @@
         if (!isHost) break;
         guestReady = true;
         if (stageNote) stageNote.hidden = true;
-        const kept = pcAlive();
+        const kept = pcAlive() && !peer.holding();
         startPcIfInCall(false);
         // The patient's page came back on a new socket with its connection: an ICE restart
         // offer of ours that went nowhere meanwhile goes out again now.
@@ -354,6 +374,7 @@
           guestWaiting = false;
           updateAdmit();
           peerPresent = false;
+          peer.closePc(); // the one prepared for this patient's page
           setStatus("waiting_patient");
           break;
         }
@@ -487,6 +508,7 @@
         case "join":
           if (ctx.joined) break;
           ctx.joined = true;
+          Consult.mark("join");
           if (remoteVideo) remoteVideo.play().catch(() => {});
           if (ctx.sig.state === "closed") {
             onClosed({ code: 4003, error: ctx.sig.lastError });
@@ -559,39 +581,56 @@
   }
 
   async function start() {
+    Consult.mark("start");
     sidebar.setup();
     if (root.dataset.initial === "ended") {
       finish("ended_room_ended");
       return;
     }
     setupControls();
+    // The button works from now on (the page renders it disabled: a tap before would be lost).
+    const joinButton = $("[data-action=join]");
+    if (joinButton) joinButton.disabled = false;
+    Consult.mark("join-ready");
     chat.setup();
     show(isHost ? "call" : "precheck");
     setStatus("connecting");
     setCheck("connect", "pending", "checking");
     // The camera and the socket start together; messages wait for the camera (serial), so
     // that a peer connection is never made without the local tracks.
-    serial(() => media.startMedia());
-    const scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
-    const url = scheme + window.location.host + root.dataset.wsPath;
-    const sig = new window.SignalingClient(url, isHost ? hostToken : () => root.dataset.token);
+    serial(() => media.startMedia().then(() => Consult.mark("media")));
+    const listeners = {
+      open(event) {
+        Consult.mark("welcome");
+        serial(() => onWelcome(event.detail.welcome, event.detail.reconnected));
+      },
+      message(event) {
+        const message = event.detail;
+        if (message.type !== "welcome") serial(() => onMessage(message));
+      },
+      reconnecting() {
+        if (ctx.ended) return;
+        if (peer.mediaFlowing()) return; // the call goes on without the socket
+        ctx.interrupted = true;
+        setStatus("reconnecting");
+        if (!ctx.sig.everOpened) setCheck("connect", "failed", "cannot_connect");
+      },
+      closed(event) {
+        serial(() => onClosed(event.detail));
+      },
+    };
+    let sig;
+    if (Consult.bootSignaling) {
+      // The patient's page opened its socket while the scripts loaded (call-boot.js).
+      sig = Consult.bootSignaling.take(listeners);
+    } else {
+      const scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
+      const url = scheme + window.location.host + root.dataset.wsPath;
+      sig = new window.SignalingClient(url, isHost ? hostToken : () => root.dataset.token);
+      for (const [type, listener] of Object.entries(listeners)) sig.addEventListener(type, listener);
+    }
     ctx.sig = sig;
     window.__consultSignaling = sig;
-    sig.addEventListener("open", (event) => {
-      serial(() => onWelcome(event.detail.welcome, event.detail.reconnected));
-    });
-    sig.addEventListener("message", (event) => {
-      const message = event.detail;
-      if (message.type !== "welcome") serial(() => onMessage(message));
-    });
-    sig.addEventListener("reconnecting", () => {
-      if (ctx.ended) return;
-      if (peer.mediaFlowing()) return; // the call goes on without the socket
-      ctx.interrupted = true;
-      setStatus("reconnecting");
-      if (!sig.everOpened) setCheck("connect", "failed", "cannot_connect");
-    });
-    sig.addEventListener("closed", (event) => serial(() => onClosed(event.detail)));
     // A recorded visit: connect only once this side has answered (and may join).
     recording.showConsent();
     recording.connectIfAllowed();
