@@ -30,7 +30,7 @@ from consult.calls import views as call_views
 from consult.calls.policy import room_sweeper, setup_calls
 from consult.clinical import prescription_views, report_views, reports, uploads
 from consult.clinical.signing import SIGNING_KEY, KeyHolder
-from consult.core import jobs, keys, live, metrics, proxy, security
+from consult.core import jobs, keys, leader, live, metrics, proxy, security
 from consult.core.config import Settings, ensure_secrets, for_mode
 from consult.core.db import keep_statistics
 from consult.core.engine import open_database
@@ -83,7 +83,10 @@ def create_app(settings: Settings) -> web.Application:
     payments.register_jobs(runner)  # "refund", and the sweep for paid payments left unrefunded
     booking.register_jobs(runner)  # "notify": confirmations, cancellations, moves, reminders
     app[uploads.IN_FLIGHT] = uploads.InFlight()
-    live.setup(app)  # pages that update themselves: the clinic board, the running-late notice
+    # Pages that update themselves (the clinic board, the running-late notice); with PostgreSQL
+    # their nudges also reach the other nodes (LISTEN/NOTIFY).
+    live.setup(app, settings.database_url)
+    leader.setup(app, settings.database_url)  # which node runs the periodic sweeps
     setup_templates(app, settings)
     app.on_response_prepare.append(security.add_security_headers)
 

@@ -23,7 +23,7 @@ from aiohttp import web
 from consult.audit import chain as audit
 from consult.booking import schedules
 from consult.booking.notices import REMINDER_DAY, enqueue_notice_sync, reminders_due_sync
-from consult.core import jobs, keys
+from consult.core import jobs, keys, leader
 from consult.core.db import IntegrityError
 from consult.core.errors import BadRequest, Conflict, NotFound
 from consult.core.i18n import _
@@ -256,6 +256,8 @@ async def hold_reaper(app: web.Application) -> AsyncIterator[None]:
         interval = max(0.05, float(app[keys.SETTINGS].reaper_interval_seconds))
         while True:
             await asyncio.sleep(interval)
+            if not leader.leads(app):
+                continue  # another node runs it
             try:
                 await housekeeping(app)
             except asyncio.CancelledError:

@@ -38,7 +38,7 @@ from aiohttp import web
 from consult import sessionlog
 from consult.calls import closing, leases, recordings
 from consult.calls import links as calllinks
-from consult.core import keys, live, metrics
+from consult.core import keys, leader, live, metrics
 from consult.core.config import Settings
 from consult.core.db import Database, DatabaseError
 from consult.core.i18n import _
@@ -587,7 +587,8 @@ async def room_sweeper(app: web.Application) -> AsyncIterator[None]:
     async def run() -> None:
         while True:
             await asyncio.sleep(settings.reaper_interval_seconds)
-            await sweep()
+            if leader.leads(app):
+                await sweep()
 
     async def renew() -> None:
         while True:
