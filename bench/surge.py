@@ -15,21 +15,26 @@ as they would behind nginx):
    towards the start (t = window x u^2, as people refreshing at 8:00:00). It loads the doctor's
    slot page, then books: it tries its preferred slots in turn. Preferences collide: every patient
    ranks slots by one shared popularity (earlier days and mornings first) plus a little personal
-   noise. A refused hold re-renders the slot page; the patient reads which slots it shows as
-   taken and skips them, as a person would. It stops after a booking, after ``--tries`` attempts,
-   or when it knows every slot is taken.
+   noise. The slot page shows one day (the first with a free time); before trying a time on a
+   day it has not looked at, the patient taps that day in the strip (GET of the day's panel, as
+   the page's script does); a refused hold answers with a short page of the tried day's fresh
+   times. The patient skips every time it has seen taken, as a person would, and tries the next
+   it prefers. It stops after a booking, after ``--tries`` hold attempts, or when it knows every
+   slot is taken.
 
 Figures (last stdout line, one JSON object):
 - ``booked``: patients whose hold was acknowledged (303 to their visit); ``refused``: hold
-  attempts answered with a clear "taken" (409 with the slot page); ``errors``: every other answer
+  attempts answered with a clear "taken" (409 with the day's times); ``errors``: every other answer
   (5xx, connection errors, timeouts, unexpected statuses), hold or page.
 - ``double_bookings``: counted FROM THE DATABASE afterwards (two active visits of the doctor that
   overlap in time), not from replies. ``acked_missing``: acknowledged holds not in the database.
 - ``p50_ms``/``p99_ms``: latency of every hold POST (successes and refusals, from request sent to
-  response read), over the whole surge; ``page_p99_ms``: the slot page loads.
+  response read), over the whole surge; ``page_p99_ms``: the slot page and day panel loads.
 - ``slots_left``: free slots in the database at the end; ``starved``: patients who used all their
   tries and went home without a booking although slots were still free at the end (unfair
   retries) — both should be 0 whenever patients outnumber slots.
+- ``server_cpu_s``: the server's CPU time (every thread) over the surge, steadier than the
+  latencies when other work shares the machine.
 - ``load_before``/``load_after``: the machine's 1-minute load average (the client runs on the
   same machine and competes with the server for CPU).
 Targets: 0 double bookings, 0 errors, p99 < 1 s. Exit status 1 if any double booking, error or
@@ -60,6 +65,7 @@ from common import (  # bench/ is on sys.path when run as a script
     ROOT,
     ConsultServer,
     add_patients,
+    cpu_seconds,
     loadavg,
     pct,
     sign_in,
@@ -69,6 +75,7 @@ TZ = "Asia/Shanghai"
 SLOT_MIN = 15
 DAYS = 5  # a working week opens at once
 SLOT_RE = re.compile(r'data-testid="slot-(\d+)"([^>]*)>')
+PANEL_RE = re.compile(r'data-day-panel="([0-9-]+)"')
 
 
 def build(db_path: Path, slots: int, patients: int) -> dict:
@@ -105,7 +112,14 @@ def build(db_path: Path, slots: int, patients: int) -> dict:
     for d in range(DAYS):
         day_start = datetime.combine(first_day + timedelta(days=d), start.time(), tzinfo=tz)
         released += [int((day_start + timedelta(minutes=SLOT_MIN * k)).timestamp()) for k in range(per_day)]
-    return {"department": dep, "doctor": doc, "phones": phones, "released": released[:slots]}
+    day_of = {t: datetime.fromtimestamp(t, tz).date().isoformat() for t in released[:slots]}
+    return {
+        "department": dep,
+        "doctor": doc,
+        "phones": phones,
+        "released": released[:slots],
+        "day_of": day_of,
+    }
 
 
 def preferences(released: list[int], rng: random.Random) -> list[int]:
@@ -127,6 +141,7 @@ class Stats:
         self.refused = 0
         self.errors: list[str] = []
         self.gave_up = 0  # used every try without a booking
+        self.server_cpu_s = 0.0
 
 
 class Patient:
@@ -145,26 +160,43 @@ class Patient:
     async def sign_in(self) -> None:
         await sign_in(self.session, self.base, self.phone, PATIENT_PASSWORD)
 
-    async def surge(self, built: dict, slots_url: str, prefs: list[int], tries: int, stats: Stats) -> None:
-        known_taken: set[int] = set()
+    async def _get(self, url: str, stats: Stats, what: str) -> str | None:
         t0 = time.perf_counter()
         try:
-            async with self.session.get(slots_url) as r:
+            async with self.session.get(url) as r:
                 page = await r.text()
-                ok = r.status == 200
+                status = r.status
         except (TimeoutError, aiohttp.ClientError) as exc:
-            stats.errors.append(f"page: {exc!r}")
-            return
+            stats.errors.append(f"{what}: {exc!r}")
+            return None
         stats.page_ms.append((time.perf_counter() - t0) * 1000)
-        if not ok:
-            stats.errors.append(f"page: {r.status}")
+        if status != 200:
+            stats.errors.append(f"{what}: {status}")
+            return None
+        return page
+
+    async def surge(self, built: dict, slots_url: str, prefs: list[int], tries: int, stats: Stats) -> None:
+        known_taken: set[int] = set()
+        seen: set[str] = set()  # days whose times this patient has looked at
+        page = await self._get(slots_url, stats, "page")
+        if page is None:
             return
         self.csrf = CSRF_RE.search(page).group(1)
-        self._learn(page, known_taken)
-        for _attempt in range(tries):
+        self._learn(page, known_taken, seen)
+        attempts = 0
+        while attempts < tries:
             choice = next((s for s in prefs if s not in known_taken), None)
             if choice is None:
                 return  # told that everything is taken: a clear answer, not starvation
+            day = built["day_of"][choice]
+            if day not in seen:  # a day not looked at yet: tap it in the strip first
+                fragment = await self._get(f"{slots_url}/days/{day}", stats, "day")
+                if fragment is None:
+                    return
+                self._learn(fragment, known_taken, seen)
+                seen.add(day)
+                continue
+            attempts += 1
             data = {
                 "doctor_id": str(built["doctor"]),
                 "department_id": str(built["department"]),
@@ -188,14 +220,15 @@ class Patient:
             if status == 409:
                 stats.refused += 1
                 known_taken.add(choice)
-                self._learn(body, known_taken)
+                self._learn(body, known_taken, seen)
                 continue
             stats.errors.append(f"hold: {status} {body[:200]!r}")
             return
         stats.gave_up += 1
 
     @staticmethod
-    def _learn(page: str, known_taken: set[int]) -> None:
+    def _learn(page: str, known_taken: set[int], seen: set[str]) -> None:
+        seen.update(PANEL_RE.findall(page))
         for starts_at, rest in SLOT_RE.findall(page):
             if "disabled" in rest:
                 known_taken.add(int(starts_at))
@@ -253,8 +286,10 @@ async def drive(server: ConsultServer, built: dict, args: argparse.Namespace) ->
             await p.surge(built, slots_url, prefs, args.tries, stats)
 
         plans = [(args.window * rng.random() ** 2, preferences(built["released"], rng)) for _ in patients]
+        cpu0 = cpu_seconds(server.pid)
         release = time.perf_counter()
         await asyncio.gather(*(arrive(p, at, prefs) for p, (at, prefs) in zip(patients, plans, strict=True)))
+        stats.server_cpu_s = cpu_seconds(server.pid) - cpu0
         return stats, time.perf_counter() - release
     finally:
         await asyncio.gather(*(p.close() for p in patients))
@@ -322,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ms": round(pct(stats.hold_ms, 99), 1) if stats.hold_ms else None,
         "page_p99_ms": round(pct(stats.page_ms, 99), 1) if stats.page_ms else None,
         "surge_s": round(seconds, 2),
+        "server_cpu_s": round(stats.server_cpu_s, 2),
         "load_before": load_before,
         "load_after": loadavg(),
     }

@@ -106,6 +106,9 @@ async def test_a_paid_visit_inside_the_window_has_no_cancel_step(patient, clinic
 async def test_slots_inside_the_no_change_window_are_marked(patient, clinic, settings):
     before = time.time()
     text = await (await patient.get(slots_path(clinic))).text()
+    # The page shows one day; the strip fetches the others: today's and tomorrow's times.
+    for url in re.findall(r'data-day-url="([^"]+)"', text)[:2]:
+        text += await (await patient.get(url)).text()
     after = time.time()
     buttons = BUTTON.findall(text)
     free = [(int(v), bool(late)) for v, late, rest in buttons if "disabled" not in rest]

@@ -154,7 +154,7 @@ async def test_booking_and_uploads_on_the_phone(
         assert first_day == await day_links.first.get_attribute("data-day")
         found = await page.evaluate(FREE_SLOTS)
         marked = [s for s, late in found["slots"] if late]
-        assert marked and len(marked) < len(found["slots"])
+        assert marked  # the day shown is the first with a free time: inside the window
         for starts_at, late in found["slots"]:
             if abs(starts_at - found["now"] - WINDOW_S) > 120:  # the page is a few seconds old
                 assert late == (starts_at - found["now"] < WINDOW_S), (starts_at, late, found["now"])

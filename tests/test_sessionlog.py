@@ -231,6 +231,40 @@ def test_keyset_pagination_returns_each_session_once(world, outcome):
     assert pages == math.ceil(len(expected) / 20)
 
 
+@pytest.mark.parametrize(
+    ("filters", "sessions"),
+    [
+        ({}, 130),
+        ({"outcome": "no_show"}, 44),
+        ({"q": "Li Lei"}, 130),
+        ({"q": "nobody at all"}, 0),
+        ({"date_from": date(2024, 1, 1), "date_to": date(2024, 1, 31)}, 0),
+    ],
+)
+def test_the_list_page_reads_what_the_full_list_reads(world, filters, sessions):
+    """list_page_sync (the page: a few columns, tuples) and list_sessions_sync (CSV: every column)
+    share one keyset query: the same sessions, in the same order, with the same cursors."""
+    seed_many(world, 130, same_start_every=3)
+    f = sessionlog.Filters(**filters)
+    db = open_db(world.path)
+    try:
+        cursor_full = cursor_page = None
+        seen = 0
+        while True:
+            full, cursor_full = sessionlog.list_sessions_sync(db, f, cursor_full, limit=20)
+            page, cursor_page = sessionlog.list_page_sync(db, f, cursor_page, limit=20)
+            assert [r._asdict() for r in page] == [
+                {k: r[k] for k in sessionlog.PageRow._fields} for r in full
+            ]
+            assert cursor_page == cursor_full
+            seen += len(page)
+            if cursor_full is None:
+                break
+        assert seen == sessions
+    finally:
+        db.conn.close()
+
+
 def test_list_uses_an_index_for_order_and_filters(world):
     seed_many(world, 10)
     db = open_db(world.path)

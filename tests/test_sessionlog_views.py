@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import time
 import xml.etree.ElementTree as ET
@@ -12,8 +13,9 @@ import pytest
 
 from consult import sessionlog
 from consult.app import create_app
+from consult.audit import chain
 from tests.conftest import login
-from tests.sessionlog_helpers import add_visit, full_call, make_world, read, record, write
+from tests.sessionlog_helpers import add_visit, full_call, make_world, open_db, read, record, write
 
 ADMIN_ONLY = [
     "/admin/sessions",
@@ -135,6 +137,70 @@ async def test_list_filters_and_paginates_through_older_links(client, world):
 
 
 @pytest.mark.locale("en")  # asserts English texts
+@pytest.mark.parametrize("tz", ["Asia/Shanghai", "America/New_York"])
+async def test_list_rows_show_local_times_labels_and_links_with_names_escaped(
+    aiohttp_client, make_settings, make_user, tz
+):
+    """The rows are made in Python (sessionlog.views.ListRow) and written unescaped by the
+    template: every cell must still be escaped, in the clinic's time and the reader's words."""
+    settings = make_settings(timezone=tz)
+    hostile = "<b id=\"x\">Li & 'Lei'</b>"
+    world = make_world(settings, make_user, patient_name=hostile)
+    make_user("admin", login="boss", name="Admin")
+    client = await aiohttp_client(create_app(settings))
+    t0 = 1_710_054_000  # 2024-03-10 07:00 UTC: New York's clocks went forward that morning
+    visit_id, public_id = write(world.path, lambda db: add_visit(db, world, t0))
+    write(world.path, lambda db: record(db, visit_id, full_call(t0)))
+    await login(client, "boss")
+    html = await (await client.get("/admin/sessions")).text()
+    assert hostile not in html
+    row = re.search(rf'<tr data-visit="{public_id}">(.*?)</tr>', html, flags=re.S).group(1)
+    cells = [c.strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, flags=re.S)]
+    local = {"Asia/Shanghai": "2024-03-10 15:00", "America/New_York": "2024-03-10 03:00"}[tz]
+    assert cells == [
+        f'<a href="/admin/sessions/{public_id}">{local}</a>',
+        "Cardiology",
+        "Dr Wang",
+        "&lt;b id=&#34;x&#34;&gt;Li &amp; &#39;Lei&#39;&lt;/b&gt;",
+        '<span class="badge ok">Completed</span>',
+        "Time limit reached",
+        "15.0",
+        "yes",
+        "0",
+    ]
+    page = await client.get(f"/admin/sessions/{public_id}")
+    assert page.status == 200
+
+
+async def test_list_filter_form_keeps_the_chosen_doctor_and_department_with_names_escaped(
+    client, world, make_user
+):
+    """The selects' options are made in Python (sessionlog.views.options) and written unescaped."""
+    hostile = make_user("doctor", login="drevil", name='Dr <i>"Evil"</i> & Co')
+
+    def add(db):
+        db.execute("INSERT INTO doctors (user_id) VALUES (?)", [hostile])
+        return db.execute(
+            "INSERT INTO departments (code, name_zh, name_en) VALUES ('x', '<眼科>', '<Eyes>')"
+        ).lastrowid
+
+    eyes = write(world.path, add)
+    await login(client, "boss")
+    html = await (await client.get(f"/admin/sessions?doctor={hostile}&department={eyes}")).text()
+    assert "<i>" not in html and "<眼科>" not in html
+    doctors = re.search(r'<select name="doctor">(.*?)</select>', html, flags=re.S).group(1)
+    assert (
+        f'<option value="{hostile}" selected>Dr &lt;i&gt;&#34;Evil&#34;&lt;/i&gt; &amp; Co</option>'
+        in doctors
+    )
+    assert f'<option value="{world.doctor_id}">Dr Wang</option>' in doctors
+    departments = re.search(r'<select name="department">(.*?)</select>', html, flags=re.S).group(1)
+    assert f'<option value="{eyes}" selected>&lt;眼科&gt;</option>' in departments  # zh_CN: the Chinese name
+    assert f'<option value="{world.department_id}">心内科</option>' in departments
+    assert departments.count(" selected") == 1 and doctors.count(" selected") == 1
+
+
+@pytest.mark.locale("en")  # asserts English texts
 async def test_csv_export_streams_all_rows_with_formula_cells_escaped(client, settings, make_user, world):
     evil = make_user("patient", login="13700000000", name='=HYPERLINK("http://evil","x")')
     now = int(time.time())
@@ -187,8 +253,54 @@ async def test_reads_of_session_pages_are_audited(client, world, call):
     ]
 
 
+async def test_each_list_page_is_audited_once_before_it_is_sent(client, world, call):
+    """The audit entry is written while the page is read: committed when the page arrives, one
+    per page, and the chain still verifies."""
+    await login(client, "boss")
+    before = read(world.path, "SELECT max(id) AS n FROM audit_log")[0]["n"] or 0
+    for url, detail in (
+        ("/admin/sessions", {"filters": {}, "page": False}),
+        (
+            "/admin/sessions?outcome=completed&cursor=99999999999.1",
+            {"filters": {"outcome": "completed"}, "page": True},
+        ),
+    ):
+        resp = await client.get(url)
+        assert resp.status == 200
+        # Read as soon as the page arrived: the entry is there already, not on its way.
+        rows = read(world.path, "SELECT * FROM audit_log WHERE id > ?", [before])
+        assert [(r["action"], r["actor_role"], json.loads(r["detail"])) for r in rows] == [
+            ("session.list", "admin", detail)
+        ]
+        before = rows[-1]["id"]
+    ok, _message = read_sync_verify(world.path)
+    assert ok
+
+
+async def test_list_page_is_not_shown_when_its_audit_entry_cannot_be_written(client, world, call):
+    await login(client, "boss")
+    write(
+        world.path,
+        lambda db: db.execute(
+            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        ),
+    )
+    resp = await client.get("/admin/sessions")
+    html = await resp.text()
+    assert resp.status == 500
+    assert "Li Lei" not in html and call[1] not in html
+
+
 async def test_admin_home_links_to_sessions_and_audit(client, world):
     await login(client, "boss")
     html = await (await client.get("/admin")).text()
     assert 'href="/admin/sessions"' in html and 'href="/admin/audit"' in html
     assert 'href="/admin/payments"' in html  # refunds and marking paid, from the admin menu
+
+
+def read_sync_verify(path) -> tuple[bool, str]:
+    db = open_db(path)
+    try:
+        return chain.verify(db)
+    finally:
+        db.conn.close()

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from consult import booking
 from consult.audit.reads import audit_read
-from consult.booking import catalogue, pages, schedules
+from consult.booking import catalogue, pages, schedules, slotcache
 from consult.booking.views import weekday_names
 from consult.calls import recordings
 from consult.core import keys, security
@@ -164,6 +164,7 @@ def _back(request: web.Request, doctor_id: int, flagged: list[int]) -> web.HTTPS
 async def _doctor_write(request: web.Request, doctor_id: int, fn) -> web.Response:
     try:
         flagged = await request.app[keys.DB].execute_write_fn(fn)
+        slotcache.changed(request.app, doctor_id)  # the slot page shows the new schedule at once
     except ConsultError as exc:
         ctx = await _doctor_context(request, doctor_id, exc.message)
         return aiohttp_jinja2.render_template("catalogue_doctor.html", request, ctx, status=exc.status)

@@ -18,6 +18,7 @@ import sqlite_utils
 from aiohttp import web
 
 from consult import payments
+from consult.booking import slotcache
 from consult.booking.holds import (
     audit_visit,
     check_slot,
@@ -161,6 +162,7 @@ async def cancel(
             remote=remote,
         )
     )
+    slotcache.changed(app)
     jobs.wake(app)  # the patient's message
     result["refund_state"] = await payments.settle_refunds(
         app, result["refund_jobs"], wait=payments.REFUND_WAIT_S
@@ -193,6 +195,7 @@ async def reschedule(
             remote=remote,
         )
     )
+    slotcache.changed(app)
     if visit["status"] == "confirmed":
         jobs.wake(app)  # the patient's message, queued with the move
     return visit

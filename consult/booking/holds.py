@@ -21,7 +21,7 @@ import sqlite_utils
 from aiohttp import web
 
 from consult.audit import chain as audit
-from consult.booking import schedules
+from consult.booking import schedules, slotcache
 from consult.booking.notices import REMINDER_DAY, enqueue_notice_sync, reminders_due_sync
 from consult.core import jobs, keys, leader
 from consult.core.db import IntegrityError
@@ -75,11 +75,18 @@ def doctor_busy(db: sqlite_utils.Database, doctor_id: int, starts: int, ends: in
 
 
 def check_slot(
-    db: sqlite_utils.Database, doctor_id: int, starts_at: int, tz: str, now: float, lead_s: float
+    db: sqlite_utils.Database,
+    doctor_id: int,
+    starts_at: int,
+    tz: str,
+    now: float,
+    lead_s: float,
+    *,
+    minutes: int | None = None,
 ) -> schedules.Slot:
     if starts_at < now + lead_s:
         raise BadRequest(_("This time has already passed or starts too soon; please pick a later time."))
-    slot = schedules.find_slot(db, doctor_id, starts_at, tz)
+    slot = schedules.find_slot(db, doctor_id, starts_at, tz, minutes)
     if slot is None:
         raise BadRequest(
             _("This is not one of the doctor's bookable times; please pick a time from the list.")
@@ -115,33 +122,43 @@ def hold_sync(
     now: float,
     remote: str | None = None,
 ) -> dict:
-    """Hold one slot for a patient while they upload reports and pay; returns the new visit."""
+    """Hold one slot for a patient while they upload reports and pay; returns the new visit.
+
+    Every hold of a rush runs here, one after another in the writer's transaction, so it asks
+    SQLite as little as it can: the doctor with their department, the schedule's slot, whether
+    the patient or the doctor is busy then (a hold past its time counts as free, as on the slot
+    page), the insert and its audit entry. The UNIQUE index stays the guarantee."""
     doc = db.execute(
-        "SELECT d.fee_minor, d.currency, d.active, u.active AS user_active FROM doctors d"
-        " JOIN users u ON u.id = d.user_id WHERE d.user_id = ?",
-        [doctor_id],
+        "SELECT d.fee_minor, d.currency, d.active, d.visit_minutes, u.active AS user_active,"
+        " (SELECT dd.department_id FROM doctor_departments dd JOIN departments dep"
+        " ON dep.id = dd.department_id WHERE dd.doctor_id = d.user_id AND dep.active = 1"
+        " AND (?1 IS NULL OR dd.department_id = ?1) ORDER BY dep.sort, dep.id LIMIT 1) AS department_id"
+        " FROM doctors d JOIN users u ON u.id = d.user_id WHERE d.user_id = ?2",
+        [department_id, doctor_id],
     ).fetchone()
     if doc is None or not (doc["active"] and doc["user_active"]):
         raise NotFound(_("This doctor is not taking bookings."))
-    deps = [
-        r[0]
-        for r in db.execute(
-            "SELECT dd.department_id FROM doctor_departments dd JOIN departments dep"
-            " ON dep.id = dd.department_id WHERE dd.doctor_id = ? AND dep.active = 1"
-            " ORDER BY dep.sort, dep.id",
-            [doctor_id],
-        )
-    ]
-    if department_id is None and deps:
-        department_id = deps[0]
-    if department_id not in deps:
+    if doc["department_id"] is None:
         raise BadRequest(_("This doctor does not work in that department."))
-    slot = check_slot(db, doctor_id, starts_at, tz, now, lead_s)
-    expire_holds_sync(db, now)
-    if patient_busy(db, patient.id, slot.starts_at, slot.ends_at, exclude=0):
+    department_id = doc["department_id"]
+    slot = check_slot(db, doctor_id, starts_at, tz, now, lead_s, minutes=int(doc["visit_minutes"]))
+    busy = db.execute(
+        _BUSY_BOTH,
+        {
+            "patient": patient.id,
+            "doctor": doctor_id,
+            "starts": slot.starts_at,
+            "ends": slot.ends_at,
+            "earliest": slot.starts_at - schedules.MAX_VISIT_S,
+            "now": now,
+        },
+    ).fetchone()
+    if busy[0]:
         raise Conflict(
             _("You already have a visit at this time. Pick another time or cancel that visit first.")
         )
+    if busy[1]:
+        raise Conflict(taken_message(), code="slot_taken")
     visit = {
         "public_id": new_public_id(),
         "patient_id": patient.id,
@@ -158,20 +175,50 @@ def hold_sync(
         "call_nonce": secrets.token_urlsafe(16),
     }
     try:
-        cur = db.execute(
-            "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at, status,"
-            " hold_expires, fee_minor, currency, created, updated, call_nonce) VALUES (:public_id,"
-            " :patient_id, :doctor_id, :department_id, :starts_at, :ends_at, :status, :hold_expires,"
-            " :fee_minor, :currency, :created, :updated, :call_nonce) RETURNING id",
-            visit,
-        )
+        cur = _insert_visit(db, visit)
     except IntegrityError:
-        raise Conflict(taken_message(), code="slot_taken") from None
+        # A hold on this very slot that ran out but is not marked expired yet: mark it, try once more.
+        if not _expire_slot(db, doctor_id, slot.starts_at, now):
+            raise Conflict(taken_message(), code="slot_taken") from None
+        try:
+            cur = _insert_visit(db, visit)
+        except IntegrityError:
+            raise Conflict(taken_message(), code="slot_taken") from None
     visit["id"] = cur.fetchone()[0]
-    if doctor_busy(db, doctor_id, slot.starts_at, slot.ends_at, exclude=visit["id"]):
-        raise Conflict(taken_message(), code="slot_taken")  # rolls the insert back
     audit_visit(db, patient, "visit.hold", visit, remote, starts_at=slot.starts_at, doctor_id=doctor_id)
     return visit
+
+
+# An active visit of one patient (or doctor) overlapping [starts, ends); a hold past its time is
+# not active (hold_sync no longer marks every expired hold first; the reaper does that).
+_BUSY = (
+    "SELECT 1 FROM visits WHERE {who} = :{param} AND status IN {active}"
+    " AND starts_at < :ends AND starts_at > :earliest AND ends_at > :starts"
+    " AND NOT (status = 'held' AND hold_expires < :now) LIMIT 1"
+)
+_BUSY_BOTH = "SELECT ({}), ({})".format(
+    _BUSY.format(who="patient_id", param="patient", active="('held', 'confirmed')"),
+    _BUSY.format(who="doctor_id", param="doctor", active="('held', 'confirmed', 'completed')"),
+)
+
+
+def _insert_visit(db: sqlite_utils.Database, visit: dict) -> Any:
+    return db.execute(
+        "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at, status,"
+        " hold_expires, fee_minor, currency, created, updated, call_nonce) VALUES (:public_id,"
+        " :patient_id, :doctor_id, :department_id, :starts_at, :ends_at, :status, :hold_expires,"
+        " :fee_minor, :currency, :created, :updated, :call_nonce) RETURNING id",
+        visit,
+    )
+
+
+def _expire_slot(db: sqlite_utils.Database, doctor_id: int, starts_at: int, now: float) -> bool:
+    cur = db.execute(
+        "UPDATE visits SET status = 'expired', updated = ? WHERE doctor_id = ? AND starts_at = ?"
+        " AND status = 'held' AND hold_expires < ?",
+        [now, doctor_id, starts_at, now],
+    )
+    return cur.rowcount > 0
 
 
 def confirm_paid_sync(db: sqlite_utils.Database, visit_id: int, now: float) -> None:
@@ -222,7 +269,7 @@ async def hold(
 ) -> dict:
     settings = app[keys.SETTINGS]
     now = time.time() if now is None else now
-    return await app[keys.DB].execute_write_fn(
+    visit = await app[keys.DB].execute_write_fn(
         lambda db: hold_sync(
             db,
             patient=patient,
@@ -236,6 +283,8 @@ async def hold(
             remote=remote,
         )
     )
+    slotcache.changed(app, doctor_id)
+    return visit
 
 
 async def housekeeping(app: web.Application, now: float | None = None) -> dict[str, int]:
@@ -243,6 +292,8 @@ async def housekeeping(app: web.Application, now: float | None = None) -> dict[s
     now = time.time() if now is None else now
     db = app[keys.DB]
     expired = await db.execute_write_fn(lambda d: expire_holds_sync(d, now))
+    if expired:
+        slotcache.changed(app)
     due = await db.execute_write_fn(lambda d: reminders_due_sync(d, now))
     if due:
         jobs.wake(app)

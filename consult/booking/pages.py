@@ -38,6 +38,15 @@ def department_doctors(
     return dep, doctors
 
 
+def department_doctor(db: sqlite_utils.Database, department_id: int, doctor_id: int) -> tuple[dict, dict]:
+    """A department and one of its doctors; ``NotFound`` if the doctor does not work there."""
+    dep = catalogue.department(db, department_id)
+    doc = catalogue.doctor(db, doctor_id)
+    if department_id not in doc["department_ids"]:
+        raise NotFound(_("No such doctor."))
+    return dep, doc
+
+
 def doctor_slots(
     db: sqlite_utils.Database,
     department_id: int,
@@ -47,14 +56,15 @@ def doctor_slots(
     horizon: float,
     tz: str,
     lead_s: float,
+    since: float | None = None,
 ) -> dict:
-    """A doctor of a department with every slot (free or taken) until ``horizon``."""
-    dep = catalogue.department(db, department_id)
-    doc = catalogue.doctor(db, doctor_id)
-    if department_id not in doc["department_ids"]:
-        raise NotFound(_("No such doctor."))
-    slots = schedules.slots(db, doctor_id, now, horizon, tz, now=now, lead_s=lead_s)
-    return {"dep": dep, "doc": doc, "slots": slots}
+    """A doctor of a department with every slot (free or taken) from ``since`` (default ``now``)
+    until ``horizon``, by local day."""
+    dep, doc = department_doctor(db, department_id, doctor_id)
+    by_day = schedules.slots_by_day(
+        db, doctor_id, now if since is None else since, horizon, tz, now=now, lead_s=lead_s
+    )
+    return {"dep": dep, "doc": doc, "by_day": by_day}
 
 
 # -- a visit --------------------------------------------------------------------------------

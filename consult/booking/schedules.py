@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from datetime import time as dtime
-from functools import cache
+from functools import cache, lru_cache
 from zoneinfo import ZoneInfo
 
 import sqlite_utils
@@ -40,10 +40,13 @@ def zone(tz: str) -> ZoneInfo:
 
 
 def local_date(ts: float, tz: str) -> date:
-    return datetime.fromtimestamp(ts, UTC).astimezone(zone(tz)).date()
+    return datetime.fromtimestamp(ts, zone(tz)).date()
 
 
+@lru_cache(maxsize=8192)
 def local_ts(day: date, hhmm: str, tz: str) -> int:
+    """The UTC second of ``hhmm`` on a local ``day``; remembered, since every hold and slot page
+    asks again for the same few days and session times."""
     h, m = (int(x) for x in hhmm.split(":"))
     return int(datetime.combine(day, dtime(h, m), tzinfo=zone(tz)).timestamp())
 
@@ -154,6 +157,37 @@ def slots(
     return [s for s in marked if not s.taken] if free_only else marked
 
 
+def slots_by_day(
+    db: sqlite_utils.Database,
+    doctor_id: int,
+    from_utc: float,
+    to_utc: float,
+    tz: str,
+    *,
+    now: float,
+    lead_s: float = 0.0,
+) -> dict[date, list[Slot]]:
+    """``slots`` grouped by local day, every slot marked taken or not, with one query for the
+    bookings of the whole range: the slot page counts each day's free times from this and labels
+    only the day it shows (labelling every slot of two weeks was most of that page's cost)."""
+    minutes = _visit_minutes(db, doctor_id)
+    if minutes is None:
+        return {}
+    earliest = max(from_utc, now + lead_s)
+    days: dict[date, list[Slot]] = {}
+    day = local_date(earliest, tz)
+    last = local_date(to_utc, tz)
+    while day <= last:
+        found = day_slots(db, doctor_id, day, tz, minutes)
+        days[day] = [s for s in found if earliest <= s.starts_at < to_utc]
+        day += timedelta(days=1)
+    flat = [s for found in days.values() for s in found]
+    if not flat:
+        return days
+    taken = iter(_overlapped(flat, _busy(db, doctor_id, flat[0].starts_at, flat[-1].ends_at, now)))
+    return {d: [Slot(s.starts_at, s.ends_at, next(taken)) for s in found] for d, found in days.items()}
+
+
 def _overlapped(slots: list[Slot], busy: list[tuple[int, int]]) -> list[bool]:
     """For slots sorted by start, whether any busy interval overlaps each: one sweep, not slots x busy.
 
@@ -179,15 +213,39 @@ def _overlapped(slots: list[Slot], busy: list[tuple[int, int]]) -> list[bool]:
     return result
 
 
-def find_slot(db: sqlite_utils.Database, doctor_id: int, starts_at: int, tz: str) -> Slot | None:
-    """The schedule's slot starting exactly at ``starts_at``, ignoring bookings and the clock."""
-    minutes = _visit_minutes(db, doctor_id)
+def find_slot(
+    db: sqlite_utils.Database, doctor_id: int, starts_at: int, tz: str, minutes: int | None = None
+) -> Slot | None:
+    """The schedule's slot starting exactly at ``starts_at``, ignoring bookings and the clock:
+    the same answer as looking it up in ``day_slots``, with one query and no list of the day's
+    slots (every hold checks its time here, inside the one writer's transaction)."""
     if minutes is None:
-        return None
-    for s in day_slots(db, doctor_id, local_date(starts_at, tz), tz, minutes):
-        if s.starts_at == starts_at:
-            return s
-    return None
+        minutes = _visit_minutes(db, doctor_id)
+        if minutes is None:
+            return None
+    day = local_date(starts_at, tz)
+    iso = day.isoformat()
+    rows = db.execute(
+        "SELECT 'template', start_local, end_local FROM schedule_templates WHERE doctor_id = ?"
+        " AND weekday = ? AND (valid_from IS NULL OR valid_from <= ?)"
+        " AND (valid_until IS NULL OR valid_until >= ?)"
+        " UNION ALL SELECT kind, start_local, end_local FROM schedule_exceptions"
+        " WHERE doctor_id = ? AND day = ?",
+        [doctor_id, day.weekday(), iso, iso, doctor_id, iso],
+    ).fetchall()
+    step = minutes * 60
+    ends_at = starts_at + step
+    on_grid = False
+    for kind, start, end in rows:
+        if kind == "leave":
+            if not start or not end:
+                return None
+            if starts_at < local_ts(day, end, tz) and ends_at > local_ts(day, start, tz):
+                return None
+        elif kind == "template" or (kind == "extra" and start and end):
+            first, last = local_ts(day, start, tz), local_ts(day, end, tz)
+            on_grid = on_grid or (first <= starts_at and ends_at <= last and (starts_at - first) % step == 0)
+    return Slot(starts_at, ends_at) if on_grid else None
 
 
 # -- editing schedules ----------------------------------------------------------------

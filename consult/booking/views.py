@@ -7,10 +7,11 @@ from datetime import date, datetime, timedelta
 
 import aiohttp_jinja2
 from aiohttp import web
+from markupsafe import Markup
 
 from consult import booking
 from consult.audit.reads import audit_read
-from consult.booking import catalogue, ics, pages, schedules
+from consult.booking import catalogue, ics, pages, schedules, slotcache
 from consult.calls import links as calllinks
 from consult.clinical import reports
 from consult.core import keys, live, metrics, qr, security
@@ -25,11 +26,17 @@ NEXT_SLOTS = 4
 
 
 def setup(app: web.Application) -> None:
+    slotcache.setup(app)
     r = app.router
     r.add_get("/book", departments_page, name="book")
     r.add_get("/book/{department_id:[0-9]{1,18}}", doctors_page, name="book_department")
     r.add_get(
         "/book/{department_id:[0-9]{1,18}}/doctors/{doctor_id:[0-9]{1,18}}", slots_page, name="book_doctor"
+    )
+    r.add_get(
+        "/book/{department_id:[0-9]{1,18}}/doctors/{doctor_id:[0-9]{1,18}}/days/{day}",
+        slots_day_fragment,
+        name="book_doctor_day",
     )
     r.add_post("/book/hold", hold_submit, name="book_hold")
     r.add_get("/visits/{public_id}", visit_page, name="visit")
@@ -64,52 +71,79 @@ def _part_of_day(hour: int) -> str:
     return pgettext("time of day", "Evening")
 
 
-def day_strip(
-    slots: list[schedules.Slot], tz: str, *, now: float, until: float, late_s: float, chosen: str | None
-) -> tuple[list[dict], dict | None]:
-    """Every local day from today to ``until``, each with its slots grouped by part of the day,
-    how many are free and whether any is inside the no-change window (``late_s`` from ``now``);
-    and the day shown: ``chosen`` (an ISO date) if it has a free slot, else the first day with one."""
-    today, last = to_local(now, tz).date(), to_local(until, tz).date()
-    days: dict[date, dict] = {}
-    day = today
-    while day <= last:
-        if day == today:
-            name = _("Today")
-        elif day == today + timedelta(days=1):
-            name = _("Tomorrow")
-        else:
-            name = weekday_name(day.weekday())
-        days[day] = {
-            "date": day.isoformat(),
-            "name": name,
-            "short": _("%(month)d/%(day)d") % {"month": day.month, "day": day.day},
-            "words": day_words(datetime(day.year, day.month, day.day)),
-            "groups": [],
-            "free": 0,
-            "late": False,
-        }
-        day += timedelta(days=1)
+def _day_names(day: date, today: date) -> dict:
+    if day == today:
+        name = _("Today")
+    elif day == today + timedelta(days=1):
+        name = _("Tomorrow")
+    else:
+        name = weekday_name(day.weekday())
+    return {
+        "date": day.isoformat(),
+        "name": name,
+        "short": _("%(month)d/%(day)d") % {"month": day.month, "day": day.day},
+        "words": day_words(datetime(day.year, day.month, day.day)),
+    }
+
+
+def day_groups(slots: list[schedules.Slot], tz: str, *, now: float, late_s: float) -> list[dict]:
+    """One day's slots grouped by part of the day, each labelled and marked taken or late."""
+    groups: list[dict] = []
     for s in slots:
         local = to_local(s.starts_at, tz)
-        entry = days.get(local.date())
-        if entry is None:
-            continue
         late = not s.taken and s.starts_at - now < late_s
         part = _part_of_day(local.hour)
-        if not entry["groups"] or entry["groups"][-1]["name"] != part:
-            entry["groups"].append({"name": part, "slots": []})
-        entry["groups"][-1]["slots"].append(
+        if not groups or groups[-1]["name"] != part:
+            groups.append({"name": part, "slots": []})
+        groups[-1]["slots"].append(
             {"starts_at": s.starts_at, "label": f"{local:%H:%M}", "taken": s.taken, "late": late}
         )
-        entry["free"] += 0 if s.taken else 1
-        entry["late"] = entry["late"] or late
-    strip = list(days.values())
+    return groups
+
+
+def day_strip(
+    by_day: dict[date, list[schedules.Slot]],
+    tz: str,
+    *,
+    now: float,
+    until: float,
+    late_s: float,
+    chosen: str | None,
+) -> tuple[list[dict], dict | None]:
+    """Every local day from today to ``until`` with how many slots it has, how many are free and
+    whether a free one is inside the no-change window (``late_s`` from ``now``); and the day shown,
+    ``chosen`` (an ISO date) if it has a free slot, else the first day with one. Only the shown
+    day gets its slots labelled and grouped (``groups``); the others are fetched when chosen."""
+    today, last = to_local(now, tz).date(), to_local(until, tz).date()
+    strip: list[dict] = []
+    day = today
+    while day <= last:
+        found = by_day.get(day, [])
+        entry = _day_names(day, today)
+        entry["slots"] = found
+        entry["total"] = len(found)
+        entry["free"] = sum(1 for s in found if not s.taken)
+        entry["late"] = any(not s.taken and s.starts_at - now < late_s for s in found)
+        entry["groups"] = []
+        strip.append(entry)
+        day += timedelta(days=1)
     shown = next((d for d in strip if d["date"] == chosen and d["free"]), None)
     shown = shown or next((d for d in strip if d["free"]), None)
     for d in strip:
         d["shown"] = d is shown
+    if shown is not None:
+        shown["groups"] = day_groups(shown["slots"], tz, now=now, late_s=late_s)
     return strip, shown
+
+
+def parse_day(value: str | None) -> date | None:
+    """An ISO date (YYYY-MM-DD) from a URL, or None for anything else."""
+    if not value or len(value) != 10:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        return None
 
 
 def _int(value: str | None, what: str) -> int:
@@ -166,38 +200,116 @@ async def doctors_page(request: web.Request) -> web.Response:
 async def _slots_context(
     request: web.Request, department_id: int, doctor_id: int, chosen: str | None = None
 ) -> dict:
+    """The slot page: the doctor, the date strip and the chosen day's times. The strip and the
+    day are the same for every patient, so they are rendered once and kept (``slotcache``)
+    until a booking changes the doctor's visits or a second has passed."""
     settings = request.app[keys.SETTINGS]
     locale = request[keys.LOCALE]
     now = time.time()
     horizon = now + BOOKING_DAYS * 86400
-    found = await request.app[keys.DB].execute_fn(
-        lambda db: pages.doctor_slots(
-            db,
-            department_id,
-            doctor_id,
-            now=now,
-            horizon=horizon,
-            tz=settings.timezone,
-            lead_s=settings.booking_lead_minutes * 60,
+    wanted = parse_day(chosen)
+    if wanted is not None and not (
+        to_local(now, settings.timezone).date() <= wanted <= to_local(horizon, settings.timezone).date()
+    ):
+        wanted = None  # a day not on the strip: the first day with a free time, as for none
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    key = ("page", department_id, locale, wanted)
+    shown = cache.get(doctor_id, key) if cache is not None else None
+    if shown is None:
+        version = cache.version(doctor_id) if cache is not None else None
+        found = await request.app[keys.DB].execute_fn(
+            lambda db: pages.doctor_slots(
+                db,
+                department_id,
+                doctor_id,
+                now=now,
+                horizon=horizon,
+                tz=settings.timezone,
+                lead_s=settings.booking_lead_minutes * 60,
+            )
         )
-    )
-    days, shown = day_strip(
-        found["slots"],
-        settings.timezone,
-        now=now,
-        until=horizon,
-        late_s=settings.cancel_free_hours * 3600,
-        chosen=chosen,
-    )
-    return {
-        "department": catalogue.department_view(found["dep"], locale),
-        "doctor": catalogue.doctor_view(found["doc"], locale),
-        "days": days,
-        "shown": shown,
-        "change_hours": round(settings.cancel_free_hours),
-        "hold_minutes": settings.hold_minutes,
-        "error": None,
-    }
+        days, day = day_strip(
+            found["by_day"],
+            settings.timezone,
+            now=now,
+            until=horizon,
+            late_s=settings.cancel_free_hours * 3600,
+            chosen=wanted.isoformat() if wanted else None,
+        )
+        parts = {
+            "department": catalogue.department_view(found["dep"], locale),
+            "doctor": catalogue.doctor_view(found["doc"], locale),
+            "days": days,
+            "d": day,
+            "change_hours": round(settings.cancel_free_hours),
+        }
+        shown = {
+            "department": parts["department"],
+            "doctor": parts["doctor"],
+            "strip_html": _rendered("_slot_strip.html", request, parts),
+            "panel_html": _rendered("_slot_day.html", request, parts) if day else None,
+        }
+        if cache is not None:
+            cache.put(doctor_id, key, shown, version)
+            taken = frozenset(
+                s.starts_at for found_day in found["by_day"].values() for s in found_day if s.taken
+            )
+            cache.put(doctor_id, TAKEN_KEY, taken, version)
+    return {**shown, "hold_minutes": settings.hold_minutes, "error": None}
+
+
+def _rendered(template: str, request: web.Request, context: dict) -> Markup:
+    """A partial rendered by the autoescaping environment, to be placed in a page as it is."""
+    return Markup(aiohttp_jinja2.render_string(template, request, context))  # noqa: S704 - escaped
+
+
+async def _day_context(request: web.Request, department_id: int, doctor_id: int, day: date | None) -> dict:
+    """One day of the slot page (the panel the date strip shows, rendered: ``panel_html``): only
+    that day's slots and bookings, kept like the page's (``slotcache``). A day that is not one of
+    the strip's is refused with a clear message."""
+    settings = request.app[keys.SETTINGS]
+    tz = settings.timezone
+    locale = request[keys.LOCALE]
+    now = time.time()
+    horizon = now + BOOKING_DAYS * 86400
+    today = to_local(now, tz).date()
+    if day is None or not today <= day <= to_local(horizon, tz).date():
+        raise BadRequest(_("Please pick a day from the list."), code="bad_day")
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    key = ("day", department_id, locale, day)
+    kept = cache.get(doctor_id, key) if cache is not None else None
+    if kept is None:
+        version = cache.version(doctor_id) if cache is not None else None
+        since = max(now, schedules.local_ts(day, "00:00", tz))
+        until = min(horizon, schedules.local_ts(day + timedelta(days=1), "00:00", tz))
+        found = await request.app[keys.DB].execute_fn(
+            lambda db: pages.doctor_slots(
+                db,
+                department_id,
+                doctor_id,
+                now=now,
+                since=since,
+                horizon=until,
+                tz=tz,
+                lead_s=settings.booking_lead_minutes * 60,
+            )
+        )
+        slots = found["by_day"].get(day, [])
+        late_s = settings.cancel_free_hours * 3600
+        entry = _day_names(day, today)
+        entry["free"] = sum(1 for s in slots if not s.taken)
+        entry["late"] = any(not s.taken and s.starts_at - now < late_s for s in slots)
+        entry["groups"] = day_groups(slots, tz, now=now, late_s=late_s)
+        parts = {"d": entry, "change_hours": round(settings.cancel_free_hours)}
+        kept = {
+            "department": catalogue.department_view(found["dep"], locale),
+            "doctor": catalogue.doctor_view(found["doc"], locale),
+            "d": {"date": entry["date"]},
+            "panel_html": _rendered("_slot_day.html", request, parts),
+        }
+        if cache is not None:
+            cache.put(doctor_id, key, kept, version)
+    return {**kept, "error": None}
 
 
 async def slots_page(request: web.Request) -> web.Response:
@@ -211,6 +323,21 @@ async def slots_page(request: web.Request) -> web.Response:
     return aiohttp_jinja2.render_template("book_slots.html", request, ctx)
 
 
+async def slots_day_fragment(request: web.Request) -> web.Response:
+    """One day's panel of the slot page, for the date strip to show without reloading the page;
+    the same permission as the page. Without script the strip's ``?day=`` links do the same."""
+    security.require(request, "patient")
+    ctx = await _day_context(
+        request,
+        int(request.match_info["department_id"]),
+        int(request.match_info["doctor_id"]),
+        parse_day(request.match_info["day"]),
+    )
+    return web.Response(
+        text=str(ctx["panel_html"]), content_type="text/html", headers={"Cache-Control": "no-store"}
+    )
+
+
 async def hold_submit(request: web.Request) -> web.StreamResponse:
     patient = security.require(request, "patient")
     data = await form(request)
@@ -218,6 +345,7 @@ async def hold_submit(request: web.Request) -> web.StreamResponse:
     department_id = _int(data.get("department_id"), "department")
     try:
         starts_at = _int(data.get("starts_at"), "time")
+        _refuse_if_known_taken(request, doctor_id, starts_at)
         visit = await booking.hold(
             request.app,
             patient,
@@ -229,21 +357,58 @@ async def hold_submit(request: web.Request) -> web.StreamResponse:
     except ConsultError as exc:
         if wants_json(request):
             return web.json_response({"error": exc.code, "message": exc.message}, status=exc.status)
-        tried = small_int(data.get("starts_at"), signed=True)
-        day = None
-        if tried is not None and 0 <= tried < 2**40:  # back to the day of the time that was refused
-            day = to_local(tried, request.app[keys.SETTINGS].timezone).date().isoformat()
-        ctx = await _slots_context(request, department_id, doctor_id, day)
-        ctx["error"] = exc.message
-        return aiohttp_jinja2.render_template("book_slots.html", request, ctx, status=exc.status)
+        return await _refused_hold(request, exc, department_id, doctor_id, data.get("starts_at"))
     metrics.count(request.app, "bookings")
-    location = request.app.router["visit"].url_for(public_id=visit["public_id"])
+    location = str(request.app.router["visit"].url_for(public_id=visit["public_id"]))
     if wants_json(request):
         return web.json_response(
-            {"public_id": visit["public_id"], "url": str(location), "hold_expires": visit["hold_expires"]},
+            {"public_id": visit["public_id"], "url": location, "hold_expires": visit["hold_expires"]},
             status=201,
         )
-    raise web.HTTPSeeOther(location)
+    # Returned, not raised: an exception through every middleware costs a rush's hold more than
+    # the redirect itself.
+    return web.Response(status=303, headers={"Location": location})
+
+
+TAKEN_KEY = ("taken",)
+
+
+def _refuse_if_known_taken(request: web.Request, doctor_id: int, starts_at: int) -> None:
+    """A time the kept slot page already shows as taken is refused here, without a turn of the
+    one writer: in a rush most holds are for times just taken, and they queued behind the holds
+    that could succeed. The kept page is dropped by every hold, cancellation and release in
+    this process, so it only errs for a second at most, and only ever towards "taken"; a time
+    not known taken goes to the database, where the UNIQUE index decides."""
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    taken = cache.get(doctor_id, TAKEN_KEY) if cache is not None else None
+    if taken is not None and starts_at in taken:
+        raise Conflict(booking.taken_message(), code="slot_taken")
+
+
+async def _refused_hold(
+    request: web.Request, exc: ConsultError, department_id: int, doctor_id: int, tried_value: str | None
+) -> web.Response:
+    """A refused hold (most often: the time was just taken) answers with a short page: why, and
+    the fresh times of the day that was tried, to pick another at once; not the whole two weeks."""
+    tz = request.app[keys.SETTINGS].timezone
+    tried = small_int(tried_value, signed=True)
+    day = None
+    if tried is not None and 0 <= tried < 2**40:  # back to the day of the time that was refused
+        day = to_local(tried, tz).date()
+    try:
+        ctx = await _day_context(request, department_id, doctor_id, day)
+    except BadRequest:  # a time outside the strip: the page says why and leads back to every day
+        dep, doc = await request.app[keys.DB].execute_fn(
+            lambda db: pages.department_doctor(db, department_id, doctor_id)
+        )
+        locale = request[keys.LOCALE]
+        ctx = {
+            "department": catalogue.department_view(dep, locale),
+            "doctor": catalogue.doctor_view(doc, locale),
+            "d": None,
+        }
+    ctx["error"] = exc.message
+    return aiohttp_jinja2.render_template("book_slot_refused.html", request, ctx, status=exc.status)
 
 
 # -- a visit --------------------------------------------------------------------------

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import logging
 import re
 import time
-from datetime import date, timedelta
+from collections.abc import Callable
+from datetime import date, datetime, timedelta
+from typing import NamedTuple
 from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
 
 import aiohttp_jinja2
+import sqlite_utils
 from aiohttp import web
+from markupsafe import Markup, escape
 
 from consult import sessionlog
 from consult.audit.reads import audit_read
@@ -123,41 +129,149 @@ def _filters(request: web.Request) -> sessionlog.Filters:
     return sessionlog.Filters.from_query(request.query)
 
 
+class ListRow(NamedTuple):
+    """One line of the session list, every cell HTML-safe already: the template only places them.
+
+    Made here because the page shows 50 of them per request, 8 admins at once (bench/admin.py):
+    the labels, links and local times the template used to work out cell by cell, and Jinja's
+    escaping and attribute lookup for each cell, were most of the page's cost. Build it with
+    `list_rows` only: the template unpacks it and writes the fields without escaping them again.
+    Text from the database or the catalogue is escaped there; times and numbers are made of
+    digits and punctuation only.
+    """
+
+    public_id: str
+    href: str
+    scheduled: str
+    department: str
+    doctor: str
+    patient: str
+    badge: str  # the badge's CSS class: ok, warn or nothing
+    outcome: str
+    end_reason: str
+    minutes: str
+    turn: str
+    reconnects: str
+
+
+_BADGES = {"completed": "ok", "failed": "warn", "no_show": "warn"}
+
+
+def local_minutes(tz: str) -> Callable[[float], str]:
+    """``ts -> "YYYY-MM-DD HH:MM"`` in ``tz`` (what the ``localtime`` filter shows), one zone lookup."""
+    zone = ZoneInfo(tz)
+
+    def fmt(ts: float) -> str:
+        d = datetime.fromtimestamp(ts, zone)
+        return f"{d.year:04d}-{d.month:02d}-{d.day:02d} {d.hour:02d}:{d.minute:02d}"
+
+    return fmt
+
+
+def list_rows(rows: list[sessionlog.PageRow], request: web.Request, tz: str) -> list[ListRow]:
+    """The page's rows in the reader's language, escaped, with the link to each session."""
+    outcomes = {k: str(escape(v)) for k, v in _outcome_labels().items()}
+    reasons = {k: str(escape(v)) for k, v in _end_reason_labels().items()}
+    zh = request.get(keys.LOCALE) == "zh_CN"
+    yes = str(escape(_("yes")))
+    when = local_minutes(tz)
+    # Every row's link from one URL built by the router, with the row's (escaped) id put in.
+    marker = "PUBLICIDMARK"
+    head, _m, tail = str(escape(request.app.router["session_admin"].url_for(public_id=marker))).partition(
+        marker
+    )
+    names: dict[str, str] = {}  # a page names a few doctors and departments many times: escape each once
+
+    def name(text: str) -> str:
+        safe = names.get(text)
+        if safe is None:
+            safe = names[text] = str(escape(text))
+        return safe
+
+    out = []
+    for (
+        _v,
+        start,
+        outcome,
+        end_reason,
+        seconds,
+        turn,
+        reconnects,
+        public_id,
+        patient,
+        doctor,
+        dep_en,
+        dep_zh,
+    ) in rows:
+        public_id = str(escape(public_id))
+        out.append(
+            ListRow(
+                public_id=public_id,
+                href=head + public_id + tail,
+                scheduled=when(start),
+                department=name(dep_zh if zh else dep_en),
+                doctor=name(doctor),
+                patient=str(escape(patient)),
+                badge=_BADGES.get(outcome, ""),
+                outcome=outcomes.get(outcome) or str(escape(outcome)),
+                end_reason=reasons.get(end_reason or "", ""),
+                minutes=f"{seconds / 60:.1f}",
+                turn=yes if turn else "",
+                reconnects=str(int(reconnects)),
+            )
+        )
+    return out
+
+
+def options(choices: list[tuple[int, str]], selected: int | None) -> list[tuple[Markup, Markup, bool]]:
+    """A select's options as (value, label, selected), escaped: 60 doctors on every list page."""
+    return [(escape(value), escape(label), value == selected) for value, label in choices]
+
+
+def _list_page_sync(
+    db: sqlite_utils.Database, f: sessionlog.Filters, cursor: tuple[int, int] | None, tz: str
+) -> tuple[list[sessionlog.PageRow], tuple[int, int] | None, dict]:
+    """The page and the filter form's choices in one read (one trip to the reader pool)."""
+    rows, next_cursor = sessionlog.list_page_sync(db, f, cursor, tz=tz)
+    return rows, next_cursor, sessionlog.filter_choices_sync(db)
+
+
 async def sessions_list(request: web.Request) -> web.Response:
     security.require(request, "admin")
     settings = request.app[keys.SETTINGS]
     db = request.app[keys.DB]
     f = _filters(request)
     cursor = sessionlog.decode_cursor(request.query.get("cursor"))
-    rows, next_cursor = await db.execute_fn(
-        lambda d: sessionlog.list_sessions_sync(d, f, cursor, tz=settings.timezone)
-    )
-    choices = await db.execute_fn(sessionlog.filter_choices_sync)
     # The list shows patients' names: one read entry per page, naming the search that was made.
-    await audit_read(request, "session.list", "session", None, None, filters=f.to_query(), page=bool(cursor))
+    # It is written (by the writer thread) while a reader fetches the page, and committed before
+    # the page is sent: neither waits for the other, and a page is never shown unaudited.
+    (rows, next_cursor, choices), _entry = await asyncio.gather(
+        db.execute_fn(lambda d: _list_page_sync(d, f, cursor, settings.timezone)),
+        audit_read(request, "session.list", "session", None, None, filters=f.to_query(), page=bool(cursor)),
+    )
     base = f.to_query()
+    zh = request.get(keys.LOCALE) == "zh_CN"
+    admin_url = str(request.app.router["sessions_admin"].url_for())
     return aiohttp_jinja2.render_template(
         "sessions_list.html",
         request,
         {
-            "rows": rows,
+            "rows": list_rows(rows, request, settings.timezone),
             "filters": f,
             "query": base,
-            "choices": choices,
+            "departments": options(
+                [(d["id"], d["name_zh"] if zh else d["name_en"]) for d in choices["departments"]],
+                f.department_id,
+            ),
+            "doctors": options([(d["id"], d["display_name"]) for d in choices["doctors"]], f.doctor_id),
             "outcomes": _outcome_labels(),
             "end_reasons": _end_reason_labels(),
-            "device_label": device_label,
             "next_url": (
-                str(request.app.router["sessions_admin"].url_for())
-                + "?"
-                + urlencode({**base, "cursor": sessionlog.encode_cursor(*next_cursor)})
-            )
-            if next_cursor
-            else None,
-            "first_url": str(request.app.router["sessions_admin"].url_for())
-            + ("?" + urlencode(base) if base else "")
-            if cursor
-            else None,
+                admin_url + "?" + urlencode({**base, "cursor": sessionlog.encode_cursor(*next_cursor)})
+                if next_cursor
+                else None
+            ),
+            "first_url": admin_url + ("?" + urlencode(base) if base else "") if cursor else None,
             "csv_url": str(request.app.router["sessions_csv"].url_for())
             + ("?" + urlencode(base) if base else ""),
         },

@@ -68,4 +68,3 @@ def make_database_url(request: pytest.FixtureRequest) -> Iterator[Callable[[], s
 def database_url(make_database_url: Callable[[], str]) -> str:
     """Empty on SQLite (the file in data_dir); on PostgreSQL a fresh database for this test."""
     return make_database_url()
-
