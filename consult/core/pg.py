@@ -65,6 +65,7 @@ _LIKE = re.compile(r"\bNOT\s+LIKE\b|\bLIKE\b", re.IGNORECASE)
 _MAX2 = re.compile(r"\b(max|min)\(\s*([^(),]+?)\s*,\s*([^(),]+?)\s*\)", re.IGNORECASE)
 _CREATE_TABLE = re.compile(r"\s*CREATE\s+TABLE\b", re.IGNORECASE)
 _ADD_COLUMN = re.compile(r"\s*ALTER\s+TABLE\s+\S+\s+ADD\s+COLUMN\b", re.IGNORECASE)
+_GROUP_CONCAT = re.compile(r"\bgroup_concat\(", re.IGNORECASE)
 _CAST_REAL = re.compile(r"\bAS\s+REAL\b", re.IGNORECASE)
 
 
@@ -75,6 +76,7 @@ def _rewrite_code(code: str) -> str:
         lambda m: f"{'GREATEST' if m.group(1).lower() == 'max' else 'LEAST'}({m.group(2)}, {m.group(3)})",
         code,
     )
+    code = _GROUP_CONCAT.sub("string_agg(", code)  # always with its separator in our SQL
     return _CAST_REAL.sub("AS DOUBLE PRECISION", code)
 
 
