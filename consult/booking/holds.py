@@ -132,7 +132,8 @@ def hold_sync(
         "SELECT d.fee_minor, d.currency, d.active, d.visit_minutes, u.active AS user_active,"
         " (SELECT dd.department_id FROM doctor_departments dd JOIN departments dep"
         " ON dep.id = dd.department_id WHERE dd.doctor_id = d.user_id AND dep.active = 1"
-        " AND (?1 IS NULL OR dd.department_id = ?1) ORDER BY dep.sort, dep.id LIMIT 1) AS department_id"
+        " AND (CAST(?1 AS INTEGER) IS NULL OR dd.department_id = ?1) ORDER BY dep.sort, dep.id LIMIT 1)"
+        " AS department_id"
         " FROM doctors d JOIN users u ON u.id = d.user_id WHERE d.user_id = ?2",
         [department_id, doctor_id],
     ).fetchone()

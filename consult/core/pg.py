@@ -55,6 +55,7 @@ _TOKEN = re.compile(
     (?P<str>'(?:[^']|'')*')            # a string literal
   | (?P<ident>"(?:[^"]|"")*")          # a quoted identifier
   | (?P<comment>--[^\n]*)              # a line comment
+  | (?P<numbered>\?\d+)                # numbered placeholder (?1, ?2: SQLite's)
   | (?P<qmark>\?)                      # positional placeholder
   | (?P<named>(?<![:\w]):[A-Za-z_]\w*) # named placeholder
   | (?P<pct>%)                         # psycopg's own placeholder character
@@ -100,6 +101,8 @@ def translate(sql: str) -> str:
         kind = m.lastgroup
         if kind == "qmark":
             code.append("%s")
+        elif kind == "numbered":
+            code.append(f"%(_{m.group(0)[1:]})s")  # the list of values becomes a dict (Handle)
         elif kind == "named":
             code.append(f"%({m.group(0)[1:]})s")
         elif kind == "pct":
@@ -251,6 +254,8 @@ class Handle:
         query = translate(sql)
         cur = self.raw.cursor(row_factory=row_factory)
         args = params if params else None
+        if args is not None and not isinstance(args, dict) and "%(_" in query:
+            args = {f"_{i}": value for i, value in enumerate(args, 1)}
         if self.writing and self.conn.in_transaction and _changes_data(sql):
             self._savepoint += 1
             name = f"consult_sp{self._savepoint}"
