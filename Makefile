@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DATA ?= data
 
-.PHONY: run test test-deps lint install install-dev clean
+.PHONY: run test test-postgresql test-deps lint install install-dev clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,11 +32,21 @@ lint: install-dev
 test-deps:
 	bash scripts/install-test-deps.sh
 
+# Every test on SQLite (the embedded default), then every test that is not a browser test on
+# PostgreSQL (a throwaway server the harness starts; tests about the SQLite file itself skip).
+# The browser tests' server code is the same on both engines; the cluster's browser test runs
+# on PostgreSQL in the first pass.
+ENGINE_TESTS := $(filter-out tests/test_browser_%,$(wildcard tests/test_*.py))
+
 test:
 	bash scripts/install-test-deps.sh
 	@$(MAKE) --no-print-directory install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
+	CONSULT_TEST_ENGINE=postgresql $(VENV)/bin/python -m pytest $(ENGINE_TESTS)
+
+test-postgresql: install-dev
+	CONSULT_TEST_ENGINE=postgresql $(VENV)/bin/python -m pytest $(ENGINE_TESTS)
 
 clean:
 	rm -rf $(VENV) $(DATA) certs/*.pem

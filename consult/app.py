@@ -30,11 +30,12 @@ from consult.calls import views as call_views
 from consult.calls.policy import room_sweeper, setup_calls
 from consult.clinical import prescription_views, report_views, reports, uploads
 from consult.clinical.signing import SIGNING_KEY, KeyHolder
-from consult.core import jobs, keys, live, metrics, proxy, security
+from consult.core import jobs, keys, leader, live, metrics, proxy, security
 from consult.core.config import Settings, ensure_secrets, for_mode
-from consult.core.db import Database, keep_statistics
+from consult.core.db import keep_statistics
+from consult.core.engine import open_database
 from consult.core.middleware import context_middleware, csrf_middleware, errors_middleware
-from consult.core.migrations import migrate
+from consult.core.migrations import migrate_settings
 from consult.core.outbox import OutboxNotifier, OutboxSms
 from consult.core.templates import setup_static, setup_templates
 from consult.payments import views as payment_views
@@ -82,7 +83,10 @@ def create_app(settings: Settings) -> web.Application:
     payments.register_jobs(runner)  # "refund", and the sweep for paid payments left unrefunded
     booking.register_jobs(runner)  # "notify": confirmations, cancellations, moves, reminders
     app[uploads.IN_FLIGHT] = uploads.InFlight()
-    live.setup(app)  # pages that update themselves: the clinic board, the running-late notice
+    # Pages that update themselves (the clinic board, the running-late notice); with PostgreSQL
+    # their nudges also reach the other nodes (LISTEN/NOTIFY).
+    live.setup(app, settings.database_url)
+    leader.setup(app, settings.database_url)  # which node runs the periodic sweeps
     setup_templates(app, settings)
     app.on_response_prepare.append(security.add_security_headers)
 
@@ -107,9 +111,8 @@ def create_app(settings: Settings) -> web.Application:
 async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    path = settings.data_dir / "consult.db"
-    migrate(path)
-    db = Database(path)
+    migrate_settings(settings)
+    db = open_database(settings)
     app[keys.DB] = db
     app[keys.SESSIONS] = Sessions(
         db, settings.session_idle_minutes * 60, settings.session_absolute_hours * 3600

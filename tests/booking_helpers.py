@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from consult.booking import catalogue, schedules
 from consult.core.config import Settings
-from consult.core.db import Database
+from consult.core.engine import open_database
 from tests.conftest import csrf_of, login
 
 # Every day, 00:00-23:45 local: a slot is always a few minutes away, whatever the clock says.
@@ -24,7 +24,7 @@ class Clinic:
 def make_clinic(settings: Settings, make_user, *, doctors: int = 1, minutes: int = 15) -> Clinic:
     admin_id = make_user("admin", login="boss", name="Admin")
     doctor_ids = [make_user("doctor", login=f"doc{i}", name=f"Doctor {i}") for i in range(doctors)]
-    db = Database(settings.data_dir / "consult.db")
+    db = open_database(settings)
 
     def write(d) -> int:
         dep = catalogue.save_department_sync(
@@ -53,7 +53,7 @@ def make_clinic(settings: Settings, make_user, *, doctors: int = 1, minutes: int
 
 def free_slots(settings: Settings, doctor_id: int, after_s: float, count: int = 5) -> list[schedules.Slot]:
     """The first free slots starting at least ``after_s`` from now."""
-    db = Database(settings.data_dir / "consult.db")
+    db = open_database(settings)
     now = time.time()
     try:
         found = db.read_sync(
@@ -73,7 +73,7 @@ def free_slots(settings: Settings, doctor_id: int, after_s: float, count: int = 
 
 
 def visit_row(settings: Settings, public_id: str) -> dict:
-    db = Database(settings.data_dir / "consult.db")
+    db = open_database(settings)
     try:
         return db.read_sync(
             lambda d: dict(d.execute("SELECT * FROM visits WHERE public_id = ?", [public_id]).fetchone())
@@ -83,7 +83,7 @@ def visit_row(settings: Settings, public_id: str) -> dict:
 
 
 def write(settings: Settings, fn):
-    db = Database(settings.data_dir / "consult.db")
+    db = open_database(settings)
     try:
         return db.write_sync(fn)
     finally:
@@ -91,7 +91,7 @@ def write(settings: Settings, fn):
 
 
 def read(settings: Settings, fn):
-    db = Database(settings.data_dir / "consult.db")
+    db = open_database(settings)
     try:
         return db.read_sync(fn)
     finally:

@@ -12,7 +12,9 @@ from consult.accounts.passwords import Passwords
 from consult.app import create_app
 from consult.core.config import Settings, load_settings
 from consult.core.db import Database
-from consult.core.migrations import migrate
+from consult.core.engine import open_database
+from consult.core.migrations import migrate_settings
+from tests.harness.engine import *  # noqa: F403
 from tests.harness.fixtures import *  # noqa: F403
 from tests.harness.programs import missing_packages
 from tests.language_check import Found, make_middleware
@@ -144,18 +146,32 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def settings(data_dir: Path, request: pytest.FixtureRequest) -> Settings:
+def settings(data_dir: Path, database_url: str, request: pytest.FixtureRequest) -> Settings:
     return load_settings(
-        env={}, data_dir=data_dir, tls=False, default_locale=locale_for(request), **IN_PROCESS
+        env={},
+        data_dir=data_dir,
+        database_url=database_url,
+        tls=False,
+        default_locale=locale_for(request),
+        **IN_PROCESS,
     )
 
 
 @pytest.fixture
-def make_settings(data_dir: Path, request: pytest.FixtureRequest) -> Callable[..., Settings]:
+def make_settings(
+    data_dir: Path, database_url: str, request: pytest.FixtureRequest
+) -> Callable[..., Settings]:
     locale = locale_for(request)
 
     def make(**overrides) -> Settings:
-        values = {"data_dir": data_dir, "tls": False, "default_locale": locale, **IN_PROCESS, **overrides}
+        values = {
+            "data_dir": data_dir,
+            "database_url": database_url,
+            "tls": False,
+            "default_locale": locale,
+            **IN_PROCESS,
+            **overrides,
+        }
         return load_settings(env={}, **values)
 
     return make
@@ -163,8 +179,8 @@ def make_settings(data_dir: Path, request: pytest.FixtureRequest) -> Callable[..
 
 @pytest.fixture
 def database(settings: Settings) -> Database:
-    migrate(settings.data_dir / "consult.db")
-    db = Database(settings.data_dir / "consult.db")
+    migrate_settings(settings)
+    db = open_database(settings)
     yield db
     db.close()
 
@@ -180,8 +196,8 @@ def make_user(settings: Settings) -> Callable[..., int]:
         password: str = "correct horse",
         name: str = "Test Person",
     ) -> int:
-        migrate(settings.data_dir / "consult.db")
-        db = Database(settings.data_dir / "consult.db")
+        migrate_settings(settings)
+        db = open_database(settings)
         kwargs = {"phone": login or "13900000001"} if role == "patient" else {"username": login or role}
         return db.write_sync(
             lambda d: accounts.create_user_sync(

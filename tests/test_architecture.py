@@ -234,9 +234,8 @@ def test_only_the_composition_root_imports_views(graph: dict[str, set[str]]) -> 
         for module, deps in graph.items()
         if module != "consult.app"
         for dep in deps
-        if (is_view_module(dep) and package_of(dep) != package_of(module)) or (
-            is_view_module(dep) and not is_view_module(module)
-        )
+        if (is_view_module(dep) and package_of(dep) != package_of(module))
+        or (is_view_module(dep) and not is_view_module(module))
     ]
     assert not wrong, "a lower layer imports views:\n" + "\n".join(wrong)
 

@@ -18,6 +18,7 @@ from consult import booking
 from consult.calls import links as calllinks
 from consult.core.config import ensure_secrets
 from consult.core.db import Database
+from consult.core.engine import open_database
 from consult.core.migrations import migrate
 from consult.ops import backup as backups
 from tests.booking_helpers import free_slots, make_clinic, write
@@ -361,7 +362,7 @@ async def test_backup_under_write_load_restores_and_keeps_call_links(tmp_path, m
         slots = free_slots(settings, clinic.doctor_ids[0], 0, count=40)
         # A confirmed visit starting within the call link's early window, and its patient link.
         public_id = await _hold(session, server.origin, csrf, clinic, slots[0].starts_at)
-        db = Database(settings.data_dir / "consult.db")
+        db = open_database(settings)
         visit = db.read_sync(
             lambda d: dict(d.execute("SELECT * FROM visits WHERE public_id = ?", [public_id]).fetchone())
         )

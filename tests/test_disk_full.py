@@ -25,6 +25,7 @@ from consult.audit import chain as audit_chain
 from consult.core import health
 from consult.core.config import load_settings
 from consult.core.db import Database
+from consult.core.engine import open_database
 from consult.core.migrations import migrate
 from tests.booking_helpers import free_slots, make_clinic
 from tests.conftest import FAST_ARGON2, csrf_of, login
@@ -183,7 +184,7 @@ def _make_user_in(settings):
     passwords = Passwords(1, 1024)
 
     def make(role="patient", login=None, password="correct horse", name="Test Person"):
-        db = Database(settings.data_dir / "consult.db")
+        db = open_database(settings)
         kwargs = {"phone": login or "13900000001"} if role == "patient" else {"username": login or role}
         try:
             return db.write_sync(

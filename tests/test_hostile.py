@@ -24,6 +24,7 @@ from yarl import URL
 
 from consult.app import create_app
 from consult.core.db import Database
+from consult.core.engine import open_database
 from tests.account_helpers import register
 from tests.booking_helpers import make_clinic
 from tests.conftest import csrf_of, login
@@ -114,7 +115,7 @@ class World:
     ids: dict[str, Any] = field(default_factory=dict)
 
     def db(self) -> Database:
-        return Database(self.settings.data_dir / "consult.db")
+        return open_database(self.settings)
 
     def read(self, fn):
         db = self.db()

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from consult.core.db import Database
+from consult.core.engine import open_database
 from tests.booking_helpers import make_clinic
 from tests.conftest import login
 
@@ -15,7 +15,7 @@ async def test_patient_home_lists_reports_receipts_and_prescriptions(client, set
     patient = make_user("patient", "13900000077", name="Home Patient")
     other = make_user("patient", "13900000078", name="Other Patient")
     now = time.time()
-    db = Database(settings.data_dir / "consult.db")
+    db = open_database(settings)
 
     def write(d) -> None:
         for pid, public_id, order in ((patient, "visit-home-1", "ORD-HOME-1"), (other, "visit-x", "ORD-X")):

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from consult.clinical import signing
 from consult.clinical.signing import SIGNING_KEY
 from consult.core.db import Database
+from consult.core.engine import open_database
 from tests.conftest import csrf_of, login
 
 PATIENT, OTHER_PATIENT = "13900000001", "13900000002"
@@ -94,7 +95,7 @@ def build_clinic(client, settings, make_user) -> Clinic:
     doctor = make_user("doctor", DOCTOR, name="Dr Wang")
     other_doctor = make_user("doctor", OTHER_DOCTOR, name="Dr Li")
     admin = make_user("admin", ADMIN, name="Clerk")
-    db = Database(settings.data_dir / "consult.db")
+    db = open_database(settings)
 
     def write(d) -> None:
         d.execute("INSERT INTO departments (code, name_zh, name_en) VALUES ('resp', '呼吸科', 'Respiratory')")

@@ -19,7 +19,6 @@ from tests.test_recording import Client
 pytestmark = pytest.mark.netns  # real WebRTC media, coturn or the server on the bridge
 
 
-
 def recording_app(tmp_path: Path, *, host: bool = True, guest: bool = True, enabled: bool = True):
     policy = InMemoryPolicy()
     now = time.time()

@@ -16,6 +16,7 @@ from PIL import Image
 
 from consult.core import metrics
 from consult.core.db import Database
+from consult.core.engine import open_database
 from tests.conftest import csrf_of, login
 
 PATIENT, OTHER_PATIENT = "13900000001", "13900000002"
@@ -43,7 +44,7 @@ def build_world(client, settings, make_user, *, starts_in: float = 2 * 86400, fe
     doctor = make_user("doctor", DOCTOR, name="Dr Wang")
     other_doctor = make_user("doctor", OTHER_DOCTOR, name="Dr Li")
     admin = make_user("admin", ADMIN, name="Cashier")
-    db = Database(settings.data_dir / "consult.db")
+    db = open_database(settings)
     now = time.time()
     starts = int(now + starts_in)
     public_id = secrets.token_urlsafe(12)

@@ -15,7 +15,7 @@ from typing import Any
 import sqlite_utils
 
 from consult.audit import chain as audit
-from consult.core.db import Database
+from consult.core.db import Database, IntegrityError
 from consult.core.errors import BadRequest, Conflict
 from consult.core.i18n import _
 
@@ -119,14 +119,14 @@ def create_user_sync(
     try:
         cur = db.execute(
             "INSERT INTO users (role, username, phone, display_name, password_hash, locale, created,"
-            " password_changed) VALUES (?,?,?,?,?,?,?,?)",
+            " password_changed) VALUES (?,?,?,?,?,?,?,?) RETURNING id",
             [role, username, phone, display_name.strip(), password_hash, locale, now, now],
         )
-    except sqlite3.IntegrityError:
+    except IntegrityError:
         if phone:
             raise Conflict(_("An account with this mobile number already exists.")) from None
         raise Conflict(_("This username is taken.")) from None
-    user_id = cur.lastrowid
+    user_id = cur.fetchone()[0]
     assert user_id is not None
     audit.record(
         db,
@@ -196,8 +196,8 @@ def set_password_sync(
     entry by ``actor`` (``role`` overrides, e.g. ``"cli"``); without it nothing is audited.
     """
     db.execute(
-        "UPDATE users SET password_hash = ?, password_changed = strftime('%s','now') WHERE id = ?",
-        [password_hash, user_id],
+        "UPDATE users SET password_hash = ?, password_changed = ? WHERE id = ?",
+        [password_hash, time.time(), user_id],
     )
     db.execute("DELETE FROM sessions WHERE user_id = ?", [user_id])
     if action is not None:
@@ -207,7 +207,6 @@ def set_password_sync(
 
 
 class Sessions:
-
     def __init__(self, db: Database, idle_s: float, absolute_s: float) -> None:
         self.db = db
         self.idle_s = idle_s

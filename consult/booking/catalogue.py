@@ -7,7 +7,6 @@ falls back to the other one when a translation is missing.
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
 from typing import Any
 
@@ -15,6 +14,7 @@ import sqlite_utils
 
 from consult.audit import chain as audit
 from consult.booking import schedules
+from consult.core.db import IntegrityError
 from consult.core.errors import BadRequest, Conflict, NotFound
 from consult.core.i18n import _
 
@@ -80,10 +80,10 @@ def save_department_sync(
         if department_id is None:
             cur = db.execute(
                 "INSERT INTO departments (code, name_zh, name_en, description_zh, description_en, active,"
-                " sort) VALUES (?,?,?,?,?,?,?)",
+                " sort) VALUES (?,?,?,?,?,?,?) RETURNING id",
                 values,
             )
-            department_id = int(cur.lastrowid or 0)
+            department_id = int(cur.fetchone()[0])
         else:
             cur = db.execute(
                 "UPDATE departments SET code = ?, name_zh = ?, name_en = ?, description_zh = ?,"
@@ -92,7 +92,7 @@ def save_department_sync(
             )
             if cur.rowcount == 0:
                 raise NotFound(_("No such department."))
-    except sqlite3.IntegrityError:
+    except IntegrityError:
         raise Conflict(_("Another department already uses this code.")) from None
     audit.record(
         db, "catalogue.department_save", "department", department_id, actor=actor, detail={"code": code}

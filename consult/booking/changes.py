@@ -30,6 +30,7 @@ from consult.booking.holds import (
 from consult.booking.notices import enqueue_notice_sync
 from consult.booking.visits import OPEN_STATUSES, visit_access
 from consult.core import jobs, keys
+from consult.core.db import IntegrityError
 from consult.core.errors import BadRequest, Conflict, Forbidden, NotFound
 from consult.core.i18n import _
 
@@ -123,7 +124,7 @@ def reschedule_sync(
             " needs_reschedule = 0, updated = ? WHERE id = ?",
             [slot.starts_at, slot.ends_at, secrets.token_urlsafe(16), now, visit_id],
         )
-    except sqlite3.IntegrityError:
+    except IntegrityError:
         raise Conflict(taken_message(), code="slot_taken") from None
     if doctor_busy(db, v["doctor_id"], slot.starts_at, slot.ends_at, exclude=visit_id):
         raise Conflict(taken_message(), code="slot_taken")

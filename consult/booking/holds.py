@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +23,8 @@ from aiohttp import web
 from consult.audit import chain as audit
 from consult.booking import schedules, slotcache
 from consult.booking.notices import REMINDER_DAY, enqueue_notice_sync, reminders_due_sync
-from consult.core import jobs, keys
+from consult.core import jobs, keys, leader
+from consult.core.db import IntegrityError
 from consult.core.errors import BadRequest, Conflict, NotFound
 from consult.core.i18n import _
 from consult.core.ids import new_public_id
@@ -132,7 +132,8 @@ def hold_sync(
         "SELECT d.fee_minor, d.currency, d.active, d.visit_minutes, u.active AS user_active,"
         " (SELECT dd.department_id FROM doctor_departments dd JOIN departments dep"
         " ON dep.id = dd.department_id WHERE dd.doctor_id = d.user_id AND dep.active = 1"
-        " AND (?1 IS NULL OR dd.department_id = ?1) ORDER BY dep.sort, dep.id LIMIT 1) AS department_id"
+        " AND (CAST(?1 AS INTEGER) IS NULL OR dd.department_id = ?1) ORDER BY dep.sort, dep.id LIMIT 1)"
+        " AS department_id"
         " FROM doctors d JOIN users u ON u.id = d.user_id WHERE d.user_id = ?2",
         [department_id, doctor_id],
     ).fetchone()
@@ -176,15 +177,15 @@ def hold_sync(
     }
     try:
         cur = _insert_visit(db, visit)
-    except sqlite3.IntegrityError:
+    except IntegrityError:
         # A hold on this very slot that ran out but is not marked expired yet: mark it, try once more.
         if not _expire_slot(db, doctor_id, slot.starts_at, now):
             raise Conflict(taken_message(), code="slot_taken") from None
         try:
             cur = _insert_visit(db, visit)
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             raise Conflict(taken_message(), code="slot_taken") from None
-    visit["id"] = cur.lastrowid
+    visit["id"] = cur.fetchone()[0]
     audit_visit(db, patient, "visit.hold", visit, remote, starts_at=slot.starts_at, doctor_id=doctor_id)
     return visit
 
@@ -202,12 +203,12 @@ _BUSY_BOTH = "SELECT ({}), ({})".format(
 )
 
 
-def _insert_visit(db: sqlite_utils.Database, visit: dict) -> sqlite3.Cursor:
+def _insert_visit(db: sqlite_utils.Database, visit: dict) -> Any:
     return db.execute(
         "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at, status,"
         " hold_expires, fee_minor, currency, created, updated, call_nonce) VALUES (:public_id,"
         " :patient_id, :doctor_id, :department_id, :starts_at, :ends_at, :status, :hold_expires,"
-        " :fee_minor, :currency, :created, :updated, :call_nonce)",
+        " :fee_minor, :currency, :created, :updated, :call_nonce) RETURNING id",
         visit,
     )
 
@@ -244,7 +245,7 @@ def confirm_paid_sync(db: sqlite_utils.Database, visit_id: int, now: float) -> N
             " reminder_sent = CASE WHEN starts_at - ? <= 86400 THEN ? ELSE 0 END WHERE id = ?",
             [now, now, REMINDER_DAY, visit_id],
         )
-    except sqlite3.IntegrityError:
+    except IntegrityError:
         raise Conflict(lost_slot_message(), code="slot_taken") from None
     if doctor_busy(db, v["doctor_id"], v["starts_at"], v["ends_at"], exclude=visit_id):
         raise Conflict(lost_slot_message(), code="slot_taken")
@@ -307,6 +308,8 @@ async def hold_reaper(app: web.Application) -> AsyncIterator[None]:
         interval = max(0.05, float(app[keys.SETTINGS].reaper_interval_seconds))
         while True:
             await asyncio.sleep(interval)
+            if not leader.leads(app):
+                continue  # another node runs it
             try:
                 await housekeeping(app)
             except asyncio.CancelledError:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -26,6 +25,7 @@ import sqlite_utils
 
 from consult import booking, sessionlog
 from consult.calls import links as calllinks
+from consult.core.db import DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def end_room_sync(
         db.execute("SAVEPOINT summary")
         try:
             sessionlog.apply_event_sync(db, visit_id, "ended", None, ended_at, data, tz=tz)
-        except (sqlite3.Error, ValueError, TypeError, KeyError):
+        except (DatabaseError, ValueError, TypeError, KeyError):
             log.exception("session summary failed for the end of visit %s", visit_id)
             db.execute("ROLLBACK TO summary")
         db.execute("RELEASE summary")
@@ -121,10 +121,12 @@ def sweep_sync(
     tz: str = sessionlog.DEFAULT_TZ,
     limit: int = SWEEP_LIMIT,
     lookback_s: float = SWEEP_LOOKBACK_S,
+    node: str | None = None,
 ) -> dict[str, int]:
     """Close the rooms nobody will end: ``{reason: how many}`` closed in this run.
 
-    ``live``: public ids of the rooms this process holds (their own timers end them).
+    ``live``: public ids of the rooms this process holds (their own timers end them); a room
+    whose lease another ``node`` holds and renews is that node's to end, and is left alone.
     ``length_s(doctor_minutes)``: a visit's length, as the policy admits it. At most ``limit``
     rooms per run, oldest first; running it again changes nothing.
     """
@@ -138,7 +140,7 @@ def sweep_sync(
     # Started, never ended (the partial index rooms_open): the server that ran them died or
     # stopped, and nobody came back before the clock ran out.
     open_rooms = db.execute(
-        "SELECT r.visit_id, r.started_at, v.public_id, d.visit_minutes FROM rooms r"
+        "SELECT r.visit_id, r.started_at, v.public_id, d.visit_minutes, r.node, r.lease_until FROM rooms r"
         " JOIN visits v ON v.id = r.visit_id JOIN doctors d ON d.user_id = v.doctor_id"
         " WHERE r.ended_at IS NULL AND r.started_at IS NOT NULL ORDER BY r.started_at LIMIT ?",
         [limit * 4],
@@ -147,6 +149,8 @@ def sweep_sync(
         clock_end = row["started_at"] + length_s(row["visit_minutes"])
         if sum(closed.values()) >= limit or row["public_id"] in live or clock_end > now:
             continue
+        if row["node"] not in (None, node) and (row["lease_until"] or 0) > now:
+            continue  # alive on another node: its own timer ends it
         close(row["visit_id"], SERVER_RESTART, clock_end)
     # Ended rooms whose visit stayed confirmed: written by a version that ended a room in two
     # writes and died between them. The room's own end is kept.

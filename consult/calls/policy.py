@@ -26,7 +26,6 @@ import hashlib
 import hmac
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -37,11 +36,11 @@ import sqlite_utils
 from aiohttp import web
 
 from consult import sessionlog
-from consult.calls import closing, recordings
+from consult.calls import closing, leases, recordings
 from consult.calls import links as calllinks
-from consult.core import keys, live, metrics
+from consult.core import keys, leader, live, metrics
 from consult.core.config import Settings
-from consult.core.db import Database
+from consult.core.db import Database, DatabaseError
 from consult.core.i18n import _
 from consult.core.seats import ROLE_OF_SEAT
 from consult.core.security import mask_address
@@ -102,14 +101,14 @@ def _charge_sync(
     if used_rows + rows > budget.rows or used_bytes + size > budget.bytes:
         db.execute(
             "INSERT INTO session_budgets (visit_id, seat, dropped) VALUES (?, ?, 1)"
-            " ON CONFLICT(visit_id, seat) DO UPDATE SET dropped = dropped + 1",
+            " ON CONFLICT(visit_id, seat) DO UPDATE SET dropped = session_budgets.dropped + 1",
             [visit_id, seat],
         )
         return False
     db.execute(
         "INSERT INTO session_budgets (visit_id, seat, rows, bytes) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT(visit_id, seat) DO UPDATE SET rows = rows + excluded.rows,"
-        " bytes = bytes + excluded.bytes",
+        " ON CONFLICT(visit_id, seat) DO UPDATE SET rows = session_budgets.rows + excluded.rows,"
+        " bytes = session_budgets.bytes + excluded.bytes",
         [visit_id, seat, rows, size],
     )
     return True
@@ -191,6 +190,9 @@ class ConsultPolicy:
         self._peers: dict[tuple[str, str], PeerInfo] = {}
         self.seat_budget = SEAT_BUDGET
         self.room_budget = ROOM_BUDGET
+        # This node's name in the rooms' leases (consult.calls.leases).
+        self.node = leases.new_node_id()
+        self.lease_s = leases.LEASE_S
 
     def _database(self) -> Database:
         if self.db is None:
@@ -254,6 +256,7 @@ class ConsultPolicy:
                 "recording_consent",
                 _("This visit is recorded. It can take place only if you agree to the recording."),
             )
+        await self._claim(visit["id"])
         self._peers[(room_id, role)] = peer
         return Admission(
             room_id=room_id,
@@ -266,6 +269,39 @@ class ConsultPolicy:
             recording=terms.records(side),
             # Only an opaque id reaches coturn's logs (TURN REST username), never a name.
             user_id=f"d{visit['doctor_id']}" if role == "host" else f"p{visit['patient_id']}",
+        )
+
+    async def _claim(self, visit_id: int) -> None:
+        """Hold the room's lease before anyone is admitted; wait (at most a lease's length) while
+        another node's lease lapses, as after that node died."""
+        deadline = time.monotonic() + self.lease_s + 1.0
+        while True:
+            now = self.clock()
+            holder = await self._database().execute_write_fn(
+                lambda db, now=now: leases.claim_sync(db, visit_id, self.node, now, self.lease_s)
+            )
+            if holder == self.node:
+                return
+            if time.monotonic() >= deadline:
+                raise Refused(
+                    "room_elsewhere",
+                    _("This visit's room is open on another server. Try again in a moment."),
+                )
+            await asyncio.sleep(0.25)
+
+    async def renew_leases(self, live: frozenset[str]) -> int:
+        """Extend this node's leases of the rooms it holds (every `leases.RENEW_S`)."""
+        ids = [self._visit_ids[r] for r in live if r in self._visit_ids]
+        missing = [r for r in live if r not in self._visit_ids]
+        for room_id in missing:
+            found = await self._visit_id(room_id)
+            if found is not None:
+                ids.append(found)
+        if not ids:
+            return 0
+        until = self.clock() + self.lease_s
+        return await self._database().execute_write_fn(
+            lambda db: leases.renew_sync(db, self.node, ids, until)
         )
 
     def _patient_token(self, token: str, now: float) -> tuple[str, str]:
@@ -382,7 +418,7 @@ class ConsultPolicy:
                 db.execute("SAVEPOINT room_event")
                 try:
                     results.append(write(db))
-                except (sqlite3.Error, ValueError, TypeError, KeyError, OSError):
+                except (DatabaseError, ValueError, TypeError, KeyError, OSError):
                     log.exception("room event %s in room %s not stored", event.name, event.room_id)
                     db.execute("ROLLBACK TO room_event")
                     results.append(None)
@@ -440,7 +476,7 @@ class ConsultPolicy:
             db.execute("SAVEPOINT summary")
             try:
                 sessionlog.apply_event_sync(db, visit_id, event.name, event.role, event.created, data, tz=tz)
-            except (sqlite3.Error, ValueError, TypeError, KeyError):
+            except (DatabaseError, ValueError, TypeError, KeyError):
                 log.exception("session summary failed for %s in visit %s", event.name, visit_id)
                 db.execute("ROLLBACK TO summary")
             db.execute("RELEASE summary")
@@ -557,7 +593,9 @@ async def room_sweeper(app: web.Application) -> AsyncIterator[None]:
             live = server.live_rooms()
             now = policy.clock()
             closed = await app[keys.DB].execute_write_fn(
-                lambda db: closing.sweep_sync(db, now, live=live, length_s=length_s, tz=settings.timezone)
+                lambda db: closing.sweep_sync(
+                    db, now, live=live, length_s=length_s, tz=settings.timezone, node=policy.node
+                )
             )
             if closed:
                 log.warning("closed rooms left open: %s", closed)
@@ -567,13 +605,32 @@ async def room_sweeper(app: web.Application) -> AsyncIterator[None]:
     async def run() -> None:
         while True:
             await asyncio.sleep(settings.reaper_interval_seconds)
-            await sweep()
+            if leader.leads(app):
+                await sweep()
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(leases.RENEW_S)
+            try:
+                await policy.renew_leases(server.live_rooms())
+            except Exception:
+                log.exception("renewing the rooms' leases failed")
 
     await sweep()
-    task = asyncio.get_running_loop().create_task(run())
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(run()), loop.create_task(renew())]
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # A graceful stop (a rolling restart): the rooms' next node need not wait for the leases.
+        try:
+            released = await app[keys.DB].execute_write_fn(lambda db: leases.release_sync(db, policy.node))
+            if released:
+                log.info("gave up the leases of %d rooms", released)
+        except Exception:
+            log.exception("giving up the rooms' leases failed")

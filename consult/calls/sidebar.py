@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 from typing import Any
 
 import sqlite_utils
 
 from consult.clinical import notes
-from consult.core.db import Database
+from consult.core.db import Database, DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +29,6 @@ async def earlier_visits(db: Database, visit: dict[str, Any]) -> list[dict[str, 
     """The patient's earlier visits, with notes and prescriptions where those exist."""
     try:
         return await notes.earlier_for_patient(db, visit)
-    except (AttributeError, sqlite3.OperationalError):
+    except (AttributeError, DatabaseError):
         log.debug("visit notes unavailable; listing earlier visits alone", exc_info=True)
     return await db.execute_fn(lambda d: earlier_visits_alone_sync(d, visit))

@@ -633,7 +633,7 @@ def issue_sync(
     year = datetime.fromtimestamp(now, ZoneInfo(tz)).year
     counter = db.execute(
         "INSERT INTO prescription_counters (year, last) VALUES (?, 1)"
-        " ON CONFLICT(year) DO UPDATE SET last = last + 1 RETURNING last",
+        " ON CONFLICT(year) DO UPDATE SET last = prescription_counters.last + 1 RETURNING last",
         [year],
     ).fetchall()[0][0]
     number = f"RX-{year}-{counter:06d}"
@@ -651,7 +651,8 @@ def issue_sync(
     status = PENDING if review else ISSUED
     cur = db.execute(
         "INSERT INTO prescriptions (number, visit_id, doctor_id, patient_id, issued_at, document,"
-        " signature, key_id, client_ref, status, diagnosis) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " signature, key_id, client_ref, status, diagnosis) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " RETURNING id",
         [
             number,
             visit_id,
@@ -666,6 +667,7 @@ def issue_sync(
             content["diagnosis"],
         ],
     )
+    prescription_id = int(cur.fetchone()[0])
     audit.record(
         db,
         "prescription.issue",
@@ -683,7 +685,7 @@ def issue_sync(
         created=now,
     )
     prescription = Prescription(
-        id=int(cur.lastrowid),
+        id=prescription_id,
         number=number,
         visit_id=visit_id,
         doctor_id=doctor.id,

@@ -263,7 +263,7 @@ async def _add_report(
                 raise PayloadTooLarge(over_budget, code="visit_quota")
             cur = d.execute(
                 "INSERT INTO reports (visit_id, owner_id, display_name, stored_name, content_type,"
-                " size, sha256, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " size, sha256, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 [
                     visit["id"],
                     user.id,
@@ -275,7 +275,7 @@ async def _add_report(
                     now,
                 ],
             )
-            report_id = int(cur.lastrowid or 0)
+            report_id = int(cur.fetchone()[0])
             audit.record(
                 d,
                 "report.upload",

@@ -32,6 +32,12 @@ def setting(default: Any, help: str, secret: bool = False) -> Any:
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = setting(Path("data"), "Directory for the database, uploads, recordings, keys.")
+    database_url: str = setting(
+        "",
+        "PostgreSQL for several nodes (postgresql://user:password@host/db); empty: the embedded"
+        " SQLite database in data_dir (one node). `consult migrate-to-postgres` copies one into the other.",
+        secret=True,
+    )
     shared_dir: str = setting(
         "",
         "Directory for uploaded reports and recordings that every node of a cluster mounts (NFS):"
@@ -409,7 +415,7 @@ def settings_markdown() -> str:
         default = f.default
         if isinstance(default, tuple):
             default = ", ".join(default) or "(none)"
-        elif f.metadata.get("secret"):
+        elif f.name in SECRET_NAMES:
             default = "(generated)"
         elif default == "":
             default = "(empty)"

@@ -34,6 +34,18 @@ from consult.core.errors import DatabaseUnavailable, storage_error
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+try:
+    import psycopg as _psycopg
+except ImportError:  # PostgreSQL is optional; SQLite is always there
+    _psycopg = None
+
+# What domain code catches, whichever engine answers: a constraint refused a row, or the database
+# failed the statement.
+IntegrityError: tuple[type[Exception], ...] = (sqlite3.IntegrityError,) + (
+    (_psycopg.IntegrityError,) if _psycopg else ()
+)
+DatabaseError: tuple[type[Exception], ...] = (sqlite3.Error,) + ((_psycopg.Error,) if _psycopg else ())
+
 
 def connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
@@ -79,6 +91,8 @@ def optimize_sync(db: sqlite_utils.Database) -> str:
     this connection has queried, so the writer (which mostly inserts) would never refresh the
     statistics the readers' queries need: there a bounded ``ANALYZE`` does the same job.
     """
+    if getattr(db, "engine", "sqlite") == "postgresql":
+        return "autovacuum"  # PostgreSQL's autovacuum daemon keeps the statistics itself
     db.execute(f"PRAGMA analysis_limit = {ANALYSIS_LIMIT}")
     if sqlite3.sqlite_version_info >= (3, 46, 0):
         db.execute("PRAGMA optimize = 0x10002")
@@ -159,11 +173,36 @@ class Database:
         self.status = WriterStatus()
         self.writer_attempted = threading.Event()  # set once the writer tried to connect
 
+    # -- the engine: what a subclass for another database replaces ----------------------
+    engine = "sqlite"
+    _errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    def _connect_reader(self) -> Any:
+        return sqlite_utils.Database(connect(self.path, readonly=True))
+
+    def _connect_writer(self) -> Any:
+        return sqlite_utils.Database(connect(self.path))
+
+    def _transaction(self, db: Any, fn: Callable[[Any], T]) -> T:
+        return run_in_transaction(db, fn)
+
+    def _broken(self, db: Any, exc: BaseException) -> bool:
+        return _connection_broken(db, exc)
+
+    def _close_handle(self, db: Any) -> None:
+        _close_quietly(db)
+
+    def _map_error(self, exc: BaseException) -> BaseException | None:
+        return storage_error(exc)
+
     # -- reads -------------------------------------------------------------------------
     def _read_db(self) -> sqlite_utils.Database:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite_utils.Database(connect(self.path, readonly=True))
+            db = self._connect_reader()
             self._local.db = db
             self._local_all().append(db)
         return db
@@ -179,12 +218,15 @@ class Database:
         # made on the reader thread is in the language of whoever asked for the read.
         ctx = contextvars.copy_context()
         try:
-            return await loop.run_in_executor(self._readers, lambda: ctx.run(fn, self._read_db()))
-        except (sqlite3.Error, OSError) as exc:
-            mapped = storage_error(exc)
+            return await loop.run_in_executor(self._readers, lambda: ctx.run(self._run_read, fn))
+        except self._errors as exc:
+            mapped = self._map_error(exc)
             if mapped is None:
                 raise
             raise mapped from exc
+
+    def _run_read(self, fn: Callable[[Any], T]) -> T:
+        return fn(self._read_db())
 
     async def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         return await self.execute_fn(lambda db: db.execute(sql, params).fetchall())
@@ -209,11 +251,11 @@ class Database:
     def _open_writer(self) -> sqlite_utils.Database | None:
         """One attempt to open the writer's connection; None (and the state 'down') if it fails."""
         try:
-            db = sqlite_utils.Database(connect(self.path))
+            db = self._connect_writer()
         except Exception as exc:
             failures = self.status.failures + 1
             if self.status.state != "down" or failures in (1, 10) or failures % 100 == 0:
-                log.error("database writer cannot open %s (attempt %d): %s", self.path, failures, exc)
+                log.error("database writer cannot open %s (attempt %d): %s", self.describe(), failures, exc)
             self.status = WriterStatus(
                 "down",
                 since=self.status.since if self.status.state == "down" else time.time(),
@@ -267,12 +309,12 @@ class Database:
                     try:
                         # In the caller's context: a translated error raised by fn speaks the
                         # language of the request that asked for the write.
-                        result = ctx.run(run_in_transaction, db, fn)
+                        result = ctx.run(self._transaction, db, fn)
                     except BaseException as exc:  # travels back to the awaiting coroutine
                         _deliver(loop, future, exc=exc)
-                        if _connection_broken(db, exc):
+                        if self._broken(db, exc):
                             log.error("database writer replaces its connection after: %r", exc)
-                            _close_quietly(db)
+                            self._close_handle(db)
                             db = None
                             next_try = 0.0
                     else:
@@ -282,7 +324,7 @@ class Database:
                     time.sleep(0.01)
         finally:
             if db is not None:
-                _close_quietly(db)
+                self._close_handle(db)
             self.status = WriterStatus("closed", reconnects=self.status.reconnects)
 
     def _unavailable(self) -> DatabaseUnavailable:
@@ -311,26 +353,26 @@ class Database:
         self._writes.put((fn, contextvars.copy_context(), loop, future))
         try:
             return await future
-        except (sqlite3.Error, OSError) as exc:
-            mapped = storage_error(exc)
+        except self._errors as exc:
+            mapped = self._map_error(exc)
             if mapped is None:
                 raise
             raise mapped from exc
 
     def write_sync(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         """For the CLI and migrations: a write outside any event loop."""
-        db = sqlite_utils.Database(connect(self.path))
+        db = self._connect_writer()
         try:
-            return run_in_transaction(db, fn)
+            return self._transaction(db, fn)
         finally:
-            db.conn.close()
+            self._close_handle(db)
 
     def read_sync(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
-        db = sqlite_utils.Database(connect(self.path))
+        db = self._connect_writer()
         try:
             return fn(db)
         finally:
-            db.conn.close()
+            self._close_handle(db)
 
     def close(self) -> None:
         if self._closed:
@@ -342,7 +384,7 @@ class Database:
             self._writer.join(timeout=10)
         self._readers.shutdown(wait=True)
         for db in self._local_all():
-            db.conn.close()
+            self._close_handle(db)
 
 
 def _deliver(

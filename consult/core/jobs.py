@@ -230,7 +230,7 @@ def dead_sync(db: sqlite_utils.Database, kind: str | None = None, limit: int = 1
     """Jobs given up on, newest first, for admins."""
     rows = db.execute(
         "SELECT id, kind, key, payload, attempts, last_error, finished_at FROM jobs WHERE status = 'dead'"
-        " AND (? IS NULL OR kind = ?) ORDER BY finished_at DESC LIMIT ?",
+        " AND (CAST(? AS TEXT) IS NULL OR kind = ?) ORDER BY finished_at DESC LIMIT ?",
         [kind, kind, limit],
     ).fetchall()
     return [{**dict(r), "payload": json.loads(r["payload"])} for r in rows]

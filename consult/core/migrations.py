@@ -10,10 +10,12 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
 from consult.core.db import Database
+from consult.core.engine import database_path, open_database
 
 Migration = Callable[[sqlite_utils.Database], None]
 MIGRATIONS: list[tuple[str, Migration]] = []
@@ -108,26 +110,93 @@ def _ensure_table(db: sqlite_utils.Database) -> None:
 
 def applied(db: sqlite_utils.Database) -> list[str]:
     _ensure_table(db)
-    return [r[0] for r in db.execute("SELECT name FROM _migrations ORDER BY rowid").fetchall()]
+    return [r[0] for r in db.execute("SELECT name FROM _migrations ORDER BY applied_at, name").fetchall()]
 
 
-def migrate(path: Path) -> list[str]:
-    """Apply pending migrations; return the names applied now."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    database = Database(path)
-    done = set(database.read_sync(applied))
-    now_applied: list[str] = []
+# PostgreSQL starts from the schema these migrations build (made on SQLite, translated once by
+# `consult.core.pg.schema_statements`); migrations after it run on both engines, so they must be
+# written in the portable subset (CREATE TABLE/INDEX, ALTER TABLE ADD COLUMN, plain DML).
+PG_BASELINE = "0019_clinic_board"
+
+
+def sqlite_image(upto: str = PG_BASELINE) -> sqlite3.Connection:
+    """An empty in-memory SQLite database with every migration up to ``upto`` applied."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    db = sqlite_utils.Database(conn)
     for name, fn in MIGRATIONS:
-        if name in done:
-            continue
+        conn.execute("BEGIN IMMEDIATE")
+        fn(db)
+        conn.execute("COMMIT")
+        if name == upto:
+            break
+    return conn
 
-        def step(db: sqlite_utils.Database, fn: Migration = fn, name: str = name) -> None:
-            fn(db)
-            db.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", [name, time.time()])
 
-        database.write_sync(step)
-        now_applied.append(name)
-    return now_applied
+def _pg_baseline(db: Any) -> list[str]:
+    """Create PostgreSQL's schema up to `PG_BASELINE` if it is not there; the names applied."""
+    from consult.core.pg import schema_statements
+
+    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    if db.execute("SELECT 1 FROM _migrations LIMIT 1").fetchone():
+        return []
+    image = sqlite_image()
+    try:
+        statements = schema_statements(image)
+    finally:
+        image.close()
+    for sql in statements:
+        db.execute(sql)
+    names = []
+    now = time.time()
+    for name, _fn in MIGRATIONS:
+        db.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", [name, now])
+        names.append(name)
+        if name == PG_BASELINE:
+            break
+    return names
+
+
+def migrate(target: Path | Database) -> list[str]:
+    """Apply pending migrations to a SQLite file or an open `Database`; the names applied now."""
+    if isinstance(target, Database):
+        database, owned = target, False
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        database, owned = Database(target), True
+    try:
+        now_applied: list[str] = []
+        if database.engine == "postgresql":
+            now_applied += database.write_sync(_pg_baseline)
+        done = set(database.read_sync(applied))
+        for name, fn in MIGRATIONS:
+            if name in done:
+                continue
+
+            def step(db: sqlite_utils.Database, fn: Migration = fn, name: str = name) -> bool:
+                # Under the write lock: another node may have applied it a moment ago.
+                if db.execute("SELECT 1 FROM _migrations WHERE name = ?", [name]).fetchone():
+                    return False
+                fn(db)
+                db.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", [name, time.time()])
+                return True
+
+            if database.write_sync(step):
+                now_applied.append(name)
+        return now_applied
+    finally:
+        if owned:
+            database.close()
+
+
+def migrate_settings(settings: Any) -> list[str]:
+    """Apply pending migrations to the database `settings` name (SQLite file or PostgreSQL)."""
+    if not getattr(settings, "database_url", ""):
+        return migrate(database_path(settings))
+    database = open_database(settings)
+    try:
+        return migrate(database)
+    finally:
+        database.close()
 
 
 @migration("0002_booking")
@@ -755,3 +824,10 @@ def m0019_clinic_board(db: sqlite_utils.Database) -> None:
         );
         """,
     )
+
+
+@migration("0020_room_leases")
+def m0020_room_leases(db: sqlite_utils.Database) -> None:
+    """Which node runs a room, and until when its lease holds (consult.calls.leases)."""
+    db.execute("ALTER TABLE rooms ADD COLUMN node TEXT")
+    db.execute("ALTER TABLE rooms ADD COLUMN lease_until REAL")

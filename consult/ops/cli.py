@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from consult import __version__
+from consult.core.engine import open_database
+from consult.core.migrations import migrate_settings
 
 
 class CLIError(Exception):
@@ -32,32 +34,46 @@ def _settings(args: argparse.Namespace, **overrides: Any):
     )
 
 
+def _where(settings: Any) -> str:
+    """The database, as a person reads it: the SQLite file, or the PostgreSQL URL without password."""
+    from consult.core.engine import database_path
+
+    if settings.database_url:
+        from consult.core.pg import redact
+
+        return redact(settings.database_url)
+    return str(database_path(settings))
+
+
+def _database(settings: Any, hint: str = "") -> Any:
+    """The database `settings` name; for SQLite, it must exist already."""
+    from consult.core.engine import database_path
+
+    if not settings.database_url and not database_path(settings).exists():
+        raise CLIError(f"no database at {database_path(settings)}{hint}")
+    return open_database(settings)
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from consult.core.config import ensure_secrets
-    from consult.core.migrations import migrate
 
     settings = ensure_secrets(_settings(args))
     (settings.data_dir / "keys").mkdir(parents=True, exist_ok=True, mode=0o700)
     for sub in ("uploads", "recordings"):  # on the shared file system if there is one
         (settings.files_dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-    applied = migrate(settings.data_dir / "consult.db")
-    print(
-        f"Database {settings.data_dir / 'consult.db'}: "
-        + (f"applied {', '.join(applied)}" if applied else "up to date")
-    )
+    applied = migrate_settings(settings)
+    print(f"Database {_where(settings)}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from consult.accounts.passwords import Passwords
-    from consult.core.db import Database
-    from consult.core.migrations import migrate
     from consult.ops import demo
 
     settings = _settings(args)
-    migrate(settings.data_dir / "consult.db")
+    migrate_settings(settings)
     accounts = demo.seed(
-        Database(settings.data_dir / "consult.db"),
+        open_database(settings),
         Passwords(settings.argon2_time_cost, settings.argon2_memory_kib),
     )
     notice = (
@@ -97,7 +113,7 @@ def production_problems(settings: Any, demo_accounts: list[str]) -> list[str]:
         )
     if demo_accounts:
         problems.append(
-            f"demo accounts exist in {settings.data_dir / 'consult.db'}: {', '.join(demo_accounts)}"
+            f"demo accounts exist in {_where(settings)}: {', '.join(demo_accounts)}"
             " (made by 'consult demo'; their passwords were printed to a terminal).\n    Fix:"
             " serve patients from a data directory made by 'consult init' alone, never one that"
             " held demo data."
@@ -108,13 +124,10 @@ def production_problems(settings: Any, demo_accounts: list[str]) -> list[str]:
 def _mode_of(settings: Any) -> tuple[bool, list[str]]:
     """(marked as a demo by `consult demo`, demo accounts present) for the data directory."""
     from consult.core import mode
-    from consult.core.db import Database
-    from consult.core.migrations import migrate
     from consult.ops import demo
 
-    path = settings.data_dir / "consult.db"
-    migrate(path)  # what the app does first anyway; old databases gain the marks table
-    return Database(path).read_sync(lambda d: (mode.is_demo_sync(d), demo.demo_accounts_sync(d)))
+    migrate_settings(settings)  # what the app does first anyway; old databases gain the marks table
+    return _database(settings).read_sync(lambda d: (mode.is_demo_sync(d), demo.demo_accounts_sync(d)))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -179,27 +192,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _fingerprints(settings: Any) -> tuple[str, str | None]:
     """(this node's secrets' fingerprint, the one recorded in the database: the cluster's)."""
     from consult.core import cluster
-    from consult.core.db import Database
-    from consult.core.migrations import migrate
     from consult.ops import secrets_bundle
 
     mine = secrets_bundle.current(settings).fingerprint()
-    path = settings.data_dir / "consult.db"
-    migrate(path)
-    return mine, Database(path).read_sync(cluster.recorded_fingerprint_sync)
+    migrate_settings(settings)
+    return mine, open_database(settings).read_sync(cluster.recorded_fingerprint_sync)
 
 
 def check_cluster_secrets(settings: Any) -> None:
     """At every start: record this node's secrets' fingerprint if none is recorded, refuse to
     start if the recorded one (the cluster's) is another."""
     from consult.core import cluster
-    from consult.core.db import Database
     from consult.ops import secrets_bundle
 
     mine = secrets_bundle.current(settings).fingerprint()
-    recorded = Database(settings.data_dir / "consult.db").write_sync(
-        lambda d: cluster.record_fingerprint_sync(d, mine)
-    )
+    recorded = open_database(settings).write_sync(lambda d: cluster.record_fingerprint_sync(d, mine))
     if recorded != mine:
         raise CLIError(
             f"refusing to start: this node's secrets (fingerprint {mine}) are not the cluster's"
@@ -264,11 +271,10 @@ def cmd_secrets_fingerprint(args: argparse.Namespace) -> int:
 
 def cmd_secrets_accept(args: argparse.Namespace) -> int:
     from consult.core import cluster
-    from consult.core.db import Database
 
     settings = _settings(args)
     mine, recorded = _fingerprints(settings)
-    Database(settings.data_dir / "consult.db").write_sync(lambda d: cluster.replace_fingerprint_sync(d, mine))
+    open_database(settings).write_sync(lambda d: cluster.replace_fingerprint_sync(d, mine))
     print(f"The cluster's secrets are now this node's (fingerprint {mine}; was {recorded or 'none'}).")
     print("Every other node must have them too ('consult secrets export' / 'import') or it will not start.")
     return 0
@@ -278,12 +284,10 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     from consult.accounts import users as accounts
     from consult.accounts.passwords import Passwords, check_strength
     from consult.core.config import ensure_secrets
-    from consult.core.db import Database
     from consult.core.errors import ConsultError
-    from consult.core.migrations import migrate
 
     settings = ensure_secrets(_settings(args))
-    migrate(settings.data_dir / "consult.db")
+    migrate_settings(settings)
     try:
         username = phone = None
         if args.role == "patient":
@@ -305,7 +309,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
         if problem:
             raise CLIError(problem)
         pw_hash = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib).hash(password)
-        user_id = Database(settings.data_dir / "consult.db").write_sync(
+        user_id = open_database(settings).write_sync(
             lambda db: accounts.create_user_sync(
                 db,
                 role=args.role,
@@ -327,13 +331,10 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 def cmd_user_passwd(args: argparse.Namespace) -> int:
     from consult.accounts import users as accounts
     from consult.accounts.passwords import Passwords, check_strength
-    from consult.core.db import Database
     from consult.core.errors import ConsultError
 
     settings = _settings(args)
-    path = settings.data_dir / "consult.db"
-    if not path.exists():
-        raise CLIError(f"no database at {path}; run 'consult init' first")
+    database = _database(settings, hint="; run 'consult init' first")
     try:
         column, value = (
             ("phone", accounts.normalize_phone(args.login))
@@ -355,7 +356,7 @@ def cmd_user_passwd(args: argparse.Namespace) -> int:
         accounts.set_password_sync(db, row[0], pw_hash, action="account.reset_password", role="cli")
         return row[0]
 
-    Database(path).write_sync(write)
+    database.write_sync(write)
     print(
         f"New password for {args.login}: {password}"
         if not args.password
@@ -460,15 +461,32 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from consult.audit import chain as audit
-    from consult.core.db import Database
+def cmd_migrate_to_postgres(args: argparse.Namespace) -> int:
+    from consult.core.engine import database_path
+    from consult.core.pg import redact
+    from consult.ops.to_postgres import CopyError, copy_sqlite_to_postgres
 
     settings = _settings(args)
-    path = settings.data_dir / "consult.db"
-    if not path.exists():
-        raise CLIError(f"no database at {path}")
-    ok, message = Database(path).read_sync(audit.verify)
+    url = args.to or settings.database_url
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise CLIError("give the PostgreSQL database with --to postgresql://... or the database_url setting")
+    source = database_path(settings)
+    print(f"Copying {source} into {redact(url)} ...")
+    try:
+        report = copy_sqlite_to_postgres(source, url, progress=lambda t, n: print(f"  {t}: {n} rows"))
+    except CopyError as exc:
+        raise CLIError(f"nothing copied: {exc}") from None
+    rows = sum(report.tables.values())
+    print(f"Done: {rows} rows in {len(report.tables)} tables; audit trail {report.audit}.")
+    print("Set database_url on every node to serve from PostgreSQL.")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from consult.audit import chain as audit
+
+    settings = _settings(args)
+    ok, message = _database(settings).read_sync(audit.verify)
     print(("OK: " if ok else "FAILED: ") + message)
     return 0 if ok else 1
 
@@ -477,19 +495,16 @@ def cmd_recordings_purge(args: argparse.Namespace) -> int:
     import time
 
     from consult.calls import recordings
-    from consult.core.db import Database
 
     settings = _settings(args)
-    path = settings.data_dir / "consult.db"
-    if not path.exists():
-        raise CLIError(f"no database at {path}")
+    database = _database(settings)
     days = settings.recording_retention_days if args.older_than_days is None else args.older_than_days
     if days < 0:
         raise CLIError("--older-than-days must be 0 or more")
     if days == 0 and args.older_than_days is None:
         print("recording_retention_days is 0: recordings are kept forever; nothing deleted.")
         return 0
-    found = recordings.purge(Database(path), settings.files_dir, days, dry_run=args.dry_run, now=time.time())
+    found = recordings.purge(database, settings.files_dir, days, dry_run=args.dry_run, now=time.time())
     verb = "Would delete" if args.dry_run else "Deleted"
     for item in found:
         print(f"{verb} recording {item['id']} (visit {item['visit_id']}, {item['role']}): {item['path']}")
@@ -675,6 +690,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.set_defaults(func=cmd_secrets_accept)
 
+    s = sub.add_parser(
+        "migrate-to-postgres",
+        help="copy this data directory's SQLite database into an empty PostgreSQL database"
+        " (database_url or --to), verified, in one transaction",
+    )
+    s.add_argument("--to", metavar="URL", help="postgresql://... (default: the database_url setting)")
+    s.set_defaults(func=cmd_migrate_to_postgres)
     s = sub.add_parser("audit", help="audit trail tools")
     asub = s.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     v = asub.add_parser("verify", help="check the hash chain of the audit trail")

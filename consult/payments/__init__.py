@@ -200,10 +200,10 @@ def create_payment_sync(
     order_id = new_order_id(now)
     cur = db.execute(
         "INSERT INTO payments (visit_id, order_id, provider, amount_minor, currency, status, created)"
-        " VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+        " VALUES (?, ?, ?, ?, ?, 'pending', ?) RETURNING id",
         [visit_id, order_id, provider, amount, currency, now],
     )
-    payment_id = int(cur.lastrowid or 0)
+    payment_id = int(cur.fetchone()[0])
     record_event_sync(
         db, payment_id, "created", now=now, detail={"amount_minor": amount, "currency": currency}
     )

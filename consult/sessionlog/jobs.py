@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from consult.core import keys
+from consult.core import keys, leader
 from consult.sessionlog.events import mark_no_shows_sync
 
 log = logging.getLogger(__name__)
@@ -23,9 +23,10 @@ async def no_show_marker(app: web.Application) -> AsyncIterator[None]:
     async def run() -> None:
         while True:
             try:
-                await app[keys.DB].execute_write_fn(
-                    lambda db: mark_no_shows_sync(db, time.time(), tz=settings.timezone)
-                )
+                if leader.leads(app):
+                    await app[keys.DB].execute_write_fn(
+                        lambda db: mark_no_shows_sync(db, time.time(), tz=settings.timezone)
+                    )
             except Exception:
                 log.exception("marking no-shows failed")
             await asyncio.sleep(settings.reaper_interval_seconds)

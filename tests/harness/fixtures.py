@@ -163,7 +163,10 @@ ConsultFactory = Callable[..., Awaitable[ConsultServer]]
 
 @pytest.fixture
 async def consult_server_factory(
-    tmp_path: Path, server_port: int, failure_artifacts: FailureArtifacts
+    tmp_path: Path,
+    server_port: int,
+    failure_artifacts: FailureArtifacts,
+    make_database_url: Callable[[], str],
 ) -> AsyncIterator[ConsultFactory]:
     """`await make(env={...}, demo=True, name="consult", port=None, host=BRIDGE_ADDR) -> ConsultServer`.
 
@@ -187,6 +190,9 @@ async def consult_server_factory(
             port = server_port
         if any(s.name == name for s in servers):
             name = f"{name}{len(servers) + 1}"
+        url = make_database_url()  # on PostgreSQL each server its own database, as its own data dir
+        if url:
+            env = {"CONSULT_DATABASE_URL": url, **(env or {})}
         server = ConsultServer(
             tmp_path / f"{name}-data",
             log_dir=tmp_path,
