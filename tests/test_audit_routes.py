@@ -109,6 +109,7 @@ def seed(settings, make_user) -> dict[str, str]:
             "order_id": ORDER_ID,
             "department_id": str(world.department_id),
             "doctor_id": str(world.doctor_id),
+            "day": time.strftime("%Y-%m-%d", time.gmtime(now + 86400)),  # a day of the slot strip
             "user_id": str(world.patient_id),
             "token": calllinks.make_token(settings, public_id, "patient", nonce, starts, ends),
         }
