@@ -298,6 +298,7 @@ def bookings(cluster: Cluster, args: argparse.Namespace, tag: str) -> dict[str, 
     assert math.ceil(args.visits / (args.doctors * SLOTS_PER_DAY)) < 25, "more days than the booking horizon"
     marks = [len(cluster.node_log(n)) for n in cluster.nodes]
     out = asyncio.run(booking_run(cluster.origin, dep, work, phones))
+    time.sleep(1)  # the nodes' last access-log lines written
     holds = [
         cluster.node_log(n)[m:].count("POST /book/hold") for n, m in zip(cluster.nodes, marks, strict=True)
     ]
