@@ -544,7 +544,9 @@ async def _failover(cluster: Cluster, room: dict[str, Any], within: float) -> di
                 await host.relayed.wait()
                 await guest.relayed.wait()
             owner = await asyncio.to_thread(room_node, cluster, room["room"])
-            victim = next(n for n in cluster.nodes if n.pid == owner)
+            victim = next((n for n in cluster.nodes if n.pid == owner), None)
+            if victim is None:
+                raise SystemExit(f"the room's lease names no node of this run: {owner}")
             survivor = next(n for n in cluster.nodes if n is not victim)
             victim_index = cluster.nodes.index(victim) + 1
             haproxy_mark = len(cluster.proxy.log())
@@ -678,8 +680,16 @@ def main() -> int:
     result = run(args)
     log(f"load average after: {result['load_after']}")
     print(json.dumps(result), flush=True)
-    bad = result.get("double_bookings_1_node", 1) + result.get("double_bookings_2_nodes", 1)
-    return 0 if bad == 0 else 1
+    # A failed run: a slot held twice, any error, or a failover that never completed.
+    failed = [
+        k
+        for k, v in result.items()
+        if (k.startswith(("double_bookings_", "booking_errors_", "relay_errors_")) and v)
+        or (k == "failover_s" and v is None)
+    ]
+    if failed:
+        log(f"failed: {failed}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
