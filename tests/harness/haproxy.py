@@ -4,7 +4,8 @@
 `render_config()` changes only what must differ in a test (the two `bind` lines, the
 certificate path, the `server` lines of every backend, `maxconn` under a test's open-file
 limit) and fails if any of those lines is no longer in the shipped file, so that it and the
-tested configuration cannot drift apart.
+tested configuration cannot drift apart. bench/cluster.py renders it the same way with a copy of
+this function in bench/cluster_parts.py (benchmarks never import tests/): change both together.
 `HAProxy` writes it into its own directory with a development certificate for its host and
 runs `haproxy -db -f haproxy.cfg` (foreground, logs on stdout) in its own process group.
 
