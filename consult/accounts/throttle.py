@@ -258,8 +258,8 @@ class Throttle:
         db.execute(
             "INSERT INTO login_throttle (key, failures, tokens, last_at, next_at, expires)"
             " VALUES (?,1,?,?,0,?)"
-            " ON CONFLICT (key) DO UPDATE SET failures = failures + 1, tokens = excluded.tokens,"
-            " last_at = excluded.last_at, expires = excluded.expires",
+            " ON CONFLICT (key) DO UPDATE SET failures = login_throttle.failures + 1,"
+            " tokens = excluded.tokens, last_at = excluded.last_at, expires = excluded.expires",
             [key, tokens - 1, now, now + window_s],
         )
         return 0.0

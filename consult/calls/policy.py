@@ -96,14 +96,14 @@ def _charge_sync(
     if used_rows + rows > budget.rows or used_bytes + size > budget.bytes:
         db.execute(
             "INSERT INTO session_budgets (visit_id, seat, dropped) VALUES (?, ?, 1)"
-            " ON CONFLICT(visit_id, seat) DO UPDATE SET dropped = dropped + 1",
+            " ON CONFLICT(visit_id, seat) DO UPDATE SET dropped = session_budgets.dropped + 1",
             [visit_id, seat],
         )
         return False
     db.execute(
         "INSERT INTO session_budgets (visit_id, seat, rows, bytes) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT(visit_id, seat) DO UPDATE SET rows = rows + excluded.rows,"
-        " bytes = bytes + excluded.bytes",
+        " ON CONFLICT(visit_id, seat) DO UPDATE SET rows = session_budgets.rows + excluded.rows,"
+        " bytes = session_budgets.bytes + excluded.bytes",
         [visit_id, seat, rows, size],
     )
     return True

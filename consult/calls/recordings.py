@@ -427,7 +427,7 @@ def store_interrupted_sync(db: sqlite_utils.Database, found: list[dict[str, Any]
             " created, complete, repaired_at) VALUES (:visit_id, :role, :path, :tracks, NULL, :duration_s,"
             " :size, :sha256, :created, 0, :repaired_at) ON CONFLICT(path) DO UPDATE SET"
             " tracks = excluded.tracks, duration_s = excluded.duration_s, size = excluded.size,"
-            " sha256 = excluded.sha256, repaired_at = excluded.repaired_at WHERE complete = 0",
+            " sha256 = excluded.sha256, repaired_at = excluded.repaired_at WHERE recordings.complete = 0",
             item,
         )
     return [item["path"] for item in found]

@@ -633,7 +633,7 @@ def issue_sync(
     year = datetime.fromtimestamp(now, ZoneInfo(tz)).year
     counter = db.execute(
         "INSERT INTO prescription_counters (year, last) VALUES (?, 1)"
-        " ON CONFLICT(year) DO UPDATE SET last = last + 1 RETURNING last",
+        " ON CONFLICT(year) DO UPDATE SET last = prescription_counters.last + 1 RETURNING last",
         [year],
     ).fetchall()[0][0]
     number = f"RX-{year}-{counter:06d}"

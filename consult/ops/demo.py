@@ -164,7 +164,8 @@ def seed_catalogue(db: sqlite_utils.Database) -> None:
         )
         for code in deps:
             db.execute(
-                "INSERT OR IGNORE INTO doctor_departments (doctor_id, department_id) VALUES (?, ?)",
+                "INSERT INTO doctor_departments (doctor_id, department_id) VALUES (?, ?)"
+                " ON CONFLICT DO NOTHING",
                 [uid, dep_ids[code]],
             )
         for weekday, start, end in sessions:
