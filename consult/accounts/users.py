@@ -196,8 +196,8 @@ def set_password_sync(
     entry by ``actor`` (``role`` overrides, e.g. ``"cli"``); without it nothing is audited.
     """
     db.execute(
-        "UPDATE users SET password_hash = ?, password_changed = strftime('%s','now') WHERE id = ?",
-        [password_hash, user_id],
+        "UPDATE users SET password_hash = ?, password_changed = ? WHERE id = ?",
+        [password_hash, int(time.time()), user_id],
     )
     db.execute("DELETE FROM sessions WHERE user_id = ?", [user_id])
     if action is not None:

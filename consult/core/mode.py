@@ -17,7 +17,7 @@ DEMO = "demo"
 def mark_demo_sync(db: sqlite_utils.Database) -> bool:
     """Record that this database holds demo data; True if it was not recorded before."""
     cur = db.execute(
-        "INSERT OR IGNORE INTO instance_marks (name, created) VALUES (?, ?)", [DEMO, time.time()]
+        "INSERT INTO instance_marks (name, created) VALUES (?, ?) ON CONFLICT DO NOTHING", [DEMO, time.time()]
     )
     return cur.rowcount > 0
 
