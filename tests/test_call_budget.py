@@ -41,7 +41,7 @@ def clinic(settings, make_user):
 
 
 def query(settings, sql, params=()):
-    return read(settings, lambda d: d.execute(sql, params).fetchall())
+    return read(settings, lambda d: [tuple(r) for r in d.execute(sql, params).fetchall()])
 
 
 def stored(settings, visit_id: int) -> dict[str, tuple[int, int]]:

@@ -7,7 +7,8 @@ and never learn which engine answers. For PostgreSQL this module supplies that h
 - `translate` rewrites a statement once (cached): placeholders to psycopg's ``%s`` /
   ``%(name)s``, ``LIKE`` to ``ILIKE`` (SQLite's LIKE ignores case), two-argument ``max``/``min``
   to ``GREATEST``/``LEAST``, ``CAST(... AS REAL)`` to double precision, ``group_concat(x, sep)``
-  to ``string_agg(x, sep)`` (the domain always names the separator: string_agg needs it).
+  to ``string_agg(x, sep)`` (the domain always names the separator: string_agg needs it),
+  ``length(CAST(x AS BLOB))`` (SQLite's length in bytes) to ``octet_length(x)``.
 - `Row` answers by position and by column name, like ``sqlite3.Row``.
 - Python ints go to the server untyped, so the column decides (SQLite stores what it is given;
   an id passed to a TEXT column must not fail); ``numeric`` results (SUM, AVG) come back as int
@@ -67,6 +68,7 @@ _MAX2 = re.compile(r"\b(max|min)\(\s*([^(),]+?)\s*,\s*([^(),]+?)\s*\)", re.IGNOR
 _CREATE_TABLE = re.compile(r"\s*CREATE\s+TABLE\b", re.IGNORECASE)
 _CAST_REAL = re.compile(r"\bAS\s+REAL\b", re.IGNORECASE)
 _GROUP_CONCAT = re.compile(r"\bgroup_concat\s*\(", re.IGNORECASE)
+_BYTE_LENGTH = re.compile(r"\blength\(\s*CAST\(\s*([\w.]+)\s+AS\s+BLOB\s*\)\s*\)", re.IGNORECASE)
 
 
 def _rewrite_code(code: str) -> str:
@@ -77,6 +79,7 @@ def _rewrite_code(code: str) -> str:
         code,
     )
     code = _GROUP_CONCAT.sub("string_agg(", code)
+    code = _BYTE_LENGTH.sub(r"octet_length(\1)", code)
     return _CAST_REAL.sub("AS DOUBLE PRECISION", code)
 
 
