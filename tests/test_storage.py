@@ -301,3 +301,11 @@ def test_optimize_is_bounded_and_repeatable(tmp_path):
         assert limit == 0  # a per-connection setting: the writer's, not left on other connections
     finally:
         db.close()
+
+
+def test_a_nul_in_a_looked_up_value_finds_nothing(database: Database):
+    """A hostile value (a NUL in a URL path) is an ordinary miss on both engines, not an error
+    (PostgreSQL's text cannot hold NUL: the adapter sends U+FFFD instead)."""
+    sql = "SELECT id FROM users WHERE username = ? OR phone = ?"
+    found = database.read_sync(lambda d: d.execute(sql, ["a\x00b", "\x00"]).fetchall())
+    assert found == []

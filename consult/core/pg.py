@@ -12,7 +12,7 @@ and never learn which engine answers. For PostgreSQL this module supplies that h
 - `Row` answers by position and by column name, like ``sqlite3.Row``.
 - Python ints go to the server untyped, so the column decides (SQLite stores what it is given;
   an id passed to a TEXT column must not fail); ``numeric`` results (SUM, AVG) come back as int
-  or float, never Decimal.
+  or float, never Decimal; a NUL in a string (which PostgreSQL's text cannot hold) is sent as U+FFFD.
 - Inside a write transaction every data-changing statement runs under a savepoint: a domain
   function that catches a constraint violation (a slot just taken) carries on in the same
   transaction, as it does on SQLite, instead of finding the transaction aborted.
@@ -36,6 +36,7 @@ import psycopg
 import psycopg_pool
 from psycopg import pq
 from psycopg.adapt import Dumper, Loader
+from psycopg.types.string import StrDumperUnknown
 from psycopg_pool import ConnectionPool
 
 from consult.core.db import Database
@@ -138,6 +139,15 @@ class _UntypedIntDumper(Dumper):
         return str(int(obj)).encode()
 
 
+class _NulSafeStrDumper(StrDumperUnknown):
+    """A str as psycopg sends it, except that NUL, which PostgreSQL's text cannot hold (psycopg
+    refuses it with DataError), becomes U+FFFD: a lookup by a hostile value (a NUL in a URL path)
+    finds nothing, as on SQLite, instead of failing the request."""
+
+    def dump(self, obj: str) -> Any:
+        return super().dump(obj.replace("\x00", "\ufffd") if "\x00" in obj else obj)
+
+
 class _NumericLoader(Loader):
     def load(self, data: Any) -> int | float:
         text = bytes(data).decode()
@@ -147,6 +157,7 @@ class _NumericLoader(Loader):
 def configure(conn: psycopg.Connection) -> None:
     conn.adapters.register_dumper(int, _UntypedIntDumper)
     conn.adapters.register_dumper(bool, _UntypedIntDumper)
+    conn.adapters.register_dumper(str, _NulSafeStrDumper)
     conn.adapters.register_loader("numeric", _NumericLoader)
 
 
