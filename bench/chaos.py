@@ -61,7 +61,6 @@ import random
 import re
 import secrets
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -69,10 +68,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import aiohttp
-import sqlite_utils
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: the consult and signaling packages
@@ -89,6 +88,7 @@ from consult.clinical import uploads  # noqa: E402
 from consult.core import jobs as corejobs  # noqa: E402
 from consult.core.config import ensure_secrets, load_settings  # noqa: E402
 from consult.core.db import Database  # noqa: E402
+from consult.core.engine import open_database  # noqa: E402
 from consult.payments import simulator  # noqa: E402
 from signaling.client import SignalingClient  # noqa: E402
 
@@ -158,12 +158,31 @@ class Clinic:
     tz: str
 
 
+def database_url_of(server: Any) -> str:
+    """The PostgreSQL database a server was given (``CONSULT_DATABASE_URL`` in its environment),
+    or "" when it keeps the SQLite file in its data dir."""
+    env = server.env() if callable(getattr(server, "env", None)) else {}
+    return env.get("CONSULT_DATABASE_URL", "")
+
+
+def open_db(data_dir: Path, database_url: str = "") -> Database:
+    """The server's database, whichever engine it runs on."""
+    return open_database(SimpleNamespace(data_dir=data_dir, database_url=database_url))
+
+
 def build_clinic(
-    data_dir: Path, env: dict[str, str], *, clients: int, doctors: int, days: int, calls: int
+    data_dir: Path,
+    env: dict[str, str],
+    *,
+    clients: int,
+    doctors: int,
+    days: int,
+    calls: int,
+    database_url: str = "",
 ) -> Clinic:
     settings = load_settings(env={**os.environ, **env}, data_dir=data_dir, tls=False)
     pw = Passwords(1, 1024).hash(PASSWORD)
-    db = Database(data_dir / "consult.db")
+    db = open_db(data_dir, database_url)
     tz = settings.timezone
 
     def write(d) -> Clinic:
@@ -545,20 +564,18 @@ async def client(load: Load, c: int) -> None:
 
 
 def seed_call_visit(
-    path: Path, clinic: Clinic, doctor_id: int, patient_id: int
+    db: Database, clinic: Clinic, doctor_id: int, patient_id: int
 ) -> tuple[int, str, str, int, int]:
     """A confirmed visit that started a minute ago, written straight into the database (each
     room has its own doctor and patient: seeded visits must not double-book anyone either)."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        conn.execute("PRAGMA busy_timeout = 10000")
-        now = time.time()
-        starts = int(now - 60 - random.randrange(30))
-        public_id, nonce = secrets.token_urlsafe(12), secrets.token_urlsafe(8)
-        cur = conn.execute(
+    now = time.time()
+    starts = int(now - 60 - random.randrange(30))
+    public_id, nonce = secrets.token_urlsafe(12), secrets.token_urlsafe(8)
+    visit_id = db.write_sync(
+        lambda d: d.execute(
             "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at, status,"
             " fee_minor, currency, created, updated, call_nonce)"
-            " VALUES (?,?,?,?,?,?,'confirmed',0,'CNY',?,?,?)",
+            " VALUES (?,?,?,?,?,?,'confirmed',0,'CNY',?,?,?) RETURNING id",
             [
                 public_id,
                 patient_id,
@@ -570,10 +587,19 @@ def seed_call_visit(
                 now,
                 nonce,
             ],
-        )
-        return int(cur.lastrowid or 0), public_id, nonce, starts, starts + 900
+        ).fetchone()[0]
+    )
+    return int(visit_id), public_id, nonce, starts, starts + 900
+
+
+def _seed_call_visit_on(
+    server: Any, clinic: Clinic, doctor_id: int, patient_id: int
+) -> tuple[int, str, str, int, int]:
+    db = open_db(server.data_dir, database_url_of(server))
+    try:
+        return seed_call_visit(db, clinic, doctor_id, patient_id)
     finally:
-        conn.close()
+        db.close()
 
 
 async def open_room(load: Load, session: aiohttp.ClientSession, sockets: list[SignalingClient]) -> None:
@@ -582,7 +608,7 @@ async def open_room(load: Load, session: aiohttp.ClientSession, sockets: list[Si
         return
     doctor_id, patient_id = load.clinic.call_pairs.pop()
     _vid, public_id, nonce, starts, ends = await asyncio.to_thread(
-        seed_call_visit, load.server.data_dir / "consult.db", load.clinic, doctor_id, patient_id
+        _seed_call_visit_on, load.server, load.clinic, doctor_id, patient_id
     )
     keyed = load.secret
     url = load.origin.replace("http", "ws", 1) + f"/ws/rooms/{public_id}"
@@ -601,25 +627,28 @@ async def open_room(load: Load, session: aiohttp.ClientSession, sockets: list[Si
 # -- the checks ------------------------------------------------------------------------------------
 
 
-def _rows(conn: sqlite3.Connection, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+def _rows(conn: Any, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[Any]:
     return conn.execute(sql, list(params)).fetchall()
 
 
-def settled(data_dir: Path, visit_s: float) -> dict[str, int]:
+def settled(data_dir: Path, visit_s: float, database_url: str = "") -> dict[str, int]:
     """What still moves after the final restart: jobs to run, rooms whose clock ran out."""
-    conn = sqlite3.connect(f"file:{data_dir / 'consult.db'}?mode=ro", uri=True, timeout=10)
+    db = open_db(data_dir, database_url)
     try:
-        jobs = _rows(conn, "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')")[0][0]
-        rooms = _rows(
-            conn,
-            "SELECT count(*) FROM rooms WHERE ended_at IS NULL AND started_at IS NOT NULL"
-            " AND started_at + ? < ?",
-            [visit_s, time.time()],
-        )[0][0]
-        running = _rows(conn, "SELECT count(*) FROM rooms WHERE ended_at IS NULL AND started_at IS NOT NULL")
-        return {"jobs": jobs, "past_rooms_open": rooms, "rooms_open": running[0][0]}
+        return db.read_sync(lambda conn: _settled(conn, visit_s))
     finally:
-        conn.close()
+        db.close()
+
+
+def _settled(conn: Any, visit_s: float) -> dict[str, int]:
+    jobs = _rows(conn, "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')")[0][0]
+    rooms = _rows(
+        conn,
+        "SELECT count(*) FROM rooms WHERE ended_at IS NULL AND started_at IS NOT NULL AND started_at + ? < ?",
+        [visit_s, time.time()],
+    )[0][0]
+    running = _rows(conn, "SELECT count(*) FROM rooms WHERE ended_at IS NULL AND started_at IS NOT NULL")
+    return {"jobs": jobs, "past_rooms_open": rooms, "rooms_open": running[0][0]}
 
 
 def age_upload_files(data_dir: Path) -> int:
@@ -642,7 +671,7 @@ def sha256_of(path: Path) -> str:
 
 
 def check(
-    data_dir: Path, acked: Acknowledged, *, visit_s: float
+    data_dir: Path, acked: Acknowledged, *, visit_s: float, database_url: str = ""
 ) -> tuple[dict[str, list[str]], dict[str, int]]:
     """Every invariant, from the database and the disk: (violations by name, what was checked)."""
     v: dict[str, list[str]] = {}
@@ -651,16 +680,17 @@ def check(
     def bad(name: str, what: str) -> None:
         v.setdefault(name, []).append(what)
 
-    path = data_dir / "consult.db"
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    conn.row_factory = sqlite3.Row
-    try:
-        # integrity_check
-        result = [r[0] for r in _rows(conn, "PRAGMA integrity_check")]
-        if result != ["ok"]:
-            bad("integrity_check", "; ".join(result[:5]))
-        for r in _rows(conn, "PRAGMA foreign_key_check")[:5]:
-            bad("integrity_check", f"foreign key: {tuple(r)}")
+    db = open_db(data_dir, database_url)
+
+    def examine(conn: Any) -> None:
+        # integrity_check: SQLite's own checks of its file (PostgreSQL checks its pages and
+        # foreign keys itself, on every write)
+        if db.engine == "sqlite":
+            result = [r[0] for r in _rows(conn, "PRAGMA integrity_check")]
+            if result != ["ok"]:
+                bad("integrity_check", "; ".join(result[:5]))
+            for r in _rows(conn, "PRAGMA foreign_key_check")[:5]:
+                bad("integrity_check", f"foreign key: {tuple(r)}")
 
         # double_booking: from the rows, not from what clients were told
         active = "status IN ('held', 'confirmed', 'completed')"
@@ -868,21 +898,22 @@ def check(
         for public_id in acked.rooms:
             if public_id not in visits:
                 bad("past_rooms_closed", f"room {public_id} has no visit")
-    finally:
-        conn.close()
 
-    for error in acked.server_errors:
-        bad("server_errors", error)
-
-    # audit_chain
-    adb = sqlite_utils.Database(sqlite3.connect(f"file:{path}?mode=ro", uri=True))
     try:
-        ok, message = audit_chain.verify(adb)
+        db.read_sync(examine)
+
+        for error in acked.server_errors:
+            bad("server_errors", error)
+
+        # audit_chain
+        ok, message = db.read_sync(audit_chain.verify)
         if not ok:
             bad("audit_chain", message)
-        checked["audit_entries"] = adb.execute("SELECT count(*) FROM audit_log").fetchone()[0]
+        checked["audit_entries"] = db.read_sync(
+            lambda d: d.execute("SELECT count(*) FROM audit_log").fetchone()[0]
+        )
     finally:
-        adb.conn.close()
+        db.close()
     return v, checked
 
 
@@ -945,6 +976,7 @@ async def run(server: Server, opts: Options, *, say: Callable[[str], None] = lam
         doctors=opts.doctors,
         calls=opts.kills,
         days=opts.days,
+        database_url=database_url_of(server),
     )
     load = Load(server, clinic, opts.seed, opts.clients)
     load.up.set()
@@ -1001,13 +1033,15 @@ async def run(server: Server, opts: Options, *, say: Callable[[str], None] = lam
     state: dict[str, int] = {}
     while time.monotonic() - started < opts.settle_timeout_s:
         await asyncio.sleep(0.25)
-        state = await asyncio.to_thread(settled, server.data_dir, opts.visit_s)
+        state = await asyncio.to_thread(settled, server.data_dir, opts.visit_s, database_url_of(server))
         # Two files sweeps (1 s) and reaper runs (0.5 s) after start-up, no job left, rooms closed.
         if time.monotonic() - started > 2.5 and not state["jobs"] and not state["rooms_open"]:
             break
     note(f"settled: {state}")
     await asyncio.to_thread(_healthy, server)
-    violations, checked = await asyncio.to_thread(check, server.data_dir, load.acked, visit_s=opts.visit_s)
+    violations, checked = await asyncio.to_thread(
+        check, server.data_dir, load.acked, visit_s=opts.visit_s, database_url=database_url_of(server)
+    )
     await asyncio.to_thread(server.stop)
     if kills < opts.kills:
         violations.setdefault("kills", []).append(f"{kills} kills of {opts.kills}")

@@ -4,11 +4,12 @@ development SmsProvider), exactly where the demo's admin reads it."""
 from __future__ import annotations
 
 import re
-import sqlite3
 from pathlib import Path
+from typing import Any
 
 from consult.core import keys
 from tests.conftest import csrf_of
+from tests.db_helpers import read
 
 CODE_RE = re.compile(r"(?<![0-9])([0-9]{6})(?![0-9])")
 
@@ -65,15 +66,17 @@ async def register(
     return resp
 
 
-def texted_code(data_dir: Path, phone: str) -> str:
-    """The one-time code the newest text message to ``phone`` carries (from the outbox)."""
-    conn = sqlite3.connect(data_dir / "consult.db")
-    try:
-        row = conn.execute(
+def texted_code(target: Any, phone: str) -> str:
+    """The one-time code the newest text message to ``phone`` carries (from the outbox of
+    ``target``: a server, the test's settings, or a data dir holding a SQLite database)."""
+    if isinstance(target, str | Path) and Path(target).is_dir():
+        target = Path(target) / "consult.db"
+    row = read(
+        target,
+        lambda d: d.execute(
             "SELECT body FROM outbox WHERE recipient = ? ORDER BY id DESC LIMIT 1", [phone]
-        ).fetchone()
-    finally:
-        conn.close()
+        ).fetchone(),
+    )
     assert row, "no code was texted"
     found = re.search(r"(?<![0-9])([0-9]{6})(?![0-9])", row[0])
     assert found, row[0]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from consult.booking import catalogue, schedules
 from consult.core.config import Settings
 from consult.core.engine import open_database
+from tests import db_helpers
 from tests.conftest import csrf_of, login
 
 # Every day, 00:00-23:45 local: a slot is always a few minutes away, whatever the clock says.
@@ -83,19 +84,11 @@ def visit_row(settings: Settings, public_id: str) -> dict:
 
 
 def write(settings: Settings, fn):
-    db = open_database(settings)
-    try:
-        return db.write_sync(fn)
-    finally:
-        db.close()
+    return db_helpers.write(settings, fn)
 
 
 def read(settings: Settings, fn):
-    db = open_database(settings)
-    try:
-        return db.read_sync(fn)
-    finally:
-        db.close()
+    return db_helpers.read(settings, fn)
 
 
 async def signed_in(aiohttp_client, server, identifier: str):

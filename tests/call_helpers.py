@@ -1,16 +1,17 @@
-"""Seeding for the call tests: a visit written straight into a data dir, and its call tokens."""
+"""Seeding for the call tests: a visit written straight into the database, and its call tokens."""
 
 from __future__ import annotations
 
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from consult.calls import links as calllinks
 from consult.calls import policy as calls
 from consult.core.config import Settings, ensure_secrets, load_settings
+from tests.db_helpers import insert, write
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class SeededVisit:
 
 
 def seed_visit(
-    db_path: Path,
+    target: Any,
     *,
     doctor_id: int | None = None,
     patient_id: int | None = None,
@@ -33,30 +34,32 @@ def seed_visit(
     minutes: int = 15,
     status: str = "confirmed",
 ) -> SeededVisit:
-    """A visit starting `starts_in_s` from now (default: a minute ago), written with sqlite3.
+    """A visit starting `starts_in_s` from now (default: a minute ago), written in one short write
+    transaction to `target`: the test's settings (either engine) or a server's SQLite file.
 
     Without ids: the first doctor with a profile, the first patient and a department of that
-    doctor (what `consult demo` creates). Safe while a server runs (WAL, one short write).
+    doctor (what `consult demo` creates). Safe while a server runs.
     """
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        conn.execute("PRAGMA busy_timeout = 5000")
+
+    def fn(db: Any) -> SeededVisit:
+        nonlocal doctor_id, patient_id
         if doctor_id is None:
-            doctor_id = conn.execute("SELECT user_id FROM doctors ORDER BY user_id LIMIT 1").fetchone()[0]
+            doctor_id = db.execute("SELECT user_id FROM doctors ORDER BY user_id LIMIT 1").fetchone()[0]
         if patient_id is None:
-            patient_id = conn.execute(
+            patient_id = db.execute(
                 "SELECT id FROM users WHERE role = 'patient' ORDER BY id LIMIT 1"
             ).fetchone()[0]
-        row = conn.execute(
+        row = db.execute(
             "SELECT department_id FROM doctor_departments WHERE doctor_id = ? LIMIT 1", [doctor_id]
         ).fetchone()
-        department_id = row[0] if row else conn.execute("SELECT id FROM departments LIMIT 1").fetchone()[0]
+        department_id = row[0] if row else db.execute("SELECT id FROM departments LIMIT 1").fetchone()[0]
         now = time.time()
         starts = int(now + starts_in_s)
         ends = starts + minutes * 60
         public_id = secrets.token_urlsafe(12)
         nonce = secrets.token_urlsafe(8)
-        cur = conn.execute(
+        visit_id = insert(
+            db,
             "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at, status,"
             " fee_minor, currency, created, updated, call_nonce) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             [
@@ -74,9 +77,9 @@ def seed_visit(
                 nonce,
             ],
         )
-        return SeededVisit(cur.lastrowid, public_id, nonce, doctor_id, patient_id, starts, ends)
-    finally:
-        conn.close()
+        return SeededVisit(visit_id, public_id, nonce, doctor_id, patient_id, starts, ends)
+
+    return write(target, fn)
 
 
 def keyed_settings(data_dir: Path) -> Settings:

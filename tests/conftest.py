@@ -15,6 +15,7 @@ from consult.core.db import Database
 from consult.core.engine import open_database
 from consult.core.migrations import migrate_settings
 from tests.harness.engine import *  # noqa: F403
+from tests.harness.engine import on_postgresql
 from tests.harness.fixtures import *  # noqa: F403
 from tests.harness.programs import missing_packages
 from tests.language_check import Found, make_middleware
@@ -46,6 +47,11 @@ def pytest_configure(config):
         "locale(name): the language the test's app speaks to a request that names none "
         "(default zh_CN: what users get); tests that read English texts ask for 'en'",
     )
+    config.addinivalue_line(
+        "markers",
+        "sqlite_only(reason): about the SQLite file itself (its backup, WAL, PRAGMAs, a full disk under "
+        "SQLite, migrations of old files): skipped when CONSULT_TEST_ENGINE=postgresql",
+    )
 
 
 def needs_private_network(item: pytest.Item) -> bool:
@@ -56,6 +62,12 @@ def needs_private_network(item: pytest.Item) -> bool:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
+    if on_postgresql():
+        for item in items:
+            marker = item.get_closest_marker("sqlite_only")
+            if marker:
+                why = marker.args[0] if marker.args else "about the SQLite file"
+                item.add_marker(pytest.mark.skip(reason=why))
     # Collection starts no threads; the namespace must be entered before any fixture does.
     if any(needs_private_network(item) for item in items):
         missing = missing_packages()

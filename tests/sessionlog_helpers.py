@@ -1,4 +1,4 @@
-"""Set-up for the session-log and audit tests: visits and events written straight into SQLite."""
+"""Set-up for the session-log and audit tests: visits and events written straight into the database."""
 
 from __future__ import annotations
 
@@ -7,20 +7,12 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from consult import sessionlog
-from consult.core.db import connect
-from consult.core.migrations import migrate
+from consult.core.config import Settings
+from tests import db_helpers
 
-# Until the call engineer's 0005_rooms lands, tests create the table it is specified to have.
-SESSION_EVENTS_DDL = (
-    "CREATE TABLE IF NOT EXISTS session_events (id INTEGER PRIMARY KEY, visit_id INTEGER NOT NULL,"
-    " created REAL NOT NULL, name TEXT NOT NULL, role TEXT, data TEXT NOT NULL DEFAULT '{}')"
-)
 CHROME_ANDROID = (
     "Mozilla/5.0 (Linux; Android 14; Pixel 7) AppleWebKit/537.36 (KHTML, like Gecko)"
     " Chrome/120.0.6099.144 Mobile Safari/537.36"
@@ -34,58 +26,41 @@ FIREFOX_WINDOWS = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:121.0) Gecko/201
 
 @dataclass
 class World:
-    path: Path
+    settings: Settings  # where the world lives: `write(world.settings, fn)`, either engine
     department_id: int
     doctor_id: int
     patient_id: int
 
 
-def open_db(path: Path) -> sqlite_utils.Database:
-    return sqlite_utils.Database(connect(path))
+def write(target: Any, fn) -> Any:
+    """``fn(handle)`` in one write transaction of the test's database (`tests.db_helpers`)."""
+    return db_helpers.write(target, fn)
 
 
-def write(path: Path, fn) -> Any:
-    db = open_db(path)
-    try:
-        db.conn.execute("BEGIN IMMEDIATE")
-        result = fn(db)
-        db.conn.execute("COMMIT")
-        return result
-    finally:
-        db.conn.close()
-
-
-def read(path: Path, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
-    db = open_db(path)
-    try:
-        return [dict(r) for r in db.execute(sql, list(params)).fetchall()]
-    finally:
-        db.conn.close()
+def read(target: Any, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+    return db_helpers.rows(target, sql, params)
 
 
 def make_world(settings, make_user, *, patient_name: str = "Li Lei", phone: str = "13812345678") -> World:
-    path = settings.data_dir / "consult.db"
     doctor_id = make_user("doctor", login="drwang", name="Dr Wang")
     patient_id = make_user("patient", login=phone, name=patient_name)
-    migrate(path)
 
     def fn(db) -> int:
-        db.execute(SESSION_EVENTS_DDL)
-        dep = db.execute(
-            "INSERT INTO departments (code, name_zh, name_en) VALUES ('cardio', '心内科', 'Cardiology')"
-        ).lastrowid
+        dep = db_helpers.insert(
+            db, "INSERT INTO departments (code, name_zh, name_en) VALUES ('cardio', '心内科', 'Cardiology')"
+        )
         db.execute("INSERT INTO doctors (user_id) VALUES (?)", [doctor_id])
         db.execute(
             "INSERT INTO doctor_departments (doctor_id, department_id) VALUES (?, ?)", [doctor_id, dep]
         )
         return dep
 
-    dep = write(path, fn)
-    return World(path, dep, doctor_id, patient_id)
+    dep = write(settings, fn)
+    return World(settings, dep, doctor_id, patient_id)
 
 
 def add_visit(
-    db: sqlite_utils.Database,
+    db: Any,
     world: World,
     starts_at: int,
     *,
@@ -95,7 +70,8 @@ def add_visit(
 ) -> tuple[int, str]:
     public_id = secrets.token_urlsafe(12)
     now = time.time()
-    visit_id = db.execute(
+    visit_id = db_helpers.insert(
+        db,
         "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at, status,"
         " fee_minor, currency, created, updated, call_nonce)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, 5000, 'CNY', ?, ?, ?)",
@@ -111,13 +87,11 @@ def add_visit(
             now,
             secrets.token_hex(8),
         ],
-    ).lastrowid
+    )
     return visit_id, public_id
 
 
-def record(
-    db: sqlite_utils.Database, visit_id: int, events: list[tuple[str, str | None, float, dict]]
-) -> None:
+def record(db: Any, visit_id: int, events: list[tuple[str, str | None, float, dict]]) -> None:
     """Store events as the call module does, and fold each into the summary."""
     for name, role, created, data in events:
         db.execute(

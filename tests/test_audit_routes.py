@@ -21,6 +21,7 @@ from consult import sessionlog
 from consult.app import create_app
 from consult.calls import links as calllinks
 from tests.conftest import login
+from tests.db_helpers import insert
 from tests.sessionlog_helpers import add_visit, full_call, make_world, read, record, write
 
 PATIENT_NAME = "Marker Xiaoming"
@@ -78,11 +79,12 @@ def seed(settings, make_user) -> dict[str, str]:
         past_id, past_public = add_visit(db, world, int(now - 7200), status="completed")
         record(db, past_id, full_call(now - 7200))
         visit_id, public_id = add_visit(db, world, int(now + 2 * 86400))
-        report_id = db.execute(
+        report_id = insert(
+            db,
             "INSERT INTO reports (visit_id, owner_id, display_name, stored_name, content_type, size,"
             " sha256, created) VALUES (?, ?, ?, ?, 'image/png', ?, ?, ?)",
             [visit_id, world.patient_id, REPORT_NAME, stored, len(PNG_1PX), stored[3:], now],
-        ).lastrowid
+        )
         db.execute(
             "INSERT INTO payments (visit_id, order_id, provider, amount_minor, currency, status, created,"
             " paid_at) VALUES (?, ?, 'cashier', 5000, 'CNY', 'paid', ?, ?)",
@@ -92,11 +94,12 @@ def seed(settings, make_user) -> dict[str, str]:
         recording_dir = settings.data_dir / "recordings" / public_id
         recording_dir.mkdir(parents=True)
         (recording_dir / "host-20240101T000000Z-0123456789ab.webm").write_bytes(b"\x1aE\xdf\xa3" * 64)
-        recording_id = db.execute(
+        recording_id = insert(
+            db,
             "INSERT INTO recordings (visit_id, role, path, size, created, complete)"
             " VALUES (?, 'doctor', ?, 256, ?, 1)",
             [visit_id, f"recordings/{public_id}/host-20240101T000000Z-0123456789ab.webm", now],
-        ).lastrowid
+        )
         nonce, starts, ends = db.execute(
             "SELECT call_nonce, starts_at, ends_at FROM visits WHERE id = ?", [visit_id]
         ).fetchone()
@@ -114,9 +117,9 @@ def seed(settings, make_user) -> dict[str, str]:
             "token": calllinks.make_token(settings, public_id, "patient", nonce, starts, ends),
         }
 
-    values = write(world.path, fn)
+    values = write(world.settings, fn)
     values.update(seed_clinical(settings, world, values["public_id"]))
-    write(world.path, lambda db: sessionlog.mark_no_shows_sync(db, now))
+    write(world.settings, lambda db: sessionlog.mark_no_shows_sync(db, now))
     return values
 
 
@@ -166,7 +169,7 @@ def seed_clinical(settings, world, public_id: str) -> dict[str, str]:
         )
         return {"number": rx.number}
 
-    return write(world.path, fn)
+    return write(world.settings, fn)
 
 
 def fill(path: str, values: dict[str, str]) -> str | None:
@@ -204,7 +207,6 @@ async def test_every_patient_data_route_writes_exactly_one_audit_entry(aiohttp_c
         routes.append((route.name, url))
     assert len(routes) > 15
 
-    db_path = settings.data_dir / "consult.db"
     offenders: dict[tuple[str, str], int] = {}
     audited: set[tuple[str, str]] = set()
     client = await aiohttp_client(app)
@@ -212,7 +214,7 @@ async def test_every_patient_data_route_writes_exactly_one_audit_entry(aiohttp_c
         client.session.cookie_jar.clear()
         await login(client, who)
         for name, url in routes:
-            before = read(db_path, "SELECT coalesce(max(id), 0) AS n FROM audit_log")[0]["n"]
+            before = read(settings, "SELECT coalesce(max(id), 0) AS n FROM audit_log")[0]["n"]
             resp = await client.get(url, allow_redirects=False)
             key = (name.split("#")[0], role)
             seen = (await resp.read()).decode("utf-8", "replace") + str(resp.headers)
@@ -220,7 +222,7 @@ async def test_every_patient_data_route_writes_exactly_one_audit_entry(aiohttp_c
                 continue
             if key in EXEMPT:
                 continue
-            new = read(db_path, "SELECT action, actor_id FROM audit_log WHERE id > ?", [before])
+            new = read(settings, "SELECT action, actor_id FROM audit_log WHERE id > ?", [before])
             if len(new) == 1:
                 audited.add(key)
             else:

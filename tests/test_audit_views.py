@@ -24,7 +24,7 @@ def world(settings, make_user):
 
 
 def add(world, **kwargs) -> int:
-    return write(world.path, lambda db: audit.append(db, audit.AuditEntry(**kwargs)))
+    return write(world.settings, lambda db: audit.append(db, audit.AuditEntry(**kwargs)))
 
 
 def seed(world) -> dict[str, int]:
@@ -89,9 +89,9 @@ async def test_audit_read_appends_exactly_one_entry(aiohttp_client, settings, wo
     app.router.add_get("/test-read", handler)
     client = await aiohttp_client(app)
     await login(client, "drwang")
-    before = read(world.path, "SELECT count(*) AS n FROM audit_log")[0]["n"]
+    before = read(world.settings, "SELECT count(*) AS n FROM audit_log")[0]["n"]
     assert (await client.get("/test-read")).status == 200
-    rows = read(world.path, "SELECT * FROM audit_log WHERE id > ?", [before])
+    rows = read(world.settings, "SELECT * FROM audit_log WHERE id > ?", [before])
     assert len(rows) == 1
     r = rows[0]
     assert (r["action"], r["object_type"], r["object_id"]) == ("report.view", "report", "5")
@@ -117,7 +117,7 @@ async def test_patient_access_log_shows_only_others_reads_of_own_records(client,
     assert "Admin Zhao" in rows[0] and "session.view" in rows[0]
     assert "visit.cancel" not in html and "visit.view" not in html
     # Reading one's own log is itself recorded (and not shown back).
-    last = read(world.path, "SELECT * FROM audit_log ORDER BY id DESC LIMIT 1")[0]
+    last = read(world.settings, "SELECT * FROM audit_log ORDER BY id DESC LIMIT 1")[0]
     assert (last["action"], last["actor_id"], last["subject_user_id"]) == (
         "access_log.view",
         world.patient_id,
@@ -147,7 +147,7 @@ async def test_access_log_is_for_patients(client, world, who):
 def test_search_filters(world, query, expected):
     ids = seed(world)
     f = auditing.AuditFilters.from_query(query)
-    rows, _ = write(world.path, lambda db: auditing.search_sync(db, f))
+    rows, _ = write(world.settings, lambda db: auditing.search_sync(db, f))
     by_id = {v: k for k, v in ids.items()}
     # Creating the test accounts wrote account.create entries too: only the seeded ones matter.
     assert [by_id[r["id"]] for r in rows if r["id"] in by_id] == sorted(expected, key=lambda k: -ids[k])
@@ -155,7 +155,7 @@ def test_search_filters(world, query, expected):
 
 def test_search_by_date_range(world):
     seed(world)
-    total = read(world.path, "SELECT count(*) AS n FROM audit_log")[0]["n"]
+    total = read(world.settings, "SELECT count(*) AS n FROM audit_log")[0]["n"]
     today = time.strftime("%Y-%m-%d")
     for query, n in (
         ({"from": "2001-01-01", "to": "2001-12-31"}, 0),
@@ -163,7 +163,7 @@ def test_search_by_date_range(world):
         ({"from": "2999-01-01"}, 0),
     ):
         f = auditing.AuditFilters.from_query(query)
-        rows, _ = write(world.path, lambda db, f=f: auditing.search_sync(db, f))
+        rows, _ = write(world.settings, lambda db, f=f: auditing.search_sync(db, f))
         assert len(rows) == n, (query, today)
 
 
@@ -185,7 +185,7 @@ async def test_admin_search_pages_by_keyset(client, world):
         m = re.search(r'<a href="([^"]+)" data-testid="older">', html)
         url = m.group(1).replace("&amp;", "&") if m else None
     assert sorted(seen, key=int) == [str(i) for i in range(120)]
-    searches = read(world.path, "SELECT count(*) AS n FROM audit_log WHERE action = 'audit.search'")
+    searches = read(world.settings, "SELECT count(*) AS n FROM audit_log WHERE action = 'audit.search'")
     assert searches[0]["n"] == 3
 
 
@@ -195,7 +195,7 @@ async def test_verify_page_reports_intact_then_names_the_edited_row(client, worl
     await login(client, "boss")
     html = await (await client.get("/admin/audit/verify")).text()
     assert 'data-ok="1"' in html and "chain intact" in html
-    write(world.path, lambda db: db.execute("UPDATE audit_log SET object_id = '8' WHERE id = 2"))
+    write(world.settings, lambda db: db.execute("UPDATE audit_log SET object_id = '8' WHERE id = 2"))
     html = await (await client.get("/admin/audit/verify")).text()
     assert 'data-ok="0"' in html and "row 2 was altered" in html
 
@@ -203,7 +203,7 @@ async def test_verify_page_reports_intact_then_names_the_edited_row(client, worl
 @pytest.mark.locale("en")  # asserts English texts
 async def test_verify_page_names_a_deleted_row(client, world):
     seed(world)
-    write(world.path, lambda db: db.execute("DELETE FROM audit_log WHERE id = 3"))
+    write(world.settings, lambda db: db.execute("DELETE FROM audit_log WHERE id = 3"))
     await login(client, "boss")
     html = await (await client.get("/admin/audit/verify")).text()
     assert 'data-ok="0"' in html and "row 3 is missing" in html

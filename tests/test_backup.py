@@ -26,6 +26,10 @@ from tests.harness.server import ConsultServer
 from tests.test_cli import FAST, consult
 from tests.test_reports import pdf_bytes
 
+# `consult backup` / `restore` copy the SQLite file and the data dir; a PostgreSQL deployment is
+# backed up with PostgreSQL's own tools.
+pytestmark = pytest.mark.sqlite_only("backup and restore of the SQLite file")
+
 PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\nstartxref\n0\n%%EOF\n"
 
 

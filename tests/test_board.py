@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sqlite3
 import time
 
 import pytest
@@ -19,29 +18,13 @@ from signaling.client import SignalingClient
 from tests.booking_helpers import make_clinic, post, signed_in
 from tests.call_helpers import host_token, keyed_settings, patient_token, seed_visit
 from tests.conftest import login
+from tests.db_helpers import rows, write
 
 SSE = {"Accept": "text/event-stream"}  # what EventSource sends
 
 
-def db_path(settings):
-    return settings.data_dir / "consult.db"
-
-
-def rows(settings, sql, params=()):
-    conn = sqlite3.connect(db_path(settings))
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, params).fetchall()]
-    finally:
-        conn.close()
-
-
 def execute(settings, sql, params=()):
-    conn = sqlite3.connect(db_path(settings), isolation_level=None)
-    try:
-        conn.execute(sql, params)
-    finally:
-        conn.close()
+    write(settings, lambda d: d.execute(sql, params))
 
 
 @pytest.fixture
@@ -86,9 +69,9 @@ async def test_board_stream_follows_the_doctors_rooms_and_only_theirs(
     aiohttp_client, server, settings, clinic
 ):
     doc0, doc1 = clinic.doctor_ids
-    first = seed_visit(db_path(settings), doctor_id=doc0, patient_id=clinic.patients[0], starts_in_s=-120)
-    second = seed_visit(db_path(settings), doctor_id=doc0, patient_id=clinic.patients[1], starts_in_s=300)
-    other = seed_visit(db_path(settings), doctor_id=doc1, patient_id=clinic.patients[2], starts_in_s=-60)
+    first = seed_visit(settings, doctor_id=doc0, patient_id=clinic.patients[0], starts_in_s=-120)
+    second = seed_visit(settings, doctor_id=doc0, patient_id=clinic.patients[1], starts_in_s=300)
+    other = seed_visit(settings, doctor_id=doc1, patient_id=clinic.patients[2], starts_in_s=-60)
     keyed = keyed_settings(settings.data_dir)
 
     board0 = await signed_in(aiohttp_client, server, "doc0")
@@ -169,7 +152,7 @@ async def test_only_doctors_follow_a_board_and_only_a_few_streams_each(
 async def test_admit_from_the_board_needs_csrf_and_the_visits_doctor(
     aiohttp_client, server, settings, clinic
 ):
-    visit = seed_visit(db_path(settings), doctor_id=clinic.doctor_ids[0], patient_id=clinic.patients[0])
+    visit = seed_visit(settings, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patients[0])
     doctor = await signed_in(aiohttp_client, server, "doc0")
     path = f"/doctor/visits/{visit.public_id}/admit"
     assert (await doctor.post(path, data={}, allow_redirects=False)).status == 403  # no CSRF token
@@ -189,9 +172,9 @@ async def test_admit_from_the_board_needs_csrf_and_the_visits_doctor(
 
 async def test_next_patient_is_the_one_waiting_then_the_next_booked(aiohttp_client, server, settings, clinic):
     doc0 = clinic.doctor_ids[0]
-    done = seed_visit(db_path(settings), doctor_id=doc0, patient_id=clinic.patients[0], starts_in_s=-600)
-    booked = seed_visit(db_path(settings), doctor_id=doc0, patient_id=clinic.patients[1], starts_in_s=-300)
-    waiting = seed_visit(db_path(settings), doctor_id=doc0, patient_id=clinic.patients[2], starts_in_s=-60)
+    done = seed_visit(settings, doctor_id=doc0, patient_id=clinic.patients[0], starts_in_s=-600)
+    booked = seed_visit(settings, doctor_id=doc0, patient_id=clinic.patients[1], starts_in_s=-300)
+    waiting = seed_visit(settings, doctor_id=doc0, patient_id=clinic.patients[2], starts_in_s=-60)
     execute(settings, "UPDATE visits SET status = 'completed' WHERE id = ?", [done.id])
     doctor = await signed_in(aiohttp_client, server, "doc0")
 
@@ -212,8 +195,8 @@ async def test_next_patient_is_the_one_waiting_then_the_next_booked(aiohttp_clie
 
 async def test_running_late_reaches_the_waiting_page_and_the_outbox(aiohttp_client, server, settings, clinic):
     doc0 = clinic.doctor_ids[0]
-    later = seed_visit(db_path(settings), doctor_id=doc0, patient_id=clinic.patients[0], starts_in_s=600)
-    other = seed_visit(db_path(settings), doctor_id=clinic.doctor_ids[1], patient_id=clinic.patients[1])
+    later = seed_visit(settings, doctor_id=doc0, patient_id=clinic.patients[0], starts_in_s=600)
+    other = seed_visit(settings, doctor_id=clinic.doctor_ids[1], patient_id=clinic.patients[1])
     keyed = keyed_settings(settings.data_dir)
     anon = await aiohttp_client(server)
     notices = await anon.get(f"/call/{patient_token(keyed, later)}/notices", headers=SSE)
@@ -254,9 +237,9 @@ async def test_running_late_reaches_the_waiting_page_and_the_outbox(aiohttp_clie
 
 
 async def test_the_doctor_opening_a_visit_gets_the_doctors_view(aiohttp_client, server, settings, clinic):
-    visit = seed_visit(db_path(settings), doctor_id=clinic.doctor_ids[0], patient_id=clinic.patients[0])
+    visit = seed_visit(settings, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patients[0])
     earlier = seed_visit(
-        db_path(settings),
+        settings,
         doctor_id=clinic.doctor_ids[1],
         patient_id=clinic.patients[0],
         starts_in_s=-7 * 86400,
@@ -284,7 +267,7 @@ async def test_the_doctor_opening_a_visit_gets_the_doctors_view(aiohttp_client, 
 
 
 async def test_new_reports_count_until_the_doctor_looks(aiohttp_client, server, settings, clinic):
-    visit = seed_visit(db_path(settings), doctor_id=clinic.doctor_ids[0], patient_id=clinic.patients[0])
+    visit = seed_visit(settings, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patients[0])
     for n in range(2):
         execute(
             settings,
@@ -304,7 +287,7 @@ async def test_new_reports_count_until_the_doctor_looks(aiohttp_client, server, 
 
 
 async def test_board_page_lists_today_in_zh(aiohttp_client, server, settings, clinic):
-    seed_visit(db_path(settings), doctor_id=clinic.doctor_ids[0], patient_id=clinic.patients[0])
+    seed_visit(settings, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patients[0])
     client = await aiohttp_client(server)
     await login(client, "doc0")
     page = await (await client.get("/doctor")).text()

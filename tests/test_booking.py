@@ -115,7 +115,7 @@ async def test_fifty_concurrent_holds_on_one_slot_give_exactly_one_visit(
 
 
 async def test_the_database_refuses_a_second_active_visit_for_a_slot(settings, clinic, make_user):
-    import sqlite3
+    from consult.core.db import IntegrityError
 
     p = make_user("patient", login="13900000001")
     slot = free_slots(settings, clinic.doctor_ids[0], 7200)[0]
@@ -129,7 +129,7 @@ async def test_the_database_refuses_a_second_active_visit_for_a_slot(settings, c
         )
 
     write(settings, lambda d: insert(d, "aaaaaaaaaaaa"))
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(IntegrityError):
         write(settings, lambda d: insert(d, "bbbbbbbbbbbb"))
 
 

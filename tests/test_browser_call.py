@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from playwright.async_api import Page, expect
 
 from tests.call_helpers import SeededVisit, keyed_settings, patient_token, seed_visit
+from tests.db_helpers import rows
 from tests.harness.browser import PageRecorder, assert_only_local_requests
 from tests.harness.programs import require_program
 from tests.harness.server import ConsultServer
@@ -100,11 +101,8 @@ def prepare_call(server: ConsultServer, *, starts_in_s: float = -60, origin: str
     """A confirmed visit of dr.wang with the demo patient, starting now; a known password.
     The pages' URLs are on `origin` (default the server's own; a proxy's in tests/test_nginx.py)."""
     server.cli("user", "passwd", DOCTOR, "--password", PASSWORD)
-    db = server.data_dir / "consult.db"
-    conn = sqlite3.connect(db)
-    doctor_id = conn.execute("SELECT id FROM users WHERE username = ?", [DOCTOR]).fetchone()[0]
-    conn.close()
-    visit = seed_visit(db, doctor_id=doctor_id, starts_in_s=starts_in_s)
+    (doctor_id,) = rows(server, "SELECT id FROM users WHERE username = ?", [DOCTOR])[0].values()
+    visit = seed_visit(server, doctor_id=doctor_id, starts_in_s=starts_in_s)
     token = patient_token(keyed_settings(server.data_dir), visit)
     base = origin or server.origin
     return Call(server, visit, f"{base}/call/{token}", f"{base}/doctor/visits/{visit.public_id}/room")

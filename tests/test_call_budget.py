@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from types import SimpleNamespace
 
 import pytest
@@ -25,6 +24,7 @@ from signaling.client import ErrorReply, SignalingClient
 from signaling.connection import Connection
 from tests.booking_helpers import make_clinic
 from tests.call_helpers import host_token, keyed_settings, patient_token, seed_visit
+from tests.db_helpers import read
 
 # Small enough to be reached in a few seconds under the default rate limit (20/s, burst 50).
 SEAT = SimpleNamespace(rows=60, bytes=6 * 1024)
@@ -41,11 +41,7 @@ def clinic(settings, make_user):
 
 
 def query(settings, sql, params=()):
-    conn = sqlite3.connect(settings.data_dir / "consult.db")
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
+    return read(settings, lambda d: [tuple(r) for r in d.execute(sql, params).fetchall()])
 
 
 def stored(settings, visit_id: int) -> dict[str, tuple[int, int]]:
@@ -122,9 +118,7 @@ async def test_one_call_link_cannot_store_more_than_its_budget(aiohttp_client, s
     keyed = keyed_settings(settings.data_dir)
     policy = client.app[POLICY]
     policy.seat_budget, policy.room_budget = SEAT, ROOM
-    visit = seed_visit(
-        settings.data_dir / "consult.db", doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id
-    )
+    visit = seed_visit(settings, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
     room, guest_token, doctor_token = visit.public_id, patient_token(keyed, visit), host_token(keyed, visit)
     guests: list[SignalingClient] = []
 
@@ -211,9 +205,7 @@ async def test_one_call_link_cannot_store_more_than_its_budget(aiohttp_client, s
 async def test_a_legitimate_call_still_records_its_samples(aiohttp_client, settings, clinic):
     client = await aiohttp_client(create_app(settings))
     keyed = keyed_settings(settings.data_dir)
-    visit = seed_visit(
-        settings.data_dir / "consult.db", doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id
-    )
+    visit = seed_visit(settings, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
     guest = await hello(client, visit.public_id, patient_token(keyed, visit))
     host = await hello(client, visit.public_id, host_token(keyed, visit))
     await host.send({"type": "admit"})

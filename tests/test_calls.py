@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sqlite3
 import time
 
 import pytest
@@ -17,19 +16,7 @@ from signaling.client import ErrorReply, SignalingClient
 from tests.booking_helpers import make_clinic, signed_in
 from tests.call_helpers import host_token, keyed_settings, patient_token, seed_visit
 from tests.conftest import login
-
-
-def db_path(settings):
-    return settings.data_dir / "consult.db"
-
-
-def rows(settings, sql, params=()):
-    conn = sqlite3.connect(db_path(settings))
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, params).fetchall()]
-    finally:
-        conn.close()
+from tests.db_helpers import rows, write
 
 
 @pytest.fixture
@@ -66,7 +53,7 @@ async def flush_events(client) -> None:
 
 async def test_waiting_room_admit_clock_events_and_end(aiohttp_client, settings, clinic):
     client, keyed = await open_app(aiohttp_client, settings)
-    visit = seed_visit(db_path(settings), doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
+    visit = seed_visit(settings, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
 
     guest = await hello(client, visit.public_id, patient_token(keyed, visit), **{"User-Agent": "PhoneUA/1"})
     assert guest.welcome["role"] == "guest" and guest.welcome["polite"] is True
@@ -116,9 +103,8 @@ async def test_waiting_room_admit_clock_events_and_end(aiohttp_client, settings,
 
 async def test_refusals(aiohttp_client, settings, clinic):
     client, keyed = await open_app(aiohttp_client, settings)
-    path = db_path(settings)
-    visit = seed_visit(path, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
-    other = seed_visit(path, doctor_id=clinic.doctor_ids[1], patient_id=clinic.patient_id)
+    visit = seed_visit(settings, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
+    other = seed_visit(settings, doctor_id=clinic.doctor_ids[1], patient_id=clinic.patient_id)
     good = patient_token(keyed, visit)
     cases = {
         "tampered": (visit.public_id, good[:-4] + "AAAA", "invalid_token"),
@@ -148,10 +134,7 @@ async def test_refusals(aiohttp_client, settings, clinic):
     )
     assert (await refused(client, visit.public_id, doctor_link))[0] == "invalid_token"
     # Cancelled: refused with a clear message, in the request's language.
-    conn = sqlite3.connect(path)
-    conn.execute("UPDATE visits SET status = 'cancelled' WHERE id = ?", [visit.id])
-    conn.commit()
-    conn.close()
+    write(settings, lambda d: d.execute("UPDATE visits SET status = 'cancelled' WHERE id = ?", [visit.id]))
     sig = SignalingClient(
         await client.ws_connect(f"/ws/rooms/{visit.public_id}", headers={"Accept-Language": "zh-CN"})
     )
@@ -168,7 +151,7 @@ async def test_refusals(aiohttp_client, settings, clinic):
 
 async def test_clock_survives_a_restart(aiohttp_client, settings, clinic):
     client, keyed = await open_app(aiohttp_client, settings)
-    visit = seed_visit(db_path(settings), doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
+    visit = seed_visit(settings, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
     guest = await hello(client, visit.public_id, patient_token(keyed, visit))
     host = await hello(client, visit.public_id, host_token(keyed, visit))
     await host.send({"type": "admit"})
@@ -187,7 +170,7 @@ async def test_clock_survives_a_restart(aiohttp_client, settings, clinic):
 async def test_short_visit_warns_then_ends_and_completes(aiohttp_client, make_settings, clinic):
     settings = make_settings(visit_seconds_override=2.0, warning_minutes=1 / 60)
     client, keyed = await open_app(aiohttp_client, settings)
-    visit = seed_visit(db_path(settings), doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
+    visit = seed_visit(settings, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
     guest = await hello(client, visit.public_id, patient_token(keyed, visit))
     host = await hello(client, visit.public_id, host_token(keyed, visit))
     await host.send({"type": "admit"})
@@ -214,7 +197,7 @@ async def test_ice_servers_from_settings_and_masked_addresses(aiohttp_client, ma
         mask_addresses=True,
     )
     client, keyed = await open_app(aiohttp_client, settings)
-    visit = seed_visit(db_path(settings), doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
+    visit = seed_visit(settings, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
     guest = await hello(client, visit.public_id, patient_token(keyed, visit))
     (server,) = guest.welcome["ice_servers"]
     assert server["urls"] == ["turn:turn.hospital.test:3478?transport=udp"]
@@ -232,7 +215,7 @@ async def test_pages_and_who_may_open_them(aiohttp_server, aiohttp_client, setti
     server = await aiohttp_server(create_app(settings))
     anon = await aiohttp_client(server)
     keyed = keyed_settings(settings.data_dir)
-    visit = seed_visit(db_path(settings), doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
+    visit = seed_visit(settings, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
     token = patient_token(keyed, visit)
 
     resp = await anon.get(f"/call/{token}")
@@ -287,7 +270,7 @@ async def test_two_aiortc_peers_exchange_media_through_the_app(aiohttp_client, s
     from signaling.client import PeerSession
 
     client, keyed = await open_app(aiohttp_client, settings)
-    visit = seed_visit(db_path(settings), doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
+    visit = seed_visit(settings, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
     guest = await hello(client, visit.public_id, patient_token(keyed, visit))
     host = await hello(client, visit.public_id, host_token(keyed, visit))
     await host.send({"type": "admit"})
@@ -311,7 +294,7 @@ async def test_a_burst_of_room_events_is_stored_in_one_write_in_order(
     from signaling import RoomEvent
 
     client, _keyed = await open_app(aiohttp_client, settings)
-    visit = seed_visit(db_path(settings), doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
+    visit = seed_visit(settings, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
     server, policy = client.app[SIGNALING], client.app[POLICY]
     policy.seat_budget = Budget(rows=60, bytes=1 << 20)
     writes = []

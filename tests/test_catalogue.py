@@ -8,8 +8,8 @@ import pytest
 from consult.accounts.passwords import Passwords
 from consult.app import create_app
 from consult.booking import catalogue, schedules
-from consult.core.db import Database
-from consult.core.migrations import migrate
+from consult.core.engine import open_database
+from consult.core.migrations import migrate_settings
 from consult.ops import demo
 from tests.booking_helpers import make_clinic, post, read, signed_in, write
 
@@ -105,9 +105,8 @@ def test_localized_names_fall_back():
 
 
 def test_demo_seed_is_idempotent_and_has_slots_for_two_weeks(settings):
-    path = settings.data_dir / "consult.db"
-    migrate(path)
-    db = Database(path)
+    migrate_settings(settings)
+    db = open_database(settings)
     passwords = Passwords(1, 1024)
     try:
         first = demo.seed(db, passwords)

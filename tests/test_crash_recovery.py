@@ -90,6 +90,7 @@ async def test_a_deleted_reports_id_is_never_given_again(world: World):
     assert [r["id"] for r in report_rows(world)] == [ids[0], new]
 
 
+@pytest.mark.sqlite_only("a migration of an old SQLite file")
 def test_the_reports_rebuild_keeps_rows_indexes_and_foreign_keys(tmp_path, monkeypatch):
     path = tmp_path / "c.db"
     before = [m for m in migrations.MIGRATIONS if m[0] != "0010_reports_autoincrement"]

@@ -224,6 +224,7 @@ async def _assert_507(resp, locale: str, *, json_body: bool) -> None:
 
 
 @pytest.mark.netns
+@pytest.mark.sqlite_only("a full disk under the SQLite file")
 async def test_full_disk_end_to_end(tmp_path):
     """The real server on a 48 MB tmpfs: fill it, every path answers 507 in the user's language,
     the database stays intact, and everything works again once space is freed."""

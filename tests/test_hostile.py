@@ -147,7 +147,7 @@ def _add_visit(w: World, patient: int, doctor: int, status: str, starts_in: floa
         cur = d.execute(
             "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at,"
             " status, hold_expires, fee_minor, currency, created, updated, call_nonce)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 5000, 'CNY', ?, ?, 'nonce')",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 5000, 'CNY', ?, ?, 'nonce') RETURNING id",
             [
                 public_id,
                 patient,
@@ -161,7 +161,7 @@ def _add_visit(w: World, patient: int, doctor: int, status: str, starts_in: floa
                 now,
             ],
         )
-        return int(cur.lastrowid)
+        return int(cur.fetchone()[0])
 
     return public_id, w.write(write)
 

@@ -16,12 +16,11 @@ import secrets
 import time
 
 import pytest
-import sqlite_utils
 
 from consult import booking, payments
 from consult.app import create_app
 from consult.core import jobs, metrics
-from consult.core.db import Database, connect
+from consult.core.db import Database
 from consult.core.outbox import OutboxNotifier
 from consult.payments.gateway import PAYMENTS, RefundStatus
 from consult.payments.simulator import REFUND_LEDGER, SimulatorProvider, read_ledger
@@ -112,14 +111,12 @@ def world(settings, make_user):
 def held_visit(db: Database, patient_id: int, doctor_id: int, starts: int) -> int:
     now = time.time()
     return db.write_sync(
-        lambda d: (
-            d.execute(
-                "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at,"
-                " status, hold_expires, fee_minor, currency, created, updated, call_nonce)"
-                " VALUES (?, ?, ?, 1, ?, ?, 'held', ?, 5000, 'CNY', ?, ?, 'n')",
-                [secrets.token_urlsafe(9), patient_id, doctor_id, starts, starts + 900, now + 900, now, now],
-            ).lastrowid
-        )
+        lambda d: d.execute(
+            "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at,"
+            " status, hold_expires, fee_minor, currency, created, updated, call_nonce)"
+            " VALUES (?, ?, ?, 1, ?, ?, 'held', ?, 5000, 'CNY', ?, ?, 'n') RETURNING id",
+            [secrets.token_urlsafe(9), patient_id, doctor_id, starts, starts + 900, now + 900, now, now],
+        ).fetchone()[0]
     )
 
 
@@ -449,10 +446,8 @@ async def test_jobs_are_claimed_once_and_finished_ones_pruned(aiohttp_client, se
     await asyncio.gather(*(jobs.drain(app) for _ in range(3)))
     await wait_for(lambda: len(ran) == 30)
     assert sorted(ran) == list(range(30))
-    outside = sqlite_utils.Database(connect(database.path))  # no transaction open
-    with pytest.raises(RuntimeError):
-        jobs.enqueue_sync(outside, "test", {}, key="outside")
-    outside.conn.close()
+    with pytest.raises(RuntimeError):  # read_sync's handle has no transaction open
+        database.read_sync(lambda d: jobs.enqueue_sync(d, "test", {}, key="outside"))
 
     now = time.time()
     retention = settings.job_retention_days * 86400

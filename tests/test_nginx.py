@@ -13,7 +13,6 @@ import io
 import json
 import os
 import re
-import sqlite3
 from http.cookies import SimpleCookie
 
 import aiohttp
@@ -21,6 +20,7 @@ import pytest
 from playwright.async_api import Page
 
 from tests.call_helpers import seed_visit
+from tests.db_helpers import read
 from tests.harness.browser import PageRecorder, assert_only_local_requests
 from tests.harness.server import BRIDGE_ADDR, ConsultServer
 from tests.test_browser_call import TEST_TIMEOUT, connect_both, prepare_call, state
@@ -79,11 +79,7 @@ async def sign_in(session, origin: str, identifier: str, password: str, token: s
 
 
 def query(server: ConsultServer, sql: str, *args) -> list[tuple]:
-    conn = sqlite3.connect(server.data_dir / "consult.db")
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
+    return read(server, lambda d: [tuple(r) for r in d.execute(sql, list(args)).fetchall()])
 
 
 def address_keys(server: ConsultServer) -> set[str]:
@@ -113,8 +109,7 @@ def cookie_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
 async def test_sign_in_and_upload_through_nginx_see_the_client(consult_server_factory, nginx_proxy) -> None:
     server, proxy = await behind_nginx(consult_server_factory, nginx_proxy)
     patient_id, phone = await asyncio.to_thread(demo_patient, server)
-    db = server.data_dir / "consult.db"
-    visit = await asyncio.to_thread(seed_visit, db, patient_id=patient_id, starts_in_s=3600)
+    visit = await asyncio.to_thread(seed_visit, server, patient_id=patient_id, starts_in_s=3600)
     png = await asyncio.to_thread(noisy_png)
     async with client(BRIDGE_ADDR) as browser:
         # HTTPS at nginx: __Host- cookies, Secure, and HSTS, although Consult itself is plain HTTP.

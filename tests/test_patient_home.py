@@ -22,7 +22,7 @@ async def test_patient_home_lists_reports_receipts_and_prescriptions(client, set
             cur = d.execute(
                 "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at,"
                 " status, fee_minor, currency, created, updated, call_nonce)"
-                " VALUES (?,?,?,?,?,?, 'completed', 5000, 'CNY', ?, ?, 'n')",
+                " VALUES (?,?,?,?,?,?, 'completed', 5000, 'CNY', ?, ?, 'n') RETURNING id",
                 [
                     public_id,
                     pid,
@@ -34,7 +34,7 @@ async def test_patient_home_lists_reports_receipts_and_prescriptions(client, set
                     now,
                 ],
             )
-            vid = cur.lastrowid
+            vid = cur.fetchone()[0]
             d.execute(
                 "INSERT INTO payments (visit_id, order_id, provider, amount_minor, currency, status, created)"
                 " VALUES (?, ?, 'simulator', 5000, 'CNY', 'paid', ?)",

@@ -499,15 +499,12 @@ async def test_list_helpers(clinic):
     token = await csrf_of(clinic.client, "/")
     resp = await issue(clinic.client, second_visit, token)
     second = (await resp.json())["prescription"]["number"]
-    db = Database(clinic.data_dir / "consult.db")
-    try:
-        assert [p.number for p in await prescriptions.list_for_visit(db, clinic.visit_id)] == [first]
-        mine = await prescriptions.list_for_patient(db, clinic.patient_id)
-        assert [p.number for p in mine] == [second, first]  # newest first
-        assert mine[0].items[0]["drug"] == "Amoxicillin"
-        assert await prescriptions.list_for_patient(db, clinic.other_patient_id) == []
-    finally:
-        db.close()
+    db = clinic.db
+    assert [p.number for p in await prescriptions.list_for_visit(db, clinic.visit_id)] == [first]
+    mine = await prescriptions.list_for_patient(db, clinic.patient_id)
+    assert [p.number for p in mine] == [second, first]  # newest first
+    assert mine[0].items[0]["drug"] == "Amoxicillin"
+    assert await prescriptions.list_for_patient(db, clinic.other_patient_id) == []
 
 
 # -- the key -------------------------------------------------------------------------------------

@@ -402,6 +402,7 @@ async def test_pharmacist_approves_or_returns_before_the_patient_sees_it(review_
 # -- migration 0018 ---------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only("a migration of an old SQLite file")
 def test_migration_0018_keeps_old_prescriptions_issued_and_admits_pharmacists(tmp_path):
     """A database at 0017 with a prescription and sessions: after 0018 the row is issued, the
     sessions survive (no cascade from rebuilding users) and a pharmacist account can be made."""

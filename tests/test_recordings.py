@@ -206,7 +206,9 @@ async def test_files_left_by_a_crash_get_rows_at_start(world: World, settings):
 # -- retention ------------------------------------------------------------------------------------
 
 
-def test_purge_deletes_old_files_and_rows_each_audited(world: World, capsys):
+def test_purge_deletes_old_files_and_rows_each_audited(world: World, settings, monkeypatch, capsys):
+    if settings.database_url:  # the command finds the test's PostgreSQL database as a node would
+        monkeypatch.setenv("CONSULT_DATABASE_URL", settings.database_url)
     old = add_recording(world, age_days=40)
     old2 = add_recording(world, role="patient", age_days=35)
     new = add_recording(world, age_days=1)

@@ -58,10 +58,10 @@ def build_world(client, settings, make_user, *, starts_in: float = 2 * 86400, fe
         cur = d.execute(
             "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at,"
             " status, hold_expires, fee_minor, currency, created, updated, call_nonce)"
-            " VALUES (?, ?, ?, 1, ?, ?, 'held', ?, ?, 'CNY', ?, ?, 'nonce')",
+            " VALUES (?, ?, ?, 1, ?, ?, 'held', ?, ?, 'CNY', ?, ?, 'nonce') RETURNING id",
             [public_id, patient, doctor, starts, starts + 900, now + 900, fee_minor, now, now],
         )
-        return int(cur.lastrowid)
+        return int(cur.fetchone()[0])
 
     visit_id = db.write_sync(write)
     return World(

@@ -10,6 +10,7 @@ import pytest
 
 from consult import sessionlog
 from consult.sessionlog import useragent
+from tests import db_helpers
 from tests.sessionlog_helpers import (
     CHROME_ANDROID,
     FIREFOX_WINDOWS,
@@ -17,7 +18,6 @@ from tests.sessionlog_helpers import (
     add_visit,
     full_call,
     make_world,
-    open_db,
     read,
     record,
     write,
@@ -30,13 +30,13 @@ def world(settings, make_user):
 
 
 def summary(world, visit_id: int) -> dict:
-    return read(world.path, "SELECT * FROM session_summaries WHERE visit_id = ?", [visit_id])[0]
+    return read(world.settings, "SELECT * FROM session_summaries WHERE visit_id = ?", [visit_id])[0]
 
 
 def test_full_call_produces_summary_and_samples(world):
     t0 = time.time() - 3600
-    visit_id, _ = write(world.path, lambda db: add_visit(db, world, int(t0)))
-    write(world.path, lambda db: record(db, visit_id, full_call(t0)))
+    visit_id, _ = write(world.settings, lambda db: add_visit(db, world, int(t0)))
+    write(world.settings, lambda db: record(db, visit_id, full_call(t0)))
     s = summary(world, visit_id)
     assert s["room_opened"] == t0
     assert s["first_joined_patient"] == t0 + 1
@@ -51,7 +51,7 @@ def test_full_call_produces_summary_and_samples(world):
     assert s["doctor_device"] == "desktop · Windows 10/11 · Firefox 121"
     assert s["day"] == sessionlog.local_day(t0, sessionlog.DEFAULT_TZ)
     samples = read(
-        world.path, "SELECT * FROM quality_samples WHERE visit_id = ? ORDER BY role, t", [visit_id]
+        world.settings, "SELECT * FROM quality_samples WHERE visit_id = ? ORDER BY role, t", [visit_id]
     )
     assert len(samples) == 6
     doctor, patient = samples[0], samples[3]
@@ -73,7 +73,7 @@ def test_full_call_produces_summary_and_samples(world):
 
 def test_reconnects_and_interruptions_count_only_connected_time(world):
     t0 = time.time() - 3600
-    visit_id, _ = write(world.path, lambda db: add_visit(db, world, int(t0)))
+    visit_id, _ = write(world.settings, lambda db: add_visit(db, world, int(t0)))
     events = [
         ("room_opened", None, t0, {}),
         ("joined", "host", t0, {"user_agent": FIREFOX_WINDOWS}),
@@ -86,7 +86,7 @@ def test_reconnects_and_interruptions_count_only_connected_time(world):
         ("ice_restart", "host", t0 + 190, {}),
         ("ended", None, t0 + 300, {"reason": "host_ended"}),
     ]
-    write(world.path, lambda db: record(db, visit_id, events))
+    write(world.settings, lambda db: record(db, visit_id, events))
     s = summary(world, visit_id)
     assert s["connected_seconds"] == 100 + 120
     assert (s["reconnects"], s["ice_restarts"]) == (1, 1)
@@ -106,7 +106,7 @@ def test_reconnects_and_interruptions_count_only_connected_time(world):
 )
 def test_end_reason_derived_from_how_the_visit_ran_out(world, tail, expected):
     t0 = time.time() - 3600
-    visit_id, _ = write(world.path, lambda db: add_visit(db, world, int(t0)))
+    visit_id, _ = write(world.settings, lambda db: add_visit(db, world, int(t0)))
     events = [
         ("joined", "host", t0, {}),
         ("joined", "guest", t0 + 1, {}),
@@ -114,14 +114,14 @@ def test_end_reason_derived_from_how_the_visit_ran_out(world, tail, expected):
         *[(n, r, t0 + dt, d) for n, r, dt, d in tail],
         ("ended", None, t0 + 900, {"reason": "time_limit"}),
     ]
-    write(world.path, lambda db: record(db, visit_id, events))
+    write(world.settings, lambda db: record(db, visit_id, events))
     s = summary(world, visit_id)
     assert (s["outcome"], s["end_reason"]) == expected
 
 
 def test_hostile_stats_are_bounded_and_events_for_unknown_visits_ignored(world):
     t0 = time.time() - 60
-    visit_id, _ = write(world.path, lambda db: add_visit(db, world, int(t0)))
+    visit_id, _ = write(world.settings, lambda db: add_visit(db, world, int(t0)))
 
     def fn(db):
         sessionlog.apply_event_sync(db, 999_999, "joined", "guest", t0, {})
@@ -136,18 +136,18 @@ def test_hostile_stats_are_bounded_and_events_for_unknown_visits_ignored(world):
         sessionlog.apply_event_sync(db, visit_id, "stats", "guest", t0, {"sample": "nonsense"})
         sessionlog.apply_event_sync(db, visit_id, "stats", None, t0, {"sample": {"fps": 1}})
 
-    write(world.path, fn)
-    rows = read(world.path, "SELECT * FROM quality_samples")
+    write(world.settings, fn)
+    rows = read(world.settings, "SELECT * FROM quality_samples")
     assert len(rows) == 1
     assert rows[0]["bitrate_kbps"] == 100_000 and rows[0]["loss_pct"] == 0
     assert rows[0]["fps"] is None and rows[0]["rtt_ms"] is None
-    assert read(world.path, "SELECT count(*) AS n FROM session_summaries")[0]["n"] == 1
+    assert read(world.settings, "SELECT count(*) AS n FROM session_summaries")[0]["n"] == 1
 
 
 def test_no_show_marking(world):
     now = time.time()
     ids = write(
-        world.path,
+        world.settings,
         lambda db: {
             "nobody": add_visit(db, world, int(now - 3600))[0],
             "doctor_only": add_visit(db, world, int(now - 7200))[0],
@@ -158,18 +158,18 @@ def test_no_show_marking(world):
         },
     )
     write(
-        world.path,
+        world.settings,
         lambda db: (
             record(db, ids["doctor_only"], [("joined", "host", now - 7100, {})])
             or record(db, ids["attended"], full_call(now - 14400))
         ),
     )
-    n = write(world.path, lambda db: sessionlog.mark_no_shows_sync(db, now))
+    n = write(world.settings, lambda db: sessionlog.mark_no_shows_sync(db, now))
     assert n == 3
-    assert write(world.path, lambda db: sessionlog.mark_no_shows_sync(db, now)) == 0  # idempotent
+    assert write(world.settings, lambda db: sessionlog.mark_no_shows_sync(db, now)) == 0  # idempotent
     outcomes = {
         r["visit_id"]: (r["outcome"], r["end_reason"])
-        for r in read(world.path, "SELECT visit_id, outcome, end_reason FROM session_summaries")
+        for r in read(world.settings, "SELECT visit_id, outcome, end_reason FROM session_summaries")
     }
     assert outcomes[ids["nobody"]] == ("no_show", "no_show")
     assert outcomes[ids["doctor_only"]] == ("no_show", "no_show")
@@ -203,7 +203,7 @@ def seed_many(world, n: int, *, same_start_every: int = 7) -> list[int]:
             out.append(visit_id)
         return out
 
-    return write(world.path, fn)
+    return write(world.settings, fn)
 
 
 @pytest.mark.parametrize("outcome", [None, "no_show"])
@@ -213,18 +213,16 @@ def test_keyset_pagination_returns_each_session_once(world, outcome):
     seen: list[int] = []
     cursor = None
     pages = 0
-    db = open_db(world.path)
-    try:
-        while True:
-            rows, cursor = sessionlog.list_sessions_sync(db, f, cursor, limit=20)
-            pages += 1
-            seen += [r["visit_id"] for r in rows]
-            keys = [(r["scheduled_start"], r["visit_id"]) for r in rows]
-            assert keys == sorted(keys, reverse=True)
-            if cursor is None:
-                break
-    finally:
-        db.conn.close()
+    while True:
+        rows, cursor = db_helpers.read(
+            world.settings, lambda db, c=cursor: sessionlog.list_sessions_sync(db, f, c, limit=20)
+        )
+        pages += 1
+        seen += [r["visit_id"] for r in rows]
+        keys = [(r["scheduled_start"], r["visit_id"]) for r in rows]
+        assert keys == sorted(keys, reverse=True)
+        if cursor is None:
+            break
     expected = [i for n, i in enumerate(ids) if outcome is None or n % 3 == 0]
     assert len(seen) == len(set(seen))
     assert set(seen) == set(expected)
@@ -246,8 +244,8 @@ def test_the_list_page_reads_what_the_full_list_reads(world, filters, sessions):
     share one keyset query: the same sessions, in the same order, with the same cursors."""
     seed_many(world, 130, same_start_every=3)
     f = sessionlog.Filters(**filters)
-    db = open_db(world.path)
-    try:
+
+    def walk(db) -> int:
         cursor_full = cursor_page = None
         seen = 0
         while True:
@@ -259,16 +257,16 @@ def test_the_list_page_reads_what_the_full_list_reads(world, filters, sessions):
             assert cursor_page == cursor_full
             seen += len(page)
             if cursor_full is None:
-                break
-        assert seen == sessions
-    finally:
-        db.conn.close()
+                return seen
+
+    assert db_helpers.read(world.settings, walk) == sessions
 
 
+@pytest.mark.sqlite_only("SQLite's query planner (EXPLAIN QUERY PLAN)")
 def test_list_uses_an_index_for_order_and_filters(world):
     seed_many(world, 10)
-    db = open_db(world.path)
-    try:
+
+    def check(db) -> None:
         for f in (
             sessionlog.Filters(),
             sessionlog.Filters(doctor_id=world.doctor_id),
@@ -285,34 +283,36 @@ def test_list_uses_an_index_for_order_and_filters(world):
             plan = " | ".join(r[3] for r in db.execute(sql, [*params, 2**40, 2**40]).fetchall())
             assert "USING INDEX" in plan or "USING COVERING INDEX" in plan, plan
             assert "TEMP B-TREE" not in plan, plan
-    finally:
-        db.conn.close()
+
+    db_helpers.read(world.settings, check)
 
 
 def test_search_by_name_phone_and_visit_number(world, make_user, settings):
     other = make_user("patient", login="13900000009", name="Han Meimei")
     ids = seed_many(world, 3)
     v_other, public_other = write(
-        world.path, lambda db: add_visit(db, world, int(time.time()), patient_id=other)
+        world.settings, lambda db: add_visit(db, world, int(time.time()), patient_id=other)
     )
     write(
-        world.path, lambda db: sessionlog.apply_event_sync(db, v_other, "room_opened", None, time.time(), {})
+        world.settings,
+        lambda db: sessionlog.apply_event_sync(db, v_other, "room_opened", None, time.time(), {}),
     )
-    db = open_db(world.path)
-    try:
 
-        def found(q: str) -> set[int]:
-            return {r["visit_id"] for r in sessionlog.list_sessions_sync(db, sessionlog.Filters(q=q))[0]}
+    def found(q: str) -> set[int]:
+        return {
+            r["visit_id"]
+            for r in db_helpers.read(
+                world.settings, lambda db: sessionlog.list_sessions_sync(db, sessionlog.Filters(q=q))[0]
+            )
+        }
 
-        assert found("Meimei") == {v_other}
-        assert found("0000000") == {v_other}
-        assert found(public_other) == {v_other}
-        assert found(str(ids[1])) == {ids[1]}
-        assert found("Li Lei") == set(ids)
-        assert found("%") == set()
-        assert found("nobody at all") == set()
-    finally:
-        db.conn.close()
+    assert found("Meimei") == {v_other}
+    assert found("0000000") == {v_other}
+    assert found(public_other) == {v_other}
+    assert found(str(ids[1])) == {ids[1]}
+    assert found("Li Lei") == set(ids)
+    assert found("%") == set()
+    assert found("nobody at all") == set()
 
 
 def test_filters_parse_leniently_and_round_trip():

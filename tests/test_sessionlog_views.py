@@ -38,8 +38,8 @@ def world(settings, make_user):
 @pytest.fixture
 def call(world):
     t0 = time.time() - 7200
-    visit_id, public_id = write(world.path, lambda db: add_visit(db, world, int(t0)))
-    write(world.path, lambda db: record(db, visit_id, full_call(t0)))
+    visit_id, public_id = write(world.settings, lambda db: add_visit(db, world, int(t0)))
+    write(world.settings, lambda db: record(db, visit_id, full_call(t0)))
     return visit_id, public_id
 
 
@@ -120,7 +120,7 @@ async def test_list_filters_and_paginates_through_older_links(client, world):
                 db, visit_id, "ended", None, base + i * 3600 + 600, {"reason": reason}
             )
 
-    write(world.path, seed)
+    write(world.settings, seed)
     await login(client, "boss")
     seen: list[str] = []
     url = "/admin/sessions?end_reason=host_ended"
@@ -212,7 +212,7 @@ async def test_csv_export_streams_all_rows_with_formula_cells_escaped(client, se
         visit_id, _ = add_visit(db, world, now - 86400, patient_id=evil)
         sessionlog.apply_event_sync(db, visit_id, "room_opened", None, now, {})
 
-    write(world.path, seed)
+    write(world.settings, seed)
     await login(client, "boss")
     resp = await client.get("/admin/sessions.csv")
     assert resp.status == 200
@@ -232,8 +232,8 @@ async def test_csv_export_streams_all_rows_with_formula_cells_escaped(client, se
 @pytest.mark.locale("en")  # asserts English texts
 async def test_overview_has_charts_and_totals(client, world, call):
     now = time.time()
-    write(world.path, lambda db: add_visit(db, world, int(now - 5 * 3600)))
-    write(world.path, lambda db: sessionlog.mark_no_shows_sync(db, now))
+    write(world.settings, lambda db: add_visit(db, world, int(now - 5 * 3600)))
+    write(world.settings, lambda db: sessionlog.mark_no_shows_sync(db, now))
     await login(client, "boss")
     html = await (await client.get("/admin/sessions/overview")).text()
     svgs = re.findall(r"<svg.*?</svg>", html, flags=re.S)
@@ -245,9 +245,9 @@ async def test_overview_has_charts_and_totals(client, world, call):
 
 async def test_reads_of_session_pages_are_audited(client, world, call):
     await login(client, "boss")
-    before = read(world.path, "SELECT count(*) AS n FROM audit_log")[0]["n"]
+    before = read(world.settings, "SELECT count(*) AS n FROM audit_log")[0]["n"]
     await client.get(f"/admin/sessions/{call[1]}")
-    rows = read(world.path, "SELECT * FROM audit_log WHERE id > ?", [before])
+    rows = read(world.settings, "SELECT * FROM audit_log WHERE id > ?", [before])
     assert [(r["action"], r["object_id"], r["subject_user_id"]) for r in rows] == [
         ("session.view", str(call[0]), world.patient_id)
     ]

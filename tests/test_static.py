@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import re
-import sqlite3
 
 import pytest
 
@@ -14,6 +13,7 @@ from consult.app import create_app
 from consult.core.templates import IMMUTABLE, REVALIDATE, STATIC_DIR, StaticFiles
 from tests.booking_helpers import make_clinic, signed_in
 from tests.call_helpers import keyed_settings, patient_token, seed_visit
+from tests.db_helpers import write
 
 STATIC_URL_RE = re.compile(r'(?:src|href)="(/static/[^"?]+)\?v=([0-9a-f]{16})"')
 
@@ -122,16 +122,17 @@ async def test_the_call_pages_load_the_recording_code_only_when_the_visit_may_be
     anon = await aiohttp_client(server)
     doc = await signed_in(aiohttp_client, server, "doc0")
     keyed = keyed_settings(settings.data_dir)
-    visit = seed_visit(settings.data_dir / "consult.db", doctor_id=doctor, patient_id=patient_id)
+    visit = seed_visit(settings, doctor_id=doctor, patient_id=patient_id)
     call = f"/call/{patient_token(keyed, visit)}"
     room = f"/doctor/visits/{visit.public_id}/room"
 
     def set_policy(policy: str) -> None:
-        conn = sqlite3.connect(settings.data_dir / "consult.db", isolation_level=None)
-        try:
-            conn.execute("UPDATE doctors SET recording_policy = ? WHERE user_id = ?", [policy, doctor])
-        finally:
-            conn.close()
+        write(
+            settings,
+            lambda d: d.execute(
+                "UPDATE doctors SET recording_policy = ? WHERE user_id = ?", [policy, doctor]
+            ),
+        )
 
     async def scripts(client, path: str) -> set[str]:
         resp = await client.get(path)

@@ -10,11 +10,13 @@ import pytest
 import sqlite_utils
 
 from consult.audit import chain as audit
-from consult.core.db import Database, run_in_transaction
+from consult.core.db import Database, DatabaseError, IntegrityError, run_in_transaction
+from consult.core.engine import open_database
 from consult.core.errors import DatabaseUnavailable, StorageFull, is_storage_full
-from consult.core.migrations import MIGRATIONS, applied, migrate
+from consult.core.migrations import MIGRATIONS, applied, migrate, migrate_settings
 
 
+@pytest.mark.sqlite_only("a fresh SQLite file in WAL mode")
 def test_migrate_fresh_then_again(tmp_path):
     path = tmp_path / "c.db"
     names = migrate(path)
@@ -24,6 +26,7 @@ def test_migrate_fresh_then_again(tmp_path):
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+@pytest.mark.sqlite_only("a migration of an old SQLite file")
 def test_migration_on_an_existing_database_keeps_its_rows(tmp_path):
     path = tmp_path / "c.db"
     first = MIGRATIONS[0]
@@ -45,20 +48,23 @@ def test_migration_on_an_existing_database_keeps_its_rows(tmp_path):
     assert db.read_sync(applied) == [n for n, _ in MIGRATIONS]
 
 
-def test_failed_migration_leaves_database_unchanged(tmp_path, monkeypatch):
-    path = tmp_path / "c.db"
-    migrate(path)
+def test_failed_migration_leaves_database_unchanged(settings, monkeypatch):
+    migrate_settings(settings)
 
     def broken(d):
-        d.execute("CREATE TABLE half_done (x)")
+        d.execute("CREATE TABLE half_done (x INTEGER)")
         raise RuntimeError("boom")
 
     monkeypatch.setattr("consult.core.migrations.MIGRATIONS", [*MIGRATIONS, ("9999_broken", broken)])
     with pytest.raises(RuntimeError):
-        migrate(path)
-    conn = sqlite3.connect(path)
-    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'half_done'").fetchone()[0] == 0
-    assert "9999_broken" not in [r[0] for r in conn.execute("SELECT name FROM _migrations")]
+        migrate_settings(settings)
+    db = open_database(settings)
+    try:
+        with pytest.raises(DatabaseError, match="half_done"):
+            db.read_sync(lambda d: d.execute("SELECT count(*) FROM half_done").fetchone())
+        assert "9999_broken" not in db.read_sync(applied)
+    finally:
+        db.close()
 
 
 async def test_writes_are_serialised_on_one_thread_and_errors_travel_back(database: Database):
@@ -195,7 +201,7 @@ async def test_failed_commit_rolls_back_and_the_writer_goes_on(database: Databas
         _outbox_row(d, "orphan")
         d.execute("INSERT INTO child_t (parent_id) VALUES (42)")  # checked only at COMMIT
 
-    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+    with pytest.raises(IntegrityError, match=r"(?i)foreign key"):
         await database.execute_write_fn(orphan)
     # The next write works, and nothing of the failed one was kept.
     await database.execute_write_fn(lambda d: _outbox_row(d, "after"))
@@ -232,10 +238,19 @@ def test_an_automatic_rollback_does_not_hide_the_error(tmp_path):
     assert not conn.in_transaction
 
 
-async def test_a_full_disk_from_sqlite_is_the_storage_full_error(database: Database):
+def _disk_full_error(engine: str) -> Exception:
+    """What each engine raises when its disk is full (SQLITE_FULL; PostgreSQL's SQLSTATE 53100)."""
+    if engine == "postgresql":
+        import psycopg
+
+        return psycopg.errors.DiskFull("could not extend file: No space left on device")
+    return sqlite3.OperationalError("database or disk is full")
+
+
+async def test_a_full_disk_from_the_database_is_the_storage_full_error(database: Database):
     def full(d):
         _outbox_row(d)
-        raise sqlite3.OperationalError("database or disk is full")
+        raise _disk_full_error(database.engine)
 
     with pytest.raises(StorageFull) as caught:
         await database.execute_write_fn(full)
@@ -247,6 +262,7 @@ async def test_a_full_disk_from_sqlite_is_the_storage_full_error(database: Datab
     assert (await database.query_one("SELECT count(*) AS n FROM outbox"))["n"] == 0
 
 
+@pytest.mark.sqlite_only("SQLite's planner statistics (sqlite_stat1); PostgreSQL's autovacuum keeps its own")
 async def test_a_running_app_keeps_planner_statistics(aiohttp_client, settings, make_user):
     """At start-up the app refreshes SQLite's planner statistics (bounded ANALYZE / PRAGMA optimize):
     the session list's indexes are chosen from real row counts, not guesses, as tables grow."""
@@ -285,3 +301,11 @@ def test_optimize_is_bounded_and_repeatable(tmp_path):
         assert limit == 0  # a per-connection setting: the writer's, not left on other connections
     finally:
         db.close()
+
+
+def test_a_nul_in_a_looked_up_value_finds_nothing(database: Database):
+    """A hostile value (a NUL in a URL path) is an ordinary miss on both engines, not an error
+    (PostgreSQL's text cannot hold NUL: the adapter sends U+FFFD instead)."""
+    sql = "SELECT id FROM users WHERE username = ? OR phone = ?"
+    found = database.read_sync(lambda d: d.execute(sql, ["a\x00b", "\x00"]).fetchall())
+    assert found == []

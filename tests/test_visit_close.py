@@ -8,10 +8,10 @@ the protocol's Python client; `test_kill9_*` runs the real server process and SI
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
-import sqlite3
 import time
-from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,24 +20,20 @@ from consult import booking
 from consult.app import create_app
 from consult.calls import closing
 from consult.calls.policy import DOCTOR_EARLY_S, SIGNALING
-from consult.core.db import Database
+from consult.core.engine import open_database
 from signaling.client import ErrorReply, SignalingClient
+from tests import db_helpers
 from tests.booking_helpers import make_clinic
 from tests.call_helpers import host_token, keyed_settings, patient_token, seed_visit
 from tests.harness.server import ConsultServer, free_port
 from tests.sessionlog_helpers import add_visit, make_world, record, write
 
 
-def rows(path: Path, sql: str, params=()) -> list[dict]:
-    conn = sqlite3.connect(path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, list(params)).fetchall()]
-    finally:
-        conn.close()
+def rows(path: Any, sql: str, params=()) -> list[dict]:
+    return db_helpers.rows(path, sql, params)
 
 
-def state(path: Path, visit_id: int) -> dict:
+def state(path: Any, visit_id: int) -> dict:
     """Everything that must agree about one visit's end."""
     visit = rows(path, "SELECT status FROM visits WHERE id = ?", [visit_id])[0]
     room = rows(path, "SELECT started_at, ended_at, end_reason FROM rooms WHERE visit_id = ?", [visit_id])
@@ -55,7 +51,7 @@ def state(path: Path, visit_id: int) -> dict:
     }
 
 
-def assert_consistent(path: Path, visit_id: int) -> dict:
+def assert_consistent(path: Any, visit_id: int) -> dict:
     """Either the room's end is written whole (room row, one event, summary, status) or not at all."""
     s = state(path, visit_id)
     room_ended = s["room"] is not None and s["room"]["ended_at"] is not None
@@ -103,30 +99,30 @@ def started_room(db, world, *, starts_at: int, started_at: float, last_event: fl
 def test_a_failure_anywhere_in_the_end_leaves_nothing_half_written(world, monkeypatch):
     now = time.time()
     visit_id = write(
-        world.path,
+        world.settings,
         lambda db: started_room(
             db, world, starts_at=int(now - 3600), started_at=now - 3500, last_event=now - 3000
         ),
     )
-    db = Database(world.path)
+    db = open_database(world.settings)
     try:
 
         def broken(*_a, **_k):
-            raise sqlite3.OperationalError("disk I/O error")  # the last part of the end fails
+            raise OSError(errno.EIO, "disk I/O error")  # the last part of the end fails
 
         monkeypatch.setattr(booking, "complete_sync", broken)
-        with pytest.raises(sqlite3.OperationalError):
+        with pytest.raises(OSError, match="disk I/O error"):
             db.write_sync(lambda d: closing.end_room_sync(d, visit_id, "host_ended", now - 3000, now=now))
-        s = assert_consistent(world.path, visit_id)
+        s = assert_consistent(world.settings, visit_id)
         assert s["room"]["ended_at"] is None and s["summary"]["outcome"] == "in_progress"
 
         monkeypatch.undo()
         assert db.write_sync(lambda d: closing.end_room_sync(d, visit_id, "host_ended", now - 3000, now=now))
-        s = assert_consistent(world.path, visit_id)
+        s = assert_consistent(world.settings, visit_id)
         assert s["room"]["end_reason"] == "host_ended" and s["summary"]["end_reason"] == "host_ended"
         # Again (the "ended" event after save_state, a second sweep): nothing changes.
         assert db.write_sync(lambda d: closing.end_room_sync(d, visit_id, "time_limit", now, now=now)) is None
-        assert state(world.path, visit_id) == s
+        assert state(world.settings, visit_id) == s
     finally:
         db.close()
 
@@ -166,12 +162,12 @@ def seed_sweep_cases(world, now: float) -> dict[str, int]:
         ids["nobody"] = add_visit(db, world, int(now - 3600))[0]
         return ids
 
-    return write(world.path, fn)
+    return write(world.settings, fn)
 
 
 def sweep(world, now: float, *, live=frozenset(), limit: int = 100) -> dict[str, int]:
     return write(
-        world.path,
+        world.settings,
         lambda db: closing.sweep_sync(db, now, live=live, length_s=lambda _m: 900.0, limit=limit),
     )
 
@@ -179,33 +175,33 @@ def sweep(world, now: float, *, live=frozenset(), limit: int = 100) -> dict[str,
 def test_the_sweep_closes_what_nobody_will_end_once(world):
     now = time.time()
     ids = seed_sweep_cases(world, now)
-    live_id = rows(world.path, "SELECT public_id FROM visits WHERE id = ?", [ids["live"]])[0]["public_id"]
+    live_id = rows(world.settings, "SELECT public_id FROM visits WHERE id = ?", [ids["live"]])[0]["public_id"]
 
     assert sweep(world, now, live={live_id}) == {"server_restart": 1, "host_ended": 1, "time_limit": 1}
     assert sweep(world, now, live={live_id}) == {}  # idempotent
     assert sweep(world, now + 1, live={live_id}) == {}
 
-    crashed = assert_consistent(world.path, ids["crashed"])
+    crashed = assert_consistent(world.settings, ids["crashed"])
     assert crashed["room"]["end_reason"] == "server_restart" == crashed["summary"]["end_reason"]
     assert crashed["summary"]["outcome"] == "failed"
     # It ended, as far as anyone can tell, at its last event: connected time stops there.
     assert crashed["room"]["ended_at"] == pytest.approx(now - 2000)
     connected = rows(
-        world.path, "SELECT connected_seconds FROM session_summaries WHERE visit_id = ?", [ids["crashed"]]
+        world.settings, "SELECT connected_seconds FROM session_summaries WHERE visit_id = ?", [ids["crashed"]]
     )
     assert connected[0]["connected_seconds"] == 400
 
-    legacy = assert_consistent(world.path, ids["legacy"])
+    legacy = assert_consistent(world.settings, ids["legacy"])
     assert legacy["ended_events"] == ["host_ended"] and legacy["room"]["ended_at"] == pytest.approx(
         now - 6400
     )
-    waited = assert_consistent(world.path, ids["waited"])
+    waited = assert_consistent(world.settings, ids["waited"])
     assert waited["room"]["end_reason"] == "time_limit" and waited["summary"]["outcome"] == "failed"
 
     for untouched in ("live", "running"):
-        s = assert_consistent(world.path, ids[untouched])
+        s = assert_consistent(world.settings, ids[untouched])
         assert s["status"] == "confirmed" and s["summary"]["outcome"] == "in_progress", untouched
-    nobody = assert_consistent(world.path, ids["nobody"])
+    nobody = assert_consistent(world.settings, ids["nobody"])
     assert nobody["room"] is None and nobody["summary"] is None  # left to mark_no_shows_sync
 
     # Once the process no longer holds the room, the next run closes it.
@@ -243,7 +239,7 @@ async def hello(client, room_id: str, token: str) -> SignalingClient:
 async def test_a_room_ended_by_the_doctor_is_written_once_and_whole(aiohttp_client, settings, clinic):
     client = await aiohttp_client(create_app(settings))
     keyed = keyed_settings(settings.data_dir)
-    path = settings.data_dir / "consult.db"
+    path = settings
     visit = seed_visit(path, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id)
     guest = await hello(client, visit.public_id, patient_token(keyed, visit))
     host = await hello(client, visit.public_id, host_token(keyed, visit))
@@ -262,7 +258,7 @@ async def test_a_room_ended_by_the_doctor_is_written_once_and_whole(aiohttp_clie
 async def test_an_early_open_creates_no_session(aiohttp_client, settings, clinic):
     client = await aiohttp_client(create_app(settings))
     keyed = keyed_settings(settings.data_dir)
-    path = settings.data_dir / "consult.db"
+    path = settings
     visit = seed_visit(
         path, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id, starts_in_s=2 * 3600
     )
@@ -295,7 +291,7 @@ async def test_an_early_open_creates_no_session(aiohttp_client, settings, clinic
     ]
 
 
-def left_running(path: Path, visit_id: int, started_at: float) -> None:
+def left_running(path: Any, visit_id: int, started_at: float) -> None:
     """What a server killed mid-visit leaves: both joined, the clock started, no end."""
 
     def fn(db) -> None:
@@ -317,7 +313,7 @@ def left_running(path: Path, visit_id: int, started_at: float) -> None:
 
 
 async def test_the_start_up_sweep_closes_before_anyone_can_join(aiohttp_client, settings, clinic):
-    path = settings.data_dir / "consult.db"
+    path = settings
     visit = seed_visit(path, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id, starts_in_s=-3600)
     left_running(path, visit.id, visit.starts_at + 30)
     client = await aiohttp_client(create_app(settings))  # started: the sweep has run
@@ -335,7 +331,7 @@ async def test_the_start_up_sweep_closes_before_anyone_can_join(aiohttp_client, 
 async def test_the_session_log_shows_the_new_reason(aiohttp_client, settings, clinic):
     from tests.conftest import login
 
-    path = settings.data_dir / "consult.db"
+    path = settings
     visit = seed_visit(path, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patient_id, starts_in_s=-3600)
     left_running(path, visit.id, visit.starts_at + 30)
     client = await aiohttp_client(create_app(settings))

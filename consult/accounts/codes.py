@@ -207,13 +207,12 @@ class PhoneCodes:
         db.execute(
             "INSERT INTO phone_codes (phone, purpose, flow_hash, code_hash, expires, attempts,"
             " sends, window_start, last_sent, keep_until, display_name, password_hash, locale)"
-            " VALUES (?,?,?,?,?,0,?,?,?,?,?,?,?)"
-            " ON CONFLICT (phone) DO UPDATE SET purpose = excluded.purpose, flow_hash = excluded.flow_hash,"
-            " code_hash = excluded.code_hash, expires = excluded.expires,"
-            " attempts = 0, sends = excluded.sends, window_start = excluded.window_start,"
-            " last_sent = excluded.last_sent, keep_until = excluded.keep_until,"
-            " display_name = excluded.display_name, password_hash = excluded.password_hash,"
-            " locale = excluded.locale",
+            " VALUES (?,?,?,?,?,0,?,?,?,?,?,?,?) ON CONFLICT(phone) DO UPDATE SET"
+            " purpose = excluded.purpose, flow_hash = excluded.flow_hash, code_hash = excluded.code_hash,"
+            " expires = excluded.expires, attempts = excluded.attempts, sends = excluded.sends,"
+            " window_start = excluded.window_start, last_sent = excluded.last_sent,"
+            " keep_until = excluded.keep_until, display_name = excluded.display_name,"
+            " password_hash = excluded.password_hash, locale = excluded.locale",
             [
                 phone,
                 purpose,

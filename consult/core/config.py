@@ -415,7 +415,7 @@ def settings_markdown() -> str:
         default = f.default
         if isinstance(default, tuple):
             default = ", ".join(default) or "(none)"
-        elif f.name in SECRET_NAMES:
+        elif f.name in SECRET_NAMES:  # generated; other secret settings (database_url) are only masked
             default = "(generated)"
         elif default == "":
             default = "(empty)"

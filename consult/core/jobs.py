@@ -228,10 +228,12 @@ def any_due_sync(db: sqlite_utils.Database, now: float, kinds: list[str]) -> boo
 
 def dead_sync(db: sqlite_utils.Database, kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
     """Jobs given up on, newest first, for admins."""
+    # The kind's condition only when one is asked for: PostgreSQL cannot type a bare "? IS NULL".
+    of_kind, params = (" AND kind = ?", [kind]) if kind is not None else ("", [])
     rows = db.execute(
-        "SELECT id, kind, key, payload, attempts, last_error, finished_at FROM jobs WHERE status = 'dead'"
-        " AND (CAST(? AS TEXT) IS NULL OR kind = ?) ORDER BY finished_at DESC LIMIT ?",
-        [kind, kind, limit],
+        "SELECT id, kind, key, payload, attempts, last_error, finished_at FROM jobs WHERE status = 'dead'"  # noqa: S608
+        f"{of_kind} ORDER BY finished_at DESC LIMIT ?",
+        [*params, limit],
     ).fetchall()
     return [{**dict(r), "payload": json.loads(r["payload"])} for r in rows]
 

@@ -6,11 +6,13 @@ and never learn which engine answers. For PostgreSQL this module supplies that h
 
 - `translate` rewrites a statement once (cached): placeholders to psycopg's ``%s`` /
   ``%(name)s``, ``LIKE`` to ``ILIKE`` (SQLite's LIKE ignores case), two-argument ``max``/``min``
-  to ``GREATEST``/``LEAST``, ``CAST(... AS REAL)`` to double precision.
+  to ``GREATEST``/``LEAST``, ``CAST(... AS REAL)`` to double precision, ``group_concat(x, sep)``
+  to ``string_agg(x, sep)`` (the domain always names the separator: string_agg needs it),
+  ``length(CAST(x AS BLOB))`` (SQLite's length in bytes) to ``octet_length(x)``.
 - `Row` answers by position and by column name, like ``sqlite3.Row``.
 - Python ints go to the server untyped, so the column decides (SQLite stores what it is given;
   an id passed to a TEXT column must not fail); ``numeric`` results (SUM, AVG) come back as int
-  or float, never Decimal.
+  or float, never Decimal; a NUL in a string (which PostgreSQL's text cannot hold) is sent as U+FFFD.
 - Inside a write transaction every data-changing statement runs under a savepoint: a domain
   function that catches a constraint violation (a slot just taken) carries on in the same
   transaction, as it does on SQLite, instead of finding the transaction aborted.
@@ -34,6 +36,7 @@ import psycopg
 import psycopg_pool
 from psycopg import pq
 from psycopg.adapt import Dumper, Loader
+from psycopg.types.string import StrDumperUnknown
 from psycopg_pool import ConnectionPool
 
 from consult.core.db import Database
@@ -66,8 +69,9 @@ _LIKE = re.compile(r"\bNOT\s+LIKE\b|\bLIKE\b", re.IGNORECASE)
 _MAX2 = re.compile(r"\b(max|min)\(\s*([^(),]+?)\s*,\s*([^(),]+?)\s*\)", re.IGNORECASE)
 _CREATE_TABLE = re.compile(r"\s*CREATE\s+TABLE\b", re.IGNORECASE)
 _ADD_COLUMN = re.compile(r"\s*ALTER\s+TABLE\s+\S+\s+ADD\s+COLUMN\b", re.IGNORECASE)
-_GROUP_CONCAT = re.compile(r"\bgroup_concat\(", re.IGNORECASE)
 _CAST_REAL = re.compile(r"\bAS\s+REAL\b", re.IGNORECASE)
+_GROUP_CONCAT = re.compile(r"\bgroup_concat\s*\(", re.IGNORECASE)
+_BYTE_LENGTH = re.compile(r"\blength\(\s*CAST\(\s*([\w.]+)\s+AS\s+BLOB\s*\)\s*\)", re.IGNORECASE)
 
 
 def _rewrite_code(code: str) -> str:
@@ -77,7 +81,8 @@ def _rewrite_code(code: str) -> str:
         lambda m: f"{'GREATEST' if m.group(1).lower() == 'max' else 'LEAST'}({m.group(2)}, {m.group(3)})",
         code,
     )
-    code = _GROUP_CONCAT.sub("string_agg(", code)  # always with its separator in our SQL
+    code = _GROUP_CONCAT.sub("string_agg(", code)
+    code = _BYTE_LENGTH.sub(r"octet_length(\1)", code)
     return _CAST_REAL.sub("AS DOUBLE PRECISION", code)
 
 
@@ -138,6 +143,15 @@ class _UntypedIntDumper(Dumper):
         return str(int(obj)).encode()
 
 
+class _NulSafeStrDumper(StrDumperUnknown):
+    """A str as psycopg sends it, except that NUL, which PostgreSQL's text cannot hold (psycopg
+    refuses it with DataError), becomes U+FFFD: a lookup by a hostile value (a NUL in a URL path)
+    finds nothing, as on SQLite, instead of failing the request."""
+
+    def dump(self, obj: str) -> Any:
+        return super().dump(obj.replace("\x00", "\ufffd") if "\x00" in obj else obj)
+
+
 class _NumericLoader(Loader):
     def load(self, data: Any) -> int | float:
         text = bytes(data).decode()
@@ -147,6 +161,7 @@ class _NumericLoader(Loader):
 def configure(conn: psycopg.Connection) -> None:
     conn.adapters.register_dumper(int, _UntypedIntDumper)
     conn.adapters.register_dumper(bool, _UntypedIntDumper)
+    conn.adapters.register_dumper(str, _NulSafeStrDumper)
     conn.adapters.register_loader("numeric", _NumericLoader)
 
 

@@ -11,14 +11,6 @@ import sqlite_utils
 from consult.sessionlog import useragent
 from consult.sessionlog.common import SAMPLE_FIELDS, mask_address, number, side
 
-
-def _has_table(db: sqlite_utils.Database, name: str) -> bool:
-    return (
-        db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone()
-        is not None
-    )
-
-
 MAX_TIMELINE = 3000
 
 
@@ -37,29 +29,28 @@ def session_detail_sync(db: sqlite_utils.Database, public_id: str) -> dict[str, 
     summary = db.execute("SELECT * FROM session_summaries WHERE visit_id = ?", [visit["id"]]).fetchone()
     events: list[dict[str, Any]] = []
     stats_events = 0
-    if _has_table(db, "session_events"):
-        # Stats are charted below, not listed: a 15-minute call sends hundreds of them.
-        stats_events = db.execute(
-            "SELECT count(*) FROM session_events WHERE visit_id = ? AND name = 'stats'", [visit["id"]]
-        ).fetchone()[0]
-        for r in db.execute(
-            "SELECT created, name, role, data FROM session_events WHERE visit_id = ? AND name != 'stats'"
-            " ORDER BY created, rowid LIMIT ?",
-            [visit["id"], MAX_TIMELINE],
-        ):
-            try:
-                data = json.loads(r["data"] or "{}")
-            except (TypeError, ValueError):
-                data = {}
-            events.append(
-                {
-                    "created": r["created"],
-                    "name": r["name"],
-                    "role": r["role"],
-                    "side": side(r["role"]),
-                    "data": data if isinstance(data, dict) else {},
-                }
-            )
+    # Stats are charted below, not listed: a 15-minute call sends hundreds of them.
+    stats_events = db.execute(
+        "SELECT count(*) FROM session_events WHERE visit_id = ? AND name = 'stats'", [visit["id"]]
+    ).fetchone()[0]
+    for r in db.execute(
+        "SELECT created, name, role, data FROM session_events WHERE visit_id = ? AND name != 'stats'"
+        " ORDER BY created, id LIMIT ?",
+        [visit["id"], MAX_TIMELINE],
+    ):
+        try:
+            data = json.loads(r["data"] or "{}")
+        except (TypeError, ValueError):
+            data = {}
+        events.append(
+            {
+                "created": r["created"],
+                "name": r["name"],
+                "role": r["role"],
+                "side": side(r["role"]),
+                "data": data if isinstance(data, dict) else {},
+            }
+        )
     samples: dict[str, list[dict[str, Any]]] = {"patient": [], "doctor": []}
     for r in db.execute(
         "SELECT role, t, " + ", ".join(SAMPLE_FIELDS) + " FROM quality_samples"  # noqa: S608

@@ -58,9 +58,11 @@ def overview_sync(db: sqlite_utils.Database, first: date, last: date) -> list[Da
             connected_seconds=r[7] or 0,
         )
         for r in db.execute(
-            "SELECT day, count(*), sum(outcome = 'completed'), sum(outcome = 'no_show'),"
-            " sum(outcome = 'failed'), sum(outcome = 'cancelled'),"
-            " sum(used_turn AND outcome IN ('completed', 'failed')),"
+            "SELECT day, count(*), sum(CASE WHEN outcome = 'completed' THEN 1 ELSE 0 END),"
+            " sum(CASE WHEN outcome = 'no_show' THEN 1 ELSE 0 END),"
+            " sum(CASE WHEN outcome = 'failed' THEN 1 ELSE 0 END),"
+            " sum(CASE WHEN outcome = 'cancelled' THEN 1 ELSE 0 END),"
+            " sum(CASE WHEN used_turn <> 0 AND outcome IN ('completed', 'failed') THEN 1 ELSE 0 END),"
             " sum(CASE WHEN outcome = 'completed' THEN connected_seconds END)"
             " FROM session_summaries WHERE day BETWEEN ? AND ? GROUP BY day",
             [first.isoformat(), last.isoformat()],
