@@ -14,8 +14,9 @@ import pytest
 from consult import sessionlog
 from consult.app import create_app
 from consult.audit import chain
+from tests import db_helpers
 from tests.conftest import login
-from tests.sessionlog_helpers import add_visit, full_call, make_world, open_db, read, record, write
+from tests.sessionlog_helpers import add_visit, full_call, make_world, read, record, write
 
 ADMIN_ONLY = [
     "/admin/sessions",
@@ -149,8 +150,8 @@ async def test_list_rows_show_local_times_labels_and_links_with_names_escaped(
     make_user("admin", login="boss", name="Admin")
     client = await aiohttp_client(create_app(settings))
     t0 = 1_710_054_000  # 2024-03-10 07:00 UTC: New York's clocks went forward that morning
-    visit_id, public_id = write(world.path, lambda db: add_visit(db, world, t0))
-    write(world.path, lambda db: record(db, visit_id, full_call(t0)))
+    visit_id, public_id = write(world.settings, lambda db: add_visit(db, world, t0))
+    write(world.settings, lambda db: record(db, visit_id, full_call(t0)))
     await login(client, "boss")
     html = await (await client.get("/admin/sessions")).text()
     assert hostile not in html
@@ -181,10 +182,10 @@ async def test_list_filter_form_keeps_the_chosen_doctor_and_department_with_name
     def add(db):
         db.execute("INSERT INTO doctors (user_id) VALUES (?)", [hostile])
         return db.execute(
-            "INSERT INTO departments (code, name_zh, name_en) VALUES ('x', '<眼科>', '<Eyes>')"
-        ).lastrowid
+            "INSERT INTO departments (code, name_zh, name_en) VALUES ('x', '<眼科>', '<Eyes>') RETURNING id"
+        ).fetchone()[0]
 
-    eyes = write(world.path, add)
+    eyes = write(world.settings, add)
     await login(client, "boss")
     html = await (await client.get(f"/admin/sessions?doctor={hostile}&department={eyes}")).text()
     assert "<i>" not in html and "<眼科>" not in html
@@ -257,7 +258,7 @@ async def test_each_list_page_is_audited_once_before_it_is_sent(client, world, c
     """The audit entry is written while the page is read: committed when the page arrives, one
     per page, and the chain still verifies."""
     await login(client, "boss")
-    before = read(world.path, "SELECT max(id) AS n FROM audit_log")[0]["n"] or 0
+    before = read(world.settings, "SELECT max(id) AS n FROM audit_log")[0]["n"] or 0
     for url, detail in (
         ("/admin/sessions", {"filters": {}, "page": False}),
         (
@@ -268,19 +269,20 @@ async def test_each_list_page_is_audited_once_before_it_is_sent(client, world, c
         resp = await client.get(url)
         assert resp.status == 200
         # Read as soon as the page arrived: the entry is there already, not on its way.
-        rows = read(world.path, "SELECT * FROM audit_log WHERE id > ?", [before])
+        rows = read(world.settings, "SELECT * FROM audit_log WHERE id > ?", [before])
         assert [(r["action"], r["actor_role"], json.loads(r["detail"])) for r in rows] == [
             ("session.list", "admin", detail)
         ]
         before = rows[-1]["id"]
-    ok, _message = read_sync_verify(world.path)
+    ok, _message = read_sync_verify(world.settings)
     assert ok
 
 
+@pytest.mark.sqlite_only("a SQLite trigger makes the audit write fail")
 async def test_list_page_is_not_shown_when_its_audit_entry_cannot_be_written(client, world, call):
     await login(client, "boss")
     write(
-        world.path,
+        world.settings,
         lambda db: db.execute(
             "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'refused'); END"
         ),
@@ -298,9 +300,5 @@ async def test_admin_home_links_to_sessions_and_audit(client, world):
     assert 'href="/admin/payments"' in html  # refunds and marking paid, from the admin menu
 
 
-def read_sync_verify(path) -> tuple[bool, str]:
-    db = open_db(path)
-    try:
-        return chain.verify(db)
-    finally:
-        db.conn.close()
+def read_sync_verify(target) -> tuple[bool, str]:
+    return db_helpers.read(target, chain.verify)

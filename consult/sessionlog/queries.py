@@ -258,9 +258,7 @@ def list_page_sync(
     )
     if built is None:
         return [], None
-    cur = db.conn.cursor()
-    cur.row_factory = None  # tuples, not sqlite3.Row
-    rows = [PageRow._make(r) for r in cur.execute(*built).fetchall()]
+    rows = [PageRow._make(r) for r in db.execute(*built).fetchall()]
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
