@@ -13,11 +13,12 @@ start-up repairs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+
+from consult.core.live import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,7 @@ def setup(app: web.Application, database_url: str = "") -> None:
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
 
     app.cleanup_ctx.append(ctx)
 

@@ -184,6 +184,18 @@ class Relay:
                 await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, payload])
 
 
+async def stop_task(task: asyncio.Task, within_s: float = 5.0) -> None:
+    """Cancel a connection's task and wait for it a bounded time: a database connection that
+    does not answer its cancellation must not hold the app's shutdown."""
+    task.cancel()
+    done, _pending = await asyncio.wait({task}, timeout=within_s)
+    if not done:
+        log.warning("%s did not stop within %.0f s; shutting down without it", task.get_name(), within_s)
+        return
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        task.result()
+
+
 def setup(app: web.Application, database_url: str = "") -> None:
     """Called by ``create_app``: the app's topics, and every stream ends at shutdown; with a
     PostgreSQL ``database_url``, nudges also travel to and from the other nodes."""
@@ -201,9 +213,7 @@ def setup(app: web.Application, database_url: str = "") -> None:
             try:
                 yield
             finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await stop_task(task)
                 live.relay = None
 
         app.cleanup_ctx.append(relay_ctx)
