@@ -281,7 +281,10 @@ async def test_refunds_of_different_payments_run_at_once_and_one_payment_never_t
     results = await asyncio.gather(
         *(payments.request_refund(app, third, reason="staff", actor=None) for _ in range(5))
     )
-    assert results.count("refunded") == 1 and set(results) <= {"refunded", "queued", "nothing"}
+    # One press runs the refund at once, unless the job worker claimed it first (then all say
+    # "queued" and the worker pays it): either way one payout, never two.
+    assert results.count("refunded") <= 1 and set(results) <= {"refunded", "queued", "nothing"}
+    await wait_for(lambda: payment(db, third)["status"] == "refunded")
     assert gateway.payouts == 3 and gateway.max_inside == 1
     assert len(payment_events(db, third, "refunded")) == 1
 

@@ -298,6 +298,7 @@ class Handle:
 # A write waits this long for the cluster's write lock or a row lock, as SQLite's busy timeout
 # does, then fails as "database unavailable" (503) instead of hanging the request.
 LOCK_TIMEOUT_MS = 5000
+POOL_WAIT_S = 5.0  # longest wait for a reader connection (the database gone, the pool exhausted)
 
 
 def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection:
@@ -427,6 +428,7 @@ class PgDatabase(Database):
                     kwargs={"autocommit": True},
                     configure=configure,
                     check=ConnectionPool.check_connection,
+                    timeout=POOL_WAIT_S,  # then "database unavailable" (503), not a hung request
                     name="consult-read",
                     open=True,
                 )

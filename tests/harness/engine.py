@@ -18,6 +18,7 @@ ENGINE = os.environ.get("CONSULT_TEST_ENGINE", "sqlite")
 if ENGINE not in ("sqlite", "postgresql"):
     raise RuntimeError(f"CONSULT_TEST_ENGINE must be sqlite or postgresql, not {ENGINE!r}")
 _numbers = itertools.count(1)
+_to_drop: list[str] = []  # the previous tests' databases (see make_database_url)
 __all__ = ["database_url", "make_database_url", "postgres_template"]
 
 
@@ -41,6 +42,8 @@ def postgres_template(request: pytest.FixtureRequest) -> Iterator[tuple[object, 
     finally:
         db.close()
     yield server, name
+    while _to_drop:
+        server.drop_database(_to_drop.pop())
     server.drop_database(name)
 
 
@@ -52,6 +55,11 @@ def make_database_url(request: pytest.FixtureRequest) -> Iterator[Callable[[], s
         yield lambda: ""
         return
     server, template = request.getfixturevalue("postgres_template")
+    # Databases of earlier tests are dropped now, not at their own teardown: pytest may close a
+    # test's app (its client fixture) after this fixture's teardown, and an app whose database
+    # vanished under it waits for connections while it shuts down.
+    while _to_drop:
+        server.drop_database(_to_drop.pop())
     made: list[str] = []
 
     def make() -> str:
@@ -60,8 +68,7 @@ def make_database_url(request: pytest.FixtureRequest) -> Iterator[Callable[[], s
         return server.socket_url(name)
 
     yield make
-    for name in made:
-        server.drop_database(name)
+    _to_drop.extend(made)
 
 
 @pytest.fixture
