@@ -32,11 +32,20 @@ lint: install-dev
 test-deps:
 	bash scripts/install-test-deps.sh
 
-# Every test on SQLite (the embedded default), then every test that is not a browser test on
-# PostgreSQL (a throwaway server the harness starts; tests about the SQLite file itself skip).
+# Every test on SQLite (the embedded default), then every test that reaches the database and is
+# not a browser test on PostgreSQL (a throwaway server the harness starts; tests about the SQLite file itself skip).
 # The browser tests' server code is the same on both engines; the cluster's browser test runs
 # on PostgreSQL in the first pass.
-ENGINE_TESTS := $(filter-out tests/test_browser_%,$(wildcard tests/test_*.py))
+# Files that never reach Consult's database (the signaling and recording packages, the harness,
+# the architecture and translation rules) or start their own PostgreSQL whatever the engine (the
+# cluster's tests) run once, in the first pass.
+ENGINE_INDEPENDENT := tests/test_architecture.py tests/test_install_deps.py tests/test_pg_translate.py \
+	tests/test_recording_writer.py tests/test_recording.py tests/test_recording_pool.py \
+	tests/test_signaling.py tests/test_signaling_limits.py tests/test_sessionlog_charts.py \
+	tests/test_bench_cluster.py tests/test_harness.py tests/test_harness_postgres.py \
+	tests/test_haproxy.py tests/test_cluster.py tests/test_cluster_parts.py \
+	tests/test_migrate_to_postgres.py
+ENGINE_TESTS := $(filter-out tests/test_browser_% $(ENGINE_INDEPENDENT),$(wildcard tests/test_*.py))
 
 test:
 	bash scripts/install-test-deps.sh

@@ -17,6 +17,10 @@ from consult.core.pg import PgDatabase
 from consult.ops.to_postgres import CopyError, copy_sqlite_to_postgres
 from tests.booking_helpers import free_slots, make_clinic
 
+# The source is a SQLite deployment and the target this module's own PostgreSQL database, on
+# either engine's run; it runs in the SQLite pass (`make test` leaves it out of the second).
+pytestmark = pytest.mark.sqlite_only("copies a SQLite deployment; its PostgreSQL target is its own")
+
 
 @pytest.fixture
 def sqlite_settings(make_settings):
