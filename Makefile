@@ -45,7 +45,9 @@ ENGINE_INDEPENDENT := tests/test_architecture.py tests/test_install_deps.py test
 	tests/test_bench_cluster.py tests/test_harness.py tests/test_harness_postgres.py \
 	tests/test_haproxy.py tests/test_cluster.py tests/test_cluster_parts.py \
 	tests/test_migrate_to_postgres.py
-ENGINE_TESTS := $(filter-out tests/test_browser_% $(ENGINE_INDEPENDENT),$(wildcard tests/test_*.py))
+# Browser tests under other names.
+BROWSER_TESTS := tests/test_browser_% tests/test_prescriptions_browser.py tests/test_prescriptions_pharmacy_browser.py
+ENGINE_TESTS := $(filter-out $(BROWSER_TESTS) $(ENGINE_INDEPENDENT),$(wildcard tests/test_*.py))
 
 test:
 	bash scripts/install-test-deps.sh
