@@ -36,15 +36,19 @@ test-deps:
 # not a browser test on PostgreSQL (a throwaway server the harness starts; tests about the SQLite file itself skip).
 # The browser tests' server code is the same on both engines; the cluster's browser test runs
 # on PostgreSQL in the first pass.
-# Files that never reach Consult's database (the signaling and recording packages, the harness,
-# the architecture and translation rules) or start their own PostgreSQL whatever the engine (the
-# cluster's tests) run once, in the first pass.
+# Run once, in the first pass: files that never reach Consult's database (the signaling and
+# recording packages, the harness, the architecture and translation rules, static files and the
+# page shell, the listening edge, TURN config, PDF rendering), those that start their own
+# PostgreSQL whatever the engine (the cluster's tests), and two that start many real servers to
+# test what the database does not decide (nginx in front, the secrets' files): CI's 30 minutes.
 ENGINE_INDEPENDENT := tests/test_architecture.py tests/test_install_deps.py tests/test_pg_translate.py \
 	tests/test_recording_writer.py tests/test_recording.py tests/test_recording_pool.py \
 	tests/test_signaling.py tests/test_signaling_limits.py tests/test_sessionlog_charts.py \
 	tests/test_bench_cluster.py tests/test_harness.py tests/test_harness_postgres.py \
 	tests/test_haproxy.py tests/test_cluster.py tests/test_cluster_parts.py \
-	tests/test_migrate_to_postgres.py
+	tests/test_migrate_to_postgres.py tests/test_i18n.py tests/test_language_check.py \
+	tests/test_static.py tests/test_web_shell.py tests/test_edge.py tests/test_turn_config.py \
+	tests/test_pdf_active.py tests/test_nginx.py tests/test_cluster_secrets.py
 # Browser tests under other names.
 BROWSER_TESTS := tests/test_browser_% tests/test_prescriptions_browser.py tests/test_prescriptions_pharmacy_browser.py
 ENGINE_TESTS := $(filter-out $(BROWSER_TESTS) $(ENGINE_INDEPENDENT),$(wildcard tests/test_*.py))
