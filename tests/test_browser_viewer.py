@@ -15,21 +15,18 @@ import io
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from PIL import Image, ImageDraw
-from playwright.async_api import Browser, BrowserContext, Page, expect
+from playwright.async_api import BrowserContext, Page, expect
 
 from consult.clinical import uploads
 from tests.call_helpers import SeededVisit, seed_visit
 from tests.harness.browser import (
-    DOCTOR_CONTEXT,
     PageRecorder,
     assert_only_local_requests,
     save_screenshot,
 )
-from tests.harness.fixtures import FailureArtifacts, _context
 from tests.harness.server import ConsultServer
 from tests.test_browser_call import prepare_call, sign_in_doctor
 
@@ -61,14 +58,9 @@ GEOMETRY_JS = """
 
 
 @pytest.fixture
-async def doctor_context(
-    browser: Browser, pages: PageRecorder, failure_artifacts: FailureArtifacts
-) -> AsyncIterator[BrowserContext]:
-    """The doctor's PC (1366x800) with Chromium set to zh-CN, as the hospital's doctors use it."""
-    async with _context(
-        browser, pages, failure_artifacts, "doctor", {**DOCTOR_CONTEXT, "locale": "zh-CN"}
-    ) as context:
-        yield context
+def doctor_context(zh_desktop: BrowserContext) -> BrowserContext:
+    """The doctor's PC with Chromium set to zh-CN, as the hospital's doctors use it (the harness's)."""
+    return zh_desktop
 
 
 # The colour at the top middle of the image the viewer shows (same origin: a canvas may read it).

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from signaling.recording.errors import ROLE_RE, RecordingError
+from signaling.recording.errors import RecordingError, check_offer
 
 # aiortc and PyAV are imported on the first leg, not when the application starts.
 if TYPE_CHECKING:
@@ -369,10 +369,7 @@ class PooledRecordingSession:
         return {"urls": entry.urls, "username": entry.username, "credential": entry.credential}
 
     async def add_participant_offer(self, role: str, sdp: str) -> str:
-        if not ROLE_RE.fullmatch(role):
-            raise RecordingError("invalid role")
-        if not isinstance(sdp, str) or not sdp.startswith("v=0"):
-            raise RecordingError("not an SDP offer")
+        check_offer(role, sdp)
         async with self._lock:
             if self._closed:
                 raise RecordingError("recording is closed")

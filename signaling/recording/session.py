@@ -35,7 +35,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from signaling.recording import passthrough
-from signaling.recording.errors import ROLE_RE, RecordingError
+from signaling.recording.errors import RecordingError, check_offer
 from signaling.recording.writer import ParticipantWriter, RecordingFile
 
 log = logging.getLogger(__name__)
@@ -174,10 +174,7 @@ class RecordingSession:
         A new offer for a role that already has a leg (the phone reconnected) finishes the old
         leg's file first; the new leg writes a new file.
         """
-        if not ROLE_RE.fullmatch(role):
-            raise RecordingError("invalid role")
-        if not isinstance(sdp, str) or not sdp.startswith("v=0"):
-            raise RecordingError("not an SDP offer")
+        check_offer(role, sdp)
         async with self._lock:
             if self._closed:
                 raise RecordingError("recording is closed")
