@@ -61,6 +61,17 @@ def connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def skip_locked(db: Any) -> str:
+    """What ends a SELECT whose rows this transaction is about to change, taking them for itself.
+
+    On PostgreSQL ``FOR UPDATE SKIP LOCKED``: the rows are locked until the transaction ends and
+    rows another transaction holds are passed over, not waited for, so two nodes claiming work at
+    once take different rows. SQLite has one writer, so nothing is needed (and its grammar has no
+    FOR UPDATE): the empty string. ``db`` is the handle the domain function was given.
+    """
+    return " FOR UPDATE SKIP LOCKED" if getattr(db, "engine", "sqlite") == "postgresql" else ""
+
+
 def run_in_transaction(db: sqlite_utils.Database, fn: Callable[[sqlite_utils.Database], T]) -> T:
     """``fn(db)`` inside ``BEGIN IMMEDIATE``: committed if it returns, rolled back if it raises.
 
@@ -186,7 +197,8 @@ class Database:
     def _connect_writer(self) -> Any:
         return sqlite_utils.Database(connect(self.path))
 
-    def _transaction(self, db: Any, fn: Callable[[Any], T]) -> T:
+    def _transaction(self, db: Any, fn: Callable[[Any], T], exclusive: bool = True) -> T:
+        # SQLite: BEGIN IMMEDIATE is the one write lock, and every transaction takes it.
         return run_in_transaction(db, fn)
 
     def _broken(self, db: Any, exc: BaseException) -> bool:
@@ -295,7 +307,7 @@ class Database:
                         continue
                     if task is None:
                         return
-                    fn, ctx, loop, future = task
+                    fn, exclusive, ctx, loop, future = task
                     if db is None and time.monotonic() >= next_try:
                         db = self._open_writer()  # a write is waiting: try now, not after a sleep
                         if db is None:
@@ -309,7 +321,7 @@ class Database:
                     try:
                         # In the caller's context: a translated error raised by fn speaks the
                         # language of the request that asked for the write.
-                        result = ctx.run(self._transaction, db, fn)
+                        result = ctx.run(self._transaction, db, fn, exclusive)
                     except BaseException as exc:  # travels back to the awaiting coroutine
                         _deliver(loop, future, exc=exc)
                         if self._broken(db, exc):
@@ -341,16 +353,26 @@ class Database:
                 return False
             if task is None:
                 return True
-            _fn, _ctx, loop, future = task
+            _fn, _exclusive, _ctx, loop, future = task
             _deliver(loop, future, exc=self._unavailable())
 
-    async def execute_write_fn(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+    async def execute_write_fn(
+        self, fn: Callable[[sqlite_utils.Database], T], *, exclusive: bool = True
+    ) -> T:
+        """``fn(db)`` in a write transaction on the writer thread; its result or its exception.
+
+        ``exclusive=False`` is for a transaction that needs no cluster-wide order because its
+        statements lock the rows they change themselves (a job claim: one UPDATE over rows
+        selected with `skip_locked`): on PostgreSQL it does not take the cluster's write lock,
+        so it neither waits for nor holds up other nodes' writes. It still runs on this node's
+        one writer thread. SQLite ignores it (one writer anyway).
+        """
         if self._closed:
             raise RuntimeError("database is closed")
         self.start_writer()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._writes.put((fn, contextvars.copy_context(), loop, future))
+        self._writes.put((fn, exclusive, contextvars.copy_context(), loop, future))
         try:
             return await future
         except self._errors as exc:
@@ -359,11 +381,12 @@ class Database:
                 raise
             raise mapped from exc
 
-    def write_sync(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
-        """For the CLI and migrations: a write outside any event loop."""
+    def write_sync(self, fn: Callable[[sqlite_utils.Database], T], *, exclusive: bool = True) -> T:
+        """For the CLI and migrations: a write outside any event loop (``exclusive``: as for
+        `execute_write_fn`)."""
         db = self._connect_writer()
         try:
-            return self._transaction(db, fn)
+            return self._transaction(db, fn, exclusive)
         finally:
             self._close_handle(db)
 

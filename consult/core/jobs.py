@@ -35,6 +35,7 @@ from aiohttp import web
 
 from consult.core import keys, metrics
 from consult.core.config import Settings
+from consult.core.db import skip_locked
 
 log = logging.getLogger(__name__)
 
@@ -115,38 +116,57 @@ def enqueue_sync(
     return cur.rowcount == 1
 
 
-def _claim_one(
-    db: sqlite_utils.Database, where: str, params: list[Any], now: float, lease_s: float
-) -> Job | None:
-    claim = secrets.token_hex(8)
-    sql = (
-        "UPDATE jobs SET status = 'running', attempts = attempts + 1, claim = ?, claimed_at = ?,"  # noqa: S608
-        " lease_until = ?, updated = ? WHERE status = 'queued' AND " + where  # where: ours, not input
-    )
-    cur = db.execute(sql, [claim, now, now + lease_s, now, *params])
-    if cur.rowcount != 1:
-        return None
-    row = db.execute("SELECT * FROM jobs WHERE claim = ?", [claim]).fetchone()
-    return Job.from_row(row)
+_CLAIM = (
+    "UPDATE jobs SET status = 'running', attempts = attempts + 1, claim = ?, claimed_at = ?,"
+    " lease_until = {lease_until}, updated = ? WHERE {where} AND status = 'queued' RETURNING *"
+)
 
 
 def claim_due_sync(db: sqlite_utils.Database, now: float, limit: int, leases: dict[str, float]) -> list[Job]:
-    """Flip up to ``limit`` due jobs of the given kinds (kind -> lease seconds) to running."""
+    """Flip up to ``limit`` due jobs of the given kinds (kind -> lease seconds) to running.
+
+    One statement, which needs no cluster-wide write lock (run it with ``exclusive=False``): on
+    PostgreSQL the due rows are selected ``FOR UPDATE SKIP LOCKED``, so a node claiming at the
+    same moment passes over the rows this one is taking and takes others, and no job is claimed
+    twice. The jobs come back oldest due first.
+    """
     if limit <= 0 or not leases:
         return []
+    claim = secrets.token_hex(8)
     marks = ",".join("?" * len(leases))
+    due = (
+        f"id IN (SELECT id FROM jobs WHERE status = 'queued' AND next_run_at <= ? AND kind IN ({marks})"  # noqa: S608
+        f" ORDER BY next_run_at, id LIMIT ?{skip_locked(db)})"
+    )
+    lease_until = "CASE kind" + " WHEN ? THEN ?" * len(leases) + " END"  # each kind its own lease
     rows = db.execute(
-        f"SELECT id, kind FROM jobs WHERE status = 'queued' AND next_run_at <= ? AND kind IN ({marks})"  # noqa: S608
-        " ORDER BY next_run_at, id LIMIT ?",
-        [now, *leases, limit],
+        _CLAIM.format(lease_until=lease_until, where=due),
+        [
+            claim,
+            now,
+            *(value for kind, lease_s in leases.items() for value in (kind, now + lease_s)),
+            now,
+            now,
+            *leases,
+            limit,
+        ],
     ).fetchall()
-    claimed = [_claim_one(db, "id = ?", [r["id"]], now, leases[r["kind"]]) for r in rows]
-    return [job for job in claimed if job is not None]
+    rows.sort(key=lambda r: (r["next_run_at"], r["id"]))  # RETURNING promises no order
+    return [Job.from_row(r) for r in rows]
 
 
 def claim_key_sync(db: sqlite_utils.Database, kind: str, key: str, now: float, lease_s: float) -> Job | None:
-    """Claim one queued job now, even if its retry time has not come (someone asked for it)."""
-    return _claim_one(db, "kind = ? AND key = ?", [kind, key], now, lease_s)
+    """Claim one queued job now, even if its retry time has not come (someone asked for it).
+
+    One statement, like `claim_due_sync`, without skipping: if another node is claiming this
+    very job, PostgreSQL waits the moment until that claim commits and then finds the job
+    running (None), as SQLite's one writer would.
+    """
+    row = db.execute(
+        _CLAIM.format(lease_until="?", where="kind = ? AND key = ?"),
+        [secrets.token_hex(8), now, now + lease_s, now, kind, key],
+    ).fetchone()
+    return Job.from_row(row) if row is not None else None
 
 
 def finish_sync(db: sqlite_utils.Database, job: Job, now: float) -> bool:
@@ -360,7 +380,7 @@ class Runner:
         if limit <= 0 or not kinds or not await db.execute_fn(lambda d: any_due_sync(d, now, kinds)):
             return []  # the common case stays off the writer
         leases = {kind: self.lease_s(kind) for kind in kinds}
-        return await db.execute_write_fn(lambda d: claim_due_sync(d, now, limit, leases))
+        return await db.execute_write_fn(lambda d: claim_due_sync(d, now, limit, leases), exclusive=False)
 
     def start(self, app: web.Application, job: Job, now: float | None = None) -> asyncio.Task[Outcome]:
         task = asyncio.get_running_loop().create_task(
@@ -421,7 +441,9 @@ class Runner:
             raise KeyError(kind)
         db = app[keys.DB]
         now = self.clock()
-        job = await db.execute_write_fn(lambda d: claim_key_sync(d, kind, key, now, self.lease_s(kind)))
+        job = await db.execute_write_fn(
+            lambda d: claim_key_sync(d, kind, key, now, self.lease_s(kind)), exclusive=False
+        )
         if job is None:  # done, dead, missing, or running elsewhere
             return Outcome(await db.execute_fn(lambda d: status_sync(d, kind, key)))
         task = self.start(app, job)

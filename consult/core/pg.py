@@ -47,7 +47,8 @@ T = TypeVar("T")
 
 # Every write transaction on PostgreSQL takes this transaction-scoped advisory lock first: writes
 # are serialised across all nodes exactly as SQLite's one writer serialises them on one node,
-# which is what the domain code's read-then-write transactions rely on.
+# which is what the domain code's read-then-write transactions rely on. The one exception is a
+# transaction asked for with ``exclusive=False`` (the job claims), which locks its rows itself.
 WRITE_LOCK_KEY = 0x436F6E73  # "Cons"
 
 
@@ -403,7 +404,8 @@ class PgDatabase(Database):
 
     Each write transaction first takes `WRITE_LOCK_KEY` (a transaction-scoped advisory lock), so
     writes from every node are serialised as SQLite serialises them: the domain's
-    read-then-write transactions stay correct when two nodes book at once.
+    read-then-write transactions stay correct when two nodes book at once. A non-exclusive write
+    (``execute_write_fn(fn, exclusive=False)``: job claims, ``FOR UPDATE SKIP LOCKED``) skips it.
     """
 
     engine = "postgresql"
@@ -444,11 +446,12 @@ class PgDatabase(Database):
     def _connect_writer(self) -> Handle:
         return Handle(connect(self.url), writing=True)
 
-    def _transaction(self, db: Handle, fn: Callable[[Any], T]) -> T:
+    def _transaction(self, db: Handle, fn: Callable[[Any], T], exclusive: bool = True) -> T:
         raw = db.raw
         raw.execute("BEGIN")
         try:
-            raw.execute("SELECT pg_advisory_xact_lock(%s)", [WRITE_LOCK_KEY])
+            if exclusive:  # else fn's own row locks keep it correct (see Database.execute_write_fn)
+                raw.execute("SELECT pg_advisory_xact_lock(%s)", [WRITE_LOCK_KEY])
             result = fn(db)
             raw.execute("COMMIT")
         except BaseException:
