@@ -118,7 +118,7 @@ def enqueue_sync(
 
 _CLAIM = (
     "UPDATE jobs SET status = 'running', attempts = attempts + 1, claim = ?, claimed_at = ?,"
-    " lease_until = {lease_until}, updated = ? WHERE {where} AND status = 'queued' RETURNING *"
+    " lease_until = {lease_until}, updated = ? WHERE {where} RETURNING *"
 )
 
 
@@ -128,27 +128,28 @@ def claim_due_sync(db: sqlite_utils.Database, now: float, limit: int, leases: di
     One statement, which needs no cluster-wide write lock (run it with ``exclusive=False``): on
     PostgreSQL the due rows are selected ``FOR UPDATE SKIP LOCKED``, so a node claiming at the
     same moment passes over the rows this one is taking and takes others, and no job is claimed
-    twice. The jobs come back oldest due first.
+    twice. The rows are chosen once, in a materialised CTE: as ``WHERE id IN (SELECT ... LIMIT)``
+    PostgreSQL may run the subquery again for each row it compares (a nested-loop semi-join) and
+    claim more than ``limit``. The jobs come back oldest due first.
     """
     if limit <= 0 or not leases:
         return []
-    claim = secrets.token_hex(8)
     marks = ",".join("?" * len(leases))
     due = (
-        f"id IN (SELECT id FROM jobs WHERE status = 'queued' AND next_run_at <= ? AND kind IN ({marks})"  # noqa: S608
-        f" ORDER BY next_run_at, id LIMIT ?{skip_locked(db)})"
+        "WITH due AS MATERIALIZED (SELECT id FROM jobs WHERE status = 'queued' AND next_run_at <= ?"  # noqa: S608
+        f" AND kind IN ({marks}) ORDER BY next_run_at, id LIMIT ?{skip_locked(db)}) "
     )
     lease_until = "CASE kind" + " WHEN ? THEN ?" * len(leases) + " END"  # each kind its own lease
     rows = db.execute(
-        _CLAIM.format(lease_until=lease_until, where=due),
+        due + _CLAIM.format(lease_until=lease_until, where="id IN (SELECT id FROM due)"),
         [
-            claim,
-            now,
-            *(value for kind, lease_s in leases.items() for value in (kind, now + lease_s)),
-            now,
             now,
             *leases,
             limit,
+            secrets.token_hex(8),
+            now,
+            *(value for kind, lease_s in leases.items() for value in (kind, now + lease_s)),
+            now,
         ],
     ).fetchall()
     rows.sort(key=lambda r: (r["next_run_at"], r["id"]))  # RETURNING promises no order
@@ -163,7 +164,7 @@ def claim_key_sync(db: sqlite_utils.Database, kind: str, key: str, now: float, l
     running (None), as SQLite's one writer would.
     """
     row = db.execute(
-        _CLAIM.format(lease_until="?", where="kind = ? AND key = ?"),
+        _CLAIM.format(lease_until="?", where="kind = ? AND key = ? AND status = 'queued'"),
         [secrets.token_hex(8), now, now + lease_s, now, kind, key],
     ).fetchone()
     return Job.from_row(row) if row is not None else None

@@ -1,0 +1,112 @@
+"""How the worker claims jobs: one statement that flips the oldest due jobs of its kinds to
+running, each with its kind's lease, and never hands one job to two claimers. Runs on the suite's
+engine (SQLite, or PostgreSQL with CONSULT_TEST_ENGINE=postgresql); what two nodes on one
+PostgreSQL do at once is in tests/test_cluster_parts.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from aiohttp import web
+
+from consult.core import jobs, keys
+from consult.core.db import Database
+
+
+async def nothing(app: web.Application, job: jobs.Job) -> None:
+    return None
+
+
+def node(settings, database: Database, *kinds: str) -> web.Application:
+    """What the worker of one process needs: its settings, its database and the kinds it runs."""
+    app = web.Application()
+    app[keys.SETTINGS] = settings
+    app[keys.DB] = database
+    runner = jobs.setup(app)
+    for kind in kinds:
+        runner.register(kind, nothing, timeout_s=60 if kind == "slow" else 10)
+    return app
+
+
+def enqueue(database: Database, kind: str, keys_and_times: list[tuple[str, float]]) -> None:
+    database.write_sync(
+        lambda d: [jobs.enqueue_sync(d, kind, {"key": k}, key=k, run_after=at) for k, at in keys_and_times]
+    )
+
+
+def rows(database: Database) -> dict[str, dict]:
+    return database.read_sync(
+        lambda d: {f"{r['kind']}:{r['key']}": dict(r) for r in d.execute("SELECT * FROM jobs")}
+    )
+
+
+async def test_a_claim_takes_the_oldest_due_jobs_of_its_kinds_each_with_its_kinds_lease(settings, database):
+    now = time.time()
+    enqueue(database, "fast", [("f1", now - 30), ("f2", now - 10), ("later", now + 600)])
+    enqueue(database, "slow", [("s1", now - 20), ("s2", now - 5)])
+    enqueue(database, "other", [("o1", now - 60)])  # a kind this node does not run
+    app = node(settings, database, "fast", "slow")
+    runner = app[jobs.JOBS]
+
+    first = await runner.claim_due(app, 3, now)
+    assert [(j.kind, j.key) for j in first] == [("fast", "f1"), ("slow", "s1"), ("fast", "f2")]
+    assert all(j.attempts == 1 and j.claim for j in first)
+    stored = rows(database)
+    for job in first:
+        row = stored[f"{job.kind}:{job.key}"]
+        assert (row["status"], row["claim"], row["claimed_at"]) == ("running", job.claim, now)
+        assert row["lease_until"] == pytest.approx(now + runner.lease_s(job.kind))
+    assert runner.lease_s("slow") - runner.lease_s("fast") == 50
+
+    assert [j.key for j in await runner.claim_due(app, 3, now)] == ["s2"]  # what is left and due
+    assert await runner.claim_due(app, 3, now) == []
+    stored = rows(database)
+    assert stored["fast:later"]["status"] == stored["other:o1"]["status"] == "queued"
+
+    # The claim is what a record must show: a stale one changes nothing.
+    f1 = first[0]
+    stale = jobs.Job(f1.id, f1.kind, f1.key, f1.payload, f1.attempts, f1.max_attempts, "not-the-claim")
+    assert not await database.execute_write_fn(lambda d: jobs.finish_sync(d, stale, now))
+    assert await database.execute_write_fn(lambda d: jobs.finish_sync(d, f1, now))
+    assert rows(database)["fast:f1"]["status"] == "done"
+
+
+async def test_run_now_claims_one_job_before_its_time_and_only_once(settings, database):
+    now = time.time()
+    enqueue(database, "fast", [("k", now + 3600)])
+    app = node(settings, database, "fast")
+    lease = app[jobs.JOBS].lease_s("fast")
+    job = await database.execute_write_fn(
+        lambda d: jobs.claim_key_sync(d, "fast", "k", now, lease), exclusive=False
+    )
+    assert job is not None and (job.key, job.attempts, job.payload) == ("k", 1, {"key": "k"})
+    again = await database.execute_write_fn(
+        lambda d: jobs.claim_key_sync(d, "fast", "k", now, lease), exclusive=False
+    )
+    assert again is None  # running already
+    assert (
+        await database.execute_write_fn(lambda d: jobs.claim_key_sync(d, "fast", "none", now, lease)) is None
+    )
+    outcome = await jobs.run_now(app, "fast", "k")
+    assert (outcome.status, outcome.ran) == ("running", False)
+
+
+async def test_claimers_racing_on_one_node_take_every_job_exactly_once(settings, database):
+    now = time.time()
+    enqueue(database, "fast", [(str(n), now - n % 17) for n in range(200)])
+    app = node(settings, database, "fast")
+    runner = app[jobs.JOBS]
+
+    async def claimer() -> list[int]:
+        taken: list[int] = []
+        while batch := await runner.claim_due(app, 7, now):
+            taken += [j.id for j in batch]
+            await asyncio.sleep(0)
+        return taken
+
+    taken = await asyncio.wait_for(asyncio.gather(*(claimer() for _ in range(6))), 60)
+    ids = [i for got in taken for i in got]
+    assert len(ids) == len(set(ids)) == 200
+    assert {(r["status"], r["attempts"]) for r in rows(database).values()} == {("running", 1)}
