@@ -381,12 +381,11 @@ class Database:
                 raise
             raise mapped from exc
 
-    def write_sync(self, fn: Callable[[sqlite_utils.Database], T], *, exclusive: bool = True) -> T:
-        """For the CLI and migrations: a write outside any event loop (``exclusive``: as for
-        `execute_write_fn`)."""
+    def write_sync(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        """For the CLI and migrations: a write outside any event loop."""
         db = self._connect_writer()
         try:
-            return self._transaction(db, fn, exclusive)
+            return self._transaction(db, fn)
         finally:
             self._close_handle(db)
 
