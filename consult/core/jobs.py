@@ -4,14 +4,20 @@ A job is written by ``enqueue_sync`` INSIDE the write transaction of the fact th
 payment to refund, a message to send): both commit, or neither does. ``(kind, key)`` is unique,
 so the same job is never queued twice; enqueueing it again changes nothing.
 
-The worker (``worker_ctx``, started by ``consult.app.create_app``) claims due jobs in a writer
-transaction (``queued`` -> ``running``, with a claim token and a lease), runs the handler that the
+The worker (``worker_ctx``, started by ``consult.app.create_app``) claims due jobs in one
+statement (``queued`` -> ``running``, with a claim token and a lease), runs the handler that the
 owning package registered for the job's kind (``Runner.register``), and records what happened:
 ``done``; ``queued`` again after an exponential backoff (capped); or ``dead`` after its last
 attempt (logged as an error, counted in /metrics, kept until an admin acts). A job left
 ``running`` by a dead process is due again once its lease has expired; finished jobs are deleted
 after the retention period (``sweep_sync``, at start-up and then periodically). Claims are per
 job, so different jobs run concurrently and one job never runs twice at once.
+
+Several nodes on one PostgreSQL claim side by side: a claim is the one write that does not take
+the cluster's write lock (``execute_write_fn(..., exclusive=False)``); it locks the rows it takes
+with ``FOR UPDATE SKIP LOCKED`` (``core.db.skip_locked``), so a node passes over the jobs another
+is claiming. The records (finish, fail, release, the sweep) take the lock as every write does;
+they address ``running`` rows by id and claim token, which no claim touches.
 
 Handlers must be idempotent: a crash after the work but before the record runs it again.
 This module knows nothing of payments or booking.
