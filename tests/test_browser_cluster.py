@@ -4,8 +4,10 @@ behind deploy/haproxy.cfg, the real call pages in headless Chromium through HAPr
 The room's node is killed with SIGKILL. HAProxy takes it out after two missed health checks
 and sends both pages' reconnecting sockets to the other node, which restores the room from the
 database (its clock, who was admitted): both pages reconnect by themselves, video keeps being
-decoded, and the countdown shows the same remaining time as before (minus the seconds that
-passed). bench/cluster.py measures the seconds this takes; here they are only bounded.
+decoded, the countdown shows the same remaining time as before (minus the seconds that
+passed), and the surviving node ends the visit when its time is up: the visit lasts
+`VISIT_S` from the moment it started on the dead node. bench/cluster.py measures the seconds
+the failover takes; here they are only bounded.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ COUNTDOWN_JS = "() => document.querySelector('[data-countdown]').textContent.tri
 # Two missed health checks (0.5 s apart), the pages' reconnect back-off, a restored room: the
 # target is 5 s (bench/cluster.py); a loaded machine gets far more here.
 FAILOVER_BOUND_S = 45
+# The visit's length (CONSULT_VISIT_SECONDS_OVERRIDE): room enough for connecting and failing
+# over on a loaded machine, short enough to wait for its end.
+VISIT_S = 75
+# How late the survivor may end it: its timer, restored from the room's row, fires on time; the
+# pages see the end a moment later.
+END_LATE_S = 3.0
 
 
 @pytest.fixture
@@ -76,6 +84,29 @@ def seed_visit_pg(url: str) -> SeededVisit:
         db.close()
 
 
+def room_row_pg(url: str, visit_id: int) -> dict:
+    db = PgDatabase(url)
+    try:
+        row = db.read_sync(
+            lambda d: d.execute(
+                "SELECT started_at, ended_at, end_reason FROM rooms WHERE visit_id = ?", [visit_id]
+            ).fetchone()
+        )
+        return dict(zip(row.keys(), row, strict=True))
+    finally:
+        db.close()
+
+
+def visit_status_pg(url: str, visit_id: int) -> str:
+    db = PgDatabase(url)
+    try:
+        return db.read_sync(
+            lambda d: d.execute("SELECT status FROM visits WHERE id = ?", [visit_id]).fetchone()[0]
+        )
+    finally:
+        db.close()
+
+
 async def test_a_node_dies_mid_visit_and_both_pages_carry_on_on_the_other(
     tmp_path: Path,
     postgres_server: PostgresServer,
@@ -91,6 +122,7 @@ async def test_a_node_dies_mid_visit_and_both_pages_carry_on_on_the_other(
         "CONSULT_SHARED_DIR": str(tmp_path / "shared"),
         "CONSULT_TRUSTED_PROXIES": "127.0.0.1",
         "CONSULT_PUBLIC_URL": origin,
+        "CONSULT_VISIT_SECONDS_OVERRIDE": str(VISIT_S),
     }
     nodes = [
         ConsultServer(tmp_path / f"node-{n}", log_dir=tmp_path, host="127.0.0.1", env=env, name=f"node-{n}")
@@ -167,6 +199,20 @@ async def test_a_node_dies_mid_visit_and_both_pages_carry_on_on_the_other(
             assert abs((before - elapsed) - after) <= 5, (before, elapsed, after)
             patient_after = seconds_left(await patient_page.evaluate(COUNTDOWN_JS))
             assert abs(patient_after - after) <= 3, (patient_after, after)
+
+            # The visit ends on time on the survivor: the room's clock started on the dead node.
+            for page in pages.values():
+                ended = page.get_by_test_id("call-ended")
+                await ended.wait_for(state="visible", timeout=(after + 30) * 1000)
+                reason = await page.get_by_test_id("ended-reason").get_attribute("data-reason")
+                assert reason == "ended_time_limit", reason
+            room = await asyncio.to_thread(room_row_pg, url, visit.id)
+            assert room["end_reason"] == "time_limit", room
+            overran = room["ended_at"] - room["started_at"] - VISIT_S
+            print(f"ended by {survivor.name} {overran:+.2f} s from the visit's {VISIT_S} s")
+            assert -0.5 <= overran <= END_LATE_S, room
+            status = await asyncio.to_thread(visit_status_pg, url, visit.id)
+            assert status == "completed"
     finally:
         if proxy is not None:
             proxy.stop()
