@@ -109,15 +109,14 @@ async def test_call_route(aiohttp_server, aiohttp_client, make_settings, make_us
     resp = await anon.get(f"/call/{token}")
     assert resp.status == 403 and "replaced" in await resp.text()
     # Too early: a page that says when the link opens.
-    later = calllinks.make_token(
-        keyed, public_id, "patient", "rotated", time.time() + 86400, time.time() + 87000
-    )
+    starts = time.time() + 86400
+    later = calllinks.make_token(keyed, public_id, "patient", "rotated", starts, starts + 600)
     resp = await anon.get(f"/call/{later}")
     page = await resp.text()
     # Too early is a page, not an error: the visit, a countdown to the opening (which the page
     # follows by itself: call-early.js), a local device test; no signaling, nothing cached.
     assert resp.status == 200 and 'data-testid="call-early"' in page
-    assert f'data-opens-at="{int(time.time() + 86400) - calllinks.EARLY_S}"' in page
+    assert f'data-opens-at="{int(starts) - calllinks.EARLY_S}"' in page
     assert "opens 15 minutes before the visit" in page and 'data-action="test-devices"' in page
     assert "Today at" in page or "Tomorrow at" in page  # the visit's start, in words
     assert "call-early.js" in page and "call.js" not in page and "signaling-client.js" not in page
