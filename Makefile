@@ -53,15 +53,22 @@ ENGINE_INDEPENDENT := tests/test_architecture.py tests/test_install_deps.py test
 BROWSER_TESTS := tests/test_browser_% tests/test_prescriptions_browser.py tests/test_prescriptions_pharmacy_browser.py
 ENGINE_TESTS := $(filter-out $(BROWSER_TESTS) $(ENGINE_INDEPENDENT),$(wildcard tests/test_*.py))
 
+# Tests run side by side on PYTEST_WORKERS processes (pytest-xdist; each worker its own network
+# namespace, PostgreSQL and browsers): most of a test's time is waiting for a timer, a browser or a
+# server to start, so 3 workers on 2 cores take about half the time of one. PYTEST_WORKERS=0 runs
+# them one after another in this process.
+PYTEST_WORKERS ?= 3
+PYTEST := $(VENV)/bin/python -m pytest $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist worksteal)
+
 test:
 	bash scripts/install-test-deps.sh
 	@$(MAKE) --no-print-directory install-dev
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest
-	CONSULT_TEST_ENGINE=postgresql $(VENV)/bin/python -m pytest $(ENGINE_TESTS)
+	$(PYTEST)
+	CONSULT_TEST_ENGINE=postgresql $(PYTEST) $(ENGINE_TESTS)
 
 test-postgresql: install-dev
-	CONSULT_TEST_ENGINE=postgresql $(VENV)/bin/python -m pytest $(ENGINE_TESTS)
+	CONSULT_TEST_ENGINE=postgresql $(PYTEST) $(ENGINE_TESTS)
 
 clean:
 	rm -rf $(VENV) $(DATA) certs/*.pem
