@@ -100,10 +100,9 @@ async def test_the_relay_reconnects_after_its_connection_is_killed(postgres_url)
 @pytest.fixture
 def jobs_url(postgres_template):
     """A migrated database of this test's own on the session's PostgreSQL."""
-    server, template = postgres_template
-    name = server.create_database(template=template)
-    yield server.url(name)
-    server.drop_database(name)
+    name = postgres_template.take()
+    yield postgres_template.server.url(name)
+    postgres_template.drop(name)
 
 
 @pytest.fixture
