@@ -214,7 +214,10 @@ async def test_no_time_zone_name_on_any_patient_page(patient, clinic, settings):
 
 @pytest.mark.locale("en")  # asserts English texts
 async def test_the_same_pages_in_english(patient, clinic, settings):
-    text = await (await patient.get(slots_path(clinic))).text()
+    # Tomorrow's page: a whole day (today's shows only what is left of it, perhaps no morning),
+    # and at any hour some of it within the no-change window.
+    tomorrow = to_local(time.time(), settings.timezone).date() + timedelta(days=1)
+    text = await (await patient.get(f"{slots_path(clinic)}?day={tomorrow.isoformat()}")).text()
     assert "Today" in text and "Tomorrow" in text and "no changes" in text and "Morning" in text
     assert re.search(r'<span class="day-free">\d+ free</span>', text)
     far = free_slots(settings, clinic.doctor_ids[0], 2 * DAY)[0]
