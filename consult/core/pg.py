@@ -47,8 +47,12 @@ T = TypeVar("T")
 
 # Every write transaction on PostgreSQL takes this transaction-scoped advisory lock first: writes
 # are serialised across all nodes exactly as SQLite's one writer serialises them on one node,
-# which is what the domain code's read-then-write transactions rely on. The one exception is a
-# transaction asked for with ``exclusive=False`` (the job claims), which locks its rows itself.
+# which is what the domain code's read-then-write transactions rely on. The exceptions are the
+# transactions asked for with ``exclusive=False`` (job claims, holds), which lock their rows, or
+# take keyed locks (core/db.lock_keys), themselves. Lock order in every write transaction:
+#   this cluster lock (exclusive writes only) -> keyed locks (doctor, then patient)
+#   -> the audit chain's lock (taken right before appending, held to the end: always last).
+# The keyed locks use PostgreSQL's 2-int key space, which never overlaps this 1-bigint key.
 WRITE_LOCK_KEY = 0x436F6E73  # "Cons"
 
 
@@ -265,6 +269,18 @@ class Handle:
         self.conn = ConnInfo(conn)
         self.writing = writing
         self._savepoint = 0
+        self.xact_keys: set[tuple[int, int]] = set()  # keyed locks held by the open transaction
+
+    def advisory_xact_locks(self, keys: Sequence[tuple[int, int]]) -> None:
+        """Take these 2-int advisory locks (sorted) until the transaction ends; see core/db.lock_keys."""
+        if not (self.writing and self.conn.in_transaction):
+            raise RuntimeError("keyed locks are taken inside a write transaction")
+        new = [k for k in keys if k not in self.xact_keys]
+        if new and self.xact_keys and min(new) < max(self.xact_keys):
+            raise RuntimeError(f"lock order: {min(new)} after {max(self.xact_keys)} could deadlock")
+        for key in new:
+            self.raw.execute("SELECT pg_advisory_xact_lock(%s, %s)", list(key))
+            self.xact_keys.add(key)
 
     def execute(self, sql: str, params: Any = ()) -> Cursor:
         query = translate(sql)
@@ -404,8 +420,11 @@ class PgDatabase(Database):
 
     Each write transaction first takes `WRITE_LOCK_KEY` (a transaction-scoped advisory lock), so
     writes from every node are serialised as SQLite serialises them: the domain's
-    read-then-write transactions stay correct when two nodes book at once. A non-exclusive write
-    (``execute_write_fn(fn, exclusive=False)``: job claims, ``FOR UPDATE SKIP LOCKED``) skips it.
+    read-then-write transactions stay correct when two nodes write at once. A non-exclusive write
+    (``execute_write_fn(fn, exclusive=False)``) skips it: job claims (``FOR UPDATE SKIP LOCKED``)
+    and holds (keyed locks on the doctor and the patient, core/db.lock_keys; the partial UNIQUE
+    index refuses a second visit on a slot). Lock order, cluster lock -> keyed locks -> audit lock,
+    is written at `WRITE_LOCK_KEY`.
     """
 
     engine = "postgresql"
@@ -449,6 +468,7 @@ class PgDatabase(Database):
     def _transaction(self, db: Handle, fn: Callable[[Any], T], exclusive: bool = True) -> T:
         raw = db.raw
         raw.execute("BEGIN")
+        db.xact_keys.clear()
         try:
             if exclusive:  # else fn's own row locks keep it correct (see Database.execute_write_fn)
                 raw.execute("SELECT pg_advisory_xact_lock(%s)", [WRITE_LOCK_KEY])
