@@ -395,11 +395,12 @@ class Database:
     ) -> T:
         """``fn(db)`` in a write transaction on the writer thread; its result or its exception.
 
-        ``exclusive=False`` is for a transaction that needs no cluster-wide order because its
-        statements lock the rows they change themselves (a job claim: one UPDATE over rows
-        selected with `skip_locked`): on PostgreSQL it does not take the cluster's write lock,
-        so it neither waits for nor holds up other nodes' writes. It still runs on this node's
-        one writer thread. SQLite ignores it (one writer anyway).
+        ``exclusive=False`` is for a transaction that needs no cluster-wide order because it
+        locks what it relies on itself: a job claim (one UPDATE over rows selected with
+        `skip_locked`), a hold (`lock_keys` on its doctor and patient; the UNIQUE index decides
+        the slot). On PostgreSQL it does not take the cluster's write lock, so it neither waits
+        for it nor holds up the writes that take it. It still runs on this node's one writer
+        thread. SQLite ignores it (one writer anyway).
         """
         if self._closed:
             raise RuntimeError("database is closed")
