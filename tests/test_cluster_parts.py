@@ -19,7 +19,7 @@ from consult.accounts import users as accounts
 from consult.audit import chain
 from consult.booking import holds
 from consult.core import jobs, keys, leader, live
-from consult.core.db import lock_keys
+from consult.core.db import lock_key, lock_keys
 from consult.core.errors import Conflict
 from consult.core.pg import WRITE_LOCK_KEY, PgDatabase
 from tests.test_cluster import make_clinic
@@ -407,5 +407,33 @@ def test_keyed_locks_are_taken_in_one_order_only(jobs_url):
                 db.write_sync(lambda d, f=first, t=then: (lock_keys(d, f), lock_keys(d, t)))
         with pytest.raises(RuntimeError, match="inside a write transaction"):
             db.read_sync(lambda d: lock_keys(d, ("doctor", 1)))
+    finally:
+        db.close()
+
+
+def test_a_rollback_to_a_savepoint_lets_go_of_the_keys_taken_since(jobs_url):
+    """As the payment's confirm_visit savepoint does: PostgreSQL releases the advisory locks taken
+    after the savepoint, and the handle forgets them too (re-taking them, in order, later)."""
+    db = PgDatabase(jobs_url)
+
+    def free(kind: str, ident: int) -> bool:
+        with psycopg.connect(jobs_url, autocommit=True) as other:
+            return other.execute(
+                "SELECT pg_try_advisory_xact_lock(%s, %s)", list(lock_key(kind, ident))
+            ).fetchone()[0]
+
+    def write(d) -> None:
+        lock_keys(d, ("doctor", 1))
+        d.execute("SAVEPOINT confirm_visit")
+        lock_keys(d, ("doctor", 2), ("patient", 3))
+        assert not free("patient", 3)
+        d.execute("ROLLBACK TO confirm_visit")
+        d.execute("RELEASE confirm_visit")
+        assert free("patient", 3) and free("doctor", 2) and not free("doctor", 1)
+        lock_keys(d, ("doctor", 2))  # not refused as out of order: patient 3 is not held any more
+        assert not free("doctor", 2)
+
+    try:
+        db.write_sync(write)
     finally:
         db.close()

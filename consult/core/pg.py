@@ -129,6 +129,11 @@ def translate(sql: str) -> str:
 
 
 _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE", "WITH")
+# A domain function's own savepoints (payments: SAVEPOINT confirm_visit ... ROLLBACK TO it): a
+# rollback to a savepoint releases the advisory locks taken since, so the handle forgets them too.
+_SAVEPOINT_OP = re.compile(
+    r"\s*(SAVEPOINT|ROLLBACK\s+TO(?:\s+SAVEPOINT)?|RELEASE(?:\s+SAVEPOINT)?)\s+(\w+)\s*$", re.IGNORECASE
+)
 
 
 def _changes_data(sql: str) -> bool:
@@ -270,6 +275,31 @@ class Handle:
         self.writing = writing
         self._savepoint = 0
         self.xact_keys: set[tuple[int, int]] = set()  # keyed locks held by the open transaction
+        self._savepoints: list[tuple[str, frozenset[tuple[int, int]]]] = []  # (name, keys held then)
+
+    def begun(self) -> None:
+        """A transaction began: it holds no keyed lock and no savepoint yet."""
+        self.xact_keys.clear()
+        self._savepoints.clear()
+
+    def _track_savepoint(self, sql: str) -> None:
+        m = _SAVEPOINT_OP.match(sql)
+        if m is None:
+            return
+        op, name = m.group(1).upper(), m.group(2).lower()
+        if op == "SAVEPOINT":
+            self._savepoints.append((name, frozenset(self.xact_keys)))
+            return
+        at = next(
+            (i for i in range(len(self._savepoints) - 1, -1, -1) if self._savepoints[i][0] == name), None
+        )
+        if at is None:
+            return
+        if op.startswith("ROLLBACK"):  # the savepoint stays; the locks taken since are gone
+            self.xact_keys = set(self._savepoints[at][1])
+            del self._savepoints[at + 1 :]
+        else:
+            del self._savepoints[at:]
 
     def advisory_xact_locks(self, keys: Sequence[tuple[int, int]]) -> None:
         """Take these 2-int advisory locks (sorted) until the transaction ends; see core/db.lock_keys."""
@@ -305,6 +335,8 @@ class Handle:
             self.raw.execute(f"RELEASE SAVEPOINT {name}")
             return Cursor(cur)
         cur.execute(query, args)
+        if self.writing and self.conn.in_transaction:
+            self._track_savepoint(sql)
         return Cursor(cur)
 
     def executemany(self, sql: str, rows: Any) -> None:
@@ -468,7 +500,7 @@ class PgDatabase(Database):
     def _transaction(self, db: Handle, fn: Callable[[Any], T], exclusive: bool = True) -> T:
         raw = db.raw
         raw.execute("BEGIN")
-        db.xact_keys.clear()
+        db.begun()
         try:
             if exclusive:  # else fn's own row locks keep it correct (see Database.execute_write_fn)
                 raw.execute("SELECT pg_advisory_xact_lock(%s)", [WRITE_LOCK_KEY])
