@@ -16,6 +16,8 @@ and never learn which engine answers. For PostgreSQL this module supplies that h
 - Inside a write transaction every data-changing statement runs under a savepoint: a domain
   function that catches a constraint violation (a slot just taken) carries on in the same
   transaction, as it does on SQLite, instead of finding the transaction aborted.
+- `Handle.advisory_xact_locks` takes the keyed locks of ``core.db.lock_keys`` in one order (see
+  `WRITE_LOCK_KEY` for the whole order) and forgets those a ROLLBACK TO a savepoint released.
 
 `schema_statements` turns the SQLite schema the migrations build into PostgreSQL DDL, so the
 two engines share one migration history (see ``consult.core.migrations``).
