@@ -3,6 +3,12 @@
 Each row carries the hash of the previous row, so editing or deleting a row directly in SQLite
 breaks the chain at that row (``consult audit verify``). Entries are written inside the same
 write transaction as the change they describe, or on their own for reads.
+
+`append` is the only writer of ``audit_log``. On PostgreSQL writes from several nodes run side by
+side when they skip the cluster's write lock (holds), so before reading the last row it takes the
+audit chain's own keyed lock (``core.db.lock_keys(db, ("audit", 0))``, the last lock of any
+transaction, held until it commits): the next append, on any node, reads this row as the last one
+and the chain stays one line. On SQLite (one writer) the lock is nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 
 import sqlite_utils
 
+from consult.core.db import lock_keys
 from consult.core.i18n import _, ngettext
 
 GENESIS = "0" * 64
@@ -55,7 +62,8 @@ def _row_hash(prev: str, row: dict[str, Any]) -> str:
 
 
 def append(db: sqlite_utils.Database, entry: AuditEntry) -> int:
-    """Append inside the caller's write transaction (the writer thread)."""
+    """Append inside the caller's write transaction (the writer thread), under the audit lock."""
+    lock_keys(db, ("audit", 0))  # before reading the last row: no other append between read and insert
     last = db.execute("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
     prev = last[1] if last else GENESIS
     row = {

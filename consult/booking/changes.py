@@ -30,7 +30,7 @@ from consult.booking.holds import (
 from consult.booking.notices import enqueue_notice_sync
 from consult.booking.visits import OPEN_STATUSES, visit_access
 from consult.core import jobs, keys
-from consult.core.db import IntegrityError
+from consult.core.db import IntegrityError, lock_keys
 from consult.core.errors import BadRequest, Conflict, Forbidden, NotFound
 from consult.core.i18n import _
 
@@ -102,6 +102,8 @@ def reschedule_sync(
 ) -> dict:
     """Move a visit to another free slot of the same doctor, atomically; old call links stop working."""
     v = _load_for_change(db, visit_id, actor)
+    # The busy checks read what concurrent holds (which skip the cluster lock) write: take their keys.
+    lock_keys(db, ("doctor", v["doctor_id"]), ("patient", v["patient_id"]))
     if v["status"] not in OPEN_STATUSES:
         raise Conflict(_("This visit can no longer be moved."), code="not_movable")
     if actor.role == "patient" and v["status"] == "confirmed" and v["starts_at"] - now < free_s:

@@ -1,8 +1,9 @@
 """Holding a slot and confirming it once paid; holds expiring; the background reaper.
 
-Every change runs inside the one writer's ``BEGIN IMMEDIATE`` transaction (the ``*_sync``
-functions take the writer's handle). The partial UNIQUE index ``visits_one_per_slot`` is what
-guarantees a slot is never booked twice: an insert or move onto a taken slot raises
+Every change runs inside the one writer's write transaction (the ``*_sync`` functions take the
+writer's handle); a hold's skips the cluster's write lock on PostgreSQL and takes keyed locks
+instead (see `hold_sync`). The partial UNIQUE index ``visits_one_per_slot`` is what
+guarantees a slot is never booked twice, on both engines: an insert or move onto a taken slot raises
 ``IntegrityError``, which becomes a ``Conflict`` with a message a patient understands. The slot
 checks here are shared with ``consult.booking.changes`` (cancel, reschedule).
 """
@@ -24,7 +25,7 @@ from consult.audit import chain as audit
 from consult.booking import schedules, slotcache
 from consult.booking.notices import REMINDER_DAY, enqueue_notice_sync, reminders_due_sync
 from consult.core import jobs, keys, leader
-from consult.core.db import IntegrityError
+from consult.core.db import IntegrityError, lock_keys
 from consult.core.errors import BadRequest, Conflict, NotFound
 from consult.core.i18n import _
 from consult.core.ids import new_public_id
@@ -125,9 +126,35 @@ def hold_sync(
     """Hold one slot for a patient while they upload reports and pay; returns the new visit.
 
     Every hold of a rush runs here, one after another in the writer's transaction, so it asks
-    SQLite as little as it can: the doctor with their department, the schedule's slot, whether
-    the patient or the doctor is busy then (a hold past its time counts as free, as on the slot
-    page), the insert and its audit entry. The UNIQUE index stays the guarantee."""
+    the database as little as it can: the doctor with their department, the schedule's slot,
+    whether the patient or the doctor is busy then (a hold past its time counts as free, as on the
+    slot page), the insert and its audit entry. The UNIQUE index stays the guarantee.
+
+    On PostgreSQL `hold` runs this without the cluster's write lock (``exclusive=False``): holds
+    of different doctors go ahead side by side on every node. What the global lock gave it is
+    replaced thus:
+
+    - the doctor's and the patient's keyed locks (`lock_keys`, doctor then patient, first thing):
+      two holds of one doctor, or of one patient, run one after the other, so the busy checks
+      (another visit of the doctor overlapping at another start, left from an older schedule's
+      length; the patient's other visit then) see each other's inserts (READ COMMITTED: each
+      statement reads what was committed before it, and the lock is released only at commit);
+    - the UNIQUE index, checked by PostgreSQL across every transaction (an insert onto a slot
+      another transaction just inserted waits for it, then fails): one of two holds of a slot
+      wins, the other gets the "taken" ``Conflict`` (pg.py runs the insert under a savepoint);
+    - `_expire_slot` marks only a hold of this very slot whose time is past; whoever changes it
+      concurrently (the reaper, a payment confirming it) holds its row lock, the UPDATE waits and
+      re-reads the row, and if it was confirmed meanwhile nothing is expired and the hold is refused;
+    - the audit entry appends under the audit chain's own lock (audit/chain.append);
+    - writes that still take the cluster lock do not wait for these keys: a payment's
+      `confirm_paid_sync` (it takes the same keys after the cluster lock, then re-checks with the
+      UNIQUE index), a reschedule (likewise), a cancellation (frees a slot only); a doctor
+      deactivated at the same moment may still get a hold committed just after, as one committed
+      just before would have been;
+    - the slot cache (`slotcache`) is per process and only a hint: `hold` tells it after commit.
+
+    On SQLite the one writer serialises everything and the keyed locks are nothing."""
+    lock_keys(db, ("doctor", doctor_id), ("patient", patient.id))
     doc = db.execute(
         "SELECT d.fee_minor, d.currency, d.active, d.visit_minutes, u.active AS user_active,"
         " (SELECT dd.department_id FROM doctor_departments dd JOIN departments dep"
@@ -229,10 +256,13 @@ def confirm_paid_sync(db: sqlite_utils.Database, visit_id: int, now: float) -> N
     someone else has taken the slot meanwhile, or the visit was cancelled, raises ``Conflict`` and
     the caller refunds. Confirming a confirmed visit again changes nothing.
     """
-    expire_holds_sync(db, now)
-    v = db.execute("SELECT * FROM visits WHERE id = ?", [visit_id]).fetchone()
+    v = db.execute("SELECT doctor_id, patient_id FROM visits WHERE id = ?", [visit_id]).fetchone()
     if v is None:
         raise NotFound(_("No such visit."))
+    # The checks below read what concurrent holds (which skip the cluster lock) write: take their keys.
+    lock_keys(db, ("doctor", v["doctor_id"]), ("patient", v["patient_id"]))
+    expire_holds_sync(db, now)
+    v = db.execute("SELECT * FROM visits WHERE id = ?", [visit_id]).fetchone()
     if v["status"] in ("confirmed", "completed"):
         return
     if v["status"] not in ("held", "expired"):
@@ -282,7 +312,8 @@ async def hold(
             lead_s=settings.booking_lead_minutes * 60,
             now=now,
             remote=remote,
-        )
+        ),
+        exclusive=False,  # hold_sync takes its keyed locks (see there); the UNIQUE index decides
     )
     slotcache.changed(app, doctor_id)
     return visit

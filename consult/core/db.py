@@ -72,6 +72,40 @@ def skip_locked(db: Any) -> str:
     return " FOR UPDATE SKIP LOCKED" if getattr(db, "engine", "sqlite") == "postgresql" else ""
 
 
+# Keyed locks, in the one order every transaction takes them (see `lock_keys`): a transaction
+# may take a key only after every key it already holds, so no two transactions can each hold
+# what the other waits for. The audit chain's key comes last of all.
+LOCK_KINDS = {"doctor": 1, "patient": 2, "audit": 9}
+_LOCK_SPACE = 0x436F6E00  # "Con\0" + the kind's rank: the first int of PostgreSQL's 2-int key
+
+
+def lock_key(kind: str, ident: int = 0) -> tuple[int, int]:
+    """The stable 2-int advisory-lock key of (kind, id): ids beyond 32 bits wrap, which only
+    makes two ids share a lock (more waiting, never less safety)."""
+    return _LOCK_SPACE + LOCK_KINDS[kind], (int(ident) + 2**31) % 2**32 - 2**31
+
+
+def lock_keys(db: Any, *keys: tuple[str, int]) -> None:
+    """Serialise this write transaction with every other one holding any of ``keys`` (``(kind, id)``
+    pairs, e.g. ``("doctor", 7), ("patient", 12)``) until it ends.
+
+    On PostgreSQL transaction-scoped advisory locks (``pg_advisory_xact_lock(int, int)``), taken in
+    the fixed order of `LOCK_KINDS` (doctor, then patient, the audit chain last) and, within a
+    kind, by id; a key that would come before one the transaction already holds is a programming
+    error (it could deadlock) and raises ``RuntimeError``. They are what a write that skips the
+    cluster's write lock (``execute_write_fn(fn, exclusive=False)``) serialises on instead, for the
+    reads its decision rests on. The whole order, for every write transaction on PostgreSQL:
+
+        cluster write lock (exclusive writes only) -> keyed locks -> the audit lock (last)
+
+    On SQLite, which has one writer, it does nothing. ``db`` is the handle the domain function was
+    given; domain code calls this without knowing the engine.
+    """
+    if getattr(db, "engine", "sqlite") != "postgresql":
+        return
+    db.advisory_xact_locks(sorted({lock_key(kind, ident) for kind, ident in keys}))
+
+
 def run_in_transaction(db: sqlite_utils.Database, fn: Callable[[sqlite_utils.Database], T]) -> T:
     """``fn(db)`` inside ``BEGIN IMMEDIATE``: committed if it returns, rolled back if it raises.
 
@@ -361,11 +395,12 @@ class Database:
     ) -> T:
         """``fn(db)`` in a write transaction on the writer thread; its result or its exception.
 
-        ``exclusive=False`` is for a transaction that needs no cluster-wide order because its
-        statements lock the rows they change themselves (a job claim: one UPDATE over rows
-        selected with `skip_locked`): on PostgreSQL it does not take the cluster's write lock,
-        so it neither waits for nor holds up other nodes' writes. It still runs on this node's
-        one writer thread. SQLite ignores it (one writer anyway).
+        ``exclusive=False`` is for a transaction that needs no cluster-wide order because it
+        locks what it relies on itself: a job claim (one UPDATE over rows selected with
+        `skip_locked`), a hold (`lock_keys` on its doctor and patient; the UNIQUE index decides
+        the slot). On PostgreSQL it does not take the cluster's write lock, so it neither waits
+        for it nor holds up the writes that take it. It still runs on this node's one writer
+        thread. SQLite ignores it (one writer anyway).
         """
         if self._closed:
             raise RuntimeError("database is closed")

@@ -16,6 +16,8 @@ and never learn which engine answers. For PostgreSQL this module supplies that h
 - Inside a write transaction every data-changing statement runs under a savepoint: a domain
   function that catches a constraint violation (a slot just taken) carries on in the same
   transaction, as it does on SQLite, instead of finding the transaction aborted.
+- `Handle.advisory_xact_locks` takes the keyed locks of ``core.db.lock_keys`` in one order (see
+  `WRITE_LOCK_KEY` for the whole order) and forgets those a ROLLBACK TO a savepoint released.
 
 `schema_statements` turns the SQLite schema the migrations build into PostgreSQL DDL, so the
 two engines share one migration history (see ``consult.core.migrations``).
@@ -47,8 +49,12 @@ T = TypeVar("T")
 
 # Every write transaction on PostgreSQL takes this transaction-scoped advisory lock first: writes
 # are serialised across all nodes exactly as SQLite's one writer serialises them on one node,
-# which is what the domain code's read-then-write transactions rely on. The one exception is a
-# transaction asked for with ``exclusive=False`` (the job claims), which locks its rows itself.
+# which is what the domain code's read-then-write transactions rely on. The exceptions are the
+# transactions asked for with ``exclusive=False`` (job claims, holds), which lock their rows, or
+# take keyed locks (core/db.lock_keys), themselves. Lock order in every write transaction:
+#   this cluster lock (exclusive writes only) -> keyed locks (doctor, then patient)
+#   -> the audit chain's lock (taken right before appending, held to the end: always last).
+# The keyed locks use PostgreSQL's 2-int key space, which never overlaps this 1-bigint key.
 WRITE_LOCK_KEY = 0x436F6E73  # "Cons"
 
 
@@ -125,6 +131,11 @@ def translate(sql: str) -> str:
 
 
 _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE", "WITH")
+# A domain function's own savepoints (payments: SAVEPOINT confirm_visit ... ROLLBACK TO it): a
+# rollback to a savepoint releases the advisory locks taken since, so the handle forgets them too.
+_SAVEPOINT_OP = re.compile(
+    r"\s*(SAVEPOINT|ROLLBACK\s+TO(?:\s+SAVEPOINT)?|RELEASE(?:\s+SAVEPOINT)?)\s+(\w+)\s*$", re.IGNORECASE
+)
 
 
 def _changes_data(sql: str) -> bool:
@@ -265,6 +276,43 @@ class Handle:
         self.conn = ConnInfo(conn)
         self.writing = writing
         self._savepoint = 0
+        self.xact_keys: set[tuple[int, int]] = set()  # keyed locks held by the open transaction
+        self._savepoints: list[tuple[str, frozenset[tuple[int, int]]]] = []  # (name, keys held then)
+
+    def begun(self) -> None:
+        """A transaction began: it holds no keyed lock and no savepoint yet."""
+        self.xact_keys.clear()
+        self._savepoints.clear()
+
+    def _track_savepoint(self, sql: str) -> None:
+        m = _SAVEPOINT_OP.match(sql)
+        if m is None:
+            return
+        op, name = m.group(1).upper(), m.group(2).lower()
+        if op == "SAVEPOINT":
+            self._savepoints.append((name, frozenset(self.xact_keys)))
+            return
+        at = next(
+            (i for i in range(len(self._savepoints) - 1, -1, -1) if self._savepoints[i][0] == name), None
+        )
+        if at is None:
+            return
+        if op.startswith("ROLLBACK"):  # the savepoint stays; the locks taken since are gone
+            self.xact_keys = set(self._savepoints[at][1])
+            del self._savepoints[at + 1 :]
+        else:
+            del self._savepoints[at:]
+
+    def advisory_xact_locks(self, keys: Sequence[tuple[int, int]]) -> None:
+        """Take these 2-int advisory locks (sorted) until the transaction ends; see core/db.lock_keys."""
+        if not (self.writing and self.conn.in_transaction):
+            raise RuntimeError("keyed locks are taken inside a write transaction")
+        new = [k for k in keys if k not in self.xact_keys]
+        if new and self.xact_keys and min(new) < max(self.xact_keys):
+            raise RuntimeError(f"lock order: {min(new)} after {max(self.xact_keys)} could deadlock")
+        for key in new:
+            self.raw.execute("SELECT pg_advisory_xact_lock(%s, %s)", list(key))
+            self.xact_keys.add(key)
 
     def execute(self, sql: str, params: Any = ()) -> Cursor:
         query = translate(sql)
@@ -289,6 +337,8 @@ class Handle:
             self.raw.execute(f"RELEASE SAVEPOINT {name}")
             return Cursor(cur)
         cur.execute(query, args)
+        if self.writing and self.conn.in_transaction:
+            self._track_savepoint(sql)
         return Cursor(cur)
 
     def executemany(self, sql: str, rows: Any) -> None:
@@ -404,8 +454,11 @@ class PgDatabase(Database):
 
     Each write transaction first takes `WRITE_LOCK_KEY` (a transaction-scoped advisory lock), so
     writes from every node are serialised as SQLite serialises them: the domain's
-    read-then-write transactions stay correct when two nodes book at once. A non-exclusive write
-    (``execute_write_fn(fn, exclusive=False)``: job claims, ``FOR UPDATE SKIP LOCKED``) skips it.
+    read-then-write transactions stay correct when two nodes write at once. A non-exclusive write
+    (``execute_write_fn(fn, exclusive=False)``) skips it: job claims (``FOR UPDATE SKIP LOCKED``)
+    and holds (keyed locks on the doctor and the patient, core/db.lock_keys; the partial UNIQUE
+    index refuses a second visit on a slot). Lock order, cluster lock -> keyed locks -> audit lock,
+    is written at `WRITE_LOCK_KEY`.
     """
 
     engine = "postgresql"
@@ -449,6 +502,7 @@ class PgDatabase(Database):
     def _transaction(self, db: Handle, fn: Callable[[Any], T], exclusive: bool = True) -> T:
         raw = db.raw
         raw.execute("BEGIN")
+        db.begun()
         try:
             if exclusive:  # else fn's own row locks keep it correct (see Database.execute_write_fn)
                 raw.execute("SELECT pg_advisory_xact_lock(%s)", [WRITE_LOCK_KEY])
