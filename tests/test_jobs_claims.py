@@ -93,6 +93,42 @@ async def test_run_now_claims_one_job_before_its_time_and_only_once(settings, da
     assert (outcome.status, outcome.ran) == ("running", False)
 
 
+async def test_run_now_waits_for_the_attempt_this_processs_worker_took_a_moment_before(settings, database):
+    """Someone asks for a refund and waits for it (run_now), but the worker, woken by the same
+    write, claimed the job first: the person waits for that attempt, not for nothing."""
+    release = asyncio.Event()
+
+    async def refund(app: web.Application, job: jobs.Job) -> str:
+        await release.wait()
+        return "refunded"
+
+    app = node(settings, database)
+    runner = app[jobs.JOBS]
+    runner.register("refund", refund, timeout_s=10)
+    enqueue(database, "refund", [("r1", time.time() - 1)])
+    (claimed,) = await runner.claim_due(app, 1)
+    worker_attempt = runner.start(app, claimed)
+
+    asked = asyncio.ensure_future(jobs.run_now(app, "refund", "r1", wait=10))
+    await asyncio.sleep(0.2)
+    assert not asked.done()  # waiting for the worker's attempt
+    release.set()
+    outcome = await asyncio.wait_for(asked, 10)
+    assert (outcome.status, outcome.result, outcome.ran) == ("done", "refunded", False)
+    await worker_attempt
+    assert rows(database)["refund:r1"]["status"] == "done"
+
+    # Its wait is bounded like its own attempt's: still running when it ends says so.
+    release.clear()
+    enqueue(database, "refund", [("r2", time.time() - 1)])
+    (claimed,) = await runner.claim_due(app, 1)
+    second = runner.start(app, claimed)
+    outcome = await jobs.run_now(app, "refund", "r2", wait=0.2)
+    assert outcome.status == "running"
+    release.set()
+    await second
+
+
 async def test_claimers_racing_on_one_node_take_every_job_exactly_once(settings, database):
     now = time.time()
     enqueue(database, "fast", [(str(n), now - n % 17) for n in range(200)])

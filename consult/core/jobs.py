@@ -451,8 +451,17 @@ class Runner:
         job = await db.execute_write_fn(
             lambda d: claim_key_sync(d, kind, key, now, self.lease_s(kind)), exclusive=False
         )
-        if job is None:  # done, dead, missing, or running elsewhere
-            return Outcome(await db.execute_fn(lambda d: status_sync(d, kind, key)))
+        if job is None:  # done, dead, missing, or running: here (the worker took it first) or elsewhere
+            task = next((t for t, j in self.running.items() if (j.kind, j.key) == (kind, key)), None)
+            if task is None:
+                return Outcome(await db.execute_fn(lambda d: status_sync(d, kind, key)))
+            # This process's worker claimed it a moment before: wait for that attempt as for
+            # ours, and say what it did (the handler did not run in this call).
+            try:
+                done = await asyncio.wait_for(asyncio.shield(task), wait)
+            except TimeoutError:
+                return Outcome(RUNNING)
+            return Outcome(done.status, done.result, ran=False)
         task = self.start(app, job)
         try:
             return await asyncio.wait_for(asyncio.shield(task), wait)
