@@ -35,7 +35,8 @@ def seed_visit(
     status: str = "confirmed",
 ) -> SeededVisit:
     """A visit starting `starts_in_s` from now (default: a minute ago), written in one short write
-    transaction to `target`: the test's settings (either engine) or a server's SQLite file.
+    transaction to `target`: a running server or the test's settings (either engine; see
+    tests/db_helpers), or the path of an existing SQLite file.
 
     Without ids: the first doctor with a profile, the first patient and a department of that
     doctor (what `consult demo` creates). Safe while a server runs.

@@ -20,6 +20,10 @@ T = TypeVar("T")
 
 def database_of(target: Any) -> Database:
     if isinstance(target, str | Path):
+        # Never an empty file made by opening a missing one: a test on PostgreSQL that passed a
+        # data dir's consult.db would then read "no such table" from a database nobody uses.
+        if not Path(target).is_file():
+            raise FileNotFoundError(f"no SQLite database at {target}: pass the server or the settings")
         return Database(Path(target))
     if callable(getattr(target, "env", None)) and hasattr(target, "data_dir"):  # a ConsultServer
         url = target.env().get("CONSULT_DATABASE_URL", "")

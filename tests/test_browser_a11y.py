@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sqlite3
 
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from tests.account_helpers import texted_code
 from tests.call_helpers import keyed_settings, patient_token, seed_visit
+from tests.db_helpers import read
 from tests.harness.a11y import PageAudit, text_200_problems
 from tests.harness.axe import axe_check
 from tests.harness.browser import PageRecorder, assert_only_local_requests, save_screenshot
@@ -40,13 +40,12 @@ MAIN_FONT_JS = "parseFloat(getComputedStyle(document.querySelector('main')).font
 
 
 def ids_of(server: ConsultServer) -> tuple[int, int]:
-    conn = sqlite3.connect(server.data_dir / "consult.db")
-    try:
-        doctor = conn.execute("SELECT id FROM users WHERE username = ?", [DOCTOR]).fetchone()[0]
-        patient = conn.execute("SELECT id FROM users WHERE phone = ?", [PATIENT_PHONE]).fetchone()[0]
-    finally:
-        conn.close()
-    return doctor, patient
+    def fn(db):
+        doctor = db.execute("SELECT id FROM users WHERE username = ?", [DOCTOR]).fetchone()[0]
+        patient = db.execute("SELECT id FROM users WHERE phone = ?", [PATIENT_PHONE]).fetchone()[0]
+        return doctor, patient
+
+    return read(server, fn)
 
 
 async def issue_prescription(page: Page, origin: str, public_id: str) -> str:
@@ -132,7 +131,7 @@ async def test_every_patient_page_is_accessible_and_legible_on_a_phone(
         await form.locator("button[type=submit]").tap()
         await page.wait_for_url(app_origin + "/register/verify")
         await audit.check(page, "register-verify")
-        code = await asyncio.to_thread(texted_code, consult_server.data_dir, PATIENT_PHONE)
+        code = await asyncio.to_thread(texted_code, consult_server, PATIENT_PHONE)
         await page.get_by_test_id("code").fill(code)
         await page.locator("main form[action='/register/verify'] button[type=submit]").tap()
         await page.wait_for_url(app_origin + "/patient")
@@ -182,9 +181,8 @@ async def test_every_patient_page_is_accessible_and_legible_on_a_phone(
         await page.wait_for_url(re.compile(r"/call/"))
         await audit.check(page, "call-too-early")
         doctor_id, patient_id = await asyncio.to_thread(ids_of, consult_server)
-        db_path = consult_server.data_dir / "consult.db"
         keyed = await asyncio.to_thread(keyed_settings, consult_server.data_dir)
-        now = seed_visit(db_path, doctor_id=doctor_id, patient_id=patient_id, starts_in_s=-60)
+        now = seed_visit(consult_server, doctor_id=doctor_id, patient_id=patient_id, starts_in_s=-60)
         await page.goto(consult_server.url(f"/call/{patient_token(keyed, now)}"))
         await page.locator("[data-testid=check-connect][data-state=ok]").wait_for(timeout=WAIT_MS)
         await audit.check(page, "call-precheck")
@@ -192,7 +190,7 @@ async def test_every_patient_page_is_accessible_and_legible_on_a_phone(
         await expect(page.get_by_test_id("waiting-room")).to_be_visible(timeout=WAIT_MS)
         await audit.check(page, "call-waiting")
         done = seed_visit(
-            db_path, doctor_id=doctor_id, patient_id=patient_id, starts_in_s=-300, status="completed"
+            consult_server, doctor_id=doctor_id, patient_id=patient_id, starts_in_s=-300, status="completed"
         )
         await page.goto(consult_server.url(f"/call/{patient_token(keyed, done)}"))
         await audit.check(page, "call-ended")

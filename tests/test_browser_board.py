@@ -11,7 +11,6 @@ screen opens the next waiting patient's room.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from tests.call_helpers import SeededVisit, keyed_settings, patient_token, seed_visit
+from tests.db_helpers import insert, write
 from tests.harness.browser import PATIENT_CONTEXT, PageRecorder, save_screenshot
 from tests.harness.fixtures import FailureArtifacts, _context
 from tests.harness.server import ConsultServer
@@ -40,28 +40,29 @@ def prepare_clinic(server: ConsultServer) -> Clinic:
     """Four patients of dr.wang today, a few minutes apart (the first started a minute ago);
     any other visit of dr.wang today is cancelled, so that the order is the test's own."""
     server.cli("user", "passwd", DOCTOR, "--password", PASSWORD)
-    db = server.data_dir / "consult.db"
-    conn = sqlite3.connect(db, isolation_level=None)
-    try:
-        doctor_id = conn.execute("SELECT id FROM users WHERE username = ?", [DOCTOR]).fetchone()[0]
+
+    def fn(db):
+        doctor_id = db.execute("SELECT id FROM users WHERE username = ?", [DOCTOR]).fetchone()[0]
         now = time.time()
         patient_ids = [
-            conn.execute(
+            insert(
+                db,
                 "INSERT INTO users (role, phone, display_name, password_hash, locale, created,"
                 " password_changed)"
                 " VALUES ('patient', ?, ?, '!', 'zh_CN', ?, ?)",
                 [f"1370000000{i}", name, now, now],
-            ).lastrowid
+            )
             for i, name in enumerate(PATIENTS)
         ]
-        conn.execute(
+        db.execute(
             "UPDATE visits SET status = 'cancelled' WHERE doctor_id = ? AND status IN ('held', 'confirmed')",
             [doctor_id],
         )
-    finally:
-        conn.close()
+        return doctor_id, patient_ids
+
+    doctor_id, patient_ids = write(server, fn)
     visits = [
-        seed_visit(db, doctor_id=doctor_id, patient_id=pid, starts_in_s=-60 + 120 * i)
+        seed_visit(server, doctor_id=doctor_id, patient_id=pid, starts_in_s=-60 + 120 * i)
         for i, pid in enumerate(patient_ids)
     ]
     keyed = keyed_settings(server.data_dir)

@@ -38,7 +38,7 @@ DOCTOR_PASSWORD = "Doctor-browser-pass-2024"
 
 
 def patient_code(server: ConsultServer) -> str:
-    return texted_code(server.data_dir, PATIENT_PHONE)
+    return texted_code(server, PATIENT_PHONE)
 
 
 # -- test files ----------------------------------------------------------------------------------

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sqlite3
 import time
 from collections.abc import Mapping
-from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.async_api import BrowserContext, Page, Route, expect
 
+from tests.db_helpers import write
 from tests.harness.browser import PageRecorder, assert_only_local_requests, save_screenshot
 from tests.harness.server import ConsultServer
 from tests.language_check import latin_sentences
@@ -71,26 +71,26 @@ def consult_env() -> Mapping[str, str]:
     return {"CONSULT_UPLOAD_MAX_MB": "3"}
 
 
-def daily_sessions(db_path: Path, username: str) -> tuple[int, int]:
+def daily_sessions(target: Any, username: str) -> tuple[int, int]:
     """Early-morning and evening sessions every day for the doctor, besides the demo's weekday
-    ones: whatever the day and hour, some times fall inside the next 24 hours and many after."""
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        conn.execute("PRAGMA busy_timeout = 5000")
-        doctor = conn.execute("SELECT id FROM users WHERE username = ?", [username]).fetchone()[0]
-        dep = conn.execute(
+    ones: whatever the day and hour, some times fall inside the next 24 hours and many after.
+    ``target``: the server (its database, either engine; tests/db_helpers)."""
+
+    def fn(db: Any) -> tuple[int, int]:
+        doctor = db.execute("SELECT id FROM users WHERE username = ?", [username]).fetchone()[0]
+        dep = db.execute(
             "SELECT department_id FROM doctor_departments WHERE doctor_id = ? LIMIT 1", [doctor]
         ).fetchone()[0]
         for weekday in range(7):
             for start, end in (("06:00", "07:00"), ("19:00", "20:00")):
-                conn.execute(
+                db.execute(
                     "INSERT INTO schedule_templates (doctor_id, weekday, start_local, end_local)"
                     " VALUES (?, ?, ?, ?)",
                     [doctor, weekday, start, end],
                 )
         return doctor, dep
-    finally:
-        conn.close()
+
+    return write(target, fn)
 
 
 class Screens:
@@ -136,8 +136,7 @@ async def test_booking_and_uploads_on_the_phone(
             consult_server.cli,
             *("user", "add", "--role", "patient", "--phone", PHONE, "--name", NAME, "--password", PASSWORD),
         )
-        db_path = consult_server.data_dir / "consult.db"
-        doctor_id, department_id = await asyncio.to_thread(daily_sessions, db_path, DOCTOR)
+        doctor_id, department_id = await asyncio.to_thread(daily_sessions, consult_server, DOCTOR)
         slots_url = f"{app_origin}/book/{department_id}/doctors/{doctor_id}"
         page = await pages.new_page(zh_patient_context, "patient")
         await sign_in(page, app_origin)

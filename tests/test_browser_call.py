@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sqlite3
 import subprocess
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from playwright.async_api import Page, expect
 
 from tests.call_helpers import SeededVisit, keyed_settings, patient_token, seed_visit
-from tests.db_helpers import rows
+from tests.db_helpers import insert, rows, write
 from tests.harness.browser import PageRecorder, assert_only_local_requests
 from tests.harness.programs import require_program
 from tests.harness.server import ConsultServer
@@ -164,22 +163,27 @@ async def connect_both(call: Call, patient: Page, doctor: Page, origin: str) -> 
     await asyncio.gather(wait_frames(patient, 20), wait_frames(doctor, 20))
 
 
-async def wait_quality_samples(db, visit_id: int, timeout_s: float) -> list[tuple[str, int, int, int]]:
+async def wait_quality_samples(
+    server: ConsultServer, visit_id: int, timeout_s: float
+) -> list[tuple[str, int, int, int]]:
     """The visit's quality_samples rows (role, fps, bitrate_kbps, width) once both sides have
     one with frames per second, bitrate and resolution all above zero."""
     deadline = time.monotonic() + timeout_s
     while True:
-        conn = sqlite3.connect(db)
-        rows = conn.execute(
-            "SELECT role, coalesce(fps, 0), coalesce(bitrate_kbps, 0), coalesce(width, 0)"
-            " FROM quality_samples WHERE visit_id = ? ORDER BY t",
-            [visit_id],
-        ).fetchall()
-        conn.close()
-        good = {role for role, fps, kbps, width in rows if fps > 0 and kbps > 0 and width > 0}
+        found = [
+            tuple(r.values())
+            for r in await asyncio.to_thread(
+                rows,
+                server,
+                "SELECT role, coalesce(fps, 0) AS fps, coalesce(bitrate_kbps, 0) AS kbps,"
+                " coalesce(width, 0) AS width FROM quality_samples WHERE visit_id = ? ORDER BY t",
+                [visit_id],
+            )
+        ]
+        good = {role for role, fps, kbps, width in found if fps > 0 and kbps > 0 and width > 0}
         if good >= {"patient", "doctor"}:
-            return rows
-        assert time.monotonic() < deadline, f"no quality sample with video from both sides: {rows}"
+            return found
+        assert time.monotonic() < deadline, f"no quality sample with video from both sides: {found}"
         await asyncio.sleep(0.5)
 
 
@@ -214,19 +218,21 @@ async def test_patient_waits_doctor_admits_both_decode_video(
         # The phone page fits the phone: no horizontal scrolling.
         assert await patient_page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
         # Each page reports quality samples and the selected candidate pair (session log).
-        db = call.server.data_dir / "consult.db"
         # Stats are stored at most once per seat per 10 s (docs/protocol.md): the first stored
         # one may predate the first decoded frame, so wait for the next.
         deadline = time.monotonic() + 25
         while True:
-            conn = sqlite3.connect(db)
-            found = conn.execute(
-                "SELECT name, role, data FROM session_events WHERE visit_id = ?"
-                " AND ((name = 'stats' AND data LIKE '%frameWidth%')"
-                " OR (name = 'ice_state' AND data LIKE '%pair_type%'))",
-                [call.visit.id],
-            ).fetchall()
-            conn.close()
+            found = [
+                (r["name"], r["role"], r["data"])
+                for r in await asyncio.to_thread(
+                    rows,
+                    call.server,
+                    "SELECT name, role, data FROM session_events WHERE visit_id = ?"
+                    " AND ((name = 'stats' AND data LIKE '%frameWidth%')"
+                    " OR (name = 'ice_state' AND data LIKE '%pair_type%'))",
+                    [call.visit.id],
+                )
+            ]
             wanted = {(n, r) for n in ("stats", "ice_state") for r in ("host", "guest")}
             if {(n, r) for n, r, _ in found} >= wanted:
                 break
@@ -237,7 +243,7 @@ async def test_patient_waits_doctor_admits_both_decode_video(
         assert any(json.loads(d).get("pair_type") == "host" for n, _, d in found if n == "ice_state")
         # ... which the server folds into quality_samples (issue 6): both sides, with video
         # flowing. Pages sample every 5 s and a bitrate needs two readings: bounded poll.
-        samples = await wait_quality_samples(db, call.visit.id, timeout_s=15)
+        samples = await wait_quality_samples(call.server, call.visit.id, timeout_s=15)
         print("quality samples (role, fps, kbps, width):", samples)
         assert_only_local_requests(pages, app_origin)
 
@@ -282,9 +288,7 @@ async def test_short_visit_warns_and_the_server_ends_it_on_both_pages(
         # The visit is over for good: reopening the link shows the end, not a new call.
         await patient_page.goto(call.patient_url)
         await expect(patient_page.get_by_test_id("call-ended")).to_be_visible(timeout=WAIT_MS)
-        conn = sqlite3.connect(server.data_dir / "consult.db")
-        status = conn.execute("SELECT status FROM visits WHERE id = ?", [call.visit.id]).fetchone()[0]
-        conn.close()
+        status = rows(server, "SELECT status FROM visits WHERE id = ?", [call.visit.id])[0]["status"]
         assert status == "completed"
 
 
@@ -419,22 +423,23 @@ def add_report(server: ConsultServer, visit: SeededVisit, name: str) -> int:
     path = server.data_dir / "uploads" / stored
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(PNG_1X1)
-    conn = sqlite3.connect(server.data_dir / "consult.db", isolation_level=None)
-    cur = conn.execute(
-        "INSERT INTO reports (visit_id, owner_id, display_name, stored_name, content_type, size, sha256,"
-        " created) VALUES (?, ?, ?, ?, 'image/png', ?, ?, ?)",
-        [
-            visit.id,
-            visit.patient_id,
-            name,
-            stored,
-            len(PNG_1X1),
-            hashlib.sha256(PNG_1X1).hexdigest(),
-            time.time(),
-        ],
+    return write(
+        server,
+        lambda db: insert(
+            db,
+            "INSERT INTO reports (visit_id, owner_id, display_name, stored_name, content_type, size, sha256,"
+            " created) VALUES (?, ?, ?, ?, 'image/png', ?, ?, ?)",
+            [
+                visit.id,
+                visit.patient_id,
+                name,
+                stored,
+                len(PNG_1X1),
+                hashlib.sha256(PNG_1X1).hexdigest(),
+                time.time(),
+            ],
+        ),
     )
-    conn.close()
-    return cur.lastrowid
 
 
 async def test_doctor_sidebar_shows_the_uploaded_report_and_earlier_visits(
@@ -445,7 +450,7 @@ async def test_doctor_sidebar_shows_the_uploaded_report_and_earlier_visits(
         report_id = await asyncio.to_thread(add_report, consult_server, call.visit, "Blood test 血常规.png")
         earlier = await asyncio.to_thread(
             seed_visit,
-            consult_server.data_dir / "consult.db",
+            consult_server,
             doctor_id=call.visit.doctor_id,
             starts_in_s=-14 * 86400,
             status="completed",

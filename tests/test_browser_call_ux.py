@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sqlite3
 import time
 
 from playwright.async_api import BrowserContext, Page, expect
 
 from consult.calls.links import EARLY_S
 from tests.call_helpers import keyed_settings, patient_token, seed_visit
+from tests.db_helpers import rows
 from tests.harness.browser import PageRecorder, save_screenshot
 from tests.harness.server import ConsultServer
 from tests.test_browser_call import DOCTOR, PASSWORD, sign_in_doctor, state, wait_frames
@@ -58,11 +58,8 @@ LIVE_TRACKS_JS = "() => window.__tracks.filter((t) => t.readyState === 'live').l
 def seed_call(server: ConsultServer, *, starts_in_s: float = -60) -> tuple[int, str, str]:
     """A confirmed visit of dr.wang with the demo patient: (visit id, patient link, room URL)."""
     server.cli("user", "passwd", DOCTOR, "--password", PASSWORD)
-    db = server.data_dir / "consult.db"
-    conn = sqlite3.connect(db)
-    doctor_id = conn.execute("SELECT id FROM users WHERE username = ?", [DOCTOR]).fetchone()[0]
-    conn.close()
-    visit = seed_visit(db, doctor_id=doctor_id, starts_in_s=starts_in_s)
+    doctor_id = rows(server, "SELECT id FROM users WHERE username = ?", [DOCTOR])[0]["id"]
+    visit = seed_visit(server, doctor_id=doctor_id, starts_in_s=starts_in_s)
     token = patient_token(keyed_settings(server.data_dir), visit)
     return visit.id, server.url(f"/call/{token}"), server.url(f"/doctor/visits/{visit.public_id}/room")
 
@@ -291,9 +288,7 @@ async def test_warning_in_minutes_then_one_end_screen_with_next_steps(
         # Its links lead where they say: the patient's home (sign-in first) and booking.
         assert await patient.get_by_test_id("next-record-link").get_attribute("href") == "/patient"
         assert await patient.get_by_test_id("next-book-link").get_attribute("href") == "/book"
-        conn = sqlite3.connect(server.data_dir / "consult.db")
-        status = conn.execute("SELECT status FROM visits WHERE id = ?", [visit_id]).fetchone()[0]
-        conn.close()
+        status = rows(server, "SELECT status FROM visits WHERE id = ?", [visit_id])[0]["status"]
         assert status == "completed"
     assert not screens.english, "English on Chinese screens:\n" + "\n".join(screens.english)
 

@@ -13,11 +13,11 @@ so "no media" is measured on every connection, not only the page's main one.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 
 from playwright.async_api import Page, expect
 
+from tests.db_helpers import read
 from tests.harness.server import ConsultServer
 from tests.test_browser_call import (
     TEST_TIMEOUT,
@@ -76,15 +76,15 @@ def room_facts(
     server: ConsultServer, visit_id: int
 ) -> tuple[float | None, list[tuple[str, str | None, float]]]:
     """The room row's clock start (None: not started) and the visit's session events."""
-    conn = sqlite3.connect(server.data_dir / "consult.db")
-    try:
-        row = conn.execute("SELECT started_at FROM rooms WHERE visit_id = ?", [visit_id]).fetchone()
-        events = conn.execute(
+
+    def fn(db):
+        row = db.execute("SELECT started_at FROM rooms WHERE visit_id = ?", [visit_id]).fetchone()
+        events = db.execute(
             "SELECT name, role, created FROM session_events WHERE visit_id = ? ORDER BY id", [visit_id]
         ).fetchall()
-    finally:
-        conn.close()
-    return (row[0] if row else None), events
+        return (row[0] if row else None), [tuple(e) for e in events]
+
+    return read(server, fn)
 
 
 async def test_no_media_and_no_clock_before_the_patient_presses_join(

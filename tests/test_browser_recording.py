@@ -7,13 +7,13 @@ a declined recording, and a kill -9 of the server in the middle of a recorded ca
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from pathlib import Path
 
 import av
 from playwright.async_api import Page, expect
 
+from tests.db_helpers import rows as db_rows
 from tests.harness.server import ConsultServer
 from tests.test_browser_call import (
     WAIT_MS,
@@ -41,15 +41,7 @@ INDICATOR_LOG_JS = """
 
 
 def rows(server: ConsultServer, visit_id: int) -> list[dict]:
-    conn = sqlite3.connect(server.data_dir / "consult.db")
-    conn.row_factory = sqlite3.Row
-    try:
-        return [
-            dict(r)
-            for r in conn.execute("SELECT * FROM recordings WHERE visit_id = ? ORDER BY role", [visit_id])
-        ]
-    finally:
-        conn.close()
+    return db_rows(server, "SELECT * FROM recordings WHERE visit_id = ? ORDER BY role", [visit_id])
 
 
 def decode(path: Path) -> dict:
@@ -183,13 +175,12 @@ async def test_declined_recording_still_connects_and_records_nothing(
         assert not (server.data_dir / "recordings" / call.visit.public_id).exists() or not any(
             (server.data_dir / "recordings" / call.visit.public_id).iterdir()
         )
-        conn = sqlite3.connect(server.data_dir / "consult.db")
-        stored = conn.execute(
+        stored = db_rows(
+            server,
             "SELECT recording, recording_consent_patient, recording_consent_doctor FROM visits WHERE id = ?",
             [call.visit.id],
-        ).fetchone()
-        conn.close()
-        assert stored == ("on_request", 0, 1)
+        )
+        assert [tuple(r.values()) for r in stored] == [("on_request", 0, 1)]
 
 
 async def test_always_declined_offers_to_reschedule(

@@ -24,9 +24,7 @@ async def _slots_url(consult_server: ConsultServer, app_origin: str) -> str:
         consult_server.cli,
         *("user", "add", "--role", "patient", "--phone", PHONE, "--name", NAME, "--password", PASSWORD),
     )
-    doctor_id, department_id = await asyncio.to_thread(
-        daily_sessions, consult_server.data_dir / "consult.db", DOCTOR
-    )
+    doctor_id, department_id = await asyncio.to_thread(daily_sessions, consult_server, DOCTOR)
     return f"{app_origin}/book/{department_id}/doctors/{doctor_id}"
 
 

@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import io
 import re
-import sqlite3
 import time
 
 import pytest
@@ -22,6 +21,7 @@ from playwright.async_api import BrowserContext, Page, expect
 
 from consult.clinical import uploads
 from tests.call_helpers import SeededVisit, seed_visit
+from tests.db_helpers import insert, write
 from tests.harness.browser import (
     PageRecorder,
     assert_only_local_requests,
@@ -120,10 +120,11 @@ def store_report(server: ConsultServer, visit: SeededVisit, data: bytes, name: s
     received = tmp / f"{uploads.new_token()}.part"
     received.write_bytes(data)
     stored = uploads.store_sync(uploads.Received(received, len(data)), server.data_dir)
-    conn = sqlite3.connect(server.data_dir / "consult.db", isolation_level=None)
-    try:
-        conn.execute("PRAGMA busy_timeout = 5000")
-        cur = conn.execute(
+    assert hashlib.sha256(stored.path.read_bytes()).hexdigest() == stored.sha256
+    return write(
+        server,
+        lambda db: insert(
+            db,
             "INSERT INTO reports (visit_id, owner_id, display_name, stored_name, content_type, size, sha256,"
             " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [
@@ -136,11 +137,8 @@ def store_report(server: ConsultServer, visit: SeededVisit, data: bytes, name: s
                 stored.sha256,
                 time.time(),
             ],
-        )
-        assert hashlib.sha256(stored.path.read_bytes()).hexdigest() == stored.sha256
-        return int(cur.lastrowid)
-    finally:
-        conn.close()
+        ),
+    )
 
 
 async def geometry(page: Page) -> dict:
@@ -182,7 +180,7 @@ async def test_photos_fit_zoom_rotate_and_a_pdf_pages_through(
         call = await asyncio.to_thread(prepare_call, consult_server)
         earlier = await asyncio.to_thread(
             seed_visit,
-            consult_server.data_dir / "consult.db",
+            consult_server,
             doctor_id=call.visit.doctor_id,
             patient_id=call.visit.patient_id,
             starts_in_s=-30 * 86400,

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sqlite3
 import time
 
 from playwright.async_api import BrowserContext, Page, expect
 
 from tests.account_helpers import texted_code
 from tests.call_helpers import keyed_settings, patient_token, seed_visit
+from tests.db_helpers import read
 from tests.harness.browser import PageRecorder
 from tests.harness.server import ConsultServer
 from tests.language_check import latin_sentences
@@ -55,7 +55,6 @@ async def test_the_patients_journey_in_chinese_has_no_english_sentence(
     screens = Screens()
     async with asyncio.timeout(TEST_TIMEOUT):
         await asyncio.to_thread(consult_server.cli, "user", "passwd", DOCTOR, "--password", PASSWORD)
-        db_path = consult_server.data_dir / "consult.db"
         page = await pages.new_page(zh_phone, "patient")
 
         # -- register -------------------------------------------------------------------------
@@ -71,7 +70,7 @@ async def test_the_patients_journey_in_chinese_has_no_english_sentence(
         # The number is confirmed by a code texted to it (the outbox stands in for the gateway).
         await page.wait_for_url(app_origin + "/register/verify")
         await screens.read(page, "confirm the number")
-        code = await asyncio.to_thread(texted_code, consult_server.data_dir, PATIENT_PHONE)
+        code = await asyncio.to_thread(texted_code, consult_server, PATIENT_PHONE)
         await page.get_by_test_id("code").fill(code)
         await page.locator("main form[action='/register/verify'] button[type=submit]").tap()
         await page.wait_for_url(app_origin + "/patient")
@@ -95,16 +94,21 @@ async def test_the_patients_journey_in_chinese_has_no_english_sentence(
         slot = page.locator(f"[data-day-panel='{day}'] button.slot:not([disabled])").first
         await slot.wait_for(timeout=WAIT_MS)
         starts_at = int(await slot.get_attribute("value") or 0)
-        conn = sqlite3.connect(db_path)
-        doctor_id = conn.execute("SELECT id FROM users WHERE username = ?", [DOCTOR]).fetchone()[0]
         slot_doctor = int(page.url.split("?", 1)[0].rsplit("/", 1)[1])
-        other = conn.execute(
-            "SELECT id FROM users WHERE role = 'patient' AND phone != ? ORDER BY id LIMIT 1", [PATIENT_PHONE]
-        ).fetchone()[0]
-        me = conn.execute("SELECT id FROM users WHERE phone = ?", [PATIENT_PHONE]).fetchone()[0]
-        conn.close()
+
+        def ids(db):
+            return (
+                db.execute("SELECT id FROM users WHERE username = ?", [DOCTOR]).fetchone()[0],
+                db.execute(
+                    "SELECT id FROM users WHERE role = 'patient' AND phone != ? ORDER BY id LIMIT 1",
+                    [PATIENT_PHONE],
+                ).fetchone()[0],
+                db.execute("SELECT id FROM users WHERE phone = ?", [PATIENT_PHONE]).fetchone()[0],
+            )
+
+        doctor_id, other, me = await asyncio.to_thread(read, consult_server, ids)
         taken_in_s = starts_at - time.time() + 0.5
-        seed_visit(db_path, doctor_id=slot_doctor, patient_id=other, starts_in_s=taken_in_s)
+        seed_visit(consult_server, doctor_id=slot_doctor, patient_id=other, starts_in_s=taken_in_s)
         await slot.tap()
         error = page.get_by_test_id("error")
         await expect(error).to_contain_text("该时间刚刚被约走了", timeout=WAIT_MS)
@@ -135,7 +139,7 @@ async def test_the_patients_journey_in_chinese_has_no_english_sentence(
         await screens.read(page, "upload error")
 
         # -- the call, on a visit of dr.wang starting now ------------------------------------
-        visit = seed_visit(db_path, doctor_id=doctor_id, patient_id=me, starts_in_s=-60)
+        visit = seed_visit(consult_server, doctor_id=doctor_id, patient_id=me, starts_in_s=-60)
         call_url = consult_server.url(
             f"/call/{patient_token(keyed_settings(consult_server.data_dir), visit)}"
         )

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import AsyncIterator
 
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from tests.call_helpers import seed_visit
+from tests.db_helpers import rows
 from tests.harness.browser import (
     PATIENT_CONTEXT,
     PageRecorder,
@@ -45,13 +45,9 @@ async def zh_phone_360(
 def prepare(server: ConsultServer) -> tuple[str, str, str]:
     """A visit of dr.wang with the demo patient: (public id, room URL, the patient's phone)."""
     server.cli("user", "passwd", DOCTOR, "--password", PASSWORD)
-    conn = sqlite3.connect(server.data_dir / "consult.db")
-    doctor_id = conn.execute("SELECT id FROM users WHERE username = ?", [DOCTOR]).fetchone()[0]
-    conn.close()
-    visit = seed_visit(server.data_dir / "consult.db", doctor_id=doctor_id)
-    conn = sqlite3.connect(server.data_dir / "consult.db")
-    phone = conn.execute("SELECT phone FROM users WHERE id = ?", [visit.patient_id]).fetchone()[0]
-    conn.close()
+    doctor_id = rows(server, "SELECT id FROM users WHERE username = ?", [DOCTOR])[0]["id"]
+    visit = seed_visit(server, doctor_id=doctor_id)
+    phone = rows(server, "SELECT phone FROM users WHERE id = ?", [visit.patient_id])[0]["phone"]
     server.cli("user", "passwd", phone, "--password", PATIENT_PASSWORD)
     return visit.public_id, server.url(f"/doctor/visits/{visit.public_id}/room"), phone
 

@@ -200,13 +200,15 @@ _BROKEN_CODES = frozenset(
 class Database:
     def __init__(
         self,
-        path: Path,
+        path: Path | None,
         read_threads: int = 3,
         *,
         retry_initial_s: float = 0.05,
         retry_max_s: float = 5.0,
     ) -> None:
-        self.path = Path(path)
+        # None: no SQLite file at all (PgDatabase). The SQLite connections below then refuse to
+        # open rather than create a database file wherever the process happens to run.
+        self.path = Path(path) if path is not None else None
         self._local = threading.local()
         self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="db-read")
         self._writes: queue.Queue[Any] = queue.Queue()
@@ -225,11 +227,16 @@ class Database:
     def describe(self) -> str:
         return str(self.path)
 
+    def _sqlite_path(self) -> Path:
+        if self.path is None:
+            raise RuntimeError(f"{type(self).__name__} has no SQLite file to open")
+        return self.path
+
     def _connect_reader(self) -> Any:
-        return sqlite_utils.Database(connect(self.path, readonly=True))
+        return sqlite_utils.Database(connect(self._sqlite_path(), readonly=True))
 
     def _connect_writer(self) -> Any:
-        return sqlite_utils.Database(connect(self.path))
+        return sqlite_utils.Database(connect(self._sqlite_path()))
 
     def _transaction(self, db: Any, fn: Callable[[Any], T], exclusive: bool = True) -> T:
         # SQLite: BEGIN IMMEDIATE is the one write lock, and every transaction takes it.

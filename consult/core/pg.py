@@ -31,7 +31,6 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
@@ -464,7 +463,7 @@ class PgDatabase(Database):
     engine = "postgresql"
 
     def __init__(self, url: str, read_threads: int = 3, **kwargs: Any) -> None:
-        super().__init__(Path("postgresql"), read_threads, **kwargs)
+        super().__init__(None, read_threads, **kwargs)  # no SQLite file: never Path("postgresql")
         self.url = url
         self._errors = (psycopg.Error, OSError)
         self._pool: ConnectionPool | None = None
