@@ -135,7 +135,10 @@ async def test_recorded_visit_leaves_two_playable_files(
             print(
                 f"{row['role']}: {info} leg up {connected[row['role']]:.2f} s, row {row['duration_s']:.2f} s"
             )
-        assert abs(durations["doctor"] - durations["patient"]) < 0.5, durations
+        # Both legs end with the visit: their lengths differ only by when each came up (under
+        # load the legs may come up most of a second apart).
+        gap = (durations["doctor"] - durations["patient"]) - (connected["doctor"] - connected["patient"])
+        assert abs(gap) < 0.5, (durations, connected)
         for role, seconds in durations.items():
             assert abs(seconds - connected[role]) < 0.5, (role, seconds, connected)
             assert seconds > VISIT_S - 3, durations
