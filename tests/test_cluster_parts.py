@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from types import SimpleNamespace
 
@@ -436,3 +437,50 @@ def test_a_rollback_to_a_savepoint_lets_go_of_the_keys_taken_since(jobs_url):
         db.write_sync(write)
     finally:
         db.close()
+
+
+# -- a deadlock between two writes is retried, not answered with an error -------------------------
+
+
+async def test_the_victim_of_a_deadlock_between_two_nodes_writes_is_run_again(two_booking_nodes, caplog):
+    """Node a holds a keyed lock and wants a row; node b holds that row and wants the key.
+    PostgreSQL fails one of them; that one runs again from the start and both writes land."""
+    a, b = two_booking_nodes
+    await a[keys.DB].execute_write_fn(
+        lambda d: [
+            d.execute("CREATE TABLE deadlock_probe (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"),
+            d.execute("INSERT INTO deadlock_probe (id, n) VALUES (1, 0)"),
+        ]
+    )
+    a_has_key, b_has_row = threading.Event(), threading.Event()
+    attempts = {"a": 0, "b": 0}
+
+    def on_a(d) -> str:
+        attempts["a"] += 1
+        lock_keys(d, ("doctor", 4242))
+        a_has_key.set()
+        b_has_row.wait(10)
+        d.execute("UPDATE deadlock_probe SET n = n + 1 WHERE id = 1")
+        return "a"
+
+    def on_b(d) -> str:
+        attempts["b"] += 1
+        d.execute("UPDATE deadlock_probe SET n = n + 10 WHERE id = 1")
+        b_has_row.set()
+        a_has_key.wait(10)
+        lock_keys(d, ("doctor", 4242))
+        return "b"
+
+    with caplog.at_level("WARNING", logger="consult.core.pg"):
+        done = await asyncio.wait_for(
+            asyncio.gather(
+                a[keys.DB].execute_write_fn(on_a, exclusive=False),
+                b[keys.DB].execute_write_fn(on_b, exclusive=False),
+            ),
+            60,
+        )
+    assert done == ["a", "b"]
+    assert sorted(attempts.values()) == [1, 2], attempts  # one of them was the victim, once
+    (n,) = await a[keys.DB].execute_fn(lambda d: d.execute("SELECT n FROM deadlock_probe").fetchone())
+    assert n == 11  # both writes, once each
+    assert any("DeadlockDetected" in r.getMessage() for r in caplog.records), caplog.text

@@ -55,6 +55,9 @@ T = TypeVar("T")
 #   -> the audit chain's lock (taken right before appending, held to the end: always last).
 # The keyed locks use PostgreSQL's 2-int key space, which never overlaps this 1-bigint key.
 WRITE_LOCK_KEY = 0x436F6E73  # "Cons"
+# What PostgreSQL fails a transaction with for its own reasons, not the request's: run it again.
+RETRIED_ERRORS = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+TRANSACTION_RETRIES = 2
 
 
 # -- statements --------------------------------------------------------------------------------
@@ -499,6 +502,24 @@ class PgDatabase(Database):
         return Handle(connect(self.url), writing=True)
 
     def _transaction(self, db: Handle, fn: Callable[[Any], T], exclusive: bool = True) -> T:
+        """``fn(db)`` in one transaction; run again from the start when PostgreSQL chose it as a
+        deadlock's victim (or failed it for serialisation), at most `TRANSACTION_RETRIES` times.
+
+        Writes that skip the cluster lock can deadlock with those that take it (an exclusive
+        write that appended to the audit chain, waiting for a row a hold inserted; the hold
+        waiting for the audit lock): PostgreSQL breaks the cycle by failing one, which says
+        nothing about the request, so it is retried rather than answered with a 503.
+        """
+        for attempt in range(TRANSACTION_RETRIES + 1):
+            try:
+                return self._transaction_once(db, fn, exclusive)
+            except RETRIED_ERRORS as exc:
+                if attempt == TRANSACTION_RETRIES:
+                    raise
+                log.warning("write transaction retried (%s): %s", type(exc).__name__, exc)
+        raise AssertionError("unreachable")
+
+    def _transaction_once(self, db: Handle, fn: Callable[[Any], T], exclusive: bool) -> T:
         raw = db.raw
         raw.execute("BEGIN")
         db.begun()
