@@ -32,10 +32,9 @@ lint: install-dev
 test-deps:
 	bash scripts/install-test-deps.sh
 
-# Every test on SQLite (the embedded default), then every test that reaches the database and is
-# not a browser test on PostgreSQL (a throwaway server the harness starts; tests about the SQLite file itself skip).
-# The browser tests' server code is the same on both engines; the cluster's browser test runs
-# on PostgreSQL in the first pass.
+# Every test on SQLite (the embedded default), then every test that reaches the database again
+# on PostgreSQL, browser tests included (a throwaway server the harness starts; tests about the
+# SQLite file itself skip).
 # Run once, in the first pass: files that never reach Consult's database (the signaling and
 # recording packages, the harness, the architecture and translation rules, static files and the
 # page shell, the listening edge, TURN config, PDF rendering), those that start their own
@@ -49,16 +48,14 @@ ENGINE_INDEPENDENT := tests/test_architecture.py tests/test_install_deps.py test
 	tests/test_migrate_to_postgres.py tests/test_i18n.py tests/test_language_check.py \
 	tests/test_static.py tests/test_web_shell.py tests/test_edge.py tests/test_turn_config.py \
 	tests/test_pdf_active.py tests/test_nginx.py tests/test_cluster_secrets.py
-# Browser tests under other names.
-BROWSER_TESTS := tests/test_browser_% tests/test_prescriptions_browser.py tests/test_prescriptions_pharmacy_browser.py
-# The browser journeys that write and read the most run on PostgreSQL too: booking and uploads,
-# the whole patient journey in Chinese with its call, the clinic board (live over LISTEN/NOTIFY)
-# and the prescription. Every browser test passes on PostgreSQL (CONSULT_TEST_ENGINE=postgresql
-# pytest tests/test_browser_*.py); the rest (media, networks, recording, Firefox) would take CI
-# past its 30 minutes in a second pass.
-BROWSER_ON_BOTH := tests/test_browser_booking.py tests/test_browser_zh.py tests/test_browser_board.py \
-	tests/test_browser_bookux.py tests/test_browser_slotday.py tests/test_prescriptions_browser.py
-ENGINE_TESTS := $(filter-out $(BROWSER_TESTS) $(ENGINE_INDEPENDENT),$(wildcard tests/test_*.py)) $(BROWSER_ON_BOTH)
+# Browser tests run on PostgreSQL too, except those about media and networks rather than data:
+# Firefox's calls, H.264 and the network faults (their server side is the same signaling and
+# files on either engine); with them a second pass would take CI too close to its 30 minutes.
+# They pass on PostgreSQL as well (CONSULT_TEST_ENGINE=postgresql pytest tests/test_browser_*.py).
+# The cluster's browser test starts its own PostgreSQL, so it runs once too.
+BROWSER_ONCE := tests/test_browser_firefox.py tests/test_browser_h264.py tests/test_browser_network.py \
+	tests/test_browser_cluster.py
+ENGINE_TESTS := $(filter-out $(BROWSER_ONCE) $(ENGINE_INDEPENDENT),$(wildcard tests/test_*.py))
 
 # Tests run side by side on PYTEST_WORKERS processes (pytest-xdist; each worker its own network
 # namespace, PostgreSQL and browsers): most of a test's time is waiting for a timer, a browser or a
