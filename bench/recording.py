@@ -157,6 +157,11 @@ def udp_errors() -> int:
     return stats["RcvbufErrors"]
 
 
+def softnet_drops() -> int:
+    """Packets the kernel dropped before any socket (per-CPU input backlog full), machine-wide."""
+    return sum(int(line.split()[1], 16) for line in Path("/proc/net/softnet_stat").read_text().splitlines())
+
+
 def udp_unread_bytes() -> int:
     """Bytes waiting unread in this namespace's UDP sockets (/proc/net/udp rx_queue): what a
     server that fell behind real time still has to read."""
@@ -432,6 +437,7 @@ class PacketTrack(MediaStreamTrack):
         self.go = go
         self.phase = phase
         self.stopped = False
+        self.parked = asyncio.Event()
         self.sent = 0
         self.n = 0  # the next frame's index in the schedule
         self.first_n: int | None = None
@@ -443,6 +449,9 @@ class PacketTrack(MediaStreamTrack):
             await self.go.wait()
             self.start = time.monotonic()
         if self.stopped:
+            # aiortc's sender asks for the next frame only after it handed every packet of the
+            # previous one to the socket: from here on, everything counted in `sent` is sent.
+            self.parked.set()
             await asyncio.Event().wait()  # the sender is torn down with the connection
             raise MediaStreamError
         late = time.monotonic() - (self.start + self.n * self.interval)
@@ -471,6 +480,7 @@ class Participant:
     ) -> None:
         self.pc = RTCPeerConnection(config or RTCConfiguration(iceServers=[]))
         self.connected = asyncio.Event()
+        self.rtp_sent: dict[str, int] = {}  # RTP packets per kind, once the tracks stopped
         self.pc.on("connectionstatechange", self._on_state)
         # Start at a random second of the clip (always a keyframe) so visits are not in step.
         second = rng.randrange(len(clip["video"]) // fps)
@@ -512,6 +522,19 @@ def stop_tracks(people: dict[Any, Participant], result: dict[str, Any]) -> None:
         result["cpu_pct_per_stream_at_schedule"] = round(per_stream / ratio, 3)
 
 
+async def senders_done(people: dict[Any, Participant], timeout: float = 30.0) -> float:  # noqa: ASYNC109
+    """Wait until every client's sender has sent the last frame counted in `sent` (a starved
+    load generator can still be packetizing frames it counted when the tracks were stopped);
+    return how long that took. A sender that never gets there (its connection broke) is not
+    waited for beyond `timeout`: its frames then show as lost."""
+    t = time.monotonic()
+    waits = [track.parked.wait() for p in people.values() for track in p.tracks.values()]
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*waits)
+    return round(time.monotonic() - t, 2)
+
+
 async def rtcp_loss(people: dict[Any, Participant]) -> dict[str, int]:
     """Packets the clients sent, and how many of them the server's receivers say (RTCP receiver
     reports, counted from RTP sequence numbers) never reached them: loss before the receiver
@@ -523,6 +546,7 @@ async def rtcp_loss(people: dict[Any, Participant]) -> dict[str, int]:
             for stat in (await sender.getStats()).values():
                 if stat.type == "outbound-rtp":
                     out["packets_sent"] += stat.packetsSent
+                    p.rtp_sent[sender.kind] = stat.packetsSent
                 elif stat.type == "remote-inbound-rtp":
                     lost = max(lost, stat.packetsLost)
             out["reported_lost"] += lost
@@ -603,6 +627,7 @@ async def run_baseline_step(
             measure(result, pid, 2 * visits, cpu0, t0, self0)
             result["udp_rcvbuf_drops"] = udp_errors() - drops0
             stop_tracks(people, result)
+            result["senders_done_s"] = await senders_done(people)
             await asyncio.sleep(1.0)  # in-flight packets land
             for v in range(visits):
                 async with http.post(f"{base}/visits/{tag}-{v}/close") as resp:
@@ -952,6 +977,7 @@ async def run_consult_step(
             result["connect_s"] = round(time.monotonic() - t, 2)
             await asyncio.sleep(0.5)  # let the server's receivers start before the first keyframe
             go.set()
+            softnet0 = softnet_drops()
             await asyncio.sleep(2.0)  # warm-up
             cpu0, t0, self0 = tree_cpu_seconds(server.pid), time.monotonic(), time.process_time()
             drops0 = udp_errors()
@@ -959,9 +985,12 @@ async def run_consult_step(
             measure(result, server.pid, 2 * visits, cpu0, t0, self0)
             result["udp_rcvbuf_drops"] = udp_errors() - drops0
             stop_tracks(people, result)
+            drops_end0 = udp_errors()
+            result["senders_done_s"] = await senders_done(people)
             await asyncio.sleep(1.0)  # in-flight packets land
             await asyncio.sleep(1.5)  # and the server's next RTCP receiver reports (every ~1 s)
             result["rtcp"] = await rtcp_loss(people)
+            result["softnet_drops"] = softnet_drops() - softnet0
             result["udp_unread_bytes_at_end"] = udp_unread_bytes()
             # The host ends each visit: the room finishes the files (recording_stopped), the
             # application stores their rows, then both sockets get `ended`.
@@ -969,13 +998,15 @@ async def run_consult_step(
                 await seats[(v, "host")].send({"type": "end"})
             await asyncio.gather(*(s.expect("ended", timeout=60) for s in seats.values()))
             ids = [visit["id"] for visit in seeded]
-            deadline = time.monotonic() + 60
+            # A recorder behind real time reads its backlog before closing (for up to 120 s).
+            deadline = time.monotonic() + 150
             while True:
                 rows = await asyncio.to_thread(recording_rows, db_path, ids)
                 if len(rows) >= 2 * visits and all(r["complete"] for r in rows):
+                    result["udp_rcvbuf_drops_after_stop"] = udp_errors() - drops_end0
                     break
                 if time.monotonic() > deadline:
-                    log(f"only {len(rows)} recording rows of {2 * visits} after 60 s")
+                    log(f"only {len(rows)} recording rows of {2 * visits} after 150 s")
                     break
                 await asyncio.sleep(0.25)
         finally:
@@ -1001,7 +1032,17 @@ async def run_consult_step(
         previous = written.setdefault(key, {"audio": 0, "video": 0})  # a restarted leg: two files
         for kind in ("audio", "video"):
             previous[kind] += counted.get(kind, 0)
-    keep = ("kind", "frames", "keyframes", "dropped_before_keyframe", "resyncs", "mux_errors")
+    keep = (
+        "kind",
+        "frames",
+        "keyframes",
+        "dropped_before_keyframe",
+        "resyncs",
+        "mux_errors",
+        "rtp_received",
+        "rtp_lost",
+        "rtp_left",
+    )
     details = {
         key: {
             "tracks": [{k: t.get(k) for k in keep} for t in reports.get(key, [])],
@@ -1009,6 +1050,7 @@ async def run_consult_step(
             "video_missing_at_start_end": video_gaps(
                 people[key].tracks["video"], video_ends.get(key, {}), clip
             ),
+            "client_rtp_sent": people[key].rtp_sent,
         }
         for key in people
     }
@@ -1115,6 +1157,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     "clients_cpu_pct",
                     "frames_lost",
                     "udp_rcvbuf_drops",
+                    "udp_rcvbuf_drops_after_stop",
+                    "softnet_drops",
+                    "senders_done_s",
                     "udp_unread_bytes_at_end",
                     "clients_sent_ratio",
                     "lossless",

@@ -31,6 +31,7 @@ _MAPPER_ATTR = "_RTCRtpReceiver__timestamp_mapper"
 _CODECS_ATTR = "_RTCRtpReceiver__codecs"
 _ESTIMATOR_ATTR = "_RTCRtpReceiver__remote_bitrate_estimator"
 _RTCP_SSRC_ATTR = "_RTCRtpReceiver__rtcp_ssrc"
+_STREAMS_ATTR = "_RTCRtpReceiver__remote_streams"
 
 
 class FrameSink(Protocol):
@@ -84,6 +85,75 @@ def attach(receiver: RTCRtpReceiver, sink: FrameSink) -> None:
     counters.taps += 1
 
 
+# Later audio packets held while an earlier one is missing, before it is given up: a reordered
+# datagram comes within a few ms, a lost one never (audio is not retransmitted).
+AUDIO_PATIENCE = 8
+# A sequence number this far behind is a new sequence (the sender restarted), not a late packet.
+MAX_MISORDER = 100
+
+
+class AudioInOrder:
+    """Stands in for an audio receiver's jitter buffer on a recording leg.
+
+    An Opus packet is a frame: each goes to the tap at once, in sequence order. aiortc's buffer
+    (16 packets, prefetch 4) kept the last 4 packets back, and when a datagram was lost it
+    waited until it overflowed and then discarded, one per new packet, the good packets queued
+    before the gap: one lost datagram cost 5 frames of the recording. Here a missing packet is
+    waited for until `AUDIO_PATIENCE` later ones came, then skipped; nothing else is dropped.
+    """
+
+    def __init__(self, receiver: RTCRtpReceiver) -> None:
+        self.receiver = receiver
+        self.next: int | None = None
+        self.held: dict[int, Any] = {}
+
+    def add(self, packet: Any) -> tuple[bool, None]:
+        seq = packet.sequence_number
+        if self.next is None:
+            self.next = seq
+        behind = (self.next - seq) & 0xFFFF
+        if 0 < behind < 0x8000:
+            if behind < MAX_MISORDER:
+                return False, None  # a duplicate, or later than a packet given up
+            self.release(final=True)  # the sender started a new sequence
+            self.next = seq
+        self.held[seq] = packet
+        self.release(final=False)
+        return False, None
+
+    def release(self, *, final: bool) -> int:
+        """Hand the tap every packet that is next in order; past a gap once `AUDIO_PATIENCE`
+        packets wait behind it (or at once when `final`). Returns how many."""
+        done = 0
+        while self.held:
+            assert self.next is not None
+            packet = self.held.pop(self.next, None)
+            if packet is None:
+                if not final and len(self.held) < AUDIO_PATIENCE:
+                    break
+                self.next = min(self.held, key=lambda s: (s - self.next) & 0xFFFF)
+                continue
+            self.next = (self.next + 1) & 0xFFFF
+            done += self._emit(packet)
+        return done
+
+    def _emit(self, packet: Any) -> int:
+        tap = getattr(self.receiver, _QUEUE_ATTR, None)
+        mapper = getattr(self.receiver, _MAPPER_ATTR, None)
+        codec = (getattr(self.receiver, _CODECS_ATTR, None) or {}).get(packet.payload_type)
+        data = getattr(packet, "_data", b"")
+        if not isinstance(tap, FrameTap) or mapper is None or codec is None or not data:
+            return 0
+        tap.put((codec, JitterFrame(data=data, timestamp=mapper.map(packet.timestamp))))
+        return 1
+
+
+def audio_in_order(receiver: RTCRtpReceiver) -> None:
+    """Give `receiver` (audio, `attach`ed) an `AudioInOrder` instead of aiortc's jitter buffer."""
+    if hasattr(receiver, _JITTER_ATTR):
+        setattr(receiver, _JITTER_ATTR, AudioInOrder(receiver))
+
+
 def skip_bandwidth_estimation(receiver: RTCRtpReceiver) -> None:
     """Take aiortc's receive-side bandwidth estimator off `receiver`'s packet path.
 
@@ -125,39 +195,85 @@ def on_first_packet(receiver: RTCRtpReceiver, callback: Any) -> None:
     receiver._handle_rtp_packet = first  # type: ignore[method-assign]
 
 
+def _starts_frame(packet: Any, codec: RTCRtpCodecParameters | None) -> bool:
+    """Whether `packet` is the first of its video frame, by its payload alone (used after a gap,
+    where the packet before it is unknown): VP8's descriptor says so (S bit, partition 0).
+    H.264 cannot tell (an access unit may begin with parameter sets): never assumed."""
+    if codec is None or codec.name.upper() != "VP8" or not packet.payload:
+        return False
+    return bool(packet.payload[0] & 0x10) and packet.payload[0] & 0x0F == 0
+
+
 def flush(receiver: RTCRtpReceiver) -> int:
     """Hand the sink the complete frames `receiver`'s jitter buffer still holds; return how many.
 
     aiortc releases a frame only once later packets arrive (audio: 4 more frames, video: the
-    next frame's first packet), so when a leg ends its last ~80 ms of audio and last video
-    frame are still in the buffer and would be lost. Call this after the receiver is stopped
-    (the connection closed: no packet can arrive meanwhile). A video frame counts as complete
-    when its last packet carries the RTP marker bit; nothing after a missing packet is taken.
+    next frame's first packet), and none behind a missing packet until the buffer overflows,
+    so when a leg ends its last ~80 ms of audio and last video frame (more behind a gap: a
+    packet lost, or a retransmission still on its way) are still in the buffer and would be
+    lost. Call this after the receiver is stopped (the connection closed: no packet can arrive
+    meanwhile). Every complete frame is taken, behind gaps too, in sequence order: an audio
+    packet is a frame; a video frame is complete when its packets run without a gap from its
+    first (known: the packet before it belongs to another frame, or VP8's descriptor marks it)
+    to its last (RTP marker bit). What stays in the buffer was not written (`buffered_packets`).
     """
     tap = getattr(receiver, _QUEUE_ATTR, None)
     buffer = getattr(receiver, _JITTER_ATTR, None)
     mapper = getattr(receiver, _MAPPER_ATTR, None)
     codecs = getattr(receiver, _CODECS_ATTR, None)
+    if isinstance(buffer, AudioInOrder):
+        return buffer.release(final=True)
     if not isinstance(tap, FrameTap) or buffer is None or mapper is None or not codecs:
         return 0
     video = receiver.track.kind == "video"
-    frames: list[list[Any]] = []
+    # Runs of consecutive packets with one timestamp: (slots, start known).
+    runs: list[tuple[list[int], bool]] = []
+    previous: Any = None
     for count in range(buffer.capacity):
-        packet = buffer._packets[(buffer._origin + count) % buffer.capacity]
+        slot = (buffer._origin + count) % buffer.capacity
+        packet = buffer._packets[slot]
         if packet is None:
-            break
-        if not frames or frames[-1][0].timestamp != packet.timestamp:
-            frames.append([])
-        frames[-1].append(packet)
-    if frames and video and not frames[-1][-1].marker:
-        frames.pop()  # its last packets never came
+            previous = None
+            continue
+        if previous is not None and previous.timestamp == packet.timestamp:
+            runs[-1][0].append(slot)
+        else:
+            # The origin is where aiortc's next frame starts; after another frame's packet a
+            # new frame starts; after a gap, only the payload can tell.
+            known = count == 0 or previous is not None
+            if not known and video:
+                known = _starts_frame(packet, codecs.get(packet.payload_type))
+            runs.append(([slot], known))
+        previous = packet
     done = 0
-    for packets in frames:
+    for slots, known in runs:
+        packets = [buffer._packets[slot] for slot in slots]
+        if video and not (known and packets[-1].marker):
+            continue  # a part of a frame: its other packets never came
         codec = codecs.get(packets[0].payload_type)
         data = b"".join(getattr(p, "_data", b"") for p in packets)
         if codec is None or not data:
             continue
         tap.put((codec, JitterFrame(data=data, timestamp=mapper.map(packets[0].timestamp))))
+        for slot in slots:
+            buffer._packets[slot] = None
         done += 1
-    buffer.remove(sum(len(p) for p in frames))
     return done
+
+
+def receive_counts(receiver: RTCRtpReceiver) -> tuple[int, int]:
+    """RTP packets `receiver` got, and how many it never got between its first and its highest
+    sequence number (RTCP's cumulative loss; a loss after the last packet cannot show here)."""
+    received = lost = 0
+    for stream in (getattr(receiver, _STREAMS_ATTR, None) or {}).values():
+        received += stream.packets_received
+        lost += max(0, stream.packets_lost)
+    return received, lost
+
+
+def buffered_packets(receiver: RTCRtpReceiver) -> int:
+    """Packets still in `receiver`'s jitter buffer (after `flush`: those behind a gap)."""
+    buffer = getattr(receiver, _JITTER_ATTR, None)
+    if isinstance(buffer, AudioInOrder):
+        return len(buffer.held)
+    return 0 if buffer is None else sum(p is not None for p in buffer._packets)

@@ -55,8 +55,12 @@ RCVBUF_BYTES = 1 << 20
 # The REMB the recorder sends instead of aiortc's estimate (passthrough.skip_bandwidth_estimation):
 # a ceiling above what a recording leg sends (the page caps it at 600 kbit/s), once a second.
 REMB_BPS = 2_500_000
-# How long finishing a leg waits for its sockets' unread datagrams to be read (_read_to_end).
-END_READ_S = 10.0
+# Finishing a leg reads its sockets' backlog first (_read_to_end): for as long as the reading
+# makes progress (packets handled within the last END_STALL_S), at most END_READ_S in all.
+# A flat 10 s cut the last seconds of legs on a machine that gave the workers 15-30 % of a
+# core: they were reading, only slowly.
+END_STALL_S = 5.0
+END_READ_S = 120.0
 REMB_INTERVAL_S = 1.0
 
 
@@ -287,6 +291,8 @@ class RecordingSession:
             passthrough.attach(receiver, _TrackSink(leg.writer, kind))
             if kind == "video":
                 passthrough.skip_bandwidth_estimation(receiver)
+            else:
+                passthrough.audio_in_order(receiver)
             leg.receivers.append(receiver)
             passthrough.on_first_packet(receiver, lambda k=kind: leg.writer.note_first_packet(k))
         leg.video = video.receiver if video_codec else None
@@ -328,27 +334,51 @@ class RecordingSession:
         return sockets, queues
 
     async def _read_to_end(self, leg: _Leg) -> None:
-        """Wait (at most `END_READ_S`) until the leg's sockets hold no unread datagram, and
-        aioice's queue between the sockets and the RTP receivers is empty.
+        """Wait until the leg's sockets hold no unread datagram and aioice's queue between the
+        sockets and the RTP receivers is empty (twice in a row, 50 ms apart).
 
         A server running behind real time (a burst of legs, a loaded machine) would otherwise
         close the sockets with the last seconds of media still in them, unrecorded. The
-        browser closes its recording connection on `ended`, so the sockets go quiet soon.
+        browser closes its recording connection on `ended`, so the sockets go quiet soon; the
+        wait lasts as long as the backlog is being read (packets handled within `END_STALL_S`),
+        at most `END_READ_S`.
         """
         if not leg.sockets or leg.pc.connectionState in ("failed", "closed"):
             return
-        deadline = time.monotonic() + END_READ_S
+        started = time.monotonic()
         quiet = 0
-        while time.monotonic() < deadline:
+        handled = self._packets_handled(leg)
+        progress_at = started
+        while True:
             try:
                 unread = sum(_unread(s) for s in leg.sockets) + sum(q.qsize() for q in leg.ice_queues)
             except OSError:
                 return
             quiet = quiet + 1 if unread == 0 else 0
             if quiet >= 2:  # twice in a row: what was queued has gone through the loop too
+                break
+            now = time.monotonic()
+            count = self._packets_handled(leg)
+            if count != handled:
+                handled, progress_at = count, now
+            if now - progress_at > END_STALL_S or now - started > END_READ_S:
+                log.warning(
+                    "recording %s/%s: sockets still not read after %.1f s (no packet handled for"
+                    " %.1f s); the rest is not recorded",
+                    self.label,
+                    leg.role,
+                    now - started,
+                    now - progress_at,
+                )
                 return
             await asyncio.sleep(0.05)
-        log.warning("recording %s/%s: sockets still not read after %s s", self.label, leg.role, END_READ_S)
+        took = time.monotonic() - started
+        if took > 1.0:
+            log.info("recording %s/%s: read %.1f s of backlog before closing", self.label, leg.role, took)
+
+    @staticmethod
+    def _packets_handled(leg: _Leg) -> int:
+        return sum(passthrough.receive_counts(r)[0] for r in leg.receivers)
 
     @staticmethod
     def _receiving(transceiver: RTCRtpTransceiver) -> bool:
@@ -415,6 +445,18 @@ class RecordingSession:
         for receiver in leg.receivers:
             try:
                 passthrough.flush(receiver)
+                stats = leg.writer.stats[receiver.track.kind]
+                stats.rtp_received, stats.rtp_lost = passthrough.receive_counts(receiver)
+                stats.rtp_left = passthrough.buffered_packets(receiver)
+                if stats.rtp_lost or stats.rtp_left:
+                    log.warning(
+                        "recording %s/%s: %s: %d RTP packets never came, %d left behind a gap",
+                        self.label,
+                        leg.role,
+                        stats.kind,
+                        stats.rtp_lost,
+                        stats.rtp_left,
+                    )
             except Exception:
                 log.exception("recording %s/%s: could not flush a jitter buffer", self.label, leg.role)
         result: RecordingFile | None = None

@@ -68,6 +68,11 @@ class TrackStats:
     mux_errors: int = 0
     resyncs: int = 0
     sizes: list[tuple[int, int]] = field(default_factory=list)
+    # RTP packets the leg received, and those it never got (sequence gaps), set at its end;
+    # packets left in aiortc's jitter buffer when the leg ended (behind a gap: not written).
+    rtp_received: int = 0
+    rtp_lost: int = 0
+    rtp_left: int = 0
     first_pts_ms: int | None = None
     last_end_ms: int = 0
 
@@ -81,6 +86,9 @@ class TrackStats:
             "dropped_before_keyframe": self.dropped_before_keyframe,
             "mux_errors": self.mux_errors,
             "resyncs": self.resyncs,
+            "rtp_received": self.rtp_received,
+            "rtp_lost": self.rtp_lost,
+            "rtp_left": self.rtp_left,
             "sizes": [list(s) for s in self.sizes],
             "start_s": None if self.first_pts_ms is None else self.first_pts_ms / 1000,
         }
