@@ -34,8 +34,15 @@ the frames aiortc's jitter buffers still hold when a leg closes); the baselines 
 those (1 video frame, 4 audio packets per stream), which aiortc never releases to them. A step
 is lossless when no stream lost a frame and every expected file exists. The clients skip
 frames rather than burst when they fall behind (as a camera does); skipped frames are not
-"sent". For a lossy Consult stream stderr shows the recorder's counters, audio holes and how
-many video frames are missing before the file's first frame and after its last.
+"sent". A frame counts as sent when aiortc's sender took it from the client's track; when the
+clients stop, the bench waits until every sender has asked for its next frame (it does so only
+after handing every packet of the previous one to its socket: `senders_done_s`), then 2.5 s for
+packets in flight and the server's receiver reports, and only then ends the visits: a starved
+load generator still packetizing a counted frame is not taken for a loss, and a frame really
+sent and not written still is. For a lossy Consult stream stderr shows the recorder's counters
+(per track `rtp_received`, `rtp_lost` — sequence gaps — and `rtp_left`, packets of incomplete
+frames not written), the client's RTP packets sent (`client_rtp_sent`), audio holes and how many
+video frames are missing before the file's first frame and after its last.
 
 Stepping: each side tries its steps in increasing order and stops at the first lossy step;
 `max_visits_without_loss` is the highest step such that it AND every lower step lost nothing
@@ -49,7 +56,10 @@ of a ratio had a lossless step (if not, a starved process shows less CPU than it
 `ratios_at_schedule`: the same ratios from CPU per stream divided by `clients_sent_ratio`
 (`cpu_pct_per_stream_at_schedule`), what each side would cost at the clients' full schedule: on
 a loaded machine the sender falls behind and every side then shows less CPU than it needs.
-Per step, also: `clients_sent_ratio`, `udp_rcvbuf_drops` (datagrams the kernel dropped),
+Per step, also: `clients_sent_ratio`, `clients_cpu_pct` (the load generator's CPU, % of one
+core: near 100 it is starved), `udp_rcvbuf_drops` (datagrams the kernel dropped in the receive
+buffers during the measurement) and `udp_rcvbuf_drops_after_stop` (from the clients' stop until
+the files are in), `softnet_drops` (packets dropped before any socket, machine-wide),
 for Consult `rtcp` (packets the server's receivers reported lost) and
 `udp_unread_bytes_at_end` (bytes still unread in the UDP sockets when the visit is ended:
 a server behind real time).

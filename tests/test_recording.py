@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import itertools
 import math
 import os
 import re
@@ -352,6 +353,52 @@ async def test_frames_behind_a_lost_packet_at_the_end_are_kept(tmp_path: Path) -
         demuxed = [p.stream.type for p in container.demux() if p.size]
     assert demuxed.count("audio") == tracks["audio"]["frames"]
     assert demuxed.count("video") == tracks["video"]["frames"]
+
+
+async def test_reordered_audio_is_written_in_order_and_whole(tmp_path: Path) -> None:
+    """Audio packets that arrive out of order (held back by the network behind the next 1-3) are
+    all written, in the order they were captured."""
+    from aiortc.rtp import RtpPacket, is_rtcp
+
+    session = RecordingSession(tmp_path / "rec", ice_servers=[], label="visit-order")
+    (tmp_path / "rec").mkdir()
+    client = Client(time.time() + 0.5)
+    async with asyncio.timeout(30):
+        await client.connect(session, "guest")
+        [audio] = [s._ssrc for s in client.pc.getSenders() if s.kind == "audio"]
+        transport = client.pc.getSenders()[0].transport
+        original = transport._send_rtp
+        late: list[bytes] = []
+        counts = {"audio": 0, "swapped": 0}
+
+        async def send(data: bytes) -> None:
+            if is_rtcp(data) or RtpPacket.parse(data).ssrc != audio:
+                await original(data)
+                return
+            counts["audio"] += 1
+            n = counts["audio"]
+            if 50 < n <= 150 and n % 25 == 0:
+                late.append(data)  # sent after the next 3
+                return
+            await original(data)
+            if late and n % 25 == 3:
+                await original(late.pop())
+                counts["swapped"] += 1
+
+        transport._send_rtp = send
+        await asyncio.sleep(4.0)
+        client.audio.hold = client.video.hold = True
+        await asyncio.sleep(1.0)
+        files = await session.close()
+        await client.close()
+    assert counts["swapped"] >= 4, counts
+    [f] = files
+    tracks = {t["kind"]: t for t in f.tracks}
+    assert client.audio.sent - 1 <= tracks["audio"]["frames"] <= client.audio.sent, tracks
+    with av.open(str(f.path)) as container:
+        times = [p.pts for p in container.demux(audio=0) if p.size]
+    steps = [b - a for a, b in itertools.pairwise(times)]
+    assert [s for s in steps[5:] if not 15 <= s <= 25] == [], steps
 
 
 async def test_files_are_private_and_named_by_the_server(tmp_path: Path) -> None:
