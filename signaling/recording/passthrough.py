@@ -207,10 +207,9 @@ def _starts_frame(packet: Any, codec: RTCRtpCodecParameters | None) -> bool:
 def flush(receiver: RTCRtpReceiver) -> int:
     """Hand the sink the complete frames `receiver`'s jitter buffer still holds; return how many.
 
-    aiortc releases a frame only once later packets arrive (audio: 4 more frames, video: the
-    next frame's first packet), and none behind a missing packet until the buffer overflows,
-    so when a leg ends its last ~80 ms of audio and last video frame (more behind a gap: a
-    packet lost, or a retransmission still on its way) are still in the buffer and would be
+    aiortc releases a video frame only once the next one starts, and none behind a missing
+    packet until its buffer overflows, so when a leg ends its last video frame (more behind a
+    gap: a packet lost, or a retransmission still on its way) is still in the buffer and would be
     lost. Call this after the receiver is stopped (the connection closed: no packet can arrive
     meanwhile). Every complete frame is taken, behind gaps too, in sequence order: an audio
     packet is a frame; a video frame is complete when its packets run without a gap from its
@@ -221,7 +220,7 @@ def flush(receiver: RTCRtpReceiver) -> int:
     buffer = getattr(receiver, _JITTER_ATTR, None)
     mapper = getattr(receiver, _MAPPER_ATTR, None)
     codecs = getattr(receiver, _CODECS_ATTR, None)
-    if isinstance(buffer, AudioInOrder):
+    if isinstance(buffer, AudioInOrder):  # audio of a recording leg: what waits behind a gap
         return buffer.release(final=True)
     if not isinstance(tap, FrameTap) or buffer is None or mapper is None or not codecs:
         return 0

@@ -441,7 +441,7 @@ class RecordingSession:
             await leg.pc.close()
         except Exception:
             log.exception("recording %s/%s: error closing the connection", self.label, leg.role)
-        # The last frames aiortc's jitter buffers still hold (~80 ms of audio, a video frame).
+        # The frames the jitter buffers still hold (the last video frame, more behind a gap).
         for receiver in leg.receivers:
             try:
                 passthrough.flush(receiver)
@@ -449,8 +449,8 @@ class RecordingSession:
                 stats.rtp_received, stats.rtp_lost = passthrough.receive_counts(receiver)
                 stats.rtp_left = passthrough.buffered_packets(receiver)
                 if stats.rtp_lost or stats.rtp_left:
-                    log.warning(
-                        "recording %s/%s: %s: %d RTP packets never came, %d left behind a gap",
+                    log.info(
+                        "recording %s/%s: %s: %d RTP packets never came, %d of incomplete frames unwritten",
                         self.label,
                         leg.role,
                         stats.kind,
