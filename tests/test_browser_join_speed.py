@@ -124,3 +124,43 @@ async def test_doctor_prepares_its_connection_while_the_patient_waits_and_sends_
         doctor_trace = await doctor_page.evaluate(TRACE_JS)
         assert "held offer released" in doctor_trace, doctor_trace
         assert doctor_trace.count("offer sent") == 1, doctor_trace
+
+
+MARKS_JS = "() => Object.fromEntries(performance.getEntriesByType('mark').map((m) => [m.name, m.startTime]))"
+
+
+async def test_a_patient_who_pressed_join_gets_the_prepared_offer_with_the_admission(
+    consult_server: ConsultServer, app_origin: str, patient_page: Page, doctor_page: Page
+) -> None:
+    """The patient pressed Join and waits: the doctor's click on Admit sends the admission and,
+    right behind it on the same socket, the offer prepared meanwhile, without waiting for the
+    server's "admitted" to come back (the server relays it only once it has admitted)."""
+    async with asyncio.timeout(TEST_TIMEOUT):
+        call = await asyncio.to_thread(prepare_call, consult_server)
+        await sign_in_doctor(doctor_page, app_origin)
+        await doctor_page.goto(call.room_url)
+        await state(doctor_page, "waiting_patient")
+        await patient_page.goto(call.patient_url)
+        await expect(patient_page.get_by_test_id("join")).to_be_enabled(timeout=WAIT_MS)
+        await patient_page.get_by_test_id("join").tap()
+        await expect(patient_page.get_by_test_id("waiting-room")).to_be_visible(timeout=WAIT_MS)
+        await state(doctor_page, "patient_waiting")
+        await doctor_page.wait_for_function(
+            "() => { const pc = window.__consultPc; return !!pc && pc.localDescription"
+            " && pc.iceGatheringState === 'complete'; }",
+            timeout=WAIT_MS,
+        )
+        await doctor_page.evaluate("() => { window.__preparedPc = window.__consultPc; }")
+        # Still nothing at the patient's: waiting to be admitted, no connection.
+        assert await patient_page.evaluate("() => !window.__consultPc")
+
+        await doctor_page.get_by_test_id("admit").click()
+        await asyncio.gather(wait_frames(patient_page, 20), wait_frames(doctor_page, 20))
+        await asyncio.gather(frames_grow(patient_page), frames_grow(doctor_page))
+        await state(doctor_page, "in_call")
+        marks = await doctor_page.evaluate(MARKS_JS)
+        # Sent before this page even heard that the patient was admitted.
+        assert marks["consult:held offer released"] < marks["consult:admitted"], marks
+        assert await doctor_page.evaluate("() => window.__consultPc === window.__preparedPc")
+        doctor_trace = await doctor_page.evaluate(TRACE_JS)
+        assert doctor_trace.count("offer sent") == 1, doctor_trace
