@@ -31,7 +31,12 @@ paint, then the pages' own User Timing marks (`consult:<step>`, web/static/call-
 Consult.mark): socket opening (call-boot.js), call.js running, Join enabled, the welcome,
 camera on, admitted, the offer, ICE connected; the doctor's page's marks (Admit shown, offer
 made, the held offer sent, answer received) are put on the patient's clock through the two
-pages' performance.timeOrigin. With --detail, each resource's timing too. The medians of every
+pages' performance.timeOrigin. Between Join enabled and the tap: when the page hands the usable
+button to the bench ("bench told") and when the bench's touch reaches the page ("touch starts"):
+the difference is the driver's relay (binding -> Playwright's node driver -> Python -> CDP), not
+the page. "admission/offer at the socket": when those messages reach the patient page's main
+thread (a WebSocket listener added before the page's own), before the page's queue.
+With --detail, each resource's timing too. The medians of every
 step are in the JSON line (`breakdown_ms_median`) and printed as a table.
 
 Warm-up runs (default 1) are not counted: the first run also pays for the server's template
