@@ -31,7 +31,12 @@ paint, then the pages' own User Timing marks (`consult:<step>`, web/static/call-
 Consult.mark): socket opening (call-boot.js), call.js running, Join enabled, the welcome,
 camera on, admitted, the offer, ICE connected; the doctor's page's marks (Admit shown, offer
 made, the held offer sent, answer received) are put on the patient's clock through the two
-pages' performance.timeOrigin. With --detail, each resource's timing too. The medians of every
+pages' performance.timeOrigin. Between Join enabled and the tap: when the page hands the usable
+button to the bench ("bench told") and when the bench's touch reaches the page ("touch starts"):
+the difference is the driver's relay (binding -> Playwright's node driver -> Python -> CDP), not
+the page. "admission/offer at the socket": when those messages reach the patient page's main
+thread (a WebSocket listener added before the page's own), before the page's queue.
+With --detail, each resource's timing too. The medians of every
 step are in the JSON line (`breakdown_ms_median`) and printed as a table.
 
 Warm-up runs (default 1) are not counted: the first run also pays for the server's template
@@ -94,6 +99,24 @@ PATIENT_PROBE_JS = """
   document.addEventListener("click", (event) => {
     if (event.target.closest && event.target.closest("[data-action=join]")) mark("tap");
   }, true);
+  // The bench's touch as the page gets it (the click follows the touch's end).
+  document.addEventListener("touchstart", () => mark("touchstart"), { capture: true, passive: true });
+  // When the socket's messages reach the page's main thread (before the page's own listeners,
+  // which handle them in order, one at a time): the admission and the doctor's offer.
+  const NativeWebSocket = window.WebSocket;
+  window.WebSocket = new Proxy(NativeWebSocket, {
+    construct(target, args) {
+      const ws = new target(...args);
+      ws.addEventListener("message", (event) => {
+        if (typeof event.data !== "string") return;
+        if (event.data.includes('"type":"admitted"') || event.data.includes('"type": "admitted"')) {
+          mark("admittedAtSocket");
+        }
+        if (event.data.includes('"offer"')) mark("offerAtSocket");
+      });
+      return ws;
+    },
+  });
   let hooked = null;
   let statsBusy = false;
   let lastStats = 0;
@@ -183,20 +206,26 @@ TIMINGS_JS = """
 STEPS = (
     ("responseStart", "HTML first byte"),
     ("responseEnd", "HTML loaded"),
+    ("domInteractive", "HTML parsed"),
     ("cssLoaded", "CSS loaded"),
     ("first-contentful-paint", "first paint"),
     ("jsLoaded", "scripts loaded"),
     ("start", "call.js runs"),
     ("join-ready", "Join enabled"),
     ("socket", "socket opening"),
+    ("domContentLoadedEventEnd", "DOMContentLoaded"),
+    ("react", "bench told: Join usable"),
+    ("touchstart", "touch starts"),
     ("tap", "tap"),
     ("welcome", "socket welcomed"),
     ("dr:admitShown", "dr: Admit shows"),
     ("admitClick", "dr: Admit clicked"),
     ("media", "camera on"),
+    ("admittedAtSocket", "admission at the socket"),
     ("admitted", "admitted"),
     ("dr:offer sent", "dr: offer made"),
     ("dr:held offer released", "dr: held offer sent"),
+    ("offerAtSocket", "offer at the socket"),
     ("offer received", "offer received"),
     ("ice connected", "ICE connected"),
     ("dr:answer received", "dr: answer received"),
@@ -325,6 +354,7 @@ REACT_JS = """
       b.scrollIntoView({ block: "center" });
       const r = b.getBoundingClientRect();
       done = true;
+      window.__benchReactAt = performance.now(); // the page hands the control to the bench
       window[binding](r.left + r.width / 2, r.top + r.height / 2);
     }
   };
@@ -408,7 +438,7 @@ async def one_run(
             timeout=timeout_s * 1000,
         )
         wall_ms = (time.monotonic() - wall0) * 1000
-        marks = await page.evaluate("window.__joinMarks")
+        marks = await page.evaluate("({...window.__joinMarks, react: window.__benchReactAt})")
         admitted = await asyncio.wait_for(asyncio.shield(admitting), WAIT_MS / 1000)
         timings = await page.evaluate(TIMINGS_JS)
         origin = timings.pop("origin")

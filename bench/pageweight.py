@@ -347,7 +347,19 @@ def summarise(pages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if uncompressed > TARGETS["uncompressed_responses"]:
         unc = {n: p["uncompressed"] for n, p in pages.items() if p["uncompressed"]}
         failures.append(f"uncompressed_responses: {uncompressed} {unc}")
-    recording_js = any(f["path"].endswith("/call-recording.js") for f in pages["call"]["files"])
+    from consult.core.templates import BUNDLES, STATIC_PREFIX
+
+    def loaded(path: str) -> tuple[str, ...]:
+        """The web/static files a request brought: a bundle's parts, or the file itself."""
+        name = path.removeprefix(STATIC_PREFIX)
+        return BUNDLES.get(name, (name,))
+
+    def has_recording_js(page: str) -> bool:
+        return any("call-recording.js" in loaded(f["path"]) for f in pages[page]["files"])
+
+    recording_js = has_recording_js("call")
+    if not has_recording_js("call_recorded"):  # the check above must be able to see it
+        failures.append("call_recorded: call-recording.js not found among the files it loaded")
     if recording_js:
         failures.append("call: call-recording.js loaded for a visit that is not recorded")
     return {

@@ -20,13 +20,15 @@ import re
 import sys
 from pathlib import Path
 
+from consult.core.templates import BUNDLES
+
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "web" / "templates"
 STATIC = ROOT / "web" / "static"
 LIST_PATH = ROOT / "docs" / "browser-apis.json"
 COMPAT_PATH = ROOT / "tests" / "data" / "safari-ios-compat.json"
 
-STATIC_RE = re.compile(r"""static\(['"]([\w.-]+\.js)['"]\)""")
+STATIC_RE = re.compile(r"""static\(['"]([\w./-]+\.js)['"]\)""")
 INCLUDE_RE = re.compile(r"""{%-?\s*include\s+['"]([\w.-]+)['"]""")
 VIDEO_RE = re.compile(r"<video\b[^>]*>")
 
@@ -52,7 +54,8 @@ def page_scripts(pages: list[str]) -> list[str]:
             continue
         seen.add(name)
         text = (TEMPLATES / name).read_text()
-        scripts.update(STATIC_RE.findall(text))
+        for script in STATIC_RE.findall(text):
+            scripts.update(BUNDLES.get(script, (script,)))  # a bundle: its parts
         todo.extend(INCLUDE_RE.findall(text))
     return sorted(scripts)
 

@@ -1,10 +1,11 @@
 """The join's shortcuts (issue 15, bench/join.py), in real browsers: Debian Chromium with a fake
 camera, the real server, the private network namespace of tests/test_browser_call.py.
 
-- The patient's page opens its socket before its call scripts have run (call-boot.js): the
-  doctor sees the patient waiting and admits while call.js is still held back (a route that
-  withholds it), and call.js, once it runs, acts on what it missed. The Join button stays
-  disabled until call.js listens (a tap before would be lost).
+- The patient's page loads one script (core/templates.py BUNDLES: the call scripts joined by the
+  server). While it is held back (a route that withholds it) the Join button stays disabled (a
+  tap before call.js listens would be lost) and the patient is nowhere yet; once it runs, the
+  socket opens first (call-boot.js), the doctor sees the patient waiting and admits before the
+  patient taps Join, and the page acts on that admission: Join goes straight into the call.
 - The doctor's page prepares its connection (offer and candidates) while the patient waits
   and holds it: nothing reaches the patient's page before Join (no offer, no connection), and
   the call then runs on that same connection.
@@ -30,7 +31,7 @@ from tests.test_browser_call import (
 TRACE_JS = "() => (window.__consultTrace || []).join('\\n')"
 
 
-async def test_patient_socket_opens_before_call_js_and_call_js_acts_on_what_it_missed(
+async def test_patient_page_waits_for_its_one_script_then_is_admitted_before_the_tap(
     consult_server: ConsultServer, app_origin: str, patient_page: Page, doctor_page: Page
 ) -> None:
     async with asyncio.timeout(TEST_TIMEOUT):
@@ -41,34 +42,41 @@ async def test_patient_socket_opens_before_call_js_and_call_js_acts_on_what_it_m
 
         release = asyncio.Event()
         held: list[str] = []
+        scripts: list[str] = []
 
-        async def hold_call_js(route: Route) -> None:
+        async def hold_bundle(route: Route) -> None:
             held.append(route.request.url)
             await release.wait()
             await route.continue_()
 
-        await patient_page.route("**/static/call.js?*", hold_call_js)
-        # (Not "domcontentloaded": that waits for the deferred scripts, call.js among them.)
+        patient_page.on("request", lambda r: scripts.append(r.url) if r.resource_type == "script" else None)
+        await patient_page.route("**/static/bundle/call-patient.js?*", hold_bundle)
+        # (Not "domcontentloaded": that waits for the deferred script.)
         await patient_page.goto(call.patient_url, wait_until="commit")
 
-        # call.js has not run, yet the doctor sees the patient in the waiting room and admits.
-        await state(doctor_page, "patient_waiting")
-        assert held, "call.js was not requested"
-        assert await patient_page.evaluate("() => !window.__consultSignaling"), "call.js ran"
+        # The page is there, its script held back: Join cannot be tapped, nobody waits yet.
+        await expect(patient_page.get_by_test_id("join")).to_be_visible(timeout=WAIT_MS)
         await expect(patient_page.get_by_test_id("join")).to_be_disabled()
+        await asyncio.sleep(0.5)  # time for a socket that should not open
+        assert held, "the call script was not requested"
+        assert await patient_page.evaluate("() => !window.__consultSignaling"), "call.js ran"
+        await state(doctor_page, "waiting_patient")
+
+        # The script runs: the socket opens first, and the doctor admits before the tap.
+        release.set()
+        await state(doctor_page, "patient_waiting")
         await doctor_page.get_by_test_id("admit").click()
         await state(doctor_page, "patient_admitted_not_joined")
         # Nothing of the camera left the phone: it has no peer connection, the doctor no track.
         assert await patient_page.evaluate("() => !window.__consultPc")
-
-        # call.js runs now: the welcome and the admission it missed are handled, in order.
-        release.set()
         await patient_page.locator("[data-testid=check-connect][data-state=ok]").wait_for(timeout=WAIT_MS)
         await expect(patient_page.get_by_test_id("join")).to_be_enabled()
         marks = await patient_page.evaluate(
             "() => Object.fromEntries(performance.getEntriesByType('mark').map((m) => [m.name, m.startTime]))"
         )
-        assert marks["consult:socket"] < marks["consult:start"], marks
+        assert marks["consult:socket"] <= marks["consult:start"], marks
+        # One script for the whole call page, fetched once.
+        assert [u for u in scripts if "/static/" in u] == held, scripts
         await patient_page.get_by_test_id("join").tap()
         # Admitted already: straight into the call, no waiting room.
         await expect(patient_page.get_by_test_id("stage")).to_be_visible(timeout=WAIT_MS)
@@ -115,4 +123,44 @@ async def test_doctor_prepares_its_connection_while_the_patient_waits_and_sends_
         assert await doctor_page.evaluate("() => window.__consultPc === window.__preparedPc")
         doctor_trace = await doctor_page.evaluate(TRACE_JS)
         assert "held offer released" in doctor_trace, doctor_trace
+        assert doctor_trace.count("offer sent") == 1, doctor_trace
+
+
+MARKS_JS = "() => Object.fromEntries(performance.getEntriesByType('mark').map((m) => [m.name, m.startTime]))"
+
+
+async def test_a_patient_who_pressed_join_gets_the_prepared_offer_with_the_admission(
+    consult_server: ConsultServer, app_origin: str, patient_page: Page, doctor_page: Page
+) -> None:
+    """The patient pressed Join and waits: the doctor's click on Admit sends the admission and,
+    right behind it on the same socket, the offer prepared meanwhile, without waiting for the
+    server's "admitted" to come back (the server relays it only once it has admitted)."""
+    async with asyncio.timeout(TEST_TIMEOUT):
+        call = await asyncio.to_thread(prepare_call, consult_server)
+        await sign_in_doctor(doctor_page, app_origin)
+        await doctor_page.goto(call.room_url)
+        await state(doctor_page, "waiting_patient")
+        await patient_page.goto(call.patient_url)
+        await expect(patient_page.get_by_test_id("join")).to_be_enabled(timeout=WAIT_MS)
+        await patient_page.get_by_test_id("join").tap()
+        await expect(patient_page.get_by_test_id("waiting-room")).to_be_visible(timeout=WAIT_MS)
+        await state(doctor_page, "patient_waiting")
+        await doctor_page.wait_for_function(
+            "() => { const pc = window.__consultPc; return !!pc && pc.localDescription"
+            " && pc.iceGatheringState === 'complete'; }",
+            timeout=WAIT_MS,
+        )
+        await doctor_page.evaluate("() => { window.__preparedPc = window.__consultPc; }")
+        # Still nothing at the patient's: waiting to be admitted, no connection.
+        assert await patient_page.evaluate("() => !window.__consultPc")
+
+        await doctor_page.get_by_test_id("admit").click()
+        await asyncio.gather(wait_frames(patient_page, 20), wait_frames(doctor_page, 20))
+        await asyncio.gather(frames_grow(patient_page), frames_grow(doctor_page))
+        await state(doctor_page, "in_call")
+        marks = await doctor_page.evaluate(MARKS_JS)
+        # Sent before this page even heard that the patient was admitted.
+        assert marks["consult:held offer released"] < marks["consult:admitted"], marks
+        assert await doctor_page.evaluate("() => window.__consultPc === window.__preparedPc")
+        doctor_trace = await doctor_page.evaluate(TRACE_JS)
         assert doctor_trace.count("offer sent") == 1, doctor_trace

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from consult.app import create_app
-from consult.core.templates import IMMUTABLE, REVALIDATE, STATIC_DIR, StaticFiles
+from consult.core.templates import BUNDLES, IMMUTABLE, REVALIDATE, STATIC_DIR, StaticFiles
 from tests.booking_helpers import make_clinic, signed_in
 from tests.call_helpers import keyed_settings, patient_token, seed_visit
 from tests.db_helpers import write
@@ -21,6 +21,15 @@ STATIC_URL_RE = re.compile(r'(?:src|href)="(/static/[^"?]+)\?v=([0-9a-f]{16})"')
 def static_urls(page: str) -> dict[str, str]:
     """path -> version of every static file a page loads."""
     return dict(STATIC_URL_RE.findall(page))
+
+
+def loaded_files(page: str) -> set[str]:
+    """The names of web/static files a page loads, a bundle's parts included."""
+    out: set[str] = set()
+    for path in static_urls(page):
+        name = path.removeprefix("/static/")
+        out.update(BUNDLES.get(name, (name,)))
+    return out
 
 
 async def test_pages_load_versioned_static_files_and_inline_the_icon(client):
@@ -138,7 +147,7 @@ async def test_the_call_pages_load_the_recording_code_only_when_the_visit_may_be
         resp = await client.get(path)
         assert resp.status == 200, path
         page = await resp.text()
-        return {p.rsplit("/", 1)[1] for p in static_urls(page) if p.endswith(".js")}
+        return {name for name in loaded_files(page) if name.endswith(".js")}
 
     # Recording off (the default): the call works without call-recording.js (call.js knows).
     for client, path in ((anon, call), (doc, room)):
@@ -150,3 +159,84 @@ async def test_the_call_pages_load_the_recording_code_only_when_the_visit_may_be
         for client, path in ((anon, call), (doc, room)):
             loaded = await scripts(client, path)
             assert {"call.js", "call-recording.js"} <= loaded, (policy, path)
+
+
+async def test_the_patients_call_page_loads_one_stylesheet_and_one_script_joined_by_the_server(
+    aiohttp_client, settings, make_user
+):
+    """A phone opening the link cold pays a TLS handshake per extra HTTP/1.1 connection: the
+    call page loads app.css, legible.css and call.css as one file, and its eight scripts as one,
+    each versioned, cached for a year and gzipped like any static file (bench/join.py)."""
+    clinic = make_clinic(settings, make_user)
+    patient_id = make_user("patient", login="13900000001", name="Pat Ient")
+    client = await aiohttp_client(create_app(settings))
+    keyed = keyed_settings(settings.data_dir)
+    visit = seed_visit(settings, doctor_id=clinic.doctor_ids[0], patient_id=patient_id)
+    page = await (await client.get(f"/call/{patient_token(keyed, visit)}")).text()
+
+    urls = static_urls(page)
+    assert sorted(urls) == ["/static/bundle/call-patient.js", "/static/bundle/call.css"]
+    # The script is fetched from the head, beside the stylesheet, and runs deferred.
+    js = f"/static/bundle/call-patient.js?v={urls['/static/bundle/call-patient.js']}"
+    assert f'<link rel="preload" href="{js}" as="script">' in page
+    assert f'<script src="{js}" defer></script>' in page
+    assert page.index('rel="stylesheet"') < page.index('rel="preload"') < page.index("</head>")
+    assert loaded_files(page) >= {"app.css", "legible.css", "call.css", "call-boot.js", "call.js"}
+
+    for path, version in urls.items():
+        name = path.removeprefix("/static/")
+        parts = [(STATIC_DIR / part).read_bytes() for part in BUNDLES[name]]
+        resp = await client.get(
+            f"{path}?v={version}", headers={"Accept-Encoding": "gzip"}, auto_decompress=False
+        )
+        assert resp.status == 200, path
+        assert resp.content_type == ("text/css" if name.endswith(".css") else "application/javascript"), path
+        assert resp.headers["Cache-Control"] == IMMUTABLE and resp.headers["Content-Encoding"] == "gzip"
+        body = gzip.decompress(await resp.read())
+        assert len(await resp.read()) < len(body) / 2
+        # Every part, whole and in order (the cascade and the scripts' order are the pages').
+        at = 0
+        for part, data in zip(BUNDLES[name], parts, strict=True):
+            found = body.find(data, at)
+            assert found >= at, f"{part} missing or out of order in {name}"
+            at = found + len(data)
+        # Without the version: asked again each time, like any unversioned static URL.
+        resp = await client.get(path)
+        assert resp.status == 200 and resp.headers["Cache-Control"] == REVALIDATE
+        assert await resp.read() == body
+
+
+def test_a_bundle_follows_its_parts(tmp_path):
+    source, cache = tmp_path / "static", tmp_path / "cache"
+    source.mkdir()
+    (source / "a.js").write_text("// no newline at the end")
+    (source / "b.js").write_text("(function () { window.b = 1; })();\n")
+    (source / "c.css").write_text("p { color: red }\n" * 40)
+    bundles = {
+        "bundle/ab.js": ("a.js", "b.js"),
+        "bundle/c.css": ("c.css",),
+        "bundle/gone.js": ("a.js", "x.js"),
+    }
+    files = StaticFiles(source, cache, bundles)
+
+    first = files.asset("bundle/ab.js")
+    body = files.read("bundle/ab.js")
+    # A part's last line cannot swallow the next part (a comment, a statement without `;`).
+    assert body == (
+        b"/* a.js */\n// no newline at the end\n;\n/* b.js */\n(function () { window.b = 1; })();\n\n;\n"
+    )
+    assert files.asset("bundle/gone.js") is None  # a part is missing: no such file
+    assert files.asset("bundle/nothing.js") is None
+
+    files.warm()  # at start-up: joined and gzipped before any page asks
+    path = cache / first.version / "bundle" / "ab.js"
+    assert path.read_bytes() == body and files.cached_path(first) == (path, first.version)
+    assert gzip.decompress((cache / files.asset("bundle/c.css").version / "bundle" / "c.css.gz").read_bytes())
+
+    (source / "b.js").write_text("(function () { window.b = 2; })();\n")  # a part edited
+    second = files.asset("bundle/ab.js")
+    assert second.version != first.version
+    assert files.url("bundle/ab.js") == f"/static/bundle/ab.js?v={second.version}"
+    files.prune()
+    assert not (cache / first.version).exists()  # the old bundle went with its old part
+    assert b"window.b = 2" in files.cached_path(second)[0].read_bytes()

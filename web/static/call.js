@@ -542,6 +542,14 @@
         case "admit":
           ctx.sig.send({ type: "admit" });
           button.hidden = true;
+          // The patient has pressed Join already (the server said peer_ready): the offer
+          // prepared while the patient waited follows the admission at once, on the same
+          // socket, instead of after the server's "admitted" has come back to this page. The
+          // server handles a socket's messages in order: it relays the offer only once it
+          // has admitted the patient, and refuses it if the admission failed.
+          serial(() => {
+            if (guestReady && peerPresent && !admitted && peer.holding()) peer.release();
+          });
           break;
         case "end":
           if (window.confirm(t("confirm_end"))) ctx.sig.send({ type: "end" });

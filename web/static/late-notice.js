@@ -1,8 +1,8 @@
 // The patient's call page: the doctor's "running about N minutes late", live from the server's
 // event stream (the call link is the credential). The text comes translated from the server.
-"use strict";
-
 (function () {
+  "use strict";
+
   const box = document.querySelector("[data-late-notice]");
   if (!box || !window.EventSource) return;
   const source = new EventSource(box.dataset.url);
