@@ -195,6 +195,35 @@ async def test_slow_callback_probe_names_the_callbacks_that_held_the_loop(
     assert asyncio.events.Handle._run is original and probe._on_gc not in gc.callbacks  # handed back
 
 
+async def test_slow_callback_probe_logs_an_iteration_held_by_many_short_callbacks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 40 callbacks of 1 ms, all ready at once, run in one iteration: none is slow on its own, the
+    # iteration is (a timer due meanwhile waits for all of them).
+    def short_callback() -> None:
+        time.sleep(0.001)
+
+    loop = asyncio.get_running_loop()
+    probe = SlowCallbackProbe(0.02)
+    probe.install()
+    try:
+        with caplog.at_level(logging.WARNING, logger="consult.edge"):
+            done = loop.create_future()
+            for _ in range(40):
+                loop.call_soon(short_callback)
+            loop.call_soon(done.set_result, None)
+            await done
+            await asyncio.sleep(0)
+    finally:
+        probe.uninstall()
+    slow_callbacks = [r.getMessage() for r in caplog.records if "slow callback" in r.getMessage()]
+    iterations = [r.getMessage() for r in caplog.records if "slow iteration" in r.getMessage()]
+    assert probe.slow == 0 and not slow_callbacks, slow_callbacks
+    assert probe.slow_iterations >= 1 and iterations
+    assert "short_callback" in iterations[0] and "(CPU " in iterations[0], iterations
+    assert "_run_once" not in vars(loop) and "select" not in vars(loop._selector)  # handed back
+
+
 async def test_tls_connections_share_one_read_buffer_without_mixing_their_bytes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
