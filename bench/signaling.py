@@ -42,7 +42,8 @@ Figures (the last stdout line is one JSON object):
   /metrics; each is the upper bound of the histogram bucket it falls in (1, 2, 5, 10, 20, 30,
   40, 50, 100, 200, 500 ms, 1, 2, 5, 10, 30 s). Apart, the same split in two:
   ``loop_lag_max_ms_connect_relay`` (until the last relayed message) and
-  ``loop_lag_max_ms_hangup`` (the mass disconnect after it).
+  ``loop_lag_max_ms_hangup`` (the mass disconnect after it; ``server_cpu_hangup_s``: the
+  server's CPU seconds for it, ``hangup_s``: until every socket was closed, plus a second).
   ``gc_pause_max_ms``: the same for the server's garbage-collector pauses over the whole run
   (``gc_pause_max_ms_by_generation``: per generation; 2 is a full collection).
 - ``errors``: refused or failed connections, error frames, closed sockets, lost messages
@@ -483,6 +484,7 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
         before = asyncio.run(scrape(server.origin))
         scraped: list[dict[str, dict[str, float]]] = []
         phases: dict[str, float] = {"connect": time.time()}
+        hangup_cpu: list[float] = []
         result = drive(
             args,
             HOST,
@@ -490,7 +492,10 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
             True,
             rooms,
             server.pid,
-            lambda: scraped.append(asyncio.run(scrape(server.origin))),
+            lambda: (
+                scraped.append(asyncio.run(scrape(server.origin))),
+                hangup_cpu.append(cpu_s(server.pid)),
+            ),
             phases,
         )
         after = scraped[0]
@@ -501,6 +506,8 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.2)
         time.sleep(1)
         hung_up = asyncio.run(scrape(server.origin))
+        hangup_cpu.append(cpu_s(server.pid))
+        hangup_s = time.time() - phases["hang-up"]
         if args.slow_callback_ms:
             slow_callbacks(server.stderr_path, phases)
     except BaseException:
@@ -534,6 +541,8 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
         "gc_pause_max_ms": gc_max,
         "loop_lag_max_ms_connect_relay": connect_relay_lag_max,
         "loop_lag_max_ms_hangup": hangup_lag_max,
+        "server_cpu_hangup_s": round(hangup_cpu[1] - hangup_cpu[0], 2),
+        "hangup_s": round(hangup_s, 1),
         "gc_pause_max_ms_by_generation": by_generation,
     }
 
