@@ -44,7 +44,10 @@ The rest aiohttp has no knob for, so it lives here:
   server's environment): logs every event-loop callback that held the loop longer than that
   many milliseconds, with its CPU time (wall time far above CPU time means the process was
   waiting for a core, not working) and what it was (a task's coroutine, a socket's protocol and
-  TLS state). asyncio's own debug mode does the same but slows every callback down.
+  TLS state), and every loop iteration that did (many short callbacks that were ready together,
+  which no single callback shows: a timer due meanwhile waits for all of them), with how many
+  callbacks and I/O events it ran and which kinds took most of it. asyncio's own debug mode
+  times callbacks too but slows every one of them down.
 - ``raise_fd_limit`` lifts the soft file-descriptor limit to the hard one at start (1,024 is the
   usual soft default; systemd's unit in docs/install.md raises the hard one).
 """
