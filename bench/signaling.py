@@ -36,12 +36,15 @@ Figures (the last stdout line is one JSON object):
   relay in between), over ``--duration`` seconds after a ``--warmup`` (the warm-up does NOT
   hide stalls: the loop-lag figures below cover the whole run, connect phase included).
 - ``loop_lag_max_ms``/``loop_lag_p99_ms`` (through Consult): the server's own event-loop lag
-  histogram (``consult_event_loop_lag_seconds``, a 20 ms timer sampled continuously) from
-  before the first connection until the last relayed message, read from /metrics; each is the
-  upper bound of the histogram bucket it falls in (1, 2, 5, 10, 20, 50, 100, 200, 500 ms, 1, 2,
-  5, 10, 30 s). ``loop_lag_max_ms_hangup``: the same for the 2 s after every participant hangs
-  up at once (not part of the figures above: a mass disconnect, reported apart).
-  ``gc_pause_max_ms``: the same for the server's garbage-collector pauses
+  histogram (``consult_event_loop_lag_seconds``, a 20 ms timer sampled continuously) over the
+  whole run: from before the first connection, through relaying, until every participant has
+  hung up at once and the server has closed their sockets (and a second more), read from
+  /metrics; each is the upper bound of the histogram bucket it falls in (1, 2, 5, 10, 20, 30,
+  40, 50, 100, 200, 500 ms, 1, 2, 5, 10, 30 s). Apart, the same split in two:
+  ``loop_lag_max_ms_connect_relay`` (until the last relayed message) and
+  ``loop_lag_max_ms_hangup`` (the mass disconnect after it; ``server_cpu_hangup_s``: the
+  server's CPU seconds for it, ``hangup_s``: until every socket was closed, plus a second).
+  ``gc_pause_max_ms``: the same for the server's garbage-collector pauses over the whole run
   (``gc_pause_max_ms_by_generation``: per generation; 2 is a full collection).
 - ``errors``: refused or failed connections, error frames, closed sockets, lost messages
   (``error_kinds``: by kind).
@@ -56,8 +59,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import os
+import re
 import resource
 import secrets
 import shutil
@@ -165,6 +170,7 @@ def drive(
     rooms: list[Room],
     server_pid: int,
     on_done: Callable[[], None] | None = None,
+    phases: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     clients = args.clients or max(1, -(-len(rooms) * 2 // SOCKETS_PER_CLIENT))
     path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
@@ -204,6 +210,8 @@ def drive(
         )
         cpu1 = cpu_s(server_pid)
         client_cpu1 = sum(cpu_s(p.pid) for p in procs)
+        if phases is not None:
+            phases["relay"] = time.time()
         for proc in procs:
             assert proc.stdin is not None
             proc.stdin.write("GO\n")
@@ -229,6 +237,8 @@ def drive(
                 pass
         if on_done is not None:
             on_done()  # the server's stall histograms before everyone hangs up at once
+        if phases is not None:
+            phases["hang-up"] = time.time()
         for proc in procs:
             assert proc.stdin is not None
             proc.stdin.write("CLOSE\n")
@@ -363,6 +373,15 @@ async def scrape(origin: str) -> dict[str, dict[str, float]]:
     return found
 
 
+async def open_sockets(origin: str) -> float:
+    """The server's open signaling WebSockets (``consult_websocket_connections``)."""
+    async with aiohttp.ClientSession() as session, session.get(origin + "/metrics", ssl=False) as r:
+        for line in (await r.text()).splitlines():
+            if line.startswith("consult_websocket_connections "):
+                return float(line.split()[1])
+    return 0.0
+
+
 def stall_figures(before: dict[str, float], after: dict[str, float]) -> tuple[float | None, float | None]:
     """(max, p99) in ms over the run, each the upper bound of its histogram bucket."""
     bounds = sorted((float(le), le) for le in after if le != "+Inf")
@@ -381,24 +400,62 @@ def stall_figures(before: dict[str, float], after: dict[str, float]) -> tuple[fl
     return (top if top is not None else float("inf")), (p99 if p99 is not None else float("inf"))
 
 
-def slow_callbacks(log_path: Path) -> None:
-    """What the server's slow-callback probe logged, grouped (stderr)."""
+STAMP = re.compile(r"(\d{4}-\d\d-\d\d)[ T](\d\d:\d\d:\d\d)[,.](\d{3})(Z?)")
+
+
+def phase_of(line: str, phases: dict[str, float]) -> str:
+    """Which phase of the run (connect, relay, hang-up) a server log line was written in."""
+    found = STAMP.search(line)
+    if found is None:
+        return "?"
+    day, clock, ms, utc = found.groups()
+    at = datetime.datetime.fromisoformat(f"{day}T{clock}.{ms}")
+    stamp = at.replace(tzinfo=datetime.UTC).timestamp() if utc else at.timestamp()
+    phase = "start"
+    for name, start in sorted(phases.items(), key=lambda kv: kv[1]):
+        if stamp >= start:
+            phase = name
+    return phase
+
+
+def slow_callbacks(log_path: Path, phases: dict[str, float]) -> None:
+    """What the server's slow-callback probe logged, grouped by phase and kind (stderr)."""
     seen: dict[str, list[tuple[float, float]]] = {}
     for line in log_path.read_text(errors="replace").splitlines():
         if "slow callback " not in line:
             continue
+        phase = phase_of(line, phases)
         text = line.split("slow callback ", 1)[1]
         took = float(text.split(" ms", 1)[0])
         cpu = float(text.split("(CPU ", 1)[1].split(" ms", 1)[0]) if "(CPU " in text else float("nan")
         what = text.split(": ", 1)[1] if ": " in text else text
         what = what.split(" (", 1)[0] if what.startswith("garbage") else what
-        seen.setdefault(what, []).append((took, cpu))
+        seen.setdefault(f"[{phase}] {what}", []).append((took, cpu))
     print(f"slow callbacks ({sum(map(len, seen.values()))}), longest wall (its CPU) ms:", file=sys.stderr)
     for what, took in sorted(seen.items(), key=lambda kv: -max(kv[1])[0])[:25]:
         wall, cpu = max(took)
         most_cpu = max((c for _w, c in took if c == c), default=float("nan"))
         line = f"  {len(took):5d}x max {wall:7.1f} ({cpu:6.1f}), max CPU {most_cpu:6.1f}  {what}"
         print(line, file=sys.stderr)
+    # Slow loop iterations (many short callbacks together), by what took most of each.
+    iterations: dict[str, list[tuple[float, float, str]]] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "slow iteration " not in line:
+            continue
+        phase = phase_of(line, phases)
+        text = line.split("slow iteration ", 1)[1]
+        took = float(text.split(" ms", 1)[0])
+        cpu = float(text.split("(CPU ", 1)[1].split(" ms", 1)[0])
+        detail = text.split("): ", 1)[1]
+        parts = detail.split("; ")
+        top = parts[1].split(" ms ", 1)[1] if len(parts) > 1 and " ms " in parts[1] else "?"
+        iterations.setdefault(f"[{phase}] {top}", []).append((took, cpu, detail))
+    count = sum(map(len, iterations.values()))
+    print(f"slow iterations ({count}) by what took most of each, the longest in full:", file=sys.stderr)
+    for top, seen_it in sorted(iterations.items(), key=lambda kv: -max(kv[1])[0])[:15]:
+        wall, cpu, detail = max(seen_it)
+        print(f"  {len(seen_it):5d}x max {wall:7.1f} ({cpu:6.1f})  {top}", file=sys.stderr)
+        print(f"          {detail}", file=sys.stderr)
 
 
 def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
@@ -426,6 +483,8 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
         server.start()
         before = asyncio.run(scrape(server.origin))
         scraped: list[dict[str, dict[str, float]]] = []
+        phases: dict[str, float] = {"connect": time.time()}
+        hangup_cpu: list[float] = []
         result = drive(
             args,
             HOST,
@@ -433,13 +492,24 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
             True,
             rooms,
             server.pid,
-            lambda: scraped.append(asyncio.run(scrape(server.origin))),
+            lambda: (
+                scraped.append(asyncio.run(scrape(server.origin))),
+                hangup_cpu.append(cpu_s(server.pid)),
+            ),
+            phases,
         )
         after = scraped[0]
-        time.sleep(2)  # the hang-up burst handled
+        # The hang-up burst handled: every socket closed on the server's side, then a second
+        # for what follows (the room events stored, the collector).
+        deadline = time.monotonic() + 120
+        while asyncio.run(open_sockets(server.origin)) > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)
         hung_up = asyncio.run(scrape(server.origin))
+        hangup_cpu.append(cpu_s(server.pid))
+        hangup_s = time.time() - phases["hang-up"]
         if args.slow_callback_ms:
-            slow_callbacks(server.stderr_path)
+            slow_callbacks(server.stderr_path, phases)
     except BaseException:
         print(server.logs(), file=sys.stderr)
         raise
@@ -447,17 +517,20 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     lag_max, lag_p99 = stall_figures(
+        before["consult_event_loop_lag_seconds_bucket"], hung_up["consult_event_loop_lag_seconds_bucket"]
+    )
+    connect_relay_lag_max, _ = stall_figures(
         before["consult_event_loop_lag_seconds_bucket"], after["consult_event_loop_lag_seconds_bucket"]
     )
     hangup_lag_max, _ = stall_figures(
         after["consult_event_loop_lag_seconds_bucket"], hung_up["consult_event_loop_lag_seconds_bucket"]
     )
     gc_max, _gc_p99 = stall_figures(
-        before["consult_gc_pause_seconds_bucket"], after["consult_gc_pause_seconds_bucket"]
+        before["consult_gc_pause_seconds_bucket"], hung_up["consult_gc_pause_seconds_bucket"]
     )
     by_generation = {
-        key.rsplit("/", 1)[1]: stall_figures(before.get(key, {}), after[key])[0]
-        for key in sorted(after)
+        key.rsplit("/", 1)[1]: stall_figures(before.get(key, {}), hung_up[key])[0]
+        for key in sorted(hung_up)
         if key.startswith("consult_gc_pause_seconds_bucket/")
     }
     return {
@@ -466,7 +539,10 @@ def run_through_app(args: argparse.Namespace) -> dict[str, Any]:
         "loop_lag_max_ms": lag_max,
         "loop_lag_p99_ms": lag_p99,
         "gc_pause_max_ms": gc_max,
+        "loop_lag_max_ms_connect_relay": connect_relay_lag_max,
         "loop_lag_max_ms_hangup": hangup_lag_max,
+        "server_cpu_hangup_s": round(hangup_cpu[1] - hangup_cpu[0], 2),
+        "hangup_s": round(hangup_s, 1),
         "gc_pause_max_ms_by_generation": by_generation,
     }
 

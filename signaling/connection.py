@@ -213,6 +213,13 @@ class Connection:
     async def wait_closed(self) -> None:
         """Wait for the writer to finish (flush + close handshake, bounded by timeouts)."""
         if not self.closing:
+            if self._writer is None and self.ws.closed:
+                # The close handshake is already done (the client closed; aiohttp answered):
+                # nothing left to send, so no writer task (a client hanging up costs one less
+                # task, which adds up when a clinic's sockets all close at once).
+                self.closing = True
+                self._queue.clear()
+                return
             self.close(CLOSE_NORMAL)
         if self._writer is not None:
             await asyncio.wait({self._writer})

@@ -33,6 +33,7 @@ from consult.ops.edge import (
     GcFreezer,
     SlowCallbackProbe,
     address_key,
+    handler_kwargs,
     pace_tls_handshakes,
     share_tls_read_buffer,
     unpace_tls_handshakes,
@@ -193,6 +194,73 @@ async def test_slow_callback_probe_names_the_callbacks_that_held_the_loop(
     assert "task " in lines[0] and "busy_task" in lines[0] and "(CPU " in lines[0]
     assert "busy_callback" in lines[1]
     assert asyncio.events.Handle._run is original and probe._on_gc not in gc.callbacks  # handed back
+
+
+async def test_slow_callback_probe_logs_an_iteration_held_by_many_short_callbacks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 40 callbacks of 1 ms, all ready at once, run in one iteration: none is slow on its own, the
+    # iteration is (a timer due meanwhile waits for all of them).
+    def short_callback() -> None:
+        time.sleep(0.001)
+
+    loop = asyncio.get_running_loop()
+    probe = SlowCallbackProbe(0.02)
+    probe.install()
+    try:
+        with caplog.at_level(logging.WARNING, logger="consult.edge"):
+            done = loop.create_future()
+            for _ in range(40):
+                loop.call_soon(short_callback)
+            loop.call_soon(done.set_result, None)
+            await done
+            await asyncio.sleep(0)
+    finally:
+        probe.uninstall()
+    slow_callbacks = [r.getMessage() for r in caplog.records if "slow callback" in r.getMessage()]
+    iterations = [r.getMessage() for r in caplog.records if "slow iteration" in r.getMessage()]
+    assert probe.slow == 0 and not slow_callbacks, slow_callbacks
+    assert probe.slow_iterations >= 1 and iterations
+    assert "short_callback" in iterations[0] and "(CPU " in iterations[0], iterations
+    assert "_run_once" not in vars(loop) and "select" not in vars(loop._selector)  # handed back
+
+
+async def test_websocket_heartbeats_fire_at_their_own_time_not_rounded_to_a_second() -> None:
+    # aiohttp's default rounds a heartbeat (20 s) up to the next whole second of loop time, so
+    # that all the sockets' heartbeats due within a second fire in one loop iteration.
+    from types import SimpleNamespace
+
+    import aiohttp
+    from aiohttp import web
+
+    heartbeats: list[float] = []
+
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(heartbeat=20)
+        await ws.prepare(request)
+        heartbeats.append(ws._heartbeat_cb.when())  # the timer aiohttp scheduled (private)
+        await ws.close()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", ws_handler)
+    settings = SimpleNamespace(header_timeout_seconds=10)
+    runner = web.AppRunner(app, **handler_kwargs(settings, web.AccessLogger))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):
+                async with session.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
+                    await ws.receive()
+    finally:
+        await runner.cleanup()
+    assert len(heartbeats) == 3
+    # Whole seconds with aiohttp's default; here 3 times in a row a whole second by chance is
+    # (practically) impossible.
+    assert any(when != int(when) for when in heartbeats), heartbeats
 
 
 async def test_tls_connections_share_one_read_buffer_without_mixing_their_bytes(

@@ -151,5 +151,8 @@ async def test_event_loop_lag_and_gc_pauses_are_measured(aiohttp_client, make_se
     )
     total = float(re.search(r"^consult_event_loop_lag_seconds_count (\S+)$", text, re.M).group(1))
     assert total - over_100ms >= 1  # at least one sample above 100 ms
+    # Fine enough below 50 ms to tell a 45 ms stall (under a 50 ms target) from a 50 ms one.
+    bounds = re.findall(r'^consult_event_loop_lag_seconds_bucket\{le="([^"]+)"\}', text, re.M)
+    assert {"0.02", "0.03", "0.04", "0.05"} <= set(bounds), bounds
     assert re.search(r'^consult_gc_pause_seconds_count\{generation="2"\} [1-9]', text, re.M), text[-2000:]
     assert float(re.search(r"^consult_gc_pause_max_seconds (\S+)$", text, re.M).group(1)) > 0

@@ -58,7 +58,9 @@ LIVE = {
 }
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Event-loop lag and garbage-collector pauses: a stalled loop delays every call's signaling at once.
-STALL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# Fine up to 50 ms (30 and 40 too), so that a lag under a 50 ms target shows as such: a 45 ms stall
+# counted in a bucket of 20-50 ms would read as "50 ms".
+STALL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 LAG_SAMPLE_S = 0.02
 
 

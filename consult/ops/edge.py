@@ -44,7 +44,10 @@ The rest aiohttp has no knob for, so it lives here:
   server's environment): logs every event-loop callback that held the loop longer than that
   many milliseconds, with its CPU time (wall time far above CPU time means the process was
   waiting for a core, not working) and what it was (a task's coroutine, a socket's protocol and
-  TLS state). asyncio's own debug mode does the same but slows every callback down.
+  TLS state), and every loop iteration that did (many short callbacks that were ready together,
+  which no single callback shows: a timer due meanwhile waits for all of them), with how many
+  callbacks and I/O events it ran and which kinds took most of it. asyncio's own debug mode
+  times callbacks too but slows every one of them down.
 - ``raise_fd_limit`` lifts the soft file-descriptor limit to the hard one at start (1,024 is the
   usual soft default; systemd's unit in docs/install.md raises the hard one).
 """
@@ -71,7 +74,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from consult.core import proxy
+from consult.core import i18n, proxy
 from consult.core.security import SERVER_HEADER
 
 # Pending connections the kernel queues (capped by net.core.somaxconn): a clinic opening at 8:00,
@@ -97,6 +100,9 @@ GC_FULL_EVERY = 1
 # see pace_tls_handshakes.
 HANDSHAKES_PER_TICK = 4
 ACCEPTS_PER_TICK = 32
+
+# aiohttp rounds timers longer than this up to a whole second (its default: 5 s); see handler_kwargs.
+TIMER_CEIL_THRESHOLD_S = float(365 * 86400)
 
 # Bytes a TLS connection reads from its socket at once (asyncio's default: 256 KiB, allocated per
 # connection; here one buffer for all of them); see the module docstring.
@@ -388,14 +394,34 @@ class GcFreezer:
 
 
 class SlowCallbackProbe:
-    """Times every callback the event loop runs (``asyncio.Handle._run``) and logs the slow ones."""
+    """Times every callback the event loop runs (``asyncio.Handle._run``) and every iteration of
+    the loop, and logs the slow ones.
+
+    An iteration runs every callback that was ready when it started (all the sockets the
+    selector reported, the timers due, what the previous iteration scheduled): a timer due
+    meanwhile, such as the loop-lag sampler's, waits for the whole of it. So many short
+    callbacks can hold the loop as long as one long one; a slow iteration is logged with how
+    many callbacks it ran and which kinds took the most of it.
+    """
+
+    # Callbacks shorter than this are counted, not named, in a slow iteration's summary.
+    NAMED_S = 0.0005
 
     def __init__(self, threshold_s: float) -> None:
         self.threshold_s = threshold_s
         self.slow = 0
+        self.slow_iterations = 0
         self._original: Callable[..., Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._gc_started = 0.0
         self._gc_cpu = 0.0
+        # The iteration in progress: when its select returned, CPU then, I/O events, callbacks
+        # run, and {kind: [count, seconds]} of its callbacks longer than NAMED_S (and GC passes).
+        self._it_wall = 0.0
+        self._it_cpu = 0.0
+        self._it_events = 0
+        self._it_callbacks = 0
+        self._it_kinds: dict[str, list[float]] = {}
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -403,6 +429,10 @@ class SlowCallbackProbe:
             self._gc_cpu = time.thread_time()
             return
         took = time.perf_counter() - self._gc_started
+        if took >= self.NAMED_S:
+            kind = self._it_kinds.setdefault(f"gc{info.get('generation')}", [0, 0.0])
+            kind[0] += 1
+            kind[1] += took
         if took >= self.threshold_s:
             log.warning(
                 "slow callback %.1f ms (CPU %.1f ms): garbage collection of generation %s (%s collected)",
@@ -418,8 +448,20 @@ class SlowCallbackProbe:
         owner = getattr(callback, "__self__", None)
         if isinstance(owner, asyncio.Task):
             coro = owner.get_coro()
-            frame = getattr(coro, "cr_frame", None)
-            where = f" at {frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else ""
+            where = ""
+            # Where the step ended: the innermost coroutine it awaits (a hint of what it did).
+            inner, depth = coro, 0
+            while (
+                depth < 20
+                and getattr(inner, "cr_await", None) is not None
+                and hasattr(inner.cr_await, "cr_frame")
+            ):
+                inner, depth = inner.cr_await, depth + 1
+            frame = getattr(inner, "cr_frame", None)
+            if frame is not None:
+                where = f" at {frame.f_code.co_filename}:{frame.f_lineno}"
+                if inner is not coro:
+                    where = f" in {getattr(inner, '__qualname__', inner)}{where}"
             return f"task {getattr(coro, '__qualname__', coro)}{where}"
         protocol = getattr(owner, "_protocol", None)
         if protocol is not None:
@@ -430,6 +472,22 @@ class SlowCallbackProbe:
                 return f"{name} TLS {getattr(state, 'name', state)} -> {type(app).__name__}"
             return f"{name} -> {type(protocol).__name__}"
         return repr(handle)
+
+    @staticmethod
+    def kind(handle: asyncio.Handle) -> str:
+        """A short name of what `handle` ran, for the iteration summary (a task's coroutine,
+        a transport's method and protocol, or the function)."""
+        callback = getattr(handle, "_callback", None)
+        owner = getattr(callback, "__self__", None)
+        if isinstance(owner, asyncio.Task):
+            coro = owner.get_coro()
+            return f"task {getattr(coro, '__qualname__', type(coro).__name__)}"
+        protocol = getattr(owner, "_protocol", None)
+        name = getattr(callback, "__qualname__", type(callback).__name__)
+        if protocol is not None:
+            app = getattr(protocol, "_app_protocol", None)
+            return f"{name} -> {type(app if app is not None else protocol).__name__}"
+        return name
 
     def install(self) -> None:
         if self._original is not None:
@@ -443,6 +501,11 @@ class SlowCallbackProbe:
                 original(handle)
             finally:
                 took = time.perf_counter() - wall
+                probe._it_callbacks += 1
+                if took >= probe.NAMED_S:
+                    kind = probe._it_kinds.setdefault(probe.kind(handle), [0, 0.0])
+                    kind[0] += 1
+                    kind[1] += took
                 if took >= probe.threshold_s:
                     probe.slow += 1
                     log.warning(
@@ -454,6 +517,47 @@ class SlowCallbackProbe:
 
         asyncio.events.Handle._run = _run  # type: ignore[method-assign]
         gc.callbacks.append(self._on_gc)
+        with contextlib.suppress(RuntimeError):
+            self._watch_iterations(asyncio.get_running_loop())
+
+    def _watch_iterations(self, loop: asyncio.AbstractEventLoop) -> None:
+        selector = getattr(loop, "_selector", None)
+        run_once = getattr(loop, "_run_once", None)
+        if selector is None or run_once is None:
+            return  # not a selector loop
+        select = selector.select
+        probe = self
+
+        def timed_select(timeout: float | None = None) -> list[Any]:
+            events = select(timeout)
+            probe._it_wall = time.perf_counter()
+            probe._it_cpu = time.thread_time()
+            probe._it_events = len(events)
+            probe._it_callbacks = 0
+            probe._it_kinds = {}
+            return events
+
+        def timed_run_once() -> None:
+            run_once()
+            took = time.perf_counter() - probe._it_wall
+            if took < probe.threshold_s:
+                return
+            probe.slow_iterations += 1
+            kinds = sorted(probe._it_kinds.items(), key=lambda kv: -kv[1][1])
+            named = sum(n for kind, (n, _s) in probe._it_kinds.items() if not kind.startswith("gc"))
+            log.warning(
+                "slow iteration %.1f ms (CPU %.1f ms): %d callbacks, %d I/O events; %s",
+                took * 1000,
+                (time.thread_time() - probe._it_cpu) * 1000,
+                probe._it_callbacks,
+                probe._it_events,
+                "; ".join(f"{int(n)}x {s * 1000:.1f} ms {kind}" for kind, (n, s) in kinds[:4])
+                + (f"; {probe._it_callbacks - int(named)} shorter than {probe.NAMED_S * 1000:g} ms"),
+            )
+
+        selector.select = timed_select  # type: ignore[method-assign]
+        loop._run_once = timed_run_once  # type: ignore[attr-defined]
+        self._loop = loop
 
     def uninstall(self) -> None:
         if self._original is not None:
@@ -461,6 +565,13 @@ class SlowCallbackProbe:
             self._original = None
             with contextlib.suppress(ValueError):
                 gc.callbacks.remove(self._on_gc)
+        if self._loop is not None:
+            # The instance attributes hid the class's methods: removing them restores those.
+            with contextlib.suppress(AttributeError):
+                del self._loop._selector.select  # type: ignore[attr-defined]
+            with contextlib.suppress(AttributeError):
+                del self._loop._run_once  # type: ignore[attr-defined]
+            self._loop = None
 
 
 def handler_kwargs(settings: Any, access_log_class: type) -> dict[str, Any]:
@@ -469,6 +580,11 @@ def handler_kwargs(settings: Any, access_log_class: type) -> dict[str, Any]:
         "access_log_class": access_log_class,
         # The one timer aiohttp has for a connection waiting on a request: see the docstring.
         "keepalive_timeout": settings.header_timeout_seconds,
+        # aiohttp rounds a timer of more than 5 s up to the loop's next whole second, so that
+        # timers fire together: every WebSocket's heartbeat (20 s) that falls due within a second
+        # fired in one iteration (100 pings at once at 2,000 sockets, 1,000 at 20,000: 40-60 ms
+        # with the loop held). At their own time they are spread over the second.
+        "timeout_ceil_threshold": TIMER_CEIL_THRESHOLD_S,
     }
 
 
@@ -499,6 +615,11 @@ async def serve(
     await runner.setup()
     server = runner.server
     assert server is not None
+    # The translation catalogues are parsed on first use (Babel reads every .po file: ~30 ms of
+    # CPU for Chinese), which was the first patient's hello, holding every call's signaling while
+    # a clinic's phones connected: read them now, before the first connection.
+    for locale in i18n.LOCALES:
+        i18n.catalogue(locale)
     # What start-up loaded (modules, templates, catalogues, settings) lives as long as the process:
     # moved out of the collector's way, a full collection scans only what calls and requests made.
     gc.freeze()
