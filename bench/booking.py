@@ -207,10 +207,12 @@ async def drive(
         ready.cancel()
         await asyncio.gather(*tasks)
     cpu0 = cpu_seconds(proc.pid)
+    client0 = time.process_time()
     t0 = time.perf_counter()
     gate.go.set()
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - t0
+    args.client_cpu_s = time.process_time() - client0
     return elapsed, latencies, errors, len(successes), cpu_seconds(proc.pid) - cpu0
 
 
@@ -263,6 +265,9 @@ def run(args: argparse.Namespace) -> dict:
         # The server's CPU per successful booking (all its threads): steadier than the rate on a
         # shared machine; 1000 / this is roughly the rate one free core would sustain.
         "server_cpu_ms_per_booking": round(server_cpu * 1000 / booked_ok, 3) if booked_ok else None,
+        # The client's own CPU (this process) per successful booking: with the server's, what the
+        # two cores are spent on; if the two together approach 2 cores, the client is a limit too.
+        "client_cpu_ms_per_booking": round(args.client_cpu_s * 1000 / booked_ok, 3) if booked_ok else None,
         "double_bookings": found["double"],
         "patient_overlaps": found["patient_overlaps"],
         "errors": len(errors),

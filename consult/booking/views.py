@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import date, datetime, timedelta
 
@@ -197,6 +198,53 @@ async def doctors_page(request: web.Request) -> web.Response:
     )
 
 
+async def _week(request: web.Request, department_id: int, doctor_id: int) -> dict:
+    """The doctor (of that department) with every slot of the strip's days, free or taken, as
+    read from the database: kept (``slotcache``) until a change other than a hold, or a second.
+    What holds of this process took since is marked over it by `_marked`."""
+    settings = request.app[keys.SETTINGS]
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    key = ("week", department_id)
+    week = cache.get(doctor_id, key) if cache is not None else None
+    if week is None:
+        version = cache.version(doctor_id) if cache is not None else None
+        now = time.time()
+        week = await request.app[keys.DB].execute_fn(
+            lambda db: pages.doctor_slots(
+                db,
+                department_id,
+                doctor_id,
+                now=now,
+                horizon=now + BOOKING_DAYS * 86400,
+                tz=settings.timezone,
+                lead_s=settings.booking_lead_minutes * 60,
+            )
+        )
+        week["taken"] = frozenset(s.starts_at for day in week["by_day"].values() for s in day if s.taken)
+        if cache is not None:
+            cache.put(doctor_id, key, week, version)
+    return week
+
+
+def _marked(week: dict, took: set[int] | tuple) -> dict[date, list[schedules.Slot]]:
+    """The week's slots by day with every time in ``took`` (taken by a hold since the read)
+    marked taken."""
+    if not took:
+        return week["by_day"]
+    return {
+        day: [dataclasses.replace(s, taken=True) if not s.taken and s.starts_at in took else s for s in slots]
+        for day, slots in week["by_day"].items()
+    }
+
+
+def _strip_days(request: web.Request) -> tuple[float, float, date, date]:
+    """(now, horizon, first day, last day) of the date strip."""
+    tz = request.app[keys.SETTINGS].timezone
+    now = time.time()
+    horizon = now + BOOKING_DAYS * 86400
+    return now, horizon, to_local(now, tz).date(), to_local(horizon, tz).date()
+
+
 async def _slots_context(
     request: web.Request, department_id: int, doctor_id: int, chosen: str | None = None
 ) -> dict:
@@ -205,31 +253,19 @@ async def _slots_context(
     until a booking changes the doctor's visits or a second has passed."""
     settings = request.app[keys.SETTINGS]
     locale = request[keys.LOCALE]
-    now = time.time()
-    horizon = now + BOOKING_DAYS * 86400
+    now, horizon, first, last = _strip_days(request)
     wanted = parse_day(chosen)
-    if wanted is not None and not (
-        to_local(now, settings.timezone).date() <= wanted <= to_local(horizon, settings.timezone).date()
-    ):
+    if wanted is not None and not first <= wanted <= last:
         wanted = None  # a day not on the strip: the first day with a free time, as for none
     cache = request.app.get(slotcache.SLOT_CACHE)
     key = ("page", department_id, locale, wanted)
-    shown = cache.get(doctor_id, key) if cache is not None else None
+    shown = cache.get(doctor_id, key, with_takes=True) if cache is not None else None
     if shown is None:
-        version = cache.version(doctor_id) if cache is not None else None
-        found = await request.app[keys.DB].execute_fn(
-            lambda db: pages.doctor_slots(
-                db,
-                department_id,
-                doctor_id,
-                now=now,
-                horizon=horizon,
-                tz=settings.timezone,
-                lead_s=settings.booking_lead_minutes * 60,
-            )
-        )
+        week = await _week(request, department_id, doctor_id)
+        # No await from here to the put: the version and the marks are read together.
+        version = cache.version(doctor_id, with_takes=True) if cache is not None else None
         days, day = day_strip(
-            found["by_day"],
+            _marked(week, cache.taken(doctor_id) if cache is not None else ()),
             settings.timezone,
             now=now,
             until=horizon,
@@ -237,8 +273,8 @@ async def _slots_context(
             chosen=wanted.isoformat() if wanted else None,
         )
         parts = {
-            "department": catalogue.department_view(found["dep"], locale),
-            "doctor": catalogue.doctor_view(found["doc"], locale),
+            "department": catalogue.department_view(week["dep"], locale),
+            "doctor": catalogue.doctor_view(week["doc"], locale),
             "days": days,
             "d": day,
             "change_hours": round(settings.cancel_free_hours),
@@ -251,10 +287,6 @@ async def _slots_context(
         }
         if cache is not None:
             cache.put(doctor_id, key, shown, version)
-            taken = frozenset(
-                s.starts_at for found_day in found["by_day"].values() for s in found_day if s.taken
-            )
-            cache.put(doctor_id, TAKEN_KEY, taken, version)
     return {**shown, "hold_minutes": settings.hold_minutes, "error": None}
 
 
@@ -264,37 +296,23 @@ def _rendered(template: str, request: web.Request, context: dict) -> Markup:
 
 
 async def _day_context(request: web.Request, department_id: int, doctor_id: int, day: date | None) -> dict:
-    """One day of the slot page (the panel the date strip shows, rendered: ``panel_html``): only
-    that day's slots and bookings, kept like the page's (``slotcache``). A day that is not one of
-    the strip's is refused with a clear message."""
+    """One day of the slot page (the panel the date strip shows, rendered: ``panel_html``; how
+    many times are free: ``free``), kept like the page's (``slotcache``). A day that is not one
+    of the strip's is refused with a clear message."""
     settings = request.app[keys.SETTINGS]
     tz = settings.timezone
     locale = request[keys.LOCALE]
-    now = time.time()
-    horizon = now + BOOKING_DAYS * 86400
-    today = to_local(now, tz).date()
-    if day is None or not today <= day <= to_local(horizon, tz).date():
+    now, _horizon, today, last = _strip_days(request)
+    if day is None or not today <= day <= last:
         raise BadRequest(_("Please pick a day from the list."), code="bad_day")
     cache = request.app.get(slotcache.SLOT_CACHE)
     key = ("day", department_id, locale, day)
-    kept = cache.get(doctor_id, key) if cache is not None else None
+    kept = cache.get(doctor_id, key, with_takes=True) if cache is not None else None
     if kept is None:
-        version = cache.version(doctor_id) if cache is not None else None
-        since = max(now, schedules.local_ts(day, "00:00", tz))
-        until = min(horizon, schedules.local_ts(day + timedelta(days=1), "00:00", tz))
-        found = await request.app[keys.DB].execute_fn(
-            lambda db: pages.doctor_slots(
-                db,
-                department_id,
-                doctor_id,
-                now=now,
-                since=since,
-                horizon=until,
-                tz=tz,
-                lead_s=settings.booking_lead_minutes * 60,
-            )
-        )
-        slots = found["by_day"].get(day, [])
+        week = await _week(request, department_id, doctor_id)
+        version = cache.version(doctor_id, with_takes=True) if cache is not None else None
+        slots = _marked(week, cache.taken(doctor_id) if cache is not None else ()).get(day, [])
+        slots = [s for s in slots if s.starts_at >= now]
         late_s = settings.cancel_free_hours * 3600
         entry = _day_names(day, today)
         entry["free"] = sum(1 for s in slots if not s.taken)
@@ -302,9 +320,10 @@ async def _day_context(request: web.Request, department_id: int, doctor_id: int,
         entry["groups"] = day_groups(slots, tz, now=now, late_s=late_s)
         parts = {"d": entry, "change_hours": round(settings.cancel_free_hours)}
         kept = {
-            "department": catalogue.department_view(found["dep"], locale),
-            "doctor": catalogue.doctor_view(found["doc"], locale),
+            "department": catalogue.department_view(week["dep"], locale),
+            "doctor": catalogue.doctor_view(week["doc"], locale),
             "d": {"date": entry["date"]},
+            "free": entry["free"],
             "panel_html": _rendered("_slot_day.html", request, parts),
         }
         if cache is not None:
@@ -345,7 +364,7 @@ async def hold_submit(request: web.Request) -> web.StreamResponse:
     department_id = _int(data.get("department_id"), "department")
     try:
         starts_at = _int(data.get("starts_at"), "time")
-        _refuse_if_known_taken(request, doctor_id, starts_at)
+        _refuse_if_known_taken(request, department_id, doctor_id, starts_at)
         visit = await booking.hold(
             request.app,
             patient,
@@ -359,7 +378,7 @@ async def hold_submit(request: web.Request) -> web.StreamResponse:
             return web.json_response({"error": exc.code, "message": exc.message}, status=exc.status)
         return await _refused_hold(request, exc, department_id, doctor_id, data.get("starts_at"))
     metrics.count(request.app, "bookings")
-    location = str(request.app.router["visit"].url_for(public_id=visit["public_id"]))
+    location = f"/visits/{visit['public_id']}"  # the "visit" route; url_for costs a rush's hold
     if wants_json(request):
         return web.json_response(
             {"public_id": visit["public_id"], "url": location, "hold_expires": visit["hold_expires"]},
@@ -370,18 +389,19 @@ async def hold_submit(request: web.Request) -> web.StreamResponse:
     return web.Response(status=303, headers={"Location": location})
 
 
-TAKEN_KEY = ("taken",)
-
-
-def _refuse_if_known_taken(request: web.Request, doctor_id: int, starts_at: int) -> None:
+def _refuse_if_known_taken(request: web.Request, department_id: int, doctor_id: int, starts_at: int) -> None:
     """A time the kept slot page already shows as taken is refused here, without a turn of the
     one writer: in a rush most holds are for times just taken, and they queued behind the holds
-    that could succeed. The kept page is dropped by every hold, cancellation and release in
-    this process, so it only errs for a second at most, and only ever towards "taken"; a time
-    not known taken goes to the database, where the UNIQUE index decides."""
+    that could succeed. What is kept is marked by every hold and dropped by every cancellation
+    and release in this process, so it only errs for a second at most, and only ever towards
+    "taken"; a time not known taken goes to the database, where the UNIQUE index decides."""
     cache = request.app.get(slotcache.SLOT_CACHE)
-    taken = cache.get(doctor_id, TAKEN_KEY) if cache is not None else None
-    if taken is not None and starts_at in taken:
+    if cache is None:
+        return
+    if cache.is_taken(doctor_id, starts_at):
+        raise Conflict(booking.taken_message(), code="slot_taken")
+    week = cache.get(doctor_id, ("week", department_id))
+    if week is not None and starts_at in week["taken"]:
         raise Conflict(booking.taken_message(), code="slot_taken")
 
 
@@ -389,7 +409,9 @@ async def _refused_hold(
     request: web.Request, exc: ConsultError, department_id: int, doctor_id: int, tried_value: str | None
 ) -> web.Response:
     """A refused hold (most often: the time was just taken) answers with a short page: why, and
-    the fresh times of the day that was tried, to pick another at once; not the whole two weeks."""
+    the fresh times of the day that was tried, to pick another at once; not the whole two weeks.
+    When that day has no free time left, the page shows the first day that has one as well, or
+    says that none is left: in a rush nobody has to go back to the strip to find out."""
     tz = request.app[keys.SETTINGS].timezone
     tried = small_int(tried_value, signed=True)
     day = None
@@ -407,8 +429,31 @@ async def _refused_hold(
             "doctor": catalogue.doctor_view(doc, locale),
             "d": None,
         }
+    else:
+        if not ctx["free"]:
+            other = await _first_free_day(request, department_id, doctor_id)
+            if other is None:
+                ctx["none_left"] = True
+            else:
+                ctx["next_panel_html"] = (await _day_context(request, department_id, doctor_id, other))[
+                    "panel_html"
+                ]
     ctx["error"] = exc.message
     return aiohttp_jinja2.render_template("book_slot_refused.html", request, ctx, status=exc.status)
+
+
+async def _first_free_day(request: web.Request, department_id: int, doctor_id: int) -> date | None:
+    """The first day of the strip with a free time, as the slot page would show it; None if none."""
+    week = await _week(request, department_id, doctor_id)
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    took = cache.taken(doctor_id) if cache is not None else ()
+    now, _horizon, first, last = _strip_days(request)
+    for day, slots in sorted(week["by_day"].items()):
+        if first <= day <= last and any(
+            not s.taken and s.starts_at not in took and s.starts_at >= now for s in slots
+        ):
+            return day
+    return None
 
 
 # -- a visit --------------------------------------------------------------------------
