@@ -279,3 +279,22 @@ async def test_a_hold_refused_when_nothing_is_left_says_so(patient, clinic, sett
     text = await resp.text()
     assert 'data-testid="no-slots"' in text and "未来两周没有可约时间。" in text
     assert len(PANEL.findall(text)) == 1  # the tried day, every time taken
+
+
+async def test_pages_kept_whole_carry_each_patients_own_token_and_settings(patient, other, clinic, settings):
+    """The slot page and the refused hold's page are kept whole for everybody alike: only the
+    form's token is each patient's own, and a patient reading large text gets large text."""
+    page = f"/book/{clinic.department_id}/doctors/{clinic.doctor_ids[0]}"
+    mine = await (await patient.get(page)).text()
+    other.session.cookie_jar.update_cookies({"consult_text": "large"})
+    theirs = await (await other.get(page)).text()
+    assert f'value="{patient.csrf}"' in mine and patient.csrf not in theirs
+    assert f'value="{other.csrf}"' in theirs and 'class="text-large"' in theirs
+    assert 'class="text-large"' not in mine and "csrfmark" not in mine + theirs
+    first, _second = free_slots(settings, clinic.doctor_ids[0], 2 * DAY, count=2)
+    assert (await hold(patient, clinic, first.starts_at, json=False)).status == 303
+    for client in (other, patient, other):
+        resp = await hold(client, clinic, first.starts_at, json=False)
+        assert resp.status == 409
+        text = await resp.text()
+        assert f'name="csrf_token" value="{client.csrf}"' in text and "csrfmark" not in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import time
 from datetime import date, datetime, timedelta
 
@@ -333,13 +334,81 @@ async def _day_context(request: web.Request, department_id: int, doctor_id: int,
 
 async def slots_page(request: web.Request) -> web.Response:
     security.require(request, "patient")
+    doctor_id = int(request.match_info["doctor_id"])
+    keep = set(request.query) <= {"day"}  # the URL is part of the key: nothing else in it
+    key = _page_key(request, "book_slots.html") if keep else None
+    kept = _kept_page(request, doctor_id, key)
+    if kept is not None:
+        return kept
+    version = _version(request, doctor_id)
     ctx = await _slots_context(
-        request,
-        int(request.match_info["department_id"]),
-        int(request.match_info["doctor_id"]),
-        request.query.get("day"),
+        request, int(request.match_info["department_id"]), doctor_id, request.query.get("day")
     )
-    return aiohttp_jinja2.render_template("book_slots.html", request, ctx)
+    return _keep_page(request, doctor_id, key, version, "book_slots.html", ctx)
+
+
+# What stands for the form's CSRF token in a page kept whole; never leaves this process.
+_CSRF_MARK = "csrfmark" + secrets.token_hex(16)
+
+
+def _page_key(request: web.Request, template: str, *more: object) -> tuple:
+    """What a whole page of the slot journey depends on besides the doctor's slots: the URL, the
+    language, the large-text switch and the role (the top bar). Only the CSRF token is per user."""
+    shared = request.get(aiohttp_jinja2.REQUEST_CONTEXT_KEY) or {}
+    user = request.get(keys.USER)
+    role = user.role if user else None
+    return (
+        "html",
+        template,
+        request.path_qs,
+        request[keys.LOCALE],
+        bool(shared.get("large_text")),
+        role,
+        *more,
+    )
+
+
+def _version(request: web.Request, doctor_id: int) -> tuple[int, ...] | None:
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    return cache.version(doctor_id, with_takes=True) if cache is not None else None
+
+
+def _token(request: web.Request) -> str | None:
+    return (request.get(aiohttp_jinja2.REQUEST_CONTEXT_KEY) or {}).get("csrf_token")
+
+
+def _kept_page(
+    request: web.Request, doctor_id: int, key: tuple | None, status: int = 200
+) -> web.Response | None:
+    """The page kept under ``key`` with this patient's CSRF token in it, if it is still good."""
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    token = _token(request)
+    if cache is None or key is None or not token:
+        return None
+    html = cache.get(doctor_id, key, with_takes=True)
+    if html is None:
+        return None
+    return web.Response(text=html.replace(_CSRF_MARK, token), status=status, content_type="text/html")
+
+
+def _keep_page(
+    request: web.Request,
+    doctor_id: int,
+    key: tuple | None,
+    version: tuple[int, ...] | None,
+    template: str,
+    ctx: dict,
+    status: int = 200,
+) -> web.Response:
+    """Render the page; keep it whole (``slotcache``) if nothing changed since ``version``, read
+    before anything it shows was: the next patients get it with their own CSRF token."""
+    token = _token(request)
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    if cache is None or key is None or version is None or not token:
+        return aiohttp_jinja2.render_template(template, request, ctx, status=status)
+    html = aiohttp_jinja2.render_string(template, request, {**ctx, "csrf_token": _CSRF_MARK})
+    cache.put(doctor_id, key, html, version)
+    return web.Response(text=html.replace(_CSRF_MARK, token), status=status, content_type="text/html")
 
 
 async def slots_day_fragment(request: web.Request) -> web.Response:
@@ -411,12 +480,18 @@ async def _refused_hold(
     """A refused hold (most often: the time was just taken) answers with a short page: why, and
     the fresh times of the day that was tried, to pick another at once; not the whole two weeks.
     When that day has no free time left, the page shows the first day that has one as well, or
-    says that none is left: in a rush nobody has to go back to the strip to find out."""
+    says that none is left: in a rush nobody has to go back to the strip to find out. In a rush
+    the same page goes to hundreds of patients: it is kept whole, like the slot page."""
     tz = request.app[keys.SETTINGS].timezone
     tried = small_int(tried_value, signed=True)
     day = None
     if tried is not None and 0 <= tried < 2**40:  # back to the day of the time that was refused
         day = to_local(tried, tz).date()
+    key = _page_key(request, "book_slot_refused.html", department_id, doctor_id, day, exc.status, exc.message)
+    kept = _kept_page(request, doctor_id, key, exc.status)
+    if kept is not None:
+        return kept
+    version = _version(request, doctor_id)
     try:
         ctx = await _day_context(request, department_id, doctor_id, day)
     except BadRequest:  # a time outside the strip: the page says why and leads back to every day
@@ -429,6 +504,7 @@ async def _refused_hold(
             "doctor": catalogue.doctor_view(doc, locale),
             "d": None,
         }
+        key = None  # not kept: the doctor was read without the cache
     else:
         if not ctx["free"]:
             other = await _first_free_day(request, department_id, doctor_id)
@@ -439,7 +515,7 @@ async def _refused_hold(
                     "panel_html"
                 ]
     ctx["error"] = exc.message
-    return aiohttp_jinja2.render_template("book_slot_refused.html", request, ctx, status=exc.status)
+    return _keep_page(request, doctor_id, key, version, "book_slot_refused.html", ctx, exc.status)
 
 
 async def _first_free_day(request: web.Request, department_id: int, doctor_id: int) -> date | None:
