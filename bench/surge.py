@@ -18,9 +18,11 @@ as they would behind nginx):
    noise. The slot page shows one day (the first with a free time); before trying a time on a
    day it has not looked at, the patient taps that day in the strip (GET of the day's panel, as
    the page's script does); a refused hold answers with a short page of the tried day's fresh
-   times. The patient skips every time it has seen taken, as a person would, and tries the next
-   it prefers. It stops after a booking, after ``--tries`` hold attempts, or when it knows every
-   slot is taken.
+   times (and, when that day is full, the first day that still has one, or "No free times in the
+   next two weeks"). The patient reads each page as a person would: it skips every time shown
+   taken and every day the strip shows full, and tries the next time it prefers. It stops after a
+   booking, after ``--tries`` hold attempts, when it knows every slot is taken, or when a page
+   says no time is left.
 
 Figures (last stdout line, one JSON object):
 - ``booked``: patients whose hold was acknowledged (303 to their visit); ``refused``: hold
@@ -34,7 +36,10 @@ Figures (last stdout line, one JSON object):
   tries and went home without a booking although slots were still free at the end (unfair
   retries) — both should be 0 whenever patients outnumber slots.
 - ``server_cpu_s``: the server's CPU time (every thread) over the surge, steadier than the
-  latencies when other work shares the machine.
+  latencies when other work shares the machine; ``requests``: the requests sent, by kind (page,
+  day panel, hold); ``server_cpu_ms_per_request``: the two divided. One server process serves
+  the surge on one event loop: requests x CPU each, against ``--window``, says whether it can
+  keep up (p99 < 1 s needs the total well under the window).
 - ``load_before``/``load_after``: the machine's 1-minute load average (the client runs on the
   same machine and competes with the server for CPU).
 Targets: 0 double bookings, 0 errors, p99 < 1 s. Exit status 1 if any double booking, error or
