@@ -18,9 +18,11 @@ as they would behind nginx):
    noise. The slot page shows one day (the first with a free time); before trying a time on a
    day it has not looked at, the patient taps that day in the strip (GET of the day's panel, as
    the page's script does); a refused hold answers with a short page of the tried day's fresh
-   times. The patient skips every time it has seen taken, as a person would, and tries the next
-   it prefers. It stops after a booking, after ``--tries`` hold attempts, or when it knows every
-   slot is taken.
+   times (and, when that day is full, the first day that still has one, or "No free times in the
+   next two weeks"). The patient reads each page as a person would: it skips every time shown
+   taken and every day the strip shows full, and tries the next time it prefers. It stops after a
+   booking, after ``--tries`` hold attempts, when it knows every slot is taken, or when a page
+   says no time is left.
 
 Figures (last stdout line, one JSON object):
 - ``booked``: patients whose hold was acknowledged (303 to their visit); ``refused``: hold
@@ -34,7 +36,10 @@ Figures (last stdout line, one JSON object):
   tries and went home without a booking although slots were still free at the end (unfair
   retries) — both should be 0 whenever patients outnumber slots.
 - ``server_cpu_s``: the server's CPU time (every thread) over the surge, steadier than the
-  latencies when other work shares the machine.
+  latencies when other work shares the machine; ``requests``: the requests sent, by kind (page,
+  day panel, hold); ``server_cpu_ms_per_request``: the two divided. One server process serves
+  the surge on one event loop: requests x CPU each, against ``--window``, says whether it can
+  keep up (p99 < 1 s needs the total well under the window).
 - ``load_before``/``load_after``: the machine's 1-minute load average (the client runs on the
   same machine and competes with the server for CPU).
 Targets: 0 double bookings, 0 errors, p99 < 1 s. Exit status 1 if any double booking, error or
@@ -76,6 +81,8 @@ SLOT_MIN = 15
 DAYS = 5  # a working week opens at once
 SLOT_RE = re.compile(r'data-testid="slot-(\d+)"([^>]*)>')
 PANEL_RE = re.compile(r'data-day-panel="([0-9-]+)"')
+FULL_DAY_RE = re.compile(r'<span class="day disabled" data-testid="day-([0-9-]+)"')  # the strip's "Full"
+NONE_LEFT = 'data-testid="no-slots"'  # "No free times in the next two weeks."
 
 
 def build(db_path: Path, slots: int, patients: int) -> dict:
@@ -113,12 +120,16 @@ def build(db_path: Path, slots: int, patients: int) -> dict:
         day_start = datetime.combine(first_day + timedelta(days=d), start.time(), tzinfo=tz)
         released += [int((day_start + timedelta(minutes=SLOT_MIN * k)).timestamp()) for k in range(per_day)]
     day_of = {t: datetime.fromtimestamp(t, tz).date().isoformat() for t in released[:slots]}
+    slots_of_day: dict[str, list[int]] = {}
+    for t, day in day_of.items():
+        slots_of_day.setdefault(day, []).append(t)
     return {
         "department": dep,
         "doctor": doc,
         "phones": phones,
         "released": released[:slots],
         "day_of": day_of,
+        "slots_of_day": slots_of_day,
     }
 
 
@@ -142,6 +153,7 @@ class Stats:
         self.errors: list[str] = []
         self.gave_up = 0  # used every try without a booking
         self.server_cpu_s = 0.0
+        self.requests = {"page": 0, "day": 0, "hold": 0}  # requests sent, by kind
 
 
 class Patient:
@@ -161,6 +173,7 @@ class Patient:
         await sign_in(self.session, self.base, self.phone, PATIENT_PASSWORD)
 
     async def _get(self, url: str, stats: Stats, what: str) -> str | None:
+        stats.requests[what] += 1
         t0 = time.perf_counter()
         try:
             async with self.session.get(url) as r:
@@ -182,7 +195,8 @@ class Patient:
         if page is None:
             return
         self.csrf = CSRF_RE.search(page).group(1)
-        self._learn(page, known_taken, seen)
+        if self._learn(page, known_taken, seen, built):
+            return  # the page says no time is left: a clear answer
         attempts = 0
         while attempts < tries:
             choice = next((s for s in prefs if s not in known_taken), None)
@@ -193,7 +207,7 @@ class Patient:
                 fragment = await self._get(f"{slots_url}/days/{day}", stats, "day")
                 if fragment is None:
                     return
-                self._learn(fragment, known_taken, seen)
+                self._learn(fragment, known_taken, seen, built)
                 seen.add(day)
                 continue
             attempts += 1
@@ -203,6 +217,7 @@ class Patient:
                 "starts_at": str(choice),
                 "csrf_token": self.csrf,
             }
+            stats.requests["hold"] += 1
             t0 = time.perf_counter()
             try:
                 async with self.session.post(self.base + "/book/hold", data=data, allow_redirects=False) as r:
@@ -220,18 +235,24 @@ class Patient:
             if status == 409:
                 stats.refused += 1
                 known_taken.add(choice)
-                self._learn(body, known_taken, seen)
+                if self._learn(body, known_taken, seen, built):
+                    return
                 continue
             stats.errors.append(f"hold: {status} {body[:200]!r}")
             return
         stats.gave_up += 1
 
     @staticmethod
-    def _learn(page: str, known_taken: set[int], seen: set[str]) -> None:
+    def _learn(page: str, known_taken: set[int], seen: set[str], built: dict) -> bool:
+        """What a person reads off a page: the times shown taken, the days the strip shows full
+        (nobody taps those), whether the page says no time is left at all (True)."""
         seen.update(PANEL_RE.findall(page))
         for starts_at, rest in SLOT_RE.findall(page):
             if "disabled" in rest:
                 known_taken.add(int(starts_at))
+        for day in FULL_DAY_RE.findall(page):
+            known_taken.update(built["slots_of_day"].get(day, ()))
+        return NONE_LEFT in page
 
     async def close(self) -> None:
         await self.session.close()
@@ -358,6 +379,12 @@ def main(argv: list[str] | None = None) -> int:
         "page_p99_ms": round(pct(stats.page_ms, 99), 1) if stats.page_ms else None,
         "surge_s": round(seconds, 2),
         "server_cpu_s": round(stats.server_cpu_s, 2),
+        # What the surge asked of the server: requests by kind, and the server's CPU per request
+        # (every thread) -- requests x CPU each against the window is what one process can serve.
+        "requests": stats.requests,
+        "server_cpu_ms_per_request": round(
+            stats.server_cpu_s * 1000 / max(1, sum(stats.requests.values())), 3
+        ),
         "load_before": load_before,
         "load_after": loadavg(),
     }

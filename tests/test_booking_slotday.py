@@ -207,3 +207,94 @@ async def test_a_change_made_elsewhere_shows_within_a_second_or_so(patient, clin
         await asyncio.sleep(0.1)
     resp = await hold(patient, clinic, target)
     assert resp.status == 409 and (await resp.json())["error"] == "slot_taken"
+
+
+def _book_all(settings, clinic, slots, doctor: int = 0) -> None:
+    """Every one of ``slots`` taken by a confirmed visit of another patient, written behind the
+    app's back before it read anything."""
+    now = time.time()
+
+    def book(d):
+        patient = d.execute(
+            "INSERT INTO users (role, phone, display_name, password_hash, created,"
+            " password_changed) VALUES ('patient', '13900000099', '赵六', '!', ?, ?)",
+            [now, now],
+        ).lastrowid
+        d.conn.executemany(
+            "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at,"
+            " status, fee_minor, currency, created, updated, call_nonce)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'confirmed', 5000, 'CNY', ?, ?, 'n')",
+            [
+                (
+                    f"full{i:018d}",
+                    patient,
+                    clinic.doctor_ids[doctor],
+                    clinic.department_id,
+                    s.starts_at,
+                    s.ends_at,
+                    now,
+                    now,
+                )
+                for i, s in enumerate(slots)
+            ],
+        )
+
+    write(settings, book)
+
+
+async def test_a_hold_refused_on_a_full_day_shows_the_first_day_with_a_free_time(patient, clinic, settings):
+    """In a rush the tried day fills up: the refusal shows that day (all taken) and the first day
+    that still has a time, so the next try needs no trip back to the strip."""
+    slots = free_slots(settings, clinic.doctor_ids[0], 2 * DAY, count=400)
+    day = local_day(settings, slots[0].starts_at) + timedelta(days=1)  # a whole day
+    full = [s for s in slots if local_day(settings, s.starts_at) == day]
+    _book_all(settings, clinic, full)
+    page = f"/book/{clinic.department_id}/doctors/{clinic.doctor_ids[0]}"
+    first_free = PANEL.findall(await (await patient.get(page)).text())[0]
+    assert first_free != day.isoformat()
+    resp = await hold(patient, clinic, full[0].starts_at, json=False)
+    assert resp.status == 409
+    text = await resp.text()
+    assert "该时间刚刚被约走了，请选择其他时间。" in text
+    assert PANEL.findall(text) == [day.isoformat(), first_free]
+    tried, shown = text.split(f'data-day-panel="{first_free}"')
+    assert 'data-testid="day-full"' in tried and all("disabled" in rest for _, rest in BUTTON.findall(tried))
+    free = [v for v, rest in BUTTON.findall(shown) if "disabled" not in rest]
+    assert free and 'data-testid="no-slots"' not in text
+    # One tap on the first day's time shown books it.
+    assert (await hold(patient, clinic, int(free[0]), json=False)).status == 303
+
+
+async def test_a_hold_refused_when_nothing_is_left_says_so(patient, clinic, settings):
+    # free_slots looks three days ahead: every day of the strip, three days at a time.
+    everything = []
+    for offset in range(0, 16, 3):
+        everything += free_slots(settings, clinic.doctor_ids[0], offset * DAY, count=5000)
+    _book_all(settings, clinic, list({s.starts_at: s for s in everything}.values()))
+    page = f"/book/{clinic.department_id}/doctors/{clinic.doctor_ids[0]}"
+    text = await (await patient.get(page)).text()
+    assert 'data-testid="no-slots"' in text and PANEL.findall(text) == []
+    resp = await hold(patient, clinic, everything[100].starts_at, json=False)
+    assert resp.status == 409
+    text = await resp.text()
+    assert 'data-testid="no-slots"' in text and "未来两周没有可约时间。" in text
+    assert len(PANEL.findall(text)) == 1  # the tried day, every time taken
+
+
+async def test_pages_kept_whole_carry_each_patients_own_token_and_settings(patient, other, clinic, settings):
+    """The slot page and the refused hold's page are kept whole for everybody alike: only the
+    form's token is each patient's own, and a patient reading large text gets large text."""
+    page = f"/book/{clinic.department_id}/doctors/{clinic.doctor_ids[0]}"
+    mine = await (await patient.get(page)).text()
+    other.session.cookie_jar.update_cookies({"consult_text": "large"})
+    theirs = await (await other.get(page)).text()
+    assert f'value="{patient.csrf}"' in mine and patient.csrf not in theirs
+    assert f'value="{other.csrf}"' in theirs and 'class="text-large"' in theirs
+    assert 'class="text-large"' not in mine and "csrfmark" not in mine + theirs
+    first, _second = free_slots(settings, clinic.doctor_ids[0], 2 * DAY, count=2)
+    assert (await hold(patient, clinic, first.starts_at, json=False)).status == 303
+    for client in (other, patient, other):
+        resp = await hold(client, clinic, first.starts_at, json=False)
+        assert resp.status == 409
+        text = await resp.text()
+        assert f'name="csrf_token" value="{client.csrf}"' in text and "csrfmark" not in text

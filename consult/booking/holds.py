@@ -315,7 +315,7 @@ async def hold(
         ),
         exclusive=False,  # hold_sync takes its keyed locks (see there); the UNIQUE index decides
     )
-    slotcache.changed(app, doctor_id)
+    slotcache.took(app, doctor_id, visit["starts_at"], visit["hold_expires"])
     return visit
 
 

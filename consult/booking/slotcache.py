@@ -2,9 +2,17 @@
 
 At a slot release thousands of patients load the same doctor's page within seconds: the date
 strip and the day's times are the same for all of them (only the form's CSRF token differs), so
-they are rendered once per change and reused. An entry is dropped when a booking write of this
-process changes that doctor's visits (a hold, a cancellation, a move, expired holds released)
-and in any case after ``TTL_S``, which bounds what it cannot see (a schedule edited, a payment
+they are read once and rendered once per change and reused. Two kinds of change:
+
+- a hold of this process took a slot (`took`): it only ever turns a free time into a taken one,
+  so what was read from the database stays good and the slot is simply marked taken over it
+  (`taken`); only what was rendered is made again. In a rush holds commit all the time: if each
+  dropped what was read, every read finishing after the next hold would be thrown away and the
+  page read and rendered for nearly every patient;
+- anything else (a cancellation, a move, expired holds released, a schedule edited): `changed`
+  drops the doctor's entries and what was taken over them.
+
+An entry is in any case dropped after ``TTL_S``, which bounds what it cannot see (a payment
 confirming a lapsed hold, another process). What a page shows is only ever a hint: the hold
 itself is checked in the database, where the partial UNIQUE index decides.
 """
@@ -19,6 +27,7 @@ from aiohttp import web
 
 TTL_S = 1.0
 MAX_ENTRIES = 512  # doctors x days x languages in use at once; the oldest go first
+MAX_TAKEN = 4096  # slots marked taken over one read of a doctor; beyond, the doctor is re-read
 
 
 class SlotCache:
@@ -27,42 +36,74 @@ class SlotCache:
         self.max_entries = max_entries
         self._epoch = 0  # every doctor at once
         self._doctor: dict[int, int] = {}
-        self._entries: OrderedDict[tuple, tuple[tuple[int, int], float, Any]] = OrderedDict()
+        # doctor -> {start taken by a hold since the doctor's version: until when the hold lasts}
+        self._taken: dict[int, dict[int, float]] = {}
+        self._takes: dict[int, int] = {}  # doctor -> holds marked since its version
+        self._entries: OrderedDict[tuple, tuple[tuple[int, ...], float, Any]] = OrderedDict()
 
-    def _version(self, doctor_id: int) -> tuple[int, int]:
-        return self._epoch, self._doctor.get(doctor_id, 0)
+    def version(self, doctor_id: int, *, with_takes: bool = False) -> tuple[int, ...]:
+        """The doctor's version: what was read from the database is good while it holds; with
+        ``with_takes``, also how many slots holds took since (what was rendered is good while
+        that holds)."""
+        base = (self._epoch, self._doctor.get(doctor_id, 0))
+        return (*base, self._takes.get(doctor_id, 0)) if with_takes else base
 
-    def get(self, doctor_id: int, key: tuple) -> Any | None:
+    def get(self, doctor_id: int, key: tuple, *, with_takes: bool = False) -> Any | None:
         found = self._entries.get((doctor_id, *key))
         if found is None:
             return None
         version, expires, value = found
-        if version != self._version(doctor_id) or time.monotonic() >= expires:
+        if version != self.version(doctor_id, with_takes=with_takes) or time.monotonic() >= expires:
             del self._entries[(doctor_id, *key)]
             return None
         return value
 
-    def put(self, doctor_id: int, key: tuple, value: Any, version: tuple[int, int]) -> None:
+    def put(self, doctor_id: int, key: tuple, value: Any, version: tuple[int, ...]) -> None:
         """Keep ``value``, computed from data read when the doctor's version was ``version``
         (taken before the read: a change during the read makes the entry stale at once)."""
-        if version != self._version(doctor_id):
+        if version != self.version(doctor_id, with_takes=len(version) == 3):
             return
         self._entries[(doctor_id, *key)] = (version, time.monotonic() + self.ttl_s, value)
         self._entries.move_to_end((doctor_id, *key))
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    def version(self, doctor_id: int) -> tuple[int, int]:
-        return self._version(doctor_id)
+    def taken(self, doctor_id: int) -> set[int]:
+        """The starts that holds of this process took since the doctor's version and that are
+        still held: taken whatever an older read says."""
+        marks = self._taken.get(doctor_id)
+        if not marks:
+            return set()
+        now = time.time()
+        return {s for s, until in marks.items() if until > now}
+
+    def is_taken(self, doctor_id: int, starts_at: int) -> bool:
+        until = self._taken.get(doctor_id, {}).get(starts_at)
+        return until is not None and until > time.time()
+
+    def took(self, doctor_id: int, starts_at: int, until: float) -> None:
+        """A hold committed on ``starts_at``, held until ``until`` (a time.time()): that slot
+        is taken now. (Paid by then, the database says so: what was read is never older than
+        the TTL.)"""
+        marks = self._taken.setdefault(doctor_id, {})
+        if len(marks) >= MAX_TAKEN:
+            self.changed(doctor_id)
+            marks = self._taken.setdefault(doctor_id, {})
+        marks[starts_at] = until
+        self._takes[doctor_id] = self._takes.get(doctor_id, 0) + 1
 
     def changed(self, doctor_id: int | None = None) -> None:
-        """A doctor's visits changed (None: any doctor's may have)."""
+        """A doctor's visits changed otherwise than by a hold (None: any doctor's may have)."""
         if doctor_id is None:
             self._epoch += 1
             self._doctor.clear()
+            self._taken.clear()
+            self._takes.clear()
             self._entries.clear()
         else:
             self._doctor[doctor_id] = self._doctor.get(doctor_id, 0) + 1
+            self._taken.pop(doctor_id, None)
+            self._takes.pop(doctor_id, None)
 
 
 SLOT_CACHE = web.AppKey("booking_slot_cache", SlotCache)
@@ -77,3 +118,11 @@ def changed(app: web.Application, doctor_id: int | None = None) -> None:
     cache = app.get(SLOT_CACHE)
     if cache is not None:
         cache.changed(doctor_id)
+
+
+def took(app: web.Application, doctor_id: int, starts_at: int, until: float) -> None:
+    """Called after a hold has committed on ``starts_at`` (held until ``until``); a no-op in an
+    app without the cache."""
+    cache = app.get(SLOT_CACHE)
+    if cache is not None:
+        cache.took(doctor_id, starts_at, until)

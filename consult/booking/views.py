@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import secrets
 import time
 from datetime import date, datetime, timedelta
 
@@ -197,6 +199,53 @@ async def doctors_page(request: web.Request) -> web.Response:
     )
 
 
+async def _week(request: web.Request, department_id: int, doctor_id: int) -> dict:
+    """The doctor (of that department) with every slot of the strip's days, free or taken, as
+    read from the database: kept (``slotcache``) until a change other than a hold, or a second.
+    What holds of this process took since is marked over it by `_marked`."""
+    settings = request.app[keys.SETTINGS]
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    key = ("week", department_id)
+    week = cache.get(doctor_id, key) if cache is not None else None
+    if week is None:
+        version = cache.version(doctor_id) if cache is not None else None
+        now = time.time()
+        week = await request.app[keys.DB].execute_fn(
+            lambda db: pages.doctor_slots(
+                db,
+                department_id,
+                doctor_id,
+                now=now,
+                horizon=now + BOOKING_DAYS * 86400,
+                tz=settings.timezone,
+                lead_s=settings.booking_lead_minutes * 60,
+            )
+        )
+        week["taken"] = frozenset(s.starts_at for day in week["by_day"].values() for s in day if s.taken)
+        if cache is not None:
+            cache.put(doctor_id, key, week, version)
+    return week
+
+
+def _marked(week: dict, took: set[int] | tuple) -> dict[date, list[schedules.Slot]]:
+    """The week's slots by day with every time in ``took`` (taken by a hold since the read)
+    marked taken."""
+    if not took:
+        return week["by_day"]
+    return {
+        day: [dataclasses.replace(s, taken=True) if not s.taken and s.starts_at in took else s for s in slots]
+        for day, slots in week["by_day"].items()
+    }
+
+
+def _strip_days(request: web.Request) -> tuple[float, float, date, date]:
+    """(now, horizon, first day, last day) of the date strip."""
+    tz = request.app[keys.SETTINGS].timezone
+    now = time.time()
+    horizon = now + BOOKING_DAYS * 86400
+    return now, horizon, to_local(now, tz).date(), to_local(horizon, tz).date()
+
+
 async def _slots_context(
     request: web.Request, department_id: int, doctor_id: int, chosen: str | None = None
 ) -> dict:
@@ -205,31 +254,19 @@ async def _slots_context(
     until a booking changes the doctor's visits or a second has passed."""
     settings = request.app[keys.SETTINGS]
     locale = request[keys.LOCALE]
-    now = time.time()
-    horizon = now + BOOKING_DAYS * 86400
+    now, horizon, first, last = _strip_days(request)
     wanted = parse_day(chosen)
-    if wanted is not None and not (
-        to_local(now, settings.timezone).date() <= wanted <= to_local(horizon, settings.timezone).date()
-    ):
+    if wanted is not None and not first <= wanted <= last:
         wanted = None  # a day not on the strip: the first day with a free time, as for none
     cache = request.app.get(slotcache.SLOT_CACHE)
     key = ("page", department_id, locale, wanted)
-    shown = cache.get(doctor_id, key) if cache is not None else None
+    shown = cache.get(doctor_id, key, with_takes=True) if cache is not None else None
     if shown is None:
-        version = cache.version(doctor_id) if cache is not None else None
-        found = await request.app[keys.DB].execute_fn(
-            lambda db: pages.doctor_slots(
-                db,
-                department_id,
-                doctor_id,
-                now=now,
-                horizon=horizon,
-                tz=settings.timezone,
-                lead_s=settings.booking_lead_minutes * 60,
-            )
-        )
+        week = await _week(request, department_id, doctor_id)
+        # No await from here to the put: the version and the marks are read together.
+        version = cache.version(doctor_id, with_takes=True) if cache is not None else None
         days, day = day_strip(
-            found["by_day"],
+            _marked(week, cache.taken(doctor_id) if cache is not None else ()),
             settings.timezone,
             now=now,
             until=horizon,
@@ -237,8 +274,8 @@ async def _slots_context(
             chosen=wanted.isoformat() if wanted else None,
         )
         parts = {
-            "department": catalogue.department_view(found["dep"], locale),
-            "doctor": catalogue.doctor_view(found["doc"], locale),
+            "department": catalogue.department_view(week["dep"], locale),
+            "doctor": catalogue.doctor_view(week["doc"], locale),
             "days": days,
             "d": day,
             "change_hours": round(settings.cancel_free_hours),
@@ -251,10 +288,6 @@ async def _slots_context(
         }
         if cache is not None:
             cache.put(doctor_id, key, shown, version)
-            taken = frozenset(
-                s.starts_at for found_day in found["by_day"].values() for s in found_day if s.taken
-            )
-            cache.put(doctor_id, TAKEN_KEY, taken, version)
     return {**shown, "hold_minutes": settings.hold_minutes, "error": None}
 
 
@@ -264,37 +297,23 @@ def _rendered(template: str, request: web.Request, context: dict) -> Markup:
 
 
 async def _day_context(request: web.Request, department_id: int, doctor_id: int, day: date | None) -> dict:
-    """One day of the slot page (the panel the date strip shows, rendered: ``panel_html``): only
-    that day's slots and bookings, kept like the page's (``slotcache``). A day that is not one of
-    the strip's is refused with a clear message."""
+    """One day of the slot page (the panel the date strip shows, rendered: ``panel_html``; how
+    many times are free: ``free``), kept like the page's (``slotcache``). A day that is not one
+    of the strip's is refused with a clear message."""
     settings = request.app[keys.SETTINGS]
     tz = settings.timezone
     locale = request[keys.LOCALE]
-    now = time.time()
-    horizon = now + BOOKING_DAYS * 86400
-    today = to_local(now, tz).date()
-    if day is None or not today <= day <= to_local(horizon, tz).date():
+    now, _horizon, today, last = _strip_days(request)
+    if day is None or not today <= day <= last:
         raise BadRequest(_("Please pick a day from the list."), code="bad_day")
     cache = request.app.get(slotcache.SLOT_CACHE)
     key = ("day", department_id, locale, day)
-    kept = cache.get(doctor_id, key) if cache is not None else None
+    kept = cache.get(doctor_id, key, with_takes=True) if cache is not None else None
     if kept is None:
-        version = cache.version(doctor_id) if cache is not None else None
-        since = max(now, schedules.local_ts(day, "00:00", tz))
-        until = min(horizon, schedules.local_ts(day + timedelta(days=1), "00:00", tz))
-        found = await request.app[keys.DB].execute_fn(
-            lambda db: pages.doctor_slots(
-                db,
-                department_id,
-                doctor_id,
-                now=now,
-                since=since,
-                horizon=until,
-                tz=tz,
-                lead_s=settings.booking_lead_minutes * 60,
-            )
-        )
-        slots = found["by_day"].get(day, [])
+        week = await _week(request, department_id, doctor_id)
+        version = cache.version(doctor_id, with_takes=True) if cache is not None else None
+        slots = _marked(week, cache.taken(doctor_id) if cache is not None else ()).get(day, [])
+        slots = [s for s in slots if s.starts_at >= now]
         late_s = settings.cancel_free_hours * 3600
         entry = _day_names(day, today)
         entry["free"] = sum(1 for s in slots if not s.taken)
@@ -302,9 +321,10 @@ async def _day_context(request: web.Request, department_id: int, doctor_id: int,
         entry["groups"] = day_groups(slots, tz, now=now, late_s=late_s)
         parts = {"d": entry, "change_hours": round(settings.cancel_free_hours)}
         kept = {
-            "department": catalogue.department_view(found["dep"], locale),
-            "doctor": catalogue.doctor_view(found["doc"], locale),
+            "department": catalogue.department_view(week["dep"], locale),
+            "doctor": catalogue.doctor_view(week["doc"], locale),
             "d": {"date": entry["date"]},
+            "free": entry["free"],
             "panel_html": _rendered("_slot_day.html", request, parts),
         }
         if cache is not None:
@@ -314,13 +334,81 @@ async def _day_context(request: web.Request, department_id: int, doctor_id: int,
 
 async def slots_page(request: web.Request) -> web.Response:
     security.require(request, "patient")
+    doctor_id = int(request.match_info["doctor_id"])
+    keep = set(request.query) <= {"day"}  # the URL is part of the key: nothing else in it
+    key = _page_key(request, "book_slots.html") if keep else None
+    kept = _kept_page(request, doctor_id, key)
+    if kept is not None:
+        return kept
+    version = _version(request, doctor_id)
     ctx = await _slots_context(
-        request,
-        int(request.match_info["department_id"]),
-        int(request.match_info["doctor_id"]),
-        request.query.get("day"),
+        request, int(request.match_info["department_id"]), doctor_id, request.query.get("day")
     )
-    return aiohttp_jinja2.render_template("book_slots.html", request, ctx)
+    return _keep_page(request, doctor_id, key, version, "book_slots.html", ctx)
+
+
+# What stands for the form's CSRF token in a page kept whole; never leaves this process.
+_CSRF_MARK = "csrfmark" + secrets.token_hex(16)
+
+
+def _page_key(request: web.Request, template: str, *more: object) -> tuple:
+    """What a whole page of the slot journey depends on besides the doctor's slots: the URL, the
+    language, the large-text switch and the role (the top bar). Only the CSRF token is per user."""
+    shared = request.get(aiohttp_jinja2.REQUEST_CONTEXT_KEY) or {}
+    user = request.get(keys.USER)
+    role = user.role if user else None
+    return (
+        "html",
+        template,
+        request.path_qs,
+        request[keys.LOCALE],
+        bool(shared.get("large_text")),
+        role,
+        *more,
+    )
+
+
+def _version(request: web.Request, doctor_id: int) -> tuple[int, ...] | None:
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    return cache.version(doctor_id, with_takes=True) if cache is not None else None
+
+
+def _token(request: web.Request) -> str | None:
+    return (request.get(aiohttp_jinja2.REQUEST_CONTEXT_KEY) or {}).get("csrf_token")
+
+
+def _kept_page(
+    request: web.Request, doctor_id: int, key: tuple | None, status: int = 200
+) -> web.Response | None:
+    """The page kept under ``key`` with this patient's CSRF token in it, if it is still good."""
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    token = _token(request)
+    if cache is None or key is None or not token:
+        return None
+    html = cache.get(doctor_id, key, with_takes=True)
+    if html is None:
+        return None
+    return web.Response(text=html.replace(_CSRF_MARK, token), status=status, content_type="text/html")
+
+
+def _keep_page(
+    request: web.Request,
+    doctor_id: int,
+    key: tuple | None,
+    version: tuple[int, ...] | None,
+    template: str,
+    ctx: dict,
+    status: int = 200,
+) -> web.Response:
+    """Render the page; keep it whole (``slotcache``) if nothing changed since ``version``, read
+    before anything it shows was: the next patients get it with their own CSRF token."""
+    token = _token(request)
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    if cache is None or key is None or version is None or not token:
+        return aiohttp_jinja2.render_template(template, request, ctx, status=status)
+    html = aiohttp_jinja2.render_string(template, request, {**ctx, "csrf_token": _CSRF_MARK})
+    cache.put(doctor_id, key, html, version)
+    return web.Response(text=html.replace(_CSRF_MARK, token), status=status, content_type="text/html")
 
 
 async def slots_day_fragment(request: web.Request) -> web.Response:
@@ -345,7 +433,7 @@ async def hold_submit(request: web.Request) -> web.StreamResponse:
     department_id = _int(data.get("department_id"), "department")
     try:
         starts_at = _int(data.get("starts_at"), "time")
-        _refuse_if_known_taken(request, doctor_id, starts_at)
+        _refuse_if_known_taken(request, department_id, doctor_id, starts_at)
         visit = await booking.hold(
             request.app,
             patient,
@@ -359,7 +447,7 @@ async def hold_submit(request: web.Request) -> web.StreamResponse:
             return web.json_response({"error": exc.code, "message": exc.message}, status=exc.status)
         return await _refused_hold(request, exc, department_id, doctor_id, data.get("starts_at"))
     metrics.count(request.app, "bookings")
-    location = str(request.app.router["visit"].url_for(public_id=visit["public_id"]))
+    location = f"/visits/{visit['public_id']}"  # the "visit" route; url_for costs a rush's hold
     if wants_json(request):
         return web.json_response(
             {"public_id": visit["public_id"], "url": location, "hold_expires": visit["hold_expires"]},
@@ -370,18 +458,19 @@ async def hold_submit(request: web.Request) -> web.StreamResponse:
     return web.Response(status=303, headers={"Location": location})
 
 
-TAKEN_KEY = ("taken",)
-
-
-def _refuse_if_known_taken(request: web.Request, doctor_id: int, starts_at: int) -> None:
+def _refuse_if_known_taken(request: web.Request, department_id: int, doctor_id: int, starts_at: int) -> None:
     """A time the kept slot page already shows as taken is refused here, without a turn of the
     one writer: in a rush most holds are for times just taken, and they queued behind the holds
-    that could succeed. The kept page is dropped by every hold, cancellation and release in
-    this process, so it only errs for a second at most, and only ever towards "taken"; a time
-    not known taken goes to the database, where the UNIQUE index decides."""
+    that could succeed. What is kept is marked by every hold and dropped by every cancellation
+    and release in this process, so it only errs for a second at most, and only ever towards
+    "taken"; a time not known taken goes to the database, where the UNIQUE index decides."""
     cache = request.app.get(slotcache.SLOT_CACHE)
-    taken = cache.get(doctor_id, TAKEN_KEY) if cache is not None else None
-    if taken is not None and starts_at in taken:
+    if cache is None:
+        return
+    if cache.is_taken(doctor_id, starts_at):
+        raise Conflict(booking.taken_message(), code="slot_taken")
+    week = cache.get(doctor_id, ("week", department_id))
+    if week is not None and starts_at in week["taken"]:
         raise Conflict(booking.taken_message(), code="slot_taken")
 
 
@@ -389,12 +478,20 @@ async def _refused_hold(
     request: web.Request, exc: ConsultError, department_id: int, doctor_id: int, tried_value: str | None
 ) -> web.Response:
     """A refused hold (most often: the time was just taken) answers with a short page: why, and
-    the fresh times of the day that was tried, to pick another at once; not the whole two weeks."""
+    the fresh times of the day that was tried, to pick another at once; not the whole two weeks.
+    When that day has no free time left, the page shows the first day that has one as well, or
+    says that none is left: in a rush nobody has to go back to the strip to find out. In a rush
+    the same page goes to hundreds of patients: it is kept whole, like the slot page."""
     tz = request.app[keys.SETTINGS].timezone
     tried = small_int(tried_value, signed=True)
     day = None
     if tried is not None and 0 <= tried < 2**40:  # back to the day of the time that was refused
         day = to_local(tried, tz).date()
+    key = _page_key(request, "book_slot_refused.html", department_id, doctor_id, day, exc.status, exc.message)
+    kept = _kept_page(request, doctor_id, key, exc.status)
+    if kept is not None:
+        return kept
+    version = _version(request, doctor_id)
     try:
         ctx = await _day_context(request, department_id, doctor_id, day)
     except BadRequest:  # a time outside the strip: the page says why and leads back to every day
@@ -407,8 +504,32 @@ async def _refused_hold(
             "doctor": catalogue.doctor_view(doc, locale),
             "d": None,
         }
+        key = None  # not kept: the doctor was read without the cache
+    else:
+        if not ctx["free"]:
+            other = await _first_free_day(request, department_id, doctor_id)
+            if other is None:
+                ctx["none_left"] = True
+            else:
+                ctx["next_panel_html"] = (await _day_context(request, department_id, doctor_id, other))[
+                    "panel_html"
+                ]
     ctx["error"] = exc.message
-    return aiohttp_jinja2.render_template("book_slot_refused.html", request, ctx, status=exc.status)
+    return _keep_page(request, doctor_id, key, version, "book_slot_refused.html", ctx, exc.status)
+
+
+async def _first_free_day(request: web.Request, department_id: int, doctor_id: int) -> date | None:
+    """The first day of the strip with a free time, as the slot page would show it; None if none."""
+    week = await _week(request, department_id, doctor_id)
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    took = cache.taken(doctor_id) if cache is not None else ()
+    now, _horizon, first, last = _strip_days(request)
+    for day, slots in sorted(week["by_day"].items()):
+        if first <= day <= last and any(
+            not s.taken and s.starts_at not in took and s.starts_at >= now for s in slots
+        ):
+            return day
+    return None
 
 
 # -- a visit --------------------------------------------------------------------------

@@ -270,8 +270,21 @@ class Database:
         # The caller's context variables (the request's language) go with the call: a message
         # made on the reader thread is in the language of whoever asked for the read.
         ctx = contextvars.copy_context()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def run() -> None:
+            # The answer comes back the way the writer's does (`_deliver`): one callback on the
+            # loop, not run_in_executor's pair of chained futures (every request reads its session).
+            try:
+                result = ctx.run(self._run_read, fn)
+            except BaseException as exc:
+                _deliver(loop, future, exc=exc)
+            else:
+                _deliver(loop, future, result=result)
+
+        self._readers.submit(run)
         try:
-            return await loop.run_in_executor(self._readers, lambda: ctx.run(self._run_read, fn))
+            return await future
         except self._errors as exc:
             mapped = self._map_error(exc)
             if mapped is None:

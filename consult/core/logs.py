@@ -16,8 +16,9 @@ _TOKEN_QUERY = re.compile(r"((?:token|t|sig)=)([^&]{0,4})[^&]*")
 
 
 def redact(path: str) -> str:
-    path = _TOKEN_PATH.sub(r"\1\2…", path)
-    return _TOKEN_QUERY.sub(r"\1\2…", path)
+    if "/c" in path or "/j" in path or "/w" in path:  # cheap test first: every request is logged
+        path = _TOKEN_PATH.sub(r"\1\2…", path)
+    return _TOKEN_QUERY.sub(r"\1\2…", path) if "=" in path else path
 
 
 # Anything a stranger sends ends up here; a log line is at most this long and holds no control
@@ -31,6 +32,8 @@ _mask_fallback = False
 
 
 def _clean(text: str) -> str:
+    if text.isascii() and text.isprintable() and len(text) <= MAX_LOGGED_PATH:
+        return text  # nothing to escape or cut: the common case, tested cheaply
     text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
     return text if len(text) <= MAX_LOGGED_PATH else text[:MAX_LOGGED_PATH] + "…"
 
@@ -68,19 +71,26 @@ def _describe(request: BaseRequest) -> tuple[str | None, str, str]:
 
 class RedactingAccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time_taken: float) -> None:
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
         remote, method, path = _describe(request)
         status = getattr(response, "status", None)
         ms = round(time_taken * 1000, 1)
-        self.logger.info(
+        # As logger.info(...) would, without looking up the caller's file and line in the stack
+        # (every request is logged; nothing prints them).
+        record = logger.makeRecord(
+            logger.name,
+            logging.INFO,
+            __file__,
+            0,
             '%s "%s %s" %s %.1fms',
-            remote,
-            method,
-            path,
-            status,
-            ms,
+            (remote, method, path, status, ms),
+            None,
             # JSON lines carry these as fields, so that a log pipeline need not parse the message.
             extra={"http": {"remote": remote, "method": method, "path": path, "status": status, "ms": ms}},
         )
+        logger.handle(record)
 
 
 class JsonFormatter(logging.Formatter):

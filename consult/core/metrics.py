@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -126,6 +127,8 @@ class Metrics:
         )
         self.loop_lag_max = 0.0
         self.gc_pause_max = 0.0
+        # latency.labels(route, method, status) looked up once per combination, not per request
+        self.latency_children: dict[tuple[str, str, int], Any] = {}
         self.providers: dict[str, Callable[[], float]] = {}
         self.registry.register(_LiveCollector(app, self))
         try:
@@ -160,6 +163,7 @@ class Metrics:
 
 
 METRICS = web.AppKey("metrics", Metrics)
+MAX_LATENCY_CHILDREN = 1000
 
 
 def _find_signaling(app: web.Application):  # -> signaling.server.SignalingServer | None
@@ -217,9 +221,14 @@ async def metrics_middleware(request: web.Request, handler):
     finally:
         # A WebSocket "request" lasts as long as the call: it is not a latency.
         if status != 101:
-            request.app[METRICS].latency.labels(_route_name(request), request.method, str(status)).observe(
-                time.perf_counter() - start
-            )
+            metrics = request.app[METRICS]
+            key = (_route_name(request), request.method, status)
+            child = metrics.latency_children.get(key)
+            if child is None:
+                child = metrics.latency.labels(key[0], key[1], str(status))
+                if len(metrics.latency_children) < MAX_LATENCY_CHILDREN:  # methods come from clients
+                    metrics.latency_children[key] = child
+            child.observe(time.perf_counter() - start)
 
 
 async def metrics_view(request: web.Request) -> web.Response:
