@@ -217,15 +217,15 @@ def _book_all(settings, clinic, slots, doctor: int = 0) -> None:
     def book(d):
         patient = d.execute(
             "INSERT INTO users (role, phone, display_name, password_hash, created,"
-            " password_changed) VALUES ('patient', '13900000099', '赵六', '!', ?, ?)",
+            " password_changed) VALUES ('patient', '13900000099', '赵六', '!', ?, ?) RETURNING id",
             [now, now],
-        ).lastrowid
-        d.conn.executemany(
-            "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at,"
-            " status, fee_minor, currency, created, updated, call_nonce)"
-            " VALUES (?, ?, ?, ?, ?, ?, 'confirmed', 5000, 'CNY', ?, ?, 'n')",
-            [
-                (
+        ).fetchone()[0]
+        for i, s in enumerate(slots):
+            d.execute(
+                "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at,"
+                " status, fee_minor, currency, created, updated, call_nonce)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'confirmed', 5000, 'CNY', ?, ?, 'n')",
+                [
                     f"full{i:018d}",
                     patient,
                     clinic.doctor_ids[doctor],
@@ -234,10 +234,8 @@ def _book_all(settings, clinic, slots, doctor: int = 0) -> None:
                     s.ends_at,
                     now,
                     now,
-                )
-                for i, s in enumerate(slots)
-            ],
-        )
+                ],
+            )
 
     write(settings, book)
 
