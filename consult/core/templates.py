@@ -127,15 +127,18 @@ class StaticFiles:
         self.source = source
         self.cache = cache
         self._assets: dict[str, StaticAsset] = {}
+        self._paths: dict[str, str] = {}  # name -> the source file's path, for names found
         self._inline: dict[str, tuple[str, str]] = {}
 
     def asset(self, name: str) -> StaticAsset | None:
         """The current version of web/static/`name`, or None when there is no such file."""
-        if len(name) > 255 or not _NAME_RE.match(name):  # no "..", no hidden files
-            return None
-        path = self.source / name
+        path = self._paths.get(name)  # a name found before: checked already, its path made
+        if path is None:
+            if len(name) > 255 or not _NAME_RE.match(name):  # no "..", no hidden files
+                return None
+            path = str(self.source / name)
         try:
-            st = path.stat()
+            st = os.stat(path)
         except OSError:  # missing, or a name the OS refuses
             return None
         if not stat.S_ISREG(st.st_mode):
@@ -145,11 +148,12 @@ class StaticFiles:
         if known is not None and known.stat_key == key:
             return known
         try:
-            data = path.read_bytes()
+            data = Path(path).read_bytes()
         except OSError:
             return None
         asset = StaticAsset(name, key, _version(data))
         self._assets[name] = asset
+        self._paths[name] = path  # only names of files that exist: as many as web/static holds
         return asset
 
     def url(self, name: str) -> str:
