@@ -25,7 +25,7 @@ from consult.audit.reads import audit_read
 from consult.core import keys, security
 from consult.core.errors import NotFound
 from consult.core.formatting import to_local
-from consult.core.i18n import _, pgettext
+from consult.core.i18n import _, get_locale, pgettext
 from consult.core.ids import PUBLIC_ID_PATTERN
 from consult.sessionlog import charts
 
@@ -146,14 +146,18 @@ class RowText(NamedTuple):
         marker = "PUBLICIDMARK"
         url = str(escape(request.app.router["session_admin"].url_for(public_id=marker)))
         head, _m, tail = url.partition(marker)
-        return cls(
-            outcomes={k: str(escape(v)) for k, v in _outcome_labels().items()},
-            reasons={k: str(escape(v)) for k, v in _end_reason_labels().items()},
-            yes=str(escape(_("yes"))),
-            zh=request.get(keys.LOCALE) == "zh_CN",
-            href_head=head,
-            href_tail=tail,
-        )
+        outcomes, reasons, yes = _row_labels(get_locale())
+        return cls(outcomes, reasons, yes, request.get(keys.LOCALE) == "zh_CN", head, tail)
+
+
+@functools.lru_cache(maxsize=8)  # one per locale: the catalogues do not change while the server runs
+def _row_labels(locale: str) -> tuple[dict[str, str], dict[str, str], str]:
+    """The rows' outcome and end-reason labels and "yes", escaped, in ``locale`` (the current one)."""
+    return (
+        {k: str(escape(v)) for k, v in _outcome_labels().items()},
+        {k: str(escape(v)) for k, v in _end_reason_labels().items()},
+        str(escape(_("yes"))),
+    )
 
 
 _BADGES = {"completed": "ok", "failed": "warn", "no_show": "warn"}
@@ -268,13 +272,13 @@ def _list_page_sync(
     """The page, its rows made into HTML, and the filter form's choices: one trip to the reader
     pool, whose thread holds the rows already."""
     rows, next_cursor = sessionlog.list_page_sync(db, f, cursor, tz=tz)
-    choices = sessionlog.filter_choices_sync(db)
+    departments, doctors = sessionlog.filter_choices_sync(db)
     return ListRead(
         rows_html(rows, text, tz),
         len(rows),
         next_cursor,
-        tuple((d["id"], d["name_zh"] if text.zh else d["name_en"]) for d in choices["departments"]),
-        tuple((d["id"], d["display_name"]) for d in choices["doctors"]),
+        tuple((d_id, zh if text.zh else en) for d_id, en, zh in departments),
+        doctors,
     )
 
 
