@@ -143,9 +143,8 @@ class RowText(NamedTuple):
 
     @classmethod
     def of(cls, request: web.Request) -> RowText:
-        marker = "PUBLICIDMARK"
-        url = str(escape(request.app.router["session_admin"].url_for(public_id=marker)))
-        head, _m, tail = url.partition(marker)
+        # The route's pattern, "/admin/sessions/{public_id}": the id goes where its name is.
+        head, _m, tail = str(escape(request.app.router["session_admin"].canonical)).partition("{public_id}")
         outcomes, reasons, yes = _row_labels(get_locale())
         return cls(outcomes, reasons, yes, request.get(keys.LOCALE) == "zh_CN", head, tail)
 
@@ -297,7 +296,7 @@ async def sessions_list(request: web.Request) -> web.Response:
         audit_read(request, "session.list", "session", None, None, filters=f.to_query(), page=bool(cursor)),
     )
     base = f.to_query()
-    admin_url = str(request.app.router["sessions_admin"].url_for())
+    admin_url = request.app.router["sessions_admin"].canonical  # a plain path: no URL to build
     return aiohttp_jinja2.render_template(
         "sessions_list.html",
         request,
@@ -316,8 +315,7 @@ async def sessions_list(request: web.Request) -> web.Response:
                 else None
             ),
             "first_url": admin_url + ("?" + urlencode(base) if base else "") if cursor else None,
-            "csv_url": str(request.app.router["sessions_csv"].url_for())
-            + ("?" + urlencode(base) if base else ""),
+            "csv_url": request.app.router["sessions_csv"].canonical + ("?" + urlencode(base) if base else ""),
         },
     )
 
