@@ -87,6 +87,7 @@ def setup_templates(app: web.Application, settings: Settings) -> None:
     env.globals["_"] = env.globals["gettext"] = template_gettext
     env.filters.update(formatting.filters(settings))
     env.globals["static"] = _static_url  # instead of aiohttp_jinja2's: versioned URLs
+    env.globals["url"] = _url
     env.globals["static_inline"] = _static_inline
 
 
@@ -227,6 +228,17 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+@jinja2.pass_context
+def _url(context: Any, __route_name: str, query_: dict[str, str] | None = None, **parts: Any) -> Any:
+    """aiohttp_jinja2's ``url()``; a route with no parts in its path (every page's menu and forms
+    name about ten) is its path as it stands, with no URL object built and printed each time."""
+    if not parts and not query_:
+        resource = context["app"].router[__route_name]
+        if isinstance(resource, web.PlainResource):
+            return resource.canonical
+    return aiohttp_jinja2.helpers.url_for(context, __route_name, query_, **parts)
 
 
 @jinja2.pass_context
