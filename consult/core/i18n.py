@@ -58,7 +58,12 @@ def get_locale() -> str:
 
 
 def gettext(message: str) -> str:
-    found = catalogue(_current.get()).get(message)
+    return catalogue_gettext(_current.get(), message)
+
+
+def catalogue_gettext(locale: str, message: str) -> str:
+    """``message`` in ``locale`` (``gettext`` for a locale named rather than the current one)."""
+    found = catalogue(locale).get(message)
     return found if isinstance(found, str) and found else message
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import gzip
 import hashlib
 import mimetypes
@@ -20,6 +21,7 @@ from typing import Any
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
+from markupsafe import Markup
 
 import web as web_assets
 from consult.core import formatting, i18n, keys, security
@@ -44,6 +46,26 @@ def template_context(request: web.Request) -> dict:
     }
 
 
+@functools.lru_cache(maxsize=4096)  # template strings are few; a bound in case one is not
+def _translated_markup(locale: str, message: str) -> Markup:
+    return Markup(i18n.catalogue_gettext(locale, message))  # noqa: S704 - the catalogue is ours
+
+
+@functools.lru_cache(maxsize=4096)
+def _translated_text(locale: str, message: str) -> Markup:
+    return _translated_markup(locale, message) % {}
+
+
+def template_gettext(message: str, /, **variables: Any) -> Markup:
+    """What Jinja's newstyle gettext gives in an autoescaped template, `_("...")` on every page:
+    the translation as Markup, always %-formatted (with the variables, escaped), made once per
+    locale and message rather than through three context calls each time."""
+    locale = i18n.get_locale()
+    if variables:
+        return _translated_markup(locale, message) % variables
+    return _translated_text(locale, message)
+
+
 async def _template_processor(request: web.Request) -> dict:
     return template_context(request)
 
@@ -60,8 +82,12 @@ def setup_templates(app: web.Application, settings: Settings) -> None:
     env.install_gettext_callables(  # type: ignore[attr-defined]
         i18n.gettext, i18n.ngettext, newstyle=True, pgettext=i18n.pgettext, npgettext=i18n.npgettext
     )
+    # `_()` and `{% trans %}` without Jinja's three-deep call per message: the same result (every
+    # template is autoescaped, so newstyle gettext always gives Markup(translation) % variables).
+    env.globals["_"] = env.globals["gettext"] = template_gettext
     env.filters.update(formatting.filters(settings))
     env.globals["static"] = _static_url  # instead of aiohttp_jinja2's: versioned URLs
+    env.globals["url"] = _url
     env.globals["static_inline"] = _static_inline
 
 
@@ -126,6 +152,7 @@ class StaticFiles:
         self.cache = cache
         self.bundles = BUNDLES if bundles is None else bundles
         self._assets: dict[str, StaticAsset] = {}
+        self._paths: dict[str, str] = {}  # name -> the source file's path, for names found
         self._inline: dict[str, tuple[str, str]] = {}
 
     def _stat_key(self, name: str) -> tuple | None:
@@ -134,8 +161,11 @@ class StaticFiles:
         if parts is not None:
             keys_ = [self._stat_key(part) for part in parts]
             return None if None in keys_ else tuple(keys_)
+        path = self._paths.get(name)  # a name found before: its path made once
+        if path is None:
+            path = str(self.source / name)
         try:
-            st = (self.source / name).stat()
+            st = os.stat(path)
         except OSError:  # missing, or a name the OS refuses
             return None
         if not stat.S_ISREG(st.st_mode):
@@ -160,8 +190,9 @@ class StaticFiles:
     def asset(self, name: str) -> StaticAsset | None:
         """The current version of web/static/`name` (or of the bundle `name`), or None when
         there is no such file."""
-        if len(name) > 255 or not _NAME_RE.match(name):  # no "..", no hidden files
-            return None
+        if name not in self._paths:  # a name found before was checked then
+            if len(name) > 255 or not _NAME_RE.match(name):  # no "..", no hidden files
+                return None
         key = self._stat_key(name)
         if key is None:
             return None
@@ -174,6 +205,8 @@ class StaticFiles:
             return None
         asset = StaticAsset(name, key, _version(data))
         self._assets[name] = asset
+        if name not in self.bundles:  # only names of files that exist: as many as web/static holds
+            self._paths[name] = str(self.source / name)
         return asset
 
     def url(self, name: str) -> str:
@@ -258,6 +291,17 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+@jinja2.pass_context
+def _url(context: Any, __route_name: str, query_: dict[str, str] | None = None, **parts: Any) -> Any:
+    """aiohttp_jinja2's ``url()``; a route with no parts in its path (every page's menu and forms
+    name about ten) is its path as it stands, with no URL object built and printed each time."""
+    if not parts and not query_:
+        resource = context["app"].router[__route_name]
+        if isinstance(resource, web.PlainResource):
+            return resource.canonical
+    return aiohttp_jinja2.helpers.url_for(context, __route_name, query_, **parts)
 
 
 @jinja2.pass_context

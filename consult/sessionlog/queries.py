@@ -279,12 +279,16 @@ def iter_sessions_sync(
             return
 
 
-def filter_choices_sync(db: sqlite_utils.Database) -> dict[str, list[dict[str, Any]]]:
+def filter_choices_sync(
+    db: sqlite_utils.Database,
+) -> tuple[tuple[tuple[int, str, str], ...], tuple[tuple[int, str], ...]]:
+    """The filter form's choices: departments as (id, name_en, name_zh), doctors as (id, name).
+    Plain tuples: every list page reads them, and the page caches its options by their value."""
     departments = db.execute("SELECT id, name_en, name_zh FROM departments ORDER BY sort, id").fetchall()
     doctors = db.execute(
         "SELECT u.id, u.display_name FROM doctors d JOIN users u ON u.id = d.user_id ORDER BY u.display_name"
     ).fetchall()
-    return {"departments": [dict(r) for r in departments], "doctors": [dict(r) for r in doctors]}
+    return tuple(tuple(r) for r in departments), tuple(tuple(r) for r in doctors)
 
 
 # -- CSV --------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import functools
 import io
 import logging
 import re
@@ -24,7 +25,7 @@ from consult.audit.reads import audit_read
 from consult.core import keys, security
 from consult.core.errors import NotFound
 from consult.core.formatting import to_local
-from consult.core.i18n import _, pgettext
+from consult.core.i18n import _, get_locale, pgettext
 from consult.core.ids import PUBLIC_ID_PATTERN
 from consult.sessionlog import charts
 
@@ -129,32 +130,51 @@ def _filters(request: web.Request) -> sessionlog.Filters:
     return sessionlog.Filters.from_query(request.query)
 
 
-class ListRow(NamedTuple):
-    """One line of the session list, every cell HTML-safe already: the template only places them.
+class RowText(NamedTuple):
+    """What the list's rows need from the request, made once per page on the event loop: the
+    labels in the reader's language (escaped) and the link to a session around its id."""
 
-    Made here because the page shows 50 of them per request, 8 admins at once (bench/admin.py):
-    the labels, links and local times the template used to work out cell by cell, and Jinja's
-    escaping and attribute lookup for each cell, were most of the page's cost. Build it with
-    `list_rows` only: the template unpacks it and writes the fields without escaping them again.
-    Text from the database or the catalogue is escaped there; times and numbers are made of
-    digits and punctuation only.
-    """
+    outcomes: dict[str, str]
+    reasons: dict[str, str]
+    yes: str
+    zh: bool
+    href_head: str
+    href_tail: str
 
-    public_id: str
-    href: str
-    scheduled: str
-    department: str
-    doctor: str
-    patient: str
-    badge: str  # the badge's CSS class: ok, warn or nothing
-    outcome: str
-    end_reason: str
-    minutes: str
-    turn: str
-    reconnects: str
+    @classmethod
+    def of(cls, request: web.Request) -> RowText:
+        # The route's pattern, "/admin/sessions/{public_id}": the id goes where its name is.
+        head, _m, tail = str(escape(request.app.router["session_admin"].canonical)).partition("{public_id}")
+        outcomes, reasons, yes = _row_labels(get_locale())
+        return cls(outcomes, reasons, yes, request.get(keys.LOCALE) == "zh_CN", head, tail)
+
+
+@functools.lru_cache(maxsize=8)  # one per locale: the catalogues do not change while the server runs
+def _row_labels(locale: str) -> tuple[dict[str, str], dict[str, str], str]:
+    """The rows' outcome and end-reason labels and "yes", escaped, in ``locale`` (the current one)."""
+    return (
+        {k: str(escape(v)) for k, v in _outcome_labels().items()},
+        {k: str(escape(v)) for k, v in _end_reason_labels().items()},
+        str(escape(_("yes"))),
+    )
 
 
 _BADGES = {"completed": "ok", "failed": "warn", "no_show": "warn"}
+# One line of the list. Every %s receives text escaped by `rows_html`, or digits and punctuation
+# (times, minutes, counts), so the page places the whole block without escaping it again.
+_ROW = (
+    '<tr data-visit="%s">\n'
+    '    <td><a href="%s">%s</a></td><td>%s</td><td>%s</td><td>%s</td>\n'
+    '    <td><span class="badge %s">%s</span></td><td>%s</td>\n'
+    '    <td class="num">%s</td><td>%s</td><td class="num">%s</td>\n'
+    "  </tr>"
+)
+_NEEDS_ESCAPE = re.compile(r"[&<>\"']").search
+
+
+def _esc(text: str) -> str:
+    """``text`` HTML-escaped as markupsafe does it; most names and ids need nothing."""
+    return str(escape(text)) if _NEEDS_ESCAPE(text) else text
 
 
 def local_minutes(tz: str) -> Callable[[float], str]:
@@ -168,26 +188,17 @@ def local_minutes(tz: str) -> Callable[[float], str]:
     return fmt
 
 
-def list_rows(rows: list[sessionlog.PageRow], request: web.Request, tz: str) -> list[ListRow]:
-    """The page's rows in the reader's language, escaped, with the link to each session."""
-    outcomes = {k: str(escape(v)) for k, v in _outcome_labels().items()}
-    reasons = {k: str(escape(v)) for k, v in _end_reason_labels().items()}
-    zh = request.get(keys.LOCALE) == "zh_CN"
-    yes = str(escape(_("yes")))
+def rows_html(rows: list[sessionlog.PageRow], text: RowText, tz: str) -> Markup:
+    """The page's rows as one block of HTML, in the reader's language, every cell escaped.
+
+    Made in Python, in the same reader-thread job as the query, because the page shows 50 rows
+    per request, 8 admins at once (bench/admin.py): Jinja writing 12 cells per row, each one a
+    step of the template's generator, was most of the page's cost.
+    """
+    outcomes, reasons, yes = text.outcomes, text.reasons, text.yes
+    head, tail = text.href_head, text.href_tail
     when = local_minutes(tz)
-    # Every row's link from one URL built by the router, with the row's (escaped) id put in.
-    marker = "PUBLICIDMARK"
-    head, _m, tail = str(escape(request.app.router["session_admin"].url_for(public_id=marker))).partition(
-        marker
-    )
     names: dict[str, str] = {}  # a page names a few doctors and departments many times: escape each once
-
-    def name(text: str) -> str:
-        safe = names.get(text)
-        if safe is None:
-            safe = names[text] = str(escape(text))
-        return safe
-
     out = []
     for (
         _v,
@@ -203,37 +214,71 @@ def list_rows(rows: list[sessionlog.PageRow], request: web.Request, tz: str) -> 
         dep_en,
         dep_zh,
     ) in rows:
-        public_id = str(escape(public_id))
+        public_id = _esc(public_id)
+        department = dep_zh if text.zh else dep_en
+        dep = names.get(department)
+        if dep is None:
+            dep = names[department] = _esc(department)
+        doc = names.get(doctor)
+        if doc is None:
+            doc = names[doctor] = _esc(doctor)
         out.append(
-            ListRow(
-                public_id=public_id,
-                href=head + public_id + tail,
-                scheduled=when(start),
-                department=name(dep_zh if zh else dep_en),
-                doctor=name(doctor),
-                patient=str(escape(patient)),
-                badge=_BADGES.get(outcome, ""),
-                outcome=outcomes.get(outcome) or str(escape(outcome)),
-                end_reason=reasons.get(end_reason or "", ""),
-                minutes=f"{seconds / 60:.1f}",
-                turn=yes if turn else "",
-                reconnects=str(int(reconnects)),
+            _ROW
+            % (
+                public_id,
+                head + public_id + tail,
+                when(start),
+                dep,
+                doc,
+                _esc(patient),
+                _BADGES.get(outcome, ""),
+                outcomes.get(outcome) or _esc(outcome),
+                reasons.get(end_reason or "", ""),
+                f"{seconds / 60:.1f}",
+                yes if turn else "",
+                int(reconnects),
             )
         )
-    return out
+    return Markup("\n  ".join(out))  # noqa: S704 - every cell escaped or digits, above
 
 
-def options(choices: list[tuple[int, str]], selected: int | None) -> list[tuple[Markup, Markup, bool]]:
-    """A select's options as (value, label, selected), escaped: 60 doctors on every list page."""
-    return [(escape(value), escape(label), value == selected) for value, label in choices]
+@functools.lru_cache(maxsize=64)
+def options_html(choices: tuple[tuple[int, str], ...], selected: int | None) -> Markup:
+    """A select's options, escaped, as HTML: 60 doctors on every list page, the same each time
+    (the page reads the choices afresh; the HTML is made again only when they change)."""
+    return Markup("").join(
+        Markup('<option value="%s"%s>%s</option>')
+        % (value, Markup(" selected") if value == selected else "", label)
+        for value, label in choices
+    )
+
+
+class ListRead(NamedTuple):
+    rows: Markup  # rows_html
+    shown: int
+    next_cursor: tuple[int, int] | None
+    departments: tuple[tuple[int, str], ...]  # (id, name in the reader's language)
+    doctors: tuple[tuple[int, str], ...]
 
 
 def _list_page_sync(
-    db: sqlite_utils.Database, f: sessionlog.Filters, cursor: tuple[int, int] | None, tz: str
-) -> tuple[list[sessionlog.PageRow], tuple[int, int] | None, dict]:
-    """The page and the filter form's choices in one read (one trip to the reader pool)."""
+    db: sqlite_utils.Database,
+    f: sessionlog.Filters,
+    cursor: tuple[int, int] | None,
+    tz: str,
+    text: RowText,
+) -> ListRead:
+    """The page, its rows made into HTML, and the filter form's choices: one trip to the reader
+    pool, whose thread holds the rows already."""
     rows, next_cursor = sessionlog.list_page_sync(db, f, cursor, tz=tz)
-    return rows, next_cursor, sessionlog.filter_choices_sync(db)
+    departments, doctors = sessionlog.filter_choices_sync(db)
+    return ListRead(
+        rows_html(rows, text, tz),
+        len(rows),
+        next_cursor,
+        tuple((d_id, zh if text.zh else en) for d_id, en, zh in departments),
+        doctors,
+    )
 
 
 async def sessions_list(request: web.Request) -> web.Response:
@@ -242,38 +287,35 @@ async def sessions_list(request: web.Request) -> web.Response:
     db = request.app[keys.DB]
     f = _filters(request)
     cursor = sessionlog.decode_cursor(request.query.get("cursor"))
+    text = RowText.of(request)
     # The list shows patients' names: one read entry per page, naming the search that was made.
     # It is written (by the writer thread) while a reader fetches the page, and committed before
     # the page is sent: neither waits for the other, and a page is never shown unaudited.
-    (rows, next_cursor, choices), _entry = await asyncio.gather(
-        db.execute_fn(lambda d: _list_page_sync(d, f, cursor, settings.timezone)),
+    page, _entry = await asyncio.gather(
+        db.execute_fn(lambda d: _list_page_sync(d, f, cursor, settings.timezone, text)),
         audit_read(request, "session.list", "session", None, None, filters=f.to_query(), page=bool(cursor)),
     )
     base = f.to_query()
-    zh = request.get(keys.LOCALE) == "zh_CN"
-    admin_url = str(request.app.router["sessions_admin"].url_for())
+    admin_url = request.app.router["sessions_admin"].canonical  # a plain path: no URL to build
     return aiohttp_jinja2.render_template(
         "sessions_list.html",
         request,
         {
-            "rows": list_rows(rows, request, settings.timezone),
+            "rows": page.rows,
+            "shown": page.shown,
             "filters": f,
             "query": base,
-            "departments": options(
-                [(d["id"], d["name_zh"] if zh else d["name_en"]) for d in choices["departments"]],
-                f.department_id,
-            ),
-            "doctors": options([(d["id"], d["display_name"]) for d in choices["doctors"]], f.doctor_id),
+            "department_options": options_html(page.departments, f.department_id),
+            "doctor_options": options_html(page.doctors, f.doctor_id),
             "outcomes": _outcome_labels(),
             "end_reasons": _end_reason_labels(),
             "next_url": (
-                admin_url + "?" + urlencode({**base, "cursor": sessionlog.encode_cursor(*next_cursor)})
-                if next_cursor
+                admin_url + "?" + urlencode({**base, "cursor": sessionlog.encode_cursor(*page.next_cursor)})
+                if page.next_cursor
                 else None
             ),
             "first_url": admin_url + ("?" + urlencode(base) if base else "") if cursor else None,
-            "csv_url": str(request.app.router["sessions_csv"].url_for())
-            + ("?" + urlencode(base) if base else ""),
+            "csv_url": request.app.router["sessions_csv"].canonical + ("?" + urlencode(base) if base else ""),
         },
     )
 
