@@ -140,7 +140,11 @@ async def test_recorded_visit_leaves_two_playable_files(
         gap = (durations["doctor"] - durations["patient"]) - (connected["doctor"] - connected["patient"])
         assert abs(gap) < 0.5, (durations, connected)
         for role, seconds in durations.items():
-            assert abs(seconds - connected[role]) < 0.5, (role, seconds, connected)
+            # The page's clock runs from "connected" to the page hearing the end; the file's from
+            # its first packet to its last. Under load each end of the page's span can come
+            # a few hundred ms apart from the file's (CI, 3 workers on 2 cores: 0.65 and 0.75 s
+            # shorter, both legs alike, every frame in between there), never the file longer.
+            assert -1.0 < seconds - connected[role] < 0.5, (role, seconds, connected)
             assert seconds > VISIT_S - 3, durations
 
         # The doctor plays them on the visit page.
