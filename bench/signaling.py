@@ -419,37 +419,33 @@ def phase_of(line: str, phases: dict[str, float]) -> str:
 
 
 def slow_callbacks(log_path: Path, phases: dict[str, float]) -> None:
-    """What the server's slow-callback probe logged, grouped by phase and kind (stderr)."""
+    """What the server's slow-callback probe logged, grouped by phase and kind (stderr): slow
+    callbacks, then slow loop iterations (many short callbacks together) by what took most."""
     seen: dict[str, list[tuple[float, float]]] = {}
+    iterations: dict[str, list[tuple[float, float, str]]] = {}
     for line in log_path.read_text(errors="replace").splitlines():
-        if "slow callback " not in line:
+        kind = next((k for k in ("slow callback ", "slow iteration ") if k in line), None)
+        if kind is None:
             continue
         phase = phase_of(line, phases)
-        text = line.split("slow callback ", 1)[1]
+        text = line.split(kind, 1)[1]
         took = float(text.split(" ms", 1)[0])
         cpu = float(text.split("(CPU ", 1)[1].split(" ms", 1)[0]) if "(CPU " in text else float("nan")
-        what = text.split(": ", 1)[1] if ": " in text else text
-        what = what.split(" (", 1)[0] if what.startswith("garbage") else what
-        seen.setdefault(f"[{phase}] {what}", []).append((took, cpu))
+        if kind == "slow callback ":
+            what = text.split(": ", 1)[1] if ": " in text else text
+            what = what.split(" (", 1)[0] if what.startswith("garbage") else what
+            seen.setdefault(f"[{phase}] {what}", []).append((took, cpu))
+        else:
+            detail = text.split("): ", 1)[1]
+            parts = detail.split("; ")
+            top = parts[1].split(" ms ", 1)[1] if len(parts) > 1 and " ms " in parts[1] else "?"
+            iterations.setdefault(f"[{phase}] {top}", []).append((took, cpu, detail))
     print(f"slow callbacks ({sum(map(len, seen.values()))}), longest wall (its CPU) ms:", file=sys.stderr)
     for what, took in sorted(seen.items(), key=lambda kv: -max(kv[1])[0])[:25]:
         wall, cpu = max(took)
         most_cpu = max((c for _w, c in took if c == c), default=float("nan"))
         line = f"  {len(took):5d}x max {wall:7.1f} ({cpu:6.1f}), max CPU {most_cpu:6.1f}  {what}"
         print(line, file=sys.stderr)
-    # Slow loop iterations (many short callbacks together), by what took most of each.
-    iterations: dict[str, list[tuple[float, float, str]]] = {}
-    for line in log_path.read_text(errors="replace").splitlines():
-        if "slow iteration " not in line:
-            continue
-        phase = phase_of(line, phases)
-        text = line.split("slow iteration ", 1)[1]
-        took = float(text.split(" ms", 1)[0])
-        cpu = float(text.split("(CPU ", 1)[1].split(" ms", 1)[0])
-        detail = text.split("): ", 1)[1]
-        parts = detail.split("; ")
-        top = parts[1].split(" ms ", 1)[1] if len(parts) > 1 and " ms " in parts[1] else "?"
-        iterations.setdefault(f"[{phase}] {top}", []).append((took, cpu, detail))
     count = sum(map(len, iterations.values()))
     print(f"slow iterations ({count}) by what took most of each, the longest in full:", file=sys.stderr)
     for top, seen_it in sorted(iterations.items(), key=lambda kv: -max(kv[1])[0])[:15]:
