@@ -152,7 +152,7 @@ class StaticFiles:
         self.cache = cache
         self.bundles = BUNDLES if bundles is None else bundles
         self._assets: dict[str, StaticAsset] = {}
-        self._paths: dict[str, str] = {}  # name -> the source file's path, for names found
+        self._source = str(source)  # joined with a name by os.path, cheaper than pathlib's /
         self._inline: dict[str, tuple[str, str]] = {}
 
     def _stat_key(self, name: str) -> tuple | None:
@@ -161,11 +161,8 @@ class StaticFiles:
         if parts is not None:
             keys_ = [self._stat_key(part) for part in parts]
             return None if None in keys_ else tuple(keys_)
-        path = self._paths.get(name)  # a name found before: its path made once
-        if path is None:
-            path = str(self.source / name)
         try:
-            st = os.stat(path)
+            st = os.stat(os.path.join(self._source, name))
         except OSError:  # missing, or a name the OS refuses
             return None
         if not stat.S_ISREG(st.st_mode):
@@ -190,7 +187,7 @@ class StaticFiles:
     def asset(self, name: str) -> StaticAsset | None:
         """The current version of web/static/`name` (or of the bundle `name`), or None when
         there is no such file."""
-        if name not in self._paths:  # a name found before was checked then
+        if name not in self._assets:  # a name found before was checked then
             if len(name) > 255 or not _NAME_RE.match(name):  # no "..", no hidden files
                 return None
         key = self._stat_key(name)
@@ -204,9 +201,7 @@ class StaticFiles:
         except OSError:
             return None
         asset = StaticAsset(name, key, _version(data))
-        self._assets[name] = asset
-        if name not in self.bundles:  # only names of files that exist: as many as web/static holds
-            self._paths[name] = str(self.source / name)
+        self._assets[name] = asset  # only names of files that exist: as many as web/static holds
         return asset
 
     def url(self, name: str) -> str:
