@@ -264,9 +264,9 @@ async def _slots_context(
     if shown is None:
         week = await _week(request, department_id, doctor_id)
         # No await from here to the put: the version and the marks are read together.
-        version = cache.version(doctor_id, with_takes=True) if cache is not None else None
+        version = _version(request, doctor_id)
         days, day = day_strip(
-            _marked(week, cache.taken(doctor_id) if cache is not None else ()),
+            _marked(week, _took(request, doctor_id)),
             settings.timezone,
             now=now,
             until=horizon,
@@ -311,8 +311,8 @@ async def _day_context(request: web.Request, department_id: int, doctor_id: int,
     kept = cache.get(doctor_id, key, with_takes=True) if cache is not None else None
     if kept is None:
         week = await _week(request, department_id, doctor_id)
-        version = cache.version(doctor_id, with_takes=True) if cache is not None else None
-        slots = _marked(week, cache.taken(doctor_id) if cache is not None else ()).get(day, [])
+        version = _version(request, doctor_id)
+        slots = _marked(week, _took(request, doctor_id)).get(day, [])
         slots = [s for s in slots if s.starts_at >= now]
         late_s = settings.cancel_free_hours * 3600
         entry = _day_names(day, today)
@@ -371,6 +371,12 @@ def _page_key(request: web.Request, template: str, *more: object) -> tuple:
 def _version(request: web.Request, doctor_id: int) -> tuple[int, ...] | None:
     cache = request.app.get(slotcache.SLOT_CACHE)
     return cache.version(doctor_id, with_takes=True) if cache is not None else None
+
+
+def _took(request: web.Request, doctor_id: int) -> set[int] | tuple:
+    """The doctor's times that holds of this process took since what is kept was read."""
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    return cache.taken(doctor_id) if cache is not None else ()
 
 
 def _token(request: web.Request) -> str | None:
@@ -521,8 +527,7 @@ async def _refused_hold(
 async def _first_free_day(request: web.Request, department_id: int, doctor_id: int) -> date | None:
     """The first day of the strip with a free time, as the slot page would show it; None if none."""
     week = await _week(request, department_id, doctor_id)
-    cache = request.app.get(slotcache.SLOT_CACHE)
-    took = cache.taken(doctor_id) if cache is not None else ()
+    took = _took(request, doctor_id)
     now, _horizon, first, last = _strip_days(request)
     for day, slots in sorted(week["by_day"].items()):
         if first <= day <= last and any(
