@@ -115,7 +115,10 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
     db = open_database(settings)
     app[keys.DB] = db
     app[keys.SESSIONS] = Sessions(
-        db, settings.session_idle_minutes * 60, settings.session_absolute_hours * 3600
+        db,
+        settings.session_idle_minutes * 60,
+        settings.session_absolute_hours * 3600,
+        cache_s=settings.session_cache_seconds,
     )
     app[keys.THROTTLE] = Throttle(
         db,

@@ -10,6 +10,7 @@ import logging
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
+from consult.core import logs
 from consult.core.logs import RedactingAccessLogger
 from tests.test_edge import connect, get, log_text, read_all
 
@@ -72,3 +73,58 @@ def test_a_request_without_match_info_is_logged(settings) -> None:
     RedactingAccessLogger(logger, "").log(request, web.Response(status=400), 0.001)
     message = records[0].getMessage()
     assert "\x1b" not in message and "\n" not in message and " 400 " in message
+
+
+def test_an_access_record_is_what_make_record_makes_and_formats_alike(settings) -> None:
+    """The access line's record is built from a copy (`_access_record`): every attribute a
+    formatter may name is what logger.makeRecord gives, and the once-a-second time format
+    (`PlainFormatter`) writes what logging.Formatter writes."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("test.access.copied")
+    logger.addHandler(Keep())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    access = RedactingAccessLogger(logger, "")
+    for path, status in (("/book/hold", 303), ("/call/abcdefghijkl", 200), ("/x?token=secret", 404)):
+        access.log(make_mocked_request("POST", path), web.Response(status=status), 0.0123)
+    args = ("127.0.0.1", "POST", "/p", 303, 1.0)
+    made = logger.makeRecord(logger.name, logging.INFO, logs.__file__, 0, logs.ACCESS_FORMAT, args, None)
+    assert len(records) == 3
+    for record in records:
+        mine = {
+            k: v
+            for k, v in vars(record).items()
+            if k not in ("created", "msecs", "relativeCreated", "args", "http")
+        }
+        theirs = {
+            k: v for k, v in vars(made).items() if k not in ("created", "msecs", "relativeCreated", "args")
+        }
+        assert mine == theirs
+        assert abs(record.created - made.created) < 5 and 0 <= record.msecs < 1000
+        assert (
+            abs((record.relativeCreated - made.relativeCreated) - (record.created - made.created) * 1000) < 1
+        )
+    assert [r.getMessage() for r in records] == [
+        'None "POST /book/hold" 303 12.3ms',
+        'None "POST /call/abcdef…" 200 12.3ms',
+        'None "POST /x?token=secr…" 404 12.3ms',
+    ]
+    assert records[0].http == {
+        "remote": None,
+        "method": "POST",
+        "path": "/book/hold",
+        "status": 303,
+        "ms": 12.3,
+    }
+    fmt = "%(asctime)s %(levelname)s %(name)s %(module)s %(threadName)s: %(message)s"
+    plain, fast = logging.Formatter(fmt), logs.PlainFormatter(fmt)
+    for record in [*records, made]:
+        for shift in (0, 0.5, 1.25, 3600):
+            record.created += shift
+            record.msecs = int((record.created - int(record.created)) * 1000) + 0.0
+            assert fast.format(record) == plain.format(record)

@@ -93,6 +93,7 @@ async def reset_password(request: web.Request) -> web.Response:
             d, user_id, password_hash, action="account.reset_password", actor=admin, remote=remote
         )
     )
+    request.app[keys.SESSIONS].forget_user(user_id)  # its sessions ended with the new password
     ctx = await _users_context(request)
     ctx["message"] = _("New password for %(name)s: %(password)s (shown once; give it to them in person).") % {
         "name": row["display_name"],
@@ -112,6 +113,7 @@ async def set_active(request: web.Request) -> web.Response:
     await request.app[keys.DB].execute_write_fn(
         lambda d: staff.set_active_sync(d, user_id, active, actor=admin, remote=remote)
     )
+    request.app[keys.SESSIONS].forget_user(user_id)  # a deactivated account's sessions end at once
     raise web.HTTPSeeOther("/admin/users")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import secrets
@@ -206,11 +207,38 @@ def set_password_sync(
         )
 
 
+@dataclass(frozen=True)
+class _Kept:
+    """A session as last read from (or written to) the database by this process."""
+
+    user: User
+    created: float
+    last_seen: float
+    read_at: float  # time.monotonic() of the read: kept for at most ``cache_s`` after it
+
+
 class Sessions:
-    def __init__(self, db: Database, idle_s: float, absolute_s: float) -> None:
+    """Server-side sessions: a random token in a cookie, its SHA-256 in the ``sessions`` table.
+
+    Every request looks its session up. A session read from the database is kept in memory for
+    ``cache_s`` seconds (the ``session_cache_seconds`` setting), so a page or a hold does not
+    wait for a reader thread to ask again what it asked a moment ago; the expiry rules are checked
+    on every request all the same. What this process changes drops what it keeps at once:
+    `revoke`, `revoke_all`, and `forget_user` (called after a password change, a deactivation or a
+    new language). What another node (or the CLI) changes is seen within ``cache_s``. A lookup
+    that read the database while something was forgotten does not keep what it read (it may be
+    from before the change). At most ``MAX_KEPT`` sessions are kept; only real, live sessions are.
+    """
+
+    MAX_KEPT = 20_000
+
+    def __init__(self, db: Database, idle_s: float, absolute_s: float, cache_s: float = 0.0) -> None:
         self.db = db
         self.idle_s = idle_s
         self.absolute_s = absolute_s
+        self.cache_s = max(0.0, cache_s)
+        self._kept: dict[str, _Kept] = {}  # token hash -> what was read
+        self._forgotten = 0  # bumped by every forget: a read begun before it is not kept
 
     async def create(self, user_id: int, remote: str | None, user_agent: str | None) -> str:
         token = secrets.token_urlsafe(32)
@@ -230,32 +258,59 @@ class Sessions:
         if not token or len(token) > 100:
             return None
         h = token_hash(token)
-        row = await self.db.query_one(
-            "SELECT s.created AS s_created, s.last_seen, u.* FROM sessions s"
-            " JOIN users u ON u.id = s.user_id WHERE s.token_hash = ? AND u.active = 1",
-            [h],
-        )
-        if row is None:
-            return None
+        kept = self._kept.get(h)
+        if kept is not None and time.monotonic() - kept.read_at > self.cache_s:
+            kept = None
+            self._kept.pop(h, None)
+        if kept is None:
+            forgotten = self._forgotten
+            row = await self.db.query_one(
+                "SELECT s.created AS s_created, s.last_seen, u.* FROM sessions s"
+                " JOIN users u ON u.id = s.user_id WHERE s.token_hash = ? AND u.active = 1",
+                [h],
+            )
+            if row is None:
+                return None
+            kept = _Kept(User.from_row(row), row["s_created"], row["last_seen"], time.monotonic())
+            if self.cache_s > 0 and forgotten == self._forgotten:
+                if len(self._kept) >= self.MAX_KEPT:
+                    self._kept.pop(next(iter(self._kept)))  # the oldest read
+                self._kept[h] = kept
         now = time.time()
-        if now - row["last_seen"] > self.idle_s or now - row["s_created"] > self.absolute_s:
+        if now - kept.last_seen > self.idle_s or now - kept.created > self.absolute_s:
             await self.revoke(token)
             return None
-        if now - row["last_seen"] > 30:  # bound the write rate; idle expiry stays accurate to 30 s
+        if now - kept.last_seen > 30:  # bound the write rate; idle expiry stays accurate to 30 s
 
             def touch(db: sqlite_utils.Database) -> None:
                 db.execute("UPDATE sessions SET last_seen = ? WHERE token_hash = ?", [now, h])
 
             await self.db.execute_write_fn(touch)
-        return User.from_row(row)
+            if self._kept.get(h) is kept:
+                self._kept[h] = dataclasses.replace(kept, last_seen=now)
+        return kept.user
+
+    def forget_user(self, user_id: int) -> None:
+        """Drop every kept session of ``user_id``: call it after a write that ended its sessions or
+        changed what a session carries (password, deactivation, language)."""
+        self._forgotten += 1
+        for h in [h for h, kept in self._kept.items() if kept.user.id == user_id]:
+            del self._kept[h]
 
     async def revoke(self, token: str) -> None:
         h = token_hash(token)
-        await self.db.execute_write_fn(
-            lambda db: db.execute("DELETE FROM sessions WHERE token_hash = ?", [h])
-        )
+        try:
+            await self.db.execute_write_fn(
+                lambda db: db.execute("DELETE FROM sessions WHERE token_hash = ?", [h])
+            )
+        finally:
+            self._forgotten += 1
+            self._kept.pop(h, None)
 
     async def revoke_all(self, user_id: int) -> None:
-        await self.db.execute_write_fn(
-            lambda db: db.execute("DELETE FROM sessions WHERE user_id = ?", [user_id])
-        )
+        try:
+            await self.db.execute_write_fn(
+                lambda db: db.execute("DELETE FROM sessions WHERE user_id = ?", [user_id])
+            )
+        finally:
+            self.forget_user(user_id)

@@ -236,6 +236,8 @@ async def reset_submit(request: web.Request) -> web.Response:
         else:
             error = _("The code is wrong or no longer works. Check the text message, or ask for a new code.")
         return _reset_page(request, pending, error=error, status=400)
+    assert checked.user_id is not None
+    request.app[keys.SESSIONS].forget_user(checked.user_id)  # its sessions ended with the reset
     response = redirect("/login?reset=1")
     _clear_flow(request, response)
     return response
@@ -400,6 +402,7 @@ async def set_language(request: web.Request) -> web.Response:
     user = request.get(keys.USER)
     if user is not None:
         await request.app[keys.DB].execute_write_fn(lambda db: accounts.set_locale_sync(db, user.id, locale))
+        request.app[keys.SESSIONS].forget_user(user.id)  # its sessions carry the language
     response = redirect(safe_next(data.get("next"), "/"))
     response.set_cookie(
         LANG_COOKIE,
@@ -460,6 +463,7 @@ async def change_password(request: web.Request) -> web.Response:
     new_hash = await passwords.hash_async(data["new"])
     # Ends every session (other devices sign in again); this one gets a fresh session below.
     await db.execute_write_fn(lambda d: accounts.set_password_sync(d, user.id, new_hash))
+    request.app[keys.SESSIONS].forget_user(user.id)
     token = await request.app[keys.SESSIONS].create(
         user.id, security.client_address(request), request.headers.get("User-Agent")
     )

@@ -73,6 +73,13 @@ class Settings:
     )
     session_idle_minutes: int = setting(60, "A session ends after this much inactivity.")
     session_absolute_hours: int = setting(12, "A session ends this long after sign-in, however active.")
+    session_cache_seconds: float = setting(
+        2.0,
+        "How long a node may answer for a session from memory before reading it from the database"
+        " again (every request reads its session). Signing out, a password change and deactivation"
+        " on this node end the session here at once; on another node of a cluster (or by the CLI)"
+        " they take effect within this many seconds. 0: read every request's session from the database.",
+    )
     login_max_failures: int = setting(
         5,
         "Failed sign-ins on one account from one address (or one trusted device) before each"

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
+from typing import Any
 
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
+
+from consult.core import keys, security
 
 # Call links and file links carry bearer tokens in the path or query: keep only a prefix.
 _TOKEN_PATH = re.compile(r"(/(?:call|join|ws/rooms|c)/)([A-Za-z0-9_.~-]{6})[A-Za-z0-9_.~-]*")
@@ -40,8 +44,6 @@ def _clean(text: str) -> str:
 
 def _remote(request: BaseRequest) -> str | None:
     """The client address, masked to its network when the mask_addresses setting says so."""
-    from consult.core import keys, security
-
     try:
         app = request.app  # type: ignore[attr-defined]
     except (AttributeError, AssertionError):  # no app: a request aiohttp refused before routing
@@ -77,27 +79,76 @@ class RedactingAccessLogger(AbstractAccessLogger):
         remote, method, path = _describe(request)
         status = getattr(response, "status", None)
         ms = round(time_taken * 1000, 1)
-        # As logger.info(...) would, without looking up the caller's file and line in the stack
-        # (every request is logged; nothing prints them).
-        record = logger.makeRecord(
-            logger.name,
-            logging.INFO,
-            __file__,
-            0,
-            '%s "%s %s" %s %.1fms',
-            (remote, method, path, status, ms),
-            None,
-            # JSON lines carry these as fields, so that a log pipeline need not parse the message.
-            extra={"http": {"remote": remote, "method": method, "path": path, "status": status, "ms": ms}},
+        # JSON lines carry these as fields, so that a log pipeline need not parse the message.
+        http = {"remote": remote, "method": method, "path": path, "status": status, "ms": ms}
+        logger.handle(_access_record(logger, (remote, method, path, status, ms), http))
+
+
+ACCESS_FORMAT = '%s "%s %s" %s %.1fms'
+# Per logger and thread (the event loop's, in practice): the attributes its access records share.
+_record_bases: dict[tuple[str, int], dict[str, Any]] = {}
+
+
+def _access_record(logger: logging.Logger, args: tuple, http: dict) -> logging.LogRecord:
+    """The access line's record, as ``logger.makeRecord`` makes it (what logger.info would,
+    without looking up the caller's file and line), at a fraction of its cost: every request is
+    logged, and LogRecord's constructor works out the same file name, module, thread and process
+    names for each. Here they are worked out once per logger and thread, by makeRecord itself, and copied;
+    only the time, the arguments and the fields are the record's own. A record factory set by
+    someone else (logging.setLogRecordFactory) is used as it is."""
+    if logging.getLogRecordFactory() is not logging.LogRecord:
+        return logger.makeRecord(
+            logger.name, logging.INFO, __file__, 0, ACCESS_FORMAT, args, None, extra={"http": http}
         )
-        logger.handle(record)
+    ident = (logger.name, threading.get_ident())
+    base = _record_bases.get(ident)
+    if base is None:
+        made = logger.makeRecord(logger.name, logging.INFO, __file__, 0, ACCESS_FORMAT, (), None)
+        base = dict(made.__dict__)
+        base["_start"] = made.created - made.relativeCreated / 1000  # logging's own start time
+        if len(_record_bases) > 64:  # threads come and go (tests): never a growing map
+            _record_bases.clear()
+        _record_bases[ident] = base
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    fields = record.__dict__
+    fields.update(base)
+    ct = time.time()
+    fields["created"] = ct
+    fields["msecs"] = int((ct - int(ct)) * 1000) + 0.0
+    fields["relativeCreated"] = (ct - fields.pop("_start")) * 1000
+    fields["args"] = args
+    fields["http"] = http
+    return record
+
+
+class PlainFormatter(logging.Formatter):
+    """``logging.Formatter`` with the time of day formatted once a second, not once a line
+    (strftime is most of the cost of formatting an access line)."""
+
+    _second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt or not self.default_msec_format:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        kept = self._second  # one tuple, read and replaced whole: safe from any thread
+        if kept[0] != second:
+            kept = (second, time.strftime(self.default_time_format, self.converter(record.created)))
+            self._second = kept
+        return self.default_msec_format % (kept[1], record.msecs)
 
 
 class JsonFormatter(logging.Formatter):
+    _second: tuple[int, str] = (-1, "")  # the time to the second, formatted once a second
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        kept = self._second
+        if kept[0] != second:
+            kept = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)))
+            self._second = kept
         out = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": f"{kept[1]}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -114,7 +165,10 @@ def setup_logging(json_lines: bool, mask_addresses: bool = False) -> None:
     global _mask_fallback
     _mask_fallback = mask_addresses
     root = logging.getLogger()
-    if json_lines:
-        for h in root.handlers:
+    for h in root.handlers:
+        if json_lines:
             h.setFormatter(JsonFormatter())
+        elif type(h.formatter) is logging.Formatter and type(h.formatter._style) is logging.PercentStyle:
+            # basicConfig's: the same format, its time formatted once a second
+            h.setFormatter(PlainFormatter(h.formatter._fmt, h.formatter.datefmt))
     logging.getLogger("aiohttp.access").setLevel(logging.INFO)

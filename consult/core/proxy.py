@@ -51,7 +51,7 @@ class View:
     host: str
 
 
-VIEW = web.RequestKey("proxy_view", View)
+VIEW = web.RequestKey("proxy_view", View | None)
 
 
 def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
@@ -172,6 +172,9 @@ async def proxy_middleware(request: web.Request, handler):
     """First in the pipeline: everything after it sees the client's address, scheme and host."""
     trusted = request.app[TRUSTED]
     if not trusted:
+        # Said outright rather than left missing: `remote_of`/`scheme_of` run several times a
+        # request, and request.get of a missing key raises and catches a KeyError each time.
+        request[VIEW] = None
         return await handler(request)
     try:
         view = view_of(request, trusted)
