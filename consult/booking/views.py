@@ -204,11 +204,8 @@ async def _week(request: web.Request, department_id: int, doctor_id: int) -> dic
     read from the database: kept (``slotcache``) until a change other than a hold, or a second.
     What holds of this process took since is marked over it by `_marked`."""
     settings = request.app[keys.SETTINGS]
-    cache = request.app.get(slotcache.SLOT_CACHE)
-    key = ("week", department_id)
-    week = cache.get(doctor_id, key) if cache is not None else None
-    if week is None:
-        version = cache.version(doctor_id) if cache is not None else None
+
+    async def read() -> dict:
         now = time.time()
         week = await request.app[keys.DB].execute_fn(
             lambda db: pages.doctor_slots(
@@ -222,9 +219,13 @@ async def _week(request: web.Request, department_id: int, doctor_id: int) -> dic
             )
         )
         week["taken"] = frozenset(s.starts_at for day in week["by_day"].values() for s in day if s.taken)
-        if cache is not None:
-            cache.put(doctor_id, key, week, version)
-    return week
+        return week
+
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    if cache is None:
+        return await read()
+    # One read of the doctor's two weeks for all who ask while it runs (see slotcache).
+    return await cache.read_once(doctor_id, ("week", department_id), read)
 
 
 def _marked(week: dict, took: set[int] | tuple) -> dict[date, list[schedules.Slot]]:
