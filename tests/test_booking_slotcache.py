@@ -77,3 +77,27 @@ async def test_a_waiter_going_away_does_not_cancel_the_read_for_the_others():
     await asyncio.sleep(0)
     reads.go.set()
     assert await follower == {"read": 1} and reads.count == 1
+
+
+def test_a_hold_makes_only_its_own_day_rendered_again():
+    """What shows one day alone (its panel) stays kept when a hold takes a time of another day;
+    what shows every day (the strip) and that day's own panel are made again."""
+    from datetime import date
+
+    cache = SlotCache()
+    monday, tuesday = date(2026, 12, 7), date(2026, 12, 8)
+    for day in (monday, tuesday):
+        cache.put(7, ("day", day), f"panel {day}", cache.version(7, day=day))
+    cache.put(7, ("page",), "strip", cache.version(7, with_takes=True))
+    cache.put(7, ("week",), "read", cache.version(7))
+    cache.took(7, 1_800_000_000, until=2e9, day=monday)
+    assert cache.get(7, ("day", monday)) is None
+    assert cache.get(7, ("day", tuesday)) == f"panel {tuesday}"
+    assert cache.get(7, ("page",)) is None
+    assert cache.get(7, ("week",)) == "read"  # what was read stays: the hold is marked over it
+    assert cache.is_taken(7, 1_800_000_000)
+    # Another doctor's hold changes nothing of this one's; a change other than a hold, everything.
+    cache.took(8, 1_800_000_000, until=2e9, day=tuesday)
+    assert cache.get(7, ("day", tuesday)) == f"panel {tuesday}"
+    cache.changed(7)
+    assert cache.get(7, ("day", tuesday)) is None and cache.get(7, ("week",)) is None
