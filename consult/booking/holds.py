@@ -27,6 +27,7 @@ from consult.booking.notices import REMINDER_DAY, enqueue_notice_sync, reminders
 from consult.core import jobs, keys, leader
 from consult.core.db import IntegrityError, lock_keys
 from consult.core.errors import BadRequest, Conflict, NotFound
+from consult.core.formatting import to_local
 from consult.core.i18n import _
 from consult.core.ids import new_public_id
 
@@ -315,7 +316,8 @@ async def hold(
         ),
         exclusive=False,  # hold_sync takes its keyed locks (see there); the UNIQUE index decides
     )
-    slotcache.took(app, doctor_id, visit["starts_at"], visit["hold_expires"])
+    day = to_local(visit["starts_at"], settings.timezone).date()  # the day whose panels change
+    slotcache.took(app, doctor_id, visit["starts_at"], visit["hold_expires"], day)
     return visit
 
 

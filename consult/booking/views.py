@@ -204,11 +204,8 @@ async def _week(request: web.Request, department_id: int, doctor_id: int) -> dic
     read from the database: kept (``slotcache``) until a change other than a hold, or a second.
     What holds of this process took since is marked over it by `_marked`."""
     settings = request.app[keys.SETTINGS]
-    cache = request.app.get(slotcache.SLOT_CACHE)
-    key = ("week", department_id)
-    week = cache.get(doctor_id, key) if cache is not None else None
-    if week is None:
-        version = cache.version(doctor_id) if cache is not None else None
+
+    async def read() -> dict:
         now = time.time()
         week = await request.app[keys.DB].execute_fn(
             lambda db: pages.doctor_slots(
@@ -222,9 +219,13 @@ async def _week(request: web.Request, department_id: int, doctor_id: int) -> dic
             )
         )
         week["taken"] = frozenset(s.starts_at for day in week["by_day"].values() for s in day if s.taken)
-        if cache is not None:
-            cache.put(doctor_id, key, week, version)
-    return week
+        return week
+
+    cache = request.app.get(slotcache.SLOT_CACHE)
+    if cache is None:
+        return await read()
+    # One read of the doctor's two weeks for all who ask while it runs (see slotcache).
+    return await cache.read_once(doctor_id, ("week", department_id), read)
 
 
 def _marked(week: dict, took: set[int] | tuple) -> dict[date, list[schedules.Slot]]:
@@ -260,7 +261,7 @@ async def _slots_context(
         wanted = None  # a day not on the strip: the first day with a free time, as for none
     cache = request.app.get(slotcache.SLOT_CACHE)
     key = ("page", department_id, locale, wanted)
-    shown = cache.get(doctor_id, key, with_takes=True) if cache is not None else None
+    shown = cache.get(doctor_id, key) if cache is not None else None
     if shown is None:
         week = await _week(request, department_id, doctor_id)
         # No await from here to the put: the version and the marks are read together.
@@ -308,10 +309,10 @@ async def _day_context(request: web.Request, department_id: int, doctor_id: int,
         raise BadRequest(_("Please pick a day from the list."), code="bad_day")
     cache = request.app.get(slotcache.SLOT_CACHE)
     key = ("day", department_id, locale, day)
-    kept = cache.get(doctor_id, key, with_takes=True) if cache is not None else None
+    kept = cache.get(doctor_id, key) if cache is not None else None
     if kept is None:
         week = await _week(request, department_id, doctor_id)
-        version = _version(request, doctor_id)
+        version = _version(request, doctor_id, day)  # this day's holds only: what the panel shows
         slots = _marked(week, _took(request, doctor_id)).get(day, [])
         slots = [s for s in slots if s.starts_at >= now]
         late_s = settings.cancel_free_hours * 3600
@@ -368,9 +369,10 @@ def _page_key(request: web.Request, template: str, *more: object) -> tuple:
     )
 
 
-def _version(request: web.Request, doctor_id: int) -> tuple[int, ...] | None:
+def _version(request: web.Request, doctor_id: int, day: date | None = None) -> tuple | None:
+    """The doctor's version for what was rendered: from every day, or from ``day`` alone."""
     cache = request.app.get(slotcache.SLOT_CACHE)
-    return cache.version(doctor_id, with_takes=True) if cache is not None else None
+    return cache.version(doctor_id, with_takes=True, day=day) if cache is not None else None
 
 
 def _took(request: web.Request, doctor_id: int) -> set[int] | tuple:
@@ -391,7 +393,7 @@ def _kept_page(
     token = _token(request)
     if cache is None or key is None or not token:
         return None
-    html = cache.get(doctor_id, key, with_takes=True)
+    html = cache.get(doctor_id, key)
     if html is None:
         return None
     return web.Response(text=html.replace(_CSRF_MARK, token), status=status, content_type="text/html")
@@ -497,7 +499,9 @@ async def _refused_hold(
     kept = _kept_page(request, doctor_id, key, exc.status)
     if kept is not None:
         return kept
-    version = _version(request, doctor_id)
+    # Read before anything the page shows: the tried day's version if it still has a free time
+    # (the page shows that day alone), else every day's (it shows the first day with one).
+    version, day_version = _version(request, doctor_id), _version(request, doctor_id, day)
     try:
         ctx = await _day_context(request, department_id, doctor_id, day)
     except BadRequest:  # a time outside the strip: the page says why and leads back to every day
@@ -512,7 +516,9 @@ async def _refused_hold(
         }
         key = None  # not kept: the doctor was read without the cache
     else:
-        if not ctx["free"]:
+        if ctx["free"]:
+            version = day_version
+        else:
             other = await _first_free_day(request, department_id, doctor_id)
             if other is None:
                 ctx["none_left"] = True
