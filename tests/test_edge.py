@@ -370,15 +370,29 @@ async def test_tls_handshakes_are_paced_and_all_complete(
     assert max(steps_per_tick) <= 2
 
 
-async def test_a_lost_tls_connection_lets_go_of_its_openssl_object_at_once(
+async def test_a_closed_tls_connection_lets_go_of_its_openssl_object_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The protocols are kept alive here, as the reference cycles of a real server's connections
     # (and the freezer) keep them: the OpenSSL objects must go anyway, by reference counting.
     monkeypatch.setattr(sslproto.SSLProtocol, "__init__", sslproto.SSLProtocol.__init__)
     monkeypatch.setattr(sslproto.SSLProtocol, "connection_lost", sslproto.SSLProtocol.connection_lost)
+    monkeypatch.setattr(
+        sslproto.SSLProtocol, "_on_shutdown_complete", sslproto.SSLProtocol._on_shutdown_complete
+    )
     trim_tls_connections()
     trim_tls_connections()  # idempotent: not wrapped twice
+    # Whether the object was already gone when the connection was lost: dropped when the TLS
+    # shutdown completed, not iterations later.
+    gone_before_lost: list[bool] = []
+    trimmed_lost = sslproto.SSLProtocol.connection_lost
+
+    def spy(self: sslproto.SSLProtocol, exc: BaseException | None) -> None:
+        if self in protocols:
+            gone_before_lost.append(self._sslobj is None)
+        trimmed_lost(self, exc)
+
+    monkeypatch.setattr(sslproto.SSLProtocol, "connection_lost", spy)
     cert, key, _created = certs.generate(tmp_path)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
@@ -426,20 +440,23 @@ async def test_a_lost_tls_connection_lets_go_of_its_openssl_object_at_once(
     assert len(protocols) == 8
     assert all(p._sslobj is None and p._get_extra_info("ssl_object") is None for p in protocols)
     assert [ref() for ref in ssl_objects] == [None] * 8
+    assert gone_before_lost == [True] * 8
 
 
-async def test_an_upgraded_connection_keeps_no_request_queue_and_still_works() -> None:
+async def test_an_upgraded_connection_keeps_no_http_parser_or_request_queue_and_still_works() -> None:
     import aiohttp
     from aiohttp import web
 
     from consult.ops.edge import EdgeRequestHandler
 
     queues: list[object] = []
+    parsers: list[object] = []
 
     async def ws_handler(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         queues.append(request.protocol._messages)  # type: ignore[union-attr]
+        parsers.append(request.protocol._parser)  # type: ignore[union-attr]
         async for msg in ws:
             await ws.send_str(msg.data.upper())
         return ws
@@ -475,6 +492,7 @@ async def test_an_upgraded_connection_keeps_no_request_queue_and_still_works() -
         await runner.cleanup()
     assert [type(q).__name__ for q in queues] == ["deque", "deque", "tuple"]
     assert queues[2] == ()
+    assert parsers == [None]  # the HTTP parser is dropped; the WebSocket's own reads on
 
 
 # -- real server ------------------------------------------------------------------------------
