@@ -107,7 +107,32 @@ class Seat(Protocol):
 
 
 class Connection:
-    """A client socket plus what the room needs to know about it."""
+    """A client socket plus what the room needs to know about it.
+
+    One lives as long as its socket, thousands at once: slotted (no instance dict), and its send
+    queue exists only while something waits in it.
+    """
+
+    __slots__ = (
+        "_close_reason",
+        "_queue",
+        "_queue_max",
+        "_transport",
+        "_watchdog",
+        "_writer",
+        "admission",
+        "close_code",
+        "closing",
+        "instance",
+        "limiter",
+        "ready",
+        "recording_told",
+        "remote",
+        "room",
+        "send_deadline",
+        "send_timeout_s",
+        "ws",
+    )
 
     def __init__(
         self,
@@ -142,7 +167,9 @@ class Connection:
         self.close_code: int | None = None
         self._close_reason = ""
         self._queue_max = queue_max
-        self._queue: deque[object] = deque()
+        # Made on the first message that cannot be written at once, dropped when drained (an
+        # empty deque is 760 bytes; most connections never need one).
+        self._queue: deque[object] | None = None
         # The writer task exists only while there is something to write: an idle connection
         # then costs no task, and with 10,000 sockets fewer live objects means shorter
         # garbage-collector pauses.
@@ -156,14 +183,15 @@ class Connection:
         """Queue one message. Never blocks; drops the client if it is too far behind."""
         if self.closing:
             return False
-        if len(self._queue) >= self._queue_max:
+        queue = self._queue
+        if queue is not None and len(queue) >= self._queue_max:
             log.warning("dropping %s: send queue full", self.remote)
             self.abort()
             return False
         text = json.dumps(message, separators=(",", ":"))
-        if self._writer is None and not self._queue and self._send_now(text):
+        if self._writer is None and not queue and self._send_now(text):
             return True
-        self._queue.append(text)
+        self._enqueue(text)
         self._wake_writer()
         return True
 
@@ -198,13 +226,18 @@ class Connection:
         self.closing = True
         self.close_code = code
         self._close_reason = reason
-        self._queue.append(_CLOSE)
+        self._enqueue(_CLOSE)
         self._wake_writer()
+
+    def _enqueue(self, item: object) -> None:
+        if self._queue is None:
+            self._queue = deque()
+        self._queue.append(item)
 
     def abort(self) -> None:
         """Cut the TCP connection now; the reader loop then ends on its own."""
         self.closing = True
-        self._queue.clear()
+        self._queue = None
         if self._transport is not None:
             self._transport.abort()
         if self._writer is not None:
@@ -218,7 +251,7 @@ class Connection:
                 # nothing left to send, so no writer task (a client hanging up costs one less
                 # task, which adds up when a clinic's sockets all close at once).
                 self.closing = True
-                self._queue.clear()
+                self._queue = None
                 return
             self.close(CLOSE_NORMAL)
         if self._writer is not None:
@@ -234,6 +267,8 @@ class Connection:
         try:
             while self._queue:
                 item = self._queue.popleft()
+                if not self._queue:
+                    self._queue = None
                 if item is _CLOSE:
                     # close() also waits for the client's close frame, up to the response's
                     # own timeout (send_timeout_s); the deadline covers sending ours.
@@ -251,7 +286,7 @@ class Connection:
         except Exception as exc:  # the socket died under us; the reader will notice too
             log.debug("writer for %s stopped: %r", self.remote, exc)
             self.closing = True
-            self._queue.clear()
+            self._queue = None
         finally:
             self.send_deadline = None
             self._watchdog.unwatch(self)

@@ -36,7 +36,8 @@ EVENT_NAMES: frozenset[str] = frozenset(
 )
 
 
-@dataclass(frozen=True)
+# Slotted: one of each per connected participant.
+@dataclass(frozen=True, slots=True)
 class PeerInfo:
     """What the server knows about a connecting client before it is admitted."""
 
@@ -44,7 +45,7 @@ class PeerInfo:
     user_agent: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Admission:
     """A policy's answer to "may this token join this room, and on what terms"."""
 

@@ -68,11 +68,14 @@ class SeatState:
 
     def __init__(self, config: SignalingConfig) -> None:
         self.limiter = RateLimiter(config.rate_limit_per_s, config.rate_limit_burst)
-        self.stats = StatsAggregate()
+        # The stats folded so far and the error counts: made on the seat's first stats sample
+        # and first error (a seat per participant; most send neither for a long while, and an
+        # aggregate's four dicts and a Counter are ~600 bytes).
+        self.stats: StatsAggregate | None = None
         self.stats_at = -math.inf
         self.ice_at = -math.inf
         self.ice_key: tuple[Any, ...] | None = None
-        self.errors: Counter[str] = Counter()
+        self.errors: Counter[str] | None = None
         # The application stores nothing more from this seat (RoomPolicy.on_event said so), and
         # whether its client has been told (one over_budget error frame per seat).
         self.muted = False
@@ -83,12 +86,14 @@ class SeatState:
     ) -> dict[str, Any] | None:
         """Fold one sample in; the data of a `stats` event when one is due (at most one per
         `telemetry_interval_s`), else None."""
+        if self.stats is None:
+            self.stats = StatsAggregate()
         self.stats.add(sample, config.stats_fields_set, config.stats_max_fields)
         if now - self.stats_at < config.telemetry_interval_s:
             return None
         data = self.stats.data()
         if data is not None:
-            self.stats = StatsAggregate()
+            self.stats = None
             self.stats_at = now
         return data
 
@@ -103,6 +108,8 @@ class SeatState:
     def take_error(self, code: str, per_code: int) -> dict[str, Any] | None:
         """The data of an `error` event for one more error of `code`, or None: the first
         `per_code` of each code are recorded, then only the running count at 10, 100, 1000..."""
+        if self.errors is None:
+            self.errors = Counter()
         self.errors[code] += 1
         n = self.errors[code]
         if n <= per_code:

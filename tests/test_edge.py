@@ -36,6 +36,7 @@ from consult.ops.edge import (
     handler_kwargs,
     pace_tls_handshakes,
     share_tls_read_buffer,
+    trim_tls_connections,
     unpace_tls_handshakes,
 )
 from tests.harness.server import ConsultServer
@@ -367,6 +368,131 @@ async def test_tls_handshakes_are_paced_and_all_complete(
         del sslproto.SSLProtocol._consult_pacers
     assert pacer.deferred > 0  # the burst was paced
     assert max(steps_per_tick) <= 2
+
+
+async def test_a_closed_tls_connection_lets_go_of_its_openssl_object_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The protocols are kept alive here, as the reference cycles of a real server's connections
+    # (and the freezer) keep them: the OpenSSL objects must go anyway, by reference counting.
+    monkeypatch.setattr(sslproto.SSLProtocol, "__init__", sslproto.SSLProtocol.__init__)
+    monkeypatch.setattr(sslproto.SSLProtocol, "connection_lost", sslproto.SSLProtocol.connection_lost)
+    monkeypatch.setattr(
+        sslproto.SSLProtocol, "_on_shutdown_complete", sslproto.SSLProtocol._on_shutdown_complete
+    )
+    trim_tls_connections()
+    trim_tls_connections()  # idempotent: not wrapped twice
+    # Whether the object was already gone when the connection was lost: dropped when the TLS
+    # shutdown completed, not iterations later.
+    gone_before_lost: list[bool] = []
+    trimmed_lost = sslproto.SSLProtocol.connection_lost
+
+    def spy(self: sslproto.SSLProtocol, exc: BaseException | None) -> None:
+        if self in protocols:
+            gone_before_lost.append(self._sslobj is None)
+        trimmed_lost(self, exc)
+
+    monkeypatch.setattr(sslproto.SSLProtocol, "connection_lost", spy)
+    cert, key, _created = certs.generate(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    client_ctx.check_hostname = False
+    protocols: list[sslproto.SSLProtocol] = []
+    ssl_objects: list[weakref.ref[ssl.SSLObject]] = []
+    size = 300_000  # several TLS records each way
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        protocol = writer.transport._ssl_protocol  # type: ignore[attr-defined]
+        protocols.append(protocol)
+        ssl_objects.append(weakref.ref(writer.get_extra_info("ssl_object")))
+        assert isinstance(protocol._write_backlog, list)
+        data = await reader.readexactly(size)
+        writer.write(data)
+        await writer.drain()
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()  # until the connection is lost
+        if len(protocols) == 8 and all(p._transport is None for p in protocols):
+            all_lost.set()
+
+    all_lost = asyncio.Event()
+
+    async def client(n: int) -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
+        body = bytes([n]) * size
+        writer.write(body)
+        answer = await reader.readexactly(size)
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+        return answer == body
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with asyncio.timeout(60):
+            assert await asyncio.gather(*(client(n) for n in range(8))) == [True] * 8
+            await all_lost.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert len(protocols) == 8
+    assert all(p._sslobj is None and p._get_extra_info("ssl_object") is None for p in protocols)
+    assert [ref() for ref in ssl_objects] == [None] * 8
+    assert gone_before_lost == [True] * 8
+
+
+async def test_an_upgraded_connection_keeps_no_http_parser_or_request_queue_and_still_works() -> None:
+    import aiohttp
+    from aiohttp import web
+
+    from consult.ops.edge import EdgeRequestHandler
+
+    queues: list[object] = []
+    parsers: list[object] = []
+
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        queues.append(request.protocol._messages)  # type: ignore[union-attr]
+        parsers.append(request.protocol._parser)  # type: ignore[union-attr]
+        async for msg in ws:
+            await ws.send_str(msg.data.upper())
+        return ws
+
+    async def page(request: web.Request) -> web.Response:
+        queues.append(request.protocol._messages)  # type: ignore[union-attr]
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/ws", ws_handler)
+    app.router.add_get("/", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    server = runner.server
+    assert server is not None
+    limiter = ConnectionLimiter(0)
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(
+        lambda: EdgeRequestHandler(server, loop=loop, limiter=limiter), "127.0.0.1", 0
+    )
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(2):  # keep-alive: the same connection serves two requests
+                async with session.get(f"http://127.0.0.1:{port}/") as r:
+                    assert await r.text() == "ok"
+            async with session.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
+                for word in ("one", "two", "three"):
+                    await ws.send_str(word)
+                    assert (await ws.receive()).data == word.upper()
+    finally:
+        listener.close()
+        await runner.cleanup()
+    assert [type(q).__name__ for q in queues] == ["deque", "deque", "tuple"]
+    assert queues[2] == ()
+    assert parsers == [None]  # the HTTP parser is dropped; the WebSocket's own reads on
 
 
 # -- real server ------------------------------------------------------------------------------
