@@ -110,26 +110,23 @@ def _search_targets(db: sqlite_utils.Database, q: str) -> tuple[list[int], list[
     phone_sql = ""
     phone = digits if digits.isdigit() and len(digits) >= 4 else ""
     if phone:
-        phone_sql = " OR phone LIKE ?"
+        phone_sql = " OR users.phone LIKE ?"
         params.append(f"%{phone}%")
-    index_sql = ""
+    condition = "users.role = 'patient' AND (users.display_name LIKE ? ESCAPE '\\'" + phone_sql + ")"
     if len(q) >= TRIGRAM and getattr(db, "engine", "sqlite") == "sqlite":
-        index_sql = " AND id IN (SELECT rowid FROM user_search WHERE user_search MATCH ?)"
+        # The index's matches in id order, each looked up and checked, until 500 are kept: a
+        # text that thousands of names hold stops early, as the scan did.
         match = "display_name : " + _phrase(q)
         if phone:
             match += " OR phone : " + _phrase(phone)
-        params.append(match)
-    patient_ids = [
-        r[0]
-        for r in db.execute(
-            "SELECT id FROM users WHERE role = 'patient' AND (display_name LIKE ? ESCAPE '\\'"  # noqa: S608
-            + phone_sql
-            + ")"
-            + index_sql
-            + " ORDER BY id LIMIT 500",
-            params,
-        ).fetchall()
-    ]
+        sql = (
+            "SELECT users.id FROM user_search CROSS JOIN users ON users.id = user_search.rowid"  # noqa: S608
+            " WHERE user_search MATCH ? AND " + condition + " ORDER BY user_search.rowid LIMIT 500"
+        )
+        params.insert(0, match)
+    else:
+        sql = "SELECT users.id FROM users WHERE " + condition + " ORDER BY users.id LIMIT 500"  # noqa: S608
+    patient_ids = [r[0] for r in db.execute(sql, params).fetchall()]
     return patient_ids, visit_ids
 
 
