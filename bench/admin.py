@@ -10,7 +10,13 @@ signs in ``--clients`` admins over HTTP, each with its own session. They browse 
 warm-up: each loads ``--requests`` list pages, a random mix of the first page, "older" pages
 following the cursor from wherever it is, jumps far back in time, and filters (a doctor, a
 department, an outcome, an end reason, a week, a patient's name or number, a visit id) with their
-further pages. Then one overview page and a full CSV export.
+further pages. Then one overview page and a full CSV export. Besides the split by kind of page
+(first, older, far, filtered), the latencies are printed by what the page answers: its filter's
+kind (``q=name``, ``q=phone``, ``doctor+month``...), its "older" pages included, worst p99 first.
+
+``--reuse DIR`` measures a data directory kept by ``--keep``: ``consult serve`` first applies the
+migrations the directory lacks, as an upgrade would (0021_user_search builds the patient-search
+index over its 30,000 accounts in about a second) before it listens, so no figure includes it.
 
 The benchmark does NOT run ANALYZE: the product keeps its planner statistics itself (PRAGMA
 optimize, bounded, at start-up and every ``db_optimize_hours``); its start-up run on this fresh
@@ -171,59 +177,78 @@ def next_page(base: str, body: str) -> str | None:
     return base + m.group(1).replace("&amp;", "&") if m else None
 
 
-def a_filter(rng: random.Random, built: dict, args: argparse.Namespace) -> str:
-    """One admin's question: a doctor, a department, an outcome, a week, a patient, a visit..."""
+def a_filter(rng: random.Random, built: dict, args: argparse.Namespace) -> tuple[str, str]:
+    """One admin's question: a doctor, a department, an outcome, a week, a patient, a visit...
+    As (its kind, for the per-filter split, and the query string)."""
     day = datetime.fromtimestamp(built["oldest"] + rng.randint(0, 360) * 86400, UTC).date()
-    return rng.choice(
+    kind, make = rng.choice(
         [
-            lambda: f"doctor={rng.choice(built['doctor_ids'])}",
-            lambda: f"department={rng.randint(1, args.departments)}",
-            lambda: f"outcome={rng.choice(('failed', 'no_show', 'completed'))}",
-            lambda: f"end_reason={rng.choice(('patient_left', 'host_ended', 'connection_failed'))}",
-            lambda: f"outcome=no_show&department={rng.randint(1, args.departments)}",
-            lambda: f"from={day}&to={day + timedelta(days=7)}",
-            lambda: f"doctor={rng.choice(built['doctor_ids'])}&from={day}&to={day + timedelta(days=30)}",
-            lambda: "q=Patient+{}".format(rng.choice(built["patient_ids"])),
-            lambda: "q=139{:08d}".format(rng.choice(built["patient_ids"])),
-            lambda: f"q=bench{rng.randint(1, args.sessions):010d}",
+            ("doctor", lambda: f"doctor={rng.choice(built['doctor_ids'])}"),
+            ("department", lambda: f"department={rng.randint(1, args.departments)}"),
+            ("outcome", lambda: f"outcome={rng.choice(('failed', 'no_show', 'completed'))}"),
+            (
+                "end_reason",
+                lambda: f"end_reason={rng.choice(('patient_left', 'host_ended', 'connection_failed'))}",
+            ),
+            ("no_show+dep", lambda: f"outcome=no_show&department={rng.randint(1, args.departments)}"),
+            ("week", lambda: f"from={day}&to={day + timedelta(days=7)}"),
+            (
+                "doctor+month",
+                lambda: f"doctor={rng.choice(built['doctor_ids'])}&from={day}&to={day + timedelta(days=30)}",
+            ),
+            ("q=name", lambda: "q=Patient+{}".format(rng.choice(built["patient_ids"]))),
+            ("q=phone", lambda: "q=139{:08d}".format(rng.choice(built["patient_ids"]))),
+            ("q=visit", lambda: f"q=bench{rng.randint(1, args.sessions):010d}"),
         ]
-    )()
+    )
+    return kind, make()
 
 
 async def admin_client(
-    n: int, session: aiohttp.ClientSession, base: str, built: dict, args: argparse.Namespace, timings: dict
+    n: int,
+    session: aiohttp.ClientSession,
+    base: str,
+    built: dict,
+    args: argparse.Namespace,
+    timings: dict,
+    by_filter: dict,
 ) -> None:
     """One admin at a desk: the first page, clicks "older" a few pages deep, jumps far back,
     filters and pages through a filter's results; a random mix, no request repeated warm."""
     rng = random.Random(args.seed * 1000 + n)
     lists = base + "/admin/sessions"
     url: str | None = None  # the page the admin is reading, for "older"
+    question = "first"  # what the page being read answers: its filter's kind, for the split
     for _ in range(args.requests):
         kind = rng.choices(("first", "older", "far", "filtered"), (2, 4, 1, 4))[0]
         if kind == "older" and url is None:
             kind = "first"
         if kind == "first":
-            target = lists
+            target, question = lists, "first"
         elif kind == "older":
             target = url
         elif kind == "far":
             target = f"{lists}?cursor={built['oldest'] + rng.randint(0, 86400 * 300)}.999999999"
+            question = "far"
         else:
-            target = f"{lists}?{a_filter(rng, built, args)}"
+            question, query = a_filter(rng, built, args)
+            target = f"{lists}?{query}"
         ms, body = await timed_get(session, target)
         timings[kind].append(ms)
+        by_filter.setdefault(question, []).append(ms)  # "older" pages count for what they page through
         url = next_page(base, body)
 
 
 async def measure(base: str, built: dict, args: argparse.Namespace, server_pid: int) -> dict:
     timings: dict[str, list[float]] = {"first": [], "older": [], "far": [], "filtered": []}
+    by_filter: dict[str, list[float]] = {}
     sessions = [aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) for _ in range(args.clients)]
     try:
         for session in sessions:  # one after another: sign-in is not what is measured
             await sign_in(session, base, ADMIN, ADMIN_PASSWORD)
         started, cpu_before = time.perf_counter(), process_cpu_s(server_pid)
         await asyncio.gather(
-            *(admin_client(n, s, base, built, args, timings) for n, s in enumerate(sessions))
+            *(admin_client(n, s, base, built, args, timings, by_filter) for n, s in enumerate(sessions))
         )
         wall = time.perf_counter() - started
         server_cpu = process_cpu_s(server_pid) - cpu_before
@@ -244,6 +269,7 @@ async def measure(base: str, built: dict, args: argparse.Namespace, server_pid: 
     every = [ms for values in timings.values() for ms in values]
     return {
         "timings": timings,
+        "by_filter": by_filter,
         "all": every,
         "wall_s": wall,
         "server_cpu_s": server_cpu,
@@ -343,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name:9} n={len(values):4} p50={statistics.median(values):6.1f} ms"
                 f" p99={pct(values, 99):6.1f} ms max={max(values):6.1f} ms"
             )
+    print("by what the page answers (its filter; later pages of it included):")
+    for name, values in sorted(result["by_filter"].items(), key=lambda kv: -pct(kv[1], 99)):
+        print(
+            f"  {name:13} n={len(values):4} p50={statistics.median(values):6.1f} ms"
+            f" p99={pct(values, 99):6.1f} ms max={max(values):6.1f} ms"
+        )
     print(f"overview (30 days) {result['overview_ms']:.1f} ms")
     print(f"csv: {result['csv_rows']} rows in {result['csv_s']:.2f} s")
     out = {

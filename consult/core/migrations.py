@@ -6,6 +6,7 @@ records it, so a failed migration leaves the database as it was.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import sqlite_utils
 from consult.core.db import Database
 from consult.core.engine import database_path, open_database
 
+log = logging.getLogger(__name__)
 Migration = Callable[[sqlite_utils.Database], None]
 MIGRATIONS: list[tuple[str, Migration]] = []
 
@@ -831,3 +833,58 @@ def m0020_room_leases(db: sqlite_utils.Database) -> None:
     """Which node runs a room, and until when its lease holds (consult.calls.leases)."""
     db.execute("ALTER TABLE rooms ADD COLUMN node TEXT")
     db.execute("ALTER TABLE rooms ADD COLUMN lease_until REAL")
+
+
+@migration("0021_user_search")
+def m0021_user_search(db: sqlite_utils.Database) -> None:
+    """An index for the admin's substring search of patients' names and numbers
+    (consult.sessionlog.queries._search_targets), which scanned every account.
+
+    SQLite: an FTS5 table with the trigram tokenizer over users' display_name and phone (its own
+    copy of the text is not kept: content='users'), kept in step by triggers. It finds the
+    candidates of any substring of 3 or more characters; the search still applies its LIKE to
+    them, so what it finds is what the LIKE alone found. PostgreSQL: pg_trgm's GIN indexes, which
+    the LIKE (ILIKE there) uses as it is; where the extension cannot be created (a role without
+    the right, no contrib package) the search stays a scan, correct and slower.
+    """
+    if getattr(db, "engine", "sqlite") == "postgresql":
+        db.execute("SAVEPOINT user_search")
+        try:
+            db.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+        except Exception as e:  # any refusal (no right, no contrib package) leaves the search a scan
+            db.execute("ROLLBACK TO SAVEPOINT user_search")
+            log.warning(
+                "0021_user_search: pg_trgm is not available (%s); the admin's patient search scans"
+                " the accounts. Later: CREATE EXTENSION pg_trgm; CREATE INDEX users_name_trgm ON users"
+                " USING gin (display_name gin_trgm_ops); CREATE INDEX users_phone_trgm ON users"
+                " USING gin (phone gin_trgm_ops);",
+                e,
+            )
+            return
+        db.execute("RELEASE SAVEPOINT user_search")
+        db.execute("CREATE INDEX users_name_trgm ON users USING gin (display_name gin_trgm_ops)")
+        db.execute("CREATE INDEX users_phone_trgm ON users USING gin (phone gin_trgm_ops)")
+        return
+    run_script(
+        db,
+        """
+        CREATE VIRTUAL TABLE user_search USING fts5(
+            display_name, phone, content='users', content_rowid='id', tokenize='trigram'
+        );
+        CREATE TRIGGER user_search_insert AFTER INSERT ON users BEGIN
+            INSERT INTO user_search (rowid, display_name, phone)
+                VALUES (new.id, new.display_name, new.phone);
+        END;
+        CREATE TRIGGER user_search_delete AFTER DELETE ON users BEGIN
+            INSERT INTO user_search (user_search, rowid, display_name, phone)
+                VALUES ('delete', old.id, old.display_name, old.phone);
+        END;
+        CREATE TRIGGER user_search_update AFTER UPDATE OF id, display_name, phone ON users BEGIN
+            INSERT INTO user_search (user_search, rowid, display_name, phone)
+                VALUES ('delete', old.id, old.display_name, old.phone);
+            INSERT INTO user_search (rowid, display_name, phone)
+                VALUES (new.id, new.display_name, new.phone);
+        END;
+        INSERT INTO user_search (user_search) VALUES ('rebuild');
+        """,
+    )

@@ -49,7 +49,10 @@ def copy_sqlite_to_postgres(
     source = sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True)
     conn = pg.connect(url)
     try:
-        tables = [t for t in pg.table_order(source) if t != "_migrations"]
+        # SQLite's own indexes that live in tables (the FTS5 search index of migration
+        # 0021_user_search, its shadow tables) are not data: PostgreSQL has its own indexes.
+        plain = {r[1] for r in source.execute("PRAGMA main.table_list") if r[2] == "table"}
+        tables = [t for t in pg.table_order(source) if t != "_migrations" and t in plain]
         handle = pg.Handle(conn, writing=True)
         report = CopyReport()
         conn.execute("BEGIN")

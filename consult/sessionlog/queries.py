@@ -86,8 +86,21 @@ def decode_cursor(raw: str | None) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+# The trigram index (migration 0021_user_search) knows substrings of at least this many characters.
+TRIGRAM = 3
+
+
 def _search_targets(db: sqlite_utils.Database, q: str) -> tuple[list[int], list[int]]:
-    """(patient ids, visit ids) that a search box text can mean: name, phone, or visit id."""
+    """(patient ids, visit ids) that a search box text can mean: name, phone, or visit id.
+
+    A patient matches when the name holds ``q`` (LIKE: ASCII letters in either case, ``%`` and
+    ``_`` as themselves) or, when ``q`` is 4 or more digits once spaces, brackets, ``+`` and ``-``
+    are dropped, the number holds those digits; the first 500 by id. On SQLite a text of 3 or more
+    characters first asks the trigram index (``user_search``) for the candidates, so the LIKE runs
+    on those instead of on every account; the index folds case at least as widely as LIKE does, so
+    it never drops a row the LIKE keeps. Shorter texts, and PostgreSQL (whose pg_trgm indexes the
+    ILIKE uses by itself), run the LIKE alone.
+    """
     visit_ids = [r[0] for r in db.execute("SELECT id FROM visits WHERE public_id = ?", [q]).fetchall()]
     digits = re.sub(r"[\s()+-]", "", q)
     if digits.isascii() and digits.isdigit() and len(digits) < 12:
@@ -95,19 +108,31 @@ def _search_targets(db: sqlite_utils.Database, q: str) -> tuple[list[int], list[
     like = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     params: list[Any] = [like]
     phone_sql = ""
-    if digits.isdigit() and len(digits) >= 4:
-        phone_sql = " OR phone LIKE ?"
-        params.append(f"%{digits}%")
-    patient_ids = [
-        r[0]
-        for r in db.execute(
-            "SELECT id FROM users WHERE role = 'patient' AND (display_name LIKE ? ESCAPE '\\'"  # noqa: S608
-            + phone_sql
-            + ") LIMIT 500",
-            params,
-        ).fetchall()
-    ]
+    phone = digits if digits.isdigit() and len(digits) >= 4 else ""
+    if phone:
+        phone_sql = " OR users.phone LIKE ?"
+        params.append(f"%{phone}%")
+    condition = "users.role = 'patient' AND (users.display_name LIKE ? ESCAPE '\\'" + phone_sql + ")"
+    if len(q) >= TRIGRAM and getattr(db, "engine", "sqlite") == "sqlite":
+        # The index's matches in id order, each looked up and checked, until 500 are kept: a
+        # text that thousands of names hold stops early, as the scan did.
+        match = "display_name : " + _phrase(q)
+        if phone:
+            match += " OR phone : " + _phrase(phone)
+        sql = (
+            "SELECT users.id FROM user_search CROSS JOIN users ON users.id = user_search.rowid"  # noqa: S608
+            " WHERE user_search MATCH ? AND " + condition + " ORDER BY user_search.rowid LIMIT 500"
+        )
+        params.insert(0, match)
+    else:
+        sql = "SELECT users.id FROM users WHERE " + condition + " ORDER BY users.id LIMIT 500"  # noqa: S608
+    patient_ids = [r[0] for r in db.execute(sql, params).fetchall()]
     return patient_ids, visit_ids
+
+
+def _phrase(text: str) -> str:
+    """``text`` as one FTS5 phrase: every character literal (a double quote doubled)."""
+    return '"' + text.replace('"', '""') + '"'
 
 
 def _where(db: sqlite_utils.Database, f: Filters, tz: str) -> tuple[list[str], list[Any]] | None:
