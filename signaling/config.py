@@ -45,6 +45,9 @@ class SignalingConfig:
     peer_grace_s: float = 30
     # Messages queued for one client before it is considered too slow and dropped.
     send_queue_max: int = 256
+    # Connections that finish their teardown (leave the room, end the response) per event-loop
+    # iteration when many close at once; the others wait their turn (connection.TeardownPacer).
+    teardowns_per_tick: int = 16
 
     @cached_property
     def stats_fields_set(self) -> frozenset[str]:

@@ -96,6 +96,76 @@ class SendWatchdog:
             await asyncio.wait({task})
 
 
+class TeardownPacer:
+    """Lets at most `per_tick` connections finish their teardown per event-loop iteration.
+
+    asyncio runs every callback that is ready at the start of an iteration before it looks at
+    timers or sockets again, so when a clinic's phones hang up together (or a proxy restarts)
+    thousands of handlers would leave their rooms, record their events and finish their
+    responses in one iteration: 2,000 of them held the loop, and every other call's relays and
+    timers, for half a second. A handler awaits `turn()` before its teardown; beyond `per_tick`
+    in one iteration the rest wait their turn in arrival order, with relays and timers running in
+    between. When nothing is waiting, `turn()` returns at once (no extra loop round trip).
+    With the loop's I/O events capped per iteration too (consult.ops.edge.cap_io_events), no
+    iteration holds more than a bounded share of a burst.
+    """
+
+    def __init__(self, per_tick: int = 16) -> None:
+        self.per_tick = max(1, per_tick)
+        self.waiting: deque[asyncio.Future[None]] = deque()
+        self.done_this_tick = 0
+        self.deferred = 0  # teardowns that waited a turn (for tests and diagnostics)
+        self.most_in_a_tick = 0  # the most granted in one iteration (for tests)
+        self._scheduled = False
+
+    async def turn(self) -> None:
+        if not self.waiting and self.done_this_tick < self.per_tick:
+            self._grant(1)
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting.append(waiter)
+        self.deferred += 1
+        self._schedule()
+        try:
+            await asyncio.shield(waiter)
+        except asyncio.CancelledError:
+            # The handler was cancelled while it waited (aiohttp cancels the handler of a client
+            # that went away when its server is told to, as its test server is): the teardown
+            # in its `finally` still waits its turn, then the cancellation goes on. Cancelled
+            # again, it gives up its place (_tick skips it).
+            if not waiter.done():
+                await waiter
+            raise
+
+    def _grant(self, n: int) -> None:
+        self.done_this_tick += n
+        self.most_in_a_tick = max(self.most_in_a_tick, self.done_this_tick)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._tick)
+
+    def _tick(self) -> None:
+        # Runs early in the next iteration (call_soon goes before what the selector reports).
+        # The waiters released here resume in the iteration after, which is the one they are
+        # counted against.
+        self._scheduled = False
+        self.done_this_tick = 0
+        released = 0
+        while self.waiting and released < self.per_tick:
+            waiter = self.waiting.popleft()
+            if waiter.done():
+                continue  # its handler was cancelled meanwhile
+            waiter.set_result(None)
+            released += 1
+        if released:
+            self._grant(released)
+        elif self.waiting:
+            self._schedule()
+
+
 class Seat(Protocol):
     """The room a connection was seated in, as far as the connection needs to know it.
 
@@ -182,6 +252,12 @@ class Connection:
     def send(self, message: dict[str, Any]) -> bool:
         """Queue one message. Never blocks; drops the client if it is too far behind."""
         if self.closing:
+            return False
+        is_closing = getattr(self._transport, "is_closing", None)
+        if is_closing is not None and is_closing():
+            # The socket is going (the client hung up, or it was aborted): nothing can reach it,
+            # so no encoding and no writer task (when a clinic hangs up at once, each leaving
+            # participant would otherwise write `peer_away` to the other, leaving too).
             return False
         queue = self._queue
         if queue is not None and len(queue) >= self._queue_max:

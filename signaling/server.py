@@ -23,6 +23,7 @@ from signaling.connection import (
     Connection,
     RateLimiter,
     SendWatchdog,
+    TeardownPacer,
 )
 from signaling.events import EventDispatcher
 from signaling.policy import ROLES, PeerInfo, Refused, RoomEvent, RoomPolicy
@@ -70,6 +71,7 @@ class SignalingServer:
         self.seats = SeatRegistry(self.config)
         self.events = EventDispatcher(policy, over_budget=self._over_budget)
         self.watchdog = SendWatchdog(interval_s=min(1.0, self.config.send_timeout_s / 4))
+        self.teardowns = TeardownPacer(self.config.teardowns_per_tick)
         self._opening: dict[str, asyncio.Task[Room]] = {}
         # aiohttp would close an over-long frame with 1009 itself; reading up to a larger
         # limit lets us answer a merely too-long message with an error frame instead.
@@ -213,10 +215,16 @@ class SignalingServer:
                 conn.limiter = self.seats.get(room_id, conn.role).limiter
                 await self._read_loop(conn, room)
         finally:
-            self.connections.discard(conn)
-            if conn.room is not None:
-                await conn.room.leave(conn, "disconnected")
-            await conn.wait_closed()
+            try:
+                # When many sockets close at once, their teardowns (leaving the room, its events,
+                # aiohttp's end of the response) take turns: see TeardownPacer.
+                await self.teardowns.turn()
+            finally:
+                if conn.room is not None:
+                    await conn.room.leave(conn, "disconnected")
+                await conn.wait_closed()
+                # Counted open (consult_websocket_connections) until its teardown is done.
+                self.connections.discard(conn)
         return ws
 
     def _reject(self, conn: Connection, code: str, message: str, close_code: int) -> None:

@@ -49,6 +49,15 @@ The rest aiohttp has no knob for, so it lives here:
   order (their bytes are kept), with the relays of open calls running in between. Likewise the
   listening socket accepts at most ``ACCEPTS_PER_TICK`` connections per iteration (asyncio's
   batch is the listen backlog, 2,048 here), while the kernel still queues ``BACKLOG``.
+- ``cap_io_events``: asyncio runs, in one loop iteration, the callback of every socket its
+  ``select`` reported, and a timer due meanwhile (every relay's and visit clock's) waits for all
+  of them; the selector reports every ready socket at once. When a clinic's phones hang up
+  together, 2,000 closing sockets (TLS shutdown, the WebSocket close, waking each handler) were
+  one iteration, and their handlers' teardowns the next: the loop was held for 0.25-0.5 s. Capped,
+  epoll hands out at most ``IO_EVENTS_PER_TICK`` ready sockets per iteration; being
+  level-triggered, it reports the rest at the next call, in order, so none is lost or starved and
+  timers run in between. The handlers' teardowns take turns likewise
+  (``signaling.connection.TeardownPacer``). In ordinary traffic far fewer are ready at once.
 - ``SlowCallbackProbe`` (diagnostics, off unless ``CONSULT_SLOW_CALLBACK_MS`` is set in the
   server's environment): logs every event-loop callback that held the loop longer than that
   many milliseconds, with its CPU time (wall time far above CPU time means the process was
@@ -71,8 +80,11 @@ import functools
 import gc
 import ipaddress
 import logging
+import math
 import os
 import resource
+import select
+import selectors
 import signal
 import socket
 import time
@@ -109,6 +121,8 @@ GC_FULL_EVERY = 1
 # see pace_tls_handshakes.
 HANDSHAKES_PER_TICK = 4
 ACCEPTS_PER_TICK = 32
+# I/O events (sockets ready to read or write) handled per event-loop iteration; see cap_io_events.
+IO_EVENTS_PER_TICK = 32
 
 # aiohttp rounds timers longer than this up to a whole second (its default: 5 s); see handler_kwargs.
 TIMER_CEIL_THRESHOLD_S = float(365 * 86400)
@@ -431,6 +445,58 @@ def unpace_tls_handshakes(loop: asyncio.AbstractEventLoop) -> None:
         pacers.pop(loop, None)
 
 
+def cap_io_events(loop: asyncio.AbstractEventLoop, per_tick: int = IO_EVENTS_PER_TICK) -> bool:
+    """From now on `loop` handles at most `per_tick` I/O events per iteration (see the module
+    docstring); False (and nothing changed) on a loop that does not poll with epoll. Calling it
+    again changes the cap."""
+    selector = getattr(loop, "_selector", None)
+    if not isinstance(selector, selectors.EpollSelector):
+        return False
+    had_cap = getattr(selector, "_consult_cap", None) is not None
+    selector._consult_cap = max(1, per_tick)  # type: ignore[attr-defined]
+    if had_cap:
+        return True
+    epoll = selector._selector  # type: ignore[attr-defined]
+    fd_to_key = selector._fd_to_key  # type: ignore[attr-defined]
+
+    def capped_select(timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        # selectors.EpollSelector.select, with `maxevents` the cap instead of every registered
+        # descriptor. Level-triggered epoll reports the sockets left over again at the next call,
+        # ahead of those that became ready since (Linux keeps its ready list in order).
+        if timeout is None:
+            timeout = -1
+        elif timeout <= 0:
+            timeout = 0
+        else:
+            timeout = math.ceil(timeout * 1e3) * 1e-3  # at least `timeout`, as the original
+        ready: list[tuple[selectors.SelectorKey, int]] = []
+        try:
+            fd_events = epoll.poll(timeout, selector._consult_cap)  # type: ignore[attr-defined]
+        except InterruptedError:
+            return ready
+        for fd, event in fd_events:
+            events = 0
+            if event & ~select.EPOLLIN:
+                events |= selectors.EVENT_WRITE
+            if event & ~select.EPOLLOUT:
+                events |= selectors.EVENT_READ
+            key = fd_to_key.get(fd)
+            if key:
+                ready.append((key, events & key.events))
+        return ready
+
+    selector.select = capped_select  # type: ignore[method-assign]
+    return True
+
+
+def uncap_io_events(loop: asyncio.AbstractEventLoop) -> None:
+    selector = getattr(loop, "_selector", None)
+    if getattr(selector, "_consult_cap", None) is not None:
+        del selector._consult_cap  # type: ignore[union-attr]
+        with contextlib.suppress(AttributeError):
+            del selector.select  # type: ignore[union-attr]
+
+
 class GcFreezer:
     """Freezes the survivors of every full collection; unfreezes them every `unfreeze_interval_s`."""
 
@@ -677,6 +743,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(AcceptErrorLimiter(settings.accept_error_log_interval_seconds))
     soft, _hard = raise_fd_limit()
+    # Before the probe: the probe times whatever select this installs.
+    cap_io_events(loop)
     probe = None
     if os.environ.get("CONSULT_SLOW_CALLBACK_MS"):
         probe = SlowCallbackProbe(float(os.environ["CONSULT_SLOW_CALLBACK_MS"]) / 1000)
@@ -745,3 +813,4 @@ async def serve(
         unpace_tls_handshakes(loop)
         if probe is not None:
             probe.uninstall()
+        uncap_io_events(loop)
