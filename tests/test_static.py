@@ -4,13 +4,25 @@ pages of a visit that may be recorded (bench/pageweight.py weighs the result).""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import re
 
+import aiohttp_jinja2
 import pytest
+from aiohttp import web
 
 from consult.app import create_app
-from consult.core.templates import BUNDLES, IMMUTABLE, REVALIDATE, STATIC_DIR, StaticFiles
+from consult.core import keys
+from consult.core.templates import (
+    BUNDLES,
+    IMMUTABLE,
+    REVALIDATE,
+    STATIC_DIR,
+    StaticFiles,
+    setup_static,
+    setup_templates,
+)
 from tests.booking_helpers import make_clinic, signed_in
 from tests.call_helpers import keyed_settings, patient_token, seed_visit
 from tests.db_helpers import write
@@ -119,6 +131,31 @@ def test_the_cache_follows_the_sources(tmp_path):
     with pytest.raises(LookupError):
         files.url("missing.js")
     assert files.data_uri("tiny.css") == "data:text/css;base64,YXt9"
+
+
+def test_production_keeps_the_versions_it_found_and_serves_the_files_they_name(tmp_path):
+    """Without ``watch`` (production: files change with an upgrade, which restarts the server) a
+    file's version is found once, with no stat per use; a new name is still looked up."""
+    source, cache = tmp_path / "static", tmp_path / "cache"
+    source.mkdir()
+    (source / "a.js").write_text("console.log('one');\n")
+    files = StaticFiles(source, cache, watch=False)
+    first = files.url("a.js")
+    (source / "a.js").write_text("console.log('two');\n")
+    assert files.url("a.js") == first  # kept: this server started with 'one'
+    (source / "b.js").write_text("console.log('b');\n")
+    assert files.asset("b.js") is not None and files.asset("../a.js") is None
+    assert files.asset("missing.js") is None
+
+
+def test_templates_and_static_files_are_watched_only_in_demo_mode(settings):
+    for demo in (False, True):
+        app = web.Application()
+        app[keys.SETTINGS] = mode = dataclasses.replace(settings, demo=demo)
+        setup_templates(app, mode)
+        setup_static(app)
+        assert aiohttp_jinja2.get_env(app).auto_reload is demo
+        assert app[keys.STATIC].watch is demo
 
 
 async def test_the_call_pages_load_the_recording_code_only_when_the_visit_may_be_recorded(

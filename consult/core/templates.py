@@ -74,6 +74,10 @@ def setup_templates(app: web.Application, settings: Settings) -> None:
     env = aiohttp_jinja2.setup(
         app,
         loader=jinja2.FileSystemLoader(str(WEB_DIR / "templates")),
+        # A template edited while the server runs is read again (a stat of its file per render)
+        # only in demo mode, where people try changes; a hospital's server gets new templates
+        # with an upgrade, which restarts it.
+        auto_reload=settings.demo,
         autoescape=jinja2.select_autoescape(default=True),
         extensions=["jinja2.ext.i18n"],
         context_processors=[aiohttp_jinja2.request_processor, _template_processor],
@@ -142,13 +146,23 @@ class StaticFiles:
     `.gz` sibling when compressing saves bytes; aiohttp's FileResponse sends the sibling to
     a client that accepts gzip (with `Content-Encoding` and `Vary: Accept-Encoding`).
 
-    A file's version is the hash of its content, recomputed whenever the source's mtime, size
-    or inode changes (one stat per use), so an edited file gets a new URL and a new cached copy
-    at once, even while the server runs; nothing has to be built or cleared by hand.
+    A file's version is the hash of its content. With ``watch`` (demo mode, and the default) it
+    is recomputed whenever the source's mtime, size or inode changes (one stat per use), so an
+    edited file gets a new URL and a new cached copy at once, even while the server runs;
+    nothing has to be built or cleared by hand. Without it (production: files change only with
+    an upgrade, which restarts the server) a file's version is found once and kept.
     """
 
-    def __init__(self, source: Path, cache: Path, bundles: dict[str, tuple[str, ...]] | None = None) -> None:
+    def __init__(
+        self,
+        source: Path,
+        cache: Path,
+        bundles: dict[str, tuple[str, ...]] | None = None,
+        *,
+        watch: bool = True,
+    ) -> None:
         self.source = source
+        self.watch = watch
         self.cache = cache
         self.bundles = BUNDLES if bundles is None else bundles
         self._assets: dict[str, StaticAsset] = {}
@@ -187,9 +201,12 @@ class StaticFiles:
     def asset(self, name: str) -> StaticAsset | None:
         """The current version of web/static/`name` (or of the bundle `name`), or None when
         there is no such file."""
-        if name not in self._assets:  # a name found before was checked then
+        known = self._assets.get(name)
+        if known is None:  # a name found before was checked then
             if len(name) > 255 or not _NAME_RE.match(name):  # no "..", no hidden files
                 return None
+        elif not self.watch:
+            return known
         key = self._stat_key(name)
         if key is None:
             return None
@@ -312,7 +329,7 @@ def _static_inline(context: Any, name: str) -> str:
 def setup_static(app: web.Application) -> None:
     """`/static/{filename}` from web/static (see StaticFiles), and `static()` in templates."""
     settings = app[keys.SETTINGS]
-    files = StaticFiles(STATIC_DIR, settings.data_dir / "cache" / "static")
+    files = StaticFiles(STATIC_DIR, settings.data_dir / "cache" / "static", watch=settings.demo)
     app[keys.STATIC] = files
     app.router.add_get(STATIC_PREFIX + "{filename:.+}", files.handle, name="static")
 
