@@ -167,6 +167,52 @@ def test_gc_freezer_freezes_full_collection_survivors_and_hands_them_back_hourly
     assert freezer not in gc.callbacks and gc.get_threshold() == thresholds
 
 
+async def churn_old_for_young(steps: int) -> int:
+    """Frees old objects and makes as many young ones that stay, as a burst of teardowns does:
+    Python's allocation count stays near zero. The largest young generation seen."""
+    gc.collect()
+    # Lists: containers the collector tracks, freed by their reference count alone.
+    old: list[list[int]] = [[] for _ in range(steps * 200)]
+    gc.collect()  # old now sits in the oldest generation
+    young: list[list[int]] = []
+    largest = 0
+    for _ in range(steps):
+        del old[-200:]
+        young.extend([] for _ in range(200))
+        largest = max(largest, len(gc.get_objects(0)))
+        await asyncio.sleep(0.002)
+    return largest
+
+
+async def test_gc_freezer_sweeps_a_young_generation_that_deallocations_hid() -> None:
+    loop = asyncio.get_running_loop()
+    gc.unfreeze()
+    unswept = GcFreezer(sweep_interval_s=0)
+    unswept.install(loop)
+    try:
+        # Without sweeps the count never reaches the threshold: every young object piles up.
+        assert await churn_old_for_young(60) > 8000
+        assert unswept.sweeps == 0
+    finally:
+        unswept.uninstall()
+        gc.unfreeze()
+    freezer = GcFreezer(sweep_interval_s=0.005)
+    freezer.install(loop)
+    try:
+        assert await churn_old_for_young(60) < 4000
+        assert freezer.sweeps >= 5
+        # A middle or full pass now and then, as Python's own schedule would.
+        assert gc.get_count()[1] <= GC_MIDDLE_EVERY + 1
+    finally:
+        freezer.uninstall()
+        gc.unfreeze()
+    assert freezer not in gc.callbacks
+    await asyncio.sleep(0.02)
+    swept = freezer.sweeps
+    await asyncio.sleep(0.02)
+    assert freezer.sweeps == swept  # uninstalled: no more sweeps
+
+
 async def test_slow_callback_probe_names_the_callbacks_that_held_the_loop(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
