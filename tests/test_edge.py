@@ -146,12 +146,15 @@ def test_gc_freezer_freezes_full_collection_survivors_and_hands_them_back_hourly
     freezer.install()
     try:
         assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, GC_MIDDLE_EVERY, GC_FULL_EVERY)
+        gc.collect(0)
+        assert gc.get_freeze_count() == 0  # young passes do not freeze
         gc.collect(1)
-        assert gc.get_freeze_count() == 0  # only full collections freeze
+        assert gc.get_freeze_count() > 0 and freezer.freezes == 1  # middle passes do
+        gc.unfreeze()
         survivor = Cycle()
         dead = weakref.ref(survivor)
         gc.collect(2)
-        assert gc.get_freeze_count() > 0 and freezer.freezes == 1
+        assert gc.get_freeze_count() > 0 and freezer.freezes == 2
         del survivor
         gc.collect(2)
         assert dead() is not None  # frozen cyclic garbage waits for the hourly hand-back
@@ -211,6 +214,26 @@ async def test_gc_freezer_sweeps_a_young_generation_that_deallocations_hid() -> 
     swept = freezer.sweeps
     await asyncio.sleep(0.02)
     assert freezer.sweeps == swept  # uninstalled: no more sweeps
+
+
+def test_gc_freezer_sweep_makes_the_hourly_hand_back_when_no_full_pass_comes() -> None:
+    now = [0.0]
+    freezer = GcFreezer(3600, clock=lambda: now[0])
+    gc.unfreeze()
+    freezer.install()
+    try:
+        survivor = Cycle()
+        dead = weakref.ref(survivor)
+        gc.collect(1)  # a middle pass freezes it
+        del survivor
+        assert freezer.sweep() in (0, 1, 2)
+        assert dead() is not None  # frozen cyclic garbage waits for the hand-back
+        now[0] += 3601
+        assert freezer.sweep() == 2
+        assert dead() is None
+    finally:
+        freezer.uninstall()
+        gc.unfreeze()
 
 
 async def test_slow_callback_probe_names_the_callbacks_that_held_the_loop(
