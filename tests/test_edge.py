@@ -146,12 +146,15 @@ def test_gc_freezer_freezes_full_collection_survivors_and_hands_them_back_hourly
     freezer.install()
     try:
         assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, GC_MIDDLE_EVERY, GC_FULL_EVERY)
+        gc.collect(0)
+        assert gc.get_freeze_count() == 0  # young passes do not freeze
         gc.collect(1)
-        assert gc.get_freeze_count() == 0  # only full collections freeze
+        assert gc.get_freeze_count() > 0 and freezer.freezes == 1  # middle passes do
+        gc.unfreeze()
         survivor = Cycle()
         dead = weakref.ref(survivor)
         gc.collect(2)
-        assert gc.get_freeze_count() > 0 and freezer.freezes == 1
+        assert gc.get_freeze_count() > 0 and freezer.freezes == 2
         del survivor
         gc.collect(2)
         assert dead() is not None  # frozen cyclic garbage waits for the hourly hand-back
@@ -165,6 +168,72 @@ def test_gc_freezer_freezes_full_collection_survivors_and_hands_them_back_hourly
         freezer.uninstall()
         gc.unfreeze()
     assert freezer not in gc.callbacks and gc.get_threshold() == thresholds
+
+
+async def churn_old_for_young(steps: int) -> int:
+    """Frees old objects and makes as many young ones that stay, as a burst of teardowns does:
+    Python's allocation count stays near zero. The largest young generation seen."""
+    gc.collect()
+    # Lists: containers the collector tracks, freed by their reference count alone.
+    old: list[list[int]] = [[] for _ in range(steps * 200)]
+    gc.collect()  # old now sits in the oldest generation
+    young: list[list[int]] = []
+    largest = 0
+    for _ in range(steps):
+        del old[-200:]
+        young.extend([] for _ in range(200))
+        largest = max(largest, len(gc.get_objects(0)))
+        await asyncio.sleep(0.002)
+    return largest
+
+
+async def test_gc_freezer_sweeps_a_young_generation_that_deallocations_hid() -> None:
+    loop = asyncio.get_running_loop()
+    gc.unfreeze()
+    unswept = GcFreezer(sweep_interval_s=0)
+    unswept.install(loop)
+    try:
+        # Without sweeps the count never reaches the threshold: every young object piles up.
+        assert await churn_old_for_young(60) > 8000
+        assert unswept.sweeps == 0
+    finally:
+        unswept.uninstall()
+        gc.unfreeze()
+    freezer = GcFreezer(sweep_interval_s=0.005)
+    freezer.install(loop)
+    try:
+        assert await churn_old_for_young(60) < 4000
+        assert freezer.sweeps >= 5
+        # A middle or full pass now and then, as Python's own schedule would.
+        assert gc.get_count()[1] <= GC_MIDDLE_EVERY + 1
+    finally:
+        freezer.uninstall()
+        gc.unfreeze()
+    assert freezer not in gc.callbacks
+    await asyncio.sleep(0.02)
+    swept = freezer.sweeps
+    await asyncio.sleep(0.02)
+    assert freezer.sweeps == swept  # uninstalled: no more sweeps
+
+
+def test_gc_freezer_sweep_makes_the_hourly_hand_back_when_no_full_pass_comes() -> None:
+    now = [0.0]
+    freezer = GcFreezer(3600, clock=lambda: now[0])
+    gc.unfreeze()
+    freezer.install()
+    try:
+        survivor = Cycle()
+        dead = weakref.ref(survivor)
+        gc.collect(1)  # a middle pass freezes it
+        del survivor
+        assert freezer.sweep() in (0, 1, 2)
+        assert dead() is not None  # frozen cyclic garbage waits for the hand-back
+        now[0] += 3601
+        assert freezer.sweep() == 2
+        assert dead() is None
+    finally:
+        freezer.uninstall()
+        gc.unfreeze()
 
 
 async def test_slow_callback_probe_names_the_callbacks_that_held_the_loop(

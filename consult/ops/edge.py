@@ -41,6 +41,15 @@ The rest aiohttp has no knob for, so it lives here:
   that one full pass an hour is what remains of the stall. Passes are also made smaller and more
   frequent (``GC_YOUNG_THRESHOLD``, ``GC_MIDDLE_EVERY``, ``GC_FULL_EVERY``): a full pass every
   ``GC_FULL_EVERY`` + 1 middle-generation passes instead of 11, so each scans fewer new objects.
+  And the freezer sweeps the young generation every ``GC_SWEEP_INTERVAL_S``: Python starts a
+  young pass when allocations minus deallocations pass the threshold, so when many old (frozen)
+  objects are freed, as when 2,000 participants hang up together, the deallocations cancel the
+  allocations and no pass runs while the young generation grows to 20,000+ objects: the pass
+  that finally runs (and the middle and full ones after it) scanned them all, 10-35 ms each.
+  Swept on a timer, a pass scans what ``GC_SWEEP_INTERVAL_S`` of work left alive. The survivors
+  of middle passes are frozen too (not only of full ones): a full pass in the burst otherwise
+  scanned everything its first second left alive (20,000+ objects, 40 ms). With middle passes
+  freezing, full ones may never come due, so the sweep makes the hourly hand-back itself.
 - ``pace_tls_handshakes``: a clinic's phones connecting at once send their TLS ClientHellos
   within the same milliseconds; asyncio answers every one that arrived in the same loop
   iteration (0.5-1.5 ms of CPU each, the key exchange), so a burst of 100 held the loop, and
@@ -116,6 +125,10 @@ GC_UNFREEZE_INTERVAL_S = 3600.0
 GC_YOUNG_THRESHOLD = 500
 GC_MIDDLE_EVERY = 5
 GC_FULL_EVERY = 1
+# How often the freezer runs the collection the thresholds above would, whatever the allocation
+# count says (see GcFreezer.sweep): what a burst of teardowns leaves in the young generation is
+# scanned in small passes instead of one of 20,000+ objects.
+GC_SWEEP_INTERVAL_S = 0.05
 
 # TLS handshakes worked on per event-loop iteration, and connections accepted per iteration;
 # see pace_tls_handshakes.
@@ -498,21 +511,35 @@ def uncap_io_events(loop: asyncio.AbstractEventLoop) -> None:
 
 
 class GcFreezer:
-    """Freezes the survivors of every full collection; unfreezes them every `unfreeze_interval_s`."""
+    """Freezes the survivors of every middle and full collection; unfreezes them every
+    `unfreeze_interval_s`; on an event loop, sweeps the young generation every `sweep_interval_s`."""
 
     def __init__(
-        self, unfreeze_interval_s: float = GC_UNFREEZE_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+        self,
+        unfreeze_interval_s: float = GC_UNFREEZE_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        sweep_interval_s: float = GC_SWEEP_INTERVAL_S,
     ) -> None:
         self.unfreeze_interval_s = unfreeze_interval_s
+        self.sweep_interval_s = sweep_interval_s
         self._clock = clock
         self._unfrozen_at = clock()
         self.freezes = 0
+        self.sweeps = 0
         self._thresholds: tuple[int, int, int] | None = None
+        self._sweep_handle: asyncio.TimerHandle | None = None
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
         # A gc callback: runs in whichever thread collected, after the collection, without
         # allocating enough to start another.
-        if phase != "stop" or info.get("generation") != 2:
+        if phase != "stop" or info.get("generation") == 0:
+            return
+        if info.get("generation") == 1:
+            # What outlived a middle pass (a few hundred milliseconds) is frozen too: otherwise
+            # a full pass in a burst of hang-ups scanned the 20,000+ objects the burst's first
+            # second left alive (40 ms). Full passes then find little but what is new.
+            gc.freeze()
+            self.freezes += 1
             return
         if self._clock() - self._unfrozen_at >= self.unfreeze_interval_s:
             # Hand the frozen objects back: the next full pass scans (and frees) them all.
@@ -522,13 +549,51 @@ class GcFreezer:
         gc.freeze()
         self.freezes += 1
 
-    def install(self) -> None:
+    def sweep(self) -> int:
+        """Run the pass Python would start next, now; returns its generation.
+
+        Python counts allocations minus deallocations of container objects since the last young
+        pass; a pass starts when that passes the young threshold. Freeing old objects lowers the
+        count without shrinking the young generation, so a burst of teardowns (each frees a
+        connection's frozen objects and makes a few new ones) leaves it growing unswept. The
+        generation is chosen as Python does (the oldest whose count of younger passes is over
+        its threshold), so middle and full passes keep their usual share of young ones.
+        """
+        if self._clock() - self._unfrozen_at >= self.unfreeze_interval_s:
+            # With middle passes freezing, full ones may never come due: the hourly hand-back
+            # (and the full pass that reclaims cyclic garbage among the frozen) is made here.
+            gc.unfreeze()
+            self._unfrozen_at = self._clock()
+            gc.collect(2)
+            self.sweeps += 1
+            return 2
+        counts = gc.get_count()
+        thresholds = gc.get_threshold()
+        generation = 0
+        for older in (2, 1):
+            if counts[older] > thresholds[older]:
+                generation = older
+                break
+        gc.collect(generation)
+        self.sweeps += 1
+        return generation
+
+    def _sweep_tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.sweep()
+        self._sweep_handle = loop.call_later(self.sweep_interval_s, self._sweep_tick, loop)
+
+    def install(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         if self not in gc.callbacks:
             gc.callbacks.append(self)
             self._thresholds = gc.get_threshold()
             gc.set_threshold(GC_YOUNG_THRESHOLD, GC_MIDDLE_EVERY, GC_FULL_EVERY)
+        if loop is not None and self._sweep_handle is None and self.sweep_interval_s > 0:
+            self._sweep_handle = loop.call_later(self.sweep_interval_s, self._sweep_tick, loop)
 
     def uninstall(self) -> None:
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(self)
         if self._thresholds is not None:
@@ -770,7 +835,7 @@ async def serve(
     # moved out of the collector's way, a full collection scans only what calls and requests made.
     gc.freeze()
     freezer = GcFreezer()
-    freezer.install()
+    freezer.install(loop)
 
     def protocol() -> EdgeRequestHandler:
         return EdgeRequestHandler(server, loop=loop, limiter=limiter, **kwargs)
