@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -118,7 +119,19 @@ def _access_record(logger: logging.Logger, args: tuple, http: dict) -> logging.L
     fields["relativeCreated"] = (ct - fields.pop("_start")) * 1000
     fields["args"] = args
     fields["http"] = http
+    if "taskName" in fields:  # Python 3.12+: the task logging now, not the template's
+        fields["taskName"] = _task_name()
     return record
+
+
+def _task_name() -> str | None:
+    """The current asyncio task's name, as LogRecord works it out (None outside a task)."""
+    if not getattr(logging, "logAsyncioTasks", True):
+        return None
+    try:
+        return asyncio.current_task().get_name()  # type: ignore[union-attr]
+    except Exception:
+        return None
 
 
 class PlainFormatter(logging.Formatter):
