@@ -15,6 +15,7 @@ import time
 import av
 from playwright.async_api import Page, expect
 
+from tests.db_helpers import rows as db_rows
 from tests.test_browser_call import WAIT_MS, frames_grow, prepare_call
 from tests.test_browser_firefox import CODECS_JS
 from tests.test_browser_recording import decode, join_with_consent, rows
@@ -83,6 +84,9 @@ async def test_h264_call_and_its_recording_decode_to_the_end(
         while len(found := rows(server, call.visit.id)) < 2 or not all(r["complete"] for r in found):
             assert time.monotonic() < deadline, found
             await asyncio.sleep(0.25)
+        ended = db_rows(server, "SELECT ended_at FROM rooms WHERE visit_id = ?", [call.visit.id])
+        (room_ended,) = [r["ended_at"] for r in ended]
+        assert room_ended is not None
         for row in found:
             path = server.data_dir / row["path"]
             assert path.suffix == ".mkv", row["path"]
@@ -95,5 +99,11 @@ async def test_h264_call_and_its_recording_decode_to_the_end(
             assert info["kinds"] == {"audio", "video"}, info
             assert info["video_frames"] > 5 * VISIT_S // 2 and info["width"] > 0, info
             assert abs(row["duration_s"] - info["last"]) < 0.5, (row, info)
-            assert info["last"] > VISIT_S - 4, info
-            print(f"{row['role']}: {row['path']} {info}")
+            # The file runs to the room's end. Under load (3 test workers on 2 cores) a leg may
+            # come up seconds after the visit's clock started, so its length alone says little
+            # (20.1 s of a 25 s visit once in CI, every frame since the leg came up): where the
+            # leg started plus what the file holds must reach the room's end.
+            assert info["last"] > VISIT_S / 2, info
+            assert row["started_at"] + info["last"] > room_ended - 3, (row, info, room_ended)
+            lead = room_ended - row["started_at"]
+            print(f"{row['role']}: {row['path']} {info}, started {lead:.2f} s before the room's end")
