@@ -8,6 +8,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp.abc import AbstractAccessLogger
@@ -134,34 +135,45 @@ def _task_name() -> str | None:
         return None
 
 
-class PlainFormatter(logging.Formatter):
-    """``logging.Formatter`` with the time of day formatted once a second, not once a line
-    (strftime is most of the cost of formatting an access line)."""
+class _PerSecond:
+    """A time's text to the second, made once a second (strftime is most of the cost of
+    formatting an access line). One tuple, read and replaced whole: safe from any thread."""
 
-    _second: tuple[int, str] = (-1, "")
+    def __init__(self) -> None:
+        self._kept: tuple[int, str] = (-1, "")
+
+    def text(self, created: float, fmt: str, converter: Callable[[float | None], time.struct_time]) -> str:
+        second = int(created)
+        kept = self._kept
+        if kept[0] != second:
+            kept = (second, time.strftime(fmt, converter(created)))
+            self._kept = kept
+        return kept[1]
+
+
+class PlainFormatter(logging.Formatter):
+    """``logging.Formatter`` with the time of day formatted once a second, not once a line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._seconds = _PerSecond()
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt or not self.default_msec_format:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
-        kept = self._second  # one tuple, read and replaced whole: safe from any thread
-        if kept[0] != second:
-            kept = (second, time.strftime(self.default_time_format, self.converter(record.created)))
-            self._second = kept
-        return self.default_msec_format % (kept[1], record.msecs)
+        second = self._seconds.text(record.created, self.default_time_format, self.converter)
+        return self.default_msec_format % (second, record.msecs)
 
 
 class JsonFormatter(logging.Formatter):
-    _second: tuple[int, str] = (-1, "")  # the time to the second, formatted once a second
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._seconds = _PerSecond()  # the time to the second, formatted once a second
 
     def format(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
-        kept = self._second
-        if kept[0] != second:
-            kept = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)))
-            self._second = kept
+        second = self._seconds.text(record.created, "%Y-%m-%dT%H:%M:%S", time.gmtime)
         out = {
-            "ts": f"{kept[1]}.{int(record.msecs):03d}Z",
+            "ts": f"{second}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

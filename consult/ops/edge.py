@@ -534,20 +534,21 @@ class GcFreezer:
         # allocating enough to start another.
         if phase != "stop" or info.get("generation") == 0:
             return
-        if info.get("generation") == 1:
-            # What outlived a middle pass (a few hundred milliseconds) is frozen too: otherwise
-            # a full pass in a burst of hang-ups scanned the 20,000+ objects the burst's first
-            # second left alive (40 ms). Full passes then find little but what is new.
-            gc.freeze()
-            self.freezes += 1
-            return
-        if self._clock() - self._unfrozen_at >= self.unfreeze_interval_s:
-            # Hand the frozen objects back: the next full pass scans (and frees) them all.
-            gc.unfreeze()
-            self._unfrozen_at = self._clock()
-            return
+        # What outlived a middle pass (a few hundred milliseconds) is frozen too, not only what
+        # outlived a full one: otherwise a full pass in a burst of hang-ups scanned the 20,000+
+        # objects the burst's first second left alive (40 ms).
+        if info.get("generation") == 2 and self._hand_back():
+            return  # the next full pass scans (and frees) them all
         gc.freeze()
         self.freezes += 1
+
+    def _hand_back(self) -> bool:
+        """Unfreeze everything once every `unfreeze_interval_s`; True when it did."""
+        if self._clock() - self._unfrozen_at < self.unfreeze_interval_s:
+            return False
+        gc.unfreeze()
+        self._unfrozen_at = self._clock()
+        return True
 
     def sweep(self) -> int:
         """Run the pass Python would start next, now; returns its generation.
@@ -559,11 +560,9 @@ class GcFreezer:
         generation is chosen as Python does (the oldest whose count of younger passes is over
         its threshold), so middle and full passes keep their usual share of young ones.
         """
-        if self._clock() - self._unfrozen_at >= self.unfreeze_interval_s:
+        if self._hand_back():
             # With middle passes freezing, full ones may never come due: the hourly hand-back
             # (and the full pass that reclaims cyclic garbage among the frozen) is made here.
-            gc.unfreeze()
-            self._unfrozen_at = self._clock()
             gc.collect(2)
             self.sweeps += 1
             return 2
