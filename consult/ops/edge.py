@@ -50,6 +50,10 @@ The rest aiohttp has no knob for, so it lives here:
   of middle passes are frozen too (not only of full ones): a full pass in the burst otherwise
   scanned everything its first second left alive (20,000+ objects, 40 ms). With middle passes
   freezing, full ones may never come due, so the sweep makes the hourly hand-back itself.
+  What this asks of the code: what a request or a message makes must not end as cyclic garbage,
+  or every one in flight when a middle pass runs is kept for up to an hour. Requests are checked
+  for it (tests/test_request_cycles.py): aiohttp_jinja2's template context, raised redirects and
+  the router's 404s each made a cycle per request, 8,000 frozen objects a second at 800 bookings/s.
 - ``pace_tls_handshakes``: a clinic's phones connecting at once send their TLS ClientHellos
   within the same milliseconds; asyncio answers every one that arrived in the same loop
   iteration (0.5-1.5 ms of CPU each, the key exchange), so a burst of 100 held the loop, and
