@@ -173,6 +173,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ssl_context.load_cert_chain(cert, key)
         scheme = "https"
     app = create_app(settings)
+    if not settings.demo:  # demo mode reloads edited templates, and starts in a blink for tries
+        from consult.core.templates import compile_templates
+
+        compile_templates(app)
     from consult.core import keys
     from consult.ops.certs import lan_addresses
 
