@@ -73,7 +73,7 @@ async def errors_middleware(request: web.Request, handler):
         return response_for(request, exc)
 
 
-def returned(exc: web.HTTPException) -> web.Response:
+def plain_response(exc: web.HTTPException) -> web.Response:
     """A raised HTTPException (a redirect) as a plain response to return.
 
     Raised on into aiohttp, the exception becomes the response its request handler keeps in a
@@ -157,7 +157,7 @@ async def context_middleware(request: web.Request, handler):
                 response = await handler(request)
             except web.HTTPException as exc:
                 # redirects (errors_middleware turned every error status into a page)
-                response = returned(exc)
+                response = plain_response(exc)
             except Exception as exc:
                 response = response_for(request, exc)
         try:
