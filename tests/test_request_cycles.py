@@ -10,6 +10,7 @@ request); the context middleware drops the context once the response is made.
 from __future__ import annotations
 
 import gc
+import sqlite3
 
 from aiohttp import web
 
@@ -57,6 +58,27 @@ async def test_requests_leave_no_reference_cycles(client, make_user):
         assert _requests_in_cycles() == 0  # nothing pending before
         await _visit_pages(client)
         await _visit_pages(client)
+        assert _requests_in_cycles() == 0
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+async def test_a_failing_session_lookup_leaves_no_reference_cycle(client, monkeypatch):
+    """The database failing (a full disk) must not make every request a frozen cycle either."""
+    from consult.accounts.users import Sessions
+
+    async def full(self, token):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Sessions, "lookup", full)
+    assert (await client.get("/login")).status == 507  # warm
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        for _ in range(3):
+            assert (await client.get("/login")).status == 507
         assert _requests_in_cycles() == 0
     finally:
         gc.enable()
