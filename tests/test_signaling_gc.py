@@ -31,12 +31,16 @@ def _waiting_read_loops() -> list:
     ]
 
 
-async def test_a_waiting_connection_holds_nothing_of_the_last_message(aiohttp_client) -> None:
+async def _call(aiohttp_client):
+    """A host and a guest in a call, allowed to send as fast as the test does."""
     policy = InMemoryPolicy()
     add_room(policy, "r1")
     app, _server = make_app(policy, SignalingConfig(rate_limit_per_s=1000, rate_limit_burst=1000))
-    client = await aiohttp_client(app)
-    host, guest = await pair(client)
+    return await pair(await aiohttp_client(app))
+
+
+async def test_a_waiting_connection_holds_nothing_of_the_last_message(aiohttp_client) -> None:
+    host, guest = await _call(aiohttp_client)
     for i in range(MESSAGES):
         await host.send({"type": "signal", "data": {"n": i}})
         assert (await guest.next_message("signal"))["data"] == {"n": i}
@@ -57,11 +61,7 @@ async def test_a_waiting_connection_holds_nothing_of_the_last_message(aiohttp_cl
 
 
 async def test_relayed_messages_leave_no_cyclic_garbage(aiohttp_client) -> None:
-    policy = InMemoryPolicy()
-    add_room(policy, "r1")
-    app, _server = make_app(policy, SignalingConfig(rate_limit_per_s=1000, rate_limit_burst=1000))
-    client = await aiohttp_client(app)
-    host, guest = await pair(client)
+    host, guest = await _call(aiohttp_client)
     gc.collect()
     gc.freeze()
     gc.disable()
