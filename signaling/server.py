@@ -310,10 +310,10 @@ class SignalingServer:
             msg = await receive()
             if msg.type in _SOCKET_ENDS:
                 return
-            limited = await self._take(conn, room, msg, limited)
+            limited = await self._handle_frame(conn, room, msg, limited)
             del msg
 
-    async def _take(self, conn: Connection, room: Room, msg: WSMessage, limited: bool) -> bool:
+    async def _handle_frame(self, conn: Connection, room: Room, msg: WSMessage, limited: bool) -> bool:
         """One frame read in a call; returns whether the connection is now being rate-limited."""
         if conn.closing:
             return limited  # replaced, ended or left: drain until the close completes

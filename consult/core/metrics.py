@@ -215,7 +215,7 @@ async def metrics_middleware(request: web.Request, handler):
         response = await handler(request)
         status = response.status
         return response
-    except web.HTTPException as exc:
+    except web.HTTPException as exc:  # defensive: Consult's context middleware returns them all
         status = exc.status
         raise
     finally:

@@ -101,7 +101,8 @@ def compile_templates(app: web.Application) -> int:
     Jinja compiles a template the first time it is rendered, 5-25 ms each (65 in 0.55 s): after
     a restart the first patient or admin to open each page waited for it, and everyone else the
     event loop served meanwhile. ``consult serve`` calls this before it listens; outside demo mode
-    (no auto-reload) the compiled templates are then kept for the server's life.
+    (no auto-reload) the compiled templates are then kept for the server's life. A template that
+    does not compile stops the start (with Jinja's error) instead of failing its page later.
     """
     env = aiohttp_jinja2.get_env(app)
     names = env.list_templates(extensions=["html"])

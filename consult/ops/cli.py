@@ -173,7 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ssl_context.load_cert_chain(cert, key)
         scheme = "https"
     app = create_app(settings)
-    if not settings.demo:  # demo mode reloads edited templates, and starts in a blink for tries
+    if not settings.demo:  # demo mode starts at once for tries (and reloads edited templates anyway)
         from consult.core.templates import compile_templates
 
         compile_templates(app)
