@@ -236,6 +236,9 @@ async def test_kill9_during_a_recorded_call_leaves_playable_partial_files(
         assert len(files) == 2, files
         assert rows(server, call.visit.id) == []  # the rows come with the restart
 
+        # The restart repairs both files before it listens, while the two pages keep reconnecting:
+        # on a fresh-clone CI run (3 workers on 2 cores) it took over the harness's usual 20 s.
+        server.startup_timeout = 60.0
         await server.astart()
         found = rows(server, call.visit.id)
         assert [r["role"] for r in found] == ["doctor", "patient"], found
