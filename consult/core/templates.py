@@ -80,7 +80,8 @@ def setup_templates(app: web.Application, settings: Settings) -> None:
         auto_reload=settings.demo,
         autoescape=jinja2.select_autoescape(default=True),
         extensions=["jinja2.ext.i18n"],
-        context_processors=[aiohttp_jinja2.request_processor, _template_processor],
+        # template_context gives `request` itself (aiohttp_jinja2.request_processor would again).
+        context_processors=[_template_processor],
     )
     # pgettext/npgettext and {% trans "context" %}: one English word, two meanings (Jinja 3.1+).
     env.install_gettext_callables(  # type: ignore[attr-defined]
