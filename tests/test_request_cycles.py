@@ -9,24 +9,18 @@ request); the context middleware drops the context once the response is made.
 
 from __future__ import annotations
 
-import gc
 import logging
 import sqlite3
 
 from aiohttp import web
 
 from tests.conftest import csrf_of, login
+from tests.gc_helpers import collector_paused, cyclic_garbage
 
 
 def _requests_in_cycles() -> int:
-    """How many aiohttp requests only the collector could free (kept for counting, then cleared)."""
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        gc.collect()
-        return sum(isinstance(o, web.Request) for o in gc.garbage)
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
+    """How many aiohttp requests only the collector could free."""
+    return sum(isinstance(o, web.Request) for o in cyclic_garbage())
 
 
 async def _visit_pages(client) -> None:
@@ -52,17 +46,11 @@ async def _visit_pages(client) -> None:
 async def test_requests_leave_no_reference_cycles(client, make_user):
     make_user("patient", "13900000001")
     await _visit_pages(client)  # warm: caches and lazy imports are not garbage
-    gc.collect()
-    gc.freeze()  # what exists now (the test client, the app) is not counted
-    gc.disable()
-    try:
+    with collector_paused():  # what exists now (the test client, the app) is not counted
         assert _requests_in_cycles() == 0  # nothing pending before
         await _visit_pages(client)
         await _visit_pages(client)
         assert _requests_in_cycles() == 0
-    finally:
-        gc.enable()
-        gc.unfreeze()
 
 
 async def test_a_failing_session_lookup_leaves_no_reference_cycle(client, monkeypatch):
@@ -74,17 +62,13 @@ async def test_a_failing_session_lookup_leaves_no_reference_cycle(client, monkey
 
     monkeypatch.setattr(Sessions, "lookup", full)
     assert (await client.get("/login")).status == 507  # warm
-    gc.collect()
-    gc.freeze()
-    gc.disable()
     # The error is logged with the exception; pytest's log capture would keep that record, and
     # with it any cycle, reachable: no records while counting.
-    logging.disable(logging.CRITICAL)
-    try:
-        for _ in range(3):
-            assert (await client.get("/login")).status == 507
-        assert _requests_in_cycles() == 0
-    finally:
-        logging.disable(logging.NOTSET)
-        gc.enable()
-        gc.unfreeze()
+    with collector_paused():
+        logging.disable(logging.CRITICAL)
+        try:
+            for _ in range(3):
+                assert (await client.get("/login")).status == 507
+            assert _requests_in_cycles() == 0
+        finally:
+            logging.disable(logging.NOTSET)

@@ -18,6 +18,7 @@ from aiohttp import WSMessage
 from signaling import SignalingConfig
 from signaling.server import SignalingServer
 from signaling.testing import InMemoryPolicy
+from tests.gc_helpers import collector_paused, cyclic_garbage
 from tests.signaling_helpers import add_room, make_app, pair
 
 MESSAGES = 50
@@ -62,21 +63,8 @@ async def test_a_waiting_connection_holds_nothing_of_the_last_message(aiohttp_cl
 
 async def test_relayed_messages_leave_no_cyclic_garbage(aiohttp_client) -> None:
     host, guest = await _call(aiohttp_client)
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    try:
+    with collector_paused():
         for i in range(MESSAGES):
             await host.send({"type": "signal", "data": {"n": i}})
             assert (await guest.next_message("signal"))["data"] == {"n": i}
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        try:
-            gc.collect()
-            garbage = list(gc.garbage)
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
-        assert garbage == []
-    finally:
-        gc.enable()
-        gc.unfreeze()
+        assert cyclic_garbage() == []
