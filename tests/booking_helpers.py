@@ -11,7 +11,8 @@ from consult.core.engine import open_database
 from tests import db_helpers
 from tests.conftest import csrf_of, login
 
-# Every day, 00:00-23:45 local: a slot is always a few minutes away, whatever the clock says.
+# Every day, 00:00-23:45 local: a slot is always at most half an hour away, whatever the clock
+# says; the slots an hour ahead may be tomorrow's (late in the evening, on another page of the strip).
 ALL_DAY = [(d, "00:00", "23:45") for d in range(7)]
 
 

@@ -12,6 +12,7 @@ from consult.app import create_app
 from consult.booking import schedules
 from consult.core import jobs, metrics
 from consult.core.errors import BadRequest, Conflict, Forbidden
+from consult.core.formatting import to_local
 from tests.booking_helpers import free_slots, hold, make_clinic, post, read, signed_in, visit_row, write
 
 
@@ -57,10 +58,18 @@ async def test_booking_journey_pages(aiohttp_client, server, clinic, settings, m
     assert "Internal medicine" in deps
     doctors = await (await c.get(f"/book/{clinic.department_id}")).text()
     assert "Doctor 0" in doctors and "Next free times" in doctors and "¥50.00" in doctors
-    page = await c.get(f"/book/{clinic.department_id}/doctors/{clinic.doctor_ids[0]}")
+    doctor_page = f"/book/{clinic.department_id}/doctors/{clinic.doctor_ids[0]}"
+    page = await c.get(doctor_page)
     assert page.status == 200
     slot = free_slots(settings, clinic.doctor_ids[0], 3600)[0]
-    assert f'value="{slot.starts_at}"' in await page.text()
+    # The page opens on the first day with a free time; late in the evening the slot an hour
+    # ahead is tomorrow's, which the patient reaches by tapping its day in the strip.
+    day = to_local(slot.starts_at, settings.timezone).date().isoformat()
+    text = await page.text()
+    assert f'href="{doctor_page}?day={day}"' in text
+    if f'value="{slot.starts_at}"' not in text:
+        text = await (await c.get(f"{doctor_page}?day={day}")).text()
+    assert f'value="{slot.starts_at}"' in text
     resp = await hold(c, clinic, slot.starts_at, json=False)
     assert resp.status == 303
     location = resp.headers["Location"]
@@ -76,7 +85,7 @@ async def test_booking_journey_pages(aiohttp_client, server, clinic, settings, m
     # The taken slot shows as taken to the next patient.
     make_user("patient", login="13900000002")
     other = await signed_in(aiohttp_client, server, "13900000002")
-    page = await (await other.get(f"/book/{clinic.department_id}/doctors/{clinic.doctor_ids[0]}")).text()
+    page = await (await other.get(f"{doctor_page}?day={day}")).text()
     assert f'data-testid="slot-{slot.starts_at}" disabled' in page
 
 
@@ -199,14 +208,15 @@ async def test_background_housekeeping_expires_holds_and_sends_reminders(
     make_user("patient", login="13900000001")
     server = await aiohttp_server(create_app(settings))
     c = await signed_in(aiohttp_client, server, "13900000001")
-    slots = free_slots(settings, clinic.doctor_ids[0], 1800)
-    held = await (await hold(c, clinic, slots[0].starts_at)).json()
+    # 30-45 minutes ahead, whatever the clock says (the next free slot may be after midnight).
+    slot = free_slots(settings, clinic.doctor_ids[0], 1800)[0]
+    held = await (await hold(c, clinic, slot.starts_at)).json()
     await asyncio.sleep(0.3)
     assert visit_row(settings, held["public_id"])["status"] == "expired"
-    # A confirmed visit within the hour gets its reminder from the loop.
-    settings2 = settings
-    other = await (await hold(c, clinic, slots[1].starts_at)).json()
-    confirm(settings2, other["public_id"])
+    # The expired hold gave the slot back. Confirmed, a visit within the hour gets its reminder
+    # from the loop.
+    other = await (await hold(c, clinic, slot.starts_at)).json()
+    confirm(settings, other["public_id"])
     await asyncio.sleep(0.3)
     outbox = read(settings, lambda d: d.execute("SELECT recipient, subject, body FROM outbox").fetchall())
     assert any(r[0] == "13900000001" and r[1] == "Visit reminder" for r in outbox), outbox
