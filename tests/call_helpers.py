@@ -56,6 +56,12 @@ def seed_visit(
         department_id = row[0] if row else db.execute("SELECT id FROM departments LIMIT 1").fetchone()[0]
         now = time.time()
         starts = int(now + starts_in_s)
+        # A demo visit of the same doctor may start at this very second (a quarter-hour mark):
+        # the one just before it, never the same (one visit per doctor and start).
+        while db.execute(
+            "SELECT 1 FROM visits WHERE doctor_id = ? AND starts_at = ?", [doctor_id, starts]
+        ).fetchone():
+            starts -= 1
         ends = starts + minutes * 60
         public_id = secrets.token_urlsafe(12)
         nonce = secrets.token_urlsafe(8)

@@ -389,9 +389,9 @@ async def test_kill9_at_any_point_leaves_every_visit_closed_or_continuing(tmp_pa
     await server.astart()
     path = server.data_dir / "consult.db"
     keyed = keyed_settings(server.data_dir)
-    abandoned, resumed, ending, told = (seed_visit(path, starts_in_s=-60 - i) for i in range(4))
     async with aiohttp.ClientSession() as session:
         try:
+            abandoned, resumed, ending, told = (seed_visit(path, starts_in_s=-60 - i) for i in range(4))
             # Four rooms running. The doctor ends one and the server dies as the patient hears
             # it (the old crash window: room ended, visit not yet); the doctor ends another
             # and the server dies at that instant.
