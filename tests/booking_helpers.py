@@ -11,9 +11,11 @@ from consult.core.engine import open_database
 from tests import db_helpers
 from tests.conftest import csrf_of, login
 
-# Every day, 00:00-23:45 local: a slot is always at most half an hour away, whatever the clock
-# says; the slots an hour ahead may be tomorrow's (late in the evening, on another page of the strip).
-ALL_DAY = [(d, "00:00", "23:45") for d in range(7)]
+# Every day, 00:00-23:59 local: the last 15-minute visit is 23:30-23:45 and the last 5-minute one
+# 23:50-23:55, so the next slot is always at most half an hour away (15-minute visits) or ten
+# minutes (5-minute ones, inside a call link's early window), whatever the clock says. Late in the
+# evening the slots an hour ahead are tomorrow's, on another day of the strip.
+ALL_DAY = [(d, "00:00", "23:59") for d in range(7)]
 
 
 @dataclass

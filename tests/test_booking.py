@@ -262,7 +262,7 @@ async def test_a_real_slot_within_the_lead_time_is_refused(
     aiohttp_server, aiohttp_client, make_settings, make_user
 ):
     # An hour's lead: the next slot (at most half an hour away, whatever the clock says; the
-    # clinic's day ends at 23:45) is always inside it.
+    # clinic's last 15-minute visit ends at 23:45) is always inside it.
     settings = make_settings(booking_lead_minutes=60)
     clinic = make_clinic(settings, make_user)
     make_user("patient", login="13900000001")

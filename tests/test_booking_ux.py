@@ -154,7 +154,7 @@ async def test_the_date_strip_shows_one_day_at_a_time(patient, clinic, settings)
     links = re.findall(rf'href="{slots_path(clinic)}\?day=([0-9-]+)"', text)
     expected = set(days) - {leave_day.isoformat()}
     if today.isoformat() not in links:
-        # Only late in the evening (the clinic's last time is 23:30): today has none left.
+        # Only late in the evening (the clinic's last time is 23:30): today may have none left.
         assert to_local(time.time(), settings.timezone).hour >= 22
         assert re.search(rf'<span class="day disabled" data-testid="day-{today}">', text)
         expected.discard(today.isoformat())
@@ -174,7 +174,7 @@ async def test_the_date_strip_shows_one_day_at_a_time(patient, clinic, settings)
     panel = text.split(f'data-day-panel="{third}"')[1].split("</section>")[0]
     assert f"{third.month}月{third.day}日" in panel
     assert [h for h in re.findall(r'<h3 class="slot-part">(.+?)</h3>', panel)] == ["上午", "下午", "晚上"]
-    assert len(BUTTON.findall(panel)) == 95  # from 00:00 to 23:30, the last to end by 23:45
+    assert len(BUTTON.findall(panel)) == 95  # from 00:00 to 23:30, the last to end by 23:59
     assert "余 95 个" in text.split(f'data-testid="day-{third}"')[1].split("</a>")[0]
 
     # A day off, a day out of range or nonsense: the first day with a free time.
