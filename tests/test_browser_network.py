@@ -69,6 +69,14 @@ async () => {
   return limited && available !== undefined && available !== null && available < 100000;
 }
 """
+# Look and press in one step: a tap after reading the button could land just after the page
+# switched by itself, and turn video back on.
+TAKE_AUDIO_ONLY_JS = """
+() => {
+  const button = document.querySelector("[data-testid=audio-only]");
+  if (button.getAttribute("aria-pressed") !== "true") button.click();
+}
+"""
 VIDEO_SENDING_JS = """
 () => window.__consultPc.getSenders().filter((s) => s.track && s.track.kind === "video")
   .every((s) => s.getParameters().encodings.every((e) => e.active !== false))
@@ -206,8 +214,7 @@ async def test_a_starved_uplink_is_poor_on_both_pages_and_audio_only_is_offered(
             await doctor_page.wait_for_function(more, timeout=WAIT_MS)
             # Audio only (taken by the patient unless the page already switched by itself):
             # both sides stop sending video and say so.
-            if await patient_page.get_by_test_id("audio-only").get_attribute("aria-pressed") != "true":
-                await patient_page.get_by_test_id("audio-only").tap()
+            await patient_page.evaluate(TAKE_AUDIO_ONLY_JS)
             for page in (patient_page, doctor_page):
                 button = page.get_by_test_id("audio-only")
                 await expect(button).to_have_attribute("aria-pressed", "true", timeout=WAIT_MS)

@@ -599,6 +599,9 @@
       // Video back on is always a person's choice, on this side or the other (no page turns it
       // back by itself): neither page switches by itself again, whatever its verdicts say.
       if (!on) ctx.audioOnlyDeclined = true;
+      // The button shows the switch in the same turn as ctx.audioOnly changes: a tap toggles
+      // what the button says, never a switch still waiting on setParameters.
+      if (ctx.onAudioOnly) ctx.onAudioOnly(on, ctx.audioOnlyAuto);
       const pc = ctx.pc;
       if (pc) {
         for (const sender of pc.getSenders()) {
@@ -616,7 +619,6 @@
       // Also when following the other side: its echo tells it that this side switched too.
       if (fromPeer) peerAudioOnly = on;
       tellUplink(true);
-      if (ctx.onAudioOnly) ctx.onAudioOnly(on, ctx.audioOnlyAuto);
     }
 
     // -- protecting audio ------------------------------------------------------------------------
