@@ -6,6 +6,8 @@ server, impairments made in the test run's private namespace (tests/harness/impa
 - A network switch that leaves the phone's signaling socket silently dead (and its UDP ports
   gone): the page notices the stalled media, replaces the socket, restarts ICE, video returns.
 - A 150 kbit/s uplink: both pages say the network is poor and offer audio only.
+- A 90 kbit/s uplink: the phone's page goes audio only by itself; once the doctor turns video
+  back on, neither page switches back by itself, though the uplink is still starved.
 
 Bounds are generous (the machine is shared); the targets are measured by bench/network.py.
 """
@@ -52,6 +54,28 @@ async () => {
 """
 NOT_POOR_JS = """
 () => ["good", "fair"].includes(document.querySelector("[data-testid=quality]").dataset.level)
+"""
+# What switches a page to audio only by itself (call-peer.js, AUDIO_ONLY_BELOW_BPS): its video
+# encoder held back by bandwidth, under 100 kbit/s available.
+TOO_SLOW_FOR_VIDEO_JS = """
+async () => {
+  let limited = false, available = null, pair = null;
+  const report = await window.__consultPc.getStats();
+  report.forEach((s) => {
+    if (s.type === "outbound-rtp" && s.kind === "video") limited = s.qualityLimitationReason === "bandwidth";
+    if (s.type === "transport" && s.selectedCandidatePairId) pair = report.get(s.selectedCandidatePairId);
+  });
+  if (pair) available = pair.availableOutgoingBitrate;
+  return limited && available !== undefined && available !== null && available < 100000;
+}
+"""
+# Look and press in one step: a tap after reading the button could land just after the page
+# switched by itself, and turn video back on.
+TAKE_AUDIO_ONLY_JS = """
+() => {
+  const button = document.querySelector("[data-testid=audio-only]");
+  if (button.getAttribute("aria-pressed") !== "true") button.click();
+}
 """
 VIDEO_SENDING_JS = """
 () => window.__consultPc.getSenders().filter((s) => s.track && s.track.kind === "video")
@@ -190,8 +214,7 @@ async def test_a_starved_uplink_is_poor_on_both_pages_and_audio_only_is_offered(
             await doctor_page.wait_for_function(more, timeout=WAIT_MS)
             # Audio only (taken by the patient unless the page already switched by itself):
             # both sides stop sending video and say so.
-            if await patient_page.get_by_test_id("audio-only").get_attribute("aria-pressed") != "true":
-                await patient_page.get_by_test_id("audio-only").tap()
+            await patient_page.evaluate(TAKE_AUDIO_ONLY_JS)
             for page in (patient_page, doctor_page):
                 button = page.get_by_test_id("audio-only")
                 await expect(button).to_have_attribute("aria-pressed", "true", timeout=WAIT_MS)
@@ -205,4 +228,54 @@ async def test_a_starved_uplink_is_poor_on_both_pages_and_audio_only_is_offered(
             button = page.get_by_test_id("audio-only")
             await expect(button).to_have_attribute("aria-pressed", "false", timeout=WAIT_MS)
             await page.wait_for_function(VIDEO_SENDING_JS, timeout=10_000)
+        await asyncio.gather(frames_grow(patient_page, 10, 30), frames_grow(doctor_page, 10, 30))
+
+
+# Under AUDIO_ONLY_BELOW_BPS (web/static/call-peer.js): the phone's page goes audio only by itself.
+STARVED_KBIT = 90
+
+
+async def test_a_page_never_switches_itself_back_to_audio_only_after_a_person_chose_video(
+    consult_server: ConsultServer, app_origin: str, patient_page: Page, doctor_page: Page
+) -> None:
+    """The phone's uplink is too weak for video, so its page goes audio only by itself; the
+    doctor turns video back on while the uplink is still starved. The phone's page follows and
+    stays on video: its own verdicts (still poor) must not override a person's choice."""
+    async with asyncio.timeout(TEST_TIMEOUT):
+        call = await asyncio.to_thread(prepare_call, consult_server)
+        await connect_both(call, patient_page, doctor_page, app_origin)
+        for page in (patient_page, doctor_page):
+            await page.wait_for_function(NOT_POOR_JS, timeout=WAIT_MS)
+        ports = await patient_page.evaluate(LOCAL_UDP_PORTS_JS)
+        undo = await asyncio.to_thread(cap_udp_uplink, ports, STARVED_KBIT)
+        try:
+            # Nobody taps: the phone's page switches by itself, the doctor's follows.
+            await patient_page.locator("[data-call][data-audio-only=auto]").wait_for(timeout=60_000)
+            for page in (patient_page, doctor_page):
+                button = page.get_by_test_id("audio-only")
+                await expect(button).to_have_attribute("aria-pressed", "true", timeout=WAIT_MS)
+            await doctor_page.get_by_test_id("audio-only").click()
+            for page in (patient_page, doctor_page):
+                button = page.get_by_test_id("audio-only")
+                await expect(button).to_have_attribute("aria-pressed", "false", timeout=WAIT_MS)
+                await page.wait_for_function(VIDEO_SENDING_JS, timeout=10_000)
+            # Eight of the phone's verdicts (every 2 s; two in a row switch it) on the starved
+            # uplink: both pages stay on video, as the doctor chose.
+            readings = []
+            end = time.monotonic() + 16
+            while time.monotonic() < end:
+                for name, page in (("patient", patient_page), ("doctor", doctor_page)):
+                    pressed = await page.get_by_test_id("audio-only").get_attribute("aria-pressed")
+                    assert pressed == "false", f"{name}: audio only again after the doctor chose video"
+                readings.append(await patient_page.evaluate(TOO_SLOW_FOR_VIDEO_JS))
+                await asyncio.sleep(0.25)
+            # Still starved all along: what would switch the phone's page by itself held, and
+            # the page says its own uplink is poor.
+            print(f"too slow for video in {sum(readings)} of {len(readings)} readings")
+            assert sum(readings) >= len(readings) / 2, readings
+            quality = patient_page.get_by_test_id("quality")
+            await expect(quality).to_have_attribute("data-level", "poor")
+            await expect(quality).to_have_attribute("data-poor-side", "self")
+        finally:
+            undo()
         await asyncio.gather(frames_grow(patient_page, 10, 30), frames_grow(doctor_page, 10, 30))

@@ -16,7 +16,10 @@
 // bitrate, loss and round trip reported by the other side) and what it receives (frame rate,
 // height, freezes, loss), tells the other side its uplink verdict (`quality`), and shows the
 // worse of all three. When poor, audio only is offered; under AUDIO_ONLY_BELOW_BPS it is
-// applied by itself; both sides then stop sending video and say so. Audio is protected first:
+// applied by itself; both sides then stop sending video and say so. Once a person on either side
+// has turned video back on, neither page switches by itself again in this call: the person's
+// choice wins over this side's verdicts, which also lag behind the network (the bandwidth
+// estimate climbs back over seconds after a starved spell). Audio is protected first:
 // RED preferred when the browser has it, Opus in-band FEC, audio sent with high priority, a
 // video bitrate cap for phones and "balanced" degradation.
 (function () {
@@ -92,6 +95,7 @@
     let heldSince = 0;
     ctx.audioOnly = false;
     ctx.audioOnlyAuto = false; // switched by itself: the user may turn video back on
+    ctx.audioOnlyDeclined = false; // a person turned video back on: no switching by itself
 
     // -- the connection ----------------------------------------------------------------------
 
@@ -592,7 +596,12 @@
     async function setAudioOnly(on, auto, fromPeer) {
       ctx.audioOnly = on;
       ctx.audioOnlyAuto = on && auto === true;
-      if (!on && !fromPeer) ctx.audioOnlyDeclined = true; // the user wants video: no auto again
+      // Video back on is always a person's choice, on this side or the other (no page turns it
+      // back by itself): neither page switches by itself again, whatever its verdicts say.
+      if (!on) ctx.audioOnlyDeclined = true;
+      // The button shows the switch in the same turn as ctx.audioOnly changes: a tap toggles
+      // what the button says, never a switch still waiting on setParameters.
+      if (ctx.onAudioOnly) ctx.onAudioOnly(on, ctx.audioOnlyAuto);
       const pc = ctx.pc;
       if (pc) {
         for (const sender of pc.getSenders()) {
@@ -610,7 +619,6 @@
       // Also when following the other side: its echo tells it that this side switched too.
       if (fromPeer) peerAudioOnly = on;
       tellUplink(true);
-      if (ctx.onAudioOnly) ctx.onAudioOnly(on, ctx.audioOnlyAuto);
     }
 
     // -- protecting audio ------------------------------------------------------------------------
