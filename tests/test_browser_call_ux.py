@@ -21,6 +21,7 @@ import time
 from playwright.async_api import BrowserContext, Page, expect
 
 from consult.calls.links import EARLY_S
+from consult.core.formatting import to_local
 from tests.call_helpers import keyed_settings, patient_token, seed_visit
 from tests.db_helpers import rows
 from tests.harness.browser import PageRecorder, save_screenshot
@@ -86,16 +87,21 @@ async def test_too_early_page_shows_the_visit_tests_devices_and_opens_by_itself(
     screens = Screens()
     async with asyncio.timeout(TEST_TIMEOUT):
         # The link opens EARLY_S before the start: this one opens 12 s from now.
-        _, link, _ = await asyncio.to_thread(seed_call, consult_server, starts_in_s=EARLY_S + 12)
+        visit_id, link, _ = await asyncio.to_thread(seed_call, consult_server, starts_in_s=EARLY_S + 12)
+        starts = rows(consult_server, "SELECT starts_at FROM visits WHERE id = ?", [visit_id])[0]["starts_at"]
         page = await pages.new_page(zh_phone, "patient")
         await page.add_init_script(WATCH_JS)
         await page.goto(link)
+        opened = time.time()
         early = page.get_by_test_id("call-early")
         await expect(early).to_be_visible()
-        # The site's header, the visit in the patient's words (today, no time-zone name).
+        # The site's header, the visit in the patient's words (today, or tomorrow a quarter of an
+        # hour before midnight; no time-zone name).
         await expect(page.locator("header.topbar")).to_be_visible()
         text = await screens.read(page, "too early")
-        assert "王" in text and "今天" in text, text
+        tz = keyed_settings(consult_server.data_dir).timezone
+        day = "今天" if to_local(starts, tz).date() == to_local(opened, tz).date() else "明天"
+        assert "王" in text and day in text, text
         assert "Asia/" not in text and "UTC" not in text and "CST" not in text
         left = int(await page.get_by_test_id("early-countdown").get_attribute("data-seconds-left"))
         assert 1 <= left <= 13, left
