@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from consult.booking import late
 from consult.calls import links as calllinks
 from consult.calls import policy as calls
 from consult.core.config import Settings, ensure_secrets, load_settings
@@ -87,6 +88,17 @@ def seed_visit(
         return SeededVisit(visit_id, public_id, nonce, doctor_id, patient_id, starts, ends)
 
     return write(target, fn)
+
+
+def within_today(tz: str, *offsets: float) -> list[float]:
+    """`offsets` (seconds from now) moved together, when need be, so that each falls in today's
+    local day: a doctor's board and the running-late notice cover today's visits only, and the tests
+    run at any hour (at 23:58, a visit 5 minutes ahead is tomorrow's)."""
+    now = time.time()
+    _day, start, end = late.day_bounds(now, tz)
+    shift = min(0.0, end - 2 - (now + max(offsets)))
+    shift = max(shift, start + 2 - (now + min(offsets)))  # just after midnight
+    return [offset + shift for offset in offsets]
 
 
 def keyed_settings(data_dir: Path) -> Settings:

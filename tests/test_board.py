@@ -12,12 +12,11 @@ import time
 import pytest
 
 from consult.app import create_app
-from consult.booking import late
 from consult.calls import board_views
 from consult.calls.policy import SIGNALING
 from signaling.client import SignalingClient
 from tests.booking_helpers import make_clinic, post, signed_in
-from tests.call_helpers import host_token, keyed_settings, patient_token, seed_visit
+from tests.call_helpers import host_token, keyed_settings, patient_token, seed_visit, within_today
 from tests.conftest import login
 from tests.db_helpers import rows, write
 
@@ -62,17 +61,6 @@ async def frame_where(resp, condition, within_s: float = 20):
     raise AssertionError("the stream ended")
 
 
-def within_today(settings, *offsets: float) -> list[float]:
-    """`offsets` (seconds from now) moved together, when need be, so that each falls in today's
-    local day: the board and the running-late notice cover today's visits only, and these tests
-    run at any hour (at 23:58, a visit 5 minutes ahead is tomorrow's)."""
-    now = time.time()
-    _day, start, end = late.day_bounds(now, settings.timezone)
-    shift = min(0.0, end - 2 - (now + max(offsets)))
-    shift = max(shift, start + 2 - (now + min(offsets)))  # just after midnight
-    return [offset + shift for offset in offsets]
-
-
 def state_of(frame, public_id):
     return next((v["state"] for v in frame["visits"] if v["public_id"] == public_id), None)
 
@@ -81,7 +69,7 @@ async def test_board_stream_follows_the_doctors_rooms_and_only_theirs(
     aiohttp_client, server, settings, clinic
 ):
     doc0, doc1 = clinic.doctor_ids
-    ago, ahead, other_ago = within_today(settings, -120, 300, -60)
+    ago, ahead, other_ago = within_today(settings.timezone, -120, 300, -60)
     first = seed_visit(settings, doctor_id=doc0, patient_id=clinic.patients[0], starts_in_s=ago)
     second = seed_visit(settings, doctor_id=doc0, patient_id=clinic.patients[1], starts_in_s=ahead)
     other = seed_visit(settings, doctor_id=doc1, patient_id=clinic.patients[2], starts_in_s=other_ago)
@@ -185,7 +173,7 @@ async def test_admit_from_the_board_needs_csrf_and_the_visits_doctor(
 
 async def test_next_patient_is_the_one_waiting_then_the_next_booked(aiohttp_client, server, settings, clinic):
     doc0 = clinic.doctor_ids[0]
-    done_at, booked_at, waiting_at = within_today(settings, -600, -300, -60)
+    done_at, booked_at, waiting_at = within_today(settings.timezone, -600, -300, -60)
     done = seed_visit(settings, doctor_id=doc0, patient_id=clinic.patients[0], starts_in_s=done_at)
     booked = seed_visit(settings, doctor_id=doc0, patient_id=clinic.patients[1], starts_in_s=booked_at)
     waiting = seed_visit(settings, doctor_id=doc0, patient_id=clinic.patients[2], starts_in_s=waiting_at)
@@ -209,7 +197,7 @@ async def test_next_patient_is_the_one_waiting_then_the_next_booked(aiohttp_clie
 
 async def test_running_late_reaches_the_waiting_page_and_the_outbox(aiohttp_client, server, settings, clinic):
     doc0 = clinic.doctor_ids[0]
-    ahead, ago = within_today(settings, 600, -60)
+    ahead, ago = within_today(settings.timezone, 600, -60)
     later = seed_visit(settings, doctor_id=doc0, patient_id=clinic.patients[0], starts_in_s=ahead)
     doc1 = clinic.doctor_ids[1]
     other = seed_visit(settings, doctor_id=doc1, patient_id=clinic.patients[1], starts_in_s=ago)
@@ -283,7 +271,7 @@ async def test_the_doctor_opening_a_visit_gets_the_doctors_view(aiohttp_client, 
 
 
 async def test_new_reports_count_until_the_doctor_looks(aiohttp_client, server, settings, clinic):
-    (ago,) = within_today(settings, -60)
+    (ago,) = within_today(settings.timezone, -60)
     doc0 = clinic.doctor_ids[0]
     visit = seed_visit(settings, doctor_id=doc0, patient_id=clinic.patients[0], starts_in_s=ago)
     for n in range(2):
@@ -305,7 +293,7 @@ async def test_new_reports_count_until_the_doctor_looks(aiohttp_client, server, 
 
 
 async def test_board_page_lists_today_in_zh(aiohttp_client, server, settings, clinic):
-    (ago,) = within_today(settings, -60)
+    (ago,) = within_today(settings.timezone, -60)
     seed_visit(settings, doctor_id=clinic.doctor_ids[0], patient_id=clinic.patients[0], starts_in_s=ago)
     client = await aiohttp_client(server)
     await login(client, "doc0")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
-from tests.call_helpers import SeededVisit, keyed_settings, patient_token, seed_visit
+from tests.call_helpers import SeededVisit, keyed_settings, patient_token, seed_visit, within_today
 from tests.db_helpers import insert, write
 from tests.harness.browser import PATIENT_CONTEXT, PageRecorder, save_screenshot
 from tests.harness.fixtures import FailureArtifacts, _context
@@ -61,11 +61,12 @@ def prepare_clinic(server: ConsultServer) -> Clinic:
         return doctor_id, patient_ids
 
     doctor_id, patient_ids = write(server, fn)
-    visits = [
-        seed_visit(server, doctor_id=doctor_id, patient_id=pid, starts_in_s=-60 + 120 * i)
-        for i, pid in enumerate(patient_ids)
-    ]
     keyed = keyed_settings(server.data_dir)
+    offsets = within_today(keyed.timezone, *(-60 + 120 * i for i in range(len(patient_ids))))
+    visits = [
+        seed_visit(server, doctor_id=doctor_id, patient_id=pid, starts_in_s=offset)
+        for pid, offset in zip(patient_ids, offsets, strict=True)
+    ]
     return Clinic(visits, [f"{server.origin}/call/{patient_token(keyed, v)}" for v in visits])
 
 
