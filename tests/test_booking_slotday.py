@@ -167,13 +167,12 @@ async def test_a_hold_refused_for_a_time_outside_the_strip_leads_back(patient, c
 
 async def test_the_kept_slot_page_changes_with_a_hold_at_once(patient, other, clinic, settings):
     """The strip and the day are rendered once for everybody and kept; a hold drops them."""
-    page, text = await a_page_with_free_times(
-        patient, f"/book/{clinic.department_id}/doctors/{clinic.doctor_ids[0]}"
-    )
+    slots_page = f"/book/{clinic.department_id}/doctors/{clinic.doctor_ids[0]}"
+    page, text = await a_page_with_free_times(patient, slots_page)
     shown = PANEL.findall(text)[0]
     free = [int(v) for v, rest in BUTTON.findall(text) if "disabled" not in rest]
     assert (await hold(other, clinic, free[-1], json=False)).status == 303
-    again = dict(BUTTON.findall(await (await patient.get(f"{page.split('?')[0]}?day={shown}")).text()))
+    again = dict(BUTTON.findall(await (await patient.get(f"{slots_page}?day={shown}")).text()))
     assert "disabled" in again[str(free[-1])]
     again = dict(BUTTON.findall(await (await patient.get(page)).text()))
     assert "disabled" in again[str(free[-1])]

@@ -22,7 +22,7 @@ from playwright.async_api import BrowserContext, Page, expect
 
 from consult.calls.links import EARLY_S
 from consult.core.formatting import to_local
-from tests.call_helpers import keyed_settings, patient_token, seed_visit
+from tests.call_helpers import SeededVisit, keyed_settings, patient_token, seed_visit
 from tests.db_helpers import rows
 from tests.harness.browser import PageRecorder, save_screenshot
 from tests.harness.server import ConsultServer
@@ -56,13 +56,13 @@ WATCH_JS = """
 LIVE_TRACKS_JS = "() => window.__tracks.filter((t) => t.readyState === 'live').length"
 
 
-def seed_call(server: ConsultServer, *, starts_in_s: float = -60) -> tuple[int, str, str]:
-    """A confirmed visit of dr.wang with the demo patient: (visit id, patient link, room URL)."""
+def seed_call(server: ConsultServer, *, starts_in_s: float = -60) -> tuple[SeededVisit, str, str]:
+    """A confirmed visit of dr.wang with the demo patient: (the visit, patient link, room URL)."""
     server.cli("user", "passwd", DOCTOR, "--password", PASSWORD)
     doctor_id = rows(server, "SELECT id FROM users WHERE username = ?", [DOCTOR])[0]["id"]
     visit = seed_visit(server, doctor_id=doctor_id, starts_in_s=starts_in_s)
     token = patient_token(keyed_settings(server.data_dir), visit)
-    return visit.id, server.url(f"/call/{token}"), server.url(f"/doctor/visits/{visit.public_id}/room")
+    return visit, server.url(f"/call/{token}"), server.url(f"/doctor/visits/{visit.public_id}/room")
 
 
 async def join_call(patient: Page, doctor: Page, link: str, room: str, origin: str) -> None:
@@ -87,8 +87,7 @@ async def test_too_early_page_shows_the_visit_tests_devices_and_opens_by_itself(
     screens = Screens()
     async with asyncio.timeout(TEST_TIMEOUT):
         # The link opens EARLY_S before the start: this one opens 12 s from now.
-        visit_id, link, _ = await asyncio.to_thread(seed_call, consult_server, starts_in_s=EARLY_S + 12)
-        starts = rows(consult_server, "SELECT starts_at FROM visits WHERE id = ?", [visit_id])[0]["starts_at"]
+        visit, link, _ = await asyncio.to_thread(seed_call, consult_server, starts_in_s=EARLY_S + 12)
         page = await pages.new_page(zh_phone, "patient")
         await page.add_init_script(WATCH_JS)
         await page.goto(link)
@@ -100,7 +99,7 @@ async def test_too_early_page_shows_the_visit_tests_devices_and_opens_by_itself(
         await expect(page.locator("header.topbar")).to_be_visible()
         text = await screens.read(page, "too early")
         tz = keyed_settings(consult_server.data_dir).timezone
-        day = "今天" if to_local(starts, tz).date() == to_local(opened, tz).date() else "明天"
+        day = "今天" if to_local(visit.starts_at, tz).date() == to_local(opened, tz).date() else "明天"
         assert "王" in text and day in text, text
         assert "Asia/" not in text and "UTC" not in text and "CST" not in text
         left = int(await page.get_by_test_id("early-countdown").get_attribute("data-seconds-left"))
@@ -257,7 +256,7 @@ async def test_warning_in_minutes_then_one_end_screen_with_next_steps(
         server = await consult_server_factory(
             env={"CONSULT_VISIT_SECONDS_OVERRIDE": "125", "CONSULT_WARNING_MINUTES": "2"}
         )
-        visit_id, link, room = await asyncio.to_thread(seed_call, server)
+        visit, link, room = await asyncio.to_thread(seed_call, server)
         patient = await pages.new_page(zh_phone, "patient")
         doctor = await pages.new_page(zh_desktop, "doctor")
         await patient.add_init_script(WATCH_JS)
@@ -294,7 +293,7 @@ async def test_warning_in_minutes_then_one_end_screen_with_next_steps(
         # Its links lead where they say: the patient's home (sign-in first) and booking.
         assert await patient.get_by_test_id("next-record-link").get_attribute("href") == "/patient"
         assert await patient.get_by_test_id("next-book-link").get_attribute("href") == "/book"
-        status = rows(server, "SELECT status FROM visits WHERE id = ?", [visit_id])[0]["status"]
+        status = rows(server, "SELECT status FROM visits WHERE id = ?", [visit.id])[0]["status"]
         assert status == "completed"
     assert not screens.english, "English on Chinese screens:\n" + "\n".join(screens.english)
 
