@@ -295,6 +295,42 @@ async def test_slow_callback_probe_logs_an_iteration_held_by_many_short_callback
     assert "_run_once" not in vars(loop) and "select" not in vars(loop._selector)  # handed back
 
 
+async def test_slow_callback_probe_survives_a_collection_while_it_sums_up_an_iteration() -> None:
+    # The summary of a slow iteration allocates while it reads the iteration's kinds; a
+    # collection then runs the probe's own GC callback, which records the pass in those kinds.
+    # Seen in a 19,900-participant run: the dict changed size while the summary sorted it, and
+    # the RuntimeError stopped the server's loop. Here a real collection runs at that moment.
+    class CollectsWhileRead(dict):
+        def items(self):  # type: ignore[override]
+            inner = iter(dict.items(self))
+            yield next(inner)
+            gc.collect(1)  # -> probe._on_gc, which records "gc1" in the iteration's kinds
+            yield from inner
+
+    loop = asyncio.get_running_loop()
+    probe = SlowCallbackProbe(0.0)  # every iteration is summed up
+    probe.NAMED_S = 0.0  # every callback and collection is recorded
+
+    def read_with_a_collection() -> None:
+        probe._it_kinds = CollectsWhileRead(probe._it_kinds)
+
+    logger = logging.getLogger("consult.edge")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # the summaries themselves are not the point here
+    probe.install()
+    try:
+        done = loop.create_future()
+        loop.call_soon(read_with_a_collection)
+        loop.call_soon(done.set_result, None)
+        await done
+        await asyncio.sleep(0)
+        assert loop.is_running()
+    finally:
+        probe.uninstall()
+        logger.setLevel(level)
+    assert probe.slow_iterations >= 2
+
+
 async def test_websocket_heartbeats_fire_at_their_own_time_not_rounded_to_a_second() -> None:
     # aiohttp's default rounds a heartbeat (20 s) up to the next whole second of loop time, so
     # that all the sockets' heartbeats due within a second fire in one loop iteration.

@@ -754,8 +754,11 @@ class SlowCallbackProbe:
             if took < probe.threshold_s:
                 return
             probe.slow_iterations += 1
-            kinds = sorted(probe._it_kinds.items(), key=lambda kv: -kv[1][1])
-            named = sum(n for kind, (n, _s) in probe._it_kinds.items() if not kind.startswith("gc"))
+            # Taken away first: a collection while this summary allocates runs _on_gc, which
+            # would otherwise add to the dict being sorted (RuntimeError in the loop itself).
+            it_kinds, probe._it_kinds = probe._it_kinds, {}
+            kinds = sorted(it_kinds.items(), key=lambda kv: -kv[1][1])
+            named = sum(n for kind, (n, _s) in kinds if not kind.startswith("gc"))
             log.warning(
                 "slow iteration %.1f ms (CPU %.1f ms): %d callbacks, %d I/O events; %s",
                 took * 1000,
