@@ -181,6 +181,11 @@ class SignalingServer:
         """Ids of the rooms this process holds or is opening: their own timers end them."""
         return frozenset(self.rooms) | frozenset(self._opening)
 
+    def live_room_ids(self) -> list[str]:
+        """The same ids as a list (a copy, a room may appear twice), for a caller that walks them
+        in turns on the event loop: hashing 10,000 ids into a set is a stall of its own."""
+        return [*self.rooms, *self._opening]
+
     def _forget_room(self, room: Room) -> None:
         if self.rooms.get(room.room_id) is room:
             del self.rooms[room.room_id]
