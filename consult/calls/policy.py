@@ -296,7 +296,7 @@ class ConsultPolicy:
 
         The ids are looked up `_RENEW_STEP` at a time, letting the loop run in between: with
         9,950 rooms, looking them all up in one step held the loop 8-13 ms every second, and
-        the relays that arrived meanwhile waited (relay p99 5-8 ms at 19,900 participants).
+        the relays that arrived meanwhile waited (relay p99 5.1-5.7 ms at 19,900 participants).
         """
         ids, missing = await self._known_visit_ids(list(live))
         for room_id in missing:
