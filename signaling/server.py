@@ -179,7 +179,7 @@ class SignalingServer:
 
     def live_rooms(self) -> frozenset[str]:
         """Ids of the rooms this process holds or is opening: their own timers end them."""
-        return frozenset(self.rooms) | frozenset(self._opening)
+        return frozenset(self.live_room_ids())
 
     def live_room_ids(self) -> list[str]:
         """The same ids as a list (a copy, a room may appear twice), for a caller that walks them
