@@ -480,7 +480,13 @@ async def test_the_victim_of_a_deadlock_between_two_nodes_writes_is_run_again(tw
             60,
         )
     assert done == ["a", "b"]
-    assert sorted(attempts.values()) == [1, 2], attempts  # one of them was the victim, once
+    deadlocks = sum("DeadlockDetected" in r.getMessage() for r in caplog.records)
+    # One of them was the victim and ran again. The victim's second run can meet the same
+    # cycle (its UPDATE can reach the row before the survivor, woken by the rollback, takes
+    # it: then the survivor is the next victim), so count runs against deadlocks rather than
+    # expecting exactly one: every extra run is one deadlock, none is lost or run twice.
+    assert deadlocks >= 1, caplog.text
+    assert max(attempts.values()) >= 2, attempts
+    assert sum(attempts.values()) == 2 + deadlocks, (attempts, caplog.text)
     (n,) = await a[keys.DB].execute_fn(lambda d: d.execute("SELECT n FROM deadlock_probe").fetchone())
     assert n == 11  # both writes, once each
-    assert any("DeadlockDetected" in r.getMessage() for r in caplog.records), caplog.text
