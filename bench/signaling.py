@@ -442,6 +442,7 @@ def slow_callbacks(log_path: Path, phases: dict[str, float]) -> None:
         else:
             detail = text.split("): ", 1)[1]
             parts = detail.split("; ")
+            detail = text  # in full: where the wall time went besides the loop's CPU, too
             top = parts[1].split(" ms ", 1)[1] if len(parts) > 1 and " ms " in parts[1] else "?"
             iterations.setdefault(f"[{phase}] {top}", []).append((took, cpu, detail))
     print(f"slow callbacks ({sum(map(len, seen.values()))}), longest wall (its CPU) ms:", file=sys.stderr)

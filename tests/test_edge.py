@@ -12,9 +12,11 @@ import contextlib
 import gc
 import hashlib
 import logging
+import re
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import weakref
 from asyncio import sslproto
@@ -293,6 +295,53 @@ async def test_slow_callback_probe_logs_an_iteration_held_by_many_short_callback
     assert probe.slow_iterations >= 1 and iterations
     assert "short_callback" in iterations[0] and "(CPU " in iterations[0], iterations
     assert "_run_once" not in vars(loop) and "select" not in vars(loop._selector)  # handed back
+
+
+async def test_a_slow_iteration_says_where_its_wall_time_went_besides_the_loops_cpu(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 25 callbacks that each wait 2 ms off the CPU (as a socket call waits for the GIL), while
+    # another thread of the process runs Python: the iteration's wall time is mostly not the
+    # loop's CPU, and the summary says whose it was (the other thread's CPU, the loop thread's
+    # voluntary switches), not only "CPU 1 ms of 50".
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    def waiting_callback() -> None:
+        time.sleep(0.002)
+
+    loop = asyncio.get_running_loop()
+    probe = SlowCallbackProbe(0.03)
+    spinner = threading.Thread(target=spin, daemon=True)
+    probe.install()
+    spinner.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="consult.edge"):
+            done = loop.create_future()
+            for _ in range(25):
+                loop.call_soon(waiting_callback)
+            loop.call_soon(done.set_result, None)
+            await done
+            await asyncio.sleep(0)
+    finally:
+        stop.set()
+        spinner.join()
+        probe.uninstall()
+    lines = [r.getMessage() for r in caplog.records if "slow iteration" in r.getMessage()]
+    assert lines, caplog.text
+    found = re.search(
+        r"slow iteration ([\d.]+) ms \(CPU ([\d.]+) ms, waiting for a CPU ([\d.]+|nan) ms, other"
+        r" threads' CPU ([\d.]+) ms, (\d+) voluntary and (\d+) involuntary switches, (\d+) page faults\)",
+        lines[0],
+    )
+    assert found, lines[0]
+    wall, cpu, _runqueue, others, voluntary = (float(found[i]) for i in range(1, 6))
+    assert wall >= 50 and cpu < wall / 2, lines[0]
+    assert others >= 2, lines[0]  # the spinner ran while the loop's thread waited
+    assert voluntary >= 25, lines[0]  # each wait gave up the CPU
 
 
 async def test_slow_callback_probe_survives_a_collection_while_it_sums_up_an_iteration() -> None:

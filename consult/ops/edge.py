@@ -633,6 +633,23 @@ class SlowCallbackProbe:
         self._it_events = 0
         self._it_callbacks = 0
         self._it_kinds: dict[str, list[float]] = {}
+        # Where an iteration's wall time went besides the loop thread's CPU: the whole process's
+        # CPU (the other threads' share is the difference), the loop thread's voluntary and
+        # involuntary context switches and page faults, and its wait for a CPU while runnable
+        # (from /proc/thread-self/schedstat, where the kernel keeps it).
+        self._it_process = 0.0
+        self._it_usage: Any = None
+        self._it_runqueue: int | None = None
+        self._schedstat: int | None = None
+
+    def _runqueue_ns(self) -> int | None:
+        """Nanoseconds the loop thread has waited, runnable, for a CPU (None when unknown)."""
+        if self._schedstat is None:
+            return None
+        try:
+            return int(os.pread(self._schedstat, 128, 0).split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -739,10 +756,17 @@ class SlowCallbackProbe:
         select = selector.select
         probe = self
 
+        with contextlib.suppress(OSError):
+            # Opened here, in the loop's thread: "thread-self" is the thread that opens it.
+            self._schedstat = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+
         def timed_select(timeout: float | None = None) -> list[Any]:
             events = select(timeout)
             probe._it_wall = time.perf_counter()
             probe._it_cpu = time.thread_time()
+            probe._it_process = time.process_time()
+            probe._it_usage = resource.getrusage(resource.RUSAGE_THREAD)
+            probe._it_runqueue = probe._runqueue_ns()
             probe._it_events = len(events)
             probe._it_callbacks = 0
             probe._it_kinds = {}
@@ -757,12 +781,24 @@ class SlowCallbackProbe:
             # Taken away first: a collection while this summary allocates runs _on_gc, which
             # would otherwise add to the dict being sorted (RuntimeError in the loop itself).
             it_kinds, probe._it_kinds = probe._it_kinds, {}
+            cpu = time.thread_time() - probe._it_cpu
+            others = time.process_time() - probe._it_process - cpu
+            usage, before = resource.getrusage(resource.RUSAGE_THREAD), probe._it_usage
+            now, then = probe._runqueue_ns(), probe._it_runqueue
+            runqueue = math.nan if now is None or then is None else (now - then) / 1e6
             kinds = sorted(it_kinds.items(), key=lambda kv: -kv[1][1])
             named = sum(n for kind, (n, _s) in kinds if not kind.startswith("gc"))
             log.warning(
-                "slow iteration %.1f ms (CPU %.1f ms): %d callbacks, %d I/O events; %s",
+                "slow iteration %.1f ms (CPU %.1f ms, waiting for a CPU %.1f ms, other threads'"
+                " CPU %.1f ms, %d voluntary and %d involuntary switches, %d page faults):"
+                " %d callbacks, %d I/O events; %s",
                 took * 1000,
-                (time.thread_time() - probe._it_cpu) * 1000,
+                cpu * 1000,
+                runqueue,
+                others * 1000,
+                usage.ru_nvcsw - before.ru_nvcsw,
+                usage.ru_nivcsw - before.ru_nivcsw,
+                usage.ru_minflt - before.ru_minflt + usage.ru_majflt - before.ru_majflt,
                 probe._it_callbacks,
                 probe._it_events,
                 "; ".join(f"{int(n)}x {s * 1000:.1f} ms {kind}" for kind, (n, s) in kinds[:4])
@@ -779,6 +815,9 @@ class SlowCallbackProbe:
             self._original = None
             with contextlib.suppress(ValueError):
                 gc.callbacks.remove(self._on_gc)
+        if self._schedstat is not None:
+            os.close(self._schedstat)
+            self._schedstat = None
         if self._loop is not None:
             # The instance attributes hid the class's methods: removing them restores those.
             with contextlib.suppress(AttributeError):
