@@ -5,8 +5,10 @@ and nothing of it is lost (signaling.connection.TeardownPacer, consult.ops.edge.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import selectors
 import socket
+import time
 
 import aiohttp
 
@@ -134,3 +136,70 @@ async def test_the_loop_handles_a_bounded_number_of_ready_sockets_per_iteration(
     assert sorted(read) == list(range(40))  # every socket was served...
     assert max(counts) <= 4  # ...at most 4 per iteration
     assert "select" not in vars(selector)  # uncapped: the selector's own select again
+
+
+async def test_the_loop_takes_fewer_ready_sockets_after_an_iteration_over_its_budget() -> None:
+    # 64 sockets ready at once whose callbacks take 2 ms each: 32 of them are a 64 ms
+    # iteration, and a timer due meanwhile waits for it and the next. Over the budget (10 ms)
+    # the next iteration takes half as many, down to a few; none is lost or served out of turn.
+    # Then cheap callbacks: the number grows back.
+    from consult.ops.edge import IO_EVENTS_MIN_PER_TICK, cap_io_events, uncap_io_events
+
+    loop = asyncio.get_running_loop()
+    selector = loop._selector  # type: ignore[attr-defined]
+    if not isinstance(selector, selectors.EpollSelector):
+        return  # the cap is epoll's maxevents; other selectors are left as they are
+    assert cap_io_events(loop, per_tick=32, budget_s=0.010)
+    counts: list[int] = []
+    capped = selector.select
+
+    def counting(timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = capped(timeout)
+        if ready:
+            counts.append(len(ready))
+        return ready
+
+    async def serve_all(pairs: list[tuple[socket.socket, socket.socket]], cost_s: float) -> list[int]:
+        read: list[int] = []
+
+        def on_ready(s: socket.socket, n: int) -> None:
+            s.recv(16)
+            loop.remove_reader(s)
+            time.sleep(cost_s)
+            read.append(n)
+
+        for n, (ours, _theirs) in enumerate(pairs):
+            ours.setblocking(False)
+            loop.add_reader(ours, on_ready, ours, n)
+        for _ours, theirs in pairs:
+            theirs.send(b"x")
+        deadline = loop.time() + 30
+        while len(read) < len(pairs):
+            assert loop.time() < deadline, f"{len(read)} of {len(pairs)} sockets read"
+            await asyncio.sleep(0)
+        return read
+
+    selector.select = counting
+    slow = [socket.socketpair() for _ in range(64)]
+    cheap = [socket.socketpair() for _ in range(200)]
+    try:
+        await asyncio.sleep(0)  # an iteration under budget: the cap starts at 32
+        read = await serve_all(slow, 0.002)
+        slow_counts, counts[:] = list(counts), []
+        read_cheap = await serve_all(cheap, 0.0)
+    finally:
+        for ours, theirs in slow + cheap:
+            loop.remove_reader(ours)
+            ours.close()
+            theirs.close()
+        selector.select = capped
+        uncap_io_events(loop)
+    assert read == list(range(64)) and read_cheap == list(range(200))  # all, in arrival order
+    # Halved after each iteration over 10 ms (32 -> 16 -> 8 -> 4; a loaded machine may start
+    # lower), then at most 4 (8 ms): none is ever under the minimum or over the maximum.
+    assert slow_counts[0] <= 32 and len(slow_counts) >= 5, slow_counts
+    for served, then in itertools.pairwise(slow_counts):
+        assert served < 6 or then <= served // 2, slow_counts  # 6 callbacks: 12 ms
+    assert max(slow_counts[3:]) <= 4 and min(slow_counts) >= IO_EVENTS_MIN_PER_TICK, slow_counts
+    # Cheap again: it grows back, a quarter at a time (4 -> 5 -> 6 ... 32).
+    assert counts[0] <= 5 and max(counts) >= 16, counts

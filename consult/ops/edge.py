@@ -71,6 +71,11 @@ The rest aiohttp has no knob for, so it lives here:
   level-triggered, it reports the rest at the next call, in order, so none is lost or starved and
   timers run in between. The handlers' teardowns take turns likewise
   (``signaling.connection.TeardownPacer``). In ordinary traffic far fewer are ready at once.
+  When 32 sockets' work still takes longer than ``IO_ITERATION_BUDGET_S`` (10 ms: 19,900
+  participants hanging up on two cores, where each iteration also waits for a core and for the
+  GIL the database writer holds), the next iteration takes half as many, down to
+  ``IO_EVENTS_MIN_PER_TICK``, and the number grows back by a quarter after each iteration under
+  half the budget: a timer due meanwhile waits for about two iterations, not two of 30-40 ms.
 - ``SlowCallbackProbe`` (diagnostics, off unless ``CONSULT_SLOW_CALLBACK_MS`` is set in the
   server's environment): logs every event-loop callback that held the loop longer than that
   many milliseconds, with its CPU time (wall time far above CPU time means the process was
@@ -138,8 +143,12 @@ GC_SWEEP_INTERVAL_S = 0.05
 # see pace_tls_handshakes.
 HANDSHAKES_PER_TICK = 4
 ACCEPTS_PER_TICK = 32
-# I/O events (sockets ready to read or write) handled per event-loop iteration; see cap_io_events.
+# I/O events (sockets ready to read or write) handled per event-loop iteration, at most and at
+# least; the iteration's time that halves the number (a timer waits up to about two iterations:
+# the one running when it fell due and the next, which runs it); see cap_io_events.
 IO_EVENTS_PER_TICK = 32
+IO_EVENTS_MIN_PER_TICK = 2
+IO_ITERATION_BUDGET_S = 0.010
 
 # aiohttp rounds timers longer than this up to a whole second (its default: 5 s); see handler_kwargs.
 TIMER_CEIL_THRESHOLD_S = float(365 * 86400)
@@ -462,19 +471,39 @@ def unpace_tls_handshakes(loop: asyncio.AbstractEventLoop) -> None:
         pacers.pop(loop, None)
 
 
-def cap_io_events(loop: asyncio.AbstractEventLoop, per_tick: int = IO_EVENTS_PER_TICK) -> bool:
-    """From now on `loop` handles at most `per_tick` I/O events per iteration (see the module
-    docstring); False (and nothing changed) on a loop that does not poll with epoll. Calling it
-    again changes the cap."""
+class _IoCap:
+    """The I/O events a capped selector hands out per iteration: at most `top`; `cap` now."""
+
+    __slots__ = ("budget_s", "cap", "returned", "top")
+
+    def __init__(self, top: int, budget_s: float) -> None:
+        self.top = self.cap = top
+        self.budget_s = budget_s
+        self.returned = time.perf_counter()
+
+
+def cap_io_events(
+    loop: asyncio.AbstractEventLoop,
+    per_tick: int = IO_EVENTS_PER_TICK,
+    budget_s: float = IO_ITERATION_BUDGET_S,
+) -> bool:
+    """From now on `loop` handles at most `per_tick` I/O events per iteration, and half as many
+    again after each iteration that took longer than `budget_s` (at least
+    `IO_EVENTS_MIN_PER_TICK`), growing back by a quarter after each that took less than half of
+    it (see the module docstring); False (and nothing changed) on a loop that does not poll with
+    epoll. Calling it again changes the cap and the budget."""
     selector = getattr(loop, "_selector", None)
     if not isinstance(selector, selectors.EpollSelector):
         return False
-    had_cap = getattr(selector, "_consult_cap", None) is not None
-    selector._consult_cap = max(1, per_tick)  # type: ignore[attr-defined]
-    if had_cap:
+    state = getattr(selector, "_consult_state", None)
+    if state is not None:
+        state.top = state.cap = max(1, per_tick)
+        state.budget_s = budget_s
         return True
+    selector._consult_state = _IoCap(max(1, per_tick), budget_s)  # type: ignore[attr-defined]
     epoll = selector._selector  # type: ignore[attr-defined]
     fd_to_key = selector._fd_to_key  # type: ignore[attr-defined]
+    state = selector._consult_state  # type: ignore[attr-defined]
 
     def capped_select(timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         # selectors.EpollSelector.select, with `maxevents` the cap instead of every registered
@@ -487,10 +516,18 @@ def cap_io_events(loop: asyncio.AbstractEventLoop, per_tick: int = IO_EVENTS_PER
         else:
             timeout = math.ceil(timeout * 1e3) * 1e-3  # at least `timeout`, as the original
         ready: list[tuple[selectors.SelectorKey, int]] = []
+        # The iteration just run: from the previous select's return to this call.
+        took = time.perf_counter() - state.returned
+        if took > state.budget_s:
+            state.cap = max(IO_EVENTS_MIN_PER_TICK, state.cap // 2)
+        elif state.cap < state.top and took < state.budget_s / 2:
+            state.cap = min(state.top, state.cap + max(1, state.cap // 4))
         try:
-            fd_events = epoll.poll(timeout, selector._consult_cap)  # type: ignore[attr-defined]
+            fd_events = epoll.poll(timeout, state.cap)
         except InterruptedError:
             return ready
+        finally:
+            state.returned = time.perf_counter()
         for fd, event in fd_events:
             events = 0
             if event & ~select.EPOLLIN:
@@ -508,8 +545,8 @@ def cap_io_events(loop: asyncio.AbstractEventLoop, per_tick: int = IO_EVENTS_PER
 
 def uncap_io_events(loop: asyncio.AbstractEventLoop) -> None:
     selector = getattr(loop, "_selector", None)
-    if getattr(selector, "_consult_cap", None) is not None:
-        del selector._consult_cap  # type: ignore[union-attr]
+    if getattr(selector, "_consult_state", None) is not None:
+        del selector._consult_state  # type: ignore[union-attr]
         with contextlib.suppress(AttributeError):
             del selector.select  # type: ignore[union-attr]
 
