@@ -182,10 +182,21 @@ async def test_the_loop_takes_fewer_ready_sockets_after_an_iteration_over_its_bu
     selector.select = counting
     slow = [socket.socketpair() for _ in range(64)]
     cheap = [socket.socketpair() for _ in range(200)]
+    state = selector._consult_state
     try:
-        await asyncio.sleep(0)  # an iteration under budget: the cap starts at 32
+        # A slow iteration with no socket ready (a timer, a collection) leaves the cap alone:
+        # the sockets' work is not why it was slow.
+        await loop.run_in_executor(None, lambda: None)  # an iteration or two, none slow
+        loop.call_soon(time.sleep, 0.03)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert state.cap == 32
+        counts.clear()  # (the executor's wake-up was one)
         read = await serve_all(slow, 0.002)
         slow_counts, counts[:] = list(counts), []
+        # Cheap callbacks now; a budget no preemption of this test reaches, so that each
+        # iteration counts as "under half of it" on a loaded machine too.
+        state.budget_s = 1.0
         read_cheap = await serve_all(cheap, 0.0)
     finally:
         for ours, theirs in slow + cheap:
@@ -200,6 +211,32 @@ async def test_the_loop_takes_fewer_ready_sockets_after_an_iteration_over_its_bu
     assert slow_counts[0] <= 32 and len(slow_counts) >= 5, slow_counts
     for served, then in itertools.pairwise(slow_counts):
         assert served < 6 or then <= served // 2, slow_counts  # 6 callbacks: 12 ms
-    assert max(slow_counts[3:]) <= 4 and min(slow_counts) >= IO_EVENTS_MIN_PER_TICK, slow_counts
+    # (the last batch is what was left, which may be fewer than the cap)
+    assert max(slow_counts[3:]) <= 4 and min(slow_counts[:-1]) >= IO_EVENTS_MIN_PER_TICK, slow_counts
     # Cheap again: it grows back, a quarter at a time (4 -> 5 -> 6 ... 32).
-    assert counts[0] <= 5 and max(counts) >= 16, counts
+    assert counts[0] <= 5 and max(counts) == 32, counts
+    growing = counts[: counts.index(32) + 1]
+    assert growing == sorted(growing), counts
+
+
+async def test_the_slow_callback_probe_hands_the_capped_select_back() -> None:
+    from consult.ops.edge import SlowCallbackProbe, cap_io_events, uncap_io_events
+
+    loop = asyncio.get_running_loop()
+    selector = loop._selector  # type: ignore[attr-defined]
+    if not isinstance(selector, selectors.EpollSelector):
+        return
+    assert cap_io_events(loop)
+    capped = vars(selector)["select"]
+    probe = SlowCallbackProbe(0.05)
+    probe.install()
+    try:
+        assert vars(selector)["select"] is not capped  # the probe times it
+        await asyncio.sleep(0)
+    finally:
+        probe.uninstall()
+    try:
+        assert vars(selector)["select"] is capped  # the cap stays after the probe is gone
+    finally:
+        uncap_io_events(loop)
+    assert "select" not in vars(selector)

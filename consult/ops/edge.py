@@ -71,9 +71,9 @@ The rest aiohttp has no knob for, so it lives here:
   level-triggered, it reports the rest at the next call, in order, so none is lost or starved and
   timers run in between. The handlers' teardowns take turns likewise
   (``signaling.connection.TeardownPacer``). In ordinary traffic far fewer are ready at once.
-  When 32 sockets' work still takes longer than ``IO_ITERATION_BUDGET_S`` (10 ms: 19,900
-  participants hanging up on two cores, where each iteration also waits for a core and for the
-  GIL the database writer holds), the next iteration takes half as many, down to
+  When an iteration that handled a full batch still takes longer than ``IO_ITERATION_BUDGET_S``
+  (10 ms: 19,900 participants hanging up on two cores, where each iteration also waits for a
+  core and for the GIL the database writer holds), the next takes half as many sockets, down to
   ``IO_EVENTS_MIN_PER_TICK``, and the number grows back by a quarter after each iteration under
   half the budget: a timer due meanwhile waits for about two iterations, not two of 30-40 ms.
 - ``SlowCallbackProbe`` (diagnostics, off unless ``CONSULT_SLOW_CALLBACK_MS`` is set in the
@@ -106,6 +106,7 @@ import selectors
 import signal
 import socket
 import time
+import types
 from asyncio import sslproto
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -143,11 +144,13 @@ GC_SWEEP_INTERVAL_S = 0.05
 # see pace_tls_handshakes.
 HANDSHAKES_PER_TICK = 4
 ACCEPTS_PER_TICK = 32
-# I/O events (sockets ready to read or write) handled per event-loop iteration, at most and at
-# least; the iteration's time that halves the number (a timer waits up to about two iterations:
-# the one running when it fell due and the next, which runs it); see cap_io_events.
+# I/O events (sockets ready to read or write) handled per event-loop iteration at most; see
+# cap_io_events.
 IO_EVENTS_PER_TICK = 32
+# The fewest it comes down to after slow iterations.
 IO_EVENTS_MIN_PER_TICK = 2
+# An iteration that handled a full batch and took longer than this halves the batch (a timer
+# waits for about two iterations: the one running when it fell due, and the next, which runs it).
 IO_ITERATION_BUDGET_S = 0.010
 
 # aiohttp rounds timers longer than this up to a whole second (its default: 5 s); see handler_kwargs.
@@ -472,14 +475,27 @@ def unpace_tls_handshakes(loop: asyncio.AbstractEventLoop) -> None:
 
 
 class _IoCap:
-    """The I/O events a capped selector hands out per iteration: at most `top`; `cap` now."""
+    """The I/O events a capped selector hands out per iteration: at most `top`; `cap` now;
+    whether the last select handed out a full batch of `cap`, and when it returned."""
 
-    __slots__ = ("budget_s", "cap", "returned", "top")
+    __slots__ = ("budget_s", "cap", "full", "returned", "top")
 
     def __init__(self, top: int, budget_s: float) -> None:
         self.top = self.cap = top
         self.budget_s = budget_s
+        self.full = False
         self.returned = time.perf_counter()
+
+    def next_cap(self) -> int:
+        """The batch for the select about to run, from how long the iteration just run took."""
+        took = time.perf_counter() - self.returned
+        if took > self.budget_s and self.full:
+            # Slow with a full batch: the sockets' work is (part of) why; a slow timer or
+            # collection with few sockets ready does not shrink what the sockets get.
+            self.cap = max(min(IO_EVENTS_MIN_PER_TICK, self.top), self.cap // 2)
+        elif self.cap < self.top and took < self.budget_s / 2:
+            self.cap = min(self.top, self.cap + max(1, self.cap // 4))
+        return self.cap
 
 
 def cap_io_events(
@@ -488,7 +504,7 @@ def cap_io_events(
     budget_s: float = IO_ITERATION_BUDGET_S,
 ) -> bool:
     """From now on `loop` handles at most `per_tick` I/O events per iteration, and half as many
-    again after each iteration that took longer than `budget_s` (at least
+    after each iteration that handled a full batch and took longer than `budget_s` (down to
     `IO_EVENTS_MIN_PER_TICK`), growing back by a quarter after each that took less than half of
     it (see the module docstring); False (and nothing changed) on a loop that does not poll with
     epoll. Calling it again changes the cap and the budget."""
@@ -516,18 +532,13 @@ def cap_io_events(
         else:
             timeout = math.ceil(timeout * 1e3) * 1e-3  # at least `timeout`, as the original
         ready: list[tuple[selectors.SelectorKey, int]] = []
-        # The iteration just run: from the previous select's return to this call.
-        took = time.perf_counter() - state.returned
-        if took > state.budget_s:
-            state.cap = max(IO_EVENTS_MIN_PER_TICK, state.cap // 2)
-        elif state.cap < state.top and took < state.budget_s / 2:
-            state.cap = min(state.top, state.cap + max(1, state.cap // 4))
+        cap = state.next_cap()
         try:
-            fd_events = epoll.poll(timeout, state.cap)
+            fd_events = epoll.poll(timeout, cap)
         except InterruptedError:
-            return ready
-        finally:
-            state.returned = time.perf_counter()
+            fd_events = []
+        state.full = len(fd_events) >= cap
+        state.returned = time.perf_counter()
         for fd, event in fd_events:
             events = 0
             if event & ~select.EPOLLIN:
@@ -641,6 +652,17 @@ class GcFreezer:
             self._thresholds = None
 
 
+def _thread_usage() -> Any:
+    """This thread's resource usage (Linux); zeros where threads have none of their own."""
+    who = getattr(resource, "RUSAGE_THREAD", None)
+    if who is None:
+        return _NO_USAGE
+    return resource.getrusage(who)
+
+
+_NO_USAGE = types.SimpleNamespace(ru_nvcsw=0, ru_nivcsw=0, ru_minflt=0, ru_majflt=0)
+
+
 class SlowCallbackProbe:
     """Times every callback the event loop runs (``asyncio.Handle._run``) and every iteration of
     the loop, and logs the slow ones.
@@ -678,6 +700,7 @@ class SlowCallbackProbe:
         self._it_usage: Any = None
         self._it_runqueue: int | None = None
         self._schedstat: int | None = None
+        self._own_select: Callable[..., Any] | None = None
 
     def _runqueue_ns(self) -> int | None:
         """Nanoseconds the loop thread has waited, runnable, for a CPU (None when unknown)."""
@@ -791,6 +814,8 @@ class SlowCallbackProbe:
         if selector is None or run_once is None:
             return  # not a selector loop
         select = selector.select
+        # cap_io_events's select is the selector's own attribute: put back on uninstall, not removed.
+        self._own_select = vars(selector).get("select")
         probe = self
 
         with contextlib.suppress(OSError):
@@ -802,7 +827,7 @@ class SlowCallbackProbe:
             probe._it_wall = time.perf_counter()
             probe._it_cpu = time.thread_time()
             probe._it_process = time.process_time()
-            probe._it_usage = resource.getrusage(resource.RUSAGE_THREAD)
+            probe._it_usage = _thread_usage()
             probe._it_runqueue = probe._runqueue_ns()
             probe._it_events = len(events)
             probe._it_callbacks = 0
@@ -819,8 +844,9 @@ class SlowCallbackProbe:
             # would otherwise add to the dict being sorted (RuntimeError in the loop itself).
             it_kinds, probe._it_kinds = probe._it_kinds, {}
             cpu = time.thread_time() - probe._it_cpu
-            others = time.process_time() - probe._it_process - cpu
-            usage, before = resource.getrusage(resource.RUSAGE_THREAD), probe._it_usage
+            # Clamped: the two clocks are read one after the other, a few microseconds apart.
+            others = max(0.0, time.process_time() - probe._it_process - cpu)
+            usage, before = _thread_usage(), probe._it_usage
             now, then = probe._runqueue_ns(), probe._it_runqueue
             runqueue = math.nan if now is None or then is None else (now - then) / 1e6
             kinds = sorted(it_kinds.items(), key=lambda kv: -kv[1][1])
@@ -856,9 +882,15 @@ class SlowCallbackProbe:
             os.close(self._schedstat)
             self._schedstat = None
         if self._loop is not None:
-            # The instance attributes hid the class's methods: removing them restores those.
-            with contextlib.suppress(AttributeError):
-                del self._loop._selector.select  # type: ignore[attr-defined]
+            # The instance attributes hid the class's methods: removing them restores those
+            # (or the select cap_io_events installed, when there was one).
+            selector = self._loop._selector  # type: ignore[attr-defined]
+            if self._own_select is not None:
+                selector.select = self._own_select
+            else:
+                with contextlib.suppress(AttributeError):
+                    del selector.select
+            self._own_select = None
             with contextlib.suppress(AttributeError):
                 del self._loop._run_once  # type: ignore[attr-defined]
             self._loop = None
