@@ -20,6 +20,7 @@ import threading
 import time
 import weakref
 from asyncio import sslproto
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,18 @@ async def test_slow_callback_probe_names_the_callbacks_that_held_the_loop(
     assert asyncio.events.Handle._run is original and probe._on_gc not in gc.callbacks  # handed back
 
 
+async def in_one_iteration(callback: Callable[[], None], times: int) -> None:
+    """Run `callback` `times` times, all ready at once (one loop iteration), and one more
+    iteration after them (where the probe sums up the one before)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    for _ in range(times):
+        loop.call_soon(callback)
+    loop.call_soon(done.set_result, None)
+    await done
+    await asyncio.sleep(0)
+
+
 async def test_slow_callback_probe_logs_an_iteration_held_by_many_short_callbacks(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -281,12 +294,7 @@ async def test_slow_callback_probe_logs_an_iteration_held_by_many_short_callback
     probe.install()
     try:
         with caplog.at_level(logging.WARNING, logger="consult.edge"):
-            done = loop.create_future()
-            for _ in range(40):
-                loop.call_soon(short_callback)
-            loop.call_soon(done.set_result, None)
-            await done
-            await asyncio.sleep(0)
+            await in_one_iteration(short_callback, 40)
     finally:
         probe.uninstall()
     slow_callbacks = [r.getMessage() for r in caplog.records if "slow callback" in r.getMessage()]
@@ -313,19 +321,13 @@ async def test_a_slow_iteration_says_where_its_wall_time_went_besides_the_loops_
     def waiting_callback() -> None:
         time.sleep(0.002)
 
-    loop = asyncio.get_running_loop()
     probe = SlowCallbackProbe(0.03)
     spinner = threading.Thread(target=spin, daemon=True)
     probe.install()
     spinner.start()
     try:
         with caplog.at_level(logging.WARNING, logger="consult.edge"):
-            done = loop.create_future()
-            for _ in range(25):
-                loop.call_soon(waiting_callback)
-            loop.call_soon(done.set_result, None)
-            await done
-            await asyncio.sleep(0)
+            await in_one_iteration(waiting_callback, 25)
     finally:
         stop.set()
         spinner.join()

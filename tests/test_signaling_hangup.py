@@ -9,6 +9,7 @@ import itertools
 import selectors
 import socket
 import time
+from typing import Any
 
 import aiohttp
 
@@ -97,6 +98,45 @@ async def test_the_pacer_lets_a_lone_teardown_through_at_once() -> None:
     assert not pacer.waiting
 
 
+def count_selects(selector: selectors.BaseSelector, counts: list[int]) -> Any:
+    """Wrap `selector.select` to append how many sockets each non-empty call handed out; the
+    wrapped select is returned, to be put back."""
+    capped = selector.select
+
+    def counting(timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = capped(timeout)
+        if ready:
+            counts.append(len(ready))
+        return ready
+
+    selector.select = counting  # type: ignore[method-assign]
+    return capped
+
+
+async def serve_all(pairs: list[tuple[socket.socket, socket.socket]], cost_s: float = 0.0) -> list[int]:
+    """Make every pair's first socket readable at once, before the loop looks again; read each
+    once, with a callback that takes `cost_s`; the pairs' indexes in the order they were read."""
+    loop = asyncio.get_running_loop()
+    read: list[int] = []
+
+    def on_ready(s: socket.socket, n: int) -> None:
+        s.recv(16)
+        loop.remove_reader(s)
+        time.sleep(cost_s)
+        read.append(n)
+
+    for n, (ours, _theirs) in enumerate(pairs):
+        ours.setblocking(False)
+        loop.add_reader(ours, on_ready, ours, n)
+    for _ours, theirs in pairs:
+        theirs.send(b"x")
+    deadline = loop.time() + 30
+    while len(read) < len(pairs):
+        assert loop.time() < deadline, f"{len(read)} of {len(pairs)} sockets read"
+        await asyncio.sleep(0)
+    return read
+
+
 async def test_the_loop_handles_a_bounded_number_of_ready_sockets_per_iteration() -> None:
     from consult.ops.edge import cap_io_events, uncap_io_events
 
@@ -106,26 +146,10 @@ async def test_the_loop_handles_a_bounded_number_of_ready_sockets_per_iteration(
         return  # the cap is epoll's maxevents; other selectors are left as they are
     assert cap_io_events(loop, per_tick=4)
     counts: list[int] = []
-    capped = selector.select
-
-    def counting(timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready = capped(timeout)
-        counts.append(len(ready))
-        return ready
-
-    selector.select = counting
+    capped = count_selects(selector, counts)
     pairs = [socket.socketpair() for _ in range(40)]
-    read: list[int] = []
     try:
-        for n, (ours, _theirs) in enumerate(pairs):
-            ours.setblocking(False)
-            loop.add_reader(ours, lambda s=ours, n=n: (s.recv(16), loop.remove_reader(s), read.append(n)))
-        for _ours, theirs in pairs:
-            theirs.send(b"x")  # all 40 readable before the loop looks again
-        deadline = loop.time() + 30
-        while len(read) < 40:
-            assert loop.time() < deadline, f"{len(read)} of 40 sockets read"
-            await asyncio.sleep(0)
+        read = await serve_all(pairs)
     finally:
         for ours, theirs in pairs:
             loop.remove_reader(ours)
@@ -151,35 +175,7 @@ async def test_the_loop_takes_fewer_ready_sockets_after_an_iteration_over_its_bu
         return  # the cap is epoll's maxevents; other selectors are left as they are
     assert cap_io_events(loop, per_tick=32, budget_s=0.010)
     counts: list[int] = []
-    capped = selector.select
-
-    def counting(timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready = capped(timeout)
-        if ready:
-            counts.append(len(ready))
-        return ready
-
-    async def serve_all(pairs: list[tuple[socket.socket, socket.socket]], cost_s: float) -> list[int]:
-        read: list[int] = []
-
-        def on_ready(s: socket.socket, n: int) -> None:
-            s.recv(16)
-            loop.remove_reader(s)
-            time.sleep(cost_s)
-            read.append(n)
-
-        for n, (ours, _theirs) in enumerate(pairs):
-            ours.setblocking(False)
-            loop.add_reader(ours, on_ready, ours, n)
-        for _ours, theirs in pairs:
-            theirs.send(b"x")
-        deadline = loop.time() + 30
-        while len(read) < len(pairs):
-            assert loop.time() < deadline, f"{len(read)} of {len(pairs)} sockets read"
-            await asyncio.sleep(0)
-        return read
-
-    selector.select = counting
+    capped = count_selects(selector, counts)
     slow = [socket.socketpair() for _ in range(64)]
     cheap = [socket.socketpair() for _ in range(200)]
     state = selector._consult_state
