@@ -516,10 +516,9 @@ def cap_io_events(
         state.top = state.cap = max(1, per_tick)
         state.budget_s = budget_s
         return True
-    selector._consult_state = _IoCap(max(1, per_tick), budget_s)  # type: ignore[attr-defined]
+    state = selector._consult_state = _IoCap(max(1, per_tick), budget_s)  # type: ignore[attr-defined]
     epoll = selector._selector  # type: ignore[attr-defined]
     fd_to_key = selector._fd_to_key  # type: ignore[attr-defined]
-    state = selector._consult_state  # type: ignore[attr-defined]
 
     def capped_select(timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         # selectors.EpollSelector.select, with `maxevents` the cap instead of every registered
