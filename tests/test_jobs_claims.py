@@ -146,3 +146,93 @@ async def test_claimers_racing_on_one_node_take_every_job_exactly_once(settings,
     ids = [i for got in taken for i in got]
     assert len(ids) == len(set(ids)) == 200
     assert {(r["status"], r["attempts"]) for r in rows(database).values()} == {("running", 1)}
+
+
+async def test_a_burst_is_claimed_in_batches_and_every_job_runs_once(settings, database, monkeypatch):
+    """9,950 reminders due at once (the signaling bench's rooms) are a backlog: the worker claims
+    them once half its slots are free, not once per finished job, and stops reading whether
+    anything is due first. Still at most ``job_concurrency`` at once, each job exactly once."""
+    assert settings.job_concurrency == 4
+    ran: list[str] = []
+    all_ran = asyncio.Event()
+    inside = {"now": 0, "max": 0}
+
+    async def send(app: web.Application, job: jobs.Job) -> None:
+        inside["now"] += 1
+        inside["max"] = max(inside["max"], inside["now"])
+        await asyncio.sleep(0.002 * (int(job.key) % 3))  # jobs take their own times, as sends do
+        inside["now"] -= 1
+        ran.append(job.key)
+        if len(ran) == 60:
+            all_ran.set()
+
+    calls = {"claims": 0, "looks": 0}
+    claim, look = jobs.claim_due_sync, jobs.any_due_sync
+
+    def counted_claim(*args, **kwargs):
+        calls["claims"] += 1
+        return claim(*args, **kwargs)
+
+    def counted_look(*args, **kwargs):
+        calls["looks"] += 1
+        return look(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "claim_due_sync", counted_claim)
+    monkeypatch.setattr(jobs, "any_due_sync", counted_look)
+    app = node(settings, database)
+    runner = app[jobs.JOBS]
+    runner.register("remind", send, timeout_s=10)
+    enqueue(database, "remind", [(str(n), time.time() - 1) for n in range(60)])
+
+    worker = asyncio.ensure_future(runner.work(app))
+    try:
+        await asyncio.wait_for(all_ran.wait(), 30)
+        await asyncio.gather(*runner.running)  # the last ones' finishing writes
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+    assert sorted(ran, key=int) == [str(n) for n in range(60)]  # each once
+    assert {r["status"] for r in rows(database).values()} == {"done"}
+    assert 2 <= inside["max"] <= 4
+    # 60 jobs in claims of 2 to 4: at most 30 claims, plus the one that finds the queue empty; a
+    # look only when a claim got less than it asked. Claimed as each job ended, it was 50 claims
+    # and 54 looks.
+    assert calls["claims"] <= 31, calls
+    assert calls["looks"] <= 8, calls
+
+
+async def test_a_handlers_record_commits_in_the_write_that_finishes_its_job(settings, database):
+    """A reminder is marked sent in the same transaction that marks its job done: one write, and
+    never one without the other."""
+
+    def note(text: str, fail: bool = False):
+        def record(d) -> None:
+            d.execute(
+                "INSERT INTO outbox (channel, recipient, subject, body, created)"
+                " VALUES ('sms', '', ?, '', 0)",
+                [text],
+            )
+            if fail:
+                raise RuntimeError("the record failed")
+
+        return record
+
+    async def sends(app: web.Application, job: jobs.Job) -> jobs.Done:
+        return jobs.Done(f"sent {job.key}", note(job.key, fail=job.key == "bad"))
+
+    app = node(settings, database)
+    app[jobs.JOBS].register("remind", sends, timeout_s=10)
+    enqueue(database, "remind", [("good", time.time() + 600), ("bad", time.time() + 600)])
+    written = lambda: database.read_sync(  # noqa: E731
+        lambda d: [r[0] for r in d.execute("SELECT subject FROM outbox ORDER BY id")]
+    )
+
+    outcome = await jobs.run_now(app, "remind", "good")
+    assert (outcome.status, outcome.result, outcome.ran) == ("done", "sent good", True)
+    assert written() == ["good"]
+    with pytest.raises(RuntimeError, match="the record failed"):
+        await jobs.run_now(app, "remind", "bad")
+    assert written() == ["good"]  # nothing of the failed record
+    assert rows(database)["remind:bad"]["status"] == "running"  # due again when its lease expires
+    found = await app[jobs.JOBS].sweep(app, now=time.time() + app[jobs.JOBS].lease_s("remind") + 1)
+    assert found["recovered"] == 1 and rows(database)["remind:bad"]["status"] == "queued"

@@ -166,7 +166,7 @@ async def after_confirmed(app: web.Application, visit_id: int, base_url: str | N
     await notify_visit(app, visit_id, "confirmed", base_url)
 
 
-async def perform_notice(app: web.Application, job: jobs.Job) -> str:
+async def perform_notice(app: web.Application, job: jobs.Job) -> str | jobs.Done:
     """The ``notify`` job: send one message about a visit, unless the visit has moved on since."""
     payload = job.payload
     visit_id, kind = int(payload["visit_id"]), payload["kind"]
@@ -185,6 +185,6 @@ async def perform_notice(app: web.Application, job: jobs.Job) -> str:
         settings = app[keys.SETTINGS]
         minutes = int(payload.get("minutes") or 0)
         await app[keys.NOTIFIER].send(visit_message(settings, visit, kind, base_url(settings), minutes))
-    if kind == "reminder":
-        await db.execute_write_fn(lambda d: mark_reminded_sync(d, visit_id, visit["starts_at"], level))
+    if kind == "reminder":  # marked sent in the write that finishes the job
+        return jobs.Done("sent", lambda d: mark_reminded_sync(d, visit_id, visit["starts_at"], level))
     return "sent"

@@ -85,6 +85,21 @@ class Retry(Exception):
     """Raised by a handler whose work is not finished yet: try again later, like a failure."""
 
 
+@dataclass(frozen=True)
+class Done:
+    """What a handler may return when its work leaves a fact to write: ``record(db)`` runs in the
+    transaction that marks the job done, so the two commit together (one write instead of two,
+    and never the job done without its fact). ``result`` is what the caller of ``run_now`` gets.
+
+    If that transaction fails, the job stays running until its lease expires and is run again,
+    as after a crash (handlers are idempotent). The record is written even when the claim was
+    lost meanwhile, as a write the handler made itself would have been.
+    """
+
+    result: Any
+    record: Callable[[sqlite_utils.Database], None]
+
+
 Handler = Callable[[web.Application, Job], Awaitable[Any]]
 Sweep = Callable[[sqlite_utils.Database, float], int]
 
@@ -296,6 +311,7 @@ class Runner:
         self.counts: dict[str, int] = {}
         self.clock: Callable[[], float] = time.time
         self._woken = False  # a wake-up that came while the worker was busy
+        self._backlog = False  # the worker's last claim took all it asked for: more may be due
         self._idle: asyncio.Future[None] | None = None
 
     # registration, by the owning packages through the app factory
@@ -380,12 +396,19 @@ class Runner:
             self.wake()
         return found
 
-    async def claim_due(self, app: web.Application, limit: int, now: float | None = None) -> list[Job]:
+    async def claim_due(
+        self, app: web.Application, limit: int, now: float | None = None, *, look_first: bool = True
+    ) -> list[Job]:
+        """Claim up to ``limit`` due jobs. ``look_first``: read whether any is due before taking
+        the writer for the claim (the common case, nothing due, stays off the writer); a worker
+        in a backlog knows there is more and claims straight away."""
         now = self.clock() if now is None else now
         kinds = list(self.kinds)
         db = app[keys.DB]
-        if limit <= 0 or not kinds or not await db.execute_fn(lambda d: any_due_sync(d, now, kinds)):
-            return []  # the common case stays off the writer
+        if limit <= 0 or not kinds:
+            return []
+        if look_first and not await db.execute_fn(lambda d: any_due_sync(d, now, kinds)):
+            return []
         leases = {kind: self.lease_s(kind) for kind in kinds}
         return await db.execute_write_fn(lambda d: claim_due_sync(d, now, limit, leases), exclusive=False)
 
@@ -434,7 +457,16 @@ class Runner:
                 )
             return Outcome(status, None, ran=True)
         at = self.clock() if now is None else now
-        if await db.execute_write_fn(lambda d: finish_sync(d, job, at)):
+        record = None
+        if isinstance(result, Done):
+            result, record = result.result, result.record
+
+        def finish(d: sqlite_utils.Database) -> bool:
+            if record is not None:
+                record(d)
+            return finish_sync(d, job, at)
+
+        if await db.execute_write_fn(finish):
             metrics.count(app, "jobs_done")
             return Outcome(DONE, result, ran=True)
         log.warning("job %s:%s finished after its claim was taken over", job.kind, job.key)
@@ -493,8 +525,16 @@ class Runner:
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + sweep_every
                     await self.sweep(app)
-                for job in await self.claim_due(app, self.settings.job_concurrency - len(self.running)):
-                    self.start(app, job)
+                free = self.settings.job_concurrency - len(self.running)
+                # In a backlog (the last claim got all it asked for: a burst of reminders, say)
+                # the worker claims in batches, once half its slots are free rather than each
+                # time a job ends, and without reading first whether anything is due: fewer
+                # writes per job. Otherwise any free slot is filled at once.
+                if free > 0 and (not self._backlog or 2 * free >= self.settings.job_concurrency):
+                    claimed = await self.claim_due(app, free, look_first=not self._backlog)
+                    self._backlog = len(claimed) == free
+                    for job in claimed:
+                        self.start(app, job)
             except asyncio.CancelledError:
                 raise
             except Exception:
