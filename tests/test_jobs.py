@@ -16,10 +16,12 @@ import secrets
 import time
 
 import pytest
+from aiohttp import web
 
 from consult import booking, payments
 from consult.app import create_app
-from consult.core import jobs, metrics
+from consult.booking import holds, notices
+from consult.core import jobs, keys, metrics
 from consult.core.db import Database
 from consult.core.outbox import OutboxNotifier
 from consult.payments.gateway import PAYMENTS, RefundStatus
@@ -395,6 +397,75 @@ async def test_reminders_are_marked_sent_only_after_sending(
     assert sorted(sent) == ["Visit confirmed", "Visit reminder"]
     assert (await booking.housekeeping(app))["reminders"] == 0
     db.close()
+
+
+async def test_a_burst_of_reminders_is_queued_in_steps_with_the_loop_let_run_between(
+    settings, world, monkeypatch
+):
+    """1,100 confirmed visits within the hour (a big clinic's next hour: the signaling bench has
+    9,950) are queued in writes of 500, the loop running between them; once queued, a reminder is
+    not read again; the hour's reminder still follows a day's one that was queued."""
+    db = world.db
+    now = time.time()
+
+    def confirmed(d, count: int, first_start: int) -> None:
+        for i in range(count):
+            d.execute(
+                "INSERT INTO visits (public_id, patient_id, doctor_id, department_id, starts_at, ends_at,"
+                " status, fee_minor, currency, created, updated, call_nonce)"
+                " VALUES (?, ?, ?, 1, ?, ?, 'confirmed', 5000, 'CNY', ?, ?, 'n')",
+                [
+                    secrets.token_urlsafe(9),
+                    world.patient_id,
+                    world.doctor_id,
+                    first_start + i,
+                    first_start + i + 900,
+                    now,
+                    now,
+                ],
+            )
+
+    db.write_sync(lambda d: confirmed(d, 1100, int(now) + 600))  # within the hour
+    later = db.write_sync(lambda d: confirmed(d, 1, int(now) + 3 * 3600) or int(now) + 3 * 3600)
+    app = web.Application()
+    app[keys.SETTINGS], app[keys.DB] = settings, db  # housekeeping alone, no worker to send them
+    steps: list[int] = []
+    step = holds.reminders_due_sync
+
+    def counted(d, at):
+        steps.append(step(d, at))
+        return steps[-1]
+
+    monkeypatch.setattr(holds, "reminders_due_sync", counted)
+    ticks, done = 0, False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    assert await booking.housekeeping(app, now) == {"expired": 0, "reminders": 1101}
+    done = True
+    await task
+    assert steps == [500, 500, 101] and ticks >= 2
+    reminders = [j for j in job_rows(db) if ":reminder:" in j["key"]]
+    assert len(reminders) == 1101 and {j["status"] for j in reminders} == {"queued"}
+    assert len({j["key"] for j in reminders}) == 1101
+    assert db.read_sync(lambda d: notices.unqueued_reminders_sync(d, now, 10_000)) == []  # read no more
+    assert await booking.housekeeping(app, now + 1) == {"expired": 0, "reminders": 0}
+    assert steps[3:] == [0]
+
+    # Two and a half hours on, the later visit is due its hour's reminder beside the day's one.
+    two_half = now + 2.5 * 3600
+    assert [
+        (r["starts_at"], r["level"])
+        for r in db.read_sync(lambda d: notices.unqueued_reminders_sync(d, two_half, 10))
+    ] == [(later, booking.REMINDER_HOUR)]
+    assert (await booking.housekeeping(app, two_half))["reminders"] == 1
+    keys_of_later = sorted(j["key"] for j in job_rows(db) if f":reminder:{later}:" in j["key"])
+    assert [k.rsplit(":", 1)[1] for k in keys_of_later] == ["1", "2"]
 
 
 async def test_the_sweep_refunds_paid_payments_left_without_a_job(aiohttp_client, settings, world):

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from consult.audit import chain as audit
 from consult.booking import schedules, slotcache
-from consult.booking.notices import REMINDER_DAY, enqueue_notice_sync, reminders_due_sync
+from consult.booking.notices import REMINDER_DAY, REMINDER_STEP, enqueue_notice_sync, reminders_due_sync
 from consult.core import jobs, keys, leader
 from consult.core.db import IntegrityError, lock_keys
 from consult.core.errors import BadRequest, Conflict, NotFound
@@ -328,10 +328,14 @@ async def housekeeping(app: web.Application, now: float | None = None) -> dict[s
     expired = await db.execute_write_fn(lambda d: expire_holds_sync(d, now))
     if expired:
         slotcache.changed(app)
-    due = await db.execute_write_fn(lambda d: reminders_due_sync(d, now))
-    if due:
-        jobs.wake(app)
-    return {"expired": expired, "reminders": len(due)}
+    reminders = 0
+    while True:  # in steps: the loop runs between them
+        queued = await db.execute_write_fn(lambda d: reminders_due_sync(d, now))
+        reminders += queued
+        if queued:
+            jobs.wake(app)  # the first are sent while the rest are queued
+        if queued < REMINDER_STEP:  # none left (every step that goes on queued that many more)
+            return {"expired": expired, "reminders": reminders}
 
 
 async def hold_reaper(app: web.Application) -> AsyncIterator[None]:
