@@ -203,7 +203,8 @@ async def test_a_burst_is_claimed_in_batches_and_every_job_runs_once(settings, d
 
 async def test_a_handlers_record_commits_in_the_write_that_finishes_its_job(settings, database):
     """A reminder is marked sent in the same transaction that marks its job done: one write, and
-    never one without the other."""
+    never one without the other. A record that fails is a failed attempt, recorded in that same
+    transaction; a record made after the claim was lost is still written."""
 
     def note(text: str, fail: bool = False):
         def record(d) -> None:
@@ -217,12 +218,17 @@ async def test_a_handlers_record_commits_in_the_write_that_finishes_its_job(sett
 
         return record
 
-    async def sends(app: web.Application, job: jobs.Job) -> jobs.Done:
-        return jobs.Done(f"sent {job.key}", note(job.key, fail=job.key == "bad"))
+    async def sends(app: web.Application, job: jobs.Job) -> jobs.Finish:
+        if job.key == "lost":  # its lease ran out meanwhile and another node took it over
+            await database.execute_write_fn(
+                lambda d: d.execute("UPDATE jobs SET claim = 'another node' WHERE id = ?", [job.id])
+            )
+        return jobs.Finish(f"sent {job.key}", note(job.key, fail=job.key == "bad"))
 
     app = node(settings, database)
     app[jobs.JOBS].register("remind", sends, timeout_s=10)
-    enqueue(database, "remind", [("good", time.time() + 600), ("bad", time.time() + 600)])
+    later = time.time() + 600
+    enqueue(database, "remind", [("good", later), ("bad", later), ("lost", later)])
     written = lambda: database.read_sync(  # noqa: E731
         lambda d: [r[0] for r in d.execute("SELECT subject FROM outbox ORDER BY id")]
     )
@@ -230,9 +236,59 @@ async def test_a_handlers_record_commits_in_the_write_that_finishes_its_job(sett
     outcome = await jobs.run_now(app, "remind", "good")
     assert (outcome.status, outcome.result, outcome.ran) == ("done", "sent good", True)
     assert written() == ["good"]
-    with pytest.raises(RuntimeError, match="the record failed"):
-        await jobs.run_now(app, "remind", "bad")
+
+    before = time.time()
+    outcome = await jobs.run_now(app, "remind", "bad")
+    assert (outcome.status, outcome.result, outcome.ran) == ("queued", None, True)
     assert written() == ["good"]  # nothing of the failed record
-    assert rows(database)["remind:bad"]["status"] == "running"  # due again when its lease expires
-    found = await app[jobs.JOBS].sweep(app, now=time.time() + app[jobs.JOBS].lease_s("remind") + 1)
-    assert found["recovered"] == 1 and rows(database)["remind:bad"]["status"] == "queued"
+    bad = rows(database)["remind:bad"]
+    assert (bad["status"], bad["attempts"], bad["claim"]) == ("queued", 1, None)
+    assert bad["last_error"] == "RuntimeError: the record failed"
+    assert bad["next_run_at"] >= before + app[jobs.JOBS].backoff(1)  # after its backoff
+
+    outcome = await jobs.run_now(app, "remind", "lost")
+    assert (outcome.status, outcome.result) == ("running", "sent lost")  # the other node's attempt
+    assert written() == ["good", "lost"]
+
+
+async def test_a_job_queued_while_the_worker_batches_takes_a_free_slot_at_once(make_settings, database):
+    """Three refunds wait on a slow provider and a message ended: one slot is free, and the
+    worker, whose last claim got all it asked for, would wait for half its slots before claiming.
+    A job queued now (its enqueue wakes the worker) must not wait for the refunds."""
+    settings = make_settings(job_poll_seconds=60)  # no poll comes to the rescue
+    release = asyncio.Event()
+    ran: list[str] = []
+
+    async def work(app: web.Application, job: jobs.Job) -> None:
+        if job.key.startswith("refund"):
+            await release.wait()
+        ran.append(job.key)
+
+    app = node(settings, database)
+    runner = app[jobs.JOBS]
+    runner.register("task", work, timeout_s=30)
+    now = time.time()
+    enqueue(
+        database, "task", [("refund1", now - 4), ("refund2", now - 3), ("refund3", now - 2), ("sms", now - 1)]
+    )
+    worker = asyncio.ensure_future(runner.work(app))
+    try:
+        for _ in range(500):
+            if ran == ["sms"] and len(runner.running) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert ran == ["sms"] and len(runner.running) == 3
+        await asyncio.sleep(0.2)  # the worker's round after the message ended: one slot, batching
+
+        enqueue(database, "task", [("urgent", time.time() - 1)])
+        jobs.wake(app)
+        for _ in range(300):
+            if "urgent" in ran:
+                break
+            await asyncio.sleep(0.01)
+        assert ran == ["sms", "urgent"]  # while the refunds still wait
+    finally:
+        release.set()
+        await asyncio.sleep(0.1)
+        worker.cancel()
+        await asyncio.gather(worker, *runner.running, return_exceptions=True)

@@ -8,6 +8,7 @@ the commit delays a message, never loses it. A reminder is marked sent only once
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,8 @@ from consult.core.outbox import Message
 
 REMINDER_DAY, REMINDER_HOUR = 1, 2  # values of visits.reminder_sent
 NOTIFY_JOB = "notify"
+
+log = logging.getLogger(__name__)
 
 
 def enqueue_notice_sync(
@@ -83,7 +86,10 @@ def reminders_due_sync(db: sqlite_utils.Database, now: float, limit: int = REMIN
     already queued is not read again.
     """
     rows = unqueued_reminders_sync(db, now, limit)
-    return sum(enqueue_notice_sync(db, r, "reminder", now=now, level=r["level"]) for r in rows)
+    queued = sum(enqueue_notice_sync(db, r, "reminder", now=now, level=r["level"]) for r in rows)
+    if queued < len(rows):  # read as not queued, yet its key was there: the two keys disagree
+        log.warning("%d reminders read as not queued were queued already", len(rows) - queued)
+    return queued
 
 
 def mark_reminded_sync(db: sqlite_utils.Database, visit_id: int, starts_at: int, level: int) -> None:
@@ -179,7 +185,7 @@ async def after_confirmed(app: web.Application, visit_id: int, base_url: str | N
     await notify_visit(app, visit_id, "confirmed", base_url)
 
 
-async def perform_notice(app: web.Application, job: jobs.Job) -> str | jobs.Done:
+async def perform_notice(app: web.Application, job: jobs.Job) -> str | jobs.Finish:
     """The ``notify`` job: send one message about a visit, unless the visit has moved on since."""
     payload = job.payload
     visit_id, kind = int(payload["visit_id"]), payload["kind"]
@@ -199,5 +205,5 @@ async def perform_notice(app: web.Application, job: jobs.Job) -> str | jobs.Done
         minutes = int(payload.get("minutes") or 0)
         await app[keys.NOTIFIER].send(visit_message(settings, visit, kind, base_url(settings), minutes))
     if kind == "reminder":  # marked sent in the write that finishes the job
-        return jobs.Done("sent", lambda d: mark_reminded_sync(d, visit_id, visit["starts_at"], level))
+        return jobs.Finish("sent", lambda d: mark_reminded_sync(d, visit_id, visit["starts_at"], level))
     return "sent"

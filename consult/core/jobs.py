@@ -86,14 +86,14 @@ class Retry(Exception):
 
 
 @dataclass(frozen=True)
-class Done:
+class Finish:
     """What a handler may return when its work leaves a fact to write: ``record(db)`` runs in the
     transaction that marks the job done, so the two commit together (one write instead of two,
     and never the job done without its fact). ``result`` is what the caller of ``run_now`` gets.
 
-    If that transaction fails, the job stays running until its lease expires and is run again,
-    as after a crash (handlers are idempotent). The record is written even when the claim was
-    lost meanwhile, as a write the handler made itself would have been.
+    A record that raises is rolled back alone (a savepoint) and the attempt counts as failed, in
+    the same transaction: queued again after its backoff, or dead. The record is written even
+    when the claim was lost meanwhile, as a write the handler made itself would have been.
     """
 
     result: Any
@@ -311,8 +311,9 @@ class Runner:
         self.counts: dict[str, int] = {}
         self.clock: Callable[[], float] = time.time
         self._woken = False  # a wake-up that came while the worker was busy
+        self._asked = False  # ... of those, one from outside (a job queued), not a job's end
         self._backlog = False  # the worker's last claim took all it asked for: more may be due
-        self._idle: asyncio.Future[None] | None = None
+        self._idle: asyncio.Future[bool] | None = None
 
     # registration, by the owning packages through the app factory
     def register(
@@ -340,21 +341,26 @@ class Runner:
         return float(min(self.settings.job_retry_max_seconds, base * 2 ** max(0, attempts - 1)))
 
     def wake(self) -> None:
+        """A job was queued: the worker claims now, into any free slot."""
+        self._asked = True
+        self._wake()
+
+    def _wake(self) -> None:
         self._woken = True
         if self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
+            self._idle.set_result(True)
 
-    async def _rest(self, seconds: float) -> None:
-        """Until woken, or ``seconds`` (a plain future: no wait_for, whose 3.11 version can swallow
-        a cancellation and keep the worker alive at shutdown)."""
+    async def _rest(self, seconds: float) -> bool:
+        """Until woken (True), or ``seconds`` (False) (a plain future: no wait_for, whose 3.11
+        version can swallow a cancellation and keep the worker alive at shutdown)."""
         if self._woken:
             self._woken = False
-            return
+            return True
         loop = asyncio.get_running_loop()
         self._idle = loop.create_future()
-        timer = loop.call_later(seconds, lambda f: f.done() or f.set_result(None), self._idle)
+        timer = loop.call_later(seconds, lambda f: f.done() or f.set_result(False), self._idle)
         try:
-            await self._idle
+            return await self._idle
         finally:
             timer.cancel()
             self._idle = None
@@ -424,53 +430,72 @@ class Runner:
         self.running.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("job task %s failed", task.get_name(), exc_info=task.exception())
-        self.wake()  # room for the next job
+        self._wake()  # room for the next job
 
     async def _perform(self, app: web.Application, job: Job, now: float | None) -> Outcome:
         kind = self.kinds[job.kind]
         db = app[keys.DB]
+        limit = job.max_attempts or kind.max_attempts
+        delay = self.backoff(job.attempts)
         try:
             result = await asyncio.wait_for(kind.handler(app, job), kind.timeout_s)
         except Exception as exc:
             at = self.clock() if now is None else now
-            limit = job.max_attempts or kind.max_attempts
-            delay = self.backoff(job.attempts)
-            error = str(exc) if isinstance(exc, Retry) else f"{type(exc).__name__}: {exc}"
+            error = _error_text(exc)
             status = await db.execute_write_fn(
                 lambda d: fail_sync(d, job, at, error, limit=limit, delay=delay)
             )
-            metrics.count(app, "jobs_failed")
-            if status == DEAD:
-                metrics.count(app, "jobs_died")
-                log.error("job %s:%s is dead after %d attempts: %s", job.kind, job.key, job.attempts, error)
-            elif isinstance(exc, Retry):
-                log.info("job %s:%s not finished (%s); again in %.0f s", job.kind, job.key, error, delay)
-            else:
-                log.warning(
-                    "job %s:%s failed (attempt %d of %d); again in %.0f s",
-                    job.kind,
-                    job.key,
-                    job.attempts,
-                    limit,
-                    delay,
-                    exc_info=exc,
-                )
-            return Outcome(status, None, ran=True)
+            return self._failed(app, job, status, exc, limit, delay)
         at = self.clock() if now is None else now
         record = None
-        if isinstance(result, Done):
+        if isinstance(result, Finish):
             result, record = result.result, result.record
 
-        def finish(d: sqlite_utils.Database) -> bool:
+        def finish(
+            d: sqlite_utils.Database,
+        ) -> tuple[Any, Exception | None]:  # (done, None) or (status, error)
             if record is not None:
-                record(d)
-            return finish_sync(d, job, at)
+                d.execute("SAVEPOINT job_record")
+                try:
+                    record(d)
+                except Exception as exc:  # the attempt failed after all: its record's error
+                    d.execute("ROLLBACK TO job_record")
+                    d.execute("RELEASE job_record")
+                    return fail_sync(d, job, at, _error_text(exc), limit=limit, delay=delay), exc
+                d.execute("RELEASE job_record")
+            return finish_sync(d, job, at), None
 
-        if await db.execute_write_fn(finish):
+        finished, failure = await db.execute_write_fn(finish)
+        if failure is not None:
+            return self._failed(app, job, finished, failure, limit, delay)
+        if finished:
             metrics.count(app, "jobs_done")
             return Outcome(DONE, result, ran=True)
         log.warning("job %s:%s finished after its claim was taken over", job.kind, job.key)
         return Outcome(await db.execute_fn(lambda d: status_sync(d, job.kind, job.key)), result, ran=True)
+
+    def _failed(
+        self, app: web.Application, job: Job, status: str | None, exc: Exception, limit: int, delay: float
+    ) -> Outcome:
+        """Count and log a failed attempt that ``fail_sync`` recorded as ``status``."""
+        metrics.count(app, "jobs_failed")
+        error = _error_text(exc)
+        if status == DEAD:
+            metrics.count(app, "jobs_died")
+            log.error("job %s:%s is dead after %d attempts: %s", job.kind, job.key, job.attempts, error)
+        elif isinstance(exc, Retry):
+            log.info("job %s:%s not finished (%s); again in %.0f s", job.kind, job.key, error, delay)
+        else:
+            log.warning(
+                "job %s:%s failed (attempt %d of %d); again in %.0f s",
+                job.kind,
+                job.key,
+                job.attempts,
+                limit,
+                delay,
+                exc_info=exc,
+            )
+        return Outcome(status, None, ran=True)
 
     async def run_now(
         self, app: web.Application, kind: str, key: str, *, wait: float | None = None
@@ -519,8 +544,10 @@ class Runner:
         poll = max(0.01, float(self.settings.job_poll_seconds))
         sweep_every = max(0.05, float(self.settings.reaper_interval_seconds))
         next_sweep = time.monotonic() + sweep_every
+        fill = True  # into any free slot: the first round, and after a rest that timed out
         while True:
             self._woken = False
+            fill, self._asked = fill or self._asked, False
             try:
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + sweep_every
@@ -529,8 +556,10 @@ class Runner:
                 # In a backlog (the last claim got all it asked for: a burst of reminders, say)
                 # the worker claims in batches, once half its slots are free rather than each
                 # time a job ends, and without reading first whether anything is due: fewer
-                # writes per job. Otherwise any free slot is filled at once.
-                if free > 0 and (not self._backlog or 2 * free >= self.settings.job_concurrency):
+                # writes per job. A job queued meanwhile (a wake from outside), a rest that timed
+                # out, or no backlog: any free slot is filled at once.
+                batching = self._backlog and not fill
+                if free > 0 and (not batching or 2 * free >= self.settings.job_concurrency):
                     claimed = await self.claim_due(app, free, look_first=not self._backlog)
                     self._backlog = len(claimed) == free
                     for job in claimed:
@@ -539,7 +568,7 @@ class Runner:
                 raise
             except Exception:
                 log.exception("job worker round failed")
-            await self._rest(poll)
+            fill = not await self._rest(poll)
 
     async def close(self, app: web.Application) -> None:
         """Stop the attempts in flight and queue them again (the database is still open)."""
@@ -553,6 +582,10 @@ class Runner:
             now = self.clock()
             with contextlib.suppress(Exception):
                 await app[keys.DB].execute_write_fn(lambda d: release_sync(d, interrupted, now))
+
+
+def _error_text(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, Retry) else f"{type(exc).__name__}: {exc}"
 
 
 JOBS = web.AppKey("jobs", Runner)
