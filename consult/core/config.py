@@ -160,7 +160,7 @@ class Settings:
     )
     booking_lead_minutes: float = setting(10.0, "Slots starting sooner than this are not offered.")
     reaper_interval_seconds: float = setting(
-        30.0, "How often expired holds are released and visit reminders sent."
+        30.0, "How often expired holds are released and due visit reminders queued (jobs send them)."
     )
     job_poll_seconds: float = setting(
         1.0, "How often the job worker looks for due jobs (it is also woken when one is queued)."
