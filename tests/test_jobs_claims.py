@@ -148,10 +148,11 @@ async def test_claimers_racing_on_one_node_take_every_job_exactly_once(settings,
     assert {(r["status"], r["attempts"]) for r in rows(database).values()} == {("running", 1)}
 
 
-async def test_a_burst_is_claimed_in_batches_and_every_job_runs_once(settings, database, monkeypatch):
+async def test_a_burst_is_claimed_in_batches_and_every_job_runs_once(make_settings, database, monkeypatch):
     """9,950 reminders due at once (the signaling bench's rooms) are a backlog: the worker claims
     them once half its slots are free, not once per finished job, and stops reading whether
     anything is due first. Still at most ``job_concurrency`` at once, each job exactly once."""
+    settings = make_settings(job_poll_seconds=60)  # only jobs' ends wake the worker
     assert settings.job_concurrency == 4
     ran: list[str] = []
     all_ran = asyncio.Event()
@@ -194,10 +195,10 @@ async def test_a_burst_is_claimed_in_batches_and_every_job_runs_once(settings, d
     assert sorted(ran, key=int) == [str(n) for n in range(60)]  # each once
     assert {r["status"] for r in rows(database).values()} == {"done"}
     assert 2 <= inside["max"] <= 4
-    # 60 jobs in claims of 2 to 4: at most 30 claims, plus the one that finds the queue empty; a
-    # look only when a claim got less than it asked. Claimed as each job ended, it was 50 claims
-    # and 54 looks.
-    assert calls["claims"] <= 31, calls
+    # 60 jobs in claims of 2 to 4: at most 30 claims, plus the one that finds the queue empty and
+    # a margin; a look only when a claim got less than it asked. Claimed as each job ended, it
+    # was 50 claims and 54 looks.
+    assert calls["claims"] <= 33, calls
     assert calls["looks"] <= 8, calls
 
 
@@ -223,12 +224,14 @@ async def test_a_handlers_record_commits_in_the_write_that_finishes_its_job(sett
             await database.execute_write_fn(
                 lambda d: d.execute("UPDATE jobs SET claim = 'another node' WHERE id = ?", [job.id])
             )
+        if job.key == "broken":  # the database refuses the record's statement
+            return jobs.Finish("sent", lambda d: d.execute("UPDATE no_such_table SET x = 1"))
         return jobs.Finish(f"sent {job.key}", note(job.key, fail=job.key == "bad"))
 
     app = node(settings, database)
     app[jobs.JOBS].register("remind", sends, timeout_s=10)
     later = time.time() + 600
-    enqueue(database, "remind", [("good", later), ("bad", later), ("lost", later)])
+    enqueue(database, "remind", [("good", later), ("bad", later), ("lost", later), ("broken", later)])
     written = lambda: database.read_sync(  # noqa: E731
         lambda d: [r[0] for r in d.execute("SELECT subject FROM outbox ORDER BY id")]
     )
@@ -245,6 +248,13 @@ async def test_a_handlers_record_commits_in_the_write_that_finishes_its_job(sett
     assert (bad["status"], bad["attempts"], bad["claim"]) == ("queued", 1, None)
     assert bad["last_error"] == "RuntimeError: the record failed"
     assert bad["next_run_at"] >= before + app[jobs.JOBS].backoff(1)  # after its backoff
+
+    # A statement the database refuses: on PostgreSQL it aborts the transaction, which the
+    # savepoint brings back for the failed attempt's record.
+    outcome = await jobs.run_now(app, "remind", "broken")
+    assert (outcome.status, outcome.ran) == ("queued", True)
+    broken = rows(database)["remind:broken"]
+    assert broken["status"] == "queued" and "no_such_table" in broken["last_error"]
 
     outcome = await jobs.run_now(app, "remind", "lost")
     assert (outcome.status, outcome.result) == ("running", "sent lost")  # the other node's attempt
@@ -282,7 +292,7 @@ async def test_a_job_queued_while_the_worker_batches_takes_a_free_slot_at_once(m
 
         enqueue(database, "task", [("urgent", time.time() - 1)])
         jobs.wake(app)
-        for _ in range(300):
+        for _ in range(1000):
             if "urgent" in ran:
                 break
             await asyncio.sleep(0.01)

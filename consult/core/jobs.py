@@ -561,7 +561,7 @@ class Runner:
                 batching = self._backlog and not fill
                 if free > 0 and (not batching or 2 * free >= self.settings.job_concurrency):
                     claimed = await self.claim_due(app, free, look_first=not self._backlog)
-                    self._backlog = len(claimed) == free
+                    self._backlog = free >= 2 and len(claimed) == free  # a claim of one is no batch
                     for job in claimed:
                         self.start(app, job)
             except asyncio.CancelledError:
