@@ -302,3 +302,47 @@ async def test_a_job_queued_while_the_worker_batches_takes_a_free_slot_at_once(m
         await asyncio.sleep(0.1)
         worker.cancel()
         await asyncio.gather(worker, *runner.running, return_exceptions=True)
+
+
+async def test_drain_waits_for_the_jobs_the_worker_is_claiming(make_settings, database):
+    """The worker's claim has committed but its jobs have not started: they are no longer due and
+    not yet running. A drain then (a test's, a one-off's) must wait for them, not return; so must
+    a person asking for one of them (run_now), as for any attempt the worker took first."""
+    settings = make_settings(job_poll_seconds=60)
+    app = node(settings, database)
+    runner = app[jobs.JOBS]
+    ran: list[str] = []
+
+    async def work(app: web.Application, job: jobs.Job) -> None:
+        ran.append(job.key)
+
+    runner.register("task", work, timeout_s=10)
+    claim = runner.claim_due
+    claimed = asyncio.Event()
+
+    async def slow_to_start(*args, **kwargs) -> list[jobs.Job]:
+        got = await claim(*args, **kwargs)
+        if got:  # the worker's: its claim committed, its jobs start only a moment later
+            claimed.set()
+            await asyncio.sleep(0.3)
+        return got
+
+    runner.claim_due = slow_to_start
+    enqueue(database, "task", [("k", time.time() - 1), ("m", time.time() - 1)])
+    worker = asyncio.ensure_future(runner.work(app))
+    try:
+        await asyncio.wait_for(claimed.wait(), 10)
+        assert rows(database)["task:m"]["status"] == "running"
+        outcome = await jobs.run_now(app, "task", "m", wait=10)
+        assert (outcome.status, outcome.ran) == ("done", False)  # the worker's attempt, waited for
+        claimed.clear()
+        enqueue(database, "task", [("n", time.time() - 1)])
+        jobs.wake(app)
+        await asyncio.wait_for(claimed.wait(), 10)
+        assert rows(database)["task:n"]["status"] == "running"
+        assert await jobs.drain(app) == 0  # none left for the drain to run itself
+        assert sorted(ran) == ["k", "m", "n"]
+        assert {r["status"] for r in rows(database).values()} == {"done"}
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)

@@ -314,6 +314,7 @@ class Runner:
         self._asked = False  # ... of those, one from outside (a job queued), not a job's end
         self._backlog = False  # the worker's last claim took all it asked for: more may be due
         self._idle: asyncio.Future[bool] | None = None
+        self._claiming: asyncio.Future[None] | None = None  # the worker's claim, until its jobs start
 
     # registration, by the owning packages through the app factory
     def register(
@@ -509,6 +510,8 @@ class Runner:
             lambda d: claim_key_sync(d, kind, key, now, self.lease_s(kind)), exclusive=False
         )
         if job is None:  # done, dead, missing, or running: here (the worker took it first) or elsewhere
+            if self._claiming is not None:  # the worker's claim, perhaps of this job, not started yet
+                await asyncio.wait({self._claiming})
             task = next((t for t, j in self.running.items() if (j.kind, j.key) == (kind, key)), None)
             if task is None:
                 return Outcome(await db.execute_fn(lambda d: status_sync(d, kind, key)))
@@ -526,11 +529,15 @@ class Runner:
             return Outcome(RUNNING)
 
     async def drain(self, app: web.Application, *, now: float | None = None, rounds: int = 1000) -> int:
-        """Run every due job (and wait for those running) until none is due; how many ran."""
+        """Run every due job (and wait for those running, or being claimed by the worker) until
+        none is due; how many ran here."""
         ran = 0
         for _ in range(rounds):
             jobs = await self.claim_due(app, max(1, self.settings.job_concurrency), now)
             if not jobs:
+                if self._claiming is not None:  # what it claims is no longer due, and not yet running
+                    await asyncio.wait({self._claiming})
+                    continue
                 if not self.running:
                     break
                 await asyncio.gather(*list(self.running), return_exceptions=True)
@@ -560,10 +567,15 @@ class Runner:
                 # out, or no backlog: any free slot is filled at once.
                 batching = self._backlog and not fill
                 if free > 0 and (not batching or 2 * free >= self.settings.job_concurrency):
-                    claimed = await self.claim_due(app, free, look_first=not self._backlog)
-                    self._backlog = free >= 2 and len(claimed) == free  # a claim of one is no batch
-                    for job in claimed:
-                        self.start(app, job)
+                    self._claiming = asyncio.get_running_loop().create_future()
+                    try:
+                        claimed = await self.claim_due(app, free, look_first=not self._backlog)
+                        self._backlog = free >= 2 and len(claimed) == free  # a claim of one is no batch
+                        for job in claimed:
+                            self.start(app, job)
+                    finally:
+                        self._claiming.set_result(None)
+                        self._claiming = None
             except asyncio.CancelledError:
                 raise
             except Exception:
