@@ -6,7 +6,9 @@ PostgreSQL do at once is in tests/test_cluster_parts.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
@@ -40,6 +42,18 @@ def rows(database: Database) -> dict[str, dict]:
     return database.read_sync(
         lambda d: {f"{r['kind']}:{r['key']}": dict(r) for r in d.execute("SELECT * FROM jobs")}
     )
+
+
+@contextlib.asynccontextmanager
+async def worker(app: web.Application) -> AsyncIterator[jobs.Runner]:
+    """The node's worker loop, running for the block; stopped with the attempts it left."""
+    runner = app[jobs.JOBS]
+    loop = asyncio.ensure_future(runner.work(app))
+    try:
+        yield runner
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, *runner.running, return_exceptions=True)
 
 
 async def test_a_claim_takes_the_oldest_due_jobs_of_its_kinds_each_with_its_kinds_lease(settings, database):
@@ -168,30 +182,24 @@ async def test_a_burst_is_claimed_in_batches_and_every_job_runs_once(make_settin
             all_ran.set()
 
     calls = {"claims": 0, "looks": 0}
-    claim, look = jobs.claim_due_sync, jobs.any_due_sync
 
-    def counted_claim(*args, **kwargs):
-        calls["claims"] += 1
-        return claim(*args, **kwargs)
+    def counted(name: str, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
 
-    def counted_look(*args, **kwargs):
-        calls["looks"] += 1
-        return look(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(jobs, "claim_due_sync", counted_claim)
-    monkeypatch.setattr(jobs, "any_due_sync", counted_look)
+    monkeypatch.setattr(jobs, "claim_due_sync", counted("claims", jobs.claim_due_sync))
+    monkeypatch.setattr(jobs, "any_due_sync", counted("looks", jobs.any_due_sync))
     app = node(settings, database)
     runner = app[jobs.JOBS]
     runner.register("remind", send, timeout_s=10)
     enqueue(database, "remind", [(str(n), time.time() - 1) for n in range(60)])
 
-    worker = asyncio.ensure_future(runner.work(app))
-    try:
+    async with worker(app):
         await asyncio.wait_for(all_ran.wait(), 30)
         await asyncio.gather(*runner.running)  # the last ones' finishing writes
-    finally:
-        worker.cancel()
-        await asyncio.gather(worker, return_exceptions=True)
     assert sorted(ran, key=int) == [str(n) for n in range(60)]  # each once
     assert {r["status"] for r in rows(database).values()} == {"done"}
     assert 2 <= inside["max"] <= 4
@@ -281,27 +289,24 @@ async def test_a_job_queued_while_the_worker_batches_takes_a_free_slot_at_once(m
     enqueue(
         database, "task", [("refund1", now - 4), ("refund2", now - 3), ("refund3", now - 2), ("sms", now - 1)]
     )
-    worker = asyncio.ensure_future(runner.work(app))
-    try:
-        for _ in range(500):
-            if ran == ["sms"] and len(runner.running) == 3:
-                break
-            await asyncio.sleep(0.01)
-        assert ran == ["sms"] and len(runner.running) == 3
-        await asyncio.sleep(0.2)  # the worker's round after the message ended: one slot, batching
+    async with worker(app):
+        try:
+            for _ in range(500):
+                if ran == ["sms"] and len(runner.running) == 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert ran == ["sms"] and len(runner.running) == 3
+            await asyncio.sleep(0.2)  # the worker's round after the message ended: one slot, batching
 
-        enqueue(database, "task", [("urgent", time.time() - 1)])
-        jobs.wake(app)
-        for _ in range(1000):
-            if "urgent" in ran:
-                break
-            await asyncio.sleep(0.01)
-        assert ran == ["sms", "urgent"]  # while the refunds still wait
-    finally:
-        release.set()
-        await asyncio.sleep(0.1)
-        worker.cancel()
-        await asyncio.gather(worker, *runner.running, return_exceptions=True)
+            enqueue(database, "task", [("urgent", time.time() - 1)])
+            jobs.wake(app)
+            for _ in range(1000):
+                if "urgent" in ran:
+                    break
+                await asyncio.sleep(0.01)
+            assert ran == ["sms", "urgent"]  # while the refunds still wait
+        finally:
+            release.set()
 
 
 async def test_drain_waits_for_the_jobs_the_worker_is_claiming(make_settings, database):
@@ -329,8 +334,7 @@ async def test_drain_waits_for_the_jobs_the_worker_is_claiming(make_settings, da
 
     runner.claim_due = slow_to_start
     enqueue(database, "task", [("k", time.time() - 1), ("m", time.time() - 1)])
-    worker = asyncio.ensure_future(runner.work(app))
-    try:
+    async with worker(app):
         await asyncio.wait_for(claimed.wait(), 10)
         assert rows(database)["task:m"]["status"] == "running"
         outcome = await jobs.run_now(app, "task", "m", wait=10)
@@ -343,6 +347,3 @@ async def test_drain_waits_for_the_jobs_the_worker_is_claiming(make_settings, da
         assert await jobs.drain(app) == 0  # none left for the drain to run itself
         assert sorted(ran) == ["k", "m", "n"]
         assert {r["status"] for r in rows(database).values()} == {"done"}
-    finally:
-        worker.cancel()
-        await asyncio.gather(worker, return_exceptions=True)

@@ -14,6 +14,7 @@ reaches the caller as ``StorageFull`` (507).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -21,7 +22,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,21 @@ def run_in_transaction(db: sqlite_utils.Database, fn: Callable[[sqlite_utils.Dat
         rollback_quietly(conn)
         raise
     return result
+
+
+@contextlib.contextmanager
+def savepoint(db: Any, name: str) -> Iterator[None]:
+    """Inside a write transaction: what the block writes is rolled back alone if it raises (the
+    exception goes on), the rest of the transaction stays. On PostgreSQL this also brings back a
+    transaction a refused statement aborted. ``name`` is a plain identifier of the caller's."""
+    db.execute(f"SAVEPOINT {name}")
+    try:
+        yield
+    except BaseException:
+        db.execute(f"ROLLBACK TO {name}")
+        db.execute(f"RELEASE {name}")
+        raise
+    db.execute(f"RELEASE {name}")
 
 
 # Rows ANALYZE samples per index: statistics good enough for the planner, in milliseconds even

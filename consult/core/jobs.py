@@ -41,7 +41,7 @@ from aiohttp import web
 
 from consult.core import keys, metrics
 from consult.core.config import Settings
-from consult.core.db import skip_locked
+from consult.core.db import savepoint, skip_locked
 
 log = logging.getLogger(__name__)
 
@@ -375,13 +375,11 @@ class Runner:
         def write(db: sqlite_utils.Database) -> dict[str, Any]:
             found: dict[str, Any] = {}
             for name, fn in self.sweeps:
-                db.execute("SAVEPOINT job_sweep")
                 try:
-                    found[name] = fn(db, now)
+                    with savepoint(db, "job_sweep"):
+                        found[name] = fn(db, now)
                 except Exception:  # one package's sweep must not stop the others
-                    db.execute("ROLLBACK TO job_sweep")
                     log.exception("job sweep %s failed", name)
-                db.execute("RELEASE job_sweep")
             found.update(
                 sweep_sync(
                     db,
@@ -456,14 +454,11 @@ class Runner:
             d: sqlite_utils.Database,
         ) -> tuple[Any, Exception | None]:  # (done, None) or (status, error)
             if record is not None:
-                d.execute("SAVEPOINT job_record")
                 try:
-                    record(d)
+                    with savepoint(d, "job_record"):
+                        record(d)
                 except Exception as exc:  # the attempt failed after all: its record's error
-                    d.execute("ROLLBACK TO job_record")
-                    d.execute("RELEASE job_record")
                     return fail_sync(d, job, at, _error_text(exc), limit=limit, delay=delay), exc
-                d.execute("RELEASE job_record")
             return finish_sync(d, job, at), None
 
         finished, failure = await db.execute_write_fn(finish)
